@@ -1,0 +1,121 @@
+"""One call that runs a whole backtest and returns the JSON-ready report."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from calibration._bars import BarSeries
+from calibration._version import ENGINE_VERSION
+from calibration.coverage import CoverageConfig, coverage_backtest, iso_utc
+from calibration.liquidation import LiquidationConfig, simulate_liquidations
+from calibration.models import LiquidityAddon, make_model
+from calibration.report import BacktestReport, DatasetInfo, InstrumentReport
+from calibration.windows import DEFAULT_STRESS_WINDOWS, StressWindow
+
+#: Called after each step with ``(steps_done, steps_total, what)``.
+ProgressCallback = Callable[[int, int, str], None]
+
+
+def dataset_info(bars: BarSeries) -> DatasetInfo:
+    """The provenance block of a series for reports."""
+    return DatasetInfo(
+        instrument=bars.instrument,
+        ref=bars.source,
+        fingerprint=bars.fingerprint,
+        rows=len(bars),
+        start=iso_utc(int(bars.timestamp_ms[0])),
+        end=iso_utc(int(bars.timestamp_ms[-1])),
+        bar_seconds=bars.bar_seconds,
+        gaps=len(bars.gaps),
+        missing_bars=sum(g.missing_bars for g in bars.gaps),
+    )
+
+
+def run_backtest(
+    datasets: Sequence[BarSeries],
+    model: str,
+    params: Mapping[str, Any] | None = None,
+    *,
+    coverage: CoverageConfig | None = None,
+    liquidation: LiquidationConfig | None = LiquidationConfig(),
+    stress_windows: Sequence[StressWindow] = DEFAULT_STRESS_WINDOWS,
+    progress: ProgressCallback | None = None,
+) -> BacktestReport:
+    """Coverage backtest (and, unless ``liquidation`` is None, the liquidation simulation) of
+    one model on each dataset.
+
+    Args:
+        datasets: validated bar series, one per instrument.
+        model: family name (``tiered``, ``ewma``, ``fhs``).
+        params: the family's public hyperparameters (plus liquidity add-on ones).
+        coverage: coverage settings; defaults follow the model (its horizon and confidence).
+        liquidation: position grid and close-out settings, or ``None`` to skip.
+        stress_windows: named windows every figure is also reported for.
+        progress: called after each instrument step.
+
+    Raises:
+        InvalidParameters, InsufficientData, DataError: see ``calibration.errors``.
+    """
+    margin_model = make_model(model, params)
+    coverage = coverage or CoverageConfig()
+    horizon, level = coverage.resolve(margin_model)
+    if liquidation is not None:
+        liquidation.validate()
+    total = len(datasets) * (2 if liquidation is not None else 1)
+    done = 0
+    reports = []
+    for bars in datasets:
+        cov = coverage_backtest(bars, margin_model, coverage, stress_windows)
+        done += 1
+        if progress:
+            progress(done, total, f"{bars.instrument}: coverage")
+        liq_metrics = None
+        fund = None
+        if liquidation is not None:
+            result = simulate_liquidations(bars, margin_model, liquidation)
+            liq_metrics = [result.metrics("all", None, None)]
+            ts = bars.timestamp_ms
+            liq_metrics += [
+                result.metrics(w.name, w.start_ms, w.end_ms)
+                for w in stress_windows
+                if w.start_ms <= int(ts[-1]) and w.end_ms > int(ts[0])
+            ]
+            fund = result.fund_path()
+            done += 1
+            if progress:
+                progress(done, total, f"{bars.instrument}: liquidations")
+        reports.append(
+            InstrumentReport(
+                instrument=bars.instrument, coverage=cov, liquidation=liq_metrics,
+                insurance_fund_path=fund,
+            )
+        )
+    name = margin_model.family
+    if isinstance(margin_model, LiquidityAddon):
+        name = f"{margin_model.base.family}+liquidity"
+    liq_config = None
+    if liquidation is not None:
+        liq_config = {
+            k: v for k, v in dataclasses.asdict(liquidation).items() if k != "positions"
+        }
+        if liquidation.positions is not None:
+            liq_config["positions"] = len(liquidation.positions)
+    return BacktestReport(
+        engine_version=ENGINE_VERSION,
+        model=name,
+        params=_jsonable(margin_model.get_params()),
+        horizon_bars=horizon,
+        overlapping=coverage.overlapping,
+        coverage_level=level,
+        margin_tested=coverage.margin,
+        notional_usd=coverage.notional_usd,
+        datasets=[dataset_info(b) for b in datasets],
+        instruments=reports,
+        liquidation_config=liq_config,
+    )
+
+
+def _jsonable(params: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}

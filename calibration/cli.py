@@ -1,0 +1,274 @@
+"""``marginlab`` command line: the one door from the environment into the library.
+
+Reads ``MARGINLAB_DATA_ROOT`` (default: the working directory) to resolve data references.
+Bad input ends with exit code 2 and a one-line ``error: ...`` on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+from calibration._bars import BarSeries
+from calibration._errors import InvalidParameters, MarginlabError
+from calibration._version import ENGINE_VERSION
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _named(text: str) -> tuple[str | None, str]:
+    """``NAME=REF`` → (NAME, REF); a bare ``REF`` → (None, REF)."""
+    name, sep, ref = text.partition("=")
+    if sep and name and "/" not in name:
+        return name, ref
+    return None, text
+
+
+def _day_ms(text: str, field: str) -> int:
+    try:
+        d = date.fromisoformat(text)
+    except ValueError:
+        raise InvalidParameters(f"{field} must be an ISO date (YYYY-MM-DD), got {text!r}",
+                                field=field) from None
+    return int(datetime(d.year, d.month, d.day, tzinfo=UTC).timestamp() * 1000)
+
+
+def _json_object(text: str, field: str) -> dict[str, Any]:
+    if text.startswith("@"):
+        try:
+            text = Path(text[1:]).read_text()
+        except OSError as exc:
+            raise InvalidParameters(f"{field}: cannot read {text[1:]!r}: {exc.strerror}",
+                                    field=field) from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidParameters(f"{field} is not valid JSON: {exc.msg} at char {exc.pos}",
+                                field=field) from None
+    if not isinstance(value, dict):
+        raise InvalidParameters(f"{field} must be a JSON object", field=field)
+    return value
+
+
+def _horizon_bars(text: str | None, bar_seconds: int) -> int | None:
+    from calibration.data import parse_duration_seconds
+
+    if text is None:
+        return None
+    if text.isdigit():
+        return int(text)
+    seconds = parse_duration_seconds(text)
+    if seconds % bar_seconds:
+        raise InvalidParameters(
+            f"horizon {text} is not a whole number of {bar_seconds}s bars", field="horizon"
+        )
+    return seconds // bar_seconds
+
+
+def _load_datasets(args: argparse.Namespace, root: str) -> list[BarSeries]:
+    from calibration.data import (
+        align,
+        load_bars,
+        load_book_depth,
+        load_funding,
+        parse_duration_seconds,
+        resample,
+        with_depth,
+        with_funding,
+    )
+
+    start = _day_ms(args.start, "start") if args.start else None
+    end = _day_ms(args.end, "end") + 86_400_000 if args.end else None
+    datasets = []
+    for item in args.data:
+        name, ref = _named(item)
+        datasets.append(load_bars(ref, root=root, instrument=name, start_ms=start, end_ms=end))
+    names = [b.instrument for b in datasets]
+    if len(set(names)) != len(names):
+        raise InvalidParameters(
+            f"two datasets are named the same ({', '.join(names)}); name them NAME=REF",
+            field="data",
+        )
+
+    def target(name: str | None, what: str) -> int:
+        if name is None:
+            if len(datasets) != 1:
+                raise InvalidParameters(f"--{what} needs NAME=REF with several --data",
+                                        field=what)
+            return 0
+        if name not in names:
+            raise InvalidParameters(f"--{what} names unknown instrument {name!r}", field=what)
+        return names.index(name)
+
+    for item in args.funding or []:
+        name, ref = _named(item)
+        i = target(name, "funding")
+        datasets[i] = with_funding(datasets[i], load_funding(ref, root=root))
+    for item in args.depth or []:
+        name, ref = _named(item)
+        i = target(name, "depth")
+        datasets[i] = with_depth(datasets[i], load_book_depth(ref, root=root))
+    if args.resample:
+        seconds = parse_duration_seconds(args.resample)
+        datasets = [resample(b, seconds) for b in datasets]
+    if args.align and len(datasets) > 1:
+        datasets = align(datasets)
+    return datasets
+
+
+def _cmd_backtest(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from calibration.backtest import run_backtest
+    from calibration.coverage import CoverageConfig
+    from calibration.liquidation import LiquidationConfig
+    from calibration.report import to_json
+    from calibration.windows import DEFAULT_STRESS_WINDOWS, StressWindow
+
+    root = os.environ.get("MARGINLAB_DATA_ROOT", os.getcwd())
+    params = _json_object(args.params, "params")
+    err = Console(stderr=True)
+    with err.status("loading data", spinner="dots") if err.is_terminal else _null():
+        datasets = _load_datasets(args, root)
+    bar_seconds = datasets[0].bar_seconds
+    coverage = CoverageConfig(
+        horizon_bars=_horizon_bars(args.horizon, bar_seconds),
+        coverage_level=args.coverage_level,
+        overlapping=not args.non_overlapping,
+        margin=args.margin,
+        notional_usd=args.notional_usd,
+    )
+    liquidation: LiquidationConfig | None = None
+    if not args.no_liquidation:
+        fields = _json_object(args.liquidation, "liquidation") if args.liquidation else {}
+        known = {f for f in LiquidationConfig.__dataclass_fields__ if f != "positions"}
+        for key in fields:
+            if key not in known:
+                raise InvalidParameters(
+                    f"unknown liquidation setting {key!r}; known: {', '.join(sorted(known))}",
+                    field=key,
+                )
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+        liquidation = LiquidationConfig(**fields)
+    if args.no_stress_windows:
+        windows: tuple[StressWindow, ...] = ()
+    elif args.stress_window:
+        windows = tuple(StressWindow.parse(w) for w in args.stress_window)
+    else:
+        windows = DEFAULT_STRESS_WINDOWS
+    total_bars = sum(len(b) for b in datasets)
+    show_progress = err.is_terminal and total_bars > 200_000 and not args.quiet
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+        console=err, disable=not show_progress, transient=True,
+    ) as bar:
+        task = bar.add_task("backtest", total=None)
+
+        def progress(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=what)
+
+        report = run_backtest(
+            datasets, args.model, params, coverage=coverage, liquidation=liquidation,
+            stress_windows=windows, progress=progress,
+        )
+    if args.json:
+        sys.stdout.buffer.write(to_json(report) + b"\n")
+    else:
+        from calibration._summary import print_summary
+
+        print_summary(report, Console())
+    return 0
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``marginlab`` argument parser."""
+    parser = _Parser(prog="marginlab", description="Backtest and calibrate margin models.")
+    parser.add_argument("--version", action="version", version=f"marginlab {ENGINE_VERSION}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    bt = sub.add_parser(
+        "backtest",
+        help="coverage backtest and liquidation simulation of one margin model",
+        description=(
+            "Coverage backtest (did margin cover the loss over the close-out horizon?) and "
+            "liquidation/insolvency simulation of a margin model on historical bars. Data "
+            "references are paths relative to MARGINLAB_DATA_ROOT (default: the working "
+            "directory)."
+        ),
+    )
+    bt.add_argument("--data", action="append", required=True, metavar="[NAME=]REF",
+                    help="bars file (CSV/Parquet) under the data root; repeat per instrument")
+    bt.add_argument("--model", required=True, help="model family: tiered, ewma or fhs")
+    bt.add_argument("--params", default="{}", metavar="JSON",
+                    help="hyperparameters as a JSON object, or @file.json (default: {})")
+    bt.add_argument("--horizon", metavar="BARS|DURATION",
+                    help="close-out horizon in bars (60) or as a duration (1h); "
+                         "default: the model's horizon_bars")
+    bt.add_argument("--coverage-level", type=float, metavar="Q",
+                    help="coverage level q (default: the model's confidence, else 0.99)")
+    bt.add_argument("--non-overlapping", action="store_true",
+                    help="observe every horizon-th bar instead of every bar")
+    bt.add_argument("--margin", choices=("mm", "im"), default="mm",
+                    help="which margin the coverage test checks (default: mm)")
+    bt.add_argument("--notional-usd", type=float, default=10_000.0,
+                    help="position size for notional-dependent models (default: 10000)")
+    bt.add_argument("--funding", action="append", metavar="[NAME=]REF",
+                    help="funding-rate file for an instrument")
+    bt.add_argument("--depth", action="append", metavar="[NAME=]REF",
+                    help="Binance bookDepth file for an instrument")
+    bt.add_argument("--start", metavar="YYYY-MM-DD", help="first day to use")
+    bt.add_argument("--end", metavar="YYYY-MM-DD", help="last day to use (inclusive)")
+    bt.add_argument("--resample", metavar="DURATION", help="aggregate bars first (e.g. 5m)")
+    bt.add_argument("--align", action="store_true",
+                    help="restrict all instruments to their common timestamps")
+    bt.add_argument("--stress-window", action="append", metavar="NAME=FROM[..TO]",
+                    help="named stress window (repeat); default: the domain's crash episodes")
+    bt.add_argument("--no-stress-windows", action="store_true", help="report whole series only")
+    bt.add_argument("--liquidation", metavar="JSON",
+                    help="liquidation settings as a JSON object (leverages, notionals_usd, "
+                         "latency_bars, ...), or @file.json")
+    bt.add_argument("--no-liquidation", action="store_true",
+                    help="skip the liquidation/insolvency simulation")
+    bt.add_argument("--json", action="store_true", help="print the full JSON report")
+    bt.add_argument("--quiet", action="store_true", help="no progress bar")
+    bt.set_defaults(func=_cmd_backtest)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``marginlab`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except MarginlabError as exc:
+        message = " ".join(str(exc).split())
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

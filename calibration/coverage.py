@@ -1,0 +1,213 @@
+"""Coverage backtest, CCP style: did the margin cover the loss over the close-out horizon?
+
+domain.md §3. For each observation bar t (margin known, ``horizon_bars`` future bars
+available) the long loss ``1 - min(low[t+1..t+h]) / close[t]`` and the short loss
+``max(high[t+1..t+h]) / close[t] - 1`` are compared with the margin rate ``m_t``; a breach is
+``loss > m_t``, the uncovered loss ``max(0, loss - m_t)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal
+
+import numpy as np
+
+from calibration import _kernels
+from calibration._bars import BarSeries, FloatArray
+from calibration._errors import InsufficientData, InvalidParameters
+from calibration.models import DEFAULT_NOTIONAL_USD, MarginModel, MarginRates
+from calibration.report import CoverageMetrics, SideCoverage
+from calibration.stats import (
+    Transitions,
+    chi2_pvalue,
+    christoffersen_lr,
+    kupiec_lr,
+    traffic_light,
+)
+from calibration.windows import StressWindow, windows_overlapping
+
+
+def iso_utc(ms: int) -> str:
+    """Epoch milliseconds → ``YYYY-MM-DDTHH:MM:SSZ``."""
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class CoverageConfig:
+    """How a coverage backtest observes.
+
+    Attributes:
+        horizon_bars: close-out horizon h in bars; ``None`` takes the model's own.
+        coverage_level: q; the expected breach rate is ``1 - q``; ``None`` takes the model's
+            confidence (0.99 for models without one).
+        overlapping: observe every bar (True) or every h-th bar (False, independent windows).
+        margin: which rate is tested, ``"mm"`` (what is left to cover a close-out once a
+            position is liquidated; the default) or ``"im"``.
+        notional_usd: position size at which notional-dependent models are evaluated.
+        procyclicality_days: D in "largest increase of m over any D-day window".
+    """
+
+    horizon_bars: int | None = None
+    coverage_level: float | None = None
+    overlapping: bool = True
+    margin: Literal["mm", "im"] = "mm"
+    notional_usd: float = DEFAULT_NOTIONAL_USD
+    procyclicality_days: float = 30.0
+
+    def resolve(self, model: MarginModel) -> tuple[int, float]:
+        """The horizon (bars) and coverage level to use with ``model``."""
+        horizon = self.horizon_bars if self.horizon_bars is not None else model.horizon
+        if horizon is None:
+            horizon = 1
+        if isinstance(horizon, bool) or int(horizon) != horizon or horizon < 1:
+            raise InvalidParameters(f"horizon must be a positive whole number of bars, got "
+                                    f"{horizon!r}", field="horizon")
+        level = self.coverage_level
+        if level is None:
+            level = model.coverage_level if model.coverage_level is not None else 0.99
+        if not 0.5 < level < 1.0:
+            raise InvalidParameters(f"coverage level must be in (0.5, 1), got {level!r}",
+                                    field="coverage_level")
+        if self.margin not in ("mm", "im"):
+            raise InvalidParameters(f"margin must be 'mm' or 'im', got {self.margin!r}",
+                                    field="margin")
+        if not self.procyclicality_days > 0:
+            raise InvalidParameters("procyclicality_days must be positive",
+                                    field="procyclicality_days")
+        return int(horizon), float(level)
+
+
+def _side(counts: FloatArray, p: float) -> SideCoverage:
+    n, x = int(counts[0]), int(counts[1])
+    t = Transitions(int(counts[5]), int(counts[6]), int(counts[7]), int(counts[8]))
+    if n == 0:
+        return SideCoverage(
+            observations=0, breaches=0, breach_rate=None, expected_breach_rate=p,
+            kupiec_lr=None, kupiec_pvalue=None, christoffersen_lr=None,
+            christoffersen_pvalue=None, conditional_coverage_lr=None,
+            conditional_coverage_pvalue=None, traffic_light=None, mean_margin_rate=None,
+            max_uncovered_loss=0.0, mean_uncovered_loss=None, expected_shortfall=None,
+            transitions=(0, 0, 0, 0),
+        )
+    lr_pof = kupiec_lr(n, x, p)
+    lr_ind = christoffersen_lr(t)
+    lr_cc = lr_pof + lr_ind
+    light = traffic_light(n, x, p)
+    return SideCoverage(
+        observations=n,
+        breaches=x,
+        breach_rate=x / n,
+        expected_breach_rate=p,
+        kupiec_lr=lr_pof,
+        kupiec_pvalue=chi2_pvalue(lr_pof, 1),
+        christoffersen_lr=lr_ind,
+        christoffersen_pvalue=chi2_pvalue(lr_ind, 1),
+        conditional_coverage_lr=lr_cc,
+        conditional_coverage_pvalue=chi2_pvalue(lr_cc, 2),
+        traffic_light=light,  # type: ignore[arg-type]
+        mean_margin_rate=float(counts[9] / n),
+        max_uncovered_loss=float(counts[3]),
+        mean_uncovered_loss=float(counts[2] / x) if x else None,
+        expected_shortfall=float(counts[4] / x) if x else None,
+        transitions=(t.n00, t.n01, t.n10, t.n11),
+    )
+
+
+def _metrics(
+    name: str,
+    bars: BarSeries,
+    rates: MarginRates,
+    tested: FloatArray,
+    losses: tuple[FloatArray, FloatArray],
+    trailing_min: FloatArray,
+    lo: int,
+    hi: int,
+    step: int,
+    p: float,
+    bounds: tuple[int, int] | None,
+) -> CoverageMetrics:
+    long_counts = _kernels.coverage_counts(tested, losses[0], lo, hi, step)
+    short_counts = _kernels.coverage_counts(tested, losses[1], lo, hi, step)
+    n = int(long_counts[0])
+    obs = np.arange(lo, hi, step)
+    obs = obs[~np.isnan(tested[obs]) & ~np.isnan(losses[0][obs])] if obs.size else obs
+    mean_im = float(np.mean(rates.im_rate[obs])) if n else None
+    peak = float(long_counts[11] / long_counts[10]) if n and long_counts[10] > 0 else None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        increase = float(np.max(tested[obs] / trailing_min[obs])) if n else None
+    return CoverageMetrics(
+        window=name,
+        start=iso_utc(bounds[0]) if bounds else iso_utc(int(bars.timestamp_ms[0])),
+        end=iso_utc(bounds[1]) if bounds else iso_utc(int(bars.timestamp_ms[-1])),
+        long=_side(long_counts, p),
+        short=_side(short_counts, p),
+        mean_margin_rate=float(long_counts[9] / n) if n else None,
+        mean_im_rate=mean_im,
+        max_leverage=1.0 / mean_im if mean_im else None,
+        peak_to_trough=peak,
+        max_increase_ratio=increase if increase is None or np.isfinite(increase) else None,
+    )
+
+
+def coverage_backtest(
+    bars: BarSeries,
+    model: MarginModel,
+    config: CoverageConfig | None = None,
+    stress_windows: Sequence[StressWindow] = (),
+    *,
+    rates: MarginRates | None = None,
+) -> list[CoverageMetrics]:
+    """Run the coverage backtest of ``model`` on ``bars``.
+
+    Returns the metrics over the whole series (``window="all"``) first, then one entry per
+    stress window that overlaps the series.
+
+    Args:
+        bars: the instrument's bars.
+        model: the margin model.
+        config: observation settings (horizon, level, overlap, tested margin).
+        stress_windows: named windows to report separately.
+        rates: precomputed rates of ``model`` at ``config.notional_usd`` (saves recomputing).
+
+    Raises:
+        InsufficientData: no bar has both a margin and a full horizon ahead.
+    """
+    config = config or CoverageConfig()
+    horizon, level = config.resolve(model)
+    n = len(bars)
+    if horizon >= n:
+        raise InsufficientData(
+            f"horizon of {horizon} bars is longer than the {n} bars of {bars.instrument!r}"
+        )
+    rates = rates or model.margin_rates(bars, notional_usd=config.notional_usd)
+    start = rates.first_valid_bar
+    stop = n - horizon
+    if start >= stop:
+        raise InsufficientData(
+            f"{bars.instrument!r}: {n} bars leave no observation after a warm-up of {start} "
+            f"bars and a horizon of {horizon}"
+        )
+    tested = rates.mm_rate if config.margin == "mm" else rates.im_rate
+    losses = bars.forward_losses(horizon)
+    step = 1 if config.overlapping else horizon
+    window_bars = max(1, round(config.procyclicality_days * 86_400 / bars.bar_seconds))
+    masked = np.where(np.isnan(tested), np.inf, tested)
+    trailing = _kernels.trailing_min(masked, window_bars + 1)
+    p = 1.0 - level
+    out = [_metrics("all", bars, rates, tested, losses, trailing, start, stop, step, p, None)]
+    ts = bars.timestamp_ms
+    for w in windows_overlapping(stress_windows, int(ts[0]), int(ts[-1])):
+        lo = int(np.searchsorted(ts, w.start_ms, side="left"))
+        hi = int(np.searchsorted(ts, w.end_ms, side="left"))
+        # Keep the non-overlapping grid anchored at the first observation.
+        first = max(lo, start)
+        if step > 1:
+            first = start + -(-(first - start) // step) * step
+        out.append(
+            _metrics(w.name, bars, rates, tested, losses, trailing, first, min(hi, stop), step,
+                     p, (w.start_ms, w.end_ms))
+        )
+    return out

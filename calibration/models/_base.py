@@ -1,0 +1,150 @@
+"""The one margin-model interface every family implements."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+from calibration._bars import BarSeries
+from calibration._errors import InsufficientData, InvalidParameters
+
+FloatArray = NDArray[np.float64]
+
+#: Notional (USD) at which notional-dependent models are evaluated when the caller names none.
+DEFAULT_NOTIONAL_USD = 10_000.0
+
+
+@dataclass(frozen=True)
+class MarginRates:
+    """Margin rates of one position size through time.
+
+    Attributes:
+        mm_rate: maintenance margin per bar as a fraction of notional, shape ``(n,)``; NaN
+            before ``first_valid_bar`` (warm-up: no margin is produced).
+        im_rate: initial margin per bar as a fraction of notional, shape ``(n,)``; NaN where
+            ``mm_rate`` is.
+        first_valid_bar: index of the first bar with a margin.
+    """
+
+    mm_rate: FloatArray
+    im_rate: FloatArray
+    first_valid_bar: int
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The admissible values of one hyperparameter (used by ``validate``)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    optional: bool = False
+
+    def check(self, name: str, value: Any) -> None:
+        if value is None and self.optional:
+            return
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidParameters(f"{name} must be a number, got {value!r}", field=name)
+        if not math.isfinite(value):
+            raise InvalidParameters(f"{name} must be finite, got {value!r}", field=name)
+        if self.integer and value != int(value):
+            raise InvalidParameters(f"{name} must be a whole number of bars, got {value!r}",
+                                    field=name)
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            op = ">" if self.low_open else ">="
+            raise InvalidParameters(f"{name} must be {op} {self.low}, got {value!r}", field=name)
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+            op = "<" if self.high_open else "<="
+            raise InvalidParameters(f"{name} must be {op} {self.high}, got {value!r}", field=name)
+
+
+class MarginModel(ABC):
+    """A margin model: bars up to and including bar t → IM and MM rates at bar t.
+
+    Follows scikit-learn's estimator rules: hyperparameters are keyword-only and named as in
+    domain.md §2, ``__init__`` only stores them, and ``margin_rates`` does the work. Rates are
+    fractions of notional (0.01 = 1%). No look-ahead: changing any bar after t leaves the
+    rates at t unchanged.
+    """
+
+    #: The family name used by the CLI, the API and reports (``tiered``, ``ewma``, ...).
+    family: ClassVar[str]
+    #: Whether the rate depends on the position's notional (tiers, liquidity add-on).
+    notional_dependent: ClassVar[bool] = False
+    #: Admissible values per hyperparameter.
+    rules: ClassVar[dict[str, Rule]] = {}
+
+    @classmethod
+    def param_names(cls) -> list[str]:
+        """The hyperparameter names, in ``__init__`` order."""
+        sig = inspect.signature(cls.__init__)
+        return [p.name for p in sig.parameters.values() if p.kind is p.KEYWORD_ONLY]
+
+    def get_params(self) -> dict[str, Any]:
+        """The hyperparameters as passed (scikit-learn style)."""
+        return {name: getattr(self, name) for name in self.param_names()}
+
+    def validate(self) -> None:
+        """Raise ``InvalidParameters`` naming the first hyperparameter out of range."""
+        for name, rule in self.rules.items():
+            rule.check(name, getattr(self, name))
+
+    @property
+    def horizon(self) -> int | None:
+        """The close-out horizon the model is built for, in bars, if it has one."""
+        value = getattr(self, "horizon_bars", None)
+        return None if value is None else int(value)
+
+    @property
+    def coverage_level(self) -> float | None:
+        """The confidence level the model targets, if it has one (e.g. 0.99)."""
+        value = getattr(self, "confidence", None)
+        return None if value is None else float(value)
+
+    def margin_rates(
+        self, bars: BarSeries, *, notional_usd: float = DEFAULT_NOTIONAL_USD
+    ) -> MarginRates:
+        """IM and MM rates per bar for a position of ``notional_usd``.
+
+        Raises:
+            InvalidParameters: a hyperparameter is out of range.
+            InsufficientData: the series is too short for the warm-up.
+        """
+        self.validate()
+        if not (math.isfinite(notional_usd) and notional_usd > 0):
+            raise InvalidParameters(
+                f"notional_usd must be positive, got {notional_usd!r}", field="notional_usd"
+            )
+        mm = self._mm_rate(bars, notional_usd)
+        first = self.first_valid_bar()
+        if first >= len(bars):
+            raise InsufficientData(
+                f"{self.family} needs more than {first} bars before its first margin; "
+                f"the series {bars.instrument!r} has {len(bars)}"
+            )
+        im = self._im_rate(bars, notional_usd, mm)
+        return MarginRates(mm_rate=mm, im_rate=im, first_valid_bar=first)
+
+    def first_valid_bar(self) -> int:
+        """Index of the first bar with a margin (the warm-up length in bars)."""
+        return 0
+
+    def _im_rate(self, bars: BarSeries, notional_usd: float, mm_rate: FloatArray) -> FloatArray:
+        """IM rate per bar; by default ``im_to_mm`` times the MM rate."""
+        return mm_rate * float(getattr(self, "im_to_mm", 2.0))
+
+    @abstractmethod
+    def _mm_rate(self, bars: BarSeries, notional_usd: float) -> FloatArray:
+        """MM rate per bar, shape ``(n,)``, NaN before ``first_valid_bar()``."""
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"

@@ -1,0 +1,124 @@
+"""Exchange-style notional brackets (Binance "maintenance amount", Hyperliquid tiers)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from calibration._bars import BarSeries
+from calibration._errors import InvalidParameters
+from calibration.models._base import FloatArray, MarginModel, Rule
+
+#: Binance BTCUSDT USD-M bracket caps (2021), USD; the last bracket is open-ended.
+BINANCE_BTCUSDT_2021_CAPS_USD: tuple[float, ...] = (
+    50_000, 250_000, 1_000_000, 10_000_000, 20_000_000, 50_000_000,
+    100_000_000, 200_000_000, 300_000_000, 500_000_000,
+)
+#: Binance BTCUSDT USD-M maintenance margin rates per bracket (2021), fractions.
+BINANCE_BTCUSDT_2021_MMR: tuple[float, ...] = (
+    0.004, 0.005, 0.01, 0.025, 0.05, 0.10, 0.125, 0.15, 0.25, 0.50,
+)
+
+
+class TieredMargin(MarginModel):
+    """Maintenance margin by notional bracket, continuous in notional.
+
+    For a position of notional ``N`` in bracket ``k`` (``cap_{k-1} < N <= cap_k``):
+    ``MM(N) = N * mmr_k - deduction_k`` with ``deduction_0 = 0`` and
+    ``deduction_k = deduction_{k-1} + cap_{k-1} * (mmr_k - mmr_{k-1})``, so ``MM`` is continuous
+    at every cap (Binance publishes ``deduction_k`` as the "maintenance amount"). The MM *rate*
+    is ``MM(N) / N``; the IM rate is ``mmr_k * im_to_mm``. Rates do not change over time.
+
+    Args:
+        base_mmr: MMR of the first bracket, fraction of notional.
+        tier_growth: ratio between the MMRs of consecutive brackets, ``mmr_k = base_mmr *
+            tier_growth**k`` (capped so that IM never exceeds 100%).
+        bracket_caps_usd: upper notional of each bracket but the last, USD, increasing. A
+            notional above the last cap stays in the last bracket.
+        im_to_mm: IM rate / MM rate per bracket (Binance: 2).
+        mmr_schedule: explicit MMR per bracket (one more than caps, or as many), overriding
+            ``base_mmr`` and ``tier_growth``, to reproduce a published table exactly.
+    """
+
+    family = "tiered"
+    notional_dependent = True
+    rules = {
+        "base_mmr": Rule(low=0.0, high=1.0, low_open=True),
+        "tier_growth": Rule(low=1.0),
+        "im_to_mm": Rule(low=1.0),
+    }
+
+    def __init__(
+        self,
+        *,
+        base_mmr: float = 0.004,
+        tier_growth: float = 2.0,
+        bracket_caps_usd: Sequence[float] = BINANCE_BTCUSDT_2021_CAPS_USD,
+        im_to_mm: float = 2.0,
+        mmr_schedule: Sequence[float] | None = None,
+    ) -> None:
+        self.base_mmr = base_mmr
+        self.tier_growth = tier_growth
+        self.bracket_caps_usd = bracket_caps_usd
+        self.im_to_mm = im_to_mm
+        self.mmr_schedule = mmr_schedule
+
+    def validate(self) -> None:
+        super().validate()
+        caps = list(self.bracket_caps_usd)
+        for i, cap in enumerate(caps):
+            Rule(low=0.0, low_open=True).check(f"bracket_caps_usd[{i}]", cap)
+        if any(b <= a for a, b in zip(caps, caps[1:], strict=False)):
+            raise InvalidParameters(
+                "bracket_caps_usd must be strictly increasing", field="bracket_caps_usd"
+            )
+        if self.mmr_schedule is not None:
+            mmr = list(self.mmr_schedule)
+            if len(mmr) not in (len(caps), len(caps) + 1):
+                raise InvalidParameters(
+                    f"mmr_schedule needs {len(caps) + 1} rates (one per bracket), got {len(mmr)}",
+                    field="mmr_schedule",
+                )
+            for i, rate in enumerate(mmr):
+                Rule(low=0.0, high=1.0, low_open=True).check(f"mmr_schedule[{i}]", rate)
+            if any(b < a for a, b in zip(mmr, mmr[1:], strict=False)):
+                raise InvalidParameters(
+                    "mmr_schedule must not decrease with notional", field="mmr_schedule"
+                )
+
+    def brackets(self) -> tuple[FloatArray, FloatArray, FloatArray]:
+        """``(caps_usd, mmr, deduction_usd)`` per bracket; ``caps_usd[-1]`` is ``inf``."""
+        caps = np.array([*map(float, self.bracket_caps_usd), np.inf])
+        k = caps.shape[0]
+        if self.mmr_schedule is not None:
+            mmr = np.array(list(map(float, self.mmr_schedule)), dtype=np.float64)
+            if mmr.shape[0] == k - 1:  # no rate for the open-ended bracket: repeat the last
+                mmr = np.append(mmr, mmr[-1])
+        else:
+            mmr = self.base_mmr * float(self.tier_growth) ** np.arange(k, dtype=np.float64)
+            mmr = np.minimum(mmr, 1.0 / float(self.im_to_mm))
+        deduction = np.zeros(k)
+        for i in range(1, k):
+            deduction[i] = deduction[i - 1] + caps[i - 1] * (mmr[i] - mmr[i - 1])
+        return caps, mmr, deduction
+
+    def maintenance_usd(self, notional_usd: float) -> float:
+        """Maintenance margin in USD for a position of ``notional_usd``."""
+        caps, mmr, deduction = self.brackets()
+        k = int(np.searchsorted(caps, notional_usd, side="left"))
+        return float(notional_usd * mmr[k] - deduction[k])
+
+    def _bracket_rates(self, notional_usd: float) -> tuple[float, float]:
+        caps, mmr, deduction = self.brackets()
+        k = int(np.searchsorted(caps, notional_usd, side="left"))
+        mm_rate = (notional_usd * mmr[k] - deduction[k]) / notional_usd
+        return float(mm_rate), float(mmr[k] * self.im_to_mm)
+
+    def _mm_rate(self, bars: BarSeries, notional_usd: float) -> FloatArray:
+        mm_rate, _ = self._bracket_rates(notional_usd)
+        return np.full(len(bars), mm_rate)
+
+    def _im_rate(self, bars: BarSeries, notional_usd: float, mm_rate: FloatArray) -> FloatArray:
+        _, im_rate = self._bracket_rates(notional_usd)
+        return np.full(len(bars), im_rate)

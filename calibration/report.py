@@ -1,0 +1,134 @@
+"""The JSON report of a backtest: msgspec Structs shared by the CLI and the API.
+
+Field names follow domain.md §3 (``observations``, ``breaches``, ``breach_rate``,
+``kupiec_lr``, ``kupiec_pvalue``, ``christoffersen_lr``, ``conditional_coverage_lr``,
+``traffic_light``, ``mean_margin_rate``, ``max_uncovered_loss``); rates are fractions of
+notional, money is USD, times are ISO-8601 UTC strings. A figure that does not exist (the
+mean shortfall of zero breaches) is ``null``, never a made-up number.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+TrafficLight = Literal["green", "yellow", "red"]
+
+
+class SideCoverage(msgspec.Struct, frozen=True, kw_only=True):
+    """Coverage statistics of one side (long or short) over one window."""
+
+    observations: int
+    breaches: int
+    breach_rate: float | None
+    expected_breach_rate: float
+    kupiec_lr: float | None
+    kupiec_pvalue: float | None
+    christoffersen_lr: float | None
+    christoffersen_pvalue: float | None
+    conditional_coverage_lr: float | None
+    conditional_coverage_pvalue: float | None
+    traffic_light: TrafficLight | None
+    mean_margin_rate: float | None
+    max_uncovered_loss: float
+    mean_uncovered_loss: float | None
+    expected_shortfall: float | None
+    transitions: tuple[int, int, int, int]
+
+
+class CoverageMetrics(msgspec.Struct, frozen=True, kw_only=True):
+    """Coverage backtest of one instrument over one window (``all`` or a stress window)."""
+
+    window: str
+    start: str | None
+    end: str | None
+    long: SideCoverage
+    short: SideCoverage
+    mean_margin_rate: float | None
+    mean_im_rate: float | None
+    max_leverage: float | None
+    peak_to_trough: float | None
+    max_increase_ratio: float | None
+
+
+class LiquidationMetrics(msgspec.Struct, frozen=True, kw_only=True):
+    """Liquidation/insolvency figures of one instrument over one window.
+
+    Positions are counted in the window where they open; liquidations, bad debt and fees in
+    the window where the liquidation triggers.
+    """
+
+    window: str
+    start: str | None
+    end: str | None
+    positions: int
+    notional_opened_usd: float
+    liquidations: int
+    liquidated_notional_usd: float
+    premature_liquidations: int
+    premature_share: float | None
+    bad_debt_usd: float
+    bad_debt_bps: float | None
+    bad_debt_positions: int
+    worst_position_bad_debt_usd: float
+    fees_to_fund_usd: float
+    insurance_fund_min_usd: float
+    insurance_fund_exhausted_at: str | None
+
+
+class FundPoint(msgspec.Struct, frozen=True, array_like=True):
+    """One point of the insurance fund path: ``[time, fund_usd]``."""
+
+    time: str
+    fund_usd: float
+
+
+class DatasetInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """Where an instrument's bars came from, and what they were."""
+
+    instrument: str
+    ref: str
+    fingerprint: str
+    rows: int
+    start: str
+    end: str
+    bar_seconds: int
+    gaps: int
+    missing_bars: int
+
+
+class InstrumentReport(msgspec.Struct, frozen=True, kw_only=True):
+    """Every figure of one instrument, overall (``window="all"``) and per stress window."""
+
+    instrument: str
+    coverage: list[CoverageMetrics]
+    liquidation: list[LiquidationMetrics] | None = None
+    insurance_fund_path: list[FundPoint] | None = None
+
+
+class BacktestReport(msgspec.Struct, frozen=True, kw_only=True):
+    """The full report of one backtest run."""
+
+    engine_version: str
+    model: str
+    params: dict[str, Any]
+    horizon_bars: int
+    overlapping: bool
+    coverage_level: float
+    margin_tested: Literal["mm", "im"]
+    notional_usd: float
+    datasets: list[DatasetInfo]
+    instruments: list[InstrumentReport]
+    liquidation_config: dict[str, Any] | None = None
+
+
+def to_json(report: BacktestReport) -> bytes:
+    """The report as JSON bytes (NaN and infinities are written as ``null``)."""
+    return msgspec.json.encode(report)
+
+
+def report_schema() -> dict[str, Any]:
+    """JSON Schema of ``BacktestReport`` (for the API's OpenAPI document)."""
+    schema: dict[str, Any] = msgspec.json.schema(BacktestReport)
+    return schema

@@ -1,0 +1,87 @@
+"""Coverage tests: Kupiec POF, Christoffersen independence, Basel traffic light (domain.md §3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scipy.special import xlogy
+from scipy.stats import binom, chi2
+
+from calibration._errors import InvalidParameters
+
+
+def _check(n: int, x: int, p: float) -> None:
+    if n < 0 or x < 0 or x > n:
+        raise InvalidParameters(f"need 0 <= breaches <= observations, got x={x}, n={n}")
+    if not 0.0 < p < 1.0:
+        raise InvalidParameters(f"expected breach rate must be in (0, 1), got {p}")
+
+
+def kupiec_lr(n: int, x: int, p: float) -> float:
+    """Kupiec proportion-of-failures likelihood ratio (χ² with 1 degree of freedom).
+
+    ``LR = -2 ln[(1-p)^(n-x) p^x] + 2 ln[(1-x/n)^(n-x) (x/n)^x]`` with ``0 ln 0 = 0``.
+    """
+    _check(n, x, p)
+    if n == 0:
+        return 0.0
+    phat = x / n
+    null = xlogy(n - x, 1.0 - p) + xlogy(x, p)
+    alt = xlogy(n - x, 1.0 - phat) + xlogy(x, phat)
+    return float(max(0.0, -2.0 * null + 2.0 * alt))
+
+
+def chi2_pvalue(lr: float, dof: int) -> float:
+    """Upper-tail p-value of a likelihood ratio under χ²(dof)."""
+    return float(chi2.sf(lr, dof))
+
+
+@dataclass(frozen=True, slots=True)
+class Transitions:
+    """Counts of consecutive breach states (0 = covered, 1 = breach): ``nij`` is i → j."""
+
+    n00: int
+    n01: int
+    n10: int
+    n11: int
+
+
+def transitions(breaches: list[bool] | tuple[bool, ...]) -> Transitions:
+    """Transition counts of a breach sequence (plain Python; the engine counts in a kernel)."""
+    counts = [0, 0, 0, 0]
+    for prev, cur in zip(breaches, breaches[1:], strict=False):
+        counts[2 * int(prev) + int(cur)] += 1
+    return Transitions(*counts)
+
+
+def christoffersen_lr(t: Transitions) -> float:
+    """Christoffersen independence likelihood ratio (χ² with 1 degree of freedom).
+
+    ``π0 = n01/(n00+n01)``, ``π1 = n11/(n10+n11)``, ``π = (n01+n11)/total``;
+    ``LR = -2 ln[(1-π)^(n00+n10) π^(n01+n11)] + 2 ln[(1-π0)^n00 π0^n01 (1-π1)^n10 π1^n11]``.
+    """
+    total = t.n00 + t.n01 + t.n10 + t.n11
+    if total == 0:
+        return 0.0
+    pi = (t.n01 + t.n11) / total
+    pi0 = t.n01 / (t.n00 + t.n01) if t.n00 + t.n01 else 0.0
+    pi1 = t.n11 / (t.n10 + t.n11) if t.n10 + t.n11 else 0.0
+    null = xlogy(t.n00 + t.n10, 1.0 - pi) + xlogy(t.n01 + t.n11, pi)
+    alt = (
+        xlogy(t.n00, 1.0 - pi0) + xlogy(t.n01, pi0) + xlogy(t.n10, 1.0 - pi1) + xlogy(t.n11, pi1)
+    )
+    return float(max(0.0, -2.0 * null + 2.0 * alt))
+
+
+def traffic_light(n: int, x: int, p: float) -> str:
+    """Basel (1996) zone from the binomial CDF F(x; n, p).
+
+    ``green`` if F < 0.95, ``yellow`` if 0.95 ≤ F < 0.9999, ``red`` if F ≥ 0.9999.
+    """
+    _check(n, x, p)
+    f = float(binom.cdf(x, n, p))
+    if f < 0.95:
+        return "green"
+    if f < 0.9999:
+        return "yellow"
+    return "red"

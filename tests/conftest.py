@@ -1,0 +1,81 @@
+"""Shared fixtures: the real market data in ../shared/data, and synthetic bar series."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from calibration import BarSeries
+from calibration.data import fingerprint
+
+SHARED_DATA = Path(
+    os.environ.get("MARGINLAB_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
+
+
+def _absent(what: str) -> None:
+    if os.environ.get("MARGINLAB_REQUIRE_DATA"):
+        pytest.fail(f"{what} is missing and MARGINLAB_REQUIRE_DATA is set")
+    pytest.skip(f"{what} is absent (set MARGINLAB_REQUIRE_DATA=1 to fail instead of skipping)")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real data root ``../shared/data``; skips (or fails in CI) where it is absent."""
+    if not SHARED_DATA.is_dir():
+        _absent(f"real market data {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def data_file(shared_data: Path) -> Callable[[str], str]:
+    """Check that one reference under ``../shared/data`` exists and return it."""
+
+    def check(ref: str) -> str:
+        if not (shared_data / ref).is_file():
+            _absent(f"data file {ref}")
+        return ref
+
+    return check
+
+
+def make_bars(
+    close: np.ndarray,
+    *,
+    seed: int = 0,
+    bar_seconds: int = 60,
+    start_ms: int = 1_600_000_000_000,
+    volume: bool = True,
+    instrument: str = "TEST",
+) -> BarSeries:
+    """A consistent OHLCV series around the given closes (random wicks, seeded)."""
+    rng = np.random.default_rng(seed)
+    close = np.asarray(close, dtype=np.float64)
+    open_ = np.r_[close[0], close[:-1]]
+    body_hi = np.maximum(open_, close)
+    body_lo = np.minimum(open_, close)
+    high = body_hi * (1 + rng.exponential(0.002, close.shape))
+    low = body_lo * (1 - rng.exponential(0.002, close.shape))
+    ts = start_ms + np.arange(close.shape[0], dtype=np.int64) * bar_seconds * 1000
+    vol = rng.uniform(10, 100, close.shape) if volume else None
+    return BarSeries(
+        instrument=instrument, timestamp_ms=ts, open=open_, high=high, low=low, close=close,
+        volume=vol, bar_seconds=bar_seconds,
+        fingerprint=fingerprint(ts, (open_, high, low, close), vol), source="synthetic",
+    )
+
+
+def random_walk(n: int, *, seed: int = 0, vol: float = 0.002, crash_at: int | None = None,
+                crash: float = -0.2) -> np.ndarray:
+    """Geometric random-walk closes with an optional one-bar crash."""
+    rng = np.random.default_rng(seed)
+    r = rng.standard_t(4, n) * vol / np.sqrt(2)
+    if crash_at is not None:
+        r[crash_at] = np.log1p(crash)
+    r[0] = 0.0
+    out: np.ndarray = 100.0 * np.exp(np.cumsum(r))
+    return out
