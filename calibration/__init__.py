@@ -14,10 +14,10 @@ from calibration._errors import (
     MarginlabError,
 )
 from calibration._version import ENGINE_VERSION
-#LATER from calibration.backtest import run_backtest
+from calibration.backtest import run_backtest
 from calibration.coverage import CoverageConfig, coverage_backtest
 from calibration.data import align, load_bars, resample
-#LATER from calibration.liquidation import LiquidationConfig, simulate_liquidations
+from calibration.liquidation import LiquidationConfig, simulate_liquidations
 from calibration.models import (
     FAMILIES,
     EwmaMargin,

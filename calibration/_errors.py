@@ -3,9 +3,9 @@
 The hierarchy, with the builtin each also resembles::
 
     MarginlabError
-    ├── DataError (ValueError)                 data that cannot be used as it is
-    │   ├── DataReferenceError                 a reference that escapes the data root or does not exist
-    │   └── DataValidationError                bars that break domain.md §1 (row and column at fault)
+    ├── DataError (ValueError)              data that cannot be used as it is
+    │   ├── DataReferenceError              a reference escaping the data root, or no file
+    │   └── DataValidationError             bars breaking domain.md §1 (row and column at fault)
     ├── InvalidParameters (ValueError)         unknown model, unknown or out-of-range hyperparameter
     └── InsufficientData (ValueError)          a horizon or warm-up longer than the data
 

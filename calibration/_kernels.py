@@ -70,23 +70,6 @@ def forward_losses(
 
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
-def trailing_min(x: FloatArray, window: int) -> FloatArray:  # pragma: no cover - jit
-    """``out[t] = min(x[t-window+1 .. t])`` over the bars that exist (shorter at the start)."""
-    n = x.shape[0]
-    out = np.empty(n)
-    if n == 0:
-        return out
-    fwd = _sliding_min_forward(x, window)
-    running = np.inf
-    for t in range(min(window - 1, n)):
-        running = min(running, x[t])
-        out[t] = running
-    for t in range(window - 1, n):
-        out[t] = fwd[t - window + 1]
-    return out
-
-
-@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
 def ewma_variance(
     returns: FloatArray, squared_returns: FloatArray, decay: float, warmup_bars: int
 ) -> FloatArray:  # pragma: no cover - jit
@@ -118,59 +101,189 @@ def ewma_variance(
     return out
 
 
+#: Layout of ``coverage_pass`` output: per side (offset 0 long, 9 short) then shared values.
+SIDE_FIELDS = ("observations", "breaches", "sum_uncovered", "max_uncovered",
+               "sum_loss_in_breach", "n00", "n01", "n10", "n11")
+SHARED_OFFSET = 2 * len(SIDE_FIELDS)
+SHARED_FIELDS = ("sum_margin", "min_margin", "max_margin", "max_increase_ratio")
+
+
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
-def vol_scaled_rate(
-    variance: FloatArray, scale: float, floor_rate: float, multiplier: float
+def coverage_pass(
+    margin: FloatArray,
+    long_loss: FloatArray,
+    short_loss: FloatArray,
+    start: int,
+    stop: int,
+    step: int,
+    trail: int,
 ) -> FloatArray:  # pragma: no cover - jit
-    """``max(floor_rate, scale * sqrt(variance)) * multiplier`` per bar; NaN stays NaN."""
-    n = variance.shape[0]
-    out = np.empty(n)
-    for t in range(n):
-        v = variance[t]
-        if math.isnan(v):
-            out[t] = np.nan
-        else:
-            out[t] = max(floor_rate, scale * math.sqrt(v)) * multiplier
+    """Breach statistics of both sides and the procyclicality figures in one pass.
+
+    Observations are bars ``start, start+step, ... < stop`` where margin and losses are not
+    NaN. For each side the output holds ``SIDE_FIELDS`` (``nij`` count transitions from breach
+    state i to j, Christoffersen); then ``SHARED_FIELDS``, where ``max_increase_ratio`` is the
+    largest ``margin[t] / min(margin[t-trail+1 .. t])`` over observations (NaN margins, i.e.
+    warm-up, count as +inf in that minimum). The trailing minimum is van Herk / Gil-Werman
+    with blocks of ``trail`` bars: the previous block's suffix minima, rebuilt at each block
+    start, and the current block's prefix minimum, so the cost does not depend on ``trail``.
+    """
+    out = np.zeros(SHARED_OFFSET + 4)
+    out[SHARED_OFFSET + 1] = np.inf
+    out[SHARED_OFFSET + 2] = -np.inf
+    if stop <= start:
+        return out
+    first = start - trail + 1
+    if first < 0:
+        first = 0
+    block0 = (first // trail) * trail
+    # suf[k] = min(margin[B-trail+k .. B-1]) for the block before the current block start B,
+    # rebuilt at each block start from bars still in cache: O(1) per bar, O(trail) memory.
+    suf = np.empty(trail)
+    # Scalars, not out[...], inside the loop: array stores would chain through memory.
+    prefix = np.inf
+    prev_long = 0  # no observation before the first: it cannot count as a transition
+    prev_short = 0
+    l_01 = l_10 = l_11 = s_01 = s_10 = s_11 = 0
+    first_bl = first_bs = 0
+    next_obs = start
+    max_ratio = 0.0
+    nobs = 0.0
+    sum_m = 0.0
+    min_m = np.inf
+    max_m = -np.inf
+    l_x = l_su = l_mu = l_sl = 0.0
+    s_x = s_su = s_mu = s_sl = 0.0
+    l_tr = np.zeros(4)
+    s_tr = np.zeros(4)
+    # A counter instead of t % trail: an integer division per bar costs more than the rest.
+    in_block = 0
+    for t in range(block0, stop):
+        m = margin[t]
+        mi = np.inf if math.isnan(m) else m
+        if in_block == 0:
+            prefix = mi
+            if t > block0:
+                running = np.inf
+                for k in range(trail - 1, -1, -1):
+                    v = margin[t - trail + k]
+                    if not math.isnan(v) and v < running:
+                        running = v
+                    suf[k] = running
+        elif mi < prefix:
+            prefix = mi
+        i = in_block
+        in_block += 1
+        if in_block == trail:
+            in_block = 0
+        if t != next_obs:
+            continue
+        next_obs += step
+        xl = long_loss[t]
+        xs = short_loss[t]
+        if math.isnan(m) or math.isnan(xl) or math.isnan(xs):
+            continue
+        trailing = prefix
+        if t - i > block0 and i + 1 < trail and suf[i + 1] < trailing:
+            trailing = suf[i + 1]
+        # Compare by multiplying: a division per bar would dominate the loop.
+        if m > max_ratio * trailing:
+            max_ratio = m / trailing
+        nobs += 1.0
+        sum_m += m
+        # Plain comparisons: numba's min()/max() carry NaN handling that costs ~2 ns a bar.
+        if m < min_m:
+            min_m = m
+        if m > max_m:
+            max_m = m
+        # Branch-free: breaches are rare but unpredictable, and a mispredicted branch costs
+        # more than always doing the arithmetic.
+        bl = 1 if xl > m else 0
+        bs = 1 if xs > m else 0
+        ul = xl - m
+        us = xs - m
+        l_x += bl
+        s_x += bs
+        l_su += ul * bl
+        s_su += us * bs
+        l_sl += xl * bl
+        s_sl += xs * bs
+        if ul > l_mu:
+            l_mu = ul
+        if us > s_mu:
+            s_mu = us
+        l_11 += prev_long & bl
+        l_01 += (1 - prev_long) & bl
+        l_10 += prev_long & (1 - bl)
+        s_11 += prev_short & bs
+        s_01 += (1 - prev_short) & bs
+        s_10 += prev_short & (1 - bs)
+        if nobs == 1.0:
+            first_bl = bl
+            first_bs = bs
+        prev_long = bl
+        prev_short = bs
+    # The first observation has no predecessor: undo the 0 -> x it was counted as.
+    l_01 -= first_bl
+    s_01 -= first_bs
+    l_tr[1] = l_01
+    l_tr[2] = l_10
+    l_tr[3] = l_11
+    s_tr[1] = s_01
+    s_tr[2] = s_10
+    s_tr[3] = s_11
+    # Transitions 0 -> 0 are all the others; counting them in the loop would be a store each bar.
+    pairs = max(nobs - 1.0, 0.0)
+    l_tr[0] = pairs - l_tr[1] - l_tr[2] - l_tr[3]
+    s_tr[0] = pairs - s_tr[1] - s_tr[2] - s_tr[3]
+    side_l = (nobs, l_x, l_su, l_mu, l_sl)
+    side_s = (nobs, s_x, s_su, s_mu, s_sl)
+    for k in range(5):
+        out[k] = side_l[k]
+        out[9 + k] = side_s[k]
+    for k in range(4):
+        out[5 + k] = l_tr[k]
+        out[14 + k] = s_tr[k]
+    out[SHARED_OFFSET] = sum_m
+    out[SHARED_OFFSET + 1] = min_m
+    out[SHARED_OFFSET + 2] = max_m
+    out[SHARED_OFFSET + 3] = max_ratio
     return out
 
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
-def coverage_counts(
-    margin: FloatArray, loss: FloatArray, start: int, stop: int, step: int
+def ewma_rate(
+    returns: FloatArray,
+    squared_returns: FloatArray,
+    decay: float,
+    warmup_bars: int,
+    scale: float,
+    floor_rate: float,
+    multiplier: float,
 ) -> FloatArray:  # pragma: no cover - jit
-    """Breach statistics of one side over observation bars ``start, start+step, ... < stop``.
+    """``max(floor_rate, scale * sigma_t) * multiplier`` with sigma from ``ewma_variance``.
 
-    Bars where margin or loss is NaN are not observations. Returns a float64 array:
-    ``[observations, breaches, sum_uncovered, max_uncovered, sum_loss_in_breach,
-    n00, n01, n10, n11, sum_margin, min_margin, max_margin]`` where ``nij`` count transitions
-    from state i to state j of the breach sequence (Christoffersen).
+    One pass: the square root is off the recursion's dependency chain, so fusing it costs
+    little, and the variance series is never stored.
     """
-    out = np.zeros(12)
-    out[10] = np.inf
-    out[11] = -np.inf
-    prev = -1
-    for t in range(start, stop, step):
-        m = margin[t]
-        x = loss[t]
-        if math.isnan(m) or math.isnan(x):
-            continue
-        out[0] += 1.0
-        out[9] += m
-        if m < out[10]:
-            out[10] = m
-        if m > out[11]:
-            out[11] = m
-        b = 1 if x > m else 0
-        if b == 1:
-            u = x - m
-            out[1] += 1.0
-            out[2] += u
-            if u > out[3]:
-                out[3] = u
-            out[4] += x
-        if prev >= 0:
-            out[5 + 2 * prev + b] += 1.0
-        prev = b
+    n = returns.shape[0]
+    out = np.full(n, np.nan)
+    if warmup_bars < 2 or warmup_bars >= n:
+        return out
+    mean = 0.0
+    for t in range(1, warmup_bars + 1):
+        mean += returns[t]
+    mean /= warmup_bars
+    ss = 0.0
+    for t in range(1, warmup_bars + 1):
+        d = returns[t] - mean
+        ss += d * d
+    var = ss / (warmup_bars - 1)
+    out[warmup_bars] = max(floor_rate, scale * math.sqrt(var)) * multiplier
+    one_minus = 1.0 - decay
+    for t in range(warmup_bars + 1, n):
+        var = decay * var + one_minus * squared_returns[t]
+        out[t] = max(floor_rate, scale * math.sqrt(var)) * multiplier
     return out
 
 

@@ -14,6 +14,9 @@ from calibration.models import LiquidityAddon, make_model
 from calibration.report import BacktestReport, DatasetInfo, InstrumentReport
 from calibration.windows import DEFAULT_STRESS_WINDOWS, StressWindow
 
+#: The position grid and close-out settings used when the caller names none.
+DEFAULT_LIQUIDATION = LiquidationConfig()
+
 #: Called after each step with ``(steps_done, steps_total, what)``.
 ProgressCallback = Callable[[int, int, str], None]
 
@@ -39,7 +42,7 @@ def run_backtest(
     params: Mapping[str, Any] | None = None,
     *,
     coverage: CoverageConfig | None = None,
-    liquidation: LiquidationConfig | None = LiquidationConfig(),
+    liquidation: LiquidationConfig | None = DEFAULT_LIQUIDATION,
     stress_windows: Sequence[StressWindow] = DEFAULT_STRESS_WINDOWS,
     progress: ProgressCallback | None = None,
 ) -> BacktestReport:

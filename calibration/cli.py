@@ -188,7 +188,10 @@ def _cmd_backtest(args: argparse.Namespace) -> int:
     else:
         from calibration._summary import print_summary
 
-        print_summary(report, Console())
+        out = Console()
+        if not out.is_terminal:  # piped: do not squeeze the tables into 80 columns
+            out = Console(width=160)
+        print_summary(report, out)
     return 0
 
 

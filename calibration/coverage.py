@@ -81,6 +81,7 @@ class CoverageConfig:
 
 
 def _side(counts: FloatArray, p: float) -> SideCoverage:
+    """One side's report from its ``SIDE_FIELDS`` counts."""
     n, x = int(counts[0]), int(counts[1])
     t = Transitions(int(counts[5]), int(counts[6]), int(counts[7]), int(counts[8]))
     if n == 0:
@@ -95,7 +96,6 @@ def _side(counts: FloatArray, p: float) -> SideCoverage:
     lr_pof = kupiec_lr(n, x, p)
     lr_ind = christoffersen_lr(t)
     lr_cc = lr_pof + lr_ind
-    light = traffic_light(n, x, p)
     return SideCoverage(
         observations=n,
         breaches=x,
@@ -107,7 +107,7 @@ def _side(counts: FloatArray, p: float) -> SideCoverage:
         christoffersen_pvalue=chi2_pvalue(lr_ind, 1),
         conditional_coverage_lr=lr_cc,
         conditional_coverage_pvalue=chi2_pvalue(lr_cc, 2),
-        traffic_light=light,  # type: ignore[arg-type]
+        traffic_light=traffic_light(n, x, p),  # type: ignore[arg-type]
         mean_margin_rate=float(counts[9] / n),
         max_uncovered_loss=float(counts[3]),
         mean_uncovered_loss=float(counts[2] / x) if x else None,
@@ -118,37 +118,36 @@ def _side(counts: FloatArray, p: float) -> SideCoverage:
 
 def _metrics(
     name: str,
-    bars: BarSeries,
-    rates: MarginRates,
     tested: FloatArray,
+    im_per_tested: float,
     losses: tuple[FloatArray, FloatArray],
-    trailing_min: FloatArray,
-    lo: int,
-    hi: int,
-    step: int,
+    span: tuple[int, int, int],
+    trail: int,
     p: float,
-    bounds: tuple[int, int] | None,
+    bounds: tuple[int, int],
 ) -> CoverageMetrics:
-    long_counts = _kernels.coverage_counts(tested, losses[0], lo, hi, step)
-    short_counts = _kernels.coverage_counts(tested, losses[1], lo, hi, step)
-    n = int(long_counts[0])
-    obs = np.arange(lo, hi, step)
-    obs = obs[~np.isnan(tested[obs]) & ~np.isnan(losses[0][obs])] if obs.size else obs
-    mean_im = float(np.mean(rates.im_rate[obs])) if n else None
-    peak = float(long_counts[11] / long_counts[10]) if n and long_counts[10] > 0 else None
-    with np.errstate(divide="ignore", invalid="ignore"):
-        increase = float(np.max(tested[obs] / trailing_min[obs])) if n else None
+    lo, hi, step = span
+    out = _kernels.coverage_pass(tested, losses[0], losses[1], lo, hi, step, trail)
+    width = len(_kernels.SIDE_FIELDS)
+    shared = dict(zip(_kernels.SHARED_FIELDS, out[_kernels.SHARED_OFFSET :], strict=True))
+    sum_margin = float(shared["sum_margin"])
+    n = int(out[0])
+    long_counts = np.r_[out[:width], sum_margin]
+    short_counts = np.r_[out[width : 2 * width], sum_margin]
+    mean_im = float(sum_margin * im_per_tested / n) if n else None
+    trough = shared["min_margin"]
     return CoverageMetrics(
         window=name,
-        start=iso_utc(bounds[0]) if bounds else iso_utc(int(bars.timestamp_ms[0])),
-        end=iso_utc(bounds[1]) if bounds else iso_utc(int(bars.timestamp_ms[-1])),
+        start=iso_utc(bounds[0]),
+        end=iso_utc(bounds[1]),
         long=_side(long_counts, p),
         short=_side(short_counts, p),
-        mean_margin_rate=float(long_counts[9] / n) if n else None,
+        mean_margin_rate=float(sum_margin / n) if n else None,
         mean_im_rate=mean_im,
         max_leverage=1.0 / mean_im if mean_im else None,
-        peak_to_trough=peak,
-        max_increase_ratio=increase if increase is None or np.isfinite(increase) else None,
+        peak_to_trough=float(shared["max_margin"] / trough) if n and trough > 0 else None,
+        max_increase_ratio=(float(shared["max_increase_ratio"])
+                            if n and np.isfinite(shared["max_increase_ratio"]) else None),
     )
 
 
@@ -193,12 +192,13 @@ def coverage_backtest(
     tested = rates.mm_rate if config.margin == "mm" else rates.im_rate
     losses = bars.forward_losses(horizon)
     step = 1 if config.overlapping else horizon
-    window_bars = max(1, round(config.procyclicality_days * 86_400 / bars.bar_seconds))
-    masked = np.where(np.isnan(tested), np.inf, tested)
-    trailing = _kernels.trailing_min(masked, window_bars + 1)
+    # The trailing window holds bar t and the D days before it.
+    trail = max(1, round(config.procyclicality_days * 86_400 / bars.bar_seconds)) + 1
     p = 1.0 - level
-    out = [_metrics("all", bars, rates, tested, losses, trailing, start, stop, step, p, None)]
     ts = bars.timestamp_ms
+    im = rates.im_to_mm if config.margin == "mm" else 1.0
+    out = [_metrics("all", tested, im, losses, (start, stop, step), trail, p,
+                    (int(ts[0]), int(ts[-1])))]
     for w in windows_overlapping(stress_windows, int(ts[0]), int(ts[-1])):
         lo = int(np.searchsorted(ts, w.start_ms, side="left"))
         hi = int(np.searchsorted(ts, w.end_ms, side="left"))
@@ -207,7 +207,7 @@ def coverage_backtest(
         if step > 1:
             first = start + -(-(first - start) // step) * step
         out.append(
-            _metrics(w.name, bars, rates, tested, losses, trailing, first, min(hi, stop), step,
-                     p, (w.start_ms, w.end_ms))
+            _metrics(w.name, tested, im, losses, (first, min(hi, stop), step), trail, p,
+                     (w.start_ms, w.end_ms))
         )
     return out

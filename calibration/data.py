@@ -65,24 +65,29 @@ def _read_table(path: Path, ref: str) -> pd.DataFrame:
         raise DataError(f"{ref!r}: cannot read as {kind}: {exc}".splitlines()[0]) from exc
 
 
-def _timestamps_ms(frame: pd.DataFrame, ref: str) -> IntArray:
+_TIMESTAMP_COLUMNS = ("timestamp_ms", "timestamp", "date", "time", "datetime", "open_time")
+
+
+def _timestamp_column(frame: pd.DataFrame, ref: str) -> str:
+    """The column the bar times are read from (``timestamp_ms`` wins over ``timestamp``)."""
     columns = {c.lower(): c for c in frame.columns}
-    if "timestamp_ms" in columns:
-        raw = frame[columns["timestamp_ms"]]
-        values = pd.to_numeric(raw, errors="coerce")
-        bad = np.flatnonzero(values.isna().to_numpy())
+    for name in _TIMESTAMP_COLUMNS:
+        if name in columns:
+            return str(columns[name])
+    raise DataValidationError(f"{ref}: no timestamp column (timestamp_ms or timestamp)")
+
+
+def _timestamps_ms(frame: pd.DataFrame, ref: str) -> IntArray:
+    column = _timestamp_column(frame, ref)
+    raw = frame[column]
+    if column.lower() == "timestamp_ms":
+        numbers = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64)
+        bad = np.flatnonzero(~np.isfinite(numbers))
         if bad.size:
             raise DataValidationError(
-                f"{ref}: timestamp is not a number", row=int(bad[0]) + 1, column="timestamp_ms"
+                f"{ref}: timestamp is not a number", row=int(bad[0]) + 1, column=column
             )
-        return values.to_numpy(dtype=np.int64)
-    for name in ("timestamp", "date", "time", "datetime", "open_time"):
-        if name in columns:
-            raw = frame[columns[name]]
-            break
-    else:
-        raise DataValidationError(f"{ref}: no timestamp column (timestamp_ms or timestamp)")
-    column = str(raw.name)
+        return pd.to_numeric(raw).to_numpy(dtype=np.int64)
     if pd.api.types.is_numeric_dtype(raw):
         values = raw.to_numpy(dtype=np.float64)
         bad = np.flatnonzero(~np.isfinite(values))
@@ -101,7 +106,9 @@ def _timestamps_ms(frame: pd.DataFrame, ref: str) -> IntArray:
             row=int(bad[0]) + 1,
             column=column,
         )
-    ns = parsed.astype("datetime64[ns, UTC]").to_numpy().astype("datetime64[ns]").astype(np.int64)
+    # Drop the (UTC) zone in pandas before leaving it: numpy has no tz-aware datetimes and
+    # warns when handed one.
+    ns = parsed.dt.tz_localize(None).to_numpy(dtype="datetime64[ns]").astype(np.int64)
     return ns // 1_000_000
 
 
@@ -197,7 +204,8 @@ def bars_from_frame(
     if bad.size:
         r = int(bad[0]) + 1
         what = "duplicate" if steps[r - 1] == 0 else "out-of-order (not increasing)"
-        raise DataValidationError(f"{source}: {what} timestamp", row=r + 1, column="timestamp")
+        raise DataValidationError(f"{source}: {what} timestamp", row=r + 1,
+                                  column=_timestamp_column(frame, source))
     volume = None
     if "volume" in frame.columns:
         volume = _float_column(frame, "volume", source)

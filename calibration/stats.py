@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 from scipy.special import xlogy
@@ -49,7 +50,7 @@ class Transitions:
 def transitions(breaches: list[bool] | tuple[bool, ...]) -> Transitions:
     """Transition counts of a breach sequence (plain Python; the engine counts in a kernel)."""
     counts = [0, 0, 0, 0]
-    for prev, cur in zip(breaches, breaches[1:], strict=False):
+    for prev, cur in itertools.pairwise(breaches):
         counts[2 * int(prev) + int(cur)] += 1
     return Transitions(*counts)
 

@@ -24,7 +24,9 @@ class StressWindow:
             d0 = date.fromisoformat(first_day)
             d1 = date.fromisoformat(last_day or first_day)
         except ValueError as exc:
-            raise InvalidParameters(f"stress window {name!r}: {exc}", field="stress_windows") from exc
+            raise InvalidParameters(
+                f"stress window {name!r}: {exc}", field="stress_windows"
+            ) from exc
         if d1 < d0:
             raise InvalidParameters(
                 f"stress window {name!r} ends before it starts", field="stress_windows"

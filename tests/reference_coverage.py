@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -47,6 +48,6 @@ def brute_force_side(
                 max_u = max(max_u, loss - m)
         t += step
     counts = [0, 0, 0, 0]
-    for a, b in zip(seq, seq[1:], strict=False):
+    for a, b in itertools.pairwise(seq):
         counts[2 * int(a) + int(b)] += 1
     return SideResult(obs, breaches, max_u, sum_u, sum_lb, sum_m, tuple(counts))  # type: ignore[arg-type]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, ClassVar
 
 import numpy as np
@@ -27,14 +29,20 @@ class MarginRates:
     Attributes:
         mm_rate: maintenance margin per bar as a fraction of notional, shape ``(n,)``; NaN
             before ``first_valid_bar`` (warm-up: no margin is produced).
-        im_rate: initial margin per bar as a fraction of notional, shape ``(n,)``; NaN where
-            ``mm_rate`` is.
+        im_to_mm: IM rate / MM rate, the same at every bar (every family keeps IM
+            proportional to MM, so the IM series is derived only when asked for).
         first_valid_bar: index of the first bar with a margin.
     """
 
     mm_rate: FloatArray
-    im_rate: FloatArray
+    im_to_mm: float
     first_valid_bar: int
+
+    @cached_property
+    def im_rate(self) -> FloatArray:
+        """Initial margin per bar as a fraction of notional, shape ``(n,)``; NaN in warm-up."""
+        result: FloatArray = self.mm_rate * self.im_to_mm
+        return result
 
 
 @dataclass(frozen=True)
@@ -51,7 +59,8 @@ class Rule:
     def check(self, name: str, value: Any) -> None:
         if value is None and self.optional:
             return
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        # numbers.Real, not int | float: numpy scalars (np.int64 from a grid) are numbers too.
+        if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
             raise InvalidParameters(f"{name} must be a number, got {value!r}", field=name)
         if not math.isfinite(value):
             raise InvalidParameters(f"{name} must be finite, got {value!r}", field=name)
@@ -130,16 +139,16 @@ class MarginModel(ABC):
                 f"{self.family} needs more than {first} bars before its first margin; "
                 f"the series {bars.instrument!r} has {len(bars)}"
             )
-        im = self._im_rate(bars, notional_usd, mm)
-        return MarginRates(mm_rate=mm, im_rate=im, first_valid_bar=first)
+        return MarginRates(mm_rate=mm, im_to_mm=self._im_to_mm(notional_usd),
+                           first_valid_bar=first)
 
     def first_valid_bar(self) -> int:
         """Index of the first bar with a margin (the warm-up length in bars)."""
         return 0
 
-    def _im_rate(self, bars: BarSeries, notional_usd: float, mm_rate: FloatArray) -> FloatArray:
-        """IM rate per bar; by default ``im_to_mm`` times the MM rate."""
-        return mm_rate * float(getattr(self, "im_to_mm", 2.0))
+    def _im_to_mm(self, notional_usd: float) -> float:
+        """IM rate / MM rate for a position of ``notional_usd``; by default ``im_to_mm``."""
+        return float(getattr(self, "im_to_mm", 2.0))
 
     @abstractmethod
     def _mm_rate(self, bars: BarSeries, notional_usd: float) -> FloatArray:

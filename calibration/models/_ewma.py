@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 from scipy.stats import norm
 
@@ -25,12 +26,13 @@ class EwmaMargin(MarginModel):
         horizon_bars: close-out horizon (margin period of risk) in bars, ≥ 1.
         floor_rate: lowest MM rate, fraction of notional.
         apc_buffer: anti-procyclicality buffer as a fraction (EMIR art. 28(1)(a): ≥ 0.25).
-        warmup_bars: returns used to seed the variance; no margin before this bar.
+        warmup_bars: one-bar returns (bars) used to seed the variance; no margin before
+            this bar.
         im_to_mm: IM rate / MM rate (Binance tiers: 2).
     """
 
     family = "ewma"
-    rules = {
+    rules: ClassVar[dict[str, Rule]] = {
         "decay": Rule(low=0.0, high=1.0, low_open=True, high_open=True),
         "confidence": Rule(low=0.5, high=1.0, low_open=True, high_open=True),
         "horizon_bars": Rule(low=1, integer=True),
@@ -71,7 +73,8 @@ class EwmaMargin(MarginModel):
 
     def _mm_rate(self, bars: BarSeries, notional_usd: float) -> FloatArray:
         scale = float(norm.ppf(self.confidence)) * math.sqrt(int(self.horizon_bars))
-        result: FloatArray = _kernels.vol_scaled_rate(
-            self.variance(bars), scale, float(self.floor_rate), 1.0 + float(self.apc_buffer)
+        result: FloatArray = _kernels.ewma_rate(
+            bars.log_returns(), bars.squared_returns(), float(self.decay),
+            int(self.warmup_bars), scale, float(self.floor_rate), 1.0 + float(self.apc_buffer),
         )
         return result

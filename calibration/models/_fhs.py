@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import numpy as np
 
@@ -31,13 +32,13 @@ class FhsMargin(MarginModel):
         horizon_bars: close-out horizon h, bars.
         stress_weight: weight of the stressed estimate in [0, 1] (EMIR: ≥ 0.25).
         floor_rate: lowest MM rate, fraction of notional.
-        warmup_bars: returns used to seed the EWMA variance.
+        warmup_bars: one-bar returns (bars) used to seed the EWMA variance.
         measure: ``"es"`` (expected shortfall) or ``"var"``.
         im_to_mm: IM rate / MM rate.
     """
 
     family = "fhs"
-    rules = {
+    rules: ClassVar[dict[str, Rule]] = {
         "window_bars": Rule(low=10, integer=True),
         "confidence": Rule(low=0.5, high=1.0, low_open=True, high_open=True),
         "decay": Rule(low=0.0, high=1.0, low_open=True, high_open=True),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -32,7 +32,7 @@ class LiquidityAddon(MarginModel):
 
     family = "liquidity"
     notional_dependent = True
-    rules = {
+    rules: ClassVar[dict[str, Rule]] = {
         "addon_coef": Rule(low=0.0),
         "addon_exponent": Rule(low=0.0, high=3.0, low_open=True),
         "adv_window_bars": Rule(low=1, integer=True),
@@ -81,16 +81,28 @@ class LiquidityAddon(MarginModel):
         return self.base.first_valid_bar()
 
     def liquidity_usd(self, bars: BarSeries) -> FloatArray:
-        """``D_t`` per bar in USD, shape ``(n,)``."""
-        if bars.bid_depth_usd is not None and bars.ask_depth_usd is not None:
-            result: FloatArray = np.minimum(bars.bid_depth_usd, bars.ask_depth_usd)
-            return result
+        """``D_t`` per bar in USD, shape ``(n,)``.
+
+        Bars without a depth snapshot yet (NaN depth, see ``data.with_depth``) fall back to
+        the ADV when the series has volume.
+        """
         traded = bars.traded_usd()
+        if bars.bid_depth_usd is not None and bars.ask_depth_usd is not None:
+            depth: FloatArray = np.minimum(bars.bid_depth_usd, bars.ask_depth_usd)
+            unknown = np.isnan(depth)
+            if traded is None or not unknown.any():
+                return depth
+            result: FloatArray = np.where(unknown, self._adv_usd(bars, traded), depth)
+            return result
         if traded is None:
             raise DataError(
                 f"the liquidity add-on needs volume or order-book depth; "
                 f"{bars.instrument!r} has neither"
             )
+        return self._adv_usd(bars, traded)
+
+    def _adv_usd(self, bars: BarSeries, traded: FloatArray) -> FloatArray:
+        """Average daily traded notional (USD/day) over the last ``adv_window_bars`` bars."""
         w = int(self.adv_window_bars)
         csum = np.concatenate([[0.0], np.cumsum(traded)])
         idx = np.arange(len(bars))
@@ -100,6 +112,8 @@ class LiquidityAddon(MarginModel):
         return adv
 
     def _addon(self, bars: BarSeries, notional_usd: float) -> FloatArray:
+        if float(self.addon_coef) == 0.0:  # 0 * inf (no liquidity) would be NaN
+            return np.zeros(len(bars))
         liquidity = self.liquidity_usd(bars)
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(liquidity > 0, notional_usd / liquidity, np.inf)
@@ -111,9 +125,5 @@ class LiquidityAddon(MarginModel):
         result: FloatArray = np.minimum(base + self._addon(bars, notional_usd), 1.0)
         return result
 
-    def _im_rate(self, bars: BarSeries, notional_usd: float, mm_rate: FloatArray) -> FloatArray:
-        base = self.base.margin_rates(bars, notional_usd=notional_usd)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.where(base.mm_rate > 0, base.im_rate / base.mm_rate, 1.0)
-        result: FloatArray = np.minimum(mm_rate * ratio, 1.0)
-        return result
+    def _im_to_mm(self, notional_usd: float) -> float:
+        return self.base._im_to_mm(notional_usd)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -37,7 +37,8 @@ class TieredMargin(MarginModel):
         bracket_caps_usd: upper notional of each bracket but the last, USD, increasing. A
             notional above the last cap stays in the last bracket.
         im_to_mm: IM rate / MM rate per bracket (Binance: 2).
-        mmr_schedule: explicit MMR per bracket (one more than caps, or as many), overriding
+        mmr_schedule: explicit MMR per bracket, fractions of notional (one more than caps, or
+            as many: the last rate then also applies above the last cap), overriding
             ``base_mmr`` and ``tier_growth``, to reproduce a published table exactly.
     """
 
@@ -66,7 +67,7 @@ class TieredMargin(MarginModel):
 
     def validate(self) -> None:
         super().validate()
-        caps = list(self.bracket_caps_usd)
+        caps = _as_list(self.bracket_caps_usd, "bracket_caps_usd")
         for i, cap in enumerate(caps):
             Rule(low=0.0, low_open=True).check(f"bracket_caps_usd[{i}]", cap)
         if any(b <= a for a, b in zip(caps, caps[1:], strict=False)):
@@ -74,8 +75,8 @@ class TieredMargin(MarginModel):
                 "bracket_caps_usd must be strictly increasing", field="bracket_caps_usd"
             )
         if self.mmr_schedule is not None:
-            mmr = list(self.mmr_schedule)
-            if len(mmr) not in (len(caps), len(caps) + 1):
+            mmr = _as_list(self.mmr_schedule, "mmr_schedule")
+            if len(mmr) not in (len(caps), len(caps) + 1) or not mmr:
                 raise InvalidParameters(
                     f"mmr_schedule needs {len(caps) + 1} rates (one per bracket), got {len(mmr)}",
                     field="mmr_schedule",
@@ -119,6 +120,15 @@ class TieredMargin(MarginModel):
         mm_rate, _ = self._bracket_rates(notional_usd)
         return np.full(len(bars), mm_rate)
 
-    def _im_rate(self, bars: BarSeries, notional_usd: float, mm_rate: FloatArray) -> FloatArray:
-        _, im_rate = self._bracket_rates(notional_usd)
-        return np.full(len(bars), im_rate)
+    def _im_to_mm(self, notional_usd: float) -> float:
+        # IM is the bracket's mmr_k * im_to_mm while MM is (N mmr_k - deduction_k) / N.
+        mm_rate, im_rate = self._bracket_rates(notional_usd)
+        return im_rate / mm_rate
+
+
+def _as_list(value: object, name: str) -> list[object]:
+    """``value`` as a list, or ``InvalidParameters`` when it is not a sequence of numbers."""
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise InvalidParameters(f"{name} must be a sequence of numbers, got {value!r}",
+                                field=name)
+    return list(value)

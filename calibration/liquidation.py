@@ -1,0 +1,907 @@
+"""Liquidation and insolvency simulation, exchange style: who pays when margin fails? (§4)
+
+A population of positions is replayed through the bars of one instrument under a margin model:
+
+Positions
+    Grid (default): at the close of bars ``0, k, 2k, ...`` (``k = entry_every_bars``) one
+    position per side × notional × leverage opens, but only at bars with a margin (``e >=
+    first_valid_bar``, finite MM and IM rates for every notional) and with a bar after them
+    (``e + 1 < n``). Alternatively the caller gives the positions (``config.positions``);
+    those whose entry bar has no margin or no next bar are not opened (``PositionTable.opened``).
+    A position of notional ``N`` and requested leverage ``l`` opens at the close ``C_e``:
+    leverage ``L = min(l, 1 / IM_e)`` (``IM_e`` the IM rate at ``e`` for that notional),
+    collateral ``N / L``, quantity ``qty = N / C_e``.
+
+Equity and funding
+    ``D_t = cumsum(funding_rate * close)`` (price units; 0 without funding data), settled per bar
+    on the current notional: long equity at price ``P`` and bar ``t`` is ``collateral +
+    qty (P - C_e) - qty (D_t - D_e)``, short ``collateral + qty (C_e - P) + qty (D_t - D_e)``.
+
+Trigger
+    The first bar ``t`` in ``(e, e + holding_bars]`` (and before the end of the data) where the
+    equity at the bar's adverse extreme (low for longs, high for shorts) is ``<= mm_t * qty *
+    extreme``. A position that does not trigger is closed without event. Rewritten, the test
+    compares a series that does not depend on the position with a threshold that does not
+    depend on t (see ``calibration._liquidation_kernels``), so one reverse sweep per MM series
+    and side finds every first passage: O(n) per series plus O(log n) per position.
+
+Liquidation and bankruptcy prices
+    The liquidation price is the price at which equity equals MM at the trigger bar:
+    long ``(C_e - C_e/L + D_t - D_e) / (1 - mm_t)`` (the bar's low when ``mm_t >= 1``, where no
+    such price exists), short ``(C_e + C_e/L + D_t - D_e) / (1 + mm_t)``. The bankruptcy price
+    (equity 0) is the numerator alone. Both use the funding up to the trigger bar.
+
+Close-out
+    With ``latency_bars = 0`` at the liquidation price (an ideal liquidation engine that fills at
+    the trigger price even when the bar gaps through it); with latency ``L >= 1`` at the worst
+    price of bars ``t .. t+L`` (min low for longs, max high for shorts; cut at the last bar).
+    Then slippage ``spread_rate + impact_coef * (N / depth_t) ** impact_exponent`` against the
+    position (long sells at ``P (1 - slip)``, short buys at ``P (1 + slip)``), capped at 100%.
+    ``depth_t`` is the bid (longs) / ask (shorts) depth at the trigger bar when the series has
+    both, else ``depth_fraction_of_adv * ADV_t`` with ``ADV_t`` the mean traded USD per day over
+    the last ``adv_window_bars`` bars up to ``t`` (fewer at the start). Zero depth means the
+    capped slippage. The impact term uses the position's own notional (not scaled by
+    ``population_scale``). Close-out equity = collateral + PnL at the close-out price, funding
+    to the trigger bar.
+
+Insurance fund and bad debt
+    Close-out equity < 0: bad debt ``-equity`` is drawn from the fund, no fee. Otherwise the
+    fund receives ``min(liquidation_fee_rate * N, equity)``; the trader keeps the rest. The fund
+    starts at ``insurance_fund_usd`` and moves at each close-out bar ``min(t + L, n - 1)``; all
+    close-outs of one bar settle together (net). Its path is the level after each bar with a
+    close-out, stamped with the bar's open time (as every bar in marginlab). It is exhausted
+    the first time it is below 0 (where exchanges turn to auto-deleveraging).
+
+Premature liquidations
+    The bankruptcy price is not reached (by the low / high of bars ``t+1 .. t+R``, ``R =
+    recovery_bars``, cut at the last bar) and the close of bar ``min(t + R, n - 1)`` is strictly
+    back on the safe side of the liquidation price (above it for longs, below for shorts).
+
+Cascade (``cascade=True``)
+    The USD notional (× ``population_scale``) of the long positions that trigger in bar ``s``,
+    ``Q_s``, pushes the low of bar ``s+1`` to ``low * max(0, 1 - cascade_kappa * Q_s /
+    depth_s)``; short liquidations push the next high to ``high * (1 + min(1, kappa Q_s /
+    depth_s))`` (the move is capped at 100% both ways), with ``depth_s`` the bid / ask depth or
+    the ADV-based depth as for slippage. Liquidated notional is counted at the trigger bar (the
+    liquidation engine takes the position over then). The moved extremes are used for every
+    later step (triggers, close-out, premature test). Because a bar only depends on the
+    liquidations of the bar before, the fixed point of "liquidations ⇒ impact ⇒ liquidations"
+    is unique and is found exactly in one forward pass (equivalent to iterating the whole
+    simulation until nothing changes, with no iteration cap); it can only add or advance
+    liquidations compared with no cascade.
+
+Scaling
+    Every grid (or explicit) position stands for ``population_scale`` identical positions: USD
+    totals (notional opened and liquidated, bad debt, fees, the fund's moves, cascade ``Q``) are
+    multiplied by it; counts and the worst single position's bad debt are not.
+
+Per window (``LiquidationResult.metrics``), positions count where they open, liquidations,
+bad debt and fees where they trigger, by bar open time in ``[start_ms, end_ms)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numba as nb
+import numpy as np
+from numpy.typing import NDArray
+
+from calibration import _liquidation_kernels as _lk
+from calibration._bars import BarSeries
+from calibration._errors import DataError, InvalidParameters
+from calibration._kernels import _JIT
+from calibration.models import MarginModel, MarginRates, Rule
+from calibration.report import FundPoint, LiquidationMetrics
+
+FloatArray = NDArray[np.float64]
+IntArray = NDArray[np.int64]
+BoolArray = NDArray[np.bool_]
+Int8Array = NDArray[np.int8]
+
+SIDES = ("long", "short")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _iso(ms: int) -> str:
+    """Epoch milliseconds → ``YYYY-MM-DDTHH:MM:SSZ`` (UTC)."""
+    return (_EPOCH + timedelta(milliseconds=int(ms))).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class ExplicitPosition:
+    """One position given by the caller.
+
+    Attributes:
+        side: ``"long"`` or ``"short"``.
+        entry_bar: 0-based bar at whose close the position opens; or ``None`` with
+            ``entry_ms``.
+        notional_usd: notional at entry, USD.
+        leverage: requested leverage (capped at ``1 / IM`` at entry).
+        entry_ms: instead of ``entry_bar``, an instant (epoch ms UTC): the position opens at
+            the close of the bar in progress then (the last bar whose open time is
+            ``<= entry_ms``).
+    """
+
+    side: str
+    entry_bar: int | None
+    notional_usd: float
+    leverage: float
+    entry_ms: int | None = None
+
+
+_POSITIVE = Rule(low=0.0, low_open=True)
+_NON_NEGATIVE = Rule(low=0.0)
+_FRACTION = Rule(low=0.0, high=1.0, high_open=True)
+
+
+@dataclass(frozen=True)
+class LiquidationConfig:
+    """The position population and the close-out mechanics (module docstring for semantics).
+
+    Attributes:
+        leverages: requested leverages of the grid (each capped at ``1 / IM`` at entry).
+        notionals_usd: notionals of the grid, USD (so size brackets matter).
+        sides: ``"long"`` and/or ``"short"``.
+        entry_every_bars: grid positions open at the close of bars ``0, k, 2k, ...``.
+        holding_bars: bars after entry within which a position may be liquidated; after
+            them it is closed without event.
+        latency_bars: bars between trigger and close-out (0: at the liquidation price).
+        recovery_bars: look-ahead of the premature-liquidation test.
+        spread_rate: half-spread paid on close-out, fraction of price.
+        impact_coef, impact_exponent: market impact ``coef * (N / depth) ** exponent``.
+        liquidation_fee_rate: fee to the insurance fund, fraction of notional.
+        insurance_fund_usd: the fund's starting level, USD.
+        depth_fraction_of_adv: without order-book depth, ``depth = this * ADV``.
+        adv_window_bars: look-back of the ADV (trailing, up to and including the bar).
+        cascade: let liquidated notional move the next bar's extreme.
+        cascade_kappa: price move per unit of ``Q / depth`` in the cascade.
+        population_scale: identical positions each grid position stands for.
+        positions: explicit positions replacing the grid, or ``None``.
+    """
+
+    leverages: tuple[float, ...] = (2, 3, 5, 10, 15, 20, 25, 33, 50, 75, 100, 125)
+    notionals_usd: tuple[float, ...] = (1_000, 10_000, 100_000, 1_000_000, 10_000_000)
+    sides: tuple[str, ...] = ("long", "short")
+    entry_every_bars: int = 60
+    holding_bars: int = 1440
+    latency_bars: int = 1
+    recovery_bars: int = 60
+    spread_rate: float = 0.0005
+    impact_coef: float = 0.1
+    impact_exponent: float = 0.5
+    liquidation_fee_rate: float = 0.005
+    insurance_fund_usd: float = 1_000_000.0
+    depth_fraction_of_adv: float = 0.01
+    adv_window_bars: int = 1440
+    cascade: bool = False
+    cascade_kappa: float = 0.1
+    population_scale: float = 1.0
+    positions: tuple[ExplicitPosition, ...] | None = None
+
+    def validate(self) -> None:
+        """Raise ``InvalidParameters`` (``field`` = the setting at fault) for a bad value."""
+        for name in ("leverages", "notionals_usd"):
+            values = getattr(self, name)
+            if isinstance(values, str | bytes) or not isinstance(values, tuple | list):
+                raise InvalidParameters(f"{name} must be a list of numbers", field=name)
+            if len(values) == 0:
+                raise InvalidParameters(f"{name} must not be empty", field=name)
+            for v in values:
+                _check(_POSITIVE, name, v)
+        sides = self.sides
+        if isinstance(sides, str) or not isinstance(sides, tuple | list) or not sides:
+            raise InvalidParameters("sides must be a non-empty list of 'long'/'short'",
+                                    field="sides")
+        if any(s not in SIDES for s in sides) or len(set(sides)) != len(sides):
+            raise InvalidParameters(
+                f"sides must be distinct values of 'long', 'short'; got {sides!r}", field="sides"
+            )
+        _check(Rule(low=1, integer=True), "entry_every_bars", self.entry_every_bars)
+        _check(Rule(low=1, integer=True), "holding_bars", self.holding_bars)
+        _check(Rule(low=0, integer=True), "latency_bars", self.latency_bars)
+        _check(Rule(low=1, integer=True), "recovery_bars", self.recovery_bars)
+        _check(_FRACTION, "spread_rate", self.spread_rate)
+        _check(_NON_NEGATIVE, "impact_coef", self.impact_coef)
+        _check(Rule(low=0.0, high=3.0, low_open=True), "impact_exponent", self.impact_exponent)
+        _check(Rule(low=0.0, high=1.0), "liquidation_fee_rate", self.liquidation_fee_rate)
+        _check(_NON_NEGATIVE, "insurance_fund_usd", self.insurance_fund_usd)
+        _check(_POSITIVE, "depth_fraction_of_adv", self.depth_fraction_of_adv)
+        _check(Rule(low=1, integer=True), "adv_window_bars", self.adv_window_bars)
+        if not isinstance(self.cascade, bool):
+            raise InvalidParameters(f"cascade must be true or false, got {self.cascade!r}",
+                                    field="cascade")
+        _check(_NON_NEGATIVE, "cascade_kappa", self.cascade_kappa)
+        _check(_POSITIVE, "population_scale", self.population_scale)
+        if self.positions is not None:
+            if not isinstance(self.positions, tuple | list):
+                raise InvalidParameters("positions must be a list of positions",
+                                        field="positions")
+            for i, p in enumerate(self.positions):
+                _check_position(i, p)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON-ready values (explicit positions as a count)."""
+        out: dict[str, Any] = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if name == "positions":
+                out[name] = None if value is None else len(value)
+            elif isinstance(value, tuple):
+                out[name] = list(value)
+            else:
+                out[name] = value
+        return out
+
+
+def _check(rule: Rule, name: str, value: Any) -> None:
+    rule.check(name, value)
+
+
+def _check_position(i: int, p: Any) -> None:
+    where = f"positions[{i}]"
+    if not isinstance(p, ExplicitPosition):
+        raise InvalidParameters(f"{where} must be an ExplicitPosition", field="positions")
+    if p.side not in SIDES:
+        raise InvalidParameters(f"{where}.side must be 'long' or 'short', got {p.side!r}",
+                                field="positions")
+    for name in ("notional_usd", "leverage"):
+        try:
+            _POSITIVE.check(f"{where}.{name}", getattr(p, name))
+        except InvalidParameters as exc:
+            raise InvalidParameters(str(exc), field="positions") from exc
+    if (p.entry_bar is None) == (p.entry_ms is None):
+        raise InvalidParameters(f"{where} needs exactly one of entry_bar and entry_ms",
+                                field="positions")
+    value = p.entry_bar if p.entry_bar is not None else p.entry_ms
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise InvalidParameters(f"{where}: the entry must be a whole number, got {value!r}",
+                                field="positions")
+    if p.entry_bar is not None and p.entry_bar < 0:
+        raise InvalidParameters(f"{where}.entry_bar must be >= 0", field="positions")
+
+
+@dataclass(frozen=True)
+class LiquidationEvents:
+    """One row per liquidated position, in no particular order (arrays of shape ``(m,)``).
+
+    Money is USD for one position (not scaled by ``population_scale``).
+
+    Attributes:
+        position: index of the position (see ``LiquidationResult.position_table``).
+        side: +1 long, -1 short.
+        entry_bar, trigger_bar, closeout_bar: bar indices (``closeout_bar = min(trigger +
+            latency, n - 1)``).
+        notional_usd, leverage: the position's notional and effective (capped) leverage.
+        liquidation_price, closeout_price: trigger price (equity = MM) and the fill after
+            latency and slippage.
+        closeout_equity_usd: collateral + PnL at the close-out price (negative: insolvent).
+        bad_debt_usd: ``max(0, -closeout_equity_usd)``.
+        fee_usd: fee paid to the insurance fund.
+        premature: the liquidation was premature.
+    """
+
+    position: IntArray
+    side: Int8Array
+    entry_bar: IntArray
+    trigger_bar: IntArray
+    closeout_bar: IntArray
+    notional_usd: FloatArray
+    leverage: FloatArray
+    liquidation_price: FloatArray
+    closeout_price: FloatArray
+    closeout_equity_usd: FloatArray
+    bad_debt_usd: FloatArray
+    fee_usd: FloatArray
+    premature: BoolArray
+
+    def __len__(self) -> int:
+        return int(self.position.shape[0])
+
+
+@dataclass(frozen=True)
+class PositionTable:
+    """Every position of a simulation, one row each (arrays of shape ``(P,)``).
+
+    Rows that were not liquidated have ``trigger_bar = -1``, NaN prices and equity, zero bad
+    debt and fee. Rows that were not opened (explicit positions without margin at entry) have
+    ``opened = False`` and NaN leverage and collateral.
+    """
+
+    side: Int8Array
+    entry_bar: IntArray
+    notional_usd: FloatArray
+    leverage: FloatArray
+    collateral_usd: FloatArray
+    opened: BoolArray
+    trigger_bar: IntArray
+    liquidation_price: FloatArray
+    closeout_price: FloatArray
+    closeout_equity_usd: FloatArray
+    bad_debt_usd: FloatArray
+    fee_usd: FloatArray
+    premature: BoolArray
+
+    def __len__(self) -> int:
+        return int(self.side.shape[0])
+
+
+@dataclass(frozen=True)
+class _GridLayout:
+    """Grid positions: index ``((k * S + s) * J + j) * K + c`` for entry ``k``, side ``s``,
+    notional ``j`` and leverage ``c``; ``leverage[m]`` is the effective leverage per entry and
+    requested leverage of MM series ``m``."""
+
+    sides: tuple[int, ...]
+    notionals: FloatArray
+    entry_bars: IntArray
+    leverage: tuple[FloatArray, ...]
+    series_of_notional: IntArray
+
+    def base(self) -> tuple[Int8Array, IntArray, FloatArray, FloatArray, BoolArray]:
+        s_n, j_n = len(self.sides), self.notionals.shape[0]
+        k_n = self.leverage[0].shape[1] if self.leverage else 0
+        e_n = self.entry_bars.shape[0]
+        shape = (e_n, s_n, j_n, k_n)
+        kk, ss, jj, cc = (a.ravel() for a in np.indices(shape, dtype=np.int64))
+        side = np.asarray(self.sides, dtype=np.int8)[ss]
+        entry = self.entry_bars[kk]
+        notional = self.notionals[jj]
+        stacked = np.stack(self.leverage) if self.leverage else np.zeros((1, e_n, k_n))
+        leverage = stacked[self.series_of_notional[jj], kk, cc]
+        return side, entry, notional, leverage, np.ones(side.shape[0], dtype=bool)
+
+
+@dataclass(frozen=True)
+class _ExplicitLayout:
+    side: Int8Array
+    entry_bar: IntArray
+    notional: FloatArray
+    leverage: FloatArray
+    opened: BoolArray
+
+    def base(self) -> tuple[Int8Array, IntArray, FloatArray, FloatArray, BoolArray]:
+        return self.side, self.entry_bar, self.notional, self.leverage, self.opened
+
+
+@dataclass(frozen=True)
+class LiquidationResult:
+    """Outcome of ``simulate_liquidations`` on one bar series.
+
+    Attributes:
+        config: the settings used.
+        instrument, fingerprint: the bar series simulated.
+        timestamp_ms: bar open times of the series (epoch ms UTC), shape ``(n,)``.
+        positions_opened: positions opened (grid points × entries, or explicit positions).
+        entry_bars: bars at which positions opened, ascending, shape ``(E,)``.
+        entry_positions: positions opened at each entry bar, shape ``(E,)``.
+        entry_notional_usd: notional opened at each entry bar (× ``population_scale``).
+        events: one row per liquidation.
+        fund_bars: bars with at least one close-out, ascending.
+        fund_usd: insurance fund level after the close-outs of each of ``fund_bars``.
+    """
+
+    config: LiquidationConfig
+    instrument: str
+    fingerprint: str
+    timestamp_ms: IntArray
+    positions_opened: int
+    entry_bars: IntArray
+    entry_positions: IntArray
+    entry_notional_usd: FloatArray
+    events: LiquidationEvents
+    fund_bars: IntArray
+    fund_usd: FloatArray
+    _layout: _GridLayout | _ExplicitLayout = field(repr=False)
+    _neg_since: IntArray = field(repr=False)
+
+    @property
+    def insurance_fund_min_usd(self) -> float:
+        """Lowest level of the fund over the whole series (its start level if never lower)."""
+        start = float(self.config.insurance_fund_usd)
+        return min(start, float(self.fund_usd.min())) if self.fund_usd.size else start
+
+    @property
+    def insurance_fund_exhausted_at(self) -> str | None:
+        """When the fund first went below zero (ISO-8601 UTC), or ``None``."""
+        neg = np.flatnonzero(self.fund_usd < 0.0)
+        if neg.size == 0:
+            return None
+        return _iso(int(self.timestamp_ms[self.fund_bars[neg[0]]]))
+
+    def _bar_range(self, start_ms: int | None, end_ms: int | None) -> tuple[int, int]:
+        n = self.timestamp_ms.shape[0]
+        lo = 0 if start_ms is None else int(np.searchsorted(self.timestamp_ms, start_ms, "left"))
+        hi = n if end_ms is None else int(np.searchsorted(self.timestamp_ms, end_ms, "left"))
+        return lo, max(lo, hi)
+
+    def metrics(
+        self, window_name: str, start_ms: int | None, end_ms: int | None
+    ) -> LiquidationMetrics:
+        """The figures of one window ``[start_ms, end_ms)`` (``None``: open-ended).
+
+        Positions count where they open (entry bar), liquidations, bad debt and fees where
+        they trigger. ``bad_debt_bps`` is bad debt per notional opened in the window (×1e4),
+        ``None`` if nothing opened; ``premature_share`` is ``None`` without liquidations. The
+        fund's minimum is over the level entering the window and every level after a close-out
+        in it; ``insurance_fund_exhausted_at`` is the first close-out in the window that leaves
+        the fund below zero, or, if the fund enters the window already below zero, the time it
+        went below zero (before the window) — ``None`` if it is never below zero in the window.
+        """
+        lo, hi = self._bar_range(start_ms, end_ms)
+        scale = float(self.config.population_scale)
+        e0, e1 = np.searchsorted(self.entry_bars, [lo, hi], "left")
+        positions = int(self.entry_positions[e0:e1].sum())
+        opened = float(self.entry_notional_usd[e0:e1].sum())
+        ev = self.events
+        mask = (ev.trigger_bar >= lo) & (ev.trigger_bar < hi)
+        count = int(np.count_nonzero(mask))
+        premature = int(np.count_nonzero(ev.premature & mask))
+        bad = ev.bad_debt_usd[mask]
+        bad_total = float(bad.sum()) * scale
+        f0, f1 = (int(v) for v in np.searchsorted(self.fund_bars, [lo, hi], "left"))
+        start_level = float(self.config.insurance_fund_usd)
+        entering = float(self.fund_usd[f0 - 1]) if f0 > 0 else start_level
+        inside = self.fund_usd[f0:f1]
+        fund_min = min(entering, float(inside.min())) if inside.size else entering
+        exhausted: str | None = None
+        if entering < 0.0:
+            exhausted = _iso(int(self.timestamp_ms[self.fund_bars[self._neg_since[f0 - 1]]]))
+        else:
+            neg = np.flatnonzero(inside < 0.0)
+            if neg.size:
+                exhausted = _iso(int(self.timestamp_ms[self.fund_bars[f0 + neg[0]]]))
+        return LiquidationMetrics(
+            window=window_name,
+            start=None if start_ms is None else _iso(start_ms),
+            end=None if end_ms is None else _iso(end_ms),
+            positions=positions,
+            notional_opened_usd=opened,
+            liquidations=count,
+            liquidated_notional_usd=float(ev.notional_usd[mask].sum()) * scale,
+            premature_liquidations=premature,
+            premature_share=premature / count if count else None,
+            bad_debt_usd=bad_total,
+            bad_debt_bps=bad_total / opened * 1e4 if opened > 0 else None,
+            bad_debt_positions=int(np.count_nonzero(bad > 0.0)),
+            worst_position_bad_debt_usd=float(bad.max()) if bad.size else 0.0,
+            fees_to_fund_usd=float(ev.fee_usd[mask].sum()) * scale,
+            insurance_fund_min_usd=fund_min,
+            insurance_fund_exhausted_at=exhausted,
+        )
+
+    def fund_path(self, max_points: int = 500) -> list[FundPoint]:
+        """The insurance fund through time: its start level at the first bar, then the level
+        after each bar with a close-out.
+
+        With more than ``max_points`` points, the first and last are kept and the others are
+        split into ``max_points - 2`` consecutive groups, each represented by its lowest point,
+        so the minimum (and every drawdown's trough at that resolution) is never lost.
+        """
+        if isinstance(max_points, bool) or not isinstance(max_points, int) or max_points < 2:
+            raise InvalidParameters(f"max_points must be an integer >= 2, got {max_points!r}",
+                                    field="max_points")
+        if self.timestamp_ms.shape[0] == 0:
+            return []
+        times = np.concatenate([self.timestamp_ms[:1], self.timestamp_ms[self.fund_bars]])
+        levels = np.concatenate([[float(self.config.insurance_fund_usd)], self.fund_usd])
+        count = levels.shape[0]
+        if count > max_points:
+            groups = max_points - 2
+            inner = np.arange(1, count - 1)
+            bounds = np.linspace(0, inner.shape[0], groups + 1).astype(np.int64)
+            keep = [0]
+            for g in range(groups):
+                a, b = int(bounds[g]), int(bounds[g + 1])
+                if b > a:
+                    keep.append(int(inner[a + int(np.argmin(levels[inner[a:b]]))]))
+            keep.append(count - 1)
+            idx = np.asarray(keep, dtype=np.int64)
+            times, levels = times[idx], levels[idx]
+        return [FundPoint(_iso(int(t)), float(v)) for t, v in zip(times, levels, strict=True)]
+
+    def position_table(self) -> PositionTable:
+        """Every position with its outcome (memory: ~100 bytes per position; for inspection
+        and tests rather than full default grids on long series)."""
+        side, entry, notional, leverage, opened = self._layout.base()
+        p = side.shape[0]
+        ev = self.events
+        trigger = np.full(p, -1, dtype=np.int64)
+        liq = np.full(p, np.nan)
+        closeout = np.full(p, np.nan)
+        equity = np.full(p, np.nan)
+        bad = np.zeros(p)
+        fee = np.zeros(p)
+        premature = np.zeros(p, dtype=bool)
+        trigger[ev.position] = ev.trigger_bar
+        liq[ev.position] = ev.liquidation_price
+        closeout[ev.position] = ev.closeout_price
+        equity[ev.position] = ev.closeout_equity_usd
+        bad[ev.position] = ev.bad_debt_usd
+        fee[ev.position] = ev.fee_usd
+        premature[ev.position] = ev.premature
+        return PositionTable(
+            side=side, entry_bar=entry, notional_usd=notional, leverage=leverage,
+            collateral_usd=notional / leverage, opened=opened, trigger_bar=trigger,
+            liquidation_price=liq, closeout_price=closeout, closeout_equity_usd=equity,
+            bad_debt_usd=bad, fee_usd=fee, premature=premature,
+        )
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def _trailing_mean(x: FloatArray, window: int) -> FloatArray:  # pragma: no cover - jit
+    """Mean of ``x[max(0, t-window+1) .. t]`` per bar; the running sum is recomputed every
+    ``window`` bars so rounding cannot drift."""
+    n = x.shape[0]
+    out = np.empty(n)
+    s = 0.0
+    for t in range(n):
+        if t % window == 0 and t >= window:
+            s = 0.0
+            for i in range(t - window + 1, t + 1):
+                s += x[i]
+        else:
+            s += x[t]
+            if t >= window:
+                s -= x[t - window]
+        out[t] = s / min(t + 1, window)
+    return out
+
+
+def _depths(bars: BarSeries, config: LiquidationConfig) -> tuple[FloatArray, FloatArray]:
+    """Depth (USD) per bar for long and short close-outs (bid / ask, or a share of ADV)."""
+    needed = config.impact_coef > 0 or (config.cascade and config.cascade_kappa > 0)
+    if bars.bid_depth_usd is not None and bars.ask_depth_usd is not None:
+        return bars.bid_depth_usd, bars.ask_depth_usd
+    traded = bars.traded_usd()
+    if traded is None:
+        if needed:
+            raise DataError(
+                f"market impact and cascades need order-book depth or volume; "
+                f"{bars.instrument!r} has neither (set impact_coef=0 and cascade=false)"
+            )
+        zeros = np.zeros(len(bars))
+        return zeros, zeros
+    per_bar: FloatArray = _trailing_mean(
+        np.ascontiguousarray(traded, dtype=np.float64), int(config.adv_window_bars)
+    )
+    depth = per_bar * (86_400.0 / bars.bar_seconds * float(config.depth_fraction_of_adv))
+    return depth, depth
+
+
+@dataclass
+class _Group:
+    """Query rows of one side and one MM series (rows ascending by entry bar)."""
+
+    series: int
+    entries: IntArray
+    leverage: FloatArray  # (R, K) effective
+    thresholds: FloatArray  # (R, K) in x-space
+    notional: FloatArray  # (R, J)
+    pos_base: IntArray
+    col_stride: int
+    notional_stride: int
+    trig: IntArray | None = None
+
+
+def _thresholds(
+    close: FloatArray, funding_cum: FloatArray, entries: IntArray, leverage: FloatArray,
+    is_long: bool,
+) -> FloatArray:
+    ce = close[entries][:, None]
+    de = funding_cum[entries][:, None]
+    off = ce / leverage
+    result: FloatArray = (ce - off - de) if is_long else (de - ce - off)
+    return np.ascontiguousarray(result)
+
+
+def _effective_leverage(requested: FloatArray, im_at_entry: FloatArray) -> FloatArray:
+    """``min(requested, 1 / IM)`` per entry (rows) and requested leverage (columns)."""
+    with np.errstate(divide="ignore"):
+        cap = np.where(im_at_entry > 0, 1.0 / im_at_entry, np.inf)
+    return np.ascontiguousarray(np.minimum(requested[None, :], cap[:, None]))
+
+
+def simulate_liquidations(
+    bars: BarSeries, model: MarginModel, config: LiquidationConfig | None = None
+) -> LiquidationResult:
+    """Replay a population of positions through ``bars`` under ``model`` (domain.md §4).
+
+    See the module docstring for every convention. MM and IM rates come from
+    ``model.margin_rates`` once per notional when ``model.notional_dependent``, else once.
+
+    Raises:
+        InvalidParameters: a bad setting (``field`` names it) or an explicit position whose
+            ``entry_ms`` lies before the first bar or whose ``entry_bar`` is past the last.
+        DataError: market impact or cascade requested on bars with neither depth nor volume.
+        InsufficientData: the series is too short for the model's warm-up.
+    """
+    config = config if config is not None else LiquidationConfig()
+    config.validate()
+    n = len(bars)
+    close = np.ascontiguousarray(bars.close, dtype=np.float64)
+    low = np.ascontiguousarray(bars.low, dtype=np.float64)
+    high = np.ascontiguousarray(bars.high, dtype=np.float64)
+    explicit = config.positions is not None
+    sides_cfg = tuple(config.sides)
+    side_signs = tuple(1 if s == "long" else -1 for s in sides_cfg)
+
+    # MM / IM series: one per distinct notional when the model depends on size, else one.
+    if explicit:
+        assert config.positions is not None
+        notionals = np.asarray([float(p.notional_usd) for p in config.positions])
+    else:
+        notionals = np.asarray([float(v) for v in config.notionals_usd])
+    rates: list[MarginRates] = []
+    if model.notional_dependent:
+        by_value: dict[float, int] = {}
+        for value in notionals.tolist():
+            if value not in by_value:
+                by_value[value] = len(rates)
+                rates.append(model.margin_rates(bars, notional_usd=value))
+        series_of = np.asarray([by_value[v] for v in notionals.tolist()], dtype=np.int64)
+    else:
+        rates.append(model.margin_rates(bars))
+        series_of = np.zeros(notionals.shape[0], dtype=np.int64)
+    first_valid = max(r.first_valid_bar for r in rates)
+    mm_series = [np.ascontiguousarray(r.mm_rate, dtype=np.float64) for r in rates]
+    im_series = [np.asarray(r.im_rate, dtype=np.float64) for r in rates]
+
+    if bars.funding_rate is not None:
+        funding_cum = np.cumsum(np.asarray(bars.funding_rate, dtype=np.float64) * close)
+    else:
+        funding_cum = np.zeros(n)
+    depth_long, depth_short = _depths(bars, config)
+    depth_long = np.ascontiguousarray(depth_long, dtype=np.float64)
+    depth_short = np.ascontiguousarray(depth_short, dtype=np.float64)
+    scale = float(config.population_scale)
+
+    groups: dict[int, list[_Group]] = {1: [], -1: []}
+    layout: _GridLayout | _ExplicitLayout
+    if explicit:
+        assert config.positions is not None
+        layout, entry_bars, entry_positions, entry_notional = _explicit_groups(
+            bars, config.positions, notionals, series_of, mm_series, im_series, first_valid,
+            close, funding_cum, groups, scale,
+        )
+    else:
+        layout, entry_bars, entry_positions, entry_notional = _grid_groups(
+            n, config, notionals, series_of, mm_series, im_series, first_valid, side_signs,
+            close, funding_cum, groups, scale, model.notional_dependent,
+        )
+
+    holding = int(config.holding_bars)
+    latency = int(config.latency_bars)
+    recovery = int(config.recovery_bars)
+    # First passage without cascade, then (optionally) the cascade's forward pass.
+    extremes: dict[int, FloatArray] = {1: low, -1: high}
+    depths = {1: depth_long, -1: depth_short}
+    for sign, side_groups in groups.items():
+        for g in side_groups:
+            g.trig = _lk.first_passage(
+                extremes[sign], mm_series[g.series], funding_cum, sign > 0, g.entries,
+                g.thresholds, holding,
+            )
+        if config.cascade and config.cascade_kappa > 0 and side_groups:
+            extremes[sign] = _run_cascade(
+                side_groups, extremes[sign], mm_series, funding_cum, depths[sign], sign > 0,
+                float(config.cascade_kappa), holding, scale,
+            )
+
+    total = 0
+    for side_groups in groups.values():
+        for g in side_groups:
+            assert g.trig is not None
+            total += int(np.count_nonzero(g.trig >= 0)) * g.notional.shape[1]
+    out_position = np.empty(total, dtype=np.int64)
+    out_side = np.empty(total, dtype=np.int8)
+    out_trigger = np.empty(total, dtype=np.int64)
+    out_entry = np.empty(total, dtype=np.int64)
+    out_notional = np.empty(total)
+    out_leverage = np.empty(total)
+    out_liq = np.empty(total)
+    out_close = np.empty(total)
+    out_equity = np.empty(total)
+    out_premature = np.empty(total, dtype=bool)
+    slot = 0
+    for sign, side_groups in groups.items():
+        if not side_groups:
+            continue
+        price = extremes[sign]
+        worst = (
+            _lk.window_extreme(price, 0, latency + 1, sign > 0) if latency > 0 else price
+        )
+        rec = _lk.window_extreme(price, 1, recovery, sign > 0)
+        for g in side_groups:
+            start = slot
+            slot = int(_lk.outcomes(
+                sign > 0, g.entries, close, price, mm_series[g.series], funding_cum, depths[sign],
+                worst, rec, g.leverage, g.trig, g.notional, g.pos_base, g.col_stride,
+                g.notional_stride, latency, recovery, float(config.spread_rate),
+                float(config.impact_coef), float(config.impact_exponent), out_position,
+                out_trigger, out_entry, out_notional, out_leverage, out_liq, out_close,
+                out_equity, out_premature, slot,
+            ))
+            out_side[start:slot] = sign
+    equity = out_equity
+    bad_debt = np.where(equity < 0.0, -equity, 0.0)
+    fee = np.where(
+        equity >= 0.0, np.minimum(float(config.liquidation_fee_rate) * out_notional, equity), 0.0
+    )
+    closeout_bar = np.minimum(out_trigger + latency, n - 1)
+    events = LiquidationEvents(
+        position=out_position, side=out_side, entry_bar=out_entry, trigger_bar=out_trigger,
+        closeout_bar=closeout_bar, notional_usd=out_notional, leverage=out_leverage,
+        liquidation_price=out_liq, closeout_price=out_close, closeout_equity_usd=equity,
+        bad_debt_usd=bad_debt, fee_usd=fee, premature=out_premature,
+    )
+
+    # Insurance fund: net move per close-out bar, then the running level.
+    if total:
+        delta = np.bincount(closeout_bar, weights=(fee - bad_debt) * scale, minlength=n)
+        fund_bars = np.flatnonzero(np.bincount(closeout_bar, minlength=n)).astype(np.int64)
+        fund_usd = float(config.insurance_fund_usd) + np.cumsum(delta[fund_bars])
+    else:
+        fund_bars = np.zeros(0, dtype=np.int64)
+        fund_usd = np.zeros(0)
+    neg = fund_usd < 0.0
+    run_start = neg & ~np.r_[False, neg[:-1]]
+    neg_since = np.maximum.accumulate(
+        np.where(run_start, np.arange(neg.shape[0]), 0)
+    ).astype(np.int64)
+
+    return LiquidationResult(
+        config=config,
+        instrument=bars.instrument,
+        fingerprint=bars.fingerprint,
+        timestamp_ms=bars.timestamp_ms,
+        positions_opened=int(entry_positions.sum()),
+        entry_bars=entry_bars,
+        entry_positions=entry_positions,
+        entry_notional_usd=entry_notional,
+        events=events,
+        fund_bars=fund_bars,
+        fund_usd=fund_usd,
+        _layout=layout,
+        _neg_since=neg_since,
+    )
+
+
+def _valid_at(bars_idx: IntArray, mm: list[FloatArray], im: list[FloatArray]) -> BoolArray:
+    ok = np.ones(bars_idx.shape[0], dtype=bool)
+    for m, i in zip(mm, im, strict=True):
+        ok &= np.isfinite(m[bars_idx]) & np.isfinite(i[bars_idx])
+    return ok
+
+
+def _grid_groups(
+    n: int, config: LiquidationConfig, notionals: FloatArray, series_of: IntArray,
+    mm: list[FloatArray], im: list[FloatArray], first_valid: int, side_signs: tuple[int, ...],
+    close: FloatArray, funding_cum: FloatArray, groups: dict[int, list[_Group]], scale: float,
+    dependent: bool,
+) -> tuple[_GridLayout, IntArray, IntArray, FloatArray]:
+    step = int(config.entry_every_bars)
+    candidates = np.arange(0, max(n - 1, 0), step, dtype=np.int64)
+    candidates = candidates[candidates >= first_valid]
+    entries = candidates[_valid_at(candidates, mm, im)]
+    e_n = entries.shape[0]
+    s_n, j_n = len(side_signs), notionals.shape[0]
+    requested = np.asarray([float(v) for v in config.leverages])
+    k_n = requested.shape[0]
+    leverage = tuple(_effective_leverage(requested, im_m[entries]) for im_m in im)
+    per_entry = s_n * j_n * k_n
+    layout = _GridLayout(
+        sides=side_signs, notionals=notionals, entry_bars=entries, leverage=leverage,
+        series_of_notional=series_of,
+    )
+    if e_n == 0:
+        return layout, entries, np.zeros(0, dtype=np.int64), np.zeros(0)
+    entry_positions = np.full(e_n, per_entry, dtype=np.int64)
+    entry_notional = np.full(e_n, s_n * k_n * float(notionals.sum()) * scale)
+    k_idx = np.arange(e_n, dtype=np.int64)
+    for s, sign in enumerate(side_signs):
+        base = (k_idx * s_n + s) * j_n * k_n
+        if dependent:
+            for j in range(j_n):
+                m = int(series_of[j])
+                groups[sign].append(_Group(
+                    series=m, entries=entries, leverage=leverage[m],
+                    thresholds=_thresholds(close, funding_cum, entries, leverage[m], sign > 0),
+                    notional=np.full((e_n, 1), notionals[j]),
+                    pos_base=np.ascontiguousarray(base + j * k_n), col_stride=1,
+                    notional_stride=0,
+                ))
+        else:
+            groups[sign].append(_Group(
+                series=0, entries=entries, leverage=leverage[0],
+                thresholds=_thresholds(close, funding_cum, entries, leverage[0], sign > 0),
+                notional=np.ascontiguousarray(np.broadcast_to(notionals, (e_n, j_n))),
+                pos_base=np.ascontiguousarray(base), col_stride=1, notional_stride=k_n,
+            ))
+    return layout, entries, entry_positions, entry_notional
+
+
+def _explicit_groups(
+    bars: BarSeries, positions: tuple[ExplicitPosition, ...], notionals: FloatArray,
+    series_of: IntArray, mm: list[FloatArray], im: list[FloatArray], first_valid: int,
+    close: FloatArray, funding_cum: FloatArray, groups: dict[int, list[_Group]], scale: float,
+) -> tuple[_ExplicitLayout, IntArray, IntArray, FloatArray]:
+    n = len(bars)
+    p_n = len(positions)
+    entry = np.empty(p_n, dtype=np.int64)
+    for i, p in enumerate(positions):
+        if p.entry_bar is not None:
+            if p.entry_bar >= n:
+                raise InvalidParameters(
+                    f"positions[{i}].entry_bar {p.entry_bar} is past the last bar ({n - 1})",
+                    field="positions",
+                )
+            entry[i] = int(p.entry_bar)
+        else:
+            assert p.entry_ms is not None
+            e = int(np.searchsorted(bars.timestamp_ms, int(p.entry_ms), "right")) - 1
+            if e < 0:
+                raise InvalidParameters(
+                    f"positions[{i}].entry_ms {p.entry_ms} is before the first bar",
+                    field="positions",
+                )
+            entry[i] = e
+    side = np.asarray([1 if p.side == "long" else -1 for p in positions], dtype=np.int8)
+    requested = np.asarray([float(p.leverage) for p in positions])
+    leverage = np.full(p_n, np.nan)
+    opened = (entry >= first_valid) & (entry + 1 < n)
+    for i in np.flatnonzero(opened):
+        m = int(series_of[i])
+        e = int(entry[i])
+        im_e = im[m][e]
+        if not (math.isfinite(mm[m][e]) and math.isfinite(im_e)):
+            opened[i] = False
+            continue
+        leverage[i] = min(requested[i], 1.0 / im_e) if im_e > 0 else requested[i]
+    layout = _ExplicitLayout(side=side, entry_bar=entry, notional=notionals, leverage=leverage,
+                             opened=opened)
+    idx = np.flatnonzero(opened)
+    for sign in (1, -1):
+        for m in range(len(mm)):
+            sel = idx[(side[idx] == sign) & (series_of[idx] == m)]
+            if sel.size == 0:
+                continue
+            sel = sel[np.argsort(entry[sel], kind="stable")]
+            ent = np.ascontiguousarray(entry[sel])
+            lev = np.ascontiguousarray(leverage[sel][:, None])
+            groups[sign].append(_Group(
+                series=m, entries=ent, leverage=lev,
+                thresholds=_thresholds(close, funding_cum, ent, lev, sign > 0),
+                notional=np.ascontiguousarray(notionals[sel][:, None]),
+                pos_base=np.ascontiguousarray(sel.astype(np.int64)), col_stride=0,
+                notional_stride=0,
+            ))
+    entry_bars, inverse = np.unique(entry[idx], return_inverse=True)
+    entry_positions = np.bincount(inverse, minlength=entry_bars.shape[0]).astype(np.int64)
+    entry_notional = np.bincount(inverse, weights=notionals[idx] * scale,
+                                 minlength=entry_bars.shape[0])
+    return layout, entry_bars.astype(np.int64), entry_positions, entry_notional
+
+
+def _run_cascade(
+    side_groups: list[_Group], price: FloatArray, mm: list[FloatArray], funding_cum: FloatArray,
+    depth: FloatArray, is_long: bool, kappa: float, holding: int, scale: float,
+) -> FloatArray:
+    """Run the cascade kernel over every group of one side; updates each group's triggers."""
+    sizes = [g.entries.shape[0] for g in side_groups]
+    series_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    entries = np.concatenate([g.entries for g in side_groups]).astype(np.int64)
+    thresholds = np.ascontiguousarray(np.concatenate([g.thresholds for g in side_groups]))
+    weight = np.concatenate([g.notional.sum(axis=1) * scale for g in side_groups])
+    trig = np.ascontiguousarray(np.concatenate([g.trig for g in side_groups if g.trig is not None]))
+    mm_stack = np.ascontiguousarray(np.stack([mm[g.series] for g in side_groups]))
+    adj: FloatArray = _lk.cascade(
+        price, mm_stack, funding_cum, depth, is_long, kappa, holding, series_start, entries,
+        thresholds, weight, trig,
+    )
+    for i, g in enumerate(side_groups):
+        g.trig = np.ascontiguousarray(trig[series_start[i]:series_start[i + 1]])
+    return adj
