@@ -32,7 +32,7 @@ class DataValidationError(DataError):
     """Bars that violate the data rules of domain.md §1.
 
     Attributes:
-        row: 0-based data row at fault (``None`` when the fault is not one row).
+        row: 1-based data row at fault, header excluded (``None`` when not one row).
         column: column at fault (``None`` when the fault is not one column).
     """
 

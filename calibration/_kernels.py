@@ -312,7 +312,8 @@ def fhs_rate(
     win = np.empty(window)
     count = 0
     for s in range(first_sample, n):
-        sig = math.sqrt(variance[s - horizon])
+        # A flat warm-up gives zero variance; a tiny floor keeps z finite (and conservative).
+        sig = math.sqrt(max(variance[s - horizon], 1e-20))
         z[s] = math.log(close[s] / close[s - horizon]) / sig
         if count == window:
             old = z[s - window]

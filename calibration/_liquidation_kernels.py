@@ -32,7 +32,7 @@ IntArray = NDArray[np.int64]
 BoolArray = NDArray[np.bool_]
 
 
-@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+@nb.njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
 def _x_value(
     price: float, mm: float, funding_cum: float, is_long: bool
 ) -> float:  # pragma: no cover - jit
@@ -46,14 +46,128 @@ def _x_value(
     return x
 
 
+@nb.njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
+def _value(
+    price: FloatArray, mm: FloatArray, funding_cum: FloatArray, is_long: bool, raw: bool, t: int
+) -> float:  # pragma: no cover - jit
+    """``x_t`` (``raw`` False), or the signed adverse extreme ``low_t`` / ``-high_t`` (True)."""
+    if raw:
+        return price[t] if is_long else -price[t]
+    return _x_value(price[t], mm[t], funding_cum[t], is_long)
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def block_minima(
+    price: FloatArray, mm: FloatArray, funding_cum: FloatArray, is_long: bool, raw: bool
+) -> tuple[FloatArray, FloatArray]:  # pragma: no cover - jit
+    """Minima of ``_value`` over the full blocks of 8 and of 64 bars, shapes ``(n//8,)`` and
+    ``(n//64,)``: a two-level index answering range-minimum and first-passage queries in
+    O(range / 64 + 16) steps."""
+    n = price.shape[0]
+    n8 = n // 8
+    b8 = np.empty(n8)
+    for i in range(n8):
+        m = np.inf
+        for t in range(8 * i, 8 * i + 8):
+            v = _value(price, mm, funding_cum, is_long, raw, t)
+            m = min(m, v)
+        b8[i] = m
+    n64 = n // 64
+    b64 = np.empty(n64)
+    for i in range(n64):
+        m = np.inf
+        for j in range(8 * i, 8 * i + 8):
+            m = min(m, b8[j])
+        b64[i] = m
+    return b8, b64
+
+
+@nb.njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
+def _scan(
+    price: FloatArray, mm: FloatArray, funding_cum: FloatArray, is_long: bool, raw: bool,
+    a: int, b: int, bound: float,
+) -> int:  # pragma: no cover - jit
+    """First ``t`` in ``[a, b]`` with ``_value(t) <= bound`` by plain scan, or -1."""
+    for t in range(a, b + 1):
+        if _value(price, mm, funding_cum, is_long, raw, t) <= bound:
+            return t
+    return -1
+
+
+@nb.njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
+def _find_first(
+    price: FloatArray, mm: FloatArray, funding_cum: FloatArray, is_long: bool, raw: bool,
+    b8: FloatArray, b64: FloatArray, a: int, b: int, bound: float,
+) -> int:  # pragma: no cover - jit
+    """First ``t`` in ``[a, b]`` with ``_value(t) <= bound``, or -1.
+
+    Single bars up to a multiple of 8, blocks of 8 up to a multiple of 64, blocks of 64,
+    then blocks of 8 and single bars to the end; a block whose minimum is ``<= bound`` is
+    searched inside (it holds the answer).
+    """
+    if a > b:
+        return -1
+    head = min(b, ((a + 7) & ~7) - 1)
+    hit = _scan(price, mm, funding_cum, is_long, raw, a, head, bound)
+    if hit >= 0:
+        return hit
+    t = head + 1
+    while (t & 63) != 0 and t + 7 <= b:
+        if b8[t >> 3] <= bound:
+            return _scan(price, mm, funding_cum, is_long, raw, t, t + 7, bound)
+        t += 8
+    while t + 63 <= b:
+        if b64[t >> 6] <= bound:
+            for u in range(t, t + 64, 8):
+                if b8[u >> 3] <= bound:
+                    return _scan(price, mm, funding_cum, is_long, raw, u, u + 7, bound)
+        t += 64
+    while t + 7 <= b:
+        if b8[t >> 3] <= bound:
+            return _scan(price, mm, funding_cum, is_long, raw, t, t + 7, bound)
+        t += 8
+    return _scan(price, mm, funding_cum, is_long, raw, t, b, bound)
+
+
+@nb.njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
+def _range_min(
+    price: FloatArray, mm: FloatArray, funding_cum: FloatArray, is_long: bool, raw: bool,
+    b8: FloatArray, b64: FloatArray, a: int, b: int,
+) -> float:  # pragma: no cover - jit
+    """Minimum of ``_value`` over ``[a, b]`` (``+inf`` if empty); same phases as
+    ``_find_first``."""
+    m = np.inf
+    if a > b:
+        return m
+    head = min(b, ((a + 7) & ~7) - 1)
+    for t in range(a, head + 1):
+        m = min(m, _value(price, mm, funding_cum, is_long, raw, t))
+    t = head + 1
+    while (t & 63) != 0 and t + 7 <= b:
+        m = min(m, b8[t >> 3])
+        t += 8
+    while t + 63 <= b:
+        m = min(m, b64[t >> 6])
+        t += 64
+    while t + 7 <= b:
+        m = min(m, b8[t >> 3])
+        t += 8
+    for u in range(t, b + 1):
+        m = min(m, _value(price, mm, funding_cum, is_long, raw, u))
+    return m
+
+
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
 def first_passage(
     price: FloatArray,
     mm: FloatArray,
     funding_cum: FloatArray,
     is_long: bool,
+    b8: FloatArray,
+    b64: FloatArray,
     entries: IntArray,
     thresholds: FloatArray,
+    order: IntArray,
     holding: int,
 ) -> IntArray:  # pragma: no cover - jit
     """First bar ``t`` in ``(e, e + holding]`` with ``x_t <= threshold``, for every query.
@@ -62,91 +176,44 @@ def first_passage(
         price: the adverse extreme per bar (low for longs, high for shorts), shape ``(n,)``.
         mm: MM rate per bar, shape ``(n,)``.
         funding_cum: cumulative funding in price units, shape ``(n,)``.
-        entries: entry bar of each query row, ascending (repeats allowed), shape ``(R,)``.
+        b8, b64: ``block_minima`` of ``x`` (``raw=False``).
+        entries: entry bar of each query row, shape ``(R,)``.
         thresholds: threshold of each query in x-space, shape ``(R, K)``.
+        order: the order in which a row's columns are visited. Along falling thresholds
+            (leverage descending) the trigger bars rise, so each search resumes where the
+            previous one stopped and a row costs one walk through its holding window whatever
+            K; where a threshold rises the search starts over (correct in any order).
         holding: bars a position stays open at most.
 
     Returns:
         Trigger bar per query, shape ``(R, K)``, -1 where there is none.
-
-    A reverse sweep keeps the prefix minima of ``x`` after the current bar on a stack (nearest
-    on top, values strictly decreasing towards the bottom). The first ``t > e`` with
-    ``x_t <= B`` is a prefix minimum, and the nearest one with value ``<= B``: a binary search.
-    O(n) pushes and pops per series plus O(log n) per query.
     """
     n = price.shape[0]
     rows = thresholds.shape[0]
     k = thresholds.shape[1]
     trig = np.full((rows, k), -1, dtype=np.int64)
-    st_idx = np.empty(n, dtype=np.int64)
-    st_val = np.empty(n, dtype=np.float64)
-    top = 0
-    t = n - 1
-    for r in range(rows - 1, -1, -1):
+    for r in range(rows):
         e = entries[r]
-        while t > e:
-            x = _x_value(price[t], mm[t], funding_cum[t], is_long)
-            while top > 0 and st_val[top - 1] >= x:
-                top -= 1
-            st_idx[top] = t
-            st_val[top] = x
-            top += 1
-            t -= 1
-        limit = e + holding
-        for c in range(k):
-            b = thresholds[r, c]
-            lo = 0
-            hi = top
-            while lo < hi:
-                mid = (lo + hi) >> 1
-                if st_val[mid] <= b:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            if lo > 0:
-                hit = st_idx[lo - 1]
-                if hit <= limit:
-                    trig[r, c] = hit
+        last = min(e + holding, n - 1)
+        pos = e + 1
+        prev = np.inf
+        found = True
+        for i in range(k):
+            c = order[i]
+            bound = thresholds[r, c]
+            if bound > prev:
+                pos = e + 1
+                found = True
+            prev = bound
+            if not found:
+                continue
+            t = _find_first(price, mm, funding_cum, is_long, False, b8, b64, pos, last, bound)
+            if t < 0:
+                found = False
+            else:
+                trig[r, c] = t
+                pos = t
     return trig
-
-
-@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
-def window_extreme(
-    x: FloatArray, offset: int, width: int, is_min: bool
-) -> FloatArray:  # pragma: no cover - jit
-    """``out[t]`` = min (or max) of ``x[t+offset .. t+offset+width-1]`` cut at the last bar.
-
-    ``+inf`` (min) / ``-inf`` (max) where the window starts after the last bar. van Herk /
-    Gil-Werman blocks of ``width`` bars: one comparison per output whatever the width.
-    """
-    n = x.shape[0]
-    sign = 1.0 if is_min else -1.0
-    out = np.empty(n)
-    prefix = np.empty(n)
-    suffix = np.empty(n)
-    for i in range(n):
-        v = sign * x[i]
-        if i % width == 0 or v < prefix[i - 1]:
-            prefix[i] = v
-        else:
-            prefix[i] = prefix[i - 1]
-    for i in range(n - 1, -1, -1):
-        v = sign * x[i]
-        if i == n - 1 or (i + 1) % width == 0 or v < suffix[i + 1]:
-            suffix[i] = v
-        else:
-            suffix[i] = suffix[i + 1]
-    for t in range(n):
-        s = t + offset
-        if s > n - 1:
-            out[t] = sign * np.inf
-            continue
-        end = min(s + width - 1, n - 1)
-        if s // width == end // width:
-            out[t] = sign * suffix[s]
-        else:
-            out[t] = sign * min(suffix[s], prefix[end])
-    return out
 
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
@@ -252,11 +319,12 @@ def outcomes(
     mm: FloatArray,
     funding_cum: FloatArray,
     depth: FloatArray,
-    worst: FloatArray,
-    recovery_extreme: FloatArray,
+    q8: FloatArray,
+    q64: FloatArray,
     leverage: FloatArray,
     trig: IntArray,
     notional: FloatArray,
+    notional_pow: FloatArray,
     pos_base: IntArray,
     col_stride: int,
     notional_stride: int,
@@ -265,11 +333,13 @@ def outcomes(
     spread: float,
     impact_coef: float,
     impact_exponent: float,
+    fee_rate: float,
+    scale: float,
+    fund_delta: FloatArray,
+    fund_seen: BoolArray,
     out_position: IntArray,
     out_trigger: IntArray,
-    out_entry: IntArray,
     out_notional: FloatArray,
-    out_leverage: FloatArray,
     out_liq_price: FloatArray,
     out_close_price: FloatArray,
     out_equity: FloatArray,
@@ -279,24 +349,28 @@ def outcomes(
     """Close-out of every triggered query of one side and MM series; returns the next slot.
 
     Args:
-        price: adverse extreme per bar (with cascade impact if any), shape ``(n,)``.
-        worst: close-out reference price per bar for latency >= 1 (min low / max high over
-            ``t .. t+latency``), shape ``(n,)``; unused for latency 0.
-        recovery_extreme: min low / max high over ``t+1 .. t+recovery`` (±inf if empty).
+        price: adverse extreme per bar (with the cascade's impact if any), shape ``(n,)``.
+        q8, q64: ``block_minima`` of the signed extreme (``raw=True``) of ``price``.
         leverage: effective leverage per query, shape ``(R, K)``.
         trig: trigger bar per query, shape ``(R, K)``.
         notional: notionals (USD) of the positions behind each row, shape ``(R, J)``; query
-            ``(r, c)`` stands for ``J`` positions, one per notional.
+            ``(r, c)`` stands for ``J`` positions, one per notional, which share trigger,
+            liquidation price and premature flag and differ in slippage.
+        notional_pow: ``notional ** impact_exponent`` (the impact is computed as
+            ``impact_coef * notional_pow / depth ** impact_exponent``: one power per trigger).
         pos_base, col_stride, notional_stride: position index of ``(r, c, j)`` is
             ``pos_base[r] + c * col_stride + j * notional_stride``.
 
     Events are written to the ``out_*`` arrays from slot ``start`` in row, column, notional
-    order.
+    order. Each close-out's move of the insurance fund (``-bad debt`` or ``+fee``, times
+    ``scale``) is added to ``fund_delta`` at the close-out bar ``min(t + latency, n - 1)``,
+    which is flagged in ``fund_seen``.
     """
     n = close.shape[0]
     rows = trig.shape[0]
     k = trig.shape[1]
     jn = notional.shape[1]
+    sign = 1.0 if is_long else -1.0
     i = start
     for r in range(rows):
         e = entries[r]
@@ -314,38 +388,78 @@ def outcomes(
             if is_long:
                 bankrupt = ce - off + dd
                 liq = bankrupt / (1.0 - m) if m < 1.0 else price[t]
-                premature = recovery_extreme[t] > bankrupt and close[end] > liq
             else:
                 bankrupt = ce + off + dd
                 liq = bankrupt / (1.0 + m)
-                premature = recovery_extreme[t] < bankrupt and close[end] < liq
-            base = liq if latency == 0 else worst[t]
+            # premature: bankruptcy not reached in t+1..end, and the close back past liq
+            reached = _find_first(
+                price, mm, funding_cum, is_long, True, q8, q64, t + 1, end, sign * bankrupt
+            )
+            premature = reached < 0 and sign * (close[end] - liq) > 0.0
+            if latency == 0:
+                base = liq
+            else:
+                base = sign * _range_min(
+                    price, mm, funding_cum, is_long, True, q8, q64, t, min(t + latency, n - 1)
+                )
+            closeout_bar = min(t + latency, n - 1)
+            fund_move = 0.0
             d = depth[t]
+            depth_pow = 0.0
+            if impact_coef > 0.0 and d > 0.0:
+                depth_pow = math.sqrt(d) if impact_exponent == 0.5 else d**impact_exponent
             for j in range(jn):
                 notional_usd = notional[r, j]
                 slip = spread
                 if impact_coef > 0.0:
                     if d > 0.0:
-                        slip += impact_coef * (notional_usd / d) ** impact_exponent
+                        slip += impact_coef * notional_pow[r, j] / depth_pow
                     else:
                         slip = np.inf
                 slip = min(slip, 1.0)
                 qty = notional_usd / ce
                 collateral = notional_usd / lev
-                if is_long:
-                    pc = base * (1.0 - slip)
-                    equity = collateral + qty * (pc - ce) - qty * dd
-                else:
-                    pc = base * (1.0 + slip)
-                    equity = collateral + qty * (ce - pc) + qty * dd
+                pc = base * (1.0 - sign * slip)
+                equity = collateral + sign * qty * (pc - ce) - sign * qty * dd
                 out_position[i] = pos_base[r] + c * col_stride + j * notional_stride
                 out_trigger[i] = t
-                out_entry[i] = e
                 out_notional[i] = notional_usd
-                out_leverage[i] = lev
                 out_liq_price[i] = liq
                 out_close_price[i] = pc
                 out_equity[i] = equity
                 out_premature[i] = premature
+                if equity < 0.0:
+                    fund_move += equity
+                else:
+                    fund_move += min(fee_rate * notional_usd, equity)
                 i += 1
+            fund_delta[closeout_bar] += fund_move * scale
+            fund_seen[closeout_bar] = True
     return i
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def fund_levels(
+    fund_delta: FloatArray, fund_seen: BoolArray, start_usd: float
+) -> tuple[IntArray, FloatArray]:  # pragma: no cover - jit
+    """Insurance fund level after each bar with a close-out: ``(bars, levels)``, ascending.
+
+    ``fund_delta[b]`` is the net move of all close-outs settling at bar ``b`` (flagged in
+    ``fund_seen``); they settle together.
+    """
+    n = fund_delta.shape[0]
+    count = 0
+    for b in range(n):
+        if fund_seen[b]:
+            count += 1
+    bars = np.empty(count, dtype=np.int64)
+    levels = np.empty(count)
+    level = start_usd
+    j = 0
+    for b in range(n):
+        if fund_seen[b]:
+            level += fund_delta[b]
+            bars[j] = b
+            levels[j] = level
+            j += 1
+    return bars, levels

@@ -135,6 +135,12 @@ def _metrics(
     long_counts = np.r_[out[:width], sum_margin]
     short_counts = np.r_[out[width : 2 * width], sum_margin]
     mean_im = float(sum_margin * im_per_tested / n) if n else None
+    if n and shared["max_margin"] * im_per_tested > 1.0:
+        # The 100% IM cap binds somewhere: average the capped series itself.
+        obs = np.arange(lo, hi, step)
+        obs = obs[~np.isnan(tested[obs]) & ~np.isnan(losses[0][obs]) & ~np.isnan(losses[1][obs])]
+        capped = np.minimum(tested[obs] * im_per_tested, np.maximum(tested[obs], 1.0))
+        mean_im = float(np.mean(capped))
     trough = shared["min_margin"]
     return CoverageMetrics(
         window=name,

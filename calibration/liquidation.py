@@ -83,6 +83,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -268,38 +269,56 @@ def _check_position(i: int, p: Any) -> None:
 class LiquidationEvents:
     """One row per liquidated position, in no particular order (arrays of shape ``(m,)``).
 
-    Money is USD for one position (not scaled by ``population_scale``).
+    Money is USD for one position (not scaled by ``population_scale``). Entry bar, leverage
+    and collateral of each position are in ``LiquidationResult.position_table``.
 
     Attributes:
         position: index of the position (see ``LiquidationResult.position_table``).
         side: +1 long, -1 short.
-        entry_bar, trigger_bar, closeout_bar: bar indices (``closeout_bar = min(trigger +
-            latency, n - 1)``).
-        notional_usd, leverage: the position's notional and effective (capped) leverage.
-        liquidation_price, closeout_price: trigger price (equity = MM) and the fill after
-            latency and slippage.
+        trigger_bar: bar at which the position was liquidated.
+        notional_usd: the position's notional.
+        liquidation_price: price at which equity equals MM at the trigger bar.
+        closeout_price: the fill after latency and slippage.
         closeout_equity_usd: collateral + PnL at the close-out price (negative: insolvent).
-        bad_debt_usd: ``max(0, -closeout_equity_usd)``.
-        fee_usd: fee paid to the insurance fund.
         premature: the liquidation was premature.
+        latency_bars, fee_rate, bar_count: settings the derived columns need.
     """
 
     position: IntArray
     side: Int8Array
-    entry_bar: IntArray
     trigger_bar: IntArray
-    closeout_bar: IntArray
     notional_usd: FloatArray
-    leverage: FloatArray
     liquidation_price: FloatArray
     closeout_price: FloatArray
     closeout_equity_usd: FloatArray
-    bad_debt_usd: FloatArray
-    fee_usd: FloatArray
     premature: BoolArray
+    latency_bars: int
+    fee_rate: float
+    bar_count: int
 
     def __len__(self) -> int:
         return int(self.position.shape[0])
+
+    @cached_property
+    def closeout_bar(self) -> IntArray:
+        """``min(trigger_bar + latency_bars, n - 1)``: where the fund settles."""
+        result: IntArray = np.minimum(self.trigger_bar + self.latency_bars, self.bar_count - 1)
+        return result
+
+    @cached_property
+    def bad_debt_usd(self) -> FloatArray:
+        """``max(0, -closeout_equity_usd)``: drawn from the insurance fund."""
+        result: FloatArray = np.maximum(-self.closeout_equity_usd, 0.0)
+        return result
+
+    @cached_property
+    def fee_usd(self) -> FloatArray:
+        """``min(fee_rate * notional, equity)`` when equity >= 0, else 0: paid to the fund."""
+        eq = self.closeout_equity_usd
+        result: FloatArray = np.where(
+            eq >= 0.0, np.minimum(self.fee_rate * self.notional_usd, eq), 0.0
+        )
+        return result
 
 
 @dataclass(frozen=True)
@@ -532,22 +551,24 @@ class LiquidationResult:
 
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
-def _trailing_mean(x: FloatArray, window: int) -> FloatArray:  # pragma: no cover - jit
-    """Mean of ``x[max(0, t-window+1) .. t]`` per bar; the running sum is recomputed every
-    ``window`` bars so rounding cannot drift."""
+def _trailing_mean(x: FloatArray, window: int, factor: float) -> FloatArray:  # pragma: no cover - jit
+    """``factor`` × mean of ``x[max(0, t-window+1) .. t]`` per bar. The running sum restarts
+    from scratch every ``window`` bars, so rounding cannot drift."""
     n = x.shape[0]
     out = np.empty(n)
     s = 0.0
-    for t in range(n):
-        if t % window == 0 and t >= window:
-            s = 0.0
-            for i in range(t - window + 1, t + 1):
-                s += x[i]
-        else:
-            s += x[t]
-            if t >= window:
-                s -= x[t - window]
-        out[t] = s / min(t + 1, window)
+    for t in range(min(window, n)):
+        s += x[t]
+        out[t] = s * factor / (t + 1)
+    f = factor / window
+    for block in range(window, n, window):
+        s = 0.0
+        for i in range(block - window + 1, block + 1):
+            s += x[i]
+        out[block] = s * f
+        for t in range(block + 1, min(block + window, n)):
+            s += x[t] - x[t - window]
+            out[t] = s * f
     return out
 
 
@@ -565,10 +586,10 @@ def _depths(bars: BarSeries, config: LiquidationConfig) -> tuple[FloatArray, Flo
             )
         zeros = np.zeros(len(bars))
         return zeros, zeros
-    per_bar: FloatArray = _trailing_mean(
-        np.ascontiguousarray(traded, dtype=np.float64), int(config.adv_window_bars)
+    depth: FloatArray = _trailing_mean(
+        np.ascontiguousarray(traded, dtype=np.float64), int(config.adv_window_bars),
+        86_400.0 / bars.bar_seconds * float(config.depth_fraction_of_adv),
     )
-    depth = per_bar * (86_400.0 / bars.bar_seconds * float(config.depth_fraction_of_adv))
     return depth, depth
 
 
@@ -584,6 +605,7 @@ class _Group:
     pos_base: IntArray
     col_stride: int
     notional_stride: int
+    order: IntArray  # column visiting order: leverage descending
     trig: IntArray | None = None
 
 
@@ -680,10 +702,16 @@ def simulate_liquidations(
     extremes: dict[int, FloatArray] = {1: low, -1: high}
     depths = {1: depth_long, -1: depth_short}
     for sign, side_groups in groups.items():
+        blocks: dict[int, tuple[FloatArray, FloatArray]] = {}
         for g in side_groups:
+            if g.series not in blocks:
+                blocks[g.series] = _lk.block_minima(
+                    extremes[sign], mm_series[g.series], funding_cum, sign > 0, False
+                )
+            b8, b64 = blocks[g.series]
             g.trig = _lk.first_passage(
-                extremes[sign], mm_series[g.series], funding_cum, sign > 0, g.entries,
-                g.thresholds, holding,
+                extremes[sign], mm_series[g.series], funding_cum, sign > 0, b8, b64, g.entries,
+                g.thresholds, g.order, holding,
             )
         if config.cascade and config.cascade_kappa > 0 and side_groups:
             extremes[sign] = _run_cascade(
@@ -699,54 +727,41 @@ def simulate_liquidations(
     out_position = np.empty(total, dtype=np.int64)
     out_side = np.empty(total, dtype=np.int8)
     out_trigger = np.empty(total, dtype=np.int64)
-    out_entry = np.empty(total, dtype=np.int64)
     out_notional = np.empty(total)
-    out_leverage = np.empty(total)
     out_liq = np.empty(total)
     out_close = np.empty(total)
     out_equity = np.empty(total)
     out_premature = np.empty(total, dtype=bool)
+    fund_delta = np.zeros(n)
+    fund_seen = np.zeros(n, dtype=bool)
     slot = 0
     for sign, side_groups in groups.items():
         if not side_groups:
             continue
         price = extremes[sign]
-        worst = (
-            _lk.window_extreme(price, 0, latency + 1, sign > 0) if latency > 0 else price
-        )
-        rec = _lk.window_extreme(price, 1, recovery, sign > 0)
+        q8, q64 = _lk.block_minima(price, price, funding_cum, sign > 0, True)
         for g in side_groups:
             start = slot
             slot = int(_lk.outcomes(
                 sign > 0, g.entries, close, price, mm_series[g.series], funding_cum, depths[sign],
-                worst, rec, g.leverage, g.trig, g.notional, g.pos_base, g.col_stride,
+                q8, q64, g.leverage, g.trig, g.notional,
+                np.ascontiguousarray(g.notional ** float(config.impact_exponent)),
+                g.pos_base, g.col_stride,
                 g.notional_stride, latency, recovery, float(config.spread_rate),
-                float(config.impact_coef), float(config.impact_exponent), out_position,
-                out_trigger, out_entry, out_notional, out_leverage, out_liq, out_close,
-                out_equity, out_premature, slot,
+                float(config.impact_coef), float(config.impact_exponent),
+                float(config.liquidation_fee_rate), scale, fund_delta, fund_seen, out_position,
+                out_trigger, out_notional, out_liq, out_close, out_equity, out_premature, slot,
             ))
             out_side[start:slot] = sign
-    equity = out_equity
-    bad_debt = np.where(equity < 0.0, -equity, 0.0)
-    fee = np.where(
-        equity >= 0.0, np.minimum(float(config.liquidation_fee_rate) * out_notional, equity), 0.0
-    )
-    closeout_bar = np.minimum(out_trigger + latency, n - 1)
     events = LiquidationEvents(
-        position=out_position, side=out_side, entry_bar=out_entry, trigger_bar=out_trigger,
-        closeout_bar=closeout_bar, notional_usd=out_notional, leverage=out_leverage,
-        liquidation_price=out_liq, closeout_price=out_close, closeout_equity_usd=equity,
-        bad_debt_usd=bad_debt, fee_usd=fee, premature=out_premature,
+        position=out_position, side=out_side, trigger_bar=out_trigger, notional_usd=out_notional,
+        liquidation_price=out_liq, closeout_price=out_close, closeout_equity_usd=out_equity,
+        premature=out_premature, latency_bars=latency,
+        fee_rate=float(config.liquidation_fee_rate), bar_count=n,
     )
 
-    # Insurance fund: net move per close-out bar, then the running level.
-    if total:
-        delta = np.bincount(closeout_bar, weights=(fee - bad_debt) * scale, minlength=n)
-        fund_bars = np.flatnonzero(np.bincount(closeout_bar, minlength=n)).astype(np.int64)
-        fund_usd = float(config.insurance_fund_usd) + np.cumsum(delta[fund_bars])
-    else:
-        fund_bars = np.zeros(0, dtype=np.int64)
-        fund_usd = np.zeros(0)
+    # Insurance fund: the running level after each bar with a close-out.
+    fund_bars, fund_usd = _lk.fund_levels(fund_delta, fund_seen, float(config.insurance_fund_usd))
     neg = fund_usd < 0.0
     run_start = neg & ~np.r_[False, neg[:-1]]
     neg_since = np.maximum.accumulate(
@@ -802,6 +817,7 @@ def _grid_groups(
     entry_positions = np.full(e_n, per_entry, dtype=np.int64)
     entry_notional = np.full(e_n, s_n * k_n * float(notionals.sum()) * scale)
     k_idx = np.arange(e_n, dtype=np.int64)
+    order = np.argsort(-requested, kind="stable").astype(np.int64)
     for s, sign in enumerate(side_signs):
         base = (k_idx * s_n + s) * j_n * k_n
         if dependent:
@@ -812,7 +828,7 @@ def _grid_groups(
                     thresholds=_thresholds(close, funding_cum, entries, leverage[m], sign > 0),
                     notional=np.full((e_n, 1), notionals[j]),
                     pos_base=np.ascontiguousarray(base + j * k_n), col_stride=1,
-                    notional_stride=0,
+                    notional_stride=0, order=order,
                 ))
         else:
             groups[sign].append(_Group(
@@ -820,6 +836,7 @@ def _grid_groups(
                 thresholds=_thresholds(close, funding_cum, entries, leverage[0], sign > 0),
                 notional=np.ascontiguousarray(np.broadcast_to(notionals, (e_n, j_n))),
                 pos_base=np.ascontiguousarray(base), col_stride=1, notional_stride=k_n,
+                order=order,
             ))
     return layout, entries, entry_positions, entry_notional
 
@@ -877,7 +894,7 @@ def _explicit_groups(
                 thresholds=_thresholds(close, funding_cum, ent, lev, sign > 0),
                 notional=np.ascontiguousarray(notionals[sel][:, None]),
                 pos_base=np.ascontiguousarray(sel.astype(np.int64)), col_stride=0,
-                notional_stride=0,
+                notional_stride=0, order=np.zeros(1, dtype=np.int64),
             ))
     entry_bars, inverse = np.unique(entry[idx], return_inverse=True)
     entry_positions = np.bincount(inverse, minlength=entry_bars.shape[0]).astype(np.int64)

@@ -30,7 +30,8 @@ class MarginRates:
         mm_rate: maintenance margin per bar as a fraction of notional, shape ``(n,)``; NaN
             before ``first_valid_bar`` (warm-up: no margin is produced).
         im_to_mm: IM rate / MM rate, the same at every bar (every family keeps IM
-            proportional to MM, so the IM series is derived only when asked for).
+            proportional to MM, so the IM series is derived only when asked for). IM is
+            capped at 1 (100% of notional, 1x leverage) unless MM itself is higher.
         first_valid_bar: index of the first bar with a margin.
     """
 
@@ -41,7 +42,9 @@ class MarginRates:
     @cached_property
     def im_rate(self) -> FloatArray:
         """Initial margin per bar as a fraction of notional, shape ``(n,)``; NaN in warm-up."""
-        result: FloatArray = self.mm_rate * self.im_to_mm
+        result: FloatArray = np.minimum(
+            self.mm_rate * self.im_to_mm, np.maximum(self.mm_rate, 1.0)
+        )
         return result
 
 
@@ -62,15 +65,21 @@ class Rule:
         # numbers.Real, not int | float: numpy scalars (np.int64 from a grid) are numbers too.
         if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
             raise InvalidParameters(f"{name} must be a number, got {value!r}", field=name)
-        if not math.isfinite(value):
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond float range
+            number = math.inf
+        if not math.isfinite(number):
             raise InvalidParameters(f"{name} must be finite, got {value!r}", field=name)
-        if self.integer and value != int(value):
+        if self.integer and not number.is_integer():
             raise InvalidParameters(f"{name} must be a whole number of bars, got {value!r}",
                                     field=name)
-        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+        if self.low is not None and (number <= self.low if self.low_open else number < self.low):
             op = ">" if self.low_open else ">="
             raise InvalidParameters(f"{name} must be {op} {self.low}, got {value!r}", field=name)
-        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+        if self.high is not None and (
+            number >= self.high if self.high_open else number > self.high
+        ):
             op = "<" if self.high_open else "<="
             raise InvalidParameters(f"{name} must be {op} {self.high}, got {value!r}", field=name)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from itertools import pairwise
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -44,7 +46,7 @@ class TieredMargin(MarginModel):
 
     family = "tiered"
     notional_dependent = True
-    rules = {
+    rules: ClassVar[dict[str, Rule]] = {
         "base_mmr": Rule(low=0.0, high=1.0, low_open=True),
         "tier_growth": Rule(low=1.0),
         "im_to_mm": Rule(low=1.0),
@@ -70,7 +72,7 @@ class TieredMargin(MarginModel):
         caps = _as_list(self.bracket_caps_usd, "bracket_caps_usd")
         for i, cap in enumerate(caps):
             Rule(low=0.0, low_open=True).check(f"bracket_caps_usd[{i}]", cap)
-        if any(b <= a for a, b in zip(caps, caps[1:], strict=False)):
+        if any(b <= a for a, b in pairwise(caps)):
             raise InvalidParameters(
                 "bracket_caps_usd must be strictly increasing", field="bracket_caps_usd"
             )
@@ -83,7 +85,7 @@ class TieredMargin(MarginModel):
                 )
             for i, rate in enumerate(mmr):
                 Rule(low=0.0, high=1.0, low_open=True).check(f"mmr_schedule[{i}]", rate)
-            if any(b < a for a, b in zip(mmr, mmr[1:], strict=False)):
+            if any(b < a for a, b in pairwise(mmr)):
                 raise InvalidParameters(
                     "mmr_schedule must not decrease with notional", field="mmr_schedule"
                 )
@@ -126,7 +128,7 @@ class TieredMargin(MarginModel):
         return im_rate / mm_rate
 
 
-def _as_list(value: object, name: str) -> list[object]:
+def _as_list(value: object, name: str) -> list[Any]:
     """``value`` as a list, or ``InvalidParameters`` when it is not a sequence of numbers."""
     if isinstance(value, str | bytes) or not isinstance(value, Iterable):
         raise InvalidParameters(f"{name} must be a sequence of numbers, got {value!r}",

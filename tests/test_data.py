@@ -1,0 +1,644 @@
+"""Loading, validating, fingerprinting and reshaping bar data (domain.md §1).
+
+Every file is written to ``tmp_path``: these tests never read ``../shared/data``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from calibration import (
+    BarSeries,
+    DataError,
+    DataReferenceError,
+    DataValidationError,
+    Gap,
+    MarginlabError,
+)
+from calibration.data import (
+    align,
+    bars_from_frame,
+    find_gaps,
+    instrument_from_ref,
+    load_bars,
+    load_book_depth,
+    load_funding,
+    parse_duration_seconds,
+    resample,
+    resolve_ref,
+    with_depth,
+    with_funding,
+)
+
+T0_MS = 1_609_459_200_000  # 2021-01-01T00:00:00Z
+MIN_MS = 60_000
+HOUR_MS = 3_600_000
+
+#: Six consistent one-minute bars: (open, high, low, close, volume).
+OHLCV = [
+    (100.0, 101.0, 99.0, 100.5, 10.0),
+    (100.5, 102.0, 100.0, 101.5, 12.5),
+    (101.5, 101.5, 98.5, 99.0, 30.0),
+    (99.0, 100.0, 97.25, 98.0, 7.0),
+    (98.0, 99.5, 97.5, 99.25, 0.0),
+    (99.25, 100.0, 99.0, 99.75, 4.5),
+]
+TIMESTAMPS_MS = [T0_MS + i * MIN_MS for i in range(len(OHLCV))]
+
+
+def iso(ms: int) -> str:
+    """``2021-01-01T00:00:00Z`` for an epoch-ms instant."""
+    return pd.Timestamp(ms, unit="ms", tz="UTC").strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def fmt(x: float) -> str:
+    """A price as the exchange files write it."""
+    return repr(float(x))
+
+
+def shared_rows(
+    rows: Sequence[Sequence[float]] = OHLCV, timestamps: Sequence[int] = TIMESTAMPS_MS
+) -> list[list[str]]:
+    """Rows of the ``../shared/data`` layout as text cells, header first."""
+    out = [["timestamp_ms", "timestamp", "open", "high", "low", "close", "volume"]]
+    for ms, row in zip(timestamps, rows, strict=True):
+        out.append([str(ms), iso(ms), *map(fmt, row)])
+    return out
+
+
+def plain_rows(stamp: str = "iso", volume: bool = True) -> list[list[str]]:
+    """Rows of the plain ``timestamp,open,high,low,close[,volume]`` layout."""
+    header = ["timestamp", "open", "high", "low", "close", *(["volume"] if volume else [])]
+    out = [header]
+    for ms, row in zip(TIMESTAMPS_MS, OHLCV, strict=True):
+        cell = {"iso": iso(ms), "s": str(ms // 1000), "ms": str(ms)}[stamp]
+        out.append([cell, *map(fmt, row[: len(header) - 1])])
+    return out
+
+
+def write_csv(root: Path, name: str, rows: list[list[str]]) -> str:
+    """Write rows as CSV under ``root`` and return the reference."""
+    path = root / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(",".join(r) for r in rows) + "\n")
+    return name
+
+
+def bars_of(timestamps: Sequence[int], closes: Sequence[float], *,
+            volume: Sequence[float] | None = None, name: str = "TEST") -> BarSeries:
+    """Validated bars whose open/high/low are derived from consecutive closes."""
+    close = np.asarray(closes, dtype=np.float64)
+    open_ = np.r_[close[0], close[:-1]]
+    frame = pd.DataFrame({
+        "timestamp_ms": np.asarray(timestamps, dtype=np.int64),
+        "open": open_, "high": np.maximum(open_, close) + 0.5,
+        "low": np.minimum(open_, close) - 0.5, "close": close,
+    })
+    if volume is not None:
+        frame["volume"] = np.asarray(volume, dtype=np.float64)
+    return bars_from_frame(frame, instrument=name)
+
+
+def expected_columns() -> dict[str, np.ndarray]:
+    """The OHLCV columns of ``OHLCV`` as arrays."""
+    cols = np.array(OHLCV).T
+    return dict(zip(("open", "high", "low", "close", "volume"), cols, strict=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: layouts and formats
+
+
+def test_loads_shared_layout(tmp_path: Path) -> None:
+    """The ../shared/data layout loads with exact timestamps, prices, volume and metadata."""
+    ref = write_csv(tmp_path, "BTCUSDT_1m_2021.csv", shared_rows())
+    bars = load_bars(ref, root=tmp_path)
+    assert bars.instrument == "BTCUSDT"
+    assert bars.source == ref
+    assert bars.bar_seconds == 60
+    assert bars.gaps == ()
+    np.testing.assert_array_equal(bars.timestamp_ms, TIMESTAMPS_MS)
+    assert bars.timestamp_ms.dtype == np.int64
+    for name, values in expected_columns().items():
+        np.testing.assert_array_equal(getattr(bars, name), values)
+    assert len(bars.fingerprint) == 64
+
+
+@pytest.mark.parametrize("stamp", ["iso", "s", "ms"])
+def test_plain_layout_matches_shared_layout(tmp_path: Path, stamp: str) -> None:
+    """Plain files with ISO, epoch-second or epoch-ms timestamps give the same bars."""
+    shared = load_bars(write_csv(tmp_path, "a.csv", shared_rows()), root=tmp_path)
+    plain = load_bars(write_csv(tmp_path, "b.csv", plain_rows(stamp)), root=tmp_path)
+    np.testing.assert_array_equal(plain.timestamp_ms, shared.timestamp_ms)
+    assert plain.fingerprint == shared.fingerprint
+
+
+def test_plain_layout_without_volume(tmp_path: Path) -> None:
+    """A file with no volume column loads with volume None and a volume-free fingerprint."""
+    bars = load_bars(write_csv(tmp_path, "x.csv", plain_rows(volume=False)), root=tmp_path)
+    assert bars.volume is None
+    np.testing.assert_array_equal(bars.close, expected_columns()["close"])
+    with_volume = load_bars(write_csv(tmp_path, "y.csv", plain_rows()), root=tmp_path)
+    assert bars.fingerprint != with_volume.fingerprint
+
+
+def test_iso_timestamps_with_offsets_are_converted_to_utc(tmp_path: Path) -> None:
+    """ISO timestamps with a UTC offset or a space separator land on the same UTC instants."""
+    rows = plain_rows()
+    rows[1][0] = "2021-01-01T02:00:00+02:00"
+    rows[2][0] = "2021-01-01 00:01:00"
+    bars = load_bars(write_csv(tmp_path, "x.csv", rows), root=tmp_path)
+    np.testing.assert_array_equal(bars.timestamp_ms, TIMESTAMPS_MS)
+
+
+def test_column_names_are_case_insensitive(tmp_path: Path) -> None:
+    """Capitalised headers (Timestamp, Open, ...) are read like lower-case ones."""
+    rows = plain_rows()
+    rows[0] = [c.capitalize() for c in rows[0]]
+    bars = load_bars(write_csv(tmp_path, "x.csv", rows), root=tmp_path)
+    np.testing.assert_array_equal(bars.high, expected_columns()["high"])
+
+
+def test_parquet_loads_like_csv(tmp_path: Path) -> None:
+    """A Parquet file of the same bars gives the same arrays and the same fingerprint."""
+    csv = load_bars(write_csv(tmp_path, "BTCUSDT.csv", shared_rows()), root=tmp_path)
+    frame = pd.DataFrame(expected_columns()).assign(timestamp_ms=TIMESTAMPS_MS)
+    frame.to_parquet(tmp_path / "BTCUSDT.parquet")
+    parquet = load_bars("BTCUSDT.parquet", root=tmp_path)
+    np.testing.assert_array_equal(parquet.timestamp_ms, csv.timestamp_ms)
+    for name in ("open", "high", "low", "close", "volume"):
+        np.testing.assert_array_equal(getattr(parquet, name), getattr(csv, name))
+    assert parquet.fingerprint == csv.fingerprint
+
+
+def test_parquet_with_datetime_column_loads(tmp_path: Path) -> None:
+    """A Parquet ``timestamp`` column of tz-aware datetimes loads as epoch ms."""
+    frame = pd.DataFrame(expected_columns()).assign(
+        timestamp=pd.to_datetime(TIMESTAMPS_MS, unit="ms", utc=True)
+    )
+    frame.to_parquet(tmp_path / "x.parquet")
+    bars = load_bars("x.parquet", root=tmp_path)
+    np.testing.assert_array_equal(bars.timestamp_ms, TIMESTAMPS_MS)
+
+
+def test_unsupported_file_type_is_a_data_error(tmp_path: Path) -> None:
+    """A file that is neither CSV, Parquet nor Feather is refused with DataError."""
+    (tmp_path / "x.txt").write_text("timestamp,open,high,low,close\n")
+    with pytest.raises(DataError, match="unsupported file type"):
+        load_bars("x.txt", root=tmp_path)
+
+
+def test_start_and_end_cut_before_validation(tmp_path: Path) -> None:
+    """start_ms/end_ms keep start <= t < end, so a bad tail outside the range can be cut off."""
+    rows = shared_rows()
+    rows[6][5] = "-1.0"  # a bad close in the last bar
+    ref = write_csv(tmp_path, "x.csv", rows)
+    with pytest.raises(DataValidationError):
+        load_bars(ref, root=tmp_path)
+    bars = load_bars(ref, root=tmp_path, start_ms=TIMESTAMPS_MS[1], end_ms=TIMESTAMPS_MS[5])
+    np.testing.assert_array_equal(bars.timestamp_ms, TIMESTAMPS_MS[1:5])
+
+
+def test_instrument_from_file_name() -> None:
+    """The default instrument is the upper-cased first token of the file name."""
+    assert instrument_from_ref("binance/BTCUSDT_1m_2021.csv") == "BTCUSDT"
+    assert instrument_from_ref("eth-usdt.parquet") == "ETH"
+
+
+# ---------------------------------------------------------------------------------------------
+# References
+
+
+def test_absolute_reference_is_refused(tmp_path: Path) -> None:
+    """An absolute path, even to a file inside the root, is refused."""
+    ref = write_csv(tmp_path, "x.csv", shared_rows())
+    with pytest.raises(DataReferenceError, match="relative"):
+        load_bars(str(tmp_path / ref), root=tmp_path)
+
+
+@pytest.mark.parametrize("ref", ["../x.csv", "sub/../x.csv", "sub/../../x.csv"])
+def test_dotdot_reference_is_refused(tmp_path: Path, ref: str) -> None:
+    """A reference containing '..' is refused, even when it would stay inside the root."""
+    root = tmp_path / "root"
+    write_csv(root, "x.csv", shared_rows())
+    write_csv(root, "sub/y.csv", shared_rows())
+    write_csv(tmp_path, "x.csv", shared_rows())
+    with pytest.raises(DataReferenceError, match=r"\.\."):
+        load_bars(ref, root=root)
+
+
+def test_symlink_leading_outside_the_root_is_refused(tmp_path: Path) -> None:
+    """A symlink under the root that points outside it is refused."""
+    root = tmp_path / "root"
+    root.mkdir()
+    outside = tmp_path / write_csv(tmp_path, "secret.csv", shared_rows())
+    os.symlink(outside, root / "link.csv")
+    with pytest.raises(DataReferenceError, match="outside"):
+        load_bars("link.csv", root=root)
+
+
+def test_symlink_inside_the_root_is_followed(tmp_path: Path) -> None:
+    """A symlink that stays inside the root is a valid reference."""
+    write_csv(tmp_path, "real.csv", shared_rows())
+    os.symlink(tmp_path / "real.csv", tmp_path / "alias.csv")
+    assert resolve_ref("alias.csv", tmp_path) == (tmp_path / "real.csv").resolve()
+
+
+@pytest.mark.parametrize("ref", ["missing.csv", "", "   ", "sub"])
+def test_missing_reference_is_refused(tmp_path: Path, ref: str) -> None:
+    """An empty reference, or one naming no file (or a directory), is refused."""
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(DataReferenceError) as info:
+        load_bars(ref, root=tmp_path)
+    assert isinstance(info.value, DataError)
+    assert isinstance(info.value, MarginlabError)
+    assert isinstance(info.value, ValueError)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: each failure names the 1-based data row and the column at fault
+
+
+def _set(row: int, column: str, value: str) -> tuple[int, str, str]:
+    return row, column, value
+
+
+SHARED_HEADER = shared_rows()[0]
+
+VALIDATION_CASES = [
+    pytest.param(_set(3, "close", "abc"), 3, "close", id="unparseable-close"),
+    pytest.param(_set(2, "open", "100.5.1"), 2, "open", id="malformed-number-open"),
+    pytest.param(_set(4, "high", ""), 4, "high", id="empty-high"),
+    pytest.param(_set(5, "low", "nan"), 5, "low", id="nan-low"),
+    pytest.param(_set(2, "close", "inf"), 2, "close", id="inf-close"),
+    pytest.param(_set(6, "open", "-inf"), 6, "open", id="minus-inf-open"),
+    pytest.param(_set(1, "volume", "NaN"), 1, "volume", id="nan-volume-first-row"),
+    pytest.param(_set(3, "low", "0"), 3, "low", id="zero-low"),
+    pytest.param(_set(4, "open", "-99.0"), 4, "open", id="negative-open"),
+    pytest.param(_set(2, "high", "99.5"), 2, "high", id="high-below-low"),
+    pytest.param(_set(3, "open", "105.0"), 3, "open", id="open-above-high"),
+    pytest.param(_set(5, "close", "50.0"), 5, "close", id="close-below-low"),
+    pytest.param(_set(6, "volume", "-1.0"), 6, "volume", id="negative-volume"),
+    pytest.param(_set(4, "timestamp_ms", str(TIMESTAMPS_MS[2])), 4, "timestamp_ms",
+                 id="duplicate-timestamp"),
+    pytest.param(_set(5, "timestamp_ms", str(TIMESTAMPS_MS[2] + 1)), 5, "timestamp_ms",
+                 id="unsorted-timestamp"),
+    pytest.param(_set(2, "timestamp_ms", "2021-01-01"), 2, "timestamp_ms",
+                 id="non-numeric-timestamp-ms"),
+]
+
+
+@pytest.mark.parametrize(("edit", "row", "column"), VALIDATION_CASES)
+def test_validation_names_row_and_column(
+    tmp_path: Path, edit: tuple[int, str, str], row: int, column: str
+) -> None:
+    """A bad cell raises DataValidationError with its 1-based data row and its column."""
+    rows = shared_rows()
+    at, name, value = edit
+    rows[at][SHARED_HEADER.index(name)] = value
+    with pytest.raises(DataValidationError) as info:
+        load_bars(write_csv(tmp_path, "x.csv", rows), root=tmp_path)
+    assert (info.value.row, info.value.column) == (row, column)
+    assert f"row {row}" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("stamps", "row", "what"),
+    [
+        pytest.param({3: TIMESTAMPS_MS[1]}, 3, "duplicate", id="duplicate"),
+        pytest.param({2: TIMESTAMPS_MS[3], 3: TIMESTAMPS_MS[2]}, 3, "out-of-order",
+                     id="swapped"),
+    ],
+)
+def test_plain_layout_timestamp_order(
+    tmp_path: Path, stamps: dict[int, int], row: int, what: str
+) -> None:
+    """Duplicate or decreasing ISO timestamps name the row and the 'timestamp' column."""
+    rows = plain_rows()
+    for at, ms in stamps.items():
+        rows[at][0] = iso(ms)
+    with pytest.raises(DataValidationError, match=what) as info:
+        load_bars(write_csv(tmp_path, "x.csv", rows), root=tmp_path)
+    assert (info.value.row, info.value.column) == (row, "timestamp")
+
+
+def test_unreadable_iso_timestamp(tmp_path: Path) -> None:
+    """A timestamp that is not a date names its row and the 'timestamp' column."""
+    rows = plain_rows()
+    rows[4][0] = "yesterday"
+    with pytest.raises(DataValidationError) as info:
+        load_bars(write_csv(tmp_path, "x.csv", rows), root=tmp_path)
+    assert (info.value.row, info.value.column) == (4, "timestamp")
+
+
+def test_truncated_row_names_first_missing_column(tmp_path: Path) -> None:
+    """A row cut short has its first missing price reported (row, column)."""
+    rows = shared_rows()
+    rows[5] = rows[5][:4]  # timestamp_ms, timestamp, open, high
+    with pytest.raises(DataValidationError) as info:
+        load_bars(write_csv(tmp_path, "x.csv", rows), root=tmp_path)
+    assert (info.value.row, info.value.column) == (5, "low")
+
+
+def test_row_with_extra_fields_is_a_data_error(tmp_path: Path) -> None:
+    """A CSV row with more fields than the header is refused as unreadable (DataError)."""
+    rows = shared_rows()
+    rows[3] = [*rows[3], "surplus"]
+    with pytest.raises(DataError, match="cannot read as csv"):
+        load_bars(write_csv(tmp_path, "x.csv", rows), root=tmp_path)
+
+
+@pytest.mark.parametrize("column", ["open", "high", "low", "close"])
+def test_missing_column(tmp_path: Path, column: str) -> None:
+    """A missing price column is named, with no row."""
+    rows = shared_rows()
+    drop = rows[0].index(column)
+    rows = [r[:drop] + r[drop + 1:] for r in rows]
+    with pytest.raises(DataValidationError) as info:
+        load_bars(write_csv(tmp_path, "x.csv", rows), root=tmp_path)
+    assert (info.value.row, info.value.column) == (None, column)
+
+
+def test_missing_timestamp_column(tmp_path: Path) -> None:
+    """A file with no timestamp column is refused."""
+    rows = [r[2:] for r in shared_rows()]
+    with pytest.raises(DataValidationError, match="no timestamp column"):
+        load_bars(write_csv(tmp_path, "x.csv", rows), root=tmp_path)
+
+
+def test_parquet_validation_names_row_and_column(tmp_path: Path) -> None:
+    """Validation is the same for Parquet: a NaN close names its row and column."""
+    frame = pd.DataFrame(expected_columns()).assign(timestamp_ms=TIMESTAMPS_MS)
+    frame.loc[3, "close"] = np.nan
+    frame.to_parquet(tmp_path / "x.parquet")
+    with pytest.raises(DataValidationError) as info:
+        load_bars("x.parquet", root=tmp_path)
+    assert (info.value.row, info.value.column) == (4, "close")
+
+
+def test_single_bar_is_refused() -> None:
+    """One bar is not a series (no frequency, no return)."""
+    frame = pd.DataFrame({"timestamp_ms": [T0_MS], "open": [1.0], "high": [1.0],
+                          "low": [1.0], "close": [1.0]})
+    with pytest.raises(DataValidationError, match="at least two bars"):
+        bars_from_frame(frame, instrument="X")
+
+
+# ---------------------------------------------------------------------------------------------
+# Gaps: reported, never filled
+
+
+def test_gaps_are_reported_not_filled(tmp_path: Path) -> None:
+    """Missing bars are reported as exact Gaps and the series keeps its length."""
+    minutes = [0, 1, 2, 5, 6, 7, 8, 12, 13]
+    stamps = [T0_MS + m * MIN_MS for m in minutes]
+    rows = shared_rows([OHLCV[0]] * len(stamps), stamps)
+    bars = load_bars(write_csv(tmp_path, "x.csv", rows), root=tmp_path)
+    assert len(bars) == len(minutes)
+    np.testing.assert_array_equal(bars.timestamp_ms, stamps)
+    assert bars.bar_seconds == 60
+    assert bars.gaps == (
+        Gap(after_row=2, start_ms=T0_MS + 3 * MIN_MS, missing_bars=2),
+        Gap(after_row=6, start_ms=T0_MS + 9 * MIN_MS, missing_bars=3),
+    )
+
+
+def test_off_grid_step_counts_whole_missing_bars() -> None:
+    """A step of 2.5 bars reports two missing bars starting one bar after the last."""
+    stamps = np.array([0, 60_000, 210_000, 270_000], dtype=np.int64)
+    assert find_gaps(stamps, 60) == (Gap(after_row=1, start_ms=120_000, missing_bars=2),)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprints
+
+
+def test_fingerprint_ignores_file_name_and_format(tmp_path: Path) -> None:
+    """The same bars under another name, layout or format have the same fingerprint."""
+    a = load_bars(write_csv(tmp_path, "BTCUSDT.csv", shared_rows()), root=tmp_path)
+    b = load_bars(write_csv(tmp_path, "sub/OTHER_1m.csv", plain_rows("s")), root=tmp_path)
+    pd.DataFrame(expected_columns()).assign(timestamp_ms=TIMESTAMPS_MS).to_parquet(
+        tmp_path / "c.parquet"
+    )
+    c = load_bars("c.parquet", root=tmp_path)
+    assert a.fingerprint == b.fingerprint == c.fingerprint
+
+
+@pytest.mark.parametrize(("row", "column", "value"), [
+    (3, "close", "99.00000000000001"),
+    (1, "high", "101.5"),
+    (6, "volume", "4.25"),
+    (6, "timestamp_ms", str(TIMESTAMPS_MS[5] + 1)),
+])
+def test_fingerprint_changes_with_content(
+    tmp_path: Path, row: int, column: str, value: str
+) -> None:
+    """Changing one price (even by one ulp), one volume or one timestamp changes the fingerprint."""
+    base = load_bars(write_csv(tmp_path, "a.csv", shared_rows()), root=tmp_path)
+    rows = shared_rows()
+    rows[row][SHARED_HEADER.index(column)] = value
+    if column == "timestamp_ms":
+        rows[row][1] = iso(int(value))
+    changed = load_bars(write_csv(tmp_path, "b.csv", rows), root=tmp_path)
+    assert changed.fingerprint != base.fingerprint
+
+
+# ---------------------------------------------------------------------------------------------
+# Resample
+
+
+def test_resample_matches_hand_aggregation() -> None:
+    """5-minute bars from 1-minute bars: first open, max high, min low, last close, sum volume.
+
+    The 1-minute bars start at 00:02 (a partial first bucket) and miss 00:10–00:14 entirely,
+    so the coarse series has a partial first bar and a reported gap.
+    """
+    minutes = [2, 3, 4, 5, 6, 7, 8, 9, 15, 16]
+    close = [10.0, 11.0, 12.0, 13.0, 9.0, 10.0, 11.0, 12.0, 14.0, 15.0]
+    volume = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0]
+    fine = bars_of([T0_MS + m * MIN_MS for m in minutes], close, volume=volume)
+    # open = previous close, high = max(open, close) + 0.5, low = min(open, close) - 0.5
+    coarse = resample(fine, 300)
+    np.testing.assert_array_equal(coarse.timestamp_ms,
+                                  [T0_MS, T0_MS + 5 * MIN_MS, T0_MS + 15 * MIN_MS])
+    np.testing.assert_array_equal(coarse.open, [10.0, 12.0, 12.0])
+    np.testing.assert_array_equal(coarse.high, [12.5, 13.5, 15.5])
+    np.testing.assert_array_equal(coarse.low, [9.5, 8.5, 11.5])
+    np.testing.assert_array_equal(coarse.close, [12.0, 12.0, 15.0])
+    assert coarse.volume is not None
+    np.testing.assert_array_equal(coarse.volume, [6.0, 30.0, 19.0])
+    assert coarse.bar_seconds == 300
+    assert coarse.gaps == (Gap(after_row=1, start_ms=T0_MS + 10 * MIN_MS, missing_bars=1),)
+    assert coarse.fingerprint != fine.fingerprint
+
+
+def test_resample_sums_funding_and_keeps_first_depth() -> None:
+    """Resampling sums funding within a coarse bar and keeps the depth known at its open."""
+    fine = bars_of([T0_MS + m * MIN_MS for m in range(4)], [10.0, 11.0, 12.0, 13.0])
+    funding = pd.DataFrame({"timestamp_ms": [T0_MS, T0_MS + 1 * MIN_MS, T0_MS + 3 * MIN_MS],
+                            "funding_rate": [0.001, 0.002, 0.004]})
+    depth = pd.DataFrame({"timestamp_ms": [T0_MS, T0_MS + 2 * MIN_MS],
+                          "bid_depth_usd": [1e6, 2e6], "ask_depth_usd": [3e6, 4e6]})
+    coarse = resample(with_depth(with_funding(fine, funding), depth), 120)
+    assert coarse.funding_rate is not None
+    assert coarse.bid_depth_usd is not None
+    assert coarse.ask_depth_usd is not None
+    np.testing.assert_allclose(coarse.funding_rate, [0.003, 0.004], rtol=1e-15)
+    np.testing.assert_array_equal(coarse.bid_depth_usd, [1e6, 2e6])
+    np.testing.assert_array_equal(coarse.ask_depth_usd, [3e6, 4e6])
+
+
+def test_resample_refuses_non_multiple_and_keeps_same_frequency() -> None:
+    """A target that is not a whole multiple is refused; the same frequency is a no-op."""
+    fine = bars_of([T0_MS + m * MIN_MS for m in range(4)], [10.0, 11.0, 12.0, 13.0])
+    with pytest.raises(DataError, match="multiple"):
+        resample(fine, 90)
+    with pytest.raises(DataError):
+        resample(fine, 0)
+    assert resample(fine, 60) is fine
+
+
+# ---------------------------------------------------------------------------------------------
+# Align
+
+
+def test_align_is_an_inner_join_on_time() -> None:
+    """Aligned series keep exactly the shared timestamps, with each bar's own values."""
+    a = bars_of([T0_MS + m * MIN_MS for m in range(6)], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+                volume=[1, 2, 3, 4, 5, 6], name="A")
+    b_minutes = [2, 3, 5, 6, 7]
+    b = bars_of([T0_MS + m * MIN_MS for m in b_minutes], [20.0, 30.0, 50.0, 60.0, 70.0],
+                name="B")
+    out_a, out_b = align([a, b])
+    common = [T0_MS + m * MIN_MS for m in (2, 3, 5)]
+    np.testing.assert_array_equal(out_a.timestamp_ms, common)
+    np.testing.assert_array_equal(out_b.timestamp_ms, common)
+    np.testing.assert_array_equal(out_a.close, [3.0, 4.0, 6.0])
+    np.testing.assert_array_equal(out_a.open, a.open[[2, 3, 5]])
+    assert out_a.volume is not None
+    np.testing.assert_array_equal(out_a.volume, [3.0, 4.0, 6.0])
+    np.testing.assert_array_equal(out_b.close, [20.0, 30.0, 50.0])
+    assert out_b.volume is None
+    assert out_a.gaps == (Gap(after_row=1, start_ms=T0_MS + 4 * MIN_MS, missing_bars=1),)
+    assert out_a.fingerprint != a.fingerprint
+    assert (out_a.instrument, out_b.instrument) == ("A", "B")
+
+
+def test_align_leaves_a_series_already_on_the_common_grid_untouched() -> None:
+    """A series whose timestamps are the common ones is returned as it is."""
+    stamps = [T0_MS + m * MIN_MS for m in range(3)]
+    a = bars_of(stamps, [1.0, 2.0, 3.0])
+    b = bars_of([*stamps, T0_MS + 3 * MIN_MS], [1.0, 2.0, 3.0, 4.0])
+    out_a, out_b = align([a, b])
+    assert out_a is a
+    assert len(out_b) == 3
+
+
+def test_align_refuses_mixed_frequencies_and_no_overlap() -> None:
+    """Different bar frequencies, or fewer than two shared bars, raise DataError."""
+    one_min = bars_of([T0_MS + m * MIN_MS for m in range(3)], [1.0, 2.0, 3.0])
+    five_min = bars_of([T0_MS + m * 5 * MIN_MS for m in range(3)], [1.0, 2.0, 3.0])
+    later = bars_of([T0_MS + (m + 2) * MIN_MS for m in range(3)], [1.0, 2.0, 3.0])
+    with pytest.raises(DataError, match="frequencies"):
+        align([one_min, five_min])
+    with pytest.raises(DataError, match="fewer than two"):
+        align([one_min, later])
+    assert align([]) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Funding and depth
+
+
+def test_funding_lands_on_the_bar_that_contains_it(tmp_path: Path) -> None:
+    """Each settlement goes to the hourly bar whose [open, open + 1h) contains it; others drop."""
+    bars = bars_of([T0_MS + h * HOUR_MS for h in range(24)], np.linspace(100, 110, 24))
+    stamps = [T0_MS - HOUR_MS, T0_MS, T0_MS + 8 * HOUR_MS, T0_MS + 16 * HOUR_MS + 30 * MIN_MS,
+              T0_MS + 16 * HOUR_MS + 59 * MIN_MS, T0_MS + 24 * HOUR_MS]
+    rows = [["timestamp", "funding_rate"]] + [
+        [iso(ms), rate] for ms, rate in zip(
+            stamps, ["0.5", "0.0001", "-0.0002", "0.0003", "0.0004", "0.5"], strict=True)
+    ]
+    funding = load_funding(write_csv(tmp_path, "funding.csv", rows), root=tmp_path)
+    np.testing.assert_array_equal(funding["timestamp_ms"], stamps)
+    out = with_funding(bars, funding)
+    expected = np.zeros(24)
+    expected[0] = 0.0001
+    expected[8] = -0.0002
+    expected[16] = 0.0003 + 0.0004
+    assert out.funding_rate is not None
+    np.testing.assert_allclose(out.funding_rate, expected, rtol=1e-15, atol=0)
+    np.testing.assert_array_equal(out.close, bars.close)
+
+
+def test_funding_percent_column_is_scaled(tmp_path: Path) -> None:
+    """A funding_rate_pct column is read as percent: 0.01 becomes 0.0001."""
+    rows = [["timestamp_ms", "funding_rate_pct"], [str(T0_MS), "0.01"],
+            [str(T0_MS + 8 * HOUR_MS), "-0.0375"]]
+    funding = load_funding(write_csv(tmp_path, "f.csv", rows), root=tmp_path)
+    np.testing.assert_allclose(funding["funding_rate"], [0.0001, -0.000375], rtol=1e-15)
+
+
+def test_funding_without_rate_column_is_refused(tmp_path: Path) -> None:
+    """A funding file with neither funding_rate nor funding_rate_pct is refused."""
+    rows = [["timestamp_ms", "funding_mean"], [str(T0_MS), "0.01"]]
+    with pytest.raises(DataValidationError, match="funding_rate"):
+        load_funding(write_csv(tmp_path, "f.csv", rows), root=tmp_path)
+
+
+def test_depth_is_as_of_backward(tmp_path: Path) -> None:
+    """Each bar gets the last snapshot at or before its open; NaN before the first snapshot."""
+    rows = [["timestamp", "percentage", "depth", "notional"]]
+    snapshots = [
+        ("2021-01-01 00:01:30", 1.0e6, 1.5e6),
+        ("2021-01-01 00:03:00", 2.0e6, 2.5e6),
+        ("2021-01-01 00:03:30", 3.0e6, 3.5e6),
+    ]
+    for stamp, bid, ask in snapshots:
+        rows += [[stamp, "-5", "1", "9e9"], [stamp, "-1", "1", repr(bid)],
+                 [stamp, "1", "1", repr(ask)], [stamp, "5", "1", "9e9"]]
+    depth = load_book_depth(write_csv(tmp_path, "BTCUSDT-bookDepth.csv", rows), root=tmp_path)
+    np.testing.assert_array_equal(depth["timestamp_ms"],
+                                  [T0_MS + 90_000, T0_MS + 180_000, T0_MS + 210_000])
+    bars = bars_of([T0_MS + m * MIN_MS for m in range(5)], [1.0, 2.0, 3.0, 4.0, 5.0])
+    out = with_depth(bars, depth)
+    assert out.bid_depth_usd is not None
+    assert out.ask_depth_usd is not None
+    np.testing.assert_array_equal(out.bid_depth_usd, [np.nan, np.nan, 1.0e6, 2.0e6, 3.0e6])
+    np.testing.assert_array_equal(out.ask_depth_usd, [np.nan, np.nan, 1.5e6, 2.5e6, 3.5e6])
+    np.testing.assert_array_equal(out.close, bars.close)
+
+
+def test_depth_file_without_the_band_is_refused(tmp_path: Path) -> None:
+    """A depth file with no ±1% rows is refused."""
+    rows = [["timestamp", "percentage", "notional"], ["2021-01-01 00:00:00", "-5", "1e9"],
+            ["2021-01-01 00:00:00", "5", "1e9"]]
+    with pytest.raises(DataValidationError, match="bands"):
+        load_book_depth(write_csv(tmp_path, "d.csv", rows), root=tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Durations
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90s", 90), ("1m", 60), ("5min", 300), ("4h", 14_400), ("1d", 86_400),
+     ("1w", 604_800), (" 15M ", 900)],
+)
+def test_parse_duration_seconds(text: str, seconds: int) -> None:
+    """Durations with s/m/min/h/d/w units parse to whole seconds."""
+    assert parse_duration_seconds(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "m", "0m", "-5m", "1.5h", "10x", "h4", "5 m m"])
+def test_parse_duration_refuses_nonsense(text: str) -> None:
+    """Empty, zero, negative, fractional or unit-less durations raise DataError."""
+    with pytest.raises(DataError, match="not a duration"):
+        parse_duration_seconds(text)
