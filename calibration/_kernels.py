@@ -8,6 +8,7 @@ process would otherwise pay ~0.65 s of compilation per kernel.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numba as nb
 import numpy as np
@@ -15,7 +16,7 @@ from numpy.typing import NDArray
 
 FloatArray = NDArray[np.float64]
 
-_JIT = {"nogil": True, "cache": True}
+_JIT: dict[str, Any] = {"nogil": True, "cache": True}
 
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
@@ -101,154 +102,221 @@ def ewma_variance(
     return out
 
 
-#: Layout of ``coverage_pass`` output: per side (offset 0 long, 9 short) then shared values.
+#: Layout of ``coverage_stats`` output: per side (offset 0 long, 9 short) then shared values.
 SIDE_FIELDS = ("observations", "breaches", "sum_uncovered", "max_uncovered",
                "sum_loss_in_breach", "n00", "n01", "n10", "n11")
 SHARED_OFFSET = 2 * len(SIDE_FIELDS)
-SHARED_FIELDS = ("sum_margin", "min_margin", "max_margin", "max_increase_ratio")
+SHARED_FIELDS = ("sum_margin", "min_margin", "max_margin", "sum_im")
 
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
-def coverage_pass(
+def coverage_stats(
     margin: FloatArray,
     long_loss: FloatArray,
     short_loss: FloatArray,
     start: int,
     stop: int,
     step: int,
-    trail: int,
+    im_to_mm: float,
 ) -> FloatArray:  # pragma: no cover - jit
-    """Breach statistics of both sides and the procyclicality figures in one pass.
+    """Breach statistics of both sides in one pass over observation bars.
 
-    Observations are bars ``start, start+step, ... < stop`` where margin and losses are not
-    NaN. For each side the output holds ``SIDE_FIELDS`` (``nij`` count transitions from breach
-    state i to j, Christoffersen); then ``SHARED_FIELDS``, where ``max_increase_ratio`` is the
-    largest ``margin[t] / min(margin[t-trail+1 .. t])`` over observations (NaN margins, i.e.
-    warm-up, count as +inf in that minimum). The trailing minimum is van Herk / Gil-Werman
-    with blocks of ``trail`` bars: the previous block's suffix minima, rebuilt at each block
-    start, and the current block's prefix minimum, so the cost does not depend on ``trail``.
+    Observations are bars ``start, start+step, ... < stop`` where margin and both losses are
+    not NaN. For each side the output holds ``SIDE_FIELDS`` (``nij`` count transitions from
+    breach state i to j between consecutive observations, Christoffersen), then
+    ``SHARED_FIELDS``; ``sum_im`` adds ``min(margin * im_to_mm, max(margin, 1))``, the IM
+    with its 100% cap. Scalars, not ``out[...]``, are updated in the loop (array stores would
+    chain through memory), and min/max are plain comparisons (numba's ``min``/``max`` carry
+    NaN handling that costs more than the rest of the loop).
     """
-    out = np.zeros(SHARED_OFFSET + 4)
-    out[SHARED_OFFSET + 1] = np.inf
-    out[SHARED_OFFSET + 2] = -np.inf
-    if stop <= start:
-        return out
-    first = start - trail + 1
-    if first < 0:
-        first = 0
-    block0 = (first // trail) * trail
-    # suf[k] = min(margin[B-trail+k .. B-1]) for the block before the current block start B,
-    # rebuilt at each block start from bars still in cache: O(1) per bar, O(trail) memory.
-    suf = np.empty(trail)
-    # Scalars, not out[...], inside the loop: array stores would chain through memory.
-    prefix = np.inf
-    prev_long = 0  # no observation before the first: it cannot count as a transition
-    prev_short = 0
-    l_01 = l_10 = l_11 = s_01 = s_10 = s_11 = 0
-    first_bl = first_bs = 0
-    next_obs = start
-    max_ratio = 0.0
     nobs = 0.0
     sum_m = 0.0
     min_m = np.inf
     max_m = -np.inf
     l_x = l_su = l_mu = l_sl = 0.0
     s_x = s_su = s_mu = s_sl = 0.0
-    l_tr = np.zeros(4)
-    s_tr = np.zeros(4)
-    # A counter instead of t % trail: an integer division per bar costs more than the rest.
-    in_block = 0
-    for t in range(block0, stop):
+    l_01 = l_10 = l_11 = s_01 = s_10 = s_11 = 0
+    prev_long = prev_short = 0
+    first_bl = first_bs = 0
+    cap_from = 1.0 / im_to_mm  # margins above this have their IM capped
+    im_excess = 0.0
+    for t in range(start, stop, step):
         m = margin[t]
-        mi = np.inf if math.isnan(m) else m
-        if in_block == 0:
-            prefix = mi
-            if t > block0:
-                running = np.inf
-                for k in range(trail - 1, -1, -1):
-                    v = margin[t - trail + k]
-                    if not math.isnan(v) and v < running:
-                        running = v
-                    suf[k] = running
-        elif mi < prefix:
-            prefix = mi
-        i = in_block
-        in_block += 1
-        if in_block == trail:
-            in_block = 0
-        if t != next_obs:
-            continue
-        next_obs += step
         xl = long_loss[t]
         xs = short_loss[t]
-        if math.isnan(m) or math.isnan(xl) or math.isnan(xs):
+        if math.isnan(m + xl + xs):  # one test for three NaN checks (values are finite)
             continue
-        trailing = prefix
-        if t - i > block0 and i + 1 < trail and suf[i + 1] < trailing:
-            trailing = suf[i + 1]
-        # Compare by multiplying: a division per bar would dominate the loop.
-        if m > max_ratio * trailing:
-            max_ratio = m / trailing
         nobs += 1.0
         sum_m += m
-        # Plain comparisons: numba's min()/max() carry NaN handling that costs ~2 ns a bar.
         if m < min_m:
             min_m = m
         if m > max_m:
             max_m = m
-        # Branch-free: breaches are rare but unpredictable, and a mispredicted branch costs
-        # more than always doing the arithmetic.
+        if m > cap_from:
+            im_excess += m * im_to_mm - max(m, 1.0)
         bl = 1 if xl > m else 0
         bs = 1 if xs > m else 0
-        ul = xl - m
-        us = xs - m
-        l_x += bl
-        s_x += bs
-        l_su += ul * bl
-        s_su += us * bs
-        l_sl += xl * bl
-        s_sl += xs * bs
-        if ul > l_mu:
-            l_mu = ul
-        if us > s_mu:
-            s_mu = us
-        l_11 += prev_long & bl
-        l_01 += (1 - prev_long) & bl
-        l_10 += prev_long & (1 - bl)
-        s_11 += prev_short & bs
-        s_01 += (1 - prev_short) & bs
-        s_10 += prev_short & (1 - bs)
-        if nobs == 1.0:
-            first_bl = bl
-            first_bs = bs
+        # Breaches are rare: branches predict well and skip the arithmetic.
+        if bl:
+            ul = xl - m
+            l_x += 1.0
+            l_su += ul
+            l_sl += xl
+            if ul > l_mu:
+                l_mu = ul
+        if bs:
+            us = xs - m
+            s_x += 1.0
+            s_su += us
+            s_sl += xs
+            if us > s_mu:
+                s_mu = us
+        if bl | bs | prev_long | prev_short:
+            l_11 += prev_long & bl
+            l_01 += (1 - prev_long) & bl
+            l_10 += prev_long & (1 - bl)
+            s_11 += prev_short & bs
+            s_01 += (1 - prev_short) & bs
+            s_10 += prev_short & (1 - bs)
+            if nobs == 1.0:  # the first observation has no predecessor
+                first_bl = bl
+                first_bs = bs
         prev_long = bl
         prev_short = bs
-    # The first observation has no predecessor: undo the 0 -> x it was counted as.
     l_01 -= first_bl
     s_01 -= first_bs
-    l_tr[1] = l_01
-    l_tr[2] = l_10
-    l_tr[3] = l_11
-    s_tr[1] = s_01
-    s_tr[2] = s_10
-    s_tr[3] = s_11
-    # Transitions 0 -> 0 are all the others; counting them in the loop would be a store each bar.
     pairs = max(nobs - 1.0, 0.0)
-    l_tr[0] = pairs - l_tr[1] - l_tr[2] - l_tr[3]
-    s_tr[0] = pairs - s_tr[1] - s_tr[2] - s_tr[3]
-    side_l = (nobs, l_x, l_su, l_mu, l_sl)
-    side_s = (nobs, s_x, s_su, s_mu, s_sl)
-    for k in range(5):
+    out = np.zeros(SHARED_OFFSET + 4)
+    side_l = (nobs, l_x, l_su, l_mu, l_sl, pairs - l_01 - l_10 - l_11,
+              float(l_01), float(l_10), float(l_11))
+    side_s = (nobs, s_x, s_su, s_mu, s_sl, pairs - s_01 - s_10 - s_11,
+              float(s_01), float(s_10), float(s_11))
+    for k in range(9):
         out[k] = side_l[k]
         out[9 + k] = side_s[k]
-    for k in range(4):
-        out[5 + k] = l_tr[k]
-        out[14 + k] = s_tr[k]
     out[SHARED_OFFSET] = sum_m
     out[SHARED_OFFSET + 1] = min_m
     out[SHARED_OFFSET + 2] = max_m
-    out[SHARED_OFFSET + 3] = max_ratio
+    out[SHARED_OFFSET + 3] = sum_m * im_to_mm - im_excess
     return out
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def _exact_increase(
+    margin: FloatArray, loss: FloatArray, lo: int, hi: int, start: int, step: int, trail: int
+) -> float:  # pragma: no cover - jit
+    """Largest ``margin[t] / min(margin[t-trail+1 .. t])`` over observations t in [lo, hi)."""
+    first = max(lo - trail + 1, 0)
+    size = hi - first
+    # van Herk / Gil-Werman over [first, hi) with blocks of `trail` counted from `first`.
+    prefix = np.empty(size)
+    suffix = np.empty(size)
+    for i in range(size):
+        v = margin[first + i]
+        v = np.inf if math.isnan(v) else v
+        if i % trail == 0 or v < prefix[i - 1]:
+            prefix[i] = v
+        else:
+            prefix[i] = prefix[i - 1]
+    for i in range(size - 1, -1, -1):
+        v = margin[first + i]
+        v = np.inf if math.isnan(v) else v
+        if i == size - 1 or (i + 1) % trail == 0 or v < suffix[i + 1]:
+            suffix[i] = v
+        else:
+            suffix[i] = suffix[i + 1]
+    best = 0.0
+    t0 = lo
+    if t0 < start:
+        t0 = start
+    rem = (t0 - start) % step
+    if rem:
+        t0 += step - rem
+    for t in range(t0, hi, step):
+        if math.isnan(loss[t]) or math.isnan(margin[t]):
+            continue
+        i = t - first
+        j = i - trail + 1
+        low = prefix[i]
+        if j >= 0 and suffix[j] < low:
+            low = suffix[j]
+        ratio = margin[t] / low
+        if ratio > best:
+            best = ratio
+    return best
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def max_increase_ratio(
+    margin: FloatArray,
+    loss: FloatArray,
+    start: int,
+    stop: int,
+    step: int,
+    trail: int,
+    block: int,
+) -> float:  # pragma: no cover - jit
+    """Largest ``margin[t] / min(margin[t-trail+1 .. t])`` over observations (procyclicality).
+
+    Observations are ``t = start, start+step, ... < stop`` where neither ``margin[t]`` nor
+    ``loss[t]`` is NaN; NaN margins (warm-up) count as +inf in the minimum. Exact, but most
+    of the series is never looked at bar by bar: per block of ``block`` bars the ratio is
+    bounded above by the block's largest margin over the smallest margin of every block a
+    window can reach; blocks are then evaluated exactly (van Herk / Gil-Werman) in
+    decreasing order of that bound until the bound cannot beat the best ratio found.
+    Returns 0 without observations.
+    """
+    if stop <= start:
+        return 0.0
+    lo_bar = max(start - trail + 1, 0)
+    first_block = lo_bar // block
+    last_block = (stop - 1) // block
+    nblocks = last_block - first_block + 1
+    bmin = np.full(nblocks, np.inf)
+    bmax = np.full(nblocks, -np.inf)
+    j = 0
+    count = 0
+    mn = np.inf
+    mx = -np.inf
+    for t in range(first_block * block, stop):
+        v = margin[t]
+        if v < mn:  # NaN compares false: warm-up bars never enter
+            mn = v
+        if t >= start and v > mx and not math.isnan(loss[t]):
+            mx = v
+        count += 1
+        if count == block:
+            bmin[j] = mn
+            bmax[j] = mx
+            j += 1
+            count = 0
+            mn = np.inf
+            mx = -np.inf
+    if count:
+        bmin[j] = mn
+        bmax[j] = mx
+    # Smallest margin any window ending in block j can see: blocks j-reach .. j.
+    reach = (trail - 1 + block - 1) // block
+    bound = np.zeros(nblocks)
+    for j in range(nblocks):
+        low = np.inf
+        for k in range(max(0, j - reach), j + 1):
+            if bmin[k] < low:
+                low = bmin[k]
+        if bmax[j] > 0.0 and low < np.inf:
+            bound[j] = bmax[j] / low
+    order = np.argsort(-bound)
+    best = 0.0
+    for r in range(nblocks):
+        j = order[r]
+        if bound[j] <= best:
+            break
+        lo = (first_block + j) * block
+        hi = min(lo + block, stop)
+        ratio = _exact_increase(margin, loss, max(lo, start), hi, start, step, trail)
+        if ratio > best:
+            best = ratio
+    return best
 
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]

@@ -13,19 +13,25 @@ and for a short, "equity at the high <= MM at the high" is
     D_t - high_t * (1 + mm_t)  <=  D_e - C_e - off.
 
 The left side ``x_t`` does not depend on the position, the right side (the threshold) does not
-depend on t, so one reverse sweep over ``x`` answers the first-passage question for every
-position that shares an MM-rate series.
+depend on t. So per side and MM-rate series one pass builds the minima of ``x`` over blocks of 8
+and 64 bars (``block_minima``), and every position's first passage is a walk over at most
+``holding / 64`` block minima plus a few single bars (``first_passage``); the positions of one
+entry bar are visited by falling threshold so their searches share one walk. Nothing scans
+bar by bar per position. The same index over the raw extremes answers the close-out's worst
+price and the premature test.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numba as nb
 import numpy as np
 from numpy.typing import NDArray
 
-from calibration._kernels import _JIT
+#: numba options of every kernel (as in ``calibration._kernels``): compiled once per machine.
+_JIT: dict[str, Any] = {"nogil": True, "cache": True}
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
@@ -37,13 +43,25 @@ def _x_value(
     price: float, mm: float, funding_cum: float, is_long: bool
 ) -> float:  # pragma: no cover - jit
     """The position-independent side of the trigger test at one bar; NaN (no margin) → +inf."""
-    if is_long:
-        x = price * (1.0 - mm) - funding_cum
-    else:
-        x = funding_cum - price * (1.0 + mm)
+    x = price * (1.0 - mm) - funding_cum if is_long else funding_cum - price * (1.0 + mm)
     if math.isnan(x):
         return np.inf
     return x
+
+
+@nb.njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
+def _threshold(
+    entry_close: float, leverage: float, entry_funding_cum: float, is_long: bool
+) -> float:  # pragma: no cover - jit
+    """A position's trigger threshold in x-space: long ``C_e - C_e/L - D_e``, short
+    ``D_e - C_e - C_e/L``; it rises with leverage on both sides."""
+    off = entry_close / leverage
+    bound: float
+    if is_long:
+        bound = entry_close - off - entry_funding_cum
+    else:
+        bound = entry_funding_cum - entry_close - off
+    return bound
 
 
 @nb.njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
@@ -51,9 +69,12 @@ def _value(
     price: FloatArray, mm: FloatArray, funding_cum: FloatArray, is_long: bool, raw: bool, t: int
 ) -> float:  # pragma: no cover - jit
     """``x_t`` (``raw`` False), or the signed adverse extreme ``low_t`` / ``-high_t`` (True)."""
+    v: float
     if raw:
-        return price[t] if is_long else -price[t]
-    return _x_value(price[t], mm[t], funding_cum[t], is_long)
+        v = price[t] if is_long else -price[t]
+    else:
+        v = _x_value(price[t], mm[t], funding_cum[t], is_long)
+    return v
 
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
@@ -108,25 +129,25 @@ def _find_first(
     if a > b:
         return -1
     head = min(b, ((a + 7) & ~7) - 1)
-    hit = _scan(price, mm, funding_cum, is_long, raw, a, head, bound)
+    hit: int = _scan(price, mm, funding_cum, is_long, raw, a, head, bound)
     if hit >= 0:
         return hit
     t = head + 1
     while (t & 63) != 0 and t + 7 <= b:
         if b8[t >> 3] <= bound:
-            return _scan(price, mm, funding_cum, is_long, raw, t, t + 7, bound)
+            return int(_scan(price, mm, funding_cum, is_long, raw, t, t + 7, bound))
         t += 8
     while t + 63 <= b:
         if b64[t >> 6] <= bound:
             for u in range(t, t + 64, 8):
                 if b8[u >> 3] <= bound:
-                    return _scan(price, mm, funding_cum, is_long, raw, u, u + 7, bound)
+                    return int(_scan(price, mm, funding_cum, is_long, raw, u, u + 7, bound))
         t += 64
     while t + 7 <= b:
         if b8[t >> 3] <= bound:
-            return _scan(price, mm, funding_cum, is_long, raw, t, t + 7, bound)
+            return int(_scan(price, mm, funding_cum, is_long, raw, t, t + 7, bound))
         t += 8
-    return _scan(price, mm, funding_cum, is_long, raw, t, b, bound)
+    return int(_scan(price, mm, funding_cum, is_long, raw, t, b, bound))
 
 
 @nb.njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
@@ -165,8 +186,9 @@ def first_passage(
     is_long: bool,
     b8: FloatArray,
     b64: FloatArray,
+    close: FloatArray,
     entries: IntArray,
-    thresholds: FloatArray,
+    leverage: FloatArray,
     order: IntArray,
     holding: int,
 ) -> IntArray:  # pragma: no cover - jit
@@ -177,8 +199,10 @@ def first_passage(
         mm: MM rate per bar, shape ``(n,)``.
         funding_cum: cumulative funding in price units, shape ``(n,)``.
         b8, b64: ``block_minima`` of ``x`` (``raw=False``).
+        close: closes per bar, shape ``(n,)``.
         entries: entry bar of each query row, shape ``(R,)``.
-        thresholds: threshold of each query in x-space, shape ``(R, K)``.
+        leverage: effective leverage of each query, shape ``(R, K)``; with the entry close and
+            funding it gives the query's threshold (``_threshold``).
         order: the order in which a row's columns are visited. Along falling thresholds
             (leverage descending) the trigger bars rise, so each search resumes where the
             previous one stopped and a row costs one walk through its holding window whatever
@@ -189,18 +213,20 @@ def first_passage(
         Trigger bar per query, shape ``(R, K)``, -1 where there is none.
     """
     n = price.shape[0]
-    rows = thresholds.shape[0]
-    k = thresholds.shape[1]
+    rows = leverage.shape[0]
+    k = leverage.shape[1]
     trig = np.full((rows, k), -1, dtype=np.int64)
     for r in range(rows):
         e = entries[r]
+        ce = close[e]
+        de = funding_cum[e]
         last = min(e + holding, n - 1)
         pos = e + 1
         prev = np.inf
         found = True
         for i in range(k):
             c = order[i]
-            bound = thresholds[r, c]
+            bound = _threshold(ce, leverage[r, c], de, is_long)
             if bound > prev:
                 pos = e + 1
                 found = True
@@ -226,8 +252,9 @@ def cascade(
     kappa: float,
     holding: int,
     series_start: IntArray,
+    close: FloatArray,
     entries: IntArray,
-    thresholds: FloatArray,
+    leverage: FloatArray,
     weight: FloatArray,
     trig: IntArray,
 ) -> FloatArray:  # pragma: no cover - jit
@@ -246,7 +273,8 @@ def cascade(
         depth: depth (USD) per bar on this side, shape ``(n,)``.
         series_start: rows of series ``m`` are ``series_start[m] : series_start[m+1]``, each
             block ascending by entry bar.
-        entries, thresholds, weight: per query row, shapes ``(R,)``, ``(R, K)``, ``(R,)``;
+        close: closes per bar, shape ``(n,)``.
+        entries, leverage, weight: per query row, shapes ``(R,)``, ``(R, K)``, ``(R,)``;
             ``weight`` is the USD notional liquidated when one query of the row triggers.
         trig: trigger bars without cascade, shape ``(R, K)``; updated in place.
 
@@ -255,11 +283,11 @@ def cascade(
     """
     n = price.shape[0]
     n_series = series_start.shape[0] - 1
-    k = thresholds.shape[1]
+    k = leverage.shape[1]
     adj = price.copy()
     q = np.zeros(n)
     cnt = np.zeros(n, dtype=np.int64)
-    rows = thresholds.shape[0]
+    rows = leverage.shape[0]
     for r in range(rows):
         for c in range(k):
             t = trig[r, c]
@@ -297,7 +325,9 @@ def cascade(
                     break
                 for c in range(k):
                     cur = trig[r, c]
-                    if (cur < 0 or cur > u) and x <= thresholds[r, c]:
+                    if (cur < 0 or cur > u) and x <= _threshold(
+                        close[entries[r]], leverage[r, c], funding_cum[entries[r]], is_long
+                    ):
                         trig[r, c] = u
                         q[u] += weight[r]
                         cnt[u] += 1
@@ -325,9 +355,6 @@ def outcomes(
     trig: IntArray,
     notional: FloatArray,
     notional_pow: FloatArray,
-    pos_base: IntArray,
-    col_stride: int,
-    notional_stride: int,
     latency: int,
     recovery: int,
     spread: float,
@@ -337,6 +364,19 @@ def outcomes(
     scale: float,
     fund_delta: FloatArray,
     fund_seen: BoolArray,
+    agg_trigger: IntArray,
+    agg_premature: BoolArray,
+    agg_count: IntArray,
+    agg_notional: FloatArray,
+    agg_bad_debt: FloatArray,
+    agg_fee: FloatArray,
+    agg_bad_count: IntArray,
+    agg_worst: FloatArray,
+    agg_start: int,
+    details: bool,
+    pos_base: IntArray,
+    col_stride: int,
+    notional_stride: int,
     out_position: IntArray,
     out_trigger: IntArray,
     out_notional: FloatArray,
@@ -344,9 +384,9 @@ def outcomes(
     out_close_price: FloatArray,
     out_equity: FloatArray,
     out_premature: BoolArray,
-    start: int,
-) -> int:  # pragma: no cover - jit
-    """Close-out of every triggered query of one side and MM series; returns the next slot.
+    out_start: int,
+) -> tuple[int, int]:  # pragma: no cover - jit
+    """Close-out of every triggered query of one side and MM series.
 
     Args:
         price: adverse extreme per bar (with the cascade's impact if any), shape ``(n,)``.
@@ -358,20 +398,26 @@ def outcomes(
             liquidation price and premature flag and differ in slippage.
         notional_pow: ``notional ** impact_exponent`` (the impact is computed as
             ``impact_coef * notional_pow / depth ** impact_exponent``: one power per trigger).
-        pos_base, col_stride, notional_stride: position index of ``(r, c, j)`` is
-            ``pos_base[r] + c * col_stride + j * notional_stride``.
+        fund_delta, fund_seen: each close-out's move of the insurance fund (``-bad debt`` or
+            ``+fee``, times ``scale``) is added at the close-out bar ``min(t + latency, n - 1)``,
+            which is flagged; skipped when ``fund_delta`` is empty.
+        agg_*: one slot per triggered query from ``agg_start``: trigger bar, premature flag,
+            positions, and the sums over its positions of notional, bad debt and fee (USD, one
+            position each), the positions with bad debt and the largest bad debt.
+        details: also write one slot per position from ``out_start`` to the ``out_*`` arrays,
+            whose position index is ``pos_base[r] + c * col_stride + j * notional_stride``.
 
-    Events are written to the ``out_*`` arrays from slot ``start`` in row, column, notional
-    order. Each close-out's move of the insurance fund (``-bad debt`` or ``+fee``, times
-    ``scale``) is added to ``fund_delta`` at the close-out bar ``min(t + latency, n - 1)``,
-    which is flagged in ``fund_seen``.
+    Returns:
+        The next free ``agg`` and ``out`` slots.
     """
     n = close.shape[0]
     rows = trig.shape[0]
     k = trig.shape[1]
     jn = notional.shape[1]
     sign = 1.0 if is_long else -1.0
-    i = start
+    with_fund = fund_delta.shape[0] > 0
+    a = agg_start
+    i = out_start
     for r in range(rows):
         e = entries[r]
         ce = close[e]
@@ -402,12 +448,17 @@ def outcomes(
                 base = sign * _range_min(
                     price, mm, funding_cum, is_long, True, q8, q64, t, min(t + latency, n - 1)
                 )
-            closeout_bar = min(t + latency, n - 1)
-            fund_move = 0.0
             d = depth[t]
             depth_pow = 0.0
             if impact_coef > 0.0 and d > 0.0:
                 depth_pow = math.sqrt(d) if impact_exponent == 0.5 else d**impact_exponent
+            inv_ce = 1.0 / ce
+            inv_lev = 1.0 / lev
+            notional_sum = 0.0
+            bad_sum = 0.0
+            fee_sum = 0.0
+            bad_count = 0
+            worst = 0.0
             for j in range(jn):
                 notional_usd = notional[r, j]
                 slip = spread
@@ -417,25 +468,40 @@ def outcomes(
                     else:
                         slip = np.inf
                 slip = min(slip, 1.0)
-                qty = notional_usd / ce
-                collateral = notional_usd / lev
+                qty = notional_usd * inv_ce
+                collateral = notional_usd * inv_lev
                 pc = base * (1.0 - sign * slip)
                 equity = collateral + sign * qty * (pc - ce) - sign * qty * dd
-                out_position[i] = pos_base[r] + c * col_stride + j * notional_stride
-                out_trigger[i] = t
-                out_notional[i] = notional_usd
-                out_liq_price[i] = liq
-                out_close_price[i] = pc
-                out_equity[i] = equity
-                out_premature[i] = premature
+                notional_sum += notional_usd
                 if equity < 0.0:
-                    fund_move += equity
+                    bad_sum -= equity
+                    bad_count += 1
+                    worst = max(worst, -equity)
                 else:
-                    fund_move += min(fee_rate * notional_usd, equity)
-                i += 1
-            fund_delta[closeout_bar] += fund_move * scale
-            fund_seen[closeout_bar] = True
-    return i
+                    fee_sum += min(fee_rate * notional_usd, equity)
+                if details:
+                    out_position[i] = pos_base[r] + c * col_stride + j * notional_stride
+                    out_trigger[i] = t
+                    out_notional[i] = notional_usd
+                    out_liq_price[i] = liq
+                    out_close_price[i] = pc
+                    out_equity[i] = equity
+                    out_premature[i] = premature
+                    i += 1
+            agg_trigger[a] = t
+            agg_premature[a] = premature
+            agg_count[a] = jn
+            agg_notional[a] = notional_sum
+            agg_bad_debt[a] = bad_sum
+            agg_fee[a] = fee_sum
+            agg_bad_count[a] = bad_count
+            agg_worst[a] = worst
+            a += 1
+            if with_fund:
+                closeout_bar = min(t + latency, n - 1)
+                fund_delta[closeout_bar] += (fee_sum - bad_sum) * scale
+                fund_seen[closeout_bar] = True
+    return a, i
 
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
@@ -463,3 +529,27 @@ def fund_levels(
             levels[j] = level
             j += 1
     return bars, levels
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def trailing_mean(
+    x: FloatArray, window: int, factor: float
+) -> FloatArray:  # pragma: no cover - jit
+    """``factor`` × mean of ``x[max(0, t-window+1) .. t]`` per bar. The running sum restarts
+    from scratch every ``window`` bars, so rounding cannot drift."""
+    n = x.shape[0]
+    out = np.empty(n)
+    s = 0.0
+    for t in range(min(window, n)):
+        s += x[t]
+        out[t] = s * factor / (t + 1)
+    f = factor / window
+    for block in range(window, n, window):
+        s = 0.0
+        for i in range(block - window + 1, block + 1):
+            s += x[i]
+        out[block] = s * f
+        for t in range(block + 1, min(block + window, n)):
+            s += x[t] - x[t - window]
+            out[t] = s * f
+    return out

@@ -22,8 +22,10 @@ Trigger
     equity at the bar's adverse extreme (low for longs, high for shorts) is ``<= mm_t * qty *
     extreme``. A position that does not trigger is closed without event. Rewritten, the test
     compares a series that does not depend on the position with a threshold that does not
-    depend on t (see ``calibration._liquidation_kernels``), so one reverse sweep per MM series
-    and side finds every first passage: O(n) per series plus O(log n) per position.
+    depend on t (see ``calibration._liquidation_kernels``): one O(n) pass per MM series and
+    side builds a two-level block-minimum index, and each entry bar's positions are found with
+    one walk of about ``holding_bars / 64`` steps. Positions that differ only in notional share
+    the trigger when the model is not notional-dependent.
 
 Liquidation and bankruptcy prices
     The liquidation price is the price at which equity equals MM at the trigger bar:
@@ -83,18 +85,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import cached_property
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from typing import Any
 
-import numba as nb
 import numpy as np
 from numpy.typing import NDArray
 
 from calibration import _liquidation_kernels as _lk
 from calibration._bars import BarSeries
 from calibration._errors import DataError, InvalidParameters
-from calibration._kernels import _JIT
 from calibration.models import MarginModel, MarginRates, Rule
 from calibration.report import FundPoint, LiquidationMetrics
 
@@ -265,7 +265,7 @@ def _check_position(i: int, p: Any) -> None:
         raise InvalidParameters(f"{where}.entry_bar must be >= 0", field="positions")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LiquidationEvents:
     """One row per liquidated position, in no particular order (arrays of shape ``(m,)``).
 
@@ -321,7 +321,7 @@ class LiquidationEvents:
         return result
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PositionTable:
     """Every position of a simulation, one row each (arrays of shape ``(P,)``).
 
@@ -348,7 +348,7 @@ class PositionTable:
         return int(self.side.shape[0])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _GridLayout:
     """Grid positions: index ``((k * S + s) * J + j) * K + c`` for entry ``k``, side ``s``,
     notional ``j`` and leverage ``c``; ``leverage[m]`` is the effective leverage per entry and
@@ -374,7 +374,7 @@ class _GridLayout:
         return side, entry, notional, leverage, np.ones(side.shape[0], dtype=bool)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _ExplicitLayout:
     side: Int8Array
     entry_bar: IntArray
@@ -386,7 +386,7 @@ class _ExplicitLayout:
         return self.side, self.entry_bar, self.notional, self.leverage, self.opened
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LiquidationResult:
     """Outcome of ``simulate_liquidations`` on one bar series.
 
@@ -398,9 +398,13 @@ class LiquidationResult:
         entry_bars: bars at which positions opened, ascending, shape ``(E,)``.
         entry_positions: positions opened at each entry bar, shape ``(E,)``.
         entry_notional_usd: notional opened at each entry bar (× ``population_scale``).
-        events: one row per liquidation.
+        liquidations: positions liquidated over the whole series.
         fund_bars: bars with at least one close-out, ascending.
         fund_usd: insurance fund level after the close-outs of each of ``fund_bars``.
+
+    The per-position details (``events``, ``position_table()``) are computed on first use by
+    re-running the close-out kernel, so a simulation that only needs metrics never holds one
+    row per liquidated position.
     """
 
     config: LiquidationConfig
@@ -411,11 +415,18 @@ class LiquidationResult:
     entry_bars: IntArray
     entry_positions: IntArray
     entry_notional_usd: FloatArray
-    events: LiquidationEvents
+    liquidations: int
     fund_bars: IntArray
     fund_usd: FloatArray
     _layout: _GridLayout | _ExplicitLayout = field(repr=False)
+    _agg: _Aggregates = field(repr=False)
+    _replay: _Replay = field(repr=False)
     _neg_since: IntArray = field(repr=False)
+
+    @cached_property
+    def events(self) -> LiquidationEvents:
+        """One row per liquidated position (computed on first access, then kept)."""
+        return self._replay.events(self.liquidations)
 
     @property
     def insurance_fund_min_usd(self) -> float:
@@ -455,12 +466,12 @@ class LiquidationResult:
         e0, e1 = np.searchsorted(self.entry_bars, [lo, hi], "left")
         positions = int(self.entry_positions[e0:e1].sum())
         opened = float(self.entry_notional_usd[e0:e1].sum())
-        ev = self.events
-        mask = (ev.trigger_bar >= lo) & (ev.trigger_bar < hi)
-        count = int(np.count_nonzero(mask))
-        premature = int(np.count_nonzero(ev.premature & mask))
-        bad = ev.bad_debt_usd[mask]
-        bad_total = float(bad.sum()) * scale
+        ag = self._agg
+        mask = (ag.trigger_bar >= lo) & (ag.trigger_bar < hi)
+        count = int(ag.count[mask].sum())
+        premature = int(ag.count[mask & ag.premature].sum())
+        bad_total = float(ag.bad_debt[mask].sum()) * scale
+        worst = ag.worst[mask]
         f0, f1 = (int(v) for v in np.searchsorted(self.fund_bars, [lo, hi], "left"))
         start_level = float(self.config.insurance_fund_usd)
         entering = float(self.fund_usd[f0 - 1]) if f0 > 0 else start_level
@@ -480,14 +491,14 @@ class LiquidationResult:
             positions=positions,
             notional_opened_usd=opened,
             liquidations=count,
-            liquidated_notional_usd=float(ev.notional_usd[mask].sum()) * scale,
+            liquidated_notional_usd=float(ag.notional[mask].sum()) * scale,
             premature_liquidations=premature,
             premature_share=premature / count if count else None,
             bad_debt_usd=bad_total,
             bad_debt_bps=bad_total / opened * 1e4 if opened > 0 else None,
-            bad_debt_positions=int(np.count_nonzero(bad > 0.0)),
-            worst_position_bad_debt_usd=float(bad.max()) if bad.size else 0.0,
-            fees_to_fund_usd=float(ev.fee_usd[mask].sum()) * scale,
+            bad_debt_positions=int(ag.bad_count[mask].sum()),
+            worst_position_bad_debt_usd=float(worst.max()) if worst.size else 0.0,
+            fees_to_fund_usd=float(ag.fee[mask].sum()) * scale,
             insurance_fund_min_usd=fund_min,
             insurance_fund_exhausted_at=exhausted,
         )
@@ -524,7 +535,11 @@ class LiquidationResult:
 
     def position_table(self) -> PositionTable:
         """Every position with its outcome (memory: ~100 bytes per position; for inspection
-        and tests rather than full default grids on long series)."""
+        and tests rather than full default grids on long series).
+
+        Row order (the ``position`` index of ``events``): grid positions by entry bar, then
+        side, notional and leverage, each in the config's order; explicit positions as given.
+        """
         side, entry, notional, leverage, opened = self._layout.base()
         p = side.shape[0]
         ev = self.events
@@ -550,28 +565,6 @@ class LiquidationResult:
         )
 
 
-@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
-def _trailing_mean(x: FloatArray, window: int, factor: float) -> FloatArray:  # pragma: no cover - jit
-    """``factor`` × mean of ``x[max(0, t-window+1) .. t]`` per bar. The running sum restarts
-    from scratch every ``window`` bars, so rounding cannot drift."""
-    n = x.shape[0]
-    out = np.empty(n)
-    s = 0.0
-    for t in range(min(window, n)):
-        s += x[t]
-        out[t] = s * factor / (t + 1)
-    f = factor / window
-    for block in range(window, n, window):
-        s = 0.0
-        for i in range(block - window + 1, block + 1):
-            s += x[i]
-        out[block] = s * f
-        for t in range(block + 1, min(block + window, n)):
-            s += x[t] - x[t - window]
-            out[t] = s * f
-    return out
-
-
 def _depths(bars: BarSeries, config: LiquidationConfig) -> tuple[FloatArray, FloatArray]:
     """Depth (USD) per bar for long and short close-outs (bid / ask, or a share of ADV)."""
     needed = config.impact_coef > 0 or (config.cascade and config.cascade_kappa > 0)
@@ -586,38 +579,149 @@ def _depths(bars: BarSeries, config: LiquidationConfig) -> tuple[FloatArray, Flo
             )
         zeros = np.zeros(len(bars))
         return zeros, zeros
-    depth: FloatArray = _trailing_mean(
-        np.ascontiguousarray(traded, dtype=np.float64), int(config.adv_window_bars),
-        86_400.0 / bars.bar_seconds * float(config.depth_fraction_of_adv),
-    )
+    # cached on the series, like its other features: calibration re-simulates the same bars
+    key = ("liquidation_depth_usd", int(config.adv_window_bars),
+           float(config.depth_fraction_of_adv))
+    if key not in bars._cache:
+        bars._cache[key] = _lk.trailing_mean(
+            np.ascontiguousarray(traded, dtype=np.float64), int(config.adv_window_bars),
+            86_400.0 / bars.bar_seconds * float(config.depth_fraction_of_adv),
+        )
+    depth = bars._cache[key]
     return depth, depth
 
 
-@dataclass
+def _extreme_blocks(bars: BarSeries, sign: int) -> tuple[FloatArray, FloatArray]:
+    """``block_minima`` of the lows (``sign`` 1) or of minus the highs (-1), cached on the
+    series."""
+    keys = (("liquidation_blocks", sign, 8), ("liquidation_blocks", sign, 64))
+    if keys[0] not in bars._cache or keys[1] not in bars._cache:
+        price = np.ascontiguousarray(bars.low if sign > 0 else bars.high, dtype=np.float64)
+        bars._cache[keys[0]], bars._cache[keys[1]] = _lk.block_minima(
+            price, price, price, sign > 0, True
+        )
+    return bars._cache[keys[0]], bars._cache[keys[1]]
+
+
+@dataclass(eq=False)
 class _Group:
     """Query rows of one side and one MM series (rows ascending by entry bar)."""
 
     series: int
     entries: IntArray
     leverage: FloatArray  # (R, K) effective
-    thresholds: FloatArray  # (R, K) in x-space
     notional: FloatArray  # (R, J)
     pos_base: IntArray
     col_stride: int
     notional_stride: int
     order: IntArray  # column visiting order: leverage descending
     trig: IntArray | None = None
+    notional_pow: FloatArray = field(init=False)
 
 
-def _thresholds(
-    close: FloatArray, funding_cum: FloatArray, entries: IntArray, leverage: FloatArray,
-    is_long: bool,
-) -> FloatArray:
-    ce = close[entries][:, None]
-    de = funding_cum[entries][:, None]
-    off = ce / leverage
-    result: FloatArray = (ce - off - de) if is_long else (de - ce - off)
-    return np.ascontiguousarray(result)
+_NO_DETAILS = (
+    np.zeros(0, dtype=np.int64), 0, 0, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64),
+    np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0, dtype=bool),
+)
+
+
+@dataclass(frozen=True, eq=False)
+class _Aggregates:
+    """One row per liquidation trigger: the positions that share it (one per notional for
+    models that do not depend on size) and their sums; everything the metrics need."""
+
+    trigger_bar: IntArray
+    side: Int8Array
+    premature: BoolArray
+    count: IntArray
+    notional: FloatArray
+    bad_debt: FloatArray
+    fee: FloatArray
+    bad_count: IntArray
+    worst: FloatArray
+
+    @classmethod
+    def empty(cls, size: int) -> _Aggregates:
+        return cls(
+            trigger_bar=np.empty(size, dtype=np.int64), side=np.empty(size, dtype=np.int8),
+            premature=np.empty(size, dtype=bool), count=np.empty(size, dtype=np.int64),
+            notional=np.empty(size), bad_debt=np.empty(size), fee=np.empty(size),
+            bad_count=np.empty(size, dtype=np.int64), worst=np.empty(size),
+        )
+
+    def arrays(self) -> tuple[Any, ...]:
+        """The kernel's ``agg_*`` arguments."""
+        return (self.trigger_bar, self.premature, self.count, self.notional, self.bad_debt,
+                self.fee, self.bad_count, self.worst)
+
+
+@dataclass(eq=False)
+class _SideData:
+    """What the close-out kernel needs for one side: extremes (after cascade), depth and the
+    block index of the extremes."""
+
+    sign: int
+    price: FloatArray
+    depth: FloatArray
+    groups: list[_Group]
+    q8: FloatArray
+    q64: FloatArray
+
+    def kernel_args(
+        self, g: _Group, close: FloatArray, mm: FloatArray, funding_cum: FloatArray,
+        config: LiquidationConfig,
+    ) -> tuple[Any, ...]:
+        """The close-out kernel's arguments up to ``fee_rate``."""
+        return (
+            self.sign > 0, g.entries, close, self.price, mm, funding_cum, self.depth, self.q8,
+            self.q64, g.leverage, g.trig, g.notional, g.notional_pow, int(config.latency_bars),
+            int(config.recovery_bars), float(config.spread_rate), float(config.impact_coef),
+            float(config.impact_exponent), float(config.liquidation_fee_rate),
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class _Replay:
+    """Inputs to re-run the close-out kernel with per-position details (``events``)."""
+
+    close: FloatArray
+    funding_cum: FloatArray
+    mm_series: list[FloatArray]
+    sides: list[_SideData]
+    config: LiquidationConfig
+    bar_count: int
+
+    def events(self, total: int) -> LiquidationEvents:
+        position = np.empty(total, dtype=np.int64)
+        side = np.empty(total, dtype=np.int8)
+        trigger = np.empty(total, dtype=np.int64)
+        notional = np.empty(total)
+        liq = np.empty(total)
+        closeout = np.empty(total)
+        equity = np.empty(total)
+        premature = np.empty(total, dtype=bool)
+        slot = 0
+        empty_f = np.zeros(0)
+        empty_b = np.zeros(0, dtype=bool)
+        for sd in self.sides:
+            for g in sd.groups:
+                assert g.trig is not None
+                agg = _Aggregates.empty(int(np.count_nonzero(g.trig >= 0)))
+                start = slot
+                _, slot = _lk.outcomes(
+                    *sd.kernel_args(g, self.close, self.mm_series[g.series], self.funding_cum,
+                                    self.config),
+                    1.0, empty_f, empty_b, *agg.arrays(), 0, True, g.pos_base, g.col_stride,
+                    g.notional_stride, position, trigger, notional, liq, closeout, equity,
+                    premature, slot,
+                )
+                side[start:slot] = sd.sign
+        return LiquidationEvents(
+            position=position, side=side, trigger_bar=trigger, notional_usd=notional,
+            liquidation_price=liq, closeout_price=closeout, closeout_equity_usd=equity,
+            premature=premature, latency_bars=int(self.config.latency_bars),
+            fee_rate=float(self.config.liquidation_fee_rate), bar_count=self.bar_count,
+        )
 
 
 def _effective_leverage(requested: FloatArray, im_at_entry: FloatArray) -> FloatArray:
@@ -695,9 +799,10 @@ def simulate_liquidations(
             close, funding_cum, groups, scale, model.notional_dependent,
         )
 
+    for side_groups in groups.values():
+        for g in side_groups:
+            g.notional_pow = np.ascontiguousarray(g.notional ** float(config.impact_exponent))
     holding = int(config.holding_bars)
-    latency = int(config.latency_bars)
-    recovery = int(config.recovery_bars)
     # First passage without cascade, then (optionally) the cascade's forward pass.
     extremes: dict[int, FloatArray] = {1: low, -1: high}
     depths = {1: depth_long, -1: depth_short}
@@ -710,55 +815,43 @@ def simulate_liquidations(
                 )
             b8, b64 = blocks[g.series]
             g.trig = _lk.first_passage(
-                extremes[sign], mm_series[g.series], funding_cum, sign > 0, b8, b64, g.entries,
-                g.thresholds, g.order, holding,
+                extremes[sign], mm_series[g.series], funding_cum, sign > 0, b8, b64, close,
+                g.entries, g.leverage, g.order, holding,
             )
         if config.cascade and config.cascade_kappa > 0 and side_groups:
             extremes[sign] = _run_cascade(
-                side_groups, extremes[sign], mm_series, funding_cum, depths[sign], sign > 0,
+                side_groups, extremes[sign], close, mm_series, funding_cum, depths[sign], sign > 0,
                 float(config.cascade_kappa), holding, scale,
             )
 
-    total = 0
+    agg_total = 0
     for side_groups in groups.values():
         for g in side_groups:
             assert g.trig is not None
-            total += int(np.count_nonzero(g.trig >= 0)) * g.notional.shape[1]
-    out_position = np.empty(total, dtype=np.int64)
-    out_side = np.empty(total, dtype=np.int8)
-    out_trigger = np.empty(total, dtype=np.int64)
-    out_notional = np.empty(total)
-    out_liq = np.empty(total)
-    out_close = np.empty(total)
-    out_equity = np.empty(total)
-    out_premature = np.empty(total, dtype=bool)
+            agg_total += int(np.count_nonzero(g.trig >= 0))
+    agg = _Aggregates.empty(agg_total)
     fund_delta = np.zeros(n)
     fund_seen = np.zeros(n, dtype=bool)
+    side_data: list[_SideData] = []
     slot = 0
     for sign, side_groups in groups.items():
         if not side_groups:
             continue
-        price = extremes[sign]
-        q8, q64 = _lk.block_minima(price, price, funding_cum, sign > 0, True)
+        if extremes[sign] is (low if sign > 0 else high):
+            q8, q64 = _extreme_blocks(bars, sign)
+        else:  # moved by the cascade
+            q8, q64 = _lk.block_minima(extremes[sign], low, low, sign > 0, True)
+        side = _SideData(sign, extremes[sign], depths[sign], side_groups, q8, q64)
+        side_data.append(side)
         for g in side_groups:
             start = slot
-            slot = int(_lk.outcomes(
-                sign > 0, g.entries, close, price, mm_series[g.series], funding_cum, depths[sign],
-                q8, q64, g.leverage, g.trig, g.notional,
-                np.ascontiguousarray(g.notional ** float(config.impact_exponent)),
-                g.pos_base, g.col_stride,
-                g.notional_stride, latency, recovery, float(config.spread_rate),
-                float(config.impact_coef), float(config.impact_exponent),
-                float(config.liquidation_fee_rate), scale, fund_delta, fund_seen, out_position,
-                out_trigger, out_notional, out_liq, out_close, out_equity, out_premature, slot,
-            ))
-            out_side[start:slot] = sign
-    events = LiquidationEvents(
-        position=out_position, side=out_side, trigger_bar=out_trigger, notional_usd=out_notional,
-        liquidation_price=out_liq, closeout_price=out_close, closeout_equity_usd=out_equity,
-        premature=out_premature, latency_bars=latency,
-        fee_rate=float(config.liquidation_fee_rate), bar_count=n,
-    )
+            slot, _ = _lk.outcomes(
+                *side.kernel_args(g, close, mm_series[g.series], funding_cum, config),
+                scale, fund_delta, fund_seen, *agg.arrays(), slot, False,
+                *_NO_DETAILS, 0,
+            )
+            agg.side[start:slot] = sign
+    replay = _Replay(close, funding_cum, mm_series, side_data, config, n)
 
     # Insurance fund: the running level after each bar with a close-out.
     fund_bars, fund_usd = _lk.fund_levels(fund_delta, fund_seen, float(config.insurance_fund_usd))
@@ -777,10 +870,12 @@ def simulate_liquidations(
         entry_bars=entry_bars,
         entry_positions=entry_positions,
         entry_notional_usd=entry_notional,
-        events=events,
+        liquidations=int(agg.count.sum()),
         fund_bars=fund_bars,
         fund_usd=fund_usd,
         _layout=layout,
+        _agg=agg,
+        _replay=replay,
         _neg_since=neg_since,
     )
 
@@ -825,7 +920,6 @@ def _grid_groups(
                 m = int(series_of[j])
                 groups[sign].append(_Group(
                     series=m, entries=entries, leverage=leverage[m],
-                    thresholds=_thresholds(close, funding_cum, entries, leverage[m], sign > 0),
                     notional=np.full((e_n, 1), notionals[j]),
                     pos_base=np.ascontiguousarray(base + j * k_n), col_stride=1,
                     notional_stride=0, order=order,
@@ -833,7 +927,6 @@ def _grid_groups(
         else:
             groups[sign].append(_Group(
                 series=0, entries=entries, leverage=leverage[0],
-                thresholds=_thresholds(close, funding_cum, entries, leverage[0], sign > 0),
                 notional=np.ascontiguousarray(np.broadcast_to(notionals, (e_n, j_n))),
                 pos_base=np.ascontiguousarray(base), col_stride=1, notional_stride=k_n,
                 order=order,
@@ -870,14 +963,14 @@ def _explicit_groups(
     requested = np.asarray([float(p.leverage) for p in positions])
     leverage = np.full(p_n, np.nan)
     opened = (entry >= first_valid) & (entry + 1 < n)
-    for i in np.flatnonzero(opened):
-        m = int(series_of[i])
-        e = int(entry[i])
-        im_e = im[m][e]
+    for row in np.flatnonzero(opened):
+        m = int(series_of[row])
+        e = int(entry[row])
+        im_e = float(im[m][e])
         if not (math.isfinite(mm[m][e]) and math.isfinite(im_e)):
-            opened[i] = False
+            opened[row] = False
             continue
-        leverage[i] = min(requested[i], 1.0 / im_e) if im_e > 0 else requested[i]
+        leverage[row] = min(requested[row], 1.0 / im_e) if im_e > 0 else requested[row]
     layout = _ExplicitLayout(side=side, entry_bar=entry, notional=notionals, leverage=leverage,
                              opened=opened)
     idx = np.flatnonzero(opened)
@@ -891,33 +984,35 @@ def _explicit_groups(
             lev = np.ascontiguousarray(leverage[sel][:, None])
             groups[sign].append(_Group(
                 series=m, entries=ent, leverage=lev,
-                thresholds=_thresholds(close, funding_cum, ent, lev, sign > 0),
                 notional=np.ascontiguousarray(notionals[sel][:, None]),
                 pos_base=np.ascontiguousarray(sel.astype(np.int64)), col_stride=0,
                 notional_stride=0, order=np.zeros(1, dtype=np.int64),
             ))
     entry_bars, inverse = np.unique(entry[idx], return_inverse=True)
     entry_positions = np.bincount(inverse, minlength=entry_bars.shape[0]).astype(np.int64)
-    entry_notional = np.bincount(inverse, weights=notionals[idx] * scale,
-                                 minlength=entry_bars.shape[0])
+    entry_notional = np.asarray(
+        np.bincount(inverse, weights=notionals[idx] * scale, minlength=entry_bars.shape[0]),
+        dtype=np.float64,
+    )
     return layout, entry_bars.astype(np.int64), entry_positions, entry_notional
 
 
 def _run_cascade(
-    side_groups: list[_Group], price: FloatArray, mm: list[FloatArray], funding_cum: FloatArray,
-    depth: FloatArray, is_long: bool, kappa: float, holding: int, scale: float,
+    side_groups: list[_Group], price: FloatArray, close: FloatArray, mm: list[FloatArray],
+    funding_cum: FloatArray, depth: FloatArray, is_long: bool, kappa: float, holding: int,
+    scale: float,
 ) -> FloatArray:
     """Run the cascade kernel over every group of one side; updates each group's triggers."""
     sizes = [g.entries.shape[0] for g in side_groups]
     series_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     entries = np.concatenate([g.entries for g in side_groups]).astype(np.int64)
-    thresholds = np.ascontiguousarray(np.concatenate([g.thresholds for g in side_groups]))
+    leverage = np.ascontiguousarray(np.concatenate([g.leverage for g in side_groups]))
     weight = np.concatenate([g.notional.sum(axis=1) * scale for g in side_groups])
     trig = np.ascontiguousarray(np.concatenate([g.trig for g in side_groups if g.trig is not None]))
     mm_stack = np.ascontiguousarray(np.stack([mm[g.series] for g in side_groups]))
     adj: FloatArray = _lk.cascade(
-        price, mm_stack, funding_cum, depth, is_long, kappa, holding, series_start, entries,
-        thresholds, weight, trig,
+        price, mm_stack, funding_cum, depth, is_long, kappa, holding, series_start, close,
+        entries, leverage, weight, trig,
     )
     for i, g in enumerate(side_groups):
         g.trig = np.ascontiguousarray(trig[series_start[i]:series_start[i + 1]])

@@ -137,21 +137,24 @@ def test_bad_input_is_one_line_exit_2(root: Path, capsys: pytest.CaptureFixture[
     code, out, err = _run(base, capsys)
     assert code == 2
     assert out == ""
-    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert err.count("\n") == 1
+    assert err.startswith("error: ")
     assert needle in err
 
 
 @pytest.mark.parametrize("ref", ["../outside.csv", "/etc/passwd", "link.csv", "missing.csv"])
-def test_references_outside_the_root_are_refused(root: Path, tmp_path_factory: pytest.TempPathFactory,
-                                                 capsys: pytest.CaptureFixture[str],
-                                                 ref: str) -> None:
+def test_references_outside_the_root_are_refused(
+    root: Path, tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str],
+    ref: str,
+) -> None:
     """Paths escaping the data root (.., absolute, symlink out) or missing files: exit 2."""
     outside = tmp_path_factory.mktemp("outside")
     _write_bars(outside, "real.csv")
     (root / "link.csv").symlink_to(outside / "real.csv")
     code, _, err = _run(["backtest", "--data", ref, "--model", "ewma"], capsys)
     assert code == 2
-    assert err.startswith("error: ") and err.count("\n") == 1
+    assert err.startswith("error: ")
+    assert err.count("\n") == 1
 
 
 def test_argparse_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
@@ -160,7 +163,8 @@ def test_argparse_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> Non
         main(["backtest", "--model", "ewma"])
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--data" in err
+    assert err.count("\n") == 1
+    assert "--data" in err
 
 
 @pytest.mark.data

@@ -153,3 +153,33 @@ def test_stress_window_outside_data_is_not_reported() -> None:
     far = StressWindow.from_dates("future", "2099-01-01")
     report = coverage_backtest(bars, TieredMargin(), CoverageConfig(horizon_bars=5), [far])
     assert [m.window for m in report] == ["all"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    data=st.lists(st.floats(0.001, 1.0), min_size=1, max_size=300),
+    warmup=st.integers(0, 40),
+    trail=st.integers(1, 120),
+    block=st.integers(1, 64),
+    step=st.integers(1, 7),
+    start_offset=st.integers(0, 30),
+)
+def test_max_increase_ratio_matches_brute_force(data: list[float], warmup: int, trail: int,
+                                               block: int, step: int,
+                                               start_offset: int) -> None:
+    """The block-pruned procyclicality search equals a direct max over windows."""
+    from calibration import _kernels
+
+    margin = np.array([np.nan] * warmup + data)
+    loss = np.zeros_like(margin)
+    loss[-1] = np.nan  # a bar without a full horizon is not an observation
+    start = min(warmup + start_offset, len(margin))
+    stop = len(margin)
+    expected = 0.0
+    for t in range(start, stop, step):
+        if np.isnan(loss[t]):
+            continue
+        window = [v for v in margin[max(0, t - trail + 1) : t + 1] if not np.isnan(v)]
+        expected = max(expected, margin[t] / min(window))
+    got = _kernels.max_increase_ratio(margin, loss, start, stop, step, trail, block)
+    assert got == pytest.approx(expected, rel=1e-12)
