@@ -33,6 +33,9 @@ from numpy.typing import NDArray
 #: numba options of every kernel (as in ``calibration._kernels``): compiled once per machine.
 _JIT: dict[str, Any] = {"nogil": True, "cache": True}
 
+#: Equity within this fraction of notional above MM triggers the liquidation (see _threshold).
+TIE_TOLERANCE = 1e-9
+
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
 BoolArray = NDArray[np.bool_]
@@ -54,14 +57,20 @@ def _threshold(
     entry_close: float, leverage: float, entry_funding_cum: float, is_long: bool
 ) -> float:  # pragma: no cover - jit
     """A position's trigger threshold in x-space: long ``C_e - C_e/L - D_e``, short
-    ``D_e - C_e - C_e/L``; it rises with leverage on both sides."""
+    ``D_e - C_e - C_e/L``; it rises with leverage on both sides.
+
+    Plus ``TIE_TOLERANCE * C_e``: equity within ``TIE_TOLERANCE`` of notional above MM counts
+    as having fallen to it. Prices are quoted in round ticks, so equity can land exactly on
+    MM (a 10x long from 3388.00 with MM 1% liquidates at exactly 3080.00); floating-point
+    rounding must not decide such ties.
+    """
     off = entry_close / leverage
     bound: float
     if is_long:
         bound = entry_close - off - entry_funding_cum
     else:
         bound = entry_funding_cum - entry_close - off
-    return bound
+    return bound + TIE_TOLERANCE * entry_close
 
 
 @nb.njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]

@@ -137,7 +137,8 @@ def simulate(bars: BarSeries, model: MarginModel, config: LiquidationConfig) -> 
         mm = rates(p.notional)[0][t]
         qty = p.notional / close[p.entry]
         extreme = lo if p.side == "long" else hi
-        return equity_at(p, extreme, t) <= mm * qty * extreme
+        # Equity within 1e-9 of notional above MM counts as at MM (ties on round prices).
+        return equity_at(p, extreme, t) <= mm * qty * extreme + 1e-9 * p.notional
 
     eff_low = list(low)
     eff_high = list(high)

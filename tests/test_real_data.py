@@ -116,3 +116,51 @@ def test_crash_coverage(episode: Episode, shared_data: Path,
         counts = _window_breaches_by_brute_force(bars, ewma, episode)
         assert (window.long.breaches, window.short.breaches) == counts
         assert sum(counts) < sum(static_counts)
+
+
+def _liq_config(episode: Episode):  # type: ignore[no-untyped-def]
+    from calibration import LiquidationConfig
+
+    per_hour = 60 // episode.bar_minutes
+    return LiquidationConfig(
+        leverages=(5, 10, 20, 50), notionals_usd=(100_000,), entry_every_bars=per_hour,
+        holding_bars=24 * per_hour, latency_bars=1, recovery_bars=per_hour,
+        adv_window_bars=24 * per_hour, insurance_fund_usd=100_000.0,
+    )
+
+
+def _crash_cut(episode: Episode) -> tuple[int, int]:
+    """Enough bars before the window for the warm-up, and a day after it."""
+    bar_ms = episode.bar_minutes * 60_000
+    return episode.window.start_ms - 1100 * bar_ms, episode.window.end_ms + 86_400_000
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("episode", EPISODES, ids=lambda e: e.name)
+def test_crash_bad_debt(episode: Episode, shared_data: Path,
+                        data_file: Callable[[str], str]) -> None:
+    """A static 1% MM leaves bad debt on the crash day; EWMA at 99% / 99.5% leaves less."""
+    from calibration import simulate_liquidations
+    from tests import reference_liquidation as reference
+
+    data_file(episode.ref)
+    start_ms, end_ms = _crash_cut(episode)
+    bars = load_bars(episode.ref, root=shared_data, start_ms=start_ms, end_ms=end_ms)
+    config = _liq_config(episode)
+    w = episode.window
+
+    def bad_debt(family: str, params: dict[str, object]) -> float:
+        model = make_model(family, params)
+        engine = simulate_liquidations(bars, model, config).metrics(w.name, w.start_ms, w.end_ms)
+        brute = reference.metrics(reference.simulate(bars, model, config), w.start_ms, w.end_ms)
+        assert engine.liquidations == brute["liquidations"]
+        assert engine.premature_liquidations == brute["premature_liquidations"]
+        assert engine.bad_debt_usd == pytest.approx(brute["bad_debt_usd"], rel=1e-9, abs=1e-6)
+        assert engine.insurance_fund_min_usd == pytest.approx(brute["insurance_fund_min_usd"],
+                                                              rel=1e-9, abs=1e-6)
+        return engine.bad_debt_usd
+
+    static = bad_debt("tiered", STATIC_1PCT)
+    assert static > 0
+    for confidence in (0.99, 0.995):
+        assert bad_debt("ewma", episode.ewma_params(confidence)) < static
