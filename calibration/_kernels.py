@@ -20,45 +20,55 @@ _JIT: dict[str, Any] = {"nogil": True, "cache": True}
 
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
-def _sliding_min_forward(x: FloatArray, window: int) -> FloatArray:  # pragma: no cover - jit
-    """``out[s] = min(x[s .. s+window-1])``; NaN where the window runs past the end.
-
-    van Herk / Gil-Werman: a prefix minimum inside each block of ``window`` bars and a suffix
-    minimum inside each block, so every output is one comparison whatever the window.
-    """
-    n = x.shape[0]
-    out = np.full(n, np.nan)
-    if window <= 0 or window > n:
-        return out
-    prefix = np.empty(n)
-    suffix = np.empty(n)
-    for i in range(n):
-        if i % window == 0:
-            prefix[i] = x[i]
-        else:
-            prefix[i] = min(prefix[i - 1], x[i])
-    for i in range(n - 1, -1, -1):
-        if i == n - 1 or (i + 1) % window == 0:
-            suffix[i] = x[i]
-        else:
-            suffix[i] = min(suffix[i + 1], x[i])
-    for s in range(n - window + 1):
-        out[s] = min(suffix[s], prefix[s + window - 1])
-    return out
-
-
-@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
 def _forward_losses(
     low: FloatArray, high: FloatArray, close: FloatArray, horizon: int
 ) -> tuple[FloatArray, FloatArray]:  # pragma: no cover - jit
+    """``1 - min(low[t+1..t+h]) / close[t]`` and ``max(high[t+1..t+h]) / close[t] - 1``.
+
+    van Herk / Gil-Werman over blocks of ``h`` bars: for a window starting at s in block j,
+    the minimum is min(suffix minimum of block j from s, prefix minimum of block j+1 up to
+    s+h-1), so each bar costs two comparisons whatever h. The suffix minima live in a
+    block-sized buffer and the prefix minimum in a register: no n-sized temporaries, whose
+    first-touch page faults cost more than the arithmetic on these machines.
+    """
     n = close.shape[0]
-    min_low = _sliding_min_forward(low, horizon)
-    max_high = -_sliding_min_forward(-high, horizon)
     long_loss = np.full(n, np.nan)
     short_loss = np.full(n, np.nan)
-    for t in range(n - horizon):
-        long_loss[t] = 1.0 - min_low[t + 1] / close[t]
-        short_loss[t] = max_high[t + 1] / close[t] - 1.0
+    w = horizon
+    if w <= 0 or w >= n:
+        return long_loss, short_loss
+    lo_buf = np.empty(w)
+    hi_buf = np.empty(w)
+    # Windows start at s = t + 1 for t = 0 .. n - w - 1, i.e. s = 1 .. n - w.
+    for j0 in range(1, n - w + 1, w):
+        e = min(j0 + w, n)
+        run_lo = np.inf
+        run_hi = -np.inf
+        for i in range(e - 1, j0 - 1, -1):
+            v = low[i]
+            run_lo = v if v < run_lo else run_lo
+            lo_buf[i - j0] = run_lo
+            v = high[i]
+            run_hi = v if v > run_hi else run_hi
+            hi_buf[i - j0] = run_hi
+        # The window starting at the block's first bar is the block itself.
+        if j0 + w - 1 < n:
+            long_loss[j0 - 1] = 1.0 - lo_buf[0] / close[j0 - 1]
+            short_loss[j0 - 1] = hi_buf[0] / close[j0 - 1] - 1.0
+        run_lo = np.inf
+        run_hi = -np.inf
+        for s in range(j0 + 1, e):
+            i = s + w - 1
+            if i >= n:
+                break
+            v = low[i]
+            run_lo = v if v < run_lo else run_lo
+            v = high[i]
+            run_hi = v if v > run_hi else run_hi
+            a = lo_buf[s - j0]
+            b = hi_buf[s - j0]
+            long_loss[s - 1] = 1.0 - (a if a < run_lo else run_lo) / close[s - 1]
+            short_loss[s - 1] = (b if b > run_hi else run_hi) / close[s - 1] - 1.0
     return long_loss, short_loss
 
 
