@@ -160,6 +160,7 @@ GRID = {
     "holding_bars": 60,
     "recovery_bars": 10,
     "insurance_fund_usd": 20_000.0,
+    "impact_coef": 0.1,  # a thin book, so that latency 0 still leaves bad debt
 }
 
 
@@ -200,7 +201,7 @@ def test_volume_based_depth_and_no_funding_match_reference() -> None:
 def test_no_liquidity_data_needs_no_impact() -> None:
     """Bars without volume or depth still simulate with impact_coef=0 (spread only)."""
     bars = make_bars(crash_path(150, seed=8), seed=8, volume=False)
-    config = LiquidationConfig(impact_coef=0.0, **GRID)  # type: ignore[arg-type]
+    config = LiquidationConfig(**{**GRID, "impact_coef": 0.0})  # type: ignore[arg-type]
     assert_matches_reference(bars, EwmaMargin(warmup_bars=10), config)
 
 
