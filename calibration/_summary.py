@@ -33,6 +33,13 @@ def print_summary(report: BacktestReport, console: Console) -> None:
             f"{info.bar_seconds}s, {info.start} → {info.end}, {info.gaps} gaps "
             f"({info.missing_bars:,} missing bars), fingerprint {info.fingerprint[:12]}"
         )
+        if info.suspect_prints:
+            count = len(info.suspect_prints)
+            shown = ", ".join(info.suspect_prints[:5])
+            more = f" and {count - 5} more" if count > 5 else ""
+            console.print(
+                f"[yellow]{count} suspect prints (wick > 50% beyond the body): {shown}{more}[/]"
+            )
         cov = Table(title="coverage", title_justify="left")
         for col in ("window", "side", "obs", "breaches", "rate", "expected", "Kupiec p",
                     "indep. p", "light", "mean MM", "max uncovered", "peak/trough"):

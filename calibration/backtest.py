@@ -9,6 +9,7 @@ from typing import Any
 from calibration._bars import BarSeries
 from calibration._version import ENGINE_VERSION
 from calibration.coverage import CoverageConfig, coverage_backtest, iso_utc
+from calibration.data import find_suspect_prints
 from calibration.liquidation import LiquidationConfig, simulate_liquidations
 from calibration.models import LiquidityAddon, make_model
 from calibration.report import BacktestReport, DatasetInfo, InstrumentReport
@@ -33,6 +34,7 @@ def dataset_info(bars: BarSeries) -> DatasetInfo:
         bar_seconds=bars.bar_seconds,
         gaps=len(bars.gaps),
         missing_bars=sum(g.missing_bars for g in bars.gaps),
+        suspect_prints=[iso_utc(int(bars.timestamp_ms[r])) for r in find_suspect_prints(bars)],
     )
 
 

@@ -61,6 +61,39 @@ def _json_object(text: str, field: str) -> dict[str, Any]:
     return value
 
 
+def _explicit_positions(items: object) -> tuple[Any, ...]:
+    """``[{"side", "entry" (ISO time) or "entry_bar", "notional_usd", "leverage"}, ...]``."""
+    from calibration.liquidation import ExplicitPosition
+
+    if not isinstance(items, list):
+        raise InvalidParameters("positions must be a list of objects", field="positions")
+    out = []
+    for i, item in enumerate(items):
+        where = f"positions[{i}]"
+        if not isinstance(item, dict):
+            raise InvalidParameters(f"{where} must be an object", field=where)
+        extra = set(item) - {"side", "entry", "entry_bar", "notional_usd", "leverage"}
+        if extra:
+            raise InvalidParameters(f"{where}: unknown key {sorted(extra)[0]!r}", field=where)
+        try:
+            entry_ms = None
+            if "entry" in item:
+                stamp = datetime.fromisoformat(str(item["entry"]).replace("Z", "+00:00"))
+                if stamp.tzinfo is None:
+                    stamp = stamp.replace(tzinfo=UTC)
+                entry_ms = int(stamp.timestamp() * 1000)
+            out.append(ExplicitPosition(
+                side=item["side"], entry_bar=item.get("entry_bar"),
+                notional_usd=float(item["notional_usd"]), leverage=float(item["leverage"]),
+                entry_ms=entry_ms,
+            ))
+        except KeyError as exc:
+            raise InvalidParameters(f"{where}: missing {exc.args[0]!r}", field=where) from None
+        except (TypeError, ValueError) as exc:
+            raise InvalidParameters(f"{where}: {exc}", field=where) from None
+    return tuple(out)
+
+
 def _horizon_bars(text: str | None, bar_seconds: int) -> int | None:
     from calibration.data import parse_duration_seconds
 
@@ -153,13 +186,15 @@ def _cmd_backtest(args: argparse.Namespace) -> int:
     liquidation: LiquidationConfig | None = None
     if not args.no_liquidation:
         fields = _json_object(args.liquidation, "liquidation") if args.liquidation else {}
-        known = {f for f in LiquidationConfig.__dataclass_fields__ if f != "positions"}
+        known = set(LiquidationConfig.__dataclass_fields__)
         for key in fields:
             if key not in known:
                 raise InvalidParameters(
                     f"unknown liquidation setting {key!r}; known: {', '.join(sorted(known))}",
                     field=key,
                 )
+        if "positions" in fields:
+            fields["positions"] = _explicit_positions(fields["positions"])
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
         liquidation = LiquidationConfig(**fields)
     if args.no_stress_windows:

@@ -146,6 +146,22 @@ def find_gaps(timestamp_ms: IntArray, bar_seconds: int) -> tuple[Gap, ...]:
     )
 
 
+def find_suspect_prints(bars: BarSeries, max_wick_rate: float = 0.5) -> IntArray:
+    """Rows whose wick reaches more than ``max_wick_rate`` beyond the bar's body.
+
+    ``high > max(open, close) * (1 + max_wick_rate)`` or
+    ``low < min(open, close) / (1 + max_wick_rate)``: a price that traded once and was gone
+    within the same bar, like the ETH perpetual's 323.00 high on 2020-03-13 (spot high
+    139.68). Reported, never removed: a real crash wick and a bad tick look alike, and
+    which one it was is the data owner's call.
+    """
+    body_hi = np.maximum(bars.open, bars.close)
+    body_lo = np.minimum(bars.open, bars.close)
+    factor = 1.0 + max_wick_rate
+    rows: IntArray = np.flatnonzero((bars.high > body_hi * factor) | (bars.low < body_lo / factor))
+    return rows
+
+
 def fingerprint(
     timestamp_ms: IntArray,
     prices: Sequence[FloatArray],

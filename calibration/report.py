@@ -85,7 +85,11 @@ class FundPoint(msgspec.Struct, frozen=True, array_like=True):
 
 
 class DatasetInfo(msgspec.Struct, frozen=True, kw_only=True):
-    """Where an instrument's bars came from, and what they were."""
+    """Where an instrument's bars came from, and what they were.
+
+    ``suspect_prints`` holds the open times of bars whose wick reaches more than 50% beyond
+    the body (``calibration.data.find_suspect_prints``): kept in the data, flagged here.
+    """
 
     instrument: str
     ref: str
@@ -96,6 +100,7 @@ class DatasetInfo(msgspec.Struct, frozen=True, kw_only=True):
     bar_seconds: int
     gaps: int
     missing_bars: int
+    suspect_prints: list[str] = []
 
 
 class InstrumentReport(msgspec.Struct, frozen=True, kw_only=True):

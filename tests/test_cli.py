@@ -185,3 +185,30 @@ def test_console_script_on_real_data(shared_data: Path, data_file: Callable[[str
     windows = [m.window for m in report.instruments[0].coverage]
     assert windows == ["all", "may_2021_crash"]
     assert report.datasets[0].gaps == 1
+
+
+def test_explicit_positions(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--liquidation positions replace the grid; entries by ISO time or by bar."""
+    ref = _write_bars(root)
+    positions = (
+        '{"positions": [{"side": "long", "entry": "2024-08-01T03:00:00Z", '
+        '"notional_usd": 50000, "leverage": 25}, '
+        '{"side": "short", "entry_bar": 150, "notional_usd": 1000, "leverage": 3}]}'
+    )
+    code, out, err = _run(["backtest", "--data", ref, "--model", "ewma", "--params", EWMA,
+                           "--liquidation", positions, "--json"], capsys)
+    assert code == 0, err
+    report = msgspec.json.decode(out.encode(), type=BacktestReport)
+    overall = report.instruments[0].liquidation[0]  # type: ignore[index]
+    assert overall.positions == 2
+    assert overall.notional_opened_usd == 51_000.0
+
+
+def test_explicit_position_errors_name_the_entry(root: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A malformed explicit position is a one-line error naming positions[i]."""
+    ref = _write_bars(root)
+    code, _, err = _run(["backtest", "--data", ref, "--model", "ewma", "--liquidation",
+                         '{"positions": [{"side": "long", "leverage": 2}]}'], capsys)
+    assert code == 2
+    assert "positions[0]" in err

@@ -642,3 +642,32 @@ def test_parse_duration_refuses_nonsense(text: str) -> None:
     """Empty, zero, negative, fractional or unit-less durations raise DataError."""
     with pytest.raises(DataError, match="not a duration"):
         parse_duration_seconds(text)
+
+
+def test_suspect_prints_are_flagged_not_removed(tmp_path: Path) -> None:
+    """A one-bar spike far beyond the body is reported as a suspect print and kept."""
+    from calibration.data import find_suspect_prints
+
+    frame = pd.DataFrame({
+        "timestamp": pd.date_range("2020-03-10", periods=6, freq="1D", tz="UTC"),
+        "open": [100.0, 101, 102, 103, 104, 105],
+        "high": [101.0, 102, 250, 104, 105, 106],
+        "low": [99.0, 100, 101, 60, 103, 104],
+        "close": [101.0, 102, 103, 104, 105, 106],
+    })
+    frame.to_csv(tmp_path / "spike.csv", index=False)
+    bars = load_bars("spike.csv", root=tmp_path)
+    assert find_suspect_prints(bars).tolist() == [2, 3]
+    assert len(bars) == 6
+
+
+@pytest.mark.data
+def test_eth_perp_bad_print_is_flagged(shared_data: Path, data_file) -> None:  # type: ignore[no-untyped-def]
+    """The ETH perpetual's 323.00 high on 2020-03-13 (spot high 139.68) is flagged."""
+    from calibration.data import find_suspect_prints
+
+    ref = data_file("binance_usdm_perp_2019_2020/ETHUSDT_perp_1d.csv")
+    bars = load_bars(ref, root=shared_data)
+    rows = find_suspect_prints(bars)
+    days = pd.to_datetime(bars.timestamp_ms[rows], unit="ms").strftime("%Y-%m-%d").tolist()
+    assert "2020-03-13" in days
