@@ -230,6 +230,102 @@ def _cmd_backtest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    import subprocess
+    import time
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from calibration.calibrate import create_or_load_study, prepare, run_worker, summarize
+    from calibration.spec import decode_spec
+    from calibration.storage import Coordination
+
+    root = os.environ.get("MARGINLAB_DATA_ROOT", os.getcwd())
+    try:
+        raw = Path(args.spec).read_bytes()
+    except OSError as exc:
+        raise InvalidParameters(f"cannot read spec {args.spec!r}: {exc.strerror}",
+                                field="spec") from None
+    spec = decode_spec(raw)
+    if args.workers < 1:
+        raise InvalidParameters("--workers must be at least 1", field="workers")
+    if args.workers > 1 and args.storage == "memory":
+        raise InvalidParameters("--workers > 1 needs a shared storage (a journal file, "
+                                "redis:// or postgresql://), not memory", field="storage")
+    err = Console(stderr=True)
+    prepared = prepare(spec, root)
+    _quiet_optuna()
+    with Coordination(args.storage) as coordination:
+        study = create_or_load_study(spec, prepared, coordination, args.study)
+        deadline = time.time() + spec.timeout_seconds if spec.timeout_seconds else None
+        helpers = [
+            subprocess.Popen(
+                [sys.executable, "-m", "calibration.cli", "worker", "--study", study.study_name,
+                 "--storage", args.storage, "--worker-index", str(i), "--quiet"],
+                env={**os.environ, "MARGINLAB_DATA_ROOT": root},
+            )
+            for i in range(1, args.workers)
+        ]
+        show = err.is_terminal and not args.quiet
+        with Progress(
+            TextColumn("trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.description}"), console=err, disable=not show, transient=True,
+        ) as bar:
+            task = bar.add_task("", total=spec.n_trials)
+
+            def on_trial(done: int, total: int | None, best: dict[str, Any] | None) -> None:
+                text = ("best feasible: none yet" if best is None else
+                        f"best feasible: IM {100 * best['capital_cost']:.2f}%, "
+                        f"{best['insolvency_bps']:.2f} bps (trial {best['trial']})")
+                bar.update(task, completed=done, description=text)
+
+            try:
+                run_worker(study, prepared, coordination, n_trials=spec.n_trials,
+                           deadline=deadline, on_trial=on_trial)
+            finally:
+                for proc in helpers:
+                    proc.wait()
+        result = summarize(study, prepared, args.storage)
+    if args.json:
+        import msgspec
+
+        sys.stdout.buffer.write(msgspec.json.encode(result) + b"\n")
+    else:
+        from calibration._summary import print_calibration
+
+        out = Console()
+        if not out.is_terminal:
+            out = Console(width=160)
+        print_calibration(result, out)
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from calibration.calibrate import StudyMismatch, load_study, prepare, run_worker
+    from calibration.storage import Coordination
+
+    root = os.environ.get("MARGINLAB_DATA_ROOT", os.getcwd())
+    _quiet_optuna()
+    with Coordination(args.storage) as coordination:
+        study, spec = load_study(args.study, coordination, worker=args.worker_index)
+        prepared = prepare(spec, root)
+        if study.user_attrs.get("fingerprints") != prepared.fingerprints:
+            raise StudyMismatch(
+                f"the data under {root!r} differ from the data study {args.study!r} was "
+                "created with (fingerprints do not match)")
+        ran = run_worker(study, prepared, coordination, n_trials=spec.n_trials)
+    if not args.quiet:
+        print(f"worker finished: ran {ran} trials of study {args.study}", file=sys.stderr)
+    return 0
+
+
+def _quiet_optuna() -> None:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
 class _null:
     def __enter__(self) -> None:
         return None
@@ -289,6 +385,39 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--json", action="store_true", help="print the full JSON report")
     bt.add_argument("--quiet", action="store_true", help="no progress bar")
     bt.set_defaults(func=_cmd_backtest)
+
+    from calibration.storage import DEFAULT_STORAGE
+
+    cal = sub.add_parser(
+        "calibrate",
+        help="search a model's parameters (Optuna) for capital cost against insolvency",
+        description=(
+            "Multi-objective calibration of a margin model from a JSON spec (see examples/). "
+            "Studies live in --storage; re-running the same spec resumes its study."
+        ),
+    )
+    cal.add_argument("--spec", required=True, help="the calibration spec (JSON file)")
+    cal.add_argument("--storage", default=DEFAULT_STORAGE,
+                     help=f"study storage: a journal file path, redis://..., postgresql://... "
+                          f"or memory (default: {DEFAULT_STORAGE})")
+    cal.add_argument("--workers", type=int, default=1,
+                     help="worker processes on this machine, this one included (default: 1)")
+    cal.add_argument("--study", help="study name (default: derived from the spec's hash)")
+    cal.add_argument("--json", action="store_true", help="print the full JSON result")
+    cal.add_argument("--quiet", action="store_true", help="no progress bar")
+    cal.set_defaults(func=_cmd_calibrate)
+
+    wk = sub.add_parser(
+        "worker", help="join a running calibration study and add trials to it",
+        description="Join a study from this or another machine; data references resolve "
+                    "under MARGINLAB_DATA_ROOT and must match the study's fingerprints.",
+    )
+    wk.add_argument("--study", required=True, help="the study name")
+    wk.add_argument("--storage", default=DEFAULT_STORAGE, help="the study's storage URL")
+    wk.add_argument("--worker-index", type=int, default=1,
+                    help="offsets the sampler seed so workers explore differently")
+    wk.add_argument("--quiet", action="store_true", help="no closing line")
+    wk.set_defaults(func=_cmd_worker)
     return parser
 
 
