@@ -212,3 +212,67 @@ def test_explicit_position_errors_name_the_entry(root: Path,
                          '{"positions": [{"side": "long", "leverage": 2}]}'], capsys)
     assert code == 2
     assert "positions[0]" in err
+
+
+def _spec(ref: str, **extra: object) -> str:
+    spec = {
+        "data": [{"instrument": "BTC", "ref": ref}],
+        "model": "ewma",
+        "search_space": {"warmup_bars": {"value": 100}, "horizon_bars": {"value": 10}},
+        "stress_windows": [{"name": "crash", "start": "2024-08-01"}],
+        "liquidation": {"leverages": [5, 20], "notionals_usd": [10000],
+                        "entry_every_bars": 30, "holding_bars": 120},
+        "n_trials": 6,
+        "seed": 3,
+    }
+    spec.update(extra)
+    return json.dumps(spec)
+
+
+def test_calibrate_json(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """calibrate --json prints recommendation (params, feasible) and pareto_front."""
+    ref = _write_bars(root, n=1500)
+    (root / "spec.json").write_text(_spec(ref))
+    code, out, err = _run(["calibrate", "--spec", str(root / "spec.json"), "--storage",
+                           "memory", "--json", "--quiet"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert set(result) >= {"recommendation", "pareto_front", "spec_hash", "data_fingerprints"}
+    assert sum(result["trials"][s] for s in ("complete", "pruned")) == 6
+    rec = result["recommendation"]
+    assert {"params", "feasible", "objectives", "constraints"} <= set(rec)
+    assert rec["params"]["horizon_bars"] == 10
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        ({"search_space": {"lam": {"low": 0.1, "high": 0.2}}}, "unknown parameter 'lam'"),
+        ({"search_space": {"decay": {"low": 0.99, "high": 0.9}}}, "inverted range"),
+        ({"n_trials": None}, "give n_trials, timeout_seconds or both"),
+        ({"stress_windows": [{"name": "x", "start": "2030-01-01"}]}, "outside the data"),
+        ({"colour": "red"}, "unknown field"),
+    ],
+)
+def test_calibrate_bad_spec_is_one_line(root: Path, capsys: pytest.CaptureFixture[str],
+                                        extra: dict[str, object], needle: str) -> None:
+    """A bad spec ends with exit 2 and one line, before any trial runs."""
+    ref = _write_bars(root, n=1500)
+    (root / "spec.json").write_text(_spec(ref, **extra))
+    code, out, err = _run(["calibrate", "--spec", str(root / "spec.json"), "--storage",
+                           "memory", "--quiet"], capsys)
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1
+    assert needle in err
+
+
+def test_calibrate_workers_need_shared_storage(root: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """--workers 2 with in-memory storage is refused (workers could not share it)."""
+    ref = _write_bars(root, n=1500)
+    (root / "spec.json").write_text(_spec(ref))
+    code, _, err = _run(["calibrate", "--spec", str(root / "spec.json"), "--storage", "memory",
+                         "--workers", "2"], capsys)
+    assert code == 2
+    assert "shared storage" in err
