@@ -307,6 +307,13 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
     root = os.environ.get("MARGINLAB_DATA_ROOT", os.getcwd())
     _quiet_optuna()
+    if args.study is None:
+        # The service's job queue: the service package owns that I/O.
+        from service.jobs import run_queue_worker
+        from service.settings import Settings
+
+        run_queue_worker(Settings.from_env(), burst=args.burst)
+        return 0
     with Coordination(args.storage) as coordination:
         study, spec = load_study(args.study, coordination, worker=args.worker_index)
         prepared = prepare(spec, root)
@@ -317,6 +324,28 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         ran = run_worker(study, prepared, coordination, n_trials=spec.n_trials)
     if not args.quiet:
         print(f"worker finished: ran {ran} trials of study {args.study}", file=sys.stderr)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from granian import Granian
+    from granian.constants import Interfaces
+
+    if args.workers > 1 and not os.environ.get("REDIS_URL"):
+        raise InvalidParameters("--workers > 1 needs REDIS_URL (embedded state is per process)",
+                                field="workers")
+    Granian("service.app:create_app", factory=True, address=args.host, port=args.port,
+            interface=Interfaces.ASGI, workers=args.workers).serve()
+    return 0
+
+
+def _cmd_apikey(args: argparse.Namespace) -> int:
+    from service.auth import hash_key, new_key
+
+    key = new_key()
+    entry = {hash_key(key): {"name": args.name, "role": args.role}}
+    print(f"key (give it to {args.name}; it is not stored): {key}")
+    print(f"add to MARGINLAB_API_KEYS / the keys file: {json.dumps(entry)}")
     return 0
 
 
@@ -412,12 +441,31 @@ def build_parser() -> argparse.ArgumentParser:
         description="Join a study from this or another machine; data references resolve "
                     "under MARGINLAB_DATA_ROOT and must match the study's fingerprints.",
     )
-    wk.add_argument("--study", required=True, help="the study name")
+    wk.add_argument("--study", help="the study name; without it, consume the service's job "
+                                    "queue (needs REDIS_URL)")
+    wk.add_argument("--burst", action="store_true",
+                    help="queue mode: exit when the queue is empty")
     wk.add_argument("--storage", default=DEFAULT_STORAGE, help="the study's storage URL")
     wk.add_argument("--worker-index", type=int, default=1,
                     help="offsets the sampler seed so workers explore differently")
     wk.add_argument("--quiet", action="store_true", help="no closing line")
     wk.set_defaults(func=_cmd_worker)
+
+    sv = sub.add_parser(
+        "serve", help="run the REST API (embedded defaults: no Redis or database needed)",
+        description="Without REDIS_URL the API keeps its state under .marginlab/ and runs "
+                    "calibrations in-process; with REDIS_URL (and MARGINLAB_STORAGE) it queues "
+                    "them for `marginlab worker` processes.",
+    )
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    sv.add_argument("--workers", type=int, default=1, help="HTTP worker processes (Redis mode)")
+    sv.set_defaults(func=_cmd_serve)
+
+    ak = sub.add_parser("apikey", help="make a new API key and the line that configures it")
+    ak.add_argument("--role", choices=("reader", "operator", "admin"), required=True)
+    ak.add_argument("--name", required=True, help="who the key is for")
+    ak.set_defaults(func=_cmd_apikey)
     return parser
 
 

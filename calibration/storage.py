@@ -191,7 +191,10 @@ class Coordination:
             self._redis = redis.Redis.from_url(target)
             self._redis.ping()
             self._heartbeat = _RedisHeartbeat(self._redis, "marginlab:heartbeat:")
-            return JournalStorage(JournalRedisBackend(target))
+            with warnings.catch_warnings():
+                # Experimental since Optuna 3.1; a warning here would fail the open under -W error.
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return JournalStorage(JournalRedisBackend(target))
         url = _rdb_url(target)
         if self.kind == "sqlite":
             self._lock_path = Path(url.removeprefix("sqlite:///") + ".slots.lock")

@@ -1,0 +1,145 @@
+"""The Litestar application: one factory, every plugin, store, handler and route wired here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import optuna
+from litestar import Litestar, Request, Response
+from litestar.datastructures import State as AppState
+from litestar.di import Provide
+from litestar.exceptions import HTTPException
+from litestar.middleware.rate_limit import RateLimitConfig
+from litestar.openapi.config import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
+from litestar.stores.memory import MemoryStore
+from litestar.stores.registry import StoreRegistry
+
+from calibration._errors import MarginlabError
+from calibration._version import ENGINE_VERSION
+from service import errors
+from service.auth import load_keys, rate_limit_identity
+from service.backtests import BacktestController
+from service.calibrations import CalibrationController
+from service.datasets import DatasetController
+from service.health import REQUESTS, HealthController
+from service.jobs import JobAccess, LocalRunner, RqRunner
+from service.recommendations import CHANNEL, PublishedCache, RecommendationController
+from service.settings import Settings
+from service.state import State, make_root_store
+
+log = logging.getLogger("marginlab.service")
+
+
+def _provide_state(request: Request[Any, Any, Any]) -> State:
+    state: State = request.app.state.service_state
+    return state
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    """Build the API for ``settings`` (default: from the environment)."""
+    settings = settings or Settings.from_env()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    keys = load_keys(settings)
+    if keys is None:
+        log.warning("no API keys configured: the API is open to anyone who can reach it")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        root = make_root_store(settings)
+        state = State(root)
+        app.state.service_state = state
+        if settings.embedded:
+            from anyio.from_thread import BlockingPortal
+
+            async with BlockingPortal() as portal:
+                access = JobAccess(settings, runner=lambda op: portal.call(op, state))
+                runner: Any = LocalRunner(settings, access)
+                app.state.runner = runner
+                runner.start()
+                try:
+                    yield
+                finally:
+                    runner.stop()
+                    await state.close()
+            return
+        app.state.runner = RqRunner(settings)
+        listener = asyncio.create_task(_listen_published(app, settings))
+        try:
+            yield
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await listener
+            app.state.runner.stop()
+            await state.close()
+
+    rate_limit = RateLimitConfig(
+        rate_limit=("minute", settings.rate_limit_per_minute),
+        identifier_for_request=rate_limit_identity,
+        exclude=["/healthz", "/readyz", "/metrics", "/schema"],
+    )
+    app = Litestar(
+        route_handlers=[HealthController, DatasetController, BacktestController,
+                        CalibrationController, RecommendationController],
+        dependencies={"svc": Provide(_provide_state, sync_to_thread=False)},
+        lifespan=[lifespan],
+        middleware=[rate_limit.middleware],
+        stores=StoreRegistry(default_factory=lambda name: MemoryStore()),
+        exception_handlers={
+            MarginlabError: errors.marginlab_error,
+            ConnectionError: errors.connection_error,
+            TimeoutError: errors.connection_error,
+            HTTPException: errors.http_error,
+            Exception: errors.internal_error,
+        },
+        after_request=_count,
+        openapi_config=OpenAPIConfig(
+            title="marginlab", version=ENGINE_VERSION,
+            description="Backtest and calibrate margin models on historical market data.",
+            components=Components(security_schemes={
+                "apiKey": SecurityScheme(type="http", scheme="bearer",
+                                         description="Authorization: Bearer <API key>"),
+            }),
+            security=[{"apiKey": []}],
+        ),
+        request_max_body_size=settings.max_upload_bytes,
+        state=AppState({"settings": settings, "api_keys": keys,
+                        "published_cache": PublishedCache()}),
+    )
+    return app
+
+
+async def _count(response: Response[Any]) -> Response[Any]:
+    REQUESTS.labels("any", str(response.status_code)).inc()
+    return response
+
+
+async def _listen_published(app: Litestar, settings: Settings) -> None:
+    """Drop the per-process published cache when any process publishes (Redis pub/sub)."""
+    from redis.asyncio import Redis
+
+    assert settings.redis_url is not None
+    while True:
+        client = Redis.from_url(settings.redis_url)
+        try:
+            pubsub = client.pubsub()
+            await pubsub.subscribe(CHANNEL)
+            # Anything published while we were not listening may be cached: start clean.
+            app.state.published_cache.drop()
+            async for message in pubsub.listen():
+                if message.get("type") == "message":
+                    app.state.published_cache.drop(message["data"].decode())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            app.state.published_cache.drop()
+            log.warning("published-parameters listener lost Redis (%s); retrying", exc)
+            await asyncio.sleep(1.0)
+        finally:
+            with contextlib.suppress(Exception):
+                await client.aclose()

@@ -1,0 +1,77 @@
+"""``/v1/backtests``: small backtests answered synchronously."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+from litestar import Controller, Request, post
+
+from calibration.backtest import run_backtest
+from calibration.calibrate import _day_ms
+from calibration.coverage import CoverageConfig
+from calibration.data import load_bars, load_book_depth, load_funding, with_depth, with_funding
+from calibration.liquidation import LiquidationConfig
+from calibration.report import BacktestReport
+from calibration.windows import DEFAULT_STRESS_WINDOWS, StressWindow
+from service.auth import requires
+from service.errors import PayloadTooLarge
+from service.schemas import BacktestRequest
+from service.settings import Settings
+
+
+def _run(body: BacktestRequest, settings: Settings) -> BacktestReport:
+    root = settings.data_root
+    datasets = []
+    for i, d in enumerate(body.data):
+        start = _day_ms(d.start, f"data[{i}].start") if d.start else None
+        end = _day_ms(d.end, f"data[{i}].end") + 86_400_000 if d.end else None
+        bars = load_bars(d.ref, root=root, instrument=d.instrument, start_ms=start, end_ms=end)
+        if d.funding:
+            bars = with_funding(bars, load_funding(d.funding, root=root))
+        if d.depth:
+            bars = with_depth(bars, load_book_depth(d.depth, root=root))
+        datasets.append(bars)
+    total = sum(len(b) for b in datasets)
+    if total > settings.max_sync_bars:
+        raise PayloadTooLarge(
+            f"{total} bars exceed the synchronous limit of {settings.max_sync_bars}; submit "
+            "it as a calibration job (POST /v1/calibrations) or cut the range", field="data")
+    liquidation = None
+    if body.liquidation is not None:
+        liquidation = LiquidationConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                           for k, v in body.liquidation.items()})
+    windows = (DEFAULT_STRESS_WINDOWS if body.stress_windows is None else
+               tuple(StressWindow.from_dates(w.name, w.start, w.end)
+                     for w in body.stress_windows))
+    coverage = CoverageConfig(horizon_bars=body.horizon_bars,
+                              coverage_level=body.coverage_level,
+                              overlapping=body.overlapping, margin=body.margin,
+                              notional_usd=body.notional_usd)
+    return run_backtest(datasets, body.model, body.params, coverage=coverage,
+                        liquidation=liquidation, stress_windows=windows)
+
+
+class BacktestController(Controller):
+    """Coverage backtest and liquidation simulation of one model, answered at once."""
+
+    path = "/v1/backtests"
+    tags = ["backtests"]
+
+    @post("/", guards=[requires("reader")], status_code=200,
+          summary="Run a backtest synchronously (small requests only)",
+          description="Above MARGINLAB_MAX_SYNC_BARS bars the request is refused with 413 and "
+                      "a pointer to POST /v1/calibrations.")
+    async def create(self, request: Request[Any, Any, Any],
+                     data: BacktestRequest) -> BacktestReport:
+        settings = request.app.state.settings
+        try:
+            fields = {k: tuple(v) if isinstance(v, list) else v
+                      for k, v in (data.liquidation or {}).items()}
+            LiquidationConfig(**fields)
+        except TypeError as exc:
+            from calibration._errors import InvalidParameters
+
+            raise InvalidParameters(f"liquidation: {exc}", field="liquidation") from None
+        report: BacktestReport = await anyio.to_thread.run_sync(_run, data, settings)
+        return report

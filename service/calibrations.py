@@ -1,0 +1,179 @@
+"""``/v1/calibrations``: submit, follow (JSON or Server-Sent Events), cancel, read results."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import msgspec
+import optuna
+from litestar import Controller, Request, Response, delete, get, post
+from litestar.exceptions import NotFoundException
+from litestar.response import ServerSentEvent
+from optuna.trial import TrialState
+
+from calibration._version import ENGINE_VERSION
+from calibration.calibrate import (
+    CalibrationResult,
+    Prepared,
+    best_feasible,
+    prepare,
+    study_name,
+)
+from calibration.spec import CalibrationSpec, spec_hash, validate_spec
+from calibration.storage import Coordination
+from service.auth import requires
+from service.errors import PayloadTooLarge
+from service.jobs import now_iso
+from service.schemas import CalibrationJob, Progress
+from service.settings import Settings
+from service.state import State
+
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+def cache_key(spec: CalibrationSpec, prepared: Prepared) -> str:
+    """Canonical hash of (spec, data fingerprints, engine version): the result cache key."""
+    parts = [spec_hash(spec), *(f"{k}={v}" for k, v in sorted(prepared.fingerprints.items())),
+             ENGINE_VERSION]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _progress(settings: Settings, job: CalibrationJob) -> Progress | None:
+    """Progress read from the Optuna study (trials finished, running, best feasible, ETA)."""
+    try:
+        with Coordination(settings.storage_url) as coordination:
+            names = optuna.study.get_all_study_names(storage=coordination.storage)
+            if job.study not in names:
+                return None
+            study = optuna.load_study(study_name=job.study, storage=coordination.storage)
+            trials = study.get_trials(deepcopy=False)
+            done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+            running = sum(t.state == TrialState.RUNNING for t in trials)
+            failed = sum(t.state == TrialState.FAIL for t in trials)
+            eta = None
+            durations = [t.duration.total_seconds() for t in done if t.duration is not None]
+            if job.n_trials and durations and job.state == "running":
+                remaining = max(0, job.n_trials - len(done))
+                eta = remaining * (sum(durations) / len(durations)) / max(1, running)
+            return Progress(trials_done=len(done), trials_total=job.n_trials, running=running,
+                            failed=failed, best_feasible=best_feasible(study), eta_seconds=eta)
+    except Exception:  # progress is best effort; the job record is the truth
+        return None
+
+
+def _links(job: CalibrationJob) -> CalibrationJob:
+    return msgspec.structs.replace(
+        job, status_url=f"/v1/calibrations/{job.id}",
+        result_url=f"/v1/calibrations/{job.id}/result")
+
+
+class CalibrationController(Controller):
+    """Calibration jobs run by workers; results cached by their inputs."""
+
+    path = "/v1/calibrations"
+    tags = ["calibrations"]
+
+    @post("/", guards=[requires("operator")], status_code=202,
+          summary="Start (or join, or answer from cache) a calibration",
+          description=(
+              "Validated before anything runs. An identical request (same spec, same data "
+              "fingerprints, same engine) returns the cached result's job at once "
+              "(`cached: true`, 200); one identical to a queued or running job joins it "
+              "(`joined: true`)."
+          ))
+    async def create(self, request: Request[Any, Any, Any], svc: State,
+                     data: CalibrationSpec) -> Response[CalibrationJob]:
+        settings: Settings = request.app.state.settings
+        validate_spec(data)
+        if data.n_trials is not None and data.n_trials > settings.max_trials:
+            raise PayloadTooLarge(f"n_trials {data.n_trials} is above the limit of "
+                                  f"{settings.max_trials}", field="n_trials")
+        prepared = await anyio.to_thread.run_sync(prepare, data, settings.data_root)
+        key = cache_key(data, prepared)
+        existing_id = await svc.get("dedup", key, str)
+        if existing_id:
+            existing = await svc.get("jobs", existing_id, CalibrationJob)
+            cached = await svc.stores["results"].exists(key)
+            if existing is not None and existing.state == "succeeded" and cached:
+                job = msgspec.structs.replace(existing, cached=True)
+                return Response(_links(job), status_code=200)
+            if existing is not None and existing.state in ("queued", "running"):
+                return Response(_links(msgspec.structs.replace(existing, joined=True)),
+                                status_code=202)
+        job = CalibrationJob(
+            id=uuid.uuid4().hex, state="queued", cache_key=key, spec_hash=spec_hash(data),
+            study=f"{study_name(data)}-{key[:8]}", model=data.model,
+            instruments=[d.instrument for d in data.data], n_trials=data.n_trials,
+            created_at=now_iso(),
+        )
+        await svc.stores["jobs"].set(f"{job.id}:spec", msgspec.json.encode(data))
+        await svc.put("jobs", job.id, job)
+        await svc.put("dedup", key, job.id, expires_in=settings.result_ttl_s)
+        runner = request.app.state.runner
+        await anyio.to_thread.run_sync(runner.submit, job.id)
+        return Response(_links(job), status_code=202)
+
+    @get("/{job_id:str}", guards=[requires("reader")],
+         summary="A calibration's state and progress (from the study)")
+    async def status(self, request: Request[Any, Any, Any], svc: State,
+                     job_id: str) -> CalibrationJob:
+        job = await _job(svc, job_id)
+        progress = await anyio.to_thread.run_sync(_progress, request.app.state.settings, job)
+        return _links(msgspec.structs.replace(job, progress=progress))
+
+    @get("/{job_id:str}/events", guards=[requires("reader")],
+         summary="Progress as Server-Sent Events until the job ends")
+    async def events(self, request: Request[Any, Any, Any], svc: State,
+                     job_id: str) -> ServerSentEvent:
+        await _job(svc, job_id)
+        settings = request.app.state.settings
+
+        async def stream() -> AsyncIterator[str]:
+            last = b""
+            deadline = time.monotonic() + 3600
+            while time.monotonic() < deadline:
+                job = await _job(svc, job_id)
+                progress = await anyio.to_thread.run_sync(_progress, settings, job)
+                payload = msgspec.json.encode(msgspec.structs.replace(job, progress=progress))
+                if payload != last:
+                    last = payload
+                    yield payload.decode()
+                if job.state in FINAL:
+                    return
+                await asyncio.sleep(1.0)
+
+        return ServerSentEvent(stream(), event_type="progress")
+
+    @delete("/{job_id:str}", guards=[requires("operator")], status_code=200,
+            summary="Cancel a calibration (workers stop after their current trial)")
+    async def cancel(self, svc: State, job_id: str) -> CalibrationJob:
+        job = await _job(svc, job_id)
+        if job.state not in FINAL:
+            job = msgspec.structs.replace(job, state="cancelled", finished_at=now_iso())
+            await svc.put("jobs", job_id, job)
+            await svc.delete("dedup", job.cache_key)
+        return _links(job)
+
+    @get("/{job_id:str}/result", guards=[requires("reader")],
+         summary="Pareto front, recommendation and evidence of a finished calibration")
+    async def result(self, svc: State, job_id: str) -> CalibrationResult:
+        job = await _job(svc, job_id)
+        raw = await svc.stores["results"].get(job.cache_key)
+        if raw is None:
+            detail = (f"calibration {job_id} is {job.state}; no result yet" if job.state not in
+                      FINAL else f"calibration {job_id} ended {job.state}; no result")
+            raise NotFoundException(detail)
+        return msgspec.json.decode(raw, type=CalibrationResult)
+
+
+async def _job(svc: State, job_id: str) -> CalibrationJob:
+    job = await svc.get("jobs", job_id, CalibrationJob)
+    if job is None:
+        raise NotFoundException(f"no calibration {job_id!r}")
+    return job

@@ -1,0 +1,98 @@
+"""Every error leaves as RFC 9457 ``application/problem+json`` with the field at fault.
+
+Domain exceptions (``calibration``'s ``MarginlabError`` tree) map to 422 (bad parameters or
+data), 413 (too large) or 503 (storage/queue unreachable); Litestar's HTTP exceptions keep
+their status; anything else is a 500 that says nothing of the stack.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+
+from calibration._errors import (
+    DataError,
+    DataReferenceError,
+    DataValidationError,
+    InsufficientData,
+    InvalidParameters,
+    MarginlabError,
+)
+from calibration.storage import StorageUnavailable
+
+log = logging.getLogger("marginlab.service")
+PROBLEM = "application/problem+json"
+
+
+class ServiceUnavailable(MarginlabError):
+    """Redis, the queue or the study storage cannot be reached right now."""
+
+
+class PayloadTooLarge(MarginlabError):
+    """A body, upload or synchronous request above the configured limit."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def problem(status: int, title: str, detail: str, request: Request[Any, Any, Any],
+            **extra: Any) -> Response[dict[str, Any]]:
+    """A problem+json response."""
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail,
+            "instance": request.url.path, **{k: v for k, v in extra.items() if v is not None}}
+    return Response(body, status_code=status, media_type=PROBLEM)
+
+
+def marginlab_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    """Domain errors → 4xx/5xx problem details naming the field at fault."""
+    field = getattr(exc, "field", None)
+    if isinstance(exc, DataValidationError):
+        return problem(422, "Invalid data", str(exc), request, field=exc.column, row=exc.row)
+    if isinstance(exc, DataReferenceError):
+        return problem(422, "Invalid data reference", str(exc), request, field=field or "ref")
+    if isinstance(exc, InvalidParameters):
+        return problem(422, "Invalid parameters", str(exc), request, field=field)
+    if isinstance(exc, InsufficientData | DataError):
+        return problem(422, "Unusable data", str(exc), request, field=field)
+    if isinstance(exc, PayloadTooLarge):
+        return problem(413, "Too large", str(exc), request, field=field)
+    if isinstance(exc, StorageUnavailable | ServiceUnavailable):
+        return problem(503, "Service unavailable", str(exc), request)
+    return problem(422, "Unprocessable request", str(exc), request, field=field)
+
+
+def connection_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    """Redis or database unreachable → 503 (retry later), never a 500."""
+    log.warning("backend unreachable: %s", exc)
+    return problem(503, "Service unavailable", "a backing service (Redis, queue or study "
+                   "storage) is unreachable; retry later", request)
+
+
+def http_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    """Litestar's HTTP exceptions as problem details (validation errors name the field)."""
+    assert isinstance(exc, HTTPException)
+    extra: dict[str, Any] = {}
+    if isinstance(exc, ValidationException) and isinstance(exc.extra, list) and exc.extra:
+        first = exc.extra[0]
+        if isinstance(first, dict):
+            extra["field"] = str(first.get("key") or first.get("source") or "body")
+        extra["errors"] = exc.extra
+    title = {400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found",
+             405: "Method not allowed", 413: "Too large", 429: "Too many requests"}.get(
+        exc.status_code, "Error")
+    response = problem(exc.status_code, title, str(exc.detail), request, **extra)
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
+
+
+def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    """Anything unexpected: logged here, a bare 500 to the client."""
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return problem(HTTP_500_INTERNAL_SERVER_ERROR, "Internal error",
+                   "the request failed on our side; it has been logged", request)

@@ -1,0 +1,61 @@
+"""``/healthz``, ``/readyz`` and ``/metrics``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+from litestar import Controller, Request, Response, get
+from litestar.openapi.datastructures import ResponseSpec
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+
+from calibration.storage import Coordination
+from service.errors import PROBLEM, problem
+from service.state import State
+
+REQUESTS = Counter("marginlab_http_requests_total", "HTTP requests", ["method", "status"])
+JOBS = Counter("marginlab_calibrations_submitted_total", "calibration submissions",
+               ["outcome"])
+
+
+def _storage_ok(url: str) -> bool:
+    with Coordination(url):
+        return True
+
+
+class HealthController(Controller):
+    """Liveness, readiness and metrics (no auth: for orchestrators and scrapers)."""
+
+    tags = ["operations"]
+
+    @get("/healthz", summary="The process is up")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @get("/readyz", summary="Store, study storage and queue are reachable",
+         responses={503: ResponseSpec(data_container=dict[str, Any], media_type=PROBLEM,
+                                      description="a dependency is unreachable")})
+    async def readyz(self, request: Request[Any, Any, Any], svc: State) -> Response[Any]:
+        checks: dict[str, str] = {}
+        try:
+            await svc.stores["jobs"].exists("readyz")
+            checks["store"] = "ok"
+        except Exception as exc:
+            checks["store"] = f"unreachable: {type(exc).__name__}"
+        try:
+            await anyio.to_thread.run_sync(_storage_ok, request.app.state.settings.storage_url)
+            checks["study_storage"] = "ok"
+        except Exception as exc:
+            checks["study_storage"] = f"unreachable: {type(exc).__name__}"
+        try:
+            ok = await anyio.to_thread.run_sync(request.app.state.runner.ping)
+            checks["queue"] = "ok" if ok else "down"
+        except Exception as exc:
+            checks["queue"] = f"unreachable: {type(exc).__name__}"
+        if all(v == "ok" for v in checks.values()):
+            return Response({"status": "ready", "checks": checks})
+        return problem(503, "Not ready", "a dependency is unreachable", request, checks=checks)
+
+    @get("/metrics", summary="Prometheus metrics", media_type=CONTENT_TYPE_LATEST)
+    async def metrics(self) -> Response[bytes]:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

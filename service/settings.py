@@ -1,0 +1,77 @@
+"""Service settings, read from the environment once at start-up (the service's only door to it).
+
+| variable | meaning | default |
+|---|---|---|
+| ``REDIS_URL`` | Redis for stores, the job queue (rq) and pub/sub | unset: embedded mode |
+| ``MARGINLAB_STORAGE`` | Optuna study storage URL | ``journal:<state dir>/studies.log`` |
+| ``MARGINLAB_DATA_ROOT`` | root of data references; uploads go to ``uploads/`` below it | cwd |
+| ``MARGINLAB_STATE_DIR`` | embedded mode's stores and journal | ``.marginlab`` |
+| ``MARGINLAB_API_KEYS`` / ``MARGINLAB_API_KEYS_FILE`` | hashed API keys (``service.auth``) | unset: open |
+| ``MARGINLAB_RATE_LIMIT_PER_MINUTE`` | requests per minute per key (or address) | 600 |
+| ``MARGINLAB_MAX_UPLOAD_BYTES`` | largest dataset upload | 256 MiB |
+| ``MARGINLAB_MAX_SYNC_BARS`` | largest synchronous backtest (bars, all instruments) | 500000 |
+| ``MARGINLAB_MAX_TRIALS`` | largest ``n_trials`` of one calibration | 5000 |
+| ``MARGINLAB_RESULT_TTL_S`` | lifetime of cached results | 7 days |
+| ``MARGINLAB_WORKERS_PER_JOB`` | queue jobs (workers) per calibration with Redis | 2 |
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service reads from its environment."""
+
+    redis_url: str | None = None
+    study_storage: str | None = None
+    data_root: str = "."
+    state_dir: str = ".marginlab"
+    api_keys: str | None = None
+    api_keys_file: str | None = None
+    rate_limit_per_minute: int = 600
+    max_upload_bytes: int = 256 * 1024 * 1024
+    max_sync_bars: int = 500_000
+    max_trials: int = 5000
+    result_ttl_s: int = 7 * 86_400
+    workers_per_job: int = 2
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Settings from ``env`` (default ``os.environ``)."""
+        env = os.environ if env is None else env
+
+        def num(name: str, default: int) -> int:
+            raw = env.get(name)
+            return default if raw in (None, "") else int(raw)
+
+        return cls(
+            redis_url=env.get("REDIS_URL") or None,
+            study_storage=env.get("MARGINLAB_STORAGE") or None,
+            data_root=env.get("MARGINLAB_DATA_ROOT") or os.getcwd(),
+            state_dir=env.get("MARGINLAB_STATE_DIR") or ".marginlab",
+            api_keys=env.get("MARGINLAB_API_KEYS") or None,
+            api_keys_file=env.get("MARGINLAB_API_KEYS_FILE") or None,
+            rate_limit_per_minute=num("MARGINLAB_RATE_LIMIT_PER_MINUTE", 600),
+            max_upload_bytes=num("MARGINLAB_MAX_UPLOAD_BYTES", 256 * 1024 * 1024),
+            max_sync_bars=num("MARGINLAB_MAX_SYNC_BARS", 500_000),
+            max_trials=num("MARGINLAB_MAX_TRIALS", 5000),
+            result_ttl_s=num("MARGINLAB_RESULT_TTL_S", 7 * 86_400),
+            workers_per_job=num("MARGINLAB_WORKERS_PER_JOB", 2),
+        )
+
+    @property
+    def embedded(self) -> bool:
+        """No Redis configured: memory/file stores and an in-process job runner."""
+        return self.redis_url is None
+
+    @property
+    def storage_url(self) -> str:
+        """The Optuna storage of calibration studies."""
+        if self.study_storage:
+            return self.study_storage
+        return f"journal:{Path(self.state_dir).resolve() / 'studies.log'}"
