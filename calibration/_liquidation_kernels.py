@@ -447,8 +447,10 @@ def outcomes(
                 bankrupt = ce + off + dd
                 liq = bankrupt / (1.0 + m)
             # premature: bankruptcy not reached in t+1..end, and the close back past liq
+            # (reaching it within TIE_TOLERANCE of the entry price counts, as for triggers)
             reached = _find_first(
-                price, mm, funding_cum, is_long, True, q8, q64, t + 1, end, sign * bankrupt
+                price, mm, funding_cum, is_long, True, q8, q64, t + 1, end,
+                sign * bankrupt + TIE_TOLERANCE * ce,
             )
             premature = reached < 0 and sign * (close[end] - liq) > 0.0
             if latency == 0:
@@ -481,6 +483,8 @@ def outcomes(
                 collateral = notional_usd * inv_lev
                 pc = base * (1.0 - sign * slip)
                 equity = collateral + sign * qty * (pc - ce) - sign * qty * dd
+                if abs(equity) <= TIE_TOLERANCE * notional_usd:
+                    equity = 0.0  # rounding noise around bankruptcy is not bad debt
                 notional_sum += notional_usd
                 if equity < 0.0:
                     bad_sum -= equity

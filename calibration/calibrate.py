@@ -109,11 +109,7 @@ def _liquidation_config(spec: CalibrationSpec, bar_seconds: int) -> LiquidationC
         "entry_every_bars": per_day, "holding_bars": 7 * per_day, "recovery_bars": per_day,
         "adv_window_bars": per_day,
     }
-    base.update({k: tuple(v) if isinstance(v, list) else v
-                 for k, v in spec.liquidation.items()})
-    config = LiquidationConfig(**base)
-    config.validate()
-    return config
+    return LiquidationConfig.from_mapping(spec.liquidation, defaults=base)
 
 
 def prepare(spec: CalibrationSpec, root: str | os.PathLike[str]) -> Prepared:
@@ -218,6 +214,26 @@ class Evaluation:
             "pruned": self.pruned,
         })
         return summary
+
+    def summary_json(self) -> str:
+        """``summary()`` as compact JSON text (how it is stored on a trial)."""
+        return msgspec.json.encode(self.summary()).decode()
+
+
+#: Trial user attribute holding ``Evaluation.summary_json()``. Text, not a nested dict:
+#: Optuna deep-copies a trial on ``tell`` and on every copying read, and a 30–40 KB nested
+#: summary (five instruments × windows) cost ~3 ms a copy; a string is copied by reference.
+METRICS_ATTR = "metrics_json"
+
+
+def trial_metrics(trial: FrozenTrial) -> dict[str, Any] | None:
+    """A trial's stored evaluation summary (``Evaluation.summary()``), or ``None``."""
+    raw = trial.user_attrs.get(METRICS_ATTR)
+    if raw is None:
+        legacy: dict[str, Any] | None = trial.user_attrs.get("metrics")
+        return legacy
+    decoded: dict[str, Any] = msgspec.json.decode(raw)
+    return decoded
 
 
 def _capital_cost(model: MarginModel, bars_list: Sequence[BarSeries],
@@ -490,7 +506,7 @@ def run_worker(
                 raise
             for key, value in result.constraints.items():
                 trial.set_constraint(key, value)
-            trial.set_user_attr("metrics", result.summary())
+            trial.set_user_attr(METRICS_ATTR, result.summary_json())
             trial.set_user_attr("params", msgspec.to_builtins(params))
             if result.pruned:
                 study.tell(trial, state=TrialState.PRUNED)
@@ -671,6 +687,7 @@ def calibrate(
 
 
 __all__ = [
+    "METRICS_ATTR",
     "OBJECTIVE_NAMES",
     "CalibrationResult",
     "Evaluation",
@@ -688,4 +705,5 @@ __all__ = [
     "run_worker",
     "study_name",
     "summarize",
+    "trial_metrics",
 ]

@@ -186,17 +186,9 @@ def _cmd_backtest(args: argparse.Namespace) -> int:
     liquidation: LiquidationConfig | None = None
     if not args.no_liquidation:
         fields = _json_object(args.liquidation, "liquidation") if args.liquidation else {}
-        known = set(LiquidationConfig.__dataclass_fields__)
-        for key in fields:
-            if key not in known:
-                raise InvalidParameters(
-                    f"unknown liquidation setting {key!r}; known: {', '.join(sorted(known))}",
-                    field=key,
-                )
         if "positions" in fields:
             fields["positions"] = _explicit_positions(fields["positions"])
-        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
-        liquidation = LiquidationConfig(**fields)
+        liquidation = LiquidationConfig.from_mapping(fields)
     if args.no_stress_windows:
         windows: tuple[StressWindow, ...] = ()
     elif args.stress_window:

@@ -84,6 +84,7 @@ bad debt and fees where they trigger, by bar open time in ``[start_ms, end_ms)``
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
@@ -187,6 +188,27 @@ class LiquidationConfig:
     cascade_kappa: float = 0.01
     population_scale: float = 1.0
     positions: tuple[ExplicitPosition, ...] | None = None
+
+    @classmethod
+    def from_mapping(cls, fields: Mapping[str, Any],
+                     defaults: Mapping[str, Any] | None = None) -> LiquidationConfig:
+        """A validated config from JSON-like fields (lists become tuples) over ``defaults``.
+
+        Raises:
+            InvalidParameters: an unknown field (named) or a value out of range.
+        """
+        known = set(cls.__dataclass_fields__)
+        for key in fields:
+            if key not in known:
+                raise InvalidParameters(
+                    f"unknown liquidation setting {key!r}; known: {', '.join(sorted(known))}",
+                    field=key,
+                )
+        merged: dict[str, Any] = dict(defaults or {})
+        merged.update({k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        config = cls(**merged)
+        config.validate()
+        return config
 
     def validate(self) -> None:
         """Raise ``InvalidParameters`` (``field`` = the setting at fault) for a bad value."""

@@ -240,13 +240,7 @@ def validate_spec(spec: CalibrationSpec) -> None:
             if not step >= 0:
                 raise _bad(f"max_change of {name} must be >= 0", f"published.max_change.{name}")
         make_model(spec.model, dict(spec.published.params))
-    try:
-        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
-                                  for k, v in spec.liquidation.items()}
-        liq = LiquidationConfig(**fields)
-    except TypeError as exc:
-        raise _bad(f"liquidation: {exc}", "liquidation") from None
-    liq.validate()
+    LiquidationConfig.from_mapping(spec.liquidation)
 
 
 def spec_hash(spec: CalibrationSpec) -> str:

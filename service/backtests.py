@@ -39,8 +39,7 @@ def _run(body: BacktestRequest, settings: Settings) -> BacktestReport:
             "it as a calibration job (POST /v1/calibrations) or cut the range", field="data")
     liquidation = None
     if body.liquidation is not None:
-        liquidation = LiquidationConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                           for k, v in body.liquidation.items()})
+        liquidation = LiquidationConfig.from_mapping(body.liquidation)
     windows = (DEFAULT_STRESS_WINDOWS if body.stress_windows is None else
                tuple(StressWindow.from_dates(w.name, w.start, w.end)
                      for w in body.stress_windows))
@@ -65,13 +64,6 @@ class BacktestController(Controller):
     async def create(self, request: Request[Any, Any, Any],
                      data: BacktestRequest) -> BacktestReport:
         settings = request.app.state.settings
-        try:
-            fields = {k: tuple(v) if isinstance(v, list) else v
-                      for k, v in (data.liquidation or {}).items()}
-            LiquidationConfig(**fields)
-        except TypeError as exc:
-            from calibration._errors import InvalidParameters
-
-            raise InvalidParameters(f"liquidation: {exc}", field="liquidation") from None
+        LiquidationConfig.from_mapping(data.liquidation or {})  # refuse bad settings first
         report: BacktestReport = await anyio.to_thread.run_sync(_run, data, settings)
         return report

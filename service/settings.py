@@ -6,7 +6,7 @@
 | ``MARGINLAB_STORAGE`` | Optuna study storage URL | ``journal:<state dir>/studies.log`` |
 | ``MARGINLAB_DATA_ROOT`` | root of data references; uploads go to ``uploads/`` below it | cwd |
 | ``MARGINLAB_STATE_DIR`` | embedded mode's stores and journal | ``.marginlab`` |
-| ``MARGINLAB_API_KEYS`` / ``MARGINLAB_API_KEYS_FILE`` | hashed API keys (``service.auth``) | unset: open |
+| ``MARGINLAB_API_KEYS`` (or ``_FILE``) | hashed API keys (``service.auth``) | unset: open |
 | ``MARGINLAB_RATE_LIMIT_PER_MINUTE`` | requests per minute per key (or address) | 600 |
 | ``MARGINLAB_MAX_UPLOAD_BYTES`` | largest dataset upload | 256 MiB |
 | ``MARGINLAB_MAX_SYNC_BARS`` | largest synchronous backtest (bars, all instruments) | 500000 |

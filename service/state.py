@@ -39,7 +39,8 @@ class State:
 
     def __init__(self, root: Store) -> None:
         self.root = root
-        self.stores = {name: root.with_namespace(name) for name in NAMESPACES}
+        assert isinstance(root, FileStore | RedisStore)
+        self.stores: dict[str, Store] = {name: root.with_namespace(name) for name in NAMESPACES}
         for store in self.stores.values():
             if isinstance(store, FileStore):  # with_namespace does not create directories
                 Path(store.path).mkdir(parents=True, exist_ok=True)

@@ -201,6 +201,8 @@ def simulate(bars: BarSeries, model: MarginModel, config: LiquidationConfig) -> 
         slip = min(slip, 1.0)
         p.closeout_price = base * (1 - slip) if p.side == "long" else base * (1 + slip)
         p.equity = equity_at(p, p.closeout_price, t)
+        if abs(p.equity) <= 1e-9 * p.notional:
+            p.equity = 0.0  # rounding noise around bankruptcy is not bad debt
         if p.equity < 0:
             p.bad_debt = -p.equity
             p.fee = 0.0
@@ -208,10 +210,12 @@ def simulate(bars: BarSeries, model: MarginModel, config: LiquidationConfig) -> 
             p.fee = min(config.liquidation_fee_rate * p.notional, p.equity)
         end = min(t + config.recovery_bars, n - 1)
         if p.side == "long":
-            reached = any(eff_low[u] <= bankrupt for u in range(t + 1, end + 1))
+            tol = 1e-9 * close[p.entry]
+            reached = any(eff_low[u] <= bankrupt + tol for u in range(t + 1, end + 1))
             back = close[end] > p.liq_price
         else:
-            reached = any(eff_high[u] >= bankrupt for u in range(t + 1, end + 1))
+            tol = 1e-9 * close[p.entry]
+            reached = any(eff_high[u] >= bankrupt - tol for u in range(t + 1, end + 1))
             back = close[end] < p.liq_price
         p.premature = (not reached) and back
 
