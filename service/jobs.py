@@ -33,6 +33,10 @@ from service.settings import Settings
 from service.state import State, run_sync
 
 QUEUE_NAME = "marginlab"
+#: Upper bound of one calibration job's run time.
+JOB_TIMEOUT_S = 24 * 3600
+#: How often a queue worker looks for jobs abandoned by dead workers.
+CLEANUP_EVERY_S = 5.0
 
 
 def now_iso() -> str:
@@ -194,9 +198,14 @@ class RqRunner:
         self.redis.close()
 
     def submit(self, job_id: str) -> None:
+        from rq import Retry
+
         for i in range(max(1, self.settings.workers_per_job)):
+            # A finite timeout keeps the started-job registry entry expiring when its worker
+            # dies; rq then retries the job (Retry) on a live worker, which rejoins the study.
             self.queue.enqueue(rq_execute, job_id, job_id=f"{job_id}-{i}",
-                               job_timeout=-1, result_ttl=86_400, failure_ttl=86_400)
+                               job_timeout=JOB_TIMEOUT_S, result_ttl=86_400,
+                               failure_ttl=86_400, retry=Retry(max=3))
 
     def ping(self) -> bool:
         return bool(self.redis.ping())
@@ -210,6 +219,24 @@ def run_queue_worker(settings: Settings, *, burst: bool = False) -> None:
     if settings.redis_url is None:
         raise MarginlabError("a queue worker needs REDIS_URL (embedded mode runs jobs in the "
                              "API process)")
-    connection = redis.Redis.from_url(settings.redis_url)
+    url = settings.redis_url
+    connection = redis.Redis.from_url(url)
     worker = Worker([QUEUE_NAME], connection=connection)
-    worker.work(burst=burst, with_scheduler=False)
+    stop = threading.Event()
+
+    def cleanup() -> None:
+        # rq only sweeps abandoned jobs every maintenance interval (10 min); sweep often so
+        # a dead worker's job is retried within seconds.
+        from rq.registry import StartedJobRegistry
+
+        registry = StartedJobRegistry(QUEUE_NAME, connection=redis.Redis.from_url(url))
+        while not stop.wait(CLEANUP_EVERY_S):
+            with contextlib.suppress(Exception):
+                registry.cleanup()
+
+    sweeper = threading.Thread(target=cleanup, name="rq-cleanup", daemon=True)
+    sweeper.start()
+    try:
+        worker.work(burst=burst, with_scheduler=False)
+    finally:
+        stop.set()
