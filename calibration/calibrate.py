@@ -490,7 +490,14 @@ def run_worker(
                                      TrialState.WAITING) for t in trials)
             expired = deadline is not None and time.time() >= deadline
             room = n_trials is None or active < n_trials
-            trial = study.ask() if waiting or (room and not expired) else None
+            trial = None
+            if waiting or (room and not expired):
+                with warnings.catch_warnings():
+                    # RDB storages: Optuna warns that its heartbeat is meant for optimize();
+                    # here the trial beats through ``coordination.heartbeat`` instead.
+                    warnings.filterwarnings("ignore", "Heartbeat of storage is supposed",
+                                            UserWarning)
+                    trial = study.ask()
         if trial is None:
             running = any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
             if expired or not running:

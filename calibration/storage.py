@@ -301,7 +301,10 @@ class Coordination:
         if isinstance(self.storage, RDBStorage):
             before = {t.number for t in study.get_trials(deepcopy=False,
                                                           states=(TrialState.RUNNING,))}
-            optuna.storages.fail_stale_trials(study)
+            with warnings.catch_warnings():
+                # Experimental (a warning on every call) yet the documented way to reap.
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
             after = {t.number for t in study.get_trials(deepcopy=False,
                                                          states=(TrialState.RUNNING,))}
             return sorted(before - after)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 from litestar import Controller, Request, post
+from litestar.params import Body
 
 from calibration.backtest import run_backtest
 from calibration.calibrate import _day_ms
@@ -14,6 +15,7 @@ from calibration.data import load_bars, load_book_depth, load_funding, with_dept
 from calibration.liquidation import LiquidationConfig
 from calibration.report import BacktestReport
 from calibration.windows import DEFAULT_STRESS_WINDOWS, StressWindow
+from service import examples
 from service.auth import requires
 from service.errors import PayloadTooLarge
 from service.schemas import BacktestRequest
@@ -61,8 +63,10 @@ class BacktestController(Controller):
           summary="Run a backtest synchronously (small requests only)",
           description="Above MARGINLAB_MAX_SYNC_BARS bars the request is refused with 413 and "
                       "a pointer to POST /v1/calibrations.")
-    async def create(self, request: Request[Any, Any, Any],
-                     data: BacktestRequest) -> BacktestReport:
+    async def create(
+        self, request: Request[Any, Any, Any],
+        data: Annotated[BacktestRequest, Body(examples=[examples.BACKTEST])],
+    ) -> BacktestReport:
         settings = request.app.state.settings
         LiquidationConfig.from_mapping(data.liquidation or {})  # refuse bad settings first
         report: BacktestReport = await anyio.to_thread.run_sync(_run, data, settings)

@@ -7,13 +7,14 @@ import hashlib
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 import msgspec
 import optuna
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.exceptions import NotFoundException
+from litestar.params import Body, Parameter
 from litestar.response import ServerSentEvent
 from optuna.trial import TrialState
 
@@ -27,14 +28,16 @@ from calibration.calibrate import (
 )
 from calibration.spec import CalibrationSpec, spec_hash, validate_spec
 from calibration.storage import Coordination
+from service import examples
 from service.auth import requires
 from service.errors import PayloadTooLarge
 from service.jobs import now_iso
 from service.schemas import CalibrationJob, Progress
 from service.settings import Settings
-from service.state import State
+from service.state import Svc
 
 FINAL = ("succeeded", "failed", "cancelled")
+JobId = Annotated[str, Parameter(description="calibration id", examples=[examples.JOB_ID])]
 
 
 def cache_key(spec: CalibrationSpec, prepared: Prepared) -> str:
@@ -87,8 +90,10 @@ class CalibrationController(Controller):
               "(`cached: true`, 200); one identical to a queued or running job joins it "
               "(`joined: true`)."
           ))
-    async def create(self, request: Request[Any, Any, Any], svc: State,
-                     data: CalibrationSpec) -> Response[CalibrationJob]:
+    async def create(
+        self, request: Request[Any, Any, Any], svc: Svc,
+        data: Annotated[CalibrationSpec, Body(examples=[examples.CALIBRATION])],
+    ) -> Response[CalibrationJob]:
         settings: Settings = request.app.state.settings
         validate_spec(data)
         if data.n_trials is not None and data.n_trials > settings.max_trials:
@@ -121,16 +126,16 @@ class CalibrationController(Controller):
 
     @get("/{job_id:str}", guards=[requires("reader")],
          summary="A calibration's state and progress (from the study)")
-    async def status(self, request: Request[Any, Any, Any], svc: State,
-                     job_id: str) -> CalibrationJob:
+    async def status(self, request: Request[Any, Any, Any], svc: Svc,
+                     job_id: JobId) -> CalibrationJob:
         job = await _job(svc, job_id)
         progress = await anyio.to_thread.run_sync(_progress, request.app.state.settings, job)
         return _links(msgspec.structs.replace(job, progress=progress))
 
     @get("/{job_id:str}/events", guards=[requires("reader")],
          summary="Progress as Server-Sent Events until the job ends")
-    async def events(self, request: Request[Any, Any, Any], svc: State,
-                     job_id: str) -> ServerSentEvent:
+    async def events(self, request: Request[Any, Any, Any], svc: Svc,
+                     job_id: JobId) -> ServerSentEvent:
         await _job(svc, job_id)
         settings = request.app.state.settings
 
@@ -152,7 +157,7 @@ class CalibrationController(Controller):
 
     @delete("/{job_id:str}", guards=[requires("operator")], status_code=200,
             summary="Cancel a calibration (workers stop after their current trial)")
-    async def cancel(self, svc: State, job_id: str) -> CalibrationJob:
+    async def cancel(self, svc: Svc, job_id: JobId) -> CalibrationJob:
         job = await _job(svc, job_id)
         if job.state not in FINAL:
             job = msgspec.structs.replace(job, state="cancelled", finished_at=now_iso())
@@ -162,7 +167,7 @@ class CalibrationController(Controller):
 
     @get("/{job_id:str}/result", guards=[requires("reader")],
          summary="Pareto front, recommendation and evidence of a finished calibration")
-    async def result(self, svc: State, job_id: str) -> CalibrationResult:
+    async def result(self, svc: Svc, job_id: JobId) -> CalibrationResult:
         job = await _job(svc, job_id)
         raw = await svc.stores["results"].get(job.cache_key)
         if raw is None:
@@ -172,7 +177,7 @@ class CalibrationController(Controller):
         return msgspec.json.decode(raw, type=CalibrationResult)
 
 
-async def _job(svc: State, job_id: str) -> CalibrationJob:
+async def _job(svc: Svc, job_id: JobId) -> CalibrationJob:
     job = await svc.get("jobs", job_id, CalibrationJob)
     if job is None:
         raise NotFoundException(f"no calibration {job_id!r}")

@@ -5,21 +5,23 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 from litestar import Controller, Request, get, post
 from litestar.exceptions import NotFoundException
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
 
 from calibration._errors import InvalidParameters
 from calibration.backtest import dataset_info
 from calibration.data import load_bars
+from service import examples
 from service.auth import requires
 from service.errors import PayloadTooLarge
 from service.jobs import now_iso
 from service.schemas import DatasetInfo
-from service.state import State
+from service.state import Svc
 
 UPLOAD_DIR = "uploads"
 #: Key of the instrument → current dataset id map.
@@ -60,11 +62,12 @@ class DatasetController(Controller):
     async def upload(
         self,
         request: Request[Any, Any, Any],
-        svc: State,
-        instrument: str = Parameter(query="instrument", min_length=1, max_length=64,
+        svc: Svc,
+        instrument: str = Parameter(min_length=1, max_length=64,
                                     pattern=r"^[A-Za-z0-9_.-]+$",
-                                    description="instrument name, e.g. BTCUSDT"),
-        format: str = Parameter(query="format", default="csv", pattern="^(csv|parquet)$",
+                                    description="instrument name, e.g. BTCUSDT",
+                                    examples=[examples.INSTRUMENT]),
+        format: str = Parameter(default="csv", pattern="^(csv|parquet)$",
                                 description="csv or parquet"),
     ) -> DatasetInfo:
         settings = request.app.state.settings
@@ -105,15 +108,22 @@ class DatasetController(Controller):
         await svc.put("datasets", _INDEX, current)
         return info
 
-    @get("/", guards=[requires("reader")], summary="List uploaded datasets")
-    async def list_datasets(self, svc: State) -> list[DatasetInfo]:
+    @get("/", guards=[requires("reader")], summary="List uploaded datasets",
+         responses={200: ResponseSpec(data_container=list[DatasetInfo],
+                                      description="the current dataset of each instrument",
+                                      examples=[examples.DATASET])})
+    async def list_datasets(self, svc: Svc) -> list[DatasetInfo]:
         current = await svc.get("datasets", _INDEX, dict[str, str]) or {}
         found = [await svc.get("datasets", i, DatasetInfo) for _, i in sorted(current.items())]
         return [d for d in found if d is not None]
 
     @get("/{dataset_id:str}", guards=[requires("reader")],
          summary="One dataset: metadata, fingerprint, validation report and gaps")
-    async def get_dataset(self, svc: State, dataset_id: str) -> DatasetInfo:
+    async def get_dataset(
+        self, svc: Svc,
+        dataset_id: Annotated[str, Parameter(description="dataset id",
+                                             examples=[examples.DATASET_ID])],
+    ) -> DatasetInfo:
         info = await svc.get("datasets", dataset_id, DatasetInfo)
         if info is None:
             raise NotFoundException(f"no dataset {dataset_id!r}")
@@ -124,7 +134,7 @@ def _fields(info: DatasetInfo) -> dict[str, Any]:
     return {f: getattr(info, f) for f in info.__struct_fields__}
 
 
-async def _invalidate(svc: State, old_id: str) -> None:
+async def _invalidate(svc: Svc, old_id: str) -> None:
     """Drop cached results computed on a replaced dataset."""
     old = await svc.get("datasets", old_id, DatasetInfo)
     if old is None:

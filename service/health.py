@@ -10,8 +10,9 @@ from litestar.openapi.datastructures import ResponseSpec
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
 from calibration.storage import Coordination
+from service import examples
 from service.errors import PROBLEM, problem
-from service.state import State
+from service.state import Svc
 
 REQUESTS = Counter("marginlab_http_requests_total", "HTTP requests", ["method", "status"])
 JOBS = Counter("marginlab_calibrations_submitted_total", "calibration submissions",
@@ -28,14 +29,18 @@ class HealthController(Controller):
 
     tags = ["operations"]
 
-    @get("/healthz", summary="The process is up")
+    @get("/healthz", summary="The process is up",
+         responses={200: ResponseSpec(data_container=dict[str, str], description="alive",
+                                      examples=[examples.HEALTH])})
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
     @get("/readyz", summary="Store, study storage and queue are reachable",
-         responses={503: ResponseSpec(data_container=dict[str, Any], media_type=PROBLEM,
+         responses={200: ResponseSpec(data_container=dict[str, Any], description="ready",
+                                      examples=[examples.READY]),
+                    503: ResponseSpec(data_container=dict[str, Any], media_type=PROBLEM,
                                       description="a dependency is unreachable")})
-    async def readyz(self, request: Request[Any, Any, Any], svc: State) -> Response[Any]:
+    async def readyz(self, request: Request[Any, Any, Any], svc: Svc) -> Response[Any]:
         checks: dict[str, str] = {}
         try:
             await svc.stores["jobs"].exists("readyz")

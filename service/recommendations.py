@@ -8,16 +8,18 @@ entry in every process, so nothing stale is served beyond the message's delivery
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, Response, get
 from litestar.exceptions import NotFoundException
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import Parameter
 
+from service import examples
 from service.auth import requires
 from service.schemas import PublishedParameters
-from service.state import State
+from service.state import Svc
 
 CHANNEL = "marginlab:published"
 
@@ -43,7 +45,7 @@ class PublishedCache:
             self._entries.pop(instrument, None)
 
 
-async def publish(svc: State, value: PublishedParameters, redis: Any | None) -> None:
+async def publish(svc: Svc, value: PublishedParameters, redis: Any | None) -> None:
     """Store published parameters and tell every API process to drop its cached copy."""
     await svc.put("published", value.instrument, value)
     if redis is not None:
@@ -60,11 +62,15 @@ class RecommendationController(Controller):
          summary="The parameters in force for an instrument (ETag, 304 when unchanged)",
          responses={
              200: ResponseSpec(data_container=PublishedParameters,
-                               description="the published parameters"),
+                               description="the published parameters",
+                               examples=[examples.PUBLISHED]),
              304: ResponseSpec(data_container=None, description="unchanged since the ETag"),
          })
-    async def get_published(self, request: Request[Any, Any, Any], svc: State,
-                            instrument: str) -> Response[bytes]:
+    async def get_published(
+        self, request: Request[Any, Any, Any], svc: Svc,
+        instrument: Annotated[str, Parameter(description="instrument",
+                                             examples=[examples.INSTRUMENT])],
+    ) -> Response[bytes]:
         cache: PublishedCache = request.app.state.published_cache
         entry = cache.get(instrument)
         if entry is None:

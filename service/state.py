@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
+from litestar.di import NamedDependency
 from litestar.stores.base import Store
 from litestar.stores.file import FileStore
 from litestar.stores.redis import RedisStore
@@ -73,3 +74,7 @@ def run_sync(settings: Settings, op: Callable[[State], Awaitable[T]]) -> T:
             await state.close()
 
     return asyncio.run(main())
+
+
+#: How handlers ask for the service state (a named dependency wired in ``create_app``).
+Svc = NamedDependency[State]
