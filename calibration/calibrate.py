@@ -513,8 +513,9 @@ def run_worker(
                 raise
             for key, value in result.constraints.items():
                 trial.set_constraint(key, value)
+            # One attribute for the evidence: every storage write is a journal append (with
+            # fsync); the full parameter set is trial.params plus the spec's fixed values.
             trial.set_user_attr(METRICS_ATTR, result.summary_json())
-            trial.set_user_attr("params", msgspec.to_builtins(params))
             if result.pruned:
                 study.tell(trial, state=TrialState.PRUNED)
             else:
@@ -524,9 +525,15 @@ def run_worker(
             on_trial(_finished(study), n_trials, best_feasible(study))
 
 
-def _params_of(trial: FrozenTrial) -> dict[str, Any]:
-    params: dict[str, Any] = trial.user_attrs.get("params") or dict(trial.params)
-    return params
+def _params_of(trial: FrozenTrial, space: Mapping[str, ParamSpec]) -> dict[str, Any]:
+    """The model parameters a trial ran with: its suggested values and the space's fixed
+    ones, in the space's order (as ``_suggest`` built them)."""
+    # Studies written before the params were derived stored them as an attribute.
+    stored: dict[str, Any] | None = trial.user_attrs.get("params")
+    if stored is not None:
+        return dict(stored)
+    return {name: p.value if p.value is not None else trial.params[name]
+            for name, p in space.items()}
 
 
 def best_feasible(study: optuna.Study) -> dict[str, Any] | None:
@@ -598,7 +605,8 @@ def summarize(study: optuna.Study, prepared: Prepared, storage_url: str) -> Cali
     trials = study.get_trials(deepcopy=False)
     counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
     front = sorted(study.best_trials, key=lambda t: (t.values[0], t.values[1]))
-    pareto = [ParetoPoint(trial=t.number, params=_params_of(t), capital_cost=t.values[0],
+    space = search_space(spec)
+    pareto = [ParetoPoint(trial=t.number, params=_params_of(t, space), capital_cost=t.values[0],
                           insolvency_bps=t.values[1]) for t in front]
     appetite = spec.risk_appetite_bps
     chosen: FrozenTrial | None = None
@@ -633,7 +641,7 @@ def summarize(study: optuna.Study, prepared: Prepared, storage_url: str) -> Cali
 
 def _recommend(trial: FrozenTrial, prepared: Prepared, explanation: str) -> Recommendation:
     spec = prepared.spec
-    params = _params_of(trial)
+    params = _params_of(trial, search_space(spec))
     in_sample_eval = evaluate(prepared, params, prune_hopeless=False)
     full_eval = evaluate(prepared, params, full=True)
     constraints = in_sample_eval.constraints
