@@ -108,9 +108,9 @@ def main() -> int:
         finally:
             proc.terminate()
             proc.wait()
-    ping_rps, ping_p99 = results["bare /ping"]
+    ping_rps, _ping_p99 = results["bare /ping"]
     rec_rps, rec_p99 = results["GET /v1/recommendations/BTCUSDT"]
-    print(f"| endpoint | req/s | p99 ms |\n|---|---|---|")
+    print("| endpoint | req/s | p99 ms |\n|---|---|---|")
     for name, (rps, p99) in results.items():
         print(f"| {name} | {rps:,.0f} | {p99:.1f} |")
     ratio = rec_rps / ping_rps
