@@ -17,7 +17,7 @@ from calibration.report import BacktestReport
 from calibration.windows import DEFAULT_STRESS_WINDOWS, StressWindow
 from service import examples
 from service.auth import requires
-from service.errors import PayloadTooLarge
+from service.errors import COMMON, PayloadTooLarge, problem_responses
 from service.schemas import BacktestRequest
 from service.settings import Settings
 
@@ -62,7 +62,8 @@ class BacktestController(Controller):
     @post("/", guards=[requires("reader")], status_code=200,
           summary="Run a backtest synchronously (small requests only)",
           description="Above MARGINLAB_MAX_SYNC_BARS bars the request is refused with 413 and "
-                      "a pointer to POST /v1/calibrations.")
+                      "a pointer to POST /v1/calibrations.",
+         responses=problem_responses(*COMMON, 400, 413, 422))
     async def create(
         self, request: Request[Any, Any, Any],
         data: Annotated[BacktestRequest, Body(examples=[examples.BACKTEST])],

@@ -30,7 +30,7 @@ from calibration.spec import CalibrationSpec, spec_hash, validate_spec
 from calibration.storage import Coordination
 from service import examples
 from service.auth import requires
-from service.errors import PayloadTooLarge
+from service.errors import COMMON, PayloadTooLarge, problem_responses
 from service.jobs import now_iso
 from service.schemas import CalibrationJob, Progress
 from service.settings import Settings
@@ -89,7 +89,7 @@ class CalibrationController(Controller):
               "fingerprints, same engine) returns the cached result's job at once "
               "(`cached: true`, 200); one identical to a queued or running job joins it "
               "(`joined: true`)."
-          ))
+          ), responses=problem_responses(*COMMON, 400, 413, 422))
     async def create(
         self, request: Request[Any, Any, Any], svc: Svc,
         data: Annotated[CalibrationSpec, Body(examples=[examples.CALIBRATION])],
@@ -125,7 +125,8 @@ class CalibrationController(Controller):
         return Response(_links(job), status_code=202)
 
     @get("/{job_id:str}", guards=[requires("reader")],
-         summary="A calibration's state and progress (from the study)")
+         summary="A calibration's state and progress (from the study)",
+         responses=problem_responses(*COMMON, 404))
     async def status(self, request: Request[Any, Any, Any], svc: Svc,
                      job_id: JobId) -> CalibrationJob:
         job = await _job(svc, job_id)
@@ -133,7 +134,8 @@ class CalibrationController(Controller):
         return _links(msgspec.structs.replace(job, progress=progress))
 
     @get("/{job_id:str}/events", guards=[requires("reader")],
-         summary="Progress as Server-Sent Events until the job ends")
+         summary="Progress as Server-Sent Events until the job ends",
+         responses=problem_responses(*COMMON, 404))
     async def events(self, request: Request[Any, Any, Any], svc: Svc,
                      job_id: JobId) -> ServerSentEvent:
         await _job(svc, job_id)
@@ -156,7 +158,8 @@ class CalibrationController(Controller):
         return ServerSentEvent(stream(), event_type="progress")
 
     @delete("/{job_id:str}", guards=[requires("operator")], status_code=200,
-            summary="Cancel a calibration (workers stop after their current trial)")
+            summary="Cancel a calibration (workers stop after their current trial)",
+         responses=problem_responses(*COMMON, 404))
     async def cancel(self, svc: Svc, job_id: JobId) -> CalibrationJob:
         job = await _job(svc, job_id)
         if job.state not in FINAL:
@@ -166,7 +169,8 @@ class CalibrationController(Controller):
         return _links(job)
 
     @get("/{job_id:str}/result", guards=[requires("reader")],
-         summary="Pareto front, recommendation and evidence of a finished calibration")
+         summary="Pareto front, recommendation and evidence of a finished calibration",
+         responses=problem_responses(*COMMON, 404))
     async def result(self, svc: Svc, job_id: JobId) -> CalibrationResult:
         job = await _job(svc, job_id)
         raw = await svc.stores["results"].get(job.cache_key)

@@ -18,7 +18,7 @@ from calibration.backtest import dataset_info
 from calibration.data import load_bars
 from service import examples
 from service.auth import requires
-from service.errors import PayloadTooLarge
+from service.errors import COMMON, PayloadTooLarge, problem_responses
 from service.jobs import now_iso
 from service.schemas import DatasetInfo
 from service.state import Svc
@@ -58,6 +58,7 @@ class DatasetController(Controller):
             "`ref` can then be used in backtests and calibrations. Uploading a new file for "
             "the same instrument replaces it and drops cached results computed on the old one."
         ),
+        responses=problem_responses(*COMMON, 400, 413, 422),
     )
     async def upload(
         self,
@@ -109,7 +110,8 @@ class DatasetController(Controller):
         return info
 
     @get("/", guards=[requires("reader")], summary="List uploaded datasets",
-         responses={200: ResponseSpec(data_container=list[DatasetInfo],
+         responses={**problem_responses(*COMMON),
+                    200: ResponseSpec(data_container=list[DatasetInfo],
                                       description="the current dataset of each instrument",
                                       examples=[examples.DATASET])})
     async def list_datasets(self, svc: Svc) -> list[DatasetInfo]:
@@ -118,7 +120,8 @@ class DatasetController(Controller):
         return [d for d in found if d is not None]
 
     @get("/{dataset_id:str}", guards=[requires("reader")],
-         summary="One dataset: metadata, fingerprint, validation report and gaps")
+         summary="One dataset: metadata, fingerprint, validation report and gaps",
+         responses=problem_responses(*COMMON, 404))
     async def get_dataset(
         self, svc: Svc,
         dataset_id: Annotated[str, Parameter(description="dataset id",

@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from calibration._errors import (
@@ -96,3 +98,30 @@ def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem(HTTP_500_INTERNAL_SERVER_ERROR, "Internal error",
                    "the request failed on our side; it has been logged", request)
+
+
+class Problem(msgspec.Struct, frozen=True, kw_only=True):
+    """RFC 9457 problem details, as every error of this API is sent."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    instance: str | None = None
+    field: str | None = None
+    row: int | None = None
+    errors: list[dict[str, Any]] | None = None
+    checks: dict[str, str] | None = None
+
+
+def problem_responses(*codes: int) -> dict[int, ResponseSpec]:
+    """OpenAPI entries for the problem+json errors a handler can answer."""
+    text = {400: "malformed request", 401: "no or unknown API key", 403: "role too low",
+            404: "not found", 413: "too large", 422: "invalid parameters or data",
+            429: "rate limit exceeded", 503: "a backing service is unreachable"}
+    return {c: ResponseSpec(data_container=Problem, media_type=PROBLEM, description=text[c],
+                            generate_examples=False) for c in codes}
+
+
+#: The errors every authenticated, rate-limited route can answer.
+COMMON = (401, 403, 429, 503)

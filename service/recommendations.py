@@ -18,6 +18,7 @@ from litestar.params import Parameter
 
 from service import examples
 from service.auth import requires
+from service.errors import COMMON, problem_responses
 from service.schemas import PublishedParameters
 from service.state import Svc
 
@@ -60,7 +61,7 @@ class RecommendationController(Controller):
 
     @get("/{instrument:str}", guards=[requires("reader")],
          summary="The parameters in force for an instrument (ETag, 304 when unchanged)",
-         responses={
+         responses={**problem_responses(*COMMON, 404),
              200: ResponseSpec(data_container=PublishedParameters,
                                description="the published parameters",
                                examples=[examples.PUBLISHED]),

@@ -1,0 +1,373 @@
+"""Scale-out: ``marginlab worker`` processes sharing one study on each shared storage.
+
+For the journal file, the Redis journal and PostgreSQL (the services on this machine), two
+worker processes fill a study to exactly ``n_trials`` finished trials; a worker SIGKILLed in
+the middle of a trial leaves that trial FAIL, its parameters are retried, and the study still
+ends with exactly ``n_trials`` finished trials. ``marginlab calibrate --workers 2`` does the
+same from one command.
+
+The data are synthetic: a seeded random walk of 1.5M 30-minute bars stored as Parquet, so
+that a trial takes ~50-150 ms here (the kernels do 20k bars in ~2 ms, and a CSV this size
+would take seconds to load in every worker).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+import sqlalchemy
+from optuna.storages import RDBStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from calibration.calibrate import Prepared, create_or_load_study, prepare
+from calibration.spec import CalibrationSpec, decode_spec
+from calibration.storage import STALE_AFTER_S, Coordination
+from tests.test_storage import claimed_redis_db, clear_redis_db, fresh_postgres_db
+
+pytestmark = pytest.mark.integration
+
+N_TRIALS = 16
+N_BARS = 1_500_000
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+WORKER_TIMEOUT_S = 120.0
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data root with the bars (Parquet) and the calibration spec."""
+    root = tmp_path_factory.mktemp("workers-data")
+    rng = np.random.default_rng(20240801)
+    close = 100.0 * np.exp(np.cumsum(rng.standard_normal(N_BARS) * 0.004))
+    frame = pd.DataFrame({
+        "timestamp_ms": 1_600_000_000_000 + np.arange(N_BARS, dtype=np.int64) * 1_800_000,
+        "open": np.r_[close[0], close[:-1]],
+        "close": close,
+    })
+    frame["high"] = frame[["open", "close"]].max(axis=1) * 1.001
+    frame["low"] = frame[["open", "close"]].min(axis=1) * 0.999
+    frame["volume"] = 50.0
+    frame[["timestamp_ms", "open", "high", "low", "close", "volume"]].to_parquet(
+        root / "bars.parquet", index=False)
+    spec = {
+        "data": [{"instrument": "SYN", "ref": "bars.parquet"}],
+        "model": "ewma",
+        "search_space": {"decay": {"low": 0.9, "high": 0.99},
+                         "confidence": {"low": 0.99, "high": 0.999},
+                         "floor_rate": {"low": 0.005, "high": 0.05, "log": True},
+                         "apc_buffer": {"value": 0.5}, "horizon_bars": {"value": 4},
+                         "warmup_bars": {"value": 200}},
+        "stress_windows": [],
+        "liquidation": {"leverages": [5, 20], "notionals_usd": [10000]},
+        "n_trials": N_TRIALS,
+        "seed": 11,
+    }
+    (root / "spec.json").write_text(json.dumps(spec))
+    return root
+
+
+@pytest.fixture(scope="session")
+def spec(data_root: Path) -> CalibrationSpec:
+    """The calibration spec of every study here."""
+    return decode_spec((data_root / "spec.json").read_bytes())
+
+
+@pytest.fixture(scope="session")
+def prepared(spec: CalibrationSpec, data_root: Path) -> Prepared:
+    """The spec's data, loaded once for the studies created in this process."""
+    return prepare(spec, data_root)
+
+
+@pytest.fixture(scope="session")
+def redis_db() -> Iterator[str]:
+    """A Redis database claimed for this session (flushed afterwards)."""
+    with claimed_redis_db() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def postgres_db() -> Iterator[str]:
+    """A PostgreSQL database created for this session (dropped afterwards)."""
+    with fresh_postgres_db() as url:
+        yield url
+
+
+@pytest.fixture(params=["file", "redis", "postgresql"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A shared storage of each kind, empty for this test."""
+    if request.param == "file":
+        return f"journal:{tmp_path / 'studies.log'}"
+    if request.param == "redis":
+        value: str = request.getfixturevalue("redis_db")
+        clear_redis_db(value)
+        return value
+    pg: str = request.getfixturevalue("postgres_db")
+    return pg
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[str]]]:
+    """Worker processes started by a test; any still alive at teardown is killed."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+@pytest.fixture(autouse=True)
+def _quiet_optuna() -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _env(root: Path) -> dict[str, str]:
+    # Any warning in a worker is an error: the workers' output stays clean.
+    return {**os.environ, "MARGINLAB_DATA_ROOT": str(root), "PYTHONWARNINGS": "error"}
+
+
+def _start_worker(procs: list[subprocess.Popen[str]], root: Path, url: str, name: str,
+                  index: int) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "calibration.cli", "worker", "--study", name, "--storage", url,
+         "--worker-index", str(index)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(root),
+    )
+    procs.append(proc)
+    return proc
+
+
+def _finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    """Wait for a worker; its exit code and stderr."""
+    try:
+        _, err = proc.communicate(timeout=WORKER_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"worker did not finish within {WORKER_TIMEOUT_S} s: {err}")
+    return proc.returncode, err
+
+
+def _ran(err: str) -> int:
+    found = re.search(r"worker finished: ran (\d+) trials", err)
+    assert found is not None, err
+    return int(found.group(1))
+
+
+def _retry_marks(trial: FrozenTrial) -> list[int]:
+    """The trial numbers a retry descends from (ours for journals, Optuna's for RDB)."""
+    history: list[int] = (trial.user_attrs.get("retry_history")
+                          or trial.system_attrs.get("retry_history") or [])
+    return history
+
+
+def _assert_study_exact(trials: list[FrozenTrial], n_trials: int) -> None:
+    """Exactly n_trials finished, nothing left running or waiting, trial numbers unique
+    and dense, and every FAIL retried with its params until a retry finished."""
+    assert [t.number for t in trials] == list(range(len(trials)))
+    states = [t.state for t in trials]
+    assert sum(s in FINISHED for s in states) == n_trials, states
+    assert not {TrialState.RUNNING, TrialState.WAITING} & set(states), states
+    for failed in (t for t in trials if t.state == TrialState.FAIL):
+        retries = [t for t in trials if failed.number in _retry_marks(t)]
+        assert retries, f"trial {failed.number} failed and was not retried"
+        assert all(t.number > failed.number and t.params == failed.params for t in retries)
+        assert any(t.state in FINISHED for t in retries), [t.state for t in retries]
+
+
+def _new_study(spec: CalibrationSpec, prepared: Prepared, url: str) -> str:
+    name = f"workers-{uuid.uuid4().hex[:10]}"
+    with Coordination(url) as coordination:
+        study = create_or_load_study(spec, prepared, coordination, name)
+        assert study.get_trials() == []
+    return name
+
+
+def _trials(url: str, name: str) -> list[FrozenTrial]:
+    with Coordination(url) as coordination:
+        return optuna.load_study(study_name=name, storage=coordination.storage).get_trials()
+
+
+# --------------------------------------------------------------------------- two workers
+
+
+@pytest.mark.slow
+def test_two_workers_share_a_study_exactly(url: str, data_root: Path, spec: CalibrationSpec,
+                                           prepared: Prepared,
+                                           procs: list[subprocess.Popen[str]]) -> None:
+    """Two worker processes on one study run exactly n_trials between them, all finished,
+    no trial number twice, and each worker runs at least one trial."""
+    name = _new_study(spec, prepared, url)
+    workers = [_start_worker(procs, data_root, url, name, i) for i in (1, 2)]
+    results = [_finish(w) for w in workers]
+    assert [code for code, _ in results] == [0, 0], results
+    ran = [_ran(err) for _, err in results]
+    assert all(r >= 1 for r in ran), ran
+    trials = _trials(url, name)
+    _assert_study_exact(trials, N_TRIALS)
+    assert sum(ran) == len(trials)  # every trial was run by one of the two workers
+
+
+# --------------------------------------------------------------------------- SIGKILL
+
+
+def _stopped(pid: int) -> bool:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0] in ("T", "t")
+
+
+def _signal(procs: list[subprocess.Popen[str]], sig: signal.Signals) -> None:
+    for proc in procs:
+        os.kill(proc.pid, sig)
+    if sig == signal.SIGSTOP:
+        deadline = time.monotonic() + 5
+        while not all(_stopped(p.pid) for p in procs):
+            assert time.monotonic() < deadline, "SIGSTOP did not take effect"
+            time.sleep(0.001)
+
+
+def _locks_free(url: str, name: str) -> bool:
+    """No lock a killed holder would leave behind for long: the journal file's own lock
+    (30 s grace) and the Redis slot lock (60 s expiry). Flock and PostgreSQL advisory locks
+    die with their process."""
+    if url.startswith("journal:"):
+        return not os.path.lexists(url.removeprefix("journal:") + ".lock")
+    if url.startswith("redis://"):
+        import redis
+
+        client = redis.Redis.from_url(url)
+        try:
+            return not client.exists(f"marginlab:slots:{name}")
+        finally:
+            client.close()
+    return True
+
+
+def _have_beaten(coordination: Coordination, trials: list[FrozenTrial]) -> bool:
+    """RDB: every trial has a heartbeat row (Optuna never reaps a trial that never beat)."""
+    storage = coordination.storage
+    if not isinstance(storage, RDBStorage):
+        return True
+    table = sqlalchemy.Table("trial_heartbeats", sqlalchemy.MetaData(),
+                             autoload_with=storage.engine)
+    ids = [t._trial_id for t in trials]
+    with storage.engine.connect() as conn:
+        found = conn.execute(sqlalchemy.select(sqlalchemy.func.count())
+                             .where(table.c.trial_id.in_(ids))).scalar()
+    return found == len(ids)
+
+
+def _kill_mid_trial(victim: subprocess.Popen[str], other: subprocess.Popen[str], url: str,
+                    name: str) -> FrozenTrial:
+    """SIGKILL ``victim`` while it runs a trial; return that trial.
+
+    Both workers are frozen (SIGSTOP) at a moment both run a trial, holding no lock that
+    outlives its holder; ``other`` is resumed until its trial finishes, so the trial still
+    RUNNING is the victim's. Otherwise both resume and the attempt is repeated.
+    """
+    deadline = time.monotonic() + 90
+    with Coordination(url) as coordination:
+        study = optuna.load_study(study_name=name, storage=coordination.storage)
+
+        def running() -> list[FrozenTrial]:
+            return study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+
+        while time.monotonic() < deadline:
+            assert victim.poll() is None and other.poll() is None, "a worker ended early"
+            if len(running()) < 2:
+                time.sleep(0.005)
+                continue
+            _signal([victim, other], signal.SIGSTOP)
+            frozen = running()
+            if (len(frozen) == 2 and _locks_free(url, name)
+                    and _have_beaten(coordination, frozen)):
+                _signal([other], signal.SIGCONT)
+                numbers = {t.number for t in frozen}
+                until = time.monotonic() + 30
+                while len(still := numbers & {t.number for t in running()}) == 2:
+                    assert time.monotonic() < until, "the resumed worker made no progress"
+                    time.sleep(0.005)
+                # The victim is still frozen: the trial left RUNNING is its own.
+                assert len(still) == 1
+                os.kill(victim.pid, signal.SIGKILL)
+                victim.communicate()
+                return next(t for t in frozen if t.number in still)
+            _signal([victim, other], signal.SIGCONT)
+            time.sleep(0.02)
+    pytest.fail("never caught both workers in a trial")
+
+
+@pytest.mark.slow
+def test_sigkilled_worker_trial_is_failed_and_retried(
+        url: str, data_root: Path, spec: CalibrationSpec, prepared: Prepared,
+        procs: list[subprocess.Popen[str]]) -> None:
+    """A worker SIGKILLed mid-trial leaves that trial FAIL with its params retried, and the
+    survivor plus a replacement worker still finish exactly n_trials."""
+    name = _new_study(spec, prepared, url)
+    victim = _start_worker(procs, data_root, url, name, 1)
+    survivor = _start_worker(procs, data_root, url, name, 2)
+    killed = _kill_mid_trial(victim, survivor, url, name)
+    killed_at = time.monotonic()
+    replacement = _start_worker(procs, data_root, url, name, 3)
+    results = [_finish(survivor), _finish(replacement)]
+    assert victim.returncode == -signal.SIGKILL
+    assert [code for code, _ in results] == [0, 0], results
+    # The dead trial could only be reaped once its heartbeat was STALE_AFTER_S old.
+    assert time.monotonic() - killed_at >= STALE_AFTER_S - 1
+    trials = _trials(url, name)
+    _assert_study_exact(trials, N_TRIALS)
+    assert trials[killed.number].state == TrialState.FAIL
+    assert trials[killed.number].params == killed.params
+    retries = [t for t in trials if killed.number in _retry_marks(t)]
+    assert len(retries) == 1
+    assert retries[0].state in FINISHED
+    assert retries[0].params == killed.params
+    assert sum(t.state == TrialState.FAIL for t in trials) == 1
+
+
+# --------------------------------------------------------------------------- calibrate
+
+
+@pytest.mark.slow
+def test_calibrate_with_two_workers_json(data_root: Path, tmp_path: Path) -> None:
+    """`marginlab calibrate --workers 2 --json` on a journal finishes exactly n_trials and
+    prints a recommendation (params, feasible) and the Pareto front."""
+    journal = f"journal:{tmp_path / 'cal.log'}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "calibration.cli", "calibrate", "--spec",
+         str(data_root / "spec.json"), "--storage", journal, "--workers", "2", "--json",
+         "--quiet"],
+        capture_output=True, text=True, env=_env(data_root), timeout=WORKER_TIMEOUT_S,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    counts = result["trials"]
+    assert counts["complete"] + counts["pruned"] == N_TRIALS
+    assert counts["running"] == counts["waiting"] == 0
+    rec = result["recommendation"]
+    assert {"params", "feasible"} <= set(rec)
+    assert set(rec["params"]) >= {"decay", "confidence", "floor_rate"}
+    assert isinstance(rec["feasible"], bool)
+    assert isinstance(result["pareto_front"], list)
+    assert result["pareto_front"], "the synthetic data have feasible trials"
+    _assert_study_exact(_trials(journal, result["study"]), N_TRIALS)
+
