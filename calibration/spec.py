@@ -17,6 +17,7 @@ import msgspec
 from calibration._errors import InvalidParameters
 from calibration.liquidation import LiquidationConfig
 from calibration.models import FAMILIES, make_model
+from calibration.windows import StressWindow
 
 
 class DataRefSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -239,7 +240,15 @@ def validate_spec(spec: CalibrationSpec) -> None:
         for name, step in spec.published.max_change.items():
             if not step >= 0:
                 raise _bad(f"max_change of {name} must be >= 0", f"published.max_change.{name}")
-        make_model(spec.model, dict(spec.published.params))
+        try:
+            make_model(spec.model, dict(spec.published.params))
+        except InvalidParameters as exc:
+            raise _bad(f"published: {exc}", f"published.params.{exc.field}") from None
+    for i, w in enumerate(spec.stress_windows or ()):
+        try:
+            StressWindow.from_dates(w.name, w.start, w.end)
+        except InvalidParameters as exc:
+            raise _bad(str(exc), f"stress_windows[{i}]") from None
     LiquidationConfig.from_mapping(spec.liquidation)
 
 
@@ -260,8 +269,13 @@ def decode_spec(raw: bytes | str) -> CalibrationSpec:
         spec = msgspec.json.decode(raw, type=CalibrationSpec)
     except msgspec.ValidationError as exc:
         text = str(exc)
-        path = text.rsplit("at `", 1)[-1].rstrip("`") if "at `" in text else "spec"
-        raise _bad(f"spec: {text}", path.removeprefix("$.")) from None
+        path = text.rsplit("at `", 1)[-1].rstrip("`") if "at `" in text else "$"
+        path = path.removeprefix("$").removeprefix(".")
+        for marker in ("unknown field `", "missing required field `"):
+            if marker in text:  # name the field itself, not the object holding it
+                name = text.split(marker, 1)[1].split("`", 1)[0]
+                path = f"{path}.{name}" if path else name
+        raise _bad(f"spec: {text}", path or "spec") from None
     except msgspec.DecodeError as exc:
         raise _bad(f"spec is not valid JSON: {exc}", "spec") from None
     validate_spec(spec)

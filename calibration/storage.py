@@ -292,6 +292,27 @@ class Coordination:
             thread.join()
             self.finished(trial_id)
 
+    def _beat_orphans(self, running: list[optuna.trial.FrozenTrial]) -> None:
+        """RDB: beat once for each RUNNING trial that started over ``STALE_AFTER_S`` ago and
+        never beat (its worker died between ``ask`` and the first beat). Optuna's check
+        skips trials without a heartbeat, so such a trial would stay RUNNING forever; with
+        this beat it goes stale after the grace period like any other."""
+        assert isinstance(self.storage, RDBStorage)
+        cutoff = time.time() - STALE_AFTER_S
+        old = [t._trial_id for t in running
+               if t.datetime_start is not None and t.datetime_start.timestamp() < cutoff]
+        if not old:
+            return
+        from sqlalchemy import bindparam, text
+
+        query = text("SELECT trial_id FROM trial_heartbeats WHERE trial_id IN :ids")
+        with self.storage.engine.connect() as conn:
+            beaten = {row[0] for row in conn.execute(
+                query.bindparams(bindparam("ids", expanding=True)), {"ids": old})}
+        for trial_id in old:
+            if trial_id not in beaten:
+                self.storage.record_heartbeat(trial_id)
+
     def reap_stale_trials(self, study: optuna.Study) -> list[int]:
         """Fail RUNNING trials whose worker stopped beating and enqueue their params again.
 
@@ -299,8 +320,9 @@ class Coordination:
         numbers of the trials failed.
         """
         if isinstance(self.storage, RDBStorage):
-            before = {t.number for t in study.get_trials(deepcopy=False,
-                                                          states=(TrialState.RUNNING,))}
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            before = {t.number for t in running}
+            self._beat_orphans(running)
             with warnings.catch_warnings():
                 # Experimental (a warning on every call) yet the documented way to reap.
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

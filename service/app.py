@@ -18,17 +18,24 @@ from litestar.openapi.config import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.stores.memory import MemoryStore
 from litestar.stores.registry import StoreRegistry
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from calibration._errors import MarginlabError
 from calibration._version import ENGINE_VERSION
 from service import errors
+from service.audit import AuditLog, audit_url
 from service.auth import load_keys, rate_limit_identity
 from service.backtests import BacktestController
 from service.calibrations import CalibrationController
 from service.datasets import DatasetController
 from service.health import REQUESTS, HealthController
 from service.jobs import JobAccess, LocalRunner, RqRunner
-from service.recommendations import CHANNEL, PublishedCache, RecommendationController
+from service.recommendations import (
+    CHANNEL,
+    PublishedCache,
+    RecommendationController,
+)
 from service.settings import Settings
 from service.state import State, make_root_store
 
@@ -53,6 +60,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         root = make_root_store(settings)
         state = State(root)
         app.state.service_state = state
+        app.state.audit = AuditLog(audit_url(settings))
         if settings.embedded:
             from anyio.from_thread import BlockingPortal
 
@@ -66,8 +74,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 finally:
                     runner.stop()
                     await state.close()
+                    app.state.audit.close()
             return
         app.state.runner = RqRunner(settings)
+        from redis.asyncio import Redis
+
+        assert settings.redis_url is not None
+        app.state.redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2,
+                                         socket_timeout=5)
         listener = asyncio.create_task(_listen_published(app, settings))
         try:
             yield
@@ -76,7 +90,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await listener
             app.state.runner.stop()
+            await app.state.redis.aclose()
             await state.close()
+            app.state.audit.close()
 
     rate_limit = RateLimitConfig(
         rate_limit=("minute", settings.rate_limit_per_minute),
@@ -94,6 +110,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
             MarginlabError: errors.marginlab_error,
             ConnectionError: errors.connection_error,
             TimeoutError: errors.connection_error,
+            # redis-py's errors do not derive from the builtins: without these a Redis outage
+            # would answer 500 instead of 503.
+            RedisConnectionError: errors.connection_error,
+            RedisTimeoutError: errors.connection_error,
             HTTPException: errors.http_error,
             Exception: errors.internal_error,
         },

@@ -8,11 +8,12 @@ their status; anything else is a 500 that says nothing of the stack.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import msgspec
 from litestar import Request, Response
-from litestar.exceptions import HTTPException, ValidationException
+from litestar.exceptions import HTTPException, SerializationException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
@@ -28,6 +29,7 @@ from calibration.storage import StorageUnavailable
 
 log = logging.getLogger("marginlab.service")
 PROBLEM = "application/problem+json"
+_UNKNOWN_FIELD = re.compile(r"unknown field `([^`]+)`")
 
 
 class ServiceUnavailable(MarginlabError):
@@ -61,6 +63,12 @@ def marginlab_error(request: Request[Any, Any, Any], exc: Exception) -> Response
         return problem(422, "Invalid parameters", str(exc), request, field=field)
     if isinstance(exc, InsufficientData | DataError):
         return problem(422, "Unusable data", str(exc), request, field=field)
+    violations = getattr(exc, "violations", None)
+    if violations is not None:
+        first = violations[0]
+        return problem(422, "Guardrail violated", str(exc), request,
+                       field=first.parameter or first.guardrail,
+                       violations=[v.as_dict() for v in violations])
     if isinstance(exc, PayloadTooLarge):
         return problem(413, "Too large", str(exc), request, field=field)
     if isinstance(exc, StorageUnavailable | ServiceUnavailable):
@@ -82,8 +90,10 @@ def http_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]
     if isinstance(exc, ValidationException) and isinstance(exc.extra, list) and exc.extra:
         first = exc.extra[0]
         if isinstance(first, dict):
-            extra["field"] = str(first.get("key") or first.get("source") or "body")
+            extra["field"] = _field_of(first)
         extra["errors"] = exc.extra
+    elif isinstance(exc.__cause__, SerializationException):
+        extra["field"] = "body"  # the body is not valid JSON
     title = {400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found",
              405: "Method not allowed", 413: "Too large", 429: "Too many requests"}.get(
         exc.status_code, "Error")
@@ -91,6 +101,17 @@ def http_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]
     if exc.headers:
         response.headers.update(exc.headers)
     return response
+
+
+def _field_of(error: dict[str, Any]) -> str:
+    """The field a Litestar validation error is about (an unknown field names itself)."""
+    key = str(error.get("key") or "")
+    unknown = _UNKNOWN_FIELD.search(str(error.get("message", "")))
+    if unknown and error.get("source") == "body":
+        # Litestar's key is the object holding the field, "data" for the body itself.
+        parent = "" if key == "data" else key
+        return f"{parent}.{unknown.group(1)}" if parent else unknown.group(1)
+    return key or str(error.get("source") or "body")
 
 
 def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
@@ -111,6 +132,7 @@ class Problem(msgspec.Struct, frozen=True, kw_only=True):
     field: str | None = None
     row: int | None = None
     errors: list[dict[str, Any]] | None = None
+    violations: list[dict[str, Any]] | None = None
     checks: dict[str, str] | None = None
 
 

@@ -64,3 +64,9 @@ DATASET = Example(
            "missing_bars": 45, "suspect_prints": [], "uploaded_at": "2026-11-24T10:00:00Z",
            "size_bytes": 7090123},
 )
+
+PUBLISH = Example(
+    summary="publish a calibration's recommendation",
+    value={"calibration_id": "0bb5fdab8bc6479e8a221d55783a6f27",
+           "reason": "monthly recalibration; FTX and LUNA windows green"},
+)

@@ -13,14 +13,27 @@
 | ``MARGINLAB_MAX_TRIALS`` | largest ``n_trials`` of one calibration | 5000 |
 | ``MARGINLAB_RESULT_TTL_S`` | lifetime of cached results | 7 days |
 | ``MARGINLAB_WORKERS_PER_JOB`` | queue jobs (workers) per calibration with Redis | 2 |
+| ``MARGINLAB_AUDIT_DB`` | SQLAlchemy URL of the publish audit trail | SQLite in the state dir |
+| ``MARGINLAB_GUARDRAILS`` | JSON ``max_change``, ``min_interval_s``, ``min_reason_chars`` | below |
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from calibration.publishing import Guardrails
+
+#: Largest change per update per public parameter (absolute, parameter units).
+DEFAULT_MAX_CHANGE: dict[str, float] = {
+    "base_mmr": 0.0025, "floor_rate": 0.0025, "tier_growth": 0.25, "im_to_mm": 0.25,
+    "decay": 0.01, "confidence": 0.005, "apc_buffer": 0.1, "stress_weight": 0.1,
+    "addon_coef": 0.05,
+}
 
 
 @dataclass(frozen=True)
@@ -39,6 +52,8 @@ class Settings:
     max_trials: int = 5000
     result_ttl_s: int = 7 * 86_400
     workers_per_job: int = 2
+    audit_db: str | None = None
+    guardrails_json: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -62,7 +77,24 @@ class Settings:
             max_trials=num("MARGINLAB_MAX_TRIALS", 5000),
             result_ttl_s=num("MARGINLAB_RESULT_TTL_S", 7 * 86_400),
             workers_per_job=num("MARGINLAB_WORKERS_PER_JOB", 2),
+            audit_db=env.get("MARGINLAB_AUDIT_DB") or None,
+            guardrails_json=env.get("MARGINLAB_GUARDRAILS") or None,
         )
+
+    @property
+    def guardrails(self) -> Guardrails:
+        """Publishing guardrails: ``MARGINLAB_GUARDRAILS`` over the defaults (Aave-style
+        0.25% absolute on rates, a day between updates, a reason of 10+ characters)."""
+        fields: dict[str, Any] = {
+            "max_change": dict(DEFAULT_MAX_CHANGE), "min_interval_s": 86_400.0,
+            "min_reason_chars": 10,
+        }
+        if self.guardrails_json:
+            given = json.loads(self.guardrails_json)
+            if "max_change" in given:
+                fields["max_change"] = {**fields["max_change"], **given.pop("max_change")}
+            fields.update(given)
+        return Guardrails(**fields)
 
     @property
     def embedded(self) -> bool:

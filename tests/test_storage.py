@@ -12,6 +12,7 @@ that one. PostgreSQL: a fresh database is created for the session and dropped af
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import socket
@@ -441,8 +442,8 @@ def test_slot_lock_excludes_processes(url: str, tmp_path: Path) -> None:
     rows = sorted((float(s), float(e), pid) for pid, s, e in
                   (line.split() for line in log.read_text().splitlines()))
     assert len(rows) == 2 * n
-    assert all(prev[1] <= nxt[0] for prev, nxt in zip(rows, rows[1:], strict=False))
-    switches = sum(a[2] != b[2] for a, b in zip(rows, rows[1:], strict=False))
+    assert all(prev[1] <= nxt[0] for prev, nxt in itertools.pairwise(rows))
+    switches = sum(a[2] != b[2] for a, b in itertools.pairwise(rows))
     assert switches >= 1
 
 
@@ -500,12 +501,19 @@ def _retry_marks(trial: optuna.trial.FrozenTrial) -> list[int]:
     return history
 
 
+def _queued_params(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """A WAITING trial's parameters: enqueued as fixed params (journals) or set (RDB)."""
+    params: dict[str, Any] = trial.params or trial.system_attrs.get("fixed_params", {})
+    return params
+
+
 @pytest.mark.parametrize("url", KINDS, indirect=True)
 def test_reap_fails_stale_trials_and_retries_their_params(
         url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A RUNNING trial that stopped beating is failed and its params enqueued once (beating
-    and finished trials are left alone); a retry that goes stale too is failed without a
-    new retry once MAX_RETRY is reached."""
+    and finished trials are left alone); one that died before its first beat is reaped too
+    (RDB: one STALE_AFTER_S later); a retry that goes stale is failed without a new retry
+    once MAX_RETRY is reached."""
     monkeypatch.setattr(storage_module, "STALE_AFTER_S", 1.0)
     monkeypatch.setattr(storage_module, "HEARTBEAT_INTERVAL_S", 1.0)
     monkeypatch.setattr(storage_module, "MAX_RETRY", 1)
@@ -514,6 +522,7 @@ def test_reap_fails_stale_trials_and_retries_their_params(
     wait = 2.2 if kind == "sqlite" else 1.3
     name = _name()
     with Coordination(url) as coordination:
+        rdb = coordination.native_heartbeat
         study = _study(coordination, name)
         dead = _running_trial(study)
         coordination.beat(dead._trial_id)
@@ -521,17 +530,16 @@ def test_reap_fails_stale_trials_and_retries_their_params(
         coordination.beat(alive._trial_id)
         done = _running_trial(study)
         study.tell(done, [1.0, 2.0])
-        never = None
-        if not coordination.native_heartbeat:
-            never = _running_trial(study)  # died before its first beat: its start counts
+        never = _running_trial(study)  # its worker died before the first beat
         with coordination.slot_lock(name):
             assert coordination.reap_stale_trials(study) == []
         time.sleep(wait)
         coordination.beat(alive._trial_id)
         with coordination.slot_lock(name):
             reaped = coordination.reap_stale_trials(study)
-        expected = [dead.number] + ([never.number] if never is not None else [])
-        assert reaped == expected
+        # Journals judge a trial that never beat by its start; RDB beats it once for it.
+        first = [dead.number] if rdb else [dead.number, never.number]
+        assert reaped == first
         with coordination.slot_lock(name):
             assert coordination.reap_stale_trials(study) == []  # nothing twice
         trials = study.get_trials()
@@ -539,9 +547,11 @@ def test_reap_fails_stale_trials_and_retries_their_params(
         assert by_number[dead.number].state == TrialState.FAIL
         assert by_number[alive.number].state == TrialState.RUNNING
         assert by_number[done.number].state == TrialState.COMPLETE
+        assert by_number[never.number].state == (TrialState.RUNNING if rdb
+                                                 else TrialState.FAIL)
         waiting = [t for t in trials if t.state == TrialState.WAITING]
-        assert len(waiting) == len(expected)
-        assert [_retry_marks(t) for t in waiting] == [[n] for n in expected]
+        assert [_retry_marks(t) for t in waiting] == [[n] for n in first]
+        assert _queued_params(waiting[0]) == by_number[dead.number].params
 
         # The retry is asked like any trial and gets the dead trial's parameters.
         with coordination.slot_lock(name):
@@ -553,12 +563,16 @@ def test_reap_fails_stale_trials_and_retries_their_params(
         time.sleep(wait)
         coordination.beat(alive._trial_id)
         with coordination.slot_lock(name):
-            assert coordination.reap_stale_trials(study) == [retry.number]
+            reaped = coordination.reap_stale_trials(study)
+        assert reaped == ([never.number, retry.number] if rdb else [retry.number])
         trials = study.get_trials()
         assert trials[retry.number].state == TrialState.FAIL
-        # MAX_RETRY = 1: the retry of a retry is not enqueued.
+        assert trials[never.number].state == TrialState.FAIL
+        assert trials[alive.number].state == TrialState.RUNNING
+        # MAX_RETRY = 1: the retry of a retry is not enqueued; the never-beaten one is.
         waiting_after = [t for t in trials if t.state == TrialState.WAITING]
-        assert [_retry_marks(t) for t in waiting_after] == [[n] for n in expected[1:]]
+        assert [_retry_marks(t) for t in waiting_after] == [[never.number]]
+        assert _queued_params(waiting_after[0]) == trials[never.number].params
         study.tell(alive, [0.5, 0.5])
 
 

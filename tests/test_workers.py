@@ -33,7 +33,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from calibration.calibrate import Prepared, create_or_load_study, prepare
-from calibration.spec import CalibrationSpec, decode_spec
+from calibration.spec import CalibrationSpec, decode_spec, search_space
 from calibration.storage import STALE_AFTER_S, Coordination
 from tests.test_storage import claimed_redis_db, clear_redis_db, fresh_postgres_db
 
@@ -189,7 +189,8 @@ def _assert_study_exact(trials: list[FrozenTrial], n_trials: int) -> None:
     for failed in (t for t in trials if t.state == TrialState.FAIL):
         retries = [t for t in trials if failed.number in _retry_marks(t)]
         assert retries, f"trial {failed.number} failed and was not retried"
-        assert all(t.number > failed.number and t.params == failed.params for t in retries)
+        assert all(t.number > failed.number and t.params == failed.params
+                   for t in retries), (failed, retries)
         assert any(t.state in FINISHED for t in retries), [t.state for t in retries]
 
 
@@ -262,7 +263,8 @@ def _locks_free(url: str, name: str) -> bool:
 
 
 def _have_beaten(coordination: Coordination, trials: list[FrozenTrial]) -> bool:
-    """RDB: every trial has a heartbeat row (Optuna never reaps a trial that never beat)."""
+    """RDB: every trial has a heartbeat row (one that never beat is reaped only after
+    twice STALE_AFTER_S, which would just make the test slower)."""
     storage = coordination.storage
     if not isinstance(storage, RDBStorage):
         return True
@@ -276,29 +278,32 @@ def _have_beaten(coordination: Coordination, trials: list[FrozenTrial]) -> bool:
 
 
 def _kill_mid_trial(victim: subprocess.Popen[str], other: subprocess.Popen[str], url: str,
-                    name: str) -> FrozenTrial:
+                    name: str, n_params: int) -> FrozenTrial:
     """SIGKILL ``victim`` while it runs a trial; return that trial.
 
-    Both workers are frozen (SIGSTOP) at a moment both run a trial, holding no lock that
-    outlives its holder; ``other`` is resumed until its trial finishes, so the trial still
-    RUNNING is the victim's. Otherwise both resume and the attempt is repeated.
+    Both workers are frozen (SIGSTOP) at a moment both run a trial whose parameters are all
+    chosen (so it is inside the backtest), holding no lock that outlives its holder;
+    ``other`` is resumed until its trial finishes, so the trial still RUNNING is the
+    victim's. Otherwise both resume and the attempt is repeated.
     """
     deadline = time.monotonic() + 90
     with Coordination(url) as coordination:
         study = optuna.load_study(study_name=name, storage=coordination.storage)
 
         def running() -> list[FrozenTrial]:
-            return study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            return study.get_trials(states=(TrialState.RUNNING,))
 
         while time.monotonic() < deadline:
-            assert victim.poll() is None and other.poll() is None, "a worker ended early"
+            assert victim.poll() is None, "the victim ended early"
+            assert other.poll() is None, "the survivor ended early"
             if len(running()) < 2:
                 time.sleep(0.005)
                 continue
             _signal([victim, other], signal.SIGSTOP)
             frozen = running()
-            if (len(frozen) == 2 and _locks_free(url, name)
-                    and _have_beaten(coordination, frozen)):
+            # Both past choosing their parameters (so the victim is inside the backtest).
+            if (len(frozen) == 2 and all(len(t.params) == n_params for t in frozen)
+                    and _locks_free(url, name) and _have_beaten(coordination, frozen)):
                 _signal([other], signal.SIGCONT)
                 numbers = {t.number for t in frozen}
                 until = time.monotonic() + 30
@@ -324,7 +329,8 @@ def test_sigkilled_worker_trial_is_failed_and_retried(
     name = _new_study(spec, prepared, url)
     victim = _start_worker(procs, data_root, url, name, 1)
     survivor = _start_worker(procs, data_root, url, name, 2)
-    killed = _kill_mid_trial(victim, survivor, url, name)
+    searched = [k for k, p in search_space(spec).items() if p.value is None]
+    killed = _kill_mid_trial(victim, survivor, url, name, len(searched))
     killed_at = time.monotonic()
     replacement = _start_worker(procs, data_root, url, name, 3)
     results = [_finish(survivor), _finish(replacement)]
@@ -335,6 +341,7 @@ def test_sigkilled_worker_trial_is_failed_and_retried(
     trials = _trials(url, name)
     _assert_study_exact(trials, N_TRIALS)
     assert trials[killed.number].state == TrialState.FAIL
+    assert set(killed.params) == set(searched)
     assert trials[killed.number].params == killed.params
     retries = [t for t in trials if killed.number in _retry_marks(t)]
     assert len(retries) == 1

@@ -1,0 +1,151 @@
+"""Publishing over HTTP: guardrails enforced server-side, an append-only audit trail, rollback."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from litestar.testing import TestClient
+
+from service.app import create_app
+from service.settings import Settings
+
+REASON = "initial listing parameters"
+
+
+def _client(tmp_path: Path, **extra: Any) -> TestClient[Any]:
+    settings = Settings(state_dir=str(tmp_path / ".state"), data_root=str(tmp_path),
+                        guardrails_json='{"min_interval_s": 0}', **extra)
+    return TestClient(create_app(settings))
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[TestClient[Any]]:
+    with _client(tmp_path) as c:
+        yield c
+
+
+def _publish(c: TestClient[Any], **body: Any) -> Any:
+    return c.post("/v1/recommendations/BTC", json={"model": "ewma", "reason": REASON, **body})
+
+
+def test_publish_then_read_with_etag(client: TestClient[Any]) -> None:
+    """A first publish is version 1; GET serves it with an ETag and 304 when unchanged."""
+    r = _publish(client, params={"decay": 0.97, "confidence": 0.99})
+    assert r.status_code == 201
+    assert r.json()["version"] == 1
+    got = client.get("/v1/recommendations/BTC")
+    assert got.json()["params"] == {"decay": 0.97, "confidence": 0.99}
+    assert client.get("/v1/recommendations/BTC",
+                      headers={"if-none-match": got.headers["etag"]}).status_code == 304
+
+
+def test_guardrail_refusal_names_the_excess_and_changes_nothing(client: TestClient[Any]) -> None:
+    """decay 0.97 → 0.99 (limit 0.01) is refused with the figures; version 1 stays in force."""
+    _publish(client, params={"decay": 0.97, "confidence": 0.99})
+    r = _publish(client, params={"decay": 0.99, "confidence": 0.99})
+    assert r.status_code == 422
+    assert r.headers["content-type"].startswith("application/problem+json")
+    body = r.json()
+    assert body["field"] == "decay"
+    [v] = body["violations"]
+    assert v["guardrail"] == "max_change"
+    assert v["limit"] == pytest.approx(0.01)
+    assert v["excess"] == pytest.approx(0.01)
+    assert client.get("/v1/recommendations/BTC").json()["params"]["decay"] == 0.97
+    assert len(client.get("/v1/recommendations/BTC/history").json()) == 1
+
+
+def test_min_interval_and_reason_are_enforced(tmp_path: Path) -> None:
+    """With a 1-day minimum, a second update the same day is refused; so is a missing reason."""
+    settings = Settings(state_dir=str(tmp_path / ".state"), data_root=str(tmp_path))
+    with TestClient(create_app(settings)) as c:
+        assert _publish(c, params={"decay": 0.97}).status_code == 201
+        r = _publish(c, params={"decay": 0.971})
+        assert r.status_code == 422
+        assert r.json()["violations"][0]["guardrail"] == "min_interval"
+        r = c.post("/v1/recommendations/ETH", json={"model": "ewma", "reason": "",
+                                                    "params": {"decay": 0.97}})
+        assert r.json()["violations"][0]["guardrail"] == "reason"
+
+
+def test_history_and_rollback(client: TestClient[Any]) -> None:
+    """Rollback to version 1 is a new, audited update (version 3, rollback_of 1)."""
+    _publish(client, params={"decay": 0.97})
+    _publish(client, params={"decay": 0.975})
+    r = client.post("/v1/recommendations/BTC",
+                    json={"rollback_to_version": 1, "reason": "rollback after review"})
+    assert r.status_code == 201
+    assert r.json()["version"] == 3
+    assert r.json()["params"] == {"decay": 0.97}
+    history = client.get("/v1/recommendations/BTC/history").json()
+    assert [(h["version"], h["rollback_of"]) for h in history] == [(3, 1), (2, None), (1, None)]
+    assert history[0]["previous_params"] == {"decay": 0.975}
+    assert {"actor", "reason", "created_at", "calibration_id", "data_fingerprints"} <= set(
+        history[0])
+
+
+def test_only_admins_publish(tmp_path: Path) -> None:
+    """An operator key is refused (403); an admin key publishes and is named in the audit."""
+    from service.auth import hash_key
+
+    keys = {hash_key("op-key"): {"name": "ops", "role": "operator"},
+            hash_key("admin-key"): {"name": "risk-lead", "role": "admin"}}
+    import json
+
+    with _client(tmp_path, api_keys=json.dumps(keys)) as c:
+        body = {"model": "ewma", "reason": REASON, "params": {"decay": 0.97}}
+        assert c.post("/v1/recommendations/BTC", json=body,
+                      headers={"authorization": "Bearer op-key"}).status_code == 403
+        assert c.post("/v1/recommendations/BTC", json=body,
+                      headers={"authorization": "Bearer admin-key"}).status_code == 201
+        history = c.get("/v1/recommendations/BTC/history",
+                        headers={"authorization": "Bearer op-key"}).json()
+        assert history[0]["actor"] == "risk-lead"
+
+
+def test_audit_survives_a_restart(tmp_path: Path) -> None:
+    """The audit trail is durable: a new app on the same state dir serves the published value."""
+    with _client(tmp_path) as c:
+        _publish(c, params={"decay": 0.97})
+    (tmp_path / ".state" / "store").rename(tmp_path / ".state" / "store-lost")
+    with _client(tmp_path) as c:
+        assert c.get("/v1/recommendations/BTC").json()["params"] == {"decay": 0.97}
+
+
+def test_bad_publish_requests(client: TestClient[Any]) -> None:
+    """Unknown parameters, two sources at once, unknown calibration: 422 with the field."""
+    r = _publish(client, params={"lambda": 0.9})
+    assert (r.status_code, r.json()["field"]) == (422, "lambda")
+    r = _publish(client, params={"decay": 0.9}, calibration_id="x")
+    assert (r.status_code, r.json()["field"]) == (422, "calibration_id")
+    r = client.post("/v1/recommendations/BTC", json={"calibration_id": "nope",
+                                                     "reason": REASON})
+    assert (r.status_code, r.json()["field"]) == (422, "calibration_id")
+
+
+@pytest.mark.integration
+def test_audit_on_postgresql(tmp_path: Path) -> None:
+    """With a PostgreSQL audit database, publish and history work and rows persist there."""
+    import psycopg
+
+    name = f"marginlab_audit_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres",
+                         autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        url = f"postgresql://postgres@127.0.0.1:5432/{name}"
+        with _client(tmp_path, audit_db=url) as c:
+            assert _publish(c, params={"decay": 0.97}).status_code == 201
+            assert _publish(c, params={"decay": 0.98}).status_code == 201
+        with psycopg.connect(url) as conn:
+            rows = conn.execute("SELECT version FROM marginlab_published_updates "
+                                "ORDER BY version").fetchall()
+        assert [r[0] for r in rows] == [1, 2]
+    finally:
+        with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres",
+                             autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
