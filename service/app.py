@@ -31,6 +31,7 @@ from service.calibrations import CalibrationController
 from service.datasets import DatasetController
 from service.health import REQUESTS, HealthController
 from service.jobs import JobAccess, LocalRunner, RqRunner
+from service.listings import ListingController
 from service.recommendations import (
     CHANNEL,
     PublishedCache,
@@ -101,7 +102,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     )
     app = Litestar(
         route_handlers=[HealthController, DatasetController, BacktestController,
-                        CalibrationController, RecommendationController],
+                        CalibrationController, RecommendationController, ListingController],
         dependencies={"svc": Provide(_provide_state, sync_to_thread=False)},
         lifespan=[lifespan],
         middleware=[rate_limit.middleware],

@@ -261,6 +261,7 @@ def run_queue_worker(settings: Settings, *, burst: bool = False) -> None:
     try:
         while True:
             worker: QueueWorker | None = None
+            lost: Exception | None = None
             try:
                 worker = QueueWorker([QUEUE_NAME], connection=connection,
                                      job_monitoring_interval=JOB_MONITORING_INTERVAL_S)
@@ -268,13 +269,15 @@ def run_queue_worker(settings: Settings, *, burst: bool = False) -> None:
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
                 if burst:
                     raise
-                log.warning("queue worker lost Redis (%s); starting again", exc)
+                lost = exc
                 if worker is not None and worker.pubsub_thread is not None:
                     worker.pubsub_thread.stop()  # rq's teardown could not: do not leak it
             if burst or (worker is not None and worker.stop_requested):
                 return
             # rq leaves its loop on any error (Redis gone while a job ended): consume again
             # once Redis is back rather than letting the process die.
+            log.warning("queue worker stopped (%s); starting again",
+                        lost or "rq left its loop")
             time.sleep(RECONNECT_EVERY_S)
     finally:
         stop.set()

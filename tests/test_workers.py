@@ -34,7 +34,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from calibration.calibrate import Prepared, create_or_load_study, prepare
 from calibration.spec import CalibrationSpec, decode_spec, search_space
-from calibration.storage import STALE_AFTER_S, Coordination
+from calibration.storage import HEARTBEAT_INTERVAL_S, STALE_AFTER_S, Coordination
 from tests.test_storage import claimed_redis_db, clear_redis_db, fresh_postgres_db
 
 pytestmark = pytest.mark.integration
@@ -278,8 +278,9 @@ def _have_beaten(coordination: Coordination, trials: list[FrozenTrial]) -> bool:
 
 
 def _kill_mid_trial(victim: subprocess.Popen[str], other: subprocess.Popen[str], url: str,
-                    name: str, n_params: int) -> FrozenTrial:
-    """SIGKILL ``victim`` while it runs a trial; return that trial.
+                    name: str, n_params: int) -> tuple[FrozenTrial, float]:
+    """SIGKILL ``victim`` while it runs a trial; return that trial and when (monotonic) the
+    victim was frozen (its last beat was at most one heartbeat interval before).
 
     Both workers are frozen (SIGSTOP) at a moment both run a trial whose parameters are all
     chosen (so it is inside the backtest), holding no lock that outlives its holder;
@@ -300,6 +301,7 @@ def _kill_mid_trial(victim: subprocess.Popen[str], other: subprocess.Popen[str],
                 time.sleep(0.005)
                 continue
             _signal([victim, other], signal.SIGSTOP)
+            stopped_at = time.monotonic()
             frozen = running()
             # Both past choosing their parameters (so the victim is inside the backtest).
             if (len(frozen) == 2 and all(len(t.params) == n_params for t in frozen)
@@ -314,7 +316,7 @@ def _kill_mid_trial(victim: subprocess.Popen[str], other: subprocess.Popen[str],
                 assert len(still) == 1
                 os.kill(victim.pid, signal.SIGKILL)
                 victim.communicate()
-                return next(t for t in frozen if t.number in still)
+                return next(t for t in frozen if t.number in still), stopped_at
             _signal([victim, other], signal.SIGCONT)
             time.sleep(0.02)
     pytest.fail("never caught both workers in a trial")
@@ -330,14 +332,13 @@ def test_sigkilled_worker_trial_is_failed_and_retried(
     victim = _start_worker(procs, data_root, url, name, 1)
     survivor = _start_worker(procs, data_root, url, name, 2)
     searched = [k for k, p in search_space(spec).items() if p.value is None]
-    killed = _kill_mid_trial(victim, survivor, url, name, len(searched))
-    killed_at = time.monotonic()
+    killed, stopped_at = _kill_mid_trial(victim, survivor, url, name, len(searched))
     replacement = _start_worker(procs, data_root, url, name, 3)
     results = [_finish(survivor), _finish(replacement)]
     assert victim.returncode == -signal.SIGKILL
     assert [code for code, _ in results] == [0, 0], results
-    # The dead trial could only be reaped once its heartbeat was STALE_AFTER_S old.
-    assert time.monotonic() - killed_at >= STALE_AFTER_S - 1
+    # The dead trial was reaped (and the study finished) only once its heartbeat was stale.
+    assert time.monotonic() - stopped_at >= STALE_AFTER_S - HEARTBEAT_INTERVAL_S
     trials = _trials(url, name)
     _assert_study_exact(trials, N_TRIALS)
     assert trials[killed.number].state == TrialState.FAIL
