@@ -279,6 +279,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
                 for proc in helpers:
                     proc.wait()
         result = summarize(study, prepared, args.storage)
+    if args.report:
+        from calibration.html_report import render_calibration_report
+
+        Path(args.report).write_text(render_calibration_report(result, prepared))
     if args.json:
         import msgspec
 
@@ -338,6 +342,60 @@ def _cmd_apikey(args: argparse.Namespace) -> int:
     entry = {hash_key(key): {"name": args.name, "role": args.role}}
     print(f"key (give it to {args.name}; it is not stored): {key}")
     print(f"add to MARGINLAB_API_KEYS / the keys file: {json.dumps(entry)}")
+    return 0
+
+
+def _cmd_data_fetch(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from calibration.fetch import ArchiveClient, fetch_binance
+
+    root = os.environ.get("MARGINLAB_DATA_ROOT", os.getcwd())
+    days = []
+    for field in ("start", "end"):
+        text = getattr(args, field)
+        try:
+            days.append(date.fromisoformat(text))
+        except ValueError:
+            raise InvalidParameters(f"--{field} must be an ISO date (YYYY-MM-DD), got {text!r}",
+                                    field=field) from None
+    client = ArchiveClient(base_url=args.base_url)
+    err = Console(stderr=True)
+    with Progress(TextColumn("archives"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.description}"), console=err,
+                  disable=not err.is_terminal or args.json, transient=True) as bar:
+        task = bar.add_task("", total=None)
+
+        def progress(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, description=name)
+
+        report = fetch_binance(args.symbol, interval=args.interval, start=days[0], end=days[1],
+                               root=root, market=args.market, funding=args.funding,
+                               client=client, progress=progress)
+    if args.json:
+        print(json.dumps(report.to_dict()))
+        return 0
+
+    def stamp(ms: int) -> str:
+        return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M")
+
+    print(f"{report.symbol} {report.market} {report.interval} {report.start}..{report.end}: "
+          f"{report.rows} bars ({stamp(report.first_ms)} .. {stamp(report.last_ms)} UTC) "
+          f"from {len(report.archives)} archives")
+    print(f"  bars:        {report.bars_ref}")
+    print(f"  fingerprint: {report.fingerprint}")
+    gaps = "none" if not report.gaps else (
+        f"{len(report.gaps)} ({report.missing_bars} bars missing; first at "
+        f"{stamp(report.gaps[0].start_ms)})")
+    print(f"  gaps:        {gaps}")
+    if report.funding_ref is not None:
+        print(f"  funding:     {report.funding_ref} ({report.funding_rows} settlements)")
+    if report.unverified:
+        print(f"  unverified:  {len(report.unverified)} archives had no .CHECKSUM")
+    print(f"  missing:     {len(report.missing) or 'none'}")
+    for path in report.missing:
+        print(f"    {path}")
     return 0
 
 
@@ -425,6 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="worker processes on this machine, this one included (default: 1)")
     cal.add_argument("--study", help="study name (default: derived from the spec's hash)")
     cal.add_argument("--json", action="store_true", help="print the full JSON result")
+    cal.add_argument("--report", metavar="OUT.html",
+                     help="also write a self-contained HTML report (charts and tables)")
     cal.add_argument("--quiet", action="store_true", help="no progress bar")
     cal.set_defaults(func=_cmd_calibrate)
 
@@ -453,6 +513,33 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     sv.add_argument("--workers", type=int, default=1, help="HTTP worker processes (Redis mode)")
     sv.set_defaults(func=_cmd_serve)
+
+    from calibration.fetch import BINANCE_BASE_URL, INTERVALS
+
+    da = sub.add_parser("data", help="fetch market data into the data root")
+    da_sub = da.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    fe = da_sub.add_parser(
+        "fetch", help="download an exchange's public kline archives",
+        description="Download Binance's public kline archives (data.binance.vision; monthly "
+                    "for whole months, daily for the rest), verify their checksums, validate "
+                    "the bars and write binance/{market}/{SYMBOL}_{interval}_{start}_{end}.csv "
+                    "under MARGINLAB_DATA_ROOT (default: the working directory).",
+    )
+    fe.add_argument("exchange", choices=("binance",), help="the exchange (binance)")
+    fe.add_argument("symbol", help="the exchange's symbol, e.g. BTCUSDT")
+    fe.add_argument("--interval", required=True, choices=tuple(INTERVALS), metavar="INTERVAL",
+                    help=f"bar interval: {', '.join(INTERVALS)}")
+    fe.add_argument("--start", required=True, metavar="YYYY-MM-DD", help="first day (UTC)")
+    fe.add_argument("--end", required=True, metavar="YYYY-MM-DD",
+                    help="last day (UTC, inclusive)")
+    fe.add_argument("--market", choices=("spot", "um"), default="spot",
+                    help="spot or um (USD-M futures) (default: spot)")
+    fe.add_argument("--funding", action="store_true",
+                    help="also fetch the funding rates into ..._funding.csv (um only)")
+    fe.add_argument("--base-url", default=BINANCE_BASE_URL,
+                    help=f"archive root, e.g. a mirror (default: {BINANCE_BASE_URL})")
+    fe.add_argument("--json", action="store_true", help="print the report as JSON")
+    fe.set_defaults(func=_cmd_data_fetch)
 
     ak = sub.add_parser("apikey", help="make a new API key and the line that configures it")
     ak.add_argument("--role", choices=("reader", "operator", "admin"), required=True)

@@ -168,6 +168,21 @@ class CalibrationController(Controller):
             await svc.delete("dedup", job.cache_key)
         return _links(job)
 
+    @get("/{job_id:str}/report", guards=[requires("reader")], media_type="text/html",
+         summary="A self-contained HTML report (charts, coverage table, change vs published)",
+         responses=problem_responses(*COMMON, 404))
+    async def report(self, request: Request[Any, Any, Any], svc: Svc,
+                     job_id: JobId) -> Response[str]:
+        job = await _job(svc, job_id)
+        raw = await svc.stores["results"].get(job.cache_key)
+        if raw is None:
+            raise NotFoundException(f"calibration {job_id} has no result yet ({job.state})")
+        spec_raw = await svc.stores["jobs"].get(f"{job_id}:spec") or b""
+        result = msgspec.json.decode(raw, type=CalibrationResult)
+        page = await anyio.to_thread.run_sync(_report, request.app.state.settings, spec_raw,
+                                              result)
+        return Response(page, media_type="text/html")
+
     @get("/{job_id:str}/result", guards=[requires("reader")],
          summary="Pareto front, recommendation and evidence of a finished calibration",
          responses=problem_responses(*COMMON, 404))
@@ -179,6 +194,14 @@ class CalibrationController(Controller):
                       FINAL else f"calibration {job_id} ended {job.state}; no result")
             raise NotFoundException(detail)
         return msgspec.json.decode(raw, type=CalibrationResult)
+
+
+def _report(settings: Settings, spec_raw: bytes, result: CalibrationResult) -> str:
+    from calibration.html_report import render_calibration_report
+    from calibration.spec import decode_spec
+
+    prepared = prepare(decode_spec(spec_raw), settings.data_root)
+    return render_calibration_report(result, prepared)
 
 
 async def _job(svc: Svc, job_id: JobId) -> CalibrationJob:
