@@ -399,6 +399,17 @@ def _cmd_data_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_recalibrate(args: argparse.Namespace) -> int:
+    from calibration.data import parse_duration_seconds
+    from service.recalibrate import run_schedule
+
+    spec = _json_object(f"@{args.spec}", "spec")
+    every = parse_duration_seconds(args.every)
+    key = os.environ.get("MARGINLAB_API_KEY")
+    return run_schedule(args.api, spec, args.instrument, every_s=every, key=key,
+                        clamp=args.clamp, once=args.once)
+
+
 def _quiet_optuna() -> None:
     import optuna
 
@@ -540,6 +551,22 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"archive root, e.g. a mirror (default: {BINANCE_BASE_URL})")
     fe.add_argument("--json", action="store_true", help="print the report as JSON")
     fe.set_defaults(func=_cmd_data_fetch)
+
+    rc = sub.add_parser(
+        "recalibrate", help="re-run a stored spec on a schedule and publish inside guardrails",
+        description="Submits the spec to the API, waits, and publishes a feasible "
+                    "recommendation for the instrument; the server's guardrails decide. The "
+                    "API key (admin) is read from MARGINLAB_API_KEY.",
+    )
+    rc.add_argument("--spec", required=True, help="the calibration spec (JSON file)")
+    rc.add_argument("--instrument", required=True, help="the instrument to publish for")
+    rc.add_argument("--every", default="1d", help="interval between runs (default: 1d)")
+    rc.add_argument("--api", default="http://127.0.0.1:8000", help="the service's base URL")
+    rc.add_argument("--clamp", action="store_true",
+                    help="when refused for max_change, publish the recommendation moved only "
+                         "as far as the guardrails allow")
+    rc.add_argument("--once", action="store_true", help="one run, then exit")
+    rc.set_defaults(func=_cmd_recalibrate)
 
     ak = sub.add_parser("apikey", help="make a new API key and the line that configures it")
     ak.add_argument("--role", choices=("reader", "operator", "admin"), required=True)
