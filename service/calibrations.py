@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 import uuid
@@ -121,7 +122,16 @@ class CalibrationController(Controller):
         await svc.put("jobs", job.id, job)
         await svc.put("dedup", key, job.id, expires_in=settings.result_ttl_s)
         runner = request.app.state.runner
-        await anyio.to_thread.run_sync(runner.submit, job.id)
+        try:
+            await anyio.to_thread.run_sync(runner.submit, job.id)
+        except Exception:
+            # Not queued: a later identical request must start afresh, not join a ghost.
+            with contextlib.suppress(Exception):
+                await svc.delete("dedup", key)
+                await svc.put("jobs", job.id, msgspec.structs.replace(
+                    job, state="failed", finished_at=now_iso(),
+                    error="could not be queued; submit again"))
+            raise
         return Response(_links(job), status_code=202)
 
     @get("/{job_id:str}", guards=[requires("reader")],

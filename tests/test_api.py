@@ -365,11 +365,16 @@ def test_identical_request_joins_and_cancel_stops_the_job(client: Client) -> Non
     assert cancelled.json()["state"] == "cancelled"
     assert cancelled.json()["finished_at"]
 
-    def idle() -> dict[str, Any] | None:
+    def settled() -> dict[str, Any] | None:
+        # No trial running, twice half a second apart, with the same count.
+        before = client.get(job["status_url"]).json()["progress"]
+        time.sleep(0.5)
         status: dict[str, Any] = client.get(job["status_url"]).json()
-        return status if status["progress"]["running"] == 0 else None
+        after = status["progress"]
+        return status if before["running"] == after["running"] == 0 and (
+            before["trials_done"] == after["trials_done"]) else None
 
-    stopped = wait_for(idle, timeout_s=10, what="the running trial to end")
+    stopped = wait_for(settled, timeout_s=10, what="the running trial to end")
     time.sleep(1.0)
     later = client.get(job["status_url"]).json()
     assert later["state"] == "cancelled"
