@@ -188,6 +188,9 @@ class Coordination:
         if self.kind == "redis":
             import redis
 
+            # A host that drops packets must fail in seconds, not the OS's TCP timeout.
+            if "socket_connect_timeout" not in target:
+                target += ("&" if "?" in target else "?") + "socket_connect_timeout=5"
             self._redis = redis.Redis.from_url(target)
             self._redis.ping()
             self._heartbeat = _RedisHeartbeat(self._redis, "marginlab:heartbeat:")
@@ -208,7 +211,8 @@ class Coordination:
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
                     max_retry=MAX_RETRY
                 ),
-                engine_kwargs={"pool_pre_ping": True} if self.kind == "postgresql" else None,
+                engine_kwargs=({"pool_pre_ping": True, "connect_args": {"connect_timeout": 5}}
+                               if self.kind == "postgresql" else None),
             )
 
     def close(self) -> None:
