@@ -214,8 +214,7 @@ def _trials(url: str, name: str) -> list[FrozenTrial]:
 def test_two_workers_share_a_study_exactly(url: str, data_root: Path, spec: CalibrationSpec,
                                            prepared: Prepared,
                                            procs: list[subprocess.Popen[str]]) -> None:
-    """Two worker processes on one study run exactly n_trials between them, all finished,
-    no trial number twice, and each worker runs at least one trial."""
+    """Two worker processes fill one study to exactly n_trials, each running some of them."""
     name = _new_study(spec, prepared, url)
     workers = [_start_worker(procs, data_root, url, name, i) for i in (1, 2)]
     results = [_finish(w) for w in workers]
@@ -326,8 +325,7 @@ def _kill_mid_trial(victim: subprocess.Popen[str], other: subprocess.Popen[str],
 def test_sigkilled_worker_trial_is_failed_and_retried(
         url: str, data_root: Path, spec: CalibrationSpec, prepared: Prepared,
         procs: list[subprocess.Popen[str]]) -> None:
-    """A worker SIGKILLed mid-trial leaves that trial FAIL with its params retried, and the
-    survivor plus a replacement worker still finish exactly n_trials."""
+    """A worker SIGKILLed mid-trial: its trial FAILs, is retried, and n_trials still finish."""
     name = _new_study(spec, prepared, url)
     victim = _start_worker(procs, data_root, url, name, 1)
     survivor = _start_worker(procs, data_root, url, name, 2)
@@ -356,8 +354,7 @@ def test_sigkilled_worker_trial_is_failed_and_retried(
 
 @pytest.mark.slow
 def test_calibrate_with_two_workers_json(data_root: Path, tmp_path: Path) -> None:
-    """`marginlab calibrate --workers 2 --json` on a journal finishes exactly n_trials and
-    prints a recommendation (params, feasible) and the Pareto front."""
+    """calibrate --workers 2 --json finishes n_trials, with recommendation and Pareto front."""
     journal = f"journal:{tmp_path / 'cal.log'}"
     proc = subprocess.run(
         [sys.executable, "-m", "calibration.cli", "calibrate", "--spec",
