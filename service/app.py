@@ -13,7 +13,6 @@ from litestar import Litestar, Request, Response
 from litestar.datastructures import State as AppState
 from litestar.di import Provide
 from litestar.exceptions import HTTPException
-from litestar.middleware.rate_limit import RateLimitConfig
 from litestar.openapi.config import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.stores.memory import MemoryStore
@@ -25,13 +24,14 @@ from calibration._errors import MarginlabError
 from calibration._version import ENGINE_VERSION
 from service import errors
 from service.audit import AuditLog, audit_url
-from service.auth import load_keys, rate_limit_identity
+from service.auth import load_keys
 from service.backtests import BacktestController
 from service.calibrations import CalibrationController
 from service.datasets import DatasetController
 from service.health import REQUESTS, HealthController
 from service.jobs import JobAccess, LocalRunner, RqRunner
 from service.listings import ListingController
+from service.ratelimit import RateLimit
 from service.recommendations import (
     CHANNEL,
     PublishedCache,
@@ -95,17 +95,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await state.close()
             app.state.audit.close()
 
-    rate_limit = RateLimitConfig(
-        rate_limit=("minute", settings.rate_limit_per_minute),
-        identifier_for_request=rate_limit_identity,
-        exclude=["/healthz", "/readyz", "/metrics", "/schema"],
-    )
     app = Litestar(
         route_handlers=[HealthController, DatasetController, BacktestController,
                         CalibrationController, RecommendationController, ListingController],
         dependencies={"svc": Provide(_provide_state, sync_to_thread=False)},
         lifespan=[lifespan],
-        middleware=[rate_limit.middleware],
+        middleware=[RateLimit(settings.rate_limit_per_minute)]
+        if settings.rate_limit_per_minute > 0 else [],
         stores=StoreRegistry(default_factory=lambda name: MemoryStore()),
         exception_handlers={
             MarginlabError: errors.marginlab_error,

@@ -83,15 +83,21 @@ def principal_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Principal:
     return principal
 
 
+async def check_role(connection: ASGIConnection[Any, Any, Any, Any], role: str) -> None:
+    """Raise 401/403 unless the caller's role is at least ``role``."""
+    principal = principal_of(connection)
+    if ROLES.index(principal.role) < ROLES.index(role):
+        raise PermissionDeniedException(
+            f"this needs the {role} role; the key {principal.name!r} is {principal.role}"
+        )
+
+
 def requires(role: str) -> Any:
     """A guard admitting callers whose role is at least ``role``."""
 
-    def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-        principal = principal_of(connection)
-        if ROLES.index(principal.role) < ROLES.index(role):
-            raise PermissionDeniedException(
-                f"this needs the {role} role; the key {principal.name!r} is {principal.role}"
-            )
+    # async on purpose: Litestar runs a sync guard in a worker thread, a thread hop per request.
+    async def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+        await check_role(connection, role)
 
     guard.__name__ = f"requires_{role}"
     return guard

@@ -111,7 +111,7 @@ class DatasetController(Controller):
 
     @get("/", guards=[requires("reader")], summary="List uploaded datasets",
          responses={**problem_responses(*COMMON),
-                    200: ResponseSpec(data_container=list[DatasetInfo],
+                    200: ResponseSpec(generate_examples=False, data_container=list[DatasetInfo],
                                       description="the current dataset of each instrument",
                                       examples=[examples.DATASET])})
     async def list_datasets(self, svc: Svc) -> list[DatasetInfo]:

@@ -141,8 +141,8 @@ def problem_responses(*codes: int) -> dict[int, ResponseSpec]:
     text = {400: "malformed request", 401: "no or unknown API key", 403: "role too low",
             404: "not found", 413: "too large", 422: "invalid parameters or data",
             429: "rate limit exceeded", 503: "a backing service is unreachable"}
-    return {c: ResponseSpec(data_container=Problem, media_type=PROBLEM, description=text[c],
-                            generate_examples=False) for c in codes}
+    return {c: ResponseSpec(generate_examples=False, data_container=Problem, media_type=PROBLEM,
+                            description=text[c]) for c in codes}
 
 
 #: The errors every authenticated, rate-limited route can answer.

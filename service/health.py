@@ -30,15 +30,18 @@ class HealthController(Controller):
     tags = ["operations"]
 
     @get("/healthz", summary="The process is up",
-         responses={200: ResponseSpec(data_container=dict[str, str], description="alive",
+         responses={200: ResponseSpec(generate_examples=False, data_container=dict[str, str],
+                                      description="alive",
                                       examples=[examples.HEALTH])})
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
     @get("/readyz", summary="Store, study storage and queue are reachable",
-         responses={200: ResponseSpec(data_container=dict[str, Any], description="ready",
+         responses={200: ResponseSpec(generate_examples=False, data_container=dict[str, Any],
+                                      description="ready",
                                       examples=[examples.READY]),
-                    503: ResponseSpec(data_container=dict[str, Any], media_type=PROBLEM,
+                    503: ResponseSpec(generate_examples=False, data_container=dict[str, Any],
+                                      media_type=PROBLEM,
                                       description="a dependency is unreachable")})
     async def readyz(self, request: Request[Any, Any, Any], svc: Svc) -> Response[Any]:
         checks: dict[str, str] = {}
