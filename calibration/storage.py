@@ -35,7 +35,7 @@ from typing import Any
 import optuna
 from optuna.storages import BaseStorage, InMemoryStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from calibration._errors import InvalidParameters, MarginlabError
 
@@ -79,6 +79,21 @@ def _rdb_url(url: str) -> str:
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://") :]
     return url
+
+
+def retry_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Enqueue a stale trial's parameters again (at most ``MAX_RETRY`` times).
+
+    Like Optuna's ``RetryHeartbeatStaleTrialCallback``, but the retry inherits neither the
+    dead trial's constraint values nor its metrics: a worker killed after recording them
+    would otherwise leave values the retry cannot overwrite (Optuna ignores a second
+    ``set_constraint`` of the same key).
+    """
+    history = [*trial.user_attrs.get("retry_history", []), trial.number]
+    if len(history) > MAX_RETRY:
+        return
+    study.enqueue_trial(trial.params, user_attrs={"retry_history": history},
+                        skip_if_exists=False)
 
 
 class Heartbeat(ABC):
@@ -208,9 +223,7 @@ class Coordination:
                 url,
                 heartbeat_interval=int(HEARTBEAT_INTERVAL_S) or 1,
                 grace_period=int(STALE_AFTER_S),
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                    max_retry=MAX_RETRY
-                ),
+                heartbeat_stale_trial_callback=retry_stale_trial,
                 engine_kwargs=({"pool_pre_ping": True, "connect_args": {"connect_timeout": 5}}
                                if self.kind == "postgresql" else None),
             )
@@ -347,10 +360,6 @@ class Coordination:
             except (RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
                 continue  # finished meanwhile
             self._heartbeat.forget(trial._trial_id)
-            history = [*trial.user_attrs.get("retry_history", []), trial.number]
             reaped.append(trial.number)
-            if len(history) > MAX_RETRY:
-                continue
-            study.enqueue_trial(trial.params, user_attrs={"retry_history": history},
-                                skip_if_exists=False)
+            retry_stale_trial(study, trial)
         return reaped
