@@ -102,10 +102,21 @@ def run_cli(spec_path: Path, storage: Path, workers: int, root: Path) -> tuple[f
     return time.perf_counter() - t0, json.loads(out.stdout)
 
 
+def trial_span(storage: Path, study_name: str) -> float:
+    """Seconds from the study's first trial start to its last trial end: the run without
+    the processes' start-up (imports, data load) and the summary."""
+    with Coordination(f"journal:{storage}") as coordination:
+        study = optuna.load_study(study_name=study_name, storage=coordination.storage)
+        trials = study.get_trials(deepcopy=False)
+    starts = [t.datetime_start for t in trials if t.datetime_start is not None]
+    ends = [t.datetime_complete for t in trials if t.datetime_complete is not None]
+    return (max(ends) - min(starts)).total_seconds()
+
+
 def run_workers(spec: CalibrationSpec, prepared: cal.Prepared, storage: Path, workers: int,
-                root: Path) -> tuple[float, dict[str, int]]:
+                root: Path) -> tuple[float, dict[str, int], float]:
     """Create the study here, then start ``workers`` ``marginlab worker`` processes at once;
-    wall time until the last exits, and the study's trial states."""
+    wall time until the last exits, the study's trial states, and its ``trial_span``."""
     url = f"journal:{storage}"
     with Coordination(url) as coordination:
         study = cal.create_or_load_study(spec, prepared, coordination)
@@ -119,7 +130,19 @@ def run_workers(spec: CalibrationSpec, prepared: cal.Prepared, storage: Path, wo
         wall = time.perf_counter() - t0
         assert codes == [0] * workers, codes
         states = [t.state.name.lower() for t in study.get_trials(deepcopy=False)]
-    return wall, {s: states.count(s) for s in sorted(set(states))}
+    span = trial_span(storage, study.study_name)
+    return wall, {s: states.count(s) for s in sorted(set(states))}, span
+
+
+def import_time() -> float:
+    """Best of three: a fresh interpreter importing ``calibration.calibrate`` (what every
+    worker process pays before it loads data), seconds."""
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import calibration.calibrate"], check=True)
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def main() -> int:
@@ -150,6 +173,8 @@ def main() -> int:
     runs: list[tuple[float, Timed, float]] = []  # (whole, evaluations, journal MB)
     cli: dict[int, list[float]] = {1: [], 2: []}
     procs: dict[int, list[float]] = {1: [], 2: []}
+    spans: dict[int, list[float]] = {1: [], 2: []}
+    worker_spans: dict[int, list[float]] = {1: [], 2: []}
     mixes: dict[str, dict[str, int]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-cal-") as tmp:
         tmpdir = Path(tmp)
@@ -170,13 +195,17 @@ def main() -> int:
         spec_path.write_bytes(msgspec.json.encode(spec_dict(N_TRIALS)))
         for r in range(WORKER_REPEATS):
             for workers in (1, 2):
-                wall, out = run_cli(spec_path, tmpdir / f"cli{workers}-{r}.log", workers, root)
+                journal = tmpdir / f"cli{workers}-{r}.log"
+                wall, out = run_cli(spec_path, journal, workers, root)
                 cli[workers].append(wall)
+                spans[workers].append(trial_span(journal, out["study"]))
                 mixes[f"CLI --workers {workers}"] = out["trials"]
-                wall, states = run_workers(spec, prepared, tmpdir / f"w{workers}-{r}.log",
-                                           workers, root)
+                wall, states, span = run_workers(spec, prepared, tmpdir / f"w{workers}-{r}.log",
+                                                 workers, root)
                 procs[workers].append(wall)
+                worker_spans[workers].append(span)
                 mixes[f"{workers} x marginlab worker"] = states
+    startup_s = import_time()
     load_after = os.getloadavg()[0]
 
     ratios = sorted((whole / sum(dt for dt, _ in t.trials), i)
@@ -214,6 +243,13 @@ def main() -> int:
         (f"2 x marginlab worker started together, best of {WORKER_REPEATS}, s",
          f"{min(procs[2]):.2f}"),
         ("  two / one", f"{min(procs[2]) / min(procs[1]):.2f}"),
+        ("  first trial start to last trial end, 1 / 2 workers, best, s",
+         f"{min(worker_spans[1]):.2f} / {min(worker_spans[2]):.2f}"),
+        ("  two / one, trials only (no start-up)",
+         f"{min(worker_spans[2]) / min(worker_spans[1]):.2f}"),
+        ("CLI runs, first trial start to last trial end, 1 / 2 workers, best, s",
+         f"{min(spans[1]):.2f} / {min(spans[2]):.2f}"),
+        ("fresh interpreter + import calibration.calibrate, s", f"{startup_s:.2f}"),
         ("load average (1 min) before / after", f"{load_before:.2f} / {load_after:.2f}"),
         ("sampler", result.sampler),
         ("recommendation (last in-process run)",

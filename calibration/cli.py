@@ -273,8 +273,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
                 bar.update(task, completed=done, description=text)
 
             try:
+                # The callback scans the study: only pay for it when someone watches.
                 run_worker(study, prepared, coordination, n_trials=spec.n_trials,
-                           deadline=deadline, on_trial=on_trial)
+                           deadline=deadline, on_trial=on_trial if show else None)
             finally:
                 for proc in helpers:
                     proc.wait()

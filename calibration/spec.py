@@ -53,7 +53,10 @@ class ObjectivesSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
 
 class ConstraintsSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Feasibility rules (each becomes a ``trial.set_constraint``; ``None`` switches it off).
+    """Feasibility rules (each a value, feasible when ≤ 0; ``None`` switches it off).
+
+    A trial stores them by name in its metrics and as one ``trial.set_constraint`` value,
+    ``calibrate.violation``: same feasibility, same infeasibility measure for the samplers.
 
     Attributes:
         kupiec_alpha: Kupiec POF not rejected at this level on any instrument and side.
