@@ -24,7 +24,6 @@ import msgspec
 import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-from scipy.stats import binom
 
 from calibration._bars import BarSeries
 from calibration._errors import InsufficientData, InvalidParameters, MarginlabError
@@ -42,6 +41,7 @@ from calibration.liquidation import LiquidationConfig, simulate_liquidations
 from calibration.models import MarginModel, make_model
 from calibration.report import CoverageMetrics, LiquidationMetrics
 from calibration.spec import CalibrationSpec, ParamSpec, search_space, spec_hash, validate_spec
+from calibration.stats import binomial_cdf
 from calibration.storage import HEARTBEAT_INTERVAL_S, Coordination
 from calibration.windows import DEFAULT_STRESS_WINDOWS, StressWindow
 
@@ -318,7 +318,7 @@ def evaluate(
                     continue
                 for s in (m.long, m.short):
                     if s.observations:
-                        f = float(binom.cdf(s.breaches, s.observations, s.expected_breach_rate))
+                        f = binomial_cdf(s.breaches, s.observations, s.expected_breach_rate)
                         worst = max(worst, f - _RED)
         # Scaled so that "one breach too many" is of order one.
         constraints["traffic_light_red"] = worst * 1e4

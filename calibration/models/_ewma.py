@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
-from scipy.stats import norm
+from scipy.special import ndtri  # the standard normal quantile, without scipy.stats
 
 from calibration import _kernels
 from calibration._bars import BarSeries
@@ -72,7 +72,7 @@ class EwmaMargin(MarginModel):
         return result
 
     def _mm_rate(self, bars: BarSeries, notional_usd: float) -> FloatArray:
-        scale = float(norm.ppf(self.confidence)) * math.sqrt(int(self.horizon_bars))
+        scale = float(ndtri(self.confidence)) * math.sqrt(int(self.horizon_bars))
         result: FloatArray = _kernels.ewma_rate(
             bars.log_returns(), bars.squared_returns(), float(self.decay),
             int(self.warmup_bars), scale, float(self.floor_rate), 1.0 + float(self.apc_buffer),
