@@ -81,6 +81,21 @@ def forward_losses(
 
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def _seed_variance(returns: FloatArray, warmup_bars: int) -> float:  # pragma: no cover - jit
+    """Sample variance (ddof=1) of ``returns[1 .. warmup_bars]``: the EWMA's seed."""
+    mean = 0.0
+    for t in range(1, warmup_bars + 1):
+        mean += returns[t]
+    mean /= warmup_bars
+    ss = 0.0
+    for t in range(1, warmup_bars + 1):
+        d = returns[t] - mean
+        ss += d * d
+    result: float = ss / (warmup_bars - 1)
+    return result
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
 def ewma_variance(
     returns: FloatArray, squared_returns: FloatArray, decay: float, warmup_bars: int
 ) -> FloatArray:  # pragma: no cover - jit
@@ -95,15 +110,7 @@ def ewma_variance(
     out = np.full(n, np.nan)
     if warmup_bars < 2 or warmup_bars >= n:
         return out
-    mean = 0.0
-    for t in range(1, warmup_bars + 1):
-        mean += returns[t]
-    mean /= warmup_bars
-    ss = 0.0
-    for t in range(1, warmup_bars + 1):
-        d = returns[t] - mean
-        ss += d * d
-    var = ss / (warmup_bars - 1)
+    var = _seed_variance(returns, warmup_bars)
     out[warmup_bars] = var
     one_minus = 1.0 - decay
     for t in range(warmup_bars + 1, n):
@@ -348,15 +355,7 @@ def ewma_rate(
     out = np.full(n, np.nan)
     if warmup_bars < 2 or warmup_bars >= n:
         return out
-    mean = 0.0
-    for t in range(1, warmup_bars + 1):
-        mean += returns[t]
-    mean /= warmup_bars
-    ss = 0.0
-    for t in range(1, warmup_bars + 1):
-        d = returns[t] - mean
-        ss += d * d
-    var = ss / (warmup_bars - 1)
+    var = _seed_variance(returns, warmup_bars)
     out[warmup_bars] = max(floor_rate, scale * math.sqrt(var)) * multiplier
     one_minus = 1.0 - decay
     for t in range(warmup_bars + 1, n):

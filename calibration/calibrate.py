@@ -40,7 +40,14 @@ from calibration.data import (
 from calibration.liquidation import LiquidationConfig, simulate_liquidations
 from calibration.models import MarginModel, make_model
 from calibration.report import CoverageMetrics, LiquidationMetrics
-from calibration.spec import CalibrationSpec, ParamSpec, search_space, spec_hash, validate_spec
+from calibration.spec import (
+    CalibrationSpec,
+    DataRefSpec,
+    ParamSpec,
+    search_space,
+    spec_hash,
+    validate_spec,
+)
 from calibration.stats import binomial_cdf
 from calibration.storage import HEARTBEAT_INTERVAL_S, Coordination
 from calibration.windows import DEFAULT_STRESS_WINDOWS, StressWindow
@@ -60,6 +67,21 @@ def _day_ms(day: str, field: str) -> int:
     except ValueError:
         raise InvalidParameters(f"{field}: not an ISO date: {day!r}", field=field) from None
     return int(datetime(d.year, d.month, d.day, tzinfo=UTC).timestamp() * 1000)
+
+
+def load_data_ref(ref: DataRefSpec, root: str | os.PathLike[str], field: str) -> BarSeries:
+    """The bars one ``DataRefSpec`` names: day range applied, funding and depth attached.
+
+    ``field`` (``data[0]``) prefixes the path in errors about the day range.
+    """
+    start = _day_ms(ref.start, f"{field}.start") if ref.start else None
+    end = _day_ms(ref.end, f"{field}.end") + 86_400_000 if ref.end else None
+    bars = load_bars(ref.ref, root=root, instrument=ref.instrument, start_ms=start, end_ms=end)
+    if ref.funding:
+        bars = with_funding(bars, load_funding(ref.funding, root=root))
+    if ref.depth:
+        bars = with_depth(bars, load_book_depth(ref.depth, root=root))
+    return bars
 
 
 def cut(bars: BarSeries, start_ms: int | None, end_ms: int | None) -> BarSeries:
@@ -122,16 +144,7 @@ def prepare(spec: CalibrationSpec, root: str | os.PathLike[str]) -> Prepared:
             does not fit the data — before any trial runs.
     """
     validate_spec(spec)  # a spec built in Python has not been through decode_spec
-    full = []
-    for i, d in enumerate(spec.data):
-        start = _day_ms(d.start, f"data[{i}].start") if d.start else None
-        end = _day_ms(d.end, f"data[{i}].end") + 86_400_000 if d.end else None
-        bars = load_bars(d.ref, root=root, instrument=d.instrument, start_ms=start, end_ms=end)
-        if d.funding:
-            bars = with_funding(bars, load_funding(d.funding, root=root))
-        if d.depth:
-            bars = with_depth(bars, load_book_depth(d.depth, root=root))
-        full.append(bars)
+    full = [load_data_ref(d, root, f"data[{i}]") for i, d in enumerate(spec.data)]
     first = max(int(b.timestamp_ms[0]) for b in full)
     last = min(int(b.timestamp_ms[-1]) for b in full)
     if first >= last:

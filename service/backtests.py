@@ -9,9 +9,8 @@ from litestar import Controller, Request, post
 from litestar.params import Body
 
 from calibration.backtest import run_backtest
-from calibration.calibrate import _day_ms
+from calibration.calibrate import load_data_ref
 from calibration.coverage import CoverageConfig
-from calibration.data import load_bars, load_book_depth, load_funding, with_depth, with_funding
 from calibration.liquidation import LiquidationConfig
 from calibration.report import BacktestReport
 from calibration.windows import DEFAULT_STRESS_WINDOWS, StressWindow
@@ -24,16 +23,7 @@ from service.settings import Settings
 
 def _run(body: BacktestRequest, settings: Settings) -> BacktestReport:
     root = settings.data_root
-    datasets = []
-    for i, d in enumerate(body.data):
-        start = _day_ms(d.start, f"data[{i}].start") if d.start else None
-        end = _day_ms(d.end, f"data[{i}].end") + 86_400_000 if d.end else None
-        bars = load_bars(d.ref, root=root, instrument=d.instrument, start_ms=start, end_ms=end)
-        if d.funding:
-            bars = with_funding(bars, load_funding(d.funding, root=root))
-        if d.depth:
-            bars = with_depth(bars, load_book_depth(d.depth, root=root))
-        datasets.append(bars)
+    datasets = [load_data_ref(d, root, f"data[{i}]") for i, d in enumerate(body.data)]
     total = sum(len(b) for b in datasets)
     if total > settings.max_sync_bars:
         raise PayloadTooLarge(

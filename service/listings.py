@@ -10,8 +10,7 @@ from litestar import Controller, Request, post
 from litestar.openapi.spec import Example
 from litestar.params import Body
 
-from calibration.calibrate import _day_ms
-from calibration.data import load_bars
+from calibration.calibrate import load_data_ref
 from calibration.listing import ListingConfig, recommend_listing
 from calibration.spec import DataRefSpec
 from service.auth import requires
@@ -50,16 +49,10 @@ class ListingRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     floor_rate: float = 0.005
 
 
-def _load(ref: DataRefSpec, root: str, field: str) -> Any:
-    start = _day_ms(ref.start, f"{field}.start") if ref.start else None
-    end = _day_ms(ref.end, f"{field}.end") + 86_400_000 if ref.end else None
-    return load_bars(ref.ref, root=root, instrument=ref.instrument, start_ms=start, end_ms=end)
-
-
 def _recommend(body: ListingRequest, settings: Settings) -> dict[str, Any]:
     root = settings.data_root
-    own = _load(body.own, root, "own") if body.own is not None else None
-    proxies = [_load(p, root, f"proxies[{i}]") for i, p in enumerate(body.proxies)]
+    own = load_data_ref(body.own, root, "own") if body.own is not None else None
+    proxies = [load_data_ref(p, root, f"proxies[{i}]") for i, p in enumerate(body.proxies)]
     fields: dict[str, Any] = {
         "horizon_bars": body.horizon_bars, "confidence": body.confidence,
         "novelty_buffer": body.novelty_buffer,
