@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -15,7 +11,7 @@ from typing import Any
 import pytest
 
 from service.recalibrate import recalibrate_once
-from tests.conftest import random_walk
+from tests.serving import running_service, write_bars_csv
 
 
 def _free_port() -> int:
@@ -28,36 +24,10 @@ def _free_port() -> int:
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A running service whose guardrails allow decay to move 0.001 per update, any time."""
     root = tmp_path_factory.mktemp("recal")
-    close = random_walk(3000, seed=21, vol=0.004)
-    lines = ["timestamp,open,high,low,close,volume"]
-    for i, c in enumerate(close):
-        o = close[i - 1] if i else c
-        lines.append(f"{1_640_995_200 + 1800 * i},{o},{max(o, c) * 1.002},"
-                     f"{min(o, c) * 0.998},{c},100")
-    (root / "BTC.csv").write_text("\n".join(lines) + "\n")
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "MARGINLAB_API_KEYS")}
-    env.update(MARGINLAB_DATA_ROOT=str(root), MARGINLAB_STATE_DIR=str(root / ".state"),
-               MARGINLAB_GUARDRAILS=json.dumps({"min_interval_s": 0,
-                                                "max_change": {"decay": 0.001}}))
-    proc = subprocess.Popen([sys.executable, "-m", "calibration.cli", "serve", "--port",
-                             str(port)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(base + "/healthz", timeout=1).read()
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise RuntimeError("the service did not start") from None
-                time.sleep(0.3)
+    write_bars_csv(root / "BTC.csv", 3000, seed=21)
+    guardrails = json.dumps({"min_interval_s": 0, "max_change": {"decay": 0.001}})
+    with running_service(root, MARGINLAB_GUARDRAILS=guardrails) as base:
         yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def _spec(seed: int) -> dict[str, Any]:

@@ -7,7 +7,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import random_walk
+from tests.serving import running_service, write_bars_csv
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -51,30 +50,8 @@ def _call(url: str, body: object | None = None) -> dict[str, object]:
 def finished_report(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """URL of the report of a finished calibration on a running service."""
     root = tmp_path_factory.mktemp("report")
-    close = random_walk(6000, seed=12, vol=0.004, crash_at=4500, crash=-0.15)
-    lines = ["timestamp,open,high,low,close,volume"]
-    start = 1_640_995_200  # 2022-01-01
-    for i, c in enumerate(close):
-        o = close[i - 1] if i else c
-        lines.append(f"{start + 1800 * i},{o},{max(o, c) * 1.002},{min(o, c) * 0.998},{c},100")
-    (root / "BTC.csv").write_text("\n".join(lines) + "\n")
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "MARGINLAB_API_KEYS")}
-    env.update(MARGINLAB_DATA_ROOT=str(root), MARGINLAB_STATE_DIR=str(root / ".state"))
-    proc = subprocess.Popen([sys.executable, "-m", "calibration.cli", "serve", "--port",
-                             str(port)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(base + "/healthz", timeout=1).read()
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise RuntimeError("the service did not start") from None
-                time.sleep(0.3)
+    write_bars_csv(root / "BTC.csv", 6000, seed=12, crash_at=4500, crash=-0.15)
+    with running_service(root) as base:
         spec = {"data": [{"instrument": "BTCUSDT", "ref": "BTC.csv"}], "model": "ewma",
                 "search_space": {"horizon_bars": {"value": 4}, "warmup_bars": {"value": 300}},
                 "stress_windows": [{"name": "crash", "start": "2022-04-05",
@@ -90,9 +67,6 @@ def finished_report(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             time.sleep(0.5)
         assert status["state"] == "succeeded", status
         yield f"{base}/v1/calibrations/{job['id']}/report"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 @pytest.mark.slow
