@@ -26,14 +26,12 @@ import pytest
 import redis
 
 from tests.api_helpers import FINAL, bars_csv, calibration_spec, free_port, wait_for
+from tests.test_storage import claimed_redis_db, clear_redis_db
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 T = TypeVar("T")
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
-#: Database numbers of the shared Redis this module may claim (an empty one).
-REDIS_DBS = range(9, 16)
-CLAIM_KEY = "marginlab-api-tests:claim"
 POSTGRES_DSN = "host=127.0.0.1 port=5432 user=postgres connect_timeout=5"
 CSV = {"content-type": "text/csv"}
 #: Bars per synthetic dataset: a trial takes tens of milliseconds.
@@ -48,32 +46,9 @@ OUTAGE_S = 4.0
 @pytest.fixture(scope="module")
 def shared_redis_url() -> Iterator[str]:
     """An empty database of the shared Redis, claimed (marker key, NX) and flushed after."""
-    for db in REDIS_DBS:
-        client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db, socket_timeout=5)
-        try:
-            try:
-                if client.dbsize() != 0:
-                    continue
-            except redis.ConnectionError:
-                pytest.skip(f"Redis at {REDIS_HOST}:{REDIS_PORT} is unreachable")
-            if not client.set(CLAIM_KEY, f"pid {os.getpid()}", nx=True, ex=3600):
-                continue
-            try:
-                yield f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}"
-            finally:
-                client.flushdb()
-            return
-        finally:
-            client.close()
-    pytest.fail(f"no empty Redis database among {list(REDIS_DBS)}")
+    with claimed_redis_db() as url:
+        yield url
 
-
-def clear_claimed(url: str) -> None:
-    """Delete every key of the claimed database but the claim."""
-    with redis.Redis.from_url(url) as client:
-        keys = [k for k in client.scan_iter(count=1000) if k != CLAIM_KEY.encode()]
-        if keys:
-            client.delete(*keys)
 
 
 @pytest.fixture(scope="module")
@@ -301,7 +276,7 @@ def deploy(tmp_path: Path, postgres_url: str) -> Iterator[Any]:
 
     def make(redis_url: str, **env: str) -> Deployment:
         if redis_url.startswith(f"redis://{REDIS_HOST}:{REDIS_PORT}/"):
-            clear_claimed(redis_url)
+            clear_redis_db(redis_url)
         deployment = Deployment(tmp_path, redis_url, postgres_url, **env)
         made.append(deployment)
         return deployment
@@ -312,7 +287,7 @@ def deploy(tmp_path: Path, postgres_url: str) -> Iterator[Any]:
         for deployment in made:
             deployment.close()
             if deployment.redis_url.startswith(f"redis://{REDIS_HOST}:{REDIS_PORT}/"):
-                clear_claimed(deployment.redis_url)
+                clear_redis_db(deployment.redis_url)
 
 
 def assert_unavailable(response: httpx.Response) -> None:
