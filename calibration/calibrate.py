@@ -9,13 +9,11 @@ Pareto front and picks the recommendation.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
@@ -49,7 +47,7 @@ from calibration.spec import (
     validate_spec,
 )
 from calibration.stats import binomial_cdf
-from calibration.storage import HEARTBEAT_INTERVAL_S, Coordination
+from calibration.storage import Coordination
 from calibration.windows import DEFAULT_STRESS_WINDOWS, StressWindow
 
 OBJECTIVE_NAMES = ("capital_cost", "insolvency_bps")
@@ -512,62 +510,14 @@ def run_worker(
     enqueued again (``Coordination.reap_stale_trials``); a worker with nothing to ask waits
     for such retries until every trial is finished.
     """
-    with _Heartbeat(coordination) as heartbeat:
-        return _run_trials(study, prepared, coordination, heartbeat, n_trials=n_trials,
-                           deadline=deadline, on_trial=on_trial, should_stop=should_stop,
-                           poll_s=poll_s)
-
-
-class _Heartbeat:
-    """Beats for the trial this worker is running, from one thread for the worker's whole run.
-
-    Same beats as ``Coordination.heartbeat`` (one when the trial starts, then one every
-    ``HEARTBEAT_INTERVAL_S``, forgotten when it ends), without starting and joining a thread
-    per trial: two thread hand-offs a trial cost 0.2–1 ms on a busy 2-core machine.
-    """
-
-    def __init__(self, coordination: Coordination) -> None:
-        self._coordination = coordination
-        self._lock = threading.Lock()
-        self._trial_id: int | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="marginlab-heartbeat",
-                                        daemon=True)
-
-    def __enter__(self) -> _Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    @contextlib.contextmanager
-    def running(self, trial_id: int) -> Iterator[None]:
-        """Beat for ``trial_id`` while the block runs."""
-        self._coordination.beat(trial_id)
-        with self._lock:
-            self._trial_id = trial_id
-        try:
-            yield
-        finally:
-            with self._lock:  # no beat for the trial once it is forgotten
-                self._trial_id = None
-                self._coordination.finished(trial_id)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(HEARTBEAT_INTERVAL_S):
-            with self._lock:
-                if self._trial_id is not None:
-                    with contextlib.suppress(Exception):  # a missed beat is retried next time
-                        self._coordination.beat(self._trial_id)
+    return _run_trials(study, prepared, coordination, n_trials=n_trials, deadline=deadline,
+                       on_trial=on_trial, should_stop=should_stop, poll_s=poll_s)
 
 
 def _run_trials(
     study: optuna.Study,
     prepared: Prepared,
     coordination: Coordination,
-    heartbeat: _Heartbeat,
     *,
     n_trials: int | None,
     deadline: float | None,
@@ -592,7 +542,7 @@ def _run_trials(
             if waiting or (room and not expired):
                 with warnings.catch_warnings():
                     # RDB storages: Optuna warns that its heartbeat is meant for optimize();
-                    # here the trial beats through ``_Heartbeat`` instead.
+                    # here the trial beats through ``coordination.heartbeat`` instead.
                     warnings.filterwarnings("ignore", "Heartbeat of storage is supposed",
                                             UserWarning)
                     trial = study.ask()
@@ -602,7 +552,7 @@ def _run_trials(
                 return ran
             time.sleep(poll_s)
             continue
-        with heartbeat.running(trial._trial_id):
+        with coordination.heartbeat(trial._trial_id):
             params = _suggest(trial, space)
             try:
                 result = evaluate(prepared, params)
