@@ -15,8 +15,6 @@ from service.errors import PROBLEM, problem
 from service.state import Svc
 
 REQUESTS = Counter("marginlab_http_requests_total", "HTTP requests", ["method", "status"])
-JOBS = Counter("marginlab_calibrations_submitted_total", "calibration submissions",
-               ["outcome"])
 
 
 def _storage_ok(url: str) -> bool:
