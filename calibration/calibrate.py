@@ -527,6 +527,10 @@ def _run_trials(
 ) -> int:
     space = search_space(prepared.spec)
     ran = 0
+    # Waiting for other workers' last trials: start short (they usually end within one
+    # trial's time, and this worker's exit, then the summary, wait on it) and back off to
+    # ``poll_s`` (each poll counts the study's trials in the storage).
+    wait_s = min(0.01, poll_s)
     while True:
         if should_stop is not None and should_stop():
             return ran
@@ -547,10 +551,11 @@ def _run_trials(
                                             UserWarning)
                     trial = study.ask()
         if trial is None:
-            running = any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             if expired or not running:
                 return ran
-            time.sleep(poll_s)
+            time.sleep(wait_s)
+            wait_s = min(2 * wait_s, poll_s)
             continue
         with coordination.heartbeat(trial._trial_id):
             params = _suggest(trial, space)
@@ -734,18 +739,42 @@ def calibrate(
     study: str | None = None,
     on_trial: TrialCallback | None = None,
     prepared: Prepared | None = None,
+    workers: int = 1,
 ) -> CalibrationResult:
-    """Run a whole calibration in this process (other workers may join the same study).
+    """Run a whole calibration: this process and ``workers - 1`` helper processes
+    (``calibration.parallel``) add trials to one study; other workers may join it too.
+
+    Args:
+        spec: what to calibrate.
+        root: the data root the spec's references are relative to.
+        storage: the study storage URL (``memory`` only with one worker).
+        study: the study name (default: derived from the spec).
+        on_trial: called after each of this process's trials.
+        prepared: the spec's data, if already prepared (``prepare``).
+        workers: worker processes, this one included.
 
     Raises:
         MarginlabError subclasses for bad input, before any trial runs.
     """
+    from calibration.parallel import start_helpers, wait_helpers
+
+    if workers < 1:
+        raise InvalidParameters("workers must be at least 1", field="workers")
+    if workers > 1 and storage == "memory":
+        raise InvalidParameters("more than one worker needs a shared storage (a journal file, "
+                                "redis:// or postgresql://), not memory", field="storage")
     prepared = prepared or prepare(spec, root)
     with Coordination(storage) as coordination:
         opt_study = create_or_load_study(spec, prepared, coordination, study)
         deadline = time.time() + spec.timeout_seconds if spec.timeout_seconds else None
-        run_worker(opt_study, prepared, coordination, n_trials=spec.n_trials,
-                   deadline=deadline, on_trial=on_trial)
+        helpers = start_helpers(workers - 1, storage_url=storage,
+                                study_name=opt_study.study_name, prepared=prepared,
+                                root=root, deadline=deadline)
+        try:
+            run_worker(opt_study, prepared, coordination, n_trials=spec.n_trials,
+                       deadline=deadline, on_trial=on_trial)
+        finally:
+            wait_helpers(helpers)
         return summarize(opt_study, prepared, storage)
 
 

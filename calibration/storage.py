@@ -2,8 +2,10 @@
 
 ``open_storage(url)`` maps a URL to an Optuna storage:
 
-- a file path, ``journal:PATH`` or ``file:PATH`` → ``JournalStorage(JournalFileBackend)``
-  (the default: ~4 ms per trial here against 30–50 ms for SQLite);
+- a file path, ``journal:PATH`` or ``file:PATH`` → ``JournalStorage(TrialCommitFileBackend)``,
+  Optuna's journal file with a kernel lock and one fsync per finished trial (the default:
+  ~1.5 ms per trial here, against ~4 ms for Optuna's own file backend and 30–50 ms for
+  SQLite);
 - ``redis://...`` → ``JournalStorage(JournalRedisBackend(url))``;
 - ``postgresql://...`` (or ``sqlite:///...``) → ``RDBStorage`` with Optuna's heartbeat;
 - ``memory`` → ``InMemoryStorage`` (one process only).
@@ -23,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import threading
 import time
@@ -35,6 +38,7 @@ from typing import Any
 import optuna
 from optuna.storages import BaseStorage, InMemoryStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
+from optuna.storages.journal._storage import JournalOperation
 from optuna.trial import FrozenTrial, TrialState
 
 from calibration._errors import InvalidParameters, MarginlabError
@@ -79,6 +83,62 @@ def _rdb_url(url: str) -> str:
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://") :]
     return url
+
+
+#: Journal operations that only fill in a RUNNING trial (see ``TrialCommitFileBackend``).
+_IN_TRIAL_OPS = frozenset({
+    JournalOperation.SET_TRIAL_PARAM, JournalOperation.SET_TRIAL_INTERMEDIATE_VALUE,
+    JournalOperation.SET_TRIAL_USER_ATTR, JournalOperation.SET_TRIAL_SYSTEM_ATTR,
+})
+
+
+def _needs_fsync(log: dict[str, Any]) -> bool:
+    op = log["op_code"]
+    if op == JournalOperation.CREATE_TRIAL:
+        # ``ask()`` creates a RUNNING trial without a state; an enqueued (WAITING) or added
+        # trial carries its state and is a decision of its own.
+        return bool(log.get("state", TrialState.RUNNING) != TrialState.RUNNING)
+    return op not in _IN_TRIAL_OPS
+
+
+class TrialCommitFileBackend(JournalFileBackend):
+    """Optuna's journal file (same format, same reader) with two changes to appending.
+
+    - **One fsync per finished trial**, not per write. A trial makes ~9 appends (creation,
+      one per parameter, the sampler's attribute, constraint, metrics, state); Optuna fsyncs
+      each, ~0.27 ms apiece here, which was most of the storage's cost per trial. Writes
+      that only fill in a RUNNING trial go to the page cache; the next state change (the
+      trial's outcome), study-level write or enqueued trial is fsynced, and an fsync makes
+      everything written to the file before it durable. So after a power loss the journal
+      holds every finished trial; what can be lost is the part of a trial still running,
+      which the reaper would have failed and retried anyway. A killed *process* loses
+      nothing: its writes are in the page cache.
+    - **flock(2) instead of Optuna's symlink lock**: a waiting worker sleeps in the kernel
+      until the holder releases, where the symlink lock polls with a backoff from 1 ms up to
+      1 s (with two workers most of the wait was that backoff), and a holder killed mid-append
+      releases at once instead of after the symlink lock's 30 s grace period. Every writer of
+      the file must therefore go through this backend (all of marginlab's do); readers such as
+      optuna-dashboard need no lock. The lock file is opened per append, so a forked process
+      never shares the parent's lock.
+    """
+
+    def __init__(self, file_path: str) -> None:
+        super().__init__(file_path)
+        self._lock_file_path = file_path + ".flock"
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode()
+        durable = any(_needs_fsync(log) for log in logs)
+        lock_fd = os.open(self._lock_file_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            with open(self._file_path, "ab") as f:
+                f.write(data)
+                f.flush()
+                if durable:
+                    os.fsync(f.fileno())
+        finally:
+            os.close(lock_fd)  # closing releases the lock
 
 
 def retry_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -205,7 +265,7 @@ class Coordination:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._lock_path = path.with_name(path.name + ".slots.lock")
             self._heartbeat = _FileHeartbeat(path.with_name(path.name + ".heartbeats"))
-            return JournalStorage(JournalFileBackend(str(path)))
+            return JournalStorage(TrialCommitFileBackend(str(path)))
         if self.kind == "redis":
             import redis
 

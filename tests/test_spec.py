@@ -164,3 +164,15 @@ def test_unsupported_storage_url() -> None:
     with pytest.raises(InvalidParameters) as info:
         Coordination("mongodb://127.0.0.1/studies")
     assert info.value.field == "storage"
+
+
+@pytest.mark.parametrize(("workers", "storage", "field"),
+                         [(0, "memory", "workers"), (2, "memory", "storage")])
+def test_calibrate_refuses_bad_worker_counts(tmp_path: Path, workers: int, storage: str,
+                                             field: str) -> None:
+    """No worker at all, or several on a storage only this process sees: refused before
+    any data is read."""
+    spec = CalibrationSpec(data=[DataRefSpec(instrument="BTCUSDT", ref=BTC)], model="ewma")
+    with pytest.raises(InvalidParameters) as info:
+        calibrate(spec, root=tmp_path / "nowhere", storage=storage, workers=workers)
+    assert info.value.field == field

@@ -619,3 +619,92 @@ def test_missing_postgres_database_is_unavailable(postgres_url: str) -> None:
     with pytest.raises(StorageUnavailable):
         Coordination(url)
 
+
+
+# --------------------------------------------------------------------------- journal file
+
+
+def _fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record every fsync of the journal file backend (and still do it)."""
+    calls: list[int] = []
+    real = os.fsync
+
+    def counting(fd: int) -> None:
+        calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", counting)
+    return calls
+
+
+def test_journal_file_fsyncs_once_per_finished_trial(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trial's creation, parameters and attributes go to the page cache; its outcome is
+    fsynced (which makes them durable too), as is any study-level write or enqueued trial."""
+    with Coordination(f"journal:{tmp_path / 'j.log'}") as coordination:
+        study = _study(coordination)
+        calls = _fsyncs(monkeypatch)
+        trial = _running_trial(study)  # create + 2 params
+        trial.set_user_attr("metrics_json", "{}")
+        trial.set_constraint("violation", 0.0)
+        assert calls == []
+        study.tell(trial, [1.0, 2.0])
+        assert len(calls) == 1
+        study.enqueue_trial({"x": 0.5, "n": 3})
+        assert len(calls) == 2
+        study.set_user_attr("note", "study-level")
+        assert len(calls) == 3
+        retry = _ask(study)  # pops the WAITING trial: a state change
+        assert len(calls) == 4
+        study.tell(retry, state=TrialState.FAIL)
+        assert len(calls) == 5
+
+
+def test_journal_file_reads_back_with_optunas_own_backend(tmp_path: Path) -> None:
+    """Same file format: Optuna's JournalFileBackend (optuna-dashboard, scripts) reads it."""
+    path = tmp_path / "j.log"
+    with Coordination(f"journal:{path}") as coordination:
+        study = _study(coordination, "readable")
+        for value in (0.25, 0.75):
+            trial = _ask(study)
+            x = trial.suggest_float("x", 0.0, 1.0)
+            study.tell(trial, [value, x])
+        written = [(t.params, t.values, t.state) for t in study.get_trials()]
+    plain = JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    read = optuna.load_study(study_name="readable", storage=plain).get_trials()
+    assert [(t.params, t.values, t.state) for t in read] == written
+    assert len(written) == 2
+
+
+def test_journal_file_lock_of_a_killed_writer_is_released(tmp_path: Path) -> None:
+    """The append lock is flock(2): a writer SIGKILLed while holding it releases it at once
+    (Optuna's symlink lock would stay until its 30 s grace period)."""
+    path = tmp_path / "j.log"
+    with Coordination(f"journal:{path}") as coordination:
+        study = _study(coordination)
+        holder = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(f"""
+                import fcntl, os, sys, time
+                fd = os.open({str(path) + ".flock"!r}, os.O_RDWR | os.O_CREAT)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                print("locked", flush=True)
+                time.sleep(600)
+            """)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout is not None
+            assert holder.stdout.readline().strip() == "locked"
+            done = threading.Event()
+
+            def append() -> None:
+                study.set_user_attr("after", 1)
+                done.set()
+
+            writer = threading.Thread(target=append, daemon=True)
+            writer.start()
+            assert not done.wait(0.5), "the append must wait while another process holds it"
+            holder.kill()
+            assert done.wait(10.0), "the lock of a killed holder was not released"
+        finally:
+            holder.kill()
+            holder.communicate()
+        assert study.user_attrs["after"] == 1

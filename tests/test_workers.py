@@ -19,6 +19,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -376,3 +377,99 @@ def test_calibrate_with_two_workers_json(data_root: Path, tmp_path: Path) -> Non
     assert result["pareto_front"], "the synthetic data have feasible trials"
     _assert_study_exact(_trials(journal, result["study"]), N_TRIALS)
 
+
+
+# --------------------------------------------------------------------------- calibrate(workers=N)
+
+
+def _log_pids(monkeypatch: pytest.MonkeyPatch, path: Path) -> None:
+    """Make every evaluate() append its process id to ``path`` (a forked helper inherits
+    the patch; a fresh ``marginlab worker`` would not)."""
+    import calibration.calibrate as cal_module
+
+    real = cal_module.evaluate
+
+    def logged(*args: object, **kwargs: object) -> object:
+        with path.open("a") as handle:
+            handle.write(f"{os.getpid()}\n")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cal_module, "evaluate", logged)
+
+
+@pytest.mark.slow
+def test_calibrate_with_two_workers_forks_a_helper(url: str, data_root: Path,
+                                                   spec: CalibrationSpec, prepared: Prepared,
+                                                   tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """calibrate(workers=2) on each shared storage: a forked helper (its own connections)
+    and this process fill the study to exactly n_trials, both running trials."""
+    from calibration.calibrate import calibrate
+    from calibration.parallel import can_fork
+
+    assert can_fork(), f"threads running: {threading.enumerate()}"
+    pids = tmp_path / "pids"
+    _log_pids(monkeypatch, pids)
+    name = f"fork-{uuid.uuid4().hex[:10]}"
+    result = calibrate(spec, root=data_root, storage=url, study=name, prepared=prepared,
+                       workers=2)
+    trials = _trials(url, name)
+    _assert_study_exact(trials, N_TRIALS)
+    assert result.trials["complete"] + result.trials["pruned"] == N_TRIALS
+    ran_in = pids.read_text().split()
+    assert set(ran_in) - {str(os.getpid())}, "the helper ran no trial"
+    assert str(os.getpid()) in ran_in
+    assert len(set(ran_in)) == 2
+    # Trials plus the recommendation's evidence (evaluated in this process).
+    assert len(ran_in) >= len(trials)
+
+
+@pytest.mark.slow
+def test_helpers_are_worker_subprocesses_while_threads_run(data_root: Path,
+                                                           spec: CalibrationSpec,
+                                                           prepared: Prepared,
+                                                           tmp_path: Path) -> None:
+    """With another thread running (a fork would copy it mid-flight) the helper is a
+    ``marginlab worker`` subprocess; the study still ends exact."""
+    from calibration.calibrate import load_study, run_worker
+    from calibration.parallel import can_fork, start_helpers, wait_helpers
+
+    url = f"journal:{tmp_path / 'studies.log'}"
+    name = _new_study(spec, prepared, url)
+    stop = threading.Event()
+    busy = threading.Thread(target=stop.wait, name="busy", daemon=True)
+    busy.start()
+    try:
+        assert not can_fork()
+        helpers = start_helpers(1, storage_url=url, study_name=name, prepared=prepared,
+                                root=data_root)
+        assert [h.how for h in helpers] == ["subprocess"]
+        with Coordination(url) as coordination:
+            study, _ = load_study(name, coordination)
+            run_worker(study, prepared, coordination, n_trials=N_TRIALS)
+        assert wait_helpers(helpers) == [0]
+    finally:
+        stop.set()
+        busy.join()
+    _assert_study_exact(_trials(url, name), N_TRIALS)
+
+
+@pytest.mark.slow
+def test_worker_stops_at_the_time_budget(data_root: Path, prepared: Prepared, tmp_path: Path,
+                                         procs: list[subprocess.Popen[str]]) -> None:
+    """A study with a time budget and no trial count: ``marginlab worker`` runs trials
+    until the budget is spent on its own clock, then exits."""
+    raw = json.loads((data_root / "spec.json").read_text())
+    del raw["n_trials"]
+    raw["timeout_seconds"] = 2
+    timed_spec = decode_spec(json.dumps(raw).encode())
+    url = f"journal:{tmp_path / 'studies.log'}"
+    name = _new_study(timed_spec, prepared, url)
+    started = time.monotonic()
+    code, err = _finish(_start_worker(procs, data_root, url, name, 1))
+    elapsed = time.monotonic() - started
+    assert code == 0, err
+    assert _ran(err) >= 1
+    assert elapsed < WORKER_TIMEOUT_S / 2, elapsed
+    trials = _trials(url, name)
+    assert all(t.state in FINISHED for t in trials), [t.state for t in trials]
