@@ -382,45 +382,49 @@ def test_calibrate_with_two_workers_json(data_root: Path, tmp_path: Path) -> Non
 # --------------------------------------------------------------------------- calibrate(workers=N)
 
 
-def _log_pids(monkeypatch: pytest.MonkeyPatch, path: Path) -> None:
-    """Make every evaluate() append its process id to ``path`` (a forked helper inherits
-    the patch; a fresh ``marginlab worker`` would not)."""
-    import calibration.calibrate as cal_module
+#: Run in a fresh interpreter (the test process has other tests' threads, and a process
+#: with threads uses subprocess helpers): calibrate(workers=2) with every evaluate()
+#: logging its process id. A forked helper inherits the patch; a fresh process would not.
+FORK_SCRIPT = """
+import json, os, sys
+from pathlib import Path
+import calibration.calibrate as cal
+from calibration.parallel import can_fork
+from calibration.spec import decode_spec
 
-    real = cal_module.evaluate
-
-    def logged(*args: object, **kwargs: object) -> object:
-        with path.open("a") as handle:
-            handle.write(f"{os.getpid()}\n")
-        return real(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(cal_module, "evaluate", logged)
+root, url, name, pids = Path(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4])
+real = cal.evaluate
+def logged(*args, **kwargs):
+    with pids.open("a") as handle:
+        handle.write(f"{os.getpid()}\\n")
+    return real(*args, **kwargs)
+cal.evaluate = logged
+assert can_fork()
+spec = decode_spec((root / "spec.json").read_bytes())
+result = cal.calibrate(spec, root=root, storage=url, study=name, workers=2)
+print(json.dumps({"pid": os.getpid(), "trials": result.trials}))
+"""
 
 
 @pytest.mark.slow
 def test_calibrate_with_two_workers_forks_a_helper(url: str, data_root: Path,
-                                                   spec: CalibrationSpec, prepared: Prepared,
-                                                   tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+                                                   tmp_path: Path) -> None:
     """calibrate(workers=2) on each shared storage: a forked helper (its own connections)
-    and this process fill the study to exactly n_trials, both running trials."""
-    from calibration.calibrate import calibrate
-    from calibration.parallel import can_fork
-
-    assert can_fork(), f"threads running: {threading.enumerate()}"
+    and the calling process fill the study to exactly n_trials, both running trials."""
     pids = tmp_path / "pids"
-    _log_pids(monkeypatch, pids)
     name = f"fork-{uuid.uuid4().hex[:10]}"
-    result = calibrate(spec, root=data_root, storage=url, study=name, prepared=prepared,
-                       workers=2)
+    proc = subprocess.run([sys.executable, "-c", FORK_SCRIPT, str(data_root), url, name,
+                           str(pids)], capture_output=True, text=True, env=_env(data_root),
+                          timeout=WORKER_TIMEOUT_S, check=False)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
     trials = _trials(url, name)
     _assert_study_exact(trials, N_TRIALS)
-    assert result.trials["complete"] + result.trials["pruned"] == N_TRIALS
+    assert out["trials"]["complete"] + out["trials"]["pruned"] == N_TRIALS
     ran_in = pids.read_text().split()
-    assert set(ran_in) - {str(os.getpid())}, "the helper ran no trial"
-    assert str(os.getpid()) in ran_in
-    assert len(set(ran_in)) == 2
-    # Trials plus the recommendation's evidence (evaluated in this process).
+    assert str(out["pid"]) in ran_in
+    assert len(set(ran_in)) == 2, "the helper ran no trial"
+    # Trials plus the recommendation's evidence (evaluated in the calling process).
     assert len(ran_in) >= len(trials)
 
 
