@@ -406,17 +406,24 @@ def make_sampler(spec: CalibrationSpec, *, worker: int = 0) -> optuna.samplers.B
 
 def _suggest(trial: optuna.Trial, space: Mapping[str, ParamSpec]) -> dict[str, Any]:
     params: dict[str, Any] = {}
-    for name, p in space.items():
-        if p.value is not None:
-            params[name] = p.value
-        elif p.integer:
-            assert p.low is not None
-            assert p.high is not None
-            params[name] = trial.suggest_int(name, round(p.low), round(p.high), log=p.log)
-        else:
-            assert p.low is not None
-            assert p.high is not None
-            params[name] = trial.suggest_float(name, p.low, p.high, log=p.log)
+    with warnings.catch_warnings():
+        # The published parameters are enqueued as they are, even where they lie outside
+        # the searched range: that trial is the baseline, and Optuna runs it with the
+        # published values (warning that they are out of range, which here is the point).
+        warnings.filterwarnings("ignore", r"Fixed parameter .* is out of range",
+                                UserWarning)
+        for name, p in space.items():
+            if p.value is not None:
+                params[name] = p.value
+            elif p.integer:
+                assert p.low is not None
+                assert p.high is not None
+                params[name] = trial.suggest_int(name, round(p.low), round(p.high),
+                                                 log=p.log)
+            else:
+                assert p.low is not None
+                assert p.high is not None
+                params[name] = trial.suggest_float(name, p.low, p.high, log=p.log)
     return params
 
 

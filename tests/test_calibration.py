@@ -241,6 +241,24 @@ def test_published_params_are_the_first_trial_and_anchor_the_guardrail(
             assert abs(change["change"]) <= MAX_CHANGE[name] + 1e-12, name
 
 
+def test_published_params_outside_the_searched_range_run_as_published(root: Path) -> None:
+    """A published floor below the searched range: the first trial is still exactly the
+    published point (the baseline), with no warning, and the search stays in its range."""
+    published = {**PUBLISHED, "floor_rate": 0.001}  # the space's floor_rate starts at 0.002
+    spec = btc_spec(n_trials=6, published={"params": published, "max_change": MAX_CHANGE})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prep = prepare(spec, root)
+        with Coordination("memory") as coordination:
+            study = create_or_load_study(spec, prep, coordination)
+            run_worker(study, prep, coordination, n_trials=spec.n_trials)
+            trials = study.get_trials()
+    assert trials[0].params == published
+    assert trial_metrics(trials[0])["constraints"]["guardrail"] == -1.0  # type: ignore[index]
+    assert all(0.002 <= t.params["floor_rate"] <= 0.05 for t in trials[1:])
+    assert all(t.state in FINISHED for t in trials)
+
+
 def test_infeasible_setup_still_recommends_the_closest_trial(prepared: Prepared,
                                                              root: Path) -> None:
     """Appetite 0 and max_procyclicality 1.0: feasible=False, closest trial, binding named."""
