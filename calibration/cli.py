@@ -272,10 +272,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
                 run_worker(study, prepared, coordination, n_trials=spec.n_trials,
                            deadline=deadline, on_trial=on_trial if show else None)
             finally:
-                for code, helper in zip(wait_helpers(helpers), helpers, strict=True):
-                    if code != 0:
-                        err.print(f"warning: worker {helper.index} exited with code {code}; "
-                                  "its trials were left to the others")
+                wait_helpers(helpers)  # a failed helper is logged (warning) there
         result = summarize(study, prepared, args.storage)
     if args.report:
         from calibration.html_report import render_calibration_report

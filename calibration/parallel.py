@@ -115,8 +115,9 @@ def wait_helpers(helpers: list[Helper]) -> list[int]:
     for helper in helpers:
         code = helper.wait()
         if code != 0:
-            _log.warning("helper worker %d (%s) exited with code %d",
-                         helper.index, helper.how, code)
+            _log.warning("helper worker %d (%s) exited with code %d; the study's other "
+                         "workers ran its share, and a trial it left running is failed and "
+                         "retried", helper.index, helper.how, code)
         codes.append(code)
     return codes
 

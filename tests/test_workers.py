@@ -400,6 +400,7 @@ def logged(*args, **kwargs):
     return real(*args, **kwargs)
 cal.evaluate = logged
 assert can_fork()
+print(os.getpid(), flush=True)
 spec = decode_spec((root / "spec.json").read_bytes())
 result = cal.calibrate(spec, root=root, storage=url, study=name, workers=2)
 print(json.dumps({"pid": os.getpid(), "trials": result.trials}))
@@ -417,7 +418,7 @@ def test_calibrate_with_two_workers_forks_a_helper(url: str, data_root: Path,
                            str(pids)], capture_output=True, text=True, env=_env(data_root),
                           timeout=WORKER_TIMEOUT_S, check=False)
     assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
+    out = json.loads(proc.stdout.splitlines()[-1])
     trials = _trials(url, name)
     _assert_study_exact(trials, N_TRIALS)
     assert out["trials"]["complete"] + out["trials"]["pruned"] == N_TRIALS
@@ -426,6 +427,44 @@ def test_calibrate_with_two_workers_forks_a_helper(url: str, data_root: Path,
     assert len(set(ran_in)) == 2, "the helper ran no trial"
     # Trials plus the recommendation's evidence (evaluated in the calling process).
     assert len(ran_in) >= len(trials)
+
+
+@pytest.mark.slow
+def test_sigkilled_forked_helper_leaves_the_study_exact(data_root: Path,
+                                                        tmp_path: Path) -> None:
+    """SIGKILL the forked helper once it runs trials: the calling process reaps its trial,
+    runs the rest, logs the helper's exit and returns a study with exactly n_trials."""
+    url = f"journal:{tmp_path / 'studies.log'}"
+    pids = tmp_path / "pids"
+    name = f"fork-kill-{uuid.uuid4().hex[:10]}"
+    proc = subprocess.Popen([sys.executable, "-c", FORK_SCRIPT, str(data_root), url, name,
+                             str(pids)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=_env(data_root))
+    try:
+        assert proc.stdout is not None
+        parent = proc.stdout.readline().strip()
+        deadline = time.monotonic() + WORKER_TIMEOUT_S
+        helper = None
+        while helper is None and time.monotonic() < deadline:
+            seen = set(pids.read_text().split()) if pids.exists() else set()
+            helper = next(iter(seen - {parent}), None)
+            time.sleep(0.01)
+        assert helper is not None, "the helper never ran a trial"
+        os.kill(int(helper), signal.SIGKILL)
+        out, err = proc.communicate(timeout=WORKER_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "helper worker 1 (fork) exited with code -9" in err
+    result = json.loads(out.splitlines()[-1])
+    assert result["trials"]["complete"] + result["trials"]["pruned"] == N_TRIALS
+    trials = _trials(url, name)
+    _assert_study_exact(trials, N_TRIALS)
+    # Killed in evaluate() (where a worker spends nearly all its time): that trial was
+    # failed by the reaper and retried with its parameters (checked just above).
+    assert any(t.state == TrialState.FAIL for t in trials), [t.state for t in trials]
 
 
 @pytest.mark.slow
