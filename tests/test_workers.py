@@ -3,8 +3,10 @@
 For the journal file, the Redis journal and PostgreSQL (the services on this machine), two
 worker processes fill a study to exactly ``n_trials`` finished trials; a worker SIGKILLed in
 the middle of a trial leaves that trial FAIL, its parameters are retried, and the study still
-ends with exactly ``n_trials`` finished trials. ``marginlab calibrate --workers 2`` does the
-same from one command.
+ends with exactly ``n_trials`` finished trials. ``marginlab calibrate --workers 2`` and
+``calibrate(workers=2)`` do the same from one command: the helper is a fork of the calling
+process (checked on every storage, and SIGKILLed mid-study), or a ``marginlab worker``
+subprocess while other threads run.
 
 The data are synthetic: a seeded random walk of 1.5M 30-minute bars stored as Parquet, so
 that a trial takes ~50-150 ms here (the kernels do 20k bars in ~2 ms, and a CSV this size
