@@ -68,9 +68,9 @@ def _forked_worker(storage_url: str, study_name: str, prepared: Prepared, index:
 
 
 def can_fork() -> bool:
-    """Whether helpers can be forked here (see the module docstring)."""
-    return ("fork" in multiprocessing.get_all_start_methods()
-            and threading.active_count() == 1)
+    """Whether helpers can be forked here: Linux (macOS offers fork, but its system
+    libraries are not fork-safe; Python defaults to spawn there) and no other thread."""
+    return sys.platform.startswith("linux") and threading.active_count() == 1
 
 
 def start_helpers(count: int, *, storage_url: str, study_name: str, prepared: Prepared,
