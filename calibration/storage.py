@@ -106,7 +106,7 @@ class TrialCommitFileBackend(JournalFileBackend):
 
     - **One fsync per finished trial**, not per write. A trial makes ~9 appends (creation,
       one per parameter, the sampler's attribute, constraint, metrics, state); Optuna fsyncs
-      each, ~0.27 ms apiece here, which was most of the storage's cost per trial. Writes
+      each, ~0.3 ms apiece here, which was most of the storage's cost per trial. Writes
       that only fill in a RUNNING trial go to the page cache; the next state change (the
       trial's outcome), study-level write or enqueued trial is fsynced, and an fsync makes
       everything written to the file before it durable. So after a power loss the journal
@@ -115,7 +115,7 @@ class TrialCommitFileBackend(JournalFileBackend):
       nothing: its writes are in the page cache.
     - **flock(2) instead of Optuna's symlink lock**: a waiting worker sleeps in the kernel
       until the holder releases, where the symlink lock polls with a backoff from 1 ms up to
-      1 s (with two workers most of the wait was that backoff), and a holder killed mid-append
+      1 s, and a holder killed mid-append
       releases at once instead of after the symlink lock's 30 s grace period. Every writer of
       the file must therefore go through this backend (all of marginlab's do); readers such as
       optuna-dashboard need no lock. The lock file is opened per append, so a forked process
