@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from calibration import BarSeries
@@ -79,3 +80,19 @@ def random_walk(n: int, *, seed: int = 0, vol: float = 0.002, crash_at: int | No
     r[0] = 0.0
     out: np.ndarray = 100.0 * np.exp(np.cumsum(r))
     return out
+
+
+def walk_frame(n: int, *, seed: int) -> pd.DataFrame:
+    """``n`` 30-minute bars of a seeded normal random walk (0.4% a bar) with the columns a
+    data file holds: timestamp_ms, open, high, low, close, volume."""
+    rng = np.random.default_rng(seed)
+    close = 100.0 * np.exp(np.cumsum(rng.standard_normal(n) * 0.004))
+    frame = pd.DataFrame({
+        "timestamp_ms": 1_600_000_000_000 + np.arange(n, dtype=np.int64) * 1_800_000,
+        "open": np.r_[close[0], close[:-1]],
+        "close": close,
+    })
+    frame["high"] = frame[["open", "close"]].max(axis=1) * 1.001
+    frame["low"] = frame[["open", "close"]].min(axis=1) * 0.999
+    frame["volume"] = 50.0
+    return frame[["timestamp_ms", "open", "high", "low", "close", "volume"]]

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -26,13 +25,12 @@ import pytest
 import redis
 
 from tests.api_helpers import FINAL, bars_csv, calibration_spec, free_port, wait_for
-from tests.test_storage import claimed_redis_db, clear_redis_db
+from tests.test_storage import claimed_redis_db, clear_redis_db, fresh_postgres_db
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 T = TypeVar("T")
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
-POSTGRES_DSN = "host=127.0.0.1 port=5432 user=postgres connect_timeout=5"
 CSV = {"content-type": "text/csv"}
 #: Bars per synthetic dataset: a trial takes tens of milliseconds.
 N_BARS = 3000
@@ -54,21 +52,8 @@ def shared_redis_url() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def postgres_url() -> Iterator[str]:
     """A PostgreSQL database of this module's own for the studies, dropped afterwards."""
-    import psycopg
-
-    name = f"marginlab_api_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    try:
-        admin = psycopg.connect(POSTGRES_DSN + " dbname=postgres", autocommit=True)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is unreachable: {exc}")
-    try:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        admin.close()
+    with fresh_postgres_db() as url:
+        yield url
 
 
 class RedisServer:

@@ -27,9 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import optuna
-import pandas as pd
 import pytest
 import sqlalchemy
 from optuna.storages import InMemoryStorage, JournalStorage, RDBStorage
@@ -46,6 +44,7 @@ from calibration.calibrate import (
 )
 from calibration.spec import decode_spec
 from calibration.storage import Coordination, StorageUnavailable
+from tests.conftest import walk_frame
 
 REDIS_HOST = "127.0.0.1"
 REDIS_PORT = 6379
@@ -278,19 +277,7 @@ def test_study_trials_persist_and_are_shared(url: str) -> None:
 
 def _write_small_data(root: Path) -> Path:
     """20k 30-minute bars of a seeded normal random walk and a small ewma spec."""
-    n = 20_000
-    rng = np.random.default_rng(7)
-    close = 100.0 * np.exp(np.cumsum(rng.standard_normal(n) * 0.004))
-    frame = pd.DataFrame({
-        "timestamp_ms": 1_600_000_000_000 + np.arange(n, dtype=np.int64) * 1_800_000,
-        "open": np.r_[close[0], close[:-1]],
-        "close": close,
-    })
-    frame["high"] = frame[["open", "close"]].max(axis=1) * 1.001
-    frame["low"] = frame[["open", "close"]].min(axis=1) * 0.999
-    frame["volume"] = 50.0
-    frame[["timestamp_ms", "open", "high", "low", "close", "volume"]].to_csv(
-        root / "bars.csv", index=False)
+    walk_frame(20_000, seed=7).to_csv(root / "bars.csv", index=False)
     spec = {
         "data": [{"instrument": "SYN", "ref": "bars.csv"}],
         "model": "ewma",

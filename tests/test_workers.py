@@ -27,9 +27,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import optuna
-import pandas as pd
 import pytest
 import sqlalchemy
 from optuna.storages import RDBStorage
@@ -38,6 +36,7 @@ from optuna.trial import FrozenTrial, TrialState
 from calibration.calibrate import Prepared, create_or_load_study, prepare
 from calibration.spec import CalibrationSpec, decode_spec, search_space
 from calibration.storage import HEARTBEAT_INTERVAL_S, STALE_AFTER_S, Coordination
+from tests.conftest import walk_frame
 from tests.test_storage import claimed_redis_db, clear_redis_db, fresh_postgres_db
 
 pytestmark = pytest.mark.integration
@@ -55,18 +54,7 @@ WORKER_TIMEOUT_S = 120.0
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data root with the bars (Parquet) and the calibration spec."""
     root = tmp_path_factory.mktemp("workers-data")
-    rng = np.random.default_rng(20240801)
-    close = 100.0 * np.exp(np.cumsum(rng.standard_normal(N_BARS) * 0.004))
-    frame = pd.DataFrame({
-        "timestamp_ms": 1_600_000_000_000 + np.arange(N_BARS, dtype=np.int64) * 1_800_000,
-        "open": np.r_[close[0], close[:-1]],
-        "close": close,
-    })
-    frame["high"] = frame[["open", "close"]].max(axis=1) * 1.001
-    frame["low"] = frame[["open", "close"]].min(axis=1) * 0.999
-    frame["volume"] = 50.0
-    frame[["timestamp_ms", "open", "high", "low", "close", "volume"]].to_parquet(
-        root / "bars.parquet", index=False)
+    walk_frame(N_BARS, seed=20240801).to_parquet(root / "bars.parquet", index=False)
     spec = {
         "data": [{"instrument": "SYN", "ref": "bars.parquet"}],
         "model": "ewma",
