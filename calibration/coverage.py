@@ -25,6 +25,7 @@ from calibration.stats import (
     chi2_pvalue,
     christoffersen_lr,
     kupiec_lr,
+    kupiec_pvalue_one_sided,
     traffic_light,
 )
 from calibration.windows import StressWindow, windows_overlapping
@@ -91,7 +92,8 @@ def _side(counts: FloatArray, p: float) -> SideCoverage:
     if n == 0:
         return SideCoverage(
             observations=0, breaches=0, breach_rate=None, expected_breach_rate=p,
-            kupiec_lr=None, kupiec_pvalue=None, christoffersen_lr=None,
+            kupiec_lr=None, kupiec_pvalue=None, kupiec_pvalue_one_sided=None,
+            christoffersen_lr=None,
             christoffersen_pvalue=None, conditional_coverage_lr=None,
             conditional_coverage_pvalue=None, traffic_light=None, mean_margin_rate=None,
             max_uncovered_loss=0.0, mean_uncovered_loss=None, expected_shortfall=None,
@@ -107,6 +109,7 @@ def _side(counts: FloatArray, p: float) -> SideCoverage:
         expected_breach_rate=p,
         kupiec_lr=lr_pof,
         kupiec_pvalue=chi2_pvalue(lr_pof, 1),
+        kupiec_pvalue_one_sided=kupiec_pvalue_one_sided(n, x, p),
         christoffersen_lr=lr_ind,
         christoffersen_pvalue=chi2_pvalue(lr_ind, 1),
         conditional_coverage_lr=lr_cc,
@@ -166,7 +169,8 @@ def coverage_backtest(
     """Run the coverage backtest of ``model`` on ``bars``.
 
     Returns the metrics over the whole series (``window="all"``) first, then one entry per
-    stress window that overlaps the series.
+    stress window that overlaps the series. An observation counts in a window when its loss
+    interval (t, t+h] overlaps the window, not when its margin bar t lies inside it.
 
     Args:
         bars: the instrument's bars.
@@ -203,9 +207,16 @@ def coverage_backtest(
     im = rates.im_to_mm if config.margin == "mm" else 1.0
     out = [_metrics("all", tested, im, losses, (start, stop, step), trail, p,
                     (int(ts[0]), int(ts[-1])))]
+    bar_ms = int(bars.bar_seconds) * 1000
     for w in windows_overlapping(stress_windows, int(ts[0]), int(ts[-1])):
-        lo = int(np.searchsorted(ts, w.start_ms, side="left"))
-        hi = int(np.searchsorted(ts, w.end_ms, side="left"))
+        # An observation t belongs to a window when its loss interval, bars t+1..t+h,
+        # overlaps it (domain.md §3): on daily bars a crash day's loss is the observation of
+        # the day before. Bars [first_in, after) are those whose period [open, open + bar)
+        # meets [start, end); t qualifies when t+h >= first_in and t+1 < after.
+        first_in = int(np.searchsorted(ts, w.start_ms - bar_ms, side="right"))
+        after = int(np.searchsorted(ts, w.end_ms, side="left"))
+        lo = max(0, first_in - horizon)
+        hi = max(lo, after - 1)
         # Keep the non-overlapping grid anchored at the first observation.
         first = max(lo, start)
         if step > 1:

@@ -13,11 +13,18 @@ from typing import Any, Literal
 
 import msgspec
 
-TrafficLight = Literal["green", "yellow", "red"]
+TrafficLight = Literal["green", "yellow", "red", "insufficient"]
 
 
 class SideCoverage(msgspec.Struct, frozen=True, kw_only=True):
-    """Coverage statistics of one side (long or short) over one window."""
+    """Coverage statistics of one side (long or short) over one window.
+
+    ``kupiec_pvalue`` is the two-sided χ²(1) p-value of the Kupiec POF statistic (too many
+    *or* too few breaches); ``kupiec_pvalue_one_sided`` is ``1 - Φ(sign(x - np)·√LR)``, the
+    evidence of too many breaches, which is what the calibration's Kupiec constraint tests.
+    ``traffic_light`` is ``insufficient`` when the window is too short for any verdict
+    (even zero breaches would not be green).
+    """
 
     observations: int
     breaches: int
@@ -25,6 +32,7 @@ class SideCoverage(msgspec.Struct, frozen=True, kw_only=True):
     expected_breach_rate: float
     kupiec_lr: float | None
     kupiec_pvalue: float | None
+    kupiec_pvalue_one_sided: float | None
     christoffersen_lr: float | None
     christoffersen_pvalue: float | None
     conditional_coverage_lr: float | None

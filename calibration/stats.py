@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 # scipy.special, not scipy.stats: the same functions without ~0.5 s of import in every
 # worker process (bdtr is the binomial CDF, chdtrc the chi-square upper tail).
-from scipy.special import bdtr, chdtrc, xlogy
+from scipy.special import bdtr, chdtrc, ndtr, xlogy
 
 from calibration._errors import InvalidParameters
 
@@ -31,6 +31,22 @@ def kupiec_lr(n: int, x: int, p: float) -> float:
     null = xlogy(n - x, 1.0 - p) + xlogy(x, p)
     alt = xlogy(n - x, 1.0 - phat) + xlogy(x, phat)
     return float(max(0.0, -2.0 * null + 2.0 * alt))
+
+
+def kupiec_pvalue_one_sided(n: int, x: int, p: float) -> float:
+    """One-sided Kupiec p-value: the evidence of *too many* breaches (domain.md §3).
+
+    The signed root ``z = sign(x - n p) * sqrt(LR_pof)`` is asymptotically standard normal
+    under the null, so ``1 - Φ(z)`` tests "breach rate above p" at its nominal size. The
+    two-sided χ²(1) value ``kupiec_pvalue`` rejects at α both too many and too few
+    breaches, so comparing it with α tests "too many" at size α/2. Fewer breaches than
+    expected give a p-value above 0.5: never a rejection.
+    """
+    lr = kupiec_lr(n, x, p)
+    if n == 0:
+        return 1.0
+    sign = 1.0 if x > n * p else (-1.0 if x < n * p else 0.0)
+    return float(1.0 - ndtr(sign * lr**0.5))
 
 
 def chi2_pvalue(lr: float, dof: int) -> float:
@@ -80,14 +96,32 @@ def binomial_cdf(x: int, n: int, p: float) -> float:
     return 1.0 if x >= n else float(bdtr(x, n, p))
 
 
+#: Basel green-zone bound of the binomial CDF.
+GREEN_BELOW = 0.95
+
+
+def verdict_possible(n: int, p: float) -> bool:
+    """Whether ``n`` observations can give any traffic-light verdict at breach rate ``p``.
+
+    Below ``n* = ln 0.95 / ln(1 - p)`` observations (5 at p = 1%, 1 at p = 5%), even zero
+    breaches have ``F(0) = (1 - p)^n >= 0.95``: not green, yet no evidence of anything.
+    """
+    return n > 0 and (1.0 - p) ** n < GREEN_BELOW
+
+
 def traffic_light(n: int, x: int, p: float) -> str:
     """Basel (1996) zone from the binomial CDF F(x; n, p).
 
-    ``green`` if F < 0.95, ``yellow`` if 0.95 ≤ F < 0.9999, ``red`` if F ≥ 0.9999.
+    ``green`` if F < 0.95, ``yellow`` if 0.95 ≤ F < 0.9999, ``red`` if F ≥ 0.9999;
+    ``insufficient`` when the window is too short for any verdict, ``(1 - p)^n >= 0.95``
+    (domain.md §3): an operator reads yellow as "too many breaches", which a window where
+    zero breaches is not green cannot show.
     """
     _check(n, x, p)
+    if not verdict_possible(n, p):
+        return "insufficient"
     f = binomial_cdf(x, n, p)
-    if f < 0.95:
+    if f < GREEN_BELOW:
         return "green"
     if f < 0.9999:
         return "yellow"

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from calibration import CoverageConfig, InsufficientData, InvalidParameters, coverage_backtest
+from calibration._bars import BarSeries
 from calibration.models import EwmaMargin, TieredMargin, make_model
 from calibration.windows import StressWindow
 from tests.conftest import make_bars, random_walk
@@ -32,9 +33,14 @@ def _check_against_brute_force(bars, model, config, windows=()) -> None:  # type
     step = 1 if config.overlapping else horizon
     n = len(bars)
     spans = [(rates.first_valid_bar, n - horizon)]
+    ts = [int(v) for v in bars.timestamp_ms]
+    bar_ms = bars.bar_seconds * 1000
     for w in windows:
-        lo = int(np.searchsorted(bars.timestamp_ms, w.start_ms))
-        hi = int(np.searchsorted(bars.timestamp_ms, w.end_ms))
+        # Membership by loss interval: some bar of t+1..t+h overlaps [start, end).
+        members = [t for t in range(n - 1)
+                   if any(ts[s] < w.end_ms and ts[s] + bar_ms > w.start_ms
+                          for s in range(t + 1, min(t + horizon, n - 1) + 1))]
+        lo, hi = (members[0], members[-1] + 1) if members else (0, 0)
         first = max(lo, rates.first_valid_bar)
         if step > 1:
             first = rates.first_valid_bar + math.ceil((first - rates.first_valid_bar) / step) * step
@@ -183,3 +189,26 @@ def test_max_increase_ratio_matches_brute_force(data: list[float], warmup: int, 
         expected = max(expected, margin[t] / min(window))
     got = _kernels.max_increase_ratio(margin, loss, start, stop, step, trail, block)
     assert got == pytest.approx(expected, rel=1e-12)
+
+
+def test_window_membership_by_loss_interval() -> None:
+    """A daily crash-day loss is the observation of the day before and counts in the crash
+    window: margin bar 03-11, loss interval 03-12 (hand-built daily bars)."""
+    day_ms = 86_400_000
+    start = 1_583_712_000_000  # 2020-03-09T00:00Z
+    close = np.full(30, 100.0)
+    low = close * 0.999
+    high = close * 1.001
+    low[3] = 58.5  # 2020-03-12: a 41.5% fall below the 03-11 close
+    ts = start + np.arange(30, dtype=np.int64) * day_ms
+    bars = BarSeries(instrument="BTC", timestamp_ms=ts, open=close.copy(), high=high, low=low,
+                     close=close, volume=None, bar_seconds=86_400, fingerprint="hand",
+                     source="hand")
+    model = TieredMargin(base_mmr=0.05, tier_growth=1.0)
+    window = StressWindow.from_dates("black_thursday_2020", "2020-03-12", "2020-03-13")
+    report = coverage_backtest(bars, model, CoverageConfig(horizon_bars=1), [window])
+    crash = report[1]
+    # Observations 03-11 (loss 03-12) and 03-12 (loss 03-13); the 03-13 one loses on 03-14.
+    assert crash.long.observations == 2
+    assert crash.long.breaches == 1
+    assert crash.long.max_uncovered_loss == pytest.approx(0.415 - 0.05)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from scipy.stats import binom
+from scipy.stats import binom, norm
 
 from calibration.stats import (
     Transitions,
     chi2_pvalue,
     christoffersen_lr,
     kupiec_lr,
+    kupiec_pvalue_one_sided,
     traffic_light,
     transitions,
 )
@@ -65,3 +66,48 @@ def test_christoffersen_vector() -> None:
 def test_christoffersen_no_breaches_is_zero() -> None:
     """A sequence without breaches carries no evidence of clustering."""
     assert christoffersen_lr(transitions([False] * 100)) == 0.0
+
+
+@pytest.mark.parametrize(("x", "lr"), [(7, 5.497), (6, 3.555), (4, 0.769), (0, 5.025)])
+def test_one_sided_kupiec_n250_p1pct(x: int, lr: float) -> None:
+    """One-sided p = 1 - Φ(sign(x - np)·√LR) from the textbook LR values (n=250, p=1%)."""
+    sign = 1.0 if x > 2.5 else -1.0
+    expected = 1.0 - norm.cdf(sign * lr**0.5)
+    assert kupiec_pvalue_one_sided(250, x, 0.01) == pytest.approx(expected, abs=2e-4)
+
+
+def test_one_sided_kupiec_hand_value() -> None:
+    """n=250, p=1%, x=7: z = √5.497 = 2.3446, p = 0.00952 (two-sided: 0.01905)."""
+    assert kupiec_pvalue_one_sided(250, 7, 0.01) == pytest.approx(0.00952, abs=5e-5)
+    assert chi2_pvalue(kupiec_lr(250, 7, 0.01), 1) == pytest.approx(0.01905, abs=5e-5)
+
+
+def test_one_sided_kupiec_has_nominal_size() -> None:
+    """Under the null, "reject when too many breaches" has size ≈ α one-sided, ≈ α/2 when the
+    two-sided p-value is compared with α (exact binomial sums, n=1000, p=1%, α=5%)."""
+    n, p, alpha = 1000, 0.01, 0.05
+    pmf = binom.pmf(range(n + 1), n, p)
+    one_sided = sum(pmf[x] for x in range(n + 1)
+                    if kupiec_pvalue_one_sided(n, x, p) < alpha)
+    two_sided_upper = sum(pmf[x] for x in range(n + 1)
+                          if x > n * p and chi2_pvalue(kupiec_lr(n, x, p), 1) < alpha)
+    assert 0.03 < one_sided < 0.07
+    assert 0.01 < two_sided_upper < 0.035
+    assert one_sided > 1.5 * two_sided_upper
+
+
+def test_one_sided_kupiec_few_breaches_never_reject() -> None:
+    """Fewer breaches than expected give a one-sided p-value above one half."""
+    assert all(kupiec_pvalue_one_sided(500, x, 0.01) > 0.5 for x in range(5))
+
+
+@pytest.mark.parametrize(("n", "p", "shortest"), [(250, 0.01, 6), (1, 0.05, 2), (1, 0.01, 6)])
+def test_insufficient_window(n: int, p: float, shortest: int) -> None:
+    """A window where zero breaches would not be green is insufficient: (1-p)^n ≥ 0.95 up to
+    n = 5 at p = 1% (0.99^5 = 0.951, 0.99^6 = 0.941) and n = 1 at p = 5% (0.95^1 = 0.95)."""
+    assert traffic_light(shortest - 1, 0, p) == "insufficient"
+    assert traffic_light(shortest, 0, p) == "green"
+    if n >= shortest:
+        assert traffic_light(n, 0, p) == "green"
+    else:
+        assert traffic_light(n, 0, p) == "insufficient"
