@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
+from calibration.horizon import format_duration
 from calibration.report import BacktestReport
 
 if TYPE_CHECKING:
@@ -27,7 +28,8 @@ def print_summary(report: BacktestReport, console: Console) -> None:
     """Print one coverage table and one liquidation table per instrument."""
     params = ", ".join(f"{k}={v}" for k, v in report.params.items())
     console.print(
-        f"[bold]{report.model}[/] ({params})\nhorizon {report.horizon_bars} bars, "
+        f"[bold]{report.model}[/] ({params})\nclose-out horizon {report.horizon} "
+        f"({report.horizon_bars} bars of {format_duration(report.bar_seconds)}), "
         f"coverage level {report.coverage_level:g}, "
         f"{'overlapping' if report.overlapping else 'non-overlapping'} observations, "
         f"{report.margin_tested.upper()} tested, engine {report.engine_version}"

@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from calibration._bars import BarSeries
+from calibration._errors import InvalidParameters
 from calibration._version import ENGINE_VERSION
 from calibration.coverage import CoverageConfig, coverage_backtest, iso_utc
 from calibration.data import find_suspect_prints
@@ -65,7 +66,18 @@ def run_backtest(
     """
     margin_model = make_model(model, params)
     coverage = coverage or CoverageConfig()
-    horizon, level = coverage.resolve(margin_model)
+    if not datasets:
+        raise InvalidParameters("a backtest needs at least one dataset", field="data")
+    sizes = sorted({b.bar_seconds for b in datasets})
+    if len(sizes) > 1:
+        raise InvalidParameters(
+            f"the datasets have different bar sizes ({', '.join(f'{s} s' for s in sizes)}); "
+            "one close-out horizon needs one bar size: resample them to one", field="data")
+    # One horizon sizes the margin and is the test's loss window (domain.md §2).
+    close_out = coverage.horizon_for(margin_model, sizes[0])
+    margin_model = margin_model.with_horizon(close_out.bars)
+    coverage = dataclasses.replace(coverage, horizon_bars=close_out.bars, horizon=None)
+    horizon, level = coverage.resolve(margin_model, sizes[0])
     if liquidation is not None:
         liquidation.validate()
     total = len(datasets) * (2 if liquidation is not None else 1)
@@ -112,6 +124,9 @@ def run_backtest(
         model=name,
         params=_jsonable(margin_model.get_params()),
         horizon_bars=horizon,
+        horizon=close_out.duration,
+        horizon_seconds=close_out.seconds,
+        bar_seconds=sizes[0],
         overlapping=coverage.overlapping,
         coverage_level=level,
         margin_tested=coverage.margin,

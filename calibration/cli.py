@@ -94,21 +94,6 @@ def _explicit_positions(items: object) -> tuple[Any, ...]:
     return tuple(out)
 
 
-def _horizon_bars(text: str | None, bar_seconds: int) -> int | None:
-    from calibration.data import parse_duration_seconds
-
-    if text is None:
-        return None
-    if text.isdigit():
-        return int(text)
-    seconds = parse_duration_seconds(text)
-    if seconds % bar_seconds:
-        raise InvalidParameters(
-            f"horizon {text} is not a whole number of {bar_seconds}s bars", field="horizon"
-        )
-    return seconds // bar_seconds
-
-
 def _load_datasets(args: argparse.Namespace, root: str) -> list[BarSeries]:
     from calibration.data import (
         align,
@@ -175,9 +160,8 @@ def _cmd_backtest(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
     with err.status("loading data", spinner="dots") if err.is_terminal else _null():
         datasets = _load_datasets(args, root)
-    bar_seconds = datasets[0].bar_seconds
     coverage = CoverageConfig(
-        horizon_bars=_horizon_bars(args.horizon, bar_seconds),
+        horizon=args.horizon,
         coverage_level=args.coverage_level,
         overlapping=not args.non_overlapping,
         margin=args.margin,
@@ -445,8 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--params", default="{}", metavar="JSON",
                     help="hyperparameters as a JSON object, or @file.json (default: {})")
     bt.add_argument("--horizon", metavar="BARS|DURATION",
-                    help="close-out horizon in bars (60) or as a duration (1h); "
-                         "default: the model's horizon_bars")
+                    help="close-out horizon (margin period of risk) in bars (60) or as a "
+                         "duration (1h, 2d): sizes the margin and is the test's loss window; "
+                         "the same as params' horizon_bars (set one, or both alike); "
+                         "default 1h")
     bt.add_argument("--coverage-level", type=float, metavar="Q",
                     help="coverage level q (default: the model's confidence, else 0.99)")
     bt.add_argument("--non-overlapping", action="store_true",

@@ -14,10 +14,12 @@ from datetime import UTC, datetime
 from typing import Literal
 
 import numpy as np
+from numpy.typing import NDArray
 
 from calibration import _kernels
 from calibration._bars import BarSeries, FloatArray
 from calibration._errors import InsufficientData, InvalidParameters
+from calibration.horizon import Horizon, resolve_horizon
 from calibration.models import DEFAULT_NOTIONAL_USD, MarginModel, MarginRates
 from calibration.report import CoverageMetrics, SideCoverage
 from calibration.stats import (
@@ -45,7 +47,12 @@ class CoverageConfig:
     """How a coverage backtest observes.
 
     Attributes:
-        horizon_bars: close-out horizon h in bars; ``None`` takes the model's own.
+        horizon_bars: close-out horizon h in bars.
+        horizon: the same as a duration (``"1h"``, ``"2d"``), converted with the series' bar
+            size (rounded up to whole bars). The horizon is one quantity (domain.md §2): it
+            sizes the model's margin and is the test's loss window. Set it here, in the
+            model's ``horizon_bars``, or both alike; two different values are refused. Unset
+            everywhere: ``horizon.DEFAULT_HORIZON`` (1h).
         coverage_level: q; the expected breach rate is ``1 - q``; ``None`` takes the model's
             confidence (0.99 for models without one).
         overlapping: observe every bar (True) or every h-th bar (False, independent windows).
@@ -56,20 +63,29 @@ class CoverageConfig:
     """
 
     horizon_bars: int | None = None
+    horizon: str | None = None
     coverage_level: float | None = None
     overlapping: bool = True
     margin: Literal["mm", "im"] = "mm"
     notional_usd: float = DEFAULT_NOTIONAL_USD
     procyclicality_days: float = 30.0
 
-    def resolve(self, model: MarginModel) -> tuple[int, float]:
+    def horizon_for(self, model: MarginModel, bar_seconds: int) -> Horizon:
+        """The one horizon of ``model`` under this config on bars of ``bar_seconds``.
+
+        Raises:
+            InvalidParameters: a malformed horizon, or two different ones (``field`` names
+                the second: ``horizon`` or ``params.horizon_bars``).
+        """
+        return resolve_horizon(
+            {"params.horizon_bars": model.horizon, "horizon_bars": self.horizon_bars,
+             "horizon": self.horizon},
+            bar_seconds,
+        )
+
+    def resolve(self, model: MarginModel, bar_seconds: int) -> tuple[int, float]:
         """The horizon (bars) and coverage level to use with ``model``."""
-        horizon = self.horizon_bars if self.horizon_bars is not None else model.horizon
-        if horizon is None:
-            horizon = 1
-        if isinstance(horizon, bool) or int(horizon) != horizon or horizon < 1:
-            raise InvalidParameters(f"horizon must be a positive whole number of bars, got "
-                                    f"{horizon!r}", field="horizon")
+        horizon = self.horizon_for(model, bar_seconds).bars
         level = self.coverage_level
         if level is None:
             level = model.coverage_level if model.coverage_level is not None else 0.99
@@ -132,6 +148,7 @@ def _metrics(
     trail: int,
     p: float,
     bounds: tuple[int, int],
+    capped: NDArray[np.bool_] | None,
 ) -> CoverageMetrics:
     lo, hi, step = span
     out = _kernels.coverage_stats(tested, losses[0], losses[1], lo, hi, step, im_per_tested)
@@ -155,6 +172,7 @@ def _metrics(
         max_leverage=1.0 / mean_im if mean_im else None,
         peak_to_trough=float(shared["max_margin"] / trough) if n and trough > 0 else None,
         max_increase_ratio=float(increase) if n and np.isfinite(increase) else None,
+        capped_bars=int(capped[lo:hi:step].sum()) if capped is not None and hi > lo else 0,
     )
 
 
@@ -183,7 +201,9 @@ def coverage_backtest(
         InsufficientData: no bar has both a margin and a full horizon ahead.
     """
     config = config or CoverageConfig()
-    horizon, level = config.resolve(model)
+    horizon, level = config.resolve(model, bars.bar_seconds)
+    # The margin is sized for the horizon it is tested over (domain.md §2).
+    model = model.with_horizon(horizon)
     n = len(bars)
     if horizon >= n:
         raise InsufficientData(
@@ -206,7 +226,7 @@ def coverage_backtest(
     ts = bars.timestamp_ms
     im = rates.im_to_mm if config.margin == "mm" else 1.0
     out = [_metrics("all", tested, im, losses, (start, stop, step), trail, p,
-                    (int(ts[0]), int(ts[-1])))]
+                    (int(ts[0]), int(ts[-1])), rates.capped)]
     bar_ms = int(bars.bar_seconds) * 1000
     for w in windows_overlapping(stress_windows, int(ts[0]), int(ts[-1])):
         # An observation t belongs to a window when its loss interval, bars t+1..t+h,
@@ -223,6 +243,6 @@ def coverage_backtest(
             first = start + -(-(first - start) // step) * step
         out.append(
             _metrics(w.name, tested, im, losses, (first, min(hi, stop), step), trail, p,
-                     (w.start_ms, w.end_ms))
+                     (w.start_ms, w.end_ms), rates.capped)
         )
     return out

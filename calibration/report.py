@@ -46,7 +46,12 @@ class SideCoverage(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class CoverageMetrics(msgspec.Struct, frozen=True, kw_only=True):
-    """Coverage backtest of one instrument over one window (``all`` or a stress window)."""
+    """Coverage backtest of one instrument over one window (``all`` or a stress window).
+
+    An observation (margin bar t) is in a window when its loss interval (t, t+h] overlaps
+    it. ``capped_bars`` counts the window's observations whose margin rate the model produced
+    above ``max_rate`` and was capped to it (domain.md §2).
+    """
 
     window: str
     start: str | None
@@ -58,6 +63,7 @@ class CoverageMetrics(msgspec.Struct, frozen=True, kw_only=True):
     max_leverage: float | None
     peak_to_trough: float | None
     max_increase_ratio: float | None
+    capped_bars: int = 0
 
 
 class LiquidationMetrics(msgspec.Struct, frozen=True, kw_only=True):
@@ -121,12 +127,21 @@ class InstrumentReport(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class BacktestReport(msgspec.Struct, frozen=True, kw_only=True):
-    """The full report of one backtest run."""
+    """The full report of one backtest run.
+
+    ``horizon_bars`` is the close-out horizon (margin period of risk) in bars of
+    ``bar_seconds``; ``horizon`` the duration those bars span (``1h``), ``horizon_seconds``
+    the same in seconds. It sized the margin (``params.horizon_bars`` where the family has
+    one) and is the coverage test's loss window.
+    """
 
     engine_version: str
     model: str
     params: dict[str, Any]
     horizon_bars: int
+    horizon: str
+    horizon_seconds: int
+    bar_seconds: int
     overlapping: bool
     coverage_level: float
     margin_tested: Literal["mm", "im"]

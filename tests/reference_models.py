@@ -170,8 +170,9 @@ def tiered_maintenance_usd(
 
 
 def tier_index(notional_usd: float, caps_usd: Sequence[float]) -> int:
-    """The bracket of ``notional_usd``: the first k with ``notional_usd <= caps_usd[k]``."""
+    """The bracket of ``notional_usd``: the first k with ``notional_usd < caps_usd[k]``
+    (brackets are [floor, cap): a notional at a cap is in the next one)."""
     for k, cap in enumerate(caps_usd):
-        if notional_usd <= cap:
+        if notional_usd < cap:
             return k
     return len(caps_usd)

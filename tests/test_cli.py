@@ -91,7 +91,7 @@ def test_summary_table(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "BARS" in out
     assert "coverage" in out
     assert "liquidations" in out
-    assert "horizon 15 bars" in out
+    assert "close-out horizon 15m (15 bars of 1m)" in out
 
 
 def test_non_overlapping_and_im(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -118,7 +118,9 @@ def test_non_overlapping_and_im(root: Path, capsys: pytest.CaptureFixture[str]) 
         ({}, ["--params", '{"lambda": 0.9}'], "unknown parameter 'lambda'"),
         ({}, ["--params", '{"decay": 1.5}'], "decay must be < 1.0"),
         ({}, ["--params", "{decay: 0.9"], "params is not valid JSON"),
-        ({}, ["--horizon", "5000"], "horizon of 5000 bars is longer"),
+        ({}, ["--horizon", "5000"], "two different close-out horizons"),
+        ({}, ["--params", '{"decay": 0.97, "warmup_bars": 100}', "--horizon", "5000"],
+         "horizon of 5000 bars is longer"),
         ({}, ["--liquidation", '{"leverage": 3}'], "unknown liquidation setting"),
     ],
 )

@@ -26,7 +26,7 @@ def _kupiec(n: int, x: int, p: float) -> float:
 
 def _check_against_brute_force(bars, model, config, windows=()) -> None:  # type: ignore[no-untyped-def]
     report = coverage_backtest(bars, model, config, windows)
-    horizon, level = config.resolve(model)
+    horizon, level = config.resolve(model, bars.bar_seconds)
     rates = model.margin_rates(bars, notional_usd=config.notional_usd)
     margin = list(rates.mm_rate if config.margin == "mm" else rates.im_rate)
     low, high, close = list(bars.low), list(bars.high), list(bars.close)
@@ -141,7 +141,8 @@ def test_warmup_leaves_no_observation() -> None:
 @pytest.mark.parametrize(
     ("config", "field"),
     [
-        (CoverageConfig(horizon_bars=0), "horizon"),
+        (CoverageConfig(horizon_bars=0), "horizon_bars"),
+        (CoverageConfig(horizon="0h"), "horizon"),
         (CoverageConfig(coverage_level=1.5), "coverage_level"),
         (CoverageConfig(margin="vm"), "margin"),  # type: ignore[arg-type]
     ],

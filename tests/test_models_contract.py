@@ -486,9 +486,10 @@ def test_binance_btcusdt_2021_maintenance_amounts() -> None:
     ("notional", "mm_usd", "im_rate"),
     [
         (10_000.0, 40.0, 0.008),
-        (50_000.0, 200.0, 0.008),
+        (49_999.0, 199.996, 0.008),
+        (50_000.0, 200.0, 0.010),  # [floor, cap): a cap opens the next bracket
         (100_000.0, 450.0, 0.010),
-        (1_000_000.0, 8_700.0, 0.020),
+        (1_000_000.0, 8_700.0, 0.050),
         (5_000_000.0, 108_700.0, 0.050),
         (400_000_000.0, 99_983_700.0, 1.0),
     ],
@@ -505,6 +506,66 @@ def test_binance_btcusdt_2021_examples(notional: float, mm_usd: float, im_rate: 
     rates = model.margin_rates(to_bars(walk_frame(0, n=3)), notional_usd=notional)
     np.testing.assert_allclose(rates.mm_rate, mm_usd / notional, rtol=1e-12)
     np.testing.assert_allclose(rates.im_rate, im_rate, rtol=1e-12)
+
+
+# Binance USD-M BTCUSDT brackets 2021 as published (domain.md §2): floor USD, MMR %, IMR %.
+# Typed in from the table, not derived from the library's constants.
+BINANCE_2021_TABLE = [
+    (0, 0.40, 0.80), (50_000, 0.50, 1.00), (250_000, 1.00, 2.00), (1_000_000, 2.50, 5.00),
+    (10_000_000, 5.0, 10.0), (20_000_000, 10.0, 20.0), (50_000_000, 12.5, 25.0),
+    (100_000_000, 15.0, 33.3), (200_000_000, 25.0, 50.0), (300_000_000, 50.0, 100.0),
+]
+
+
+def binance_2021_with_imr() -> TieredMargin:
+    return TieredMargin(mmr_schedule=[m / 100 for _, m, _ in BINANCE_2021_TABLE],
+                        imr_schedule=[i / 100 for _, _, i in BINANCE_2021_TABLE],
+                        bracket_caps_usd=[f for f, _, _ in BINANCE_2021_TABLE[1:]] + [5e8])
+
+
+@pytest.mark.parametrize("k", range(len(BINANCE_2021_TABLE)))
+def test_binance_2021_table_bracket_by_bracket(k: int) -> None:
+    """Each published bracket's MMR and IMR (33.3% included) at its floor, inside, and just
+    below its cap; the maintenance amount keeps MM continuous at every boundary."""
+    model = binance_2021_with_imr()
+    floor, mmr_pct, imr_pct = BINANCE_2021_TABLE[k]
+    cap = BINANCE_2021_TABLE[k + 1][0] if k + 1 < len(BINANCE_2021_TABLE) else 5e8
+    bars = to_bars(walk_frame(0, n=3))
+    for notional in (max(floor, 1.0), (floor + cap) / 2, cap - 1.0):
+        rates = model.margin_rates(bars, notional_usd=notional)
+        assert model.bracket_of(notional) == k
+        assert float(rates.im_rate[0]) == pytest.approx(imr_pct / 100, rel=1e-12)
+        # MM(N) = N·mmr_k − amount_k with amount_k from the floors below (hand recursion).
+        amount = sum(BINANCE_2021_TABLE[j][0] * (BINANCE_2021_TABLE[j][1]
+                                                 - BINANCE_2021_TABLE[j - 1][1]) / 100
+                     for j in range(1, k + 1))
+        assert model.maintenance_usd(notional) == pytest.approx(
+            notional * mmr_pct / 100 - amount, rel=1e-12)
+    if k > 0:  # a floor belongs to its own bracket, the notional just below to the one before
+        assert model.bracket_of(floor) == k
+        assert model.bracket_of(floor - 0.01) == k - 1
+        assert model.maintenance_usd(floor) == pytest.approx(
+            model.maintenance_usd(floor - 1e-6), rel=1e-9)
+
+
+def test_binance_2021_33_3_percent_not_from_im_to_mm() -> None:
+    """100M–200M is 15% / 33.3%: no single im_to_mm gives it with its neighbours."""
+    model = binance_2021_with_imr()
+    rates = model.margin_rates(to_bars(walk_frame(0, n=3)), notional_usd=150e6)
+    assert float(rates.im_rate[0]) == pytest.approx(0.333)
+    # mmr × im_to_mm with Binance's ratio of 2 gives 30% there, not the published 33.3%.
+    ratio_only = TieredMargin(mmr_schedule=[m / 100 for _, m, _ in BINANCE_2021_TABLE],
+                              bracket_caps_usd=[f for f, _, _ in BINANCE_2021_TABLE[1:]] + [5e8])
+    ratio_rates = ratio_only.margin_rates(to_bars(walk_frame(0, n=3)), notional_usd=150e6)
+    assert float(ratio_rates.im_rate[0]) == pytest.approx(0.30)
+
+
+def test_imr_schedule_below_mmr_is_refused() -> None:
+    """An IM rate below its bracket's MMR is refused with the entry named."""
+    with pytest.raises(InvalidParameters) as info:
+        TieredMargin(mmr_schedule=[0.01, 0.02], imr_schedule=[0.02, 0.015],
+                     bracket_caps_usd=[1e6]).validate()
+    assert info.value.field == "imr_schedule[1]"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,12 +12,14 @@ from calibration.models._fhs import FhsMargin
 from calibration.models._liquidity import ADDON_PARAMS, LiquidityAddon
 from calibration.models._tiered import (
     BINANCE_BTCUSDT_2021_CAPS_USD,
+    BINANCE_BTCUSDT_2021_IMR,
     BINANCE_BTCUSDT_2021_MMR,
     TieredMargin,
 )
 
 __all__ = [
     "BINANCE_BTCUSDT_2021_CAPS_USD",
+    "BINANCE_BTCUSDT_2021_IMR",
     "BINANCE_BTCUSDT_2021_MMR",
     "DEFAULT_NOTIONAL_USD",
     "FAMILIES",

@@ -28,24 +28,35 @@ class MarginRates:
 
     Attributes:
         mm_rate: maintenance margin per bar as a fraction of notional, shape ``(n,)``; NaN
-            before ``first_valid_bar`` (warm-up: no margin is produced).
+            before ``first_valid_bar`` (warm-up: no margin is produced); never above
+            ``max_rate``.
         im_to_mm: IM rate / MM rate, the same at every bar (every family keeps IM
             proportional to MM, so the IM series is derived only when asked for). IM is
-            capped at 1 (100% of notional, 1x leverage) unless MM itself is higher.
+            capped at ``max_rate`` unless MM itself is higher.
         first_valid_bar: index of the first bar with a margin.
+        max_rate: the cap on both rates, fraction of notional (1.0: 100%, 1x leverage).
+        capped: per bar, whether the model's MM rate was above ``max_rate`` and capped,
+            shape ``(n,)`` (``None``: no bar was).
     """
 
     mm_rate: FloatArray
     im_to_mm: float
     first_valid_bar: int
+    max_rate: float = 1.0
+    capped: NDArray[np.bool_] | None = None
 
     @cached_property
     def im_rate(self) -> FloatArray:
         """Initial margin per bar as a fraction of notional, shape ``(n,)``; NaN in warm-up."""
         result: FloatArray = np.minimum(
-            self.mm_rate * self.im_to_mm, np.maximum(self.mm_rate, 1.0)
+            self.mm_rate * self.im_to_mm, np.maximum(self.mm_rate, self.max_rate)
         )
         return result
+
+    @property
+    def capped_bars(self) -> int:
+        """How many bars had their rate capped at ``max_rate``."""
+        return 0 if self.capped is None else int(self.capped.sum())
 
 
 @dataclass(frozen=True)
@@ -117,9 +128,28 @@ class MarginModel(ABC):
 
     @property
     def horizon(self) -> int | None:
-        """The close-out horizon the model is built for, in bars, if it has one."""
+        """The close-out horizon the model is set to, in bars; ``None`` when it has none or
+        it is unset (then ``margin_rates`` uses ``horizon.DEFAULT_HORIZON`` on the series'
+        bars)."""
         value = getattr(self, "horizon_bars", None)
         return None if value is None else int(value)
+
+    def with_horizon(self, horizon_bars: int) -> MarginModel:
+        """The same model with its close-out horizon set to ``horizon_bars`` (a new model;
+        ``self`` when the family has no horizon, like ``tiered``)."""
+        if "horizon_bars" not in self.param_names():
+            return self
+        params = self.get_params()
+        params["horizon_bars"] = int(horizon_bars)
+        return type(self)(**params)
+
+    def _bound(self, bar_seconds: int) -> MarginModel:
+        """``self`` with the default horizon filled in on bars of ``bar_seconds``."""
+        if "horizon_bars" in self.param_names() and self.horizon is None:
+            from calibration.horizon import DEFAULT_HORIZON, to_bars
+
+            return self.with_horizon(to_bars(DEFAULT_HORIZON, bar_seconds, "horizon"))
+        return self
 
     @property
     def coverage_level(self) -> float | None:
@@ -141,15 +171,25 @@ class MarginModel(ABC):
             raise InvalidParameters(
                 f"notional_usd must be positive, got {notional_usd!r}", field="notional_usd"
             )
-        mm = self._mm_rate(bars, notional_usd)
-        first = self.first_valid_bar()
+        model = self._bound(bars.bar_seconds)
+        raw = model._mm_rate(bars, notional_usd)
+        first = model.first_valid_bar()
         if first >= len(bars):
             raise InsufficientData(
                 f"{self.family} needs more than {first} bars before its first margin; "
                 f"the series {bars.instrument!r} has {len(bars)}"
             )
-        return MarginRates(mm_rate=mm, im_to_mm=self._im_to_mm(notional_usd),
-                           first_valid_bar=first)
+        cap = model.max_rate_cap()
+        with np.errstate(invalid="ignore"):
+            capped = raw > cap
+        mm: FloatArray = np.minimum(raw, cap) if capped.any() else raw
+        return MarginRates(mm_rate=mm, im_to_mm=model._im_to_mm(notional_usd),
+                           first_valid_bar=first, max_rate=cap,
+                           capped=capped if capped.any() else None)
+
+    def max_rate_cap(self) -> float:
+        """The cap on the rates, fraction of notional (``max_rate``; 1.0 without one)."""
+        return float(getattr(self, "max_rate", 1.0))
 
     def first_valid_bar(self) -> int:
         """Index of the first bar with a margin (the warm-up length in bars)."""

@@ -23,20 +23,23 @@ class EwmaMargin(MarginModel):
     Args:
         decay: EWMA decay λ in (0, 1); higher means longer memory.
         confidence: one-sided coverage level q in (0.5, 1), e.g. 0.99.
-        horizon_bars: close-out horizon (margin period of risk) in bars, ≥ 1.
+        horizon_bars: close-out horizon (margin period of risk) in bars, ≥ 1; ``None``: the
+            default duration (``horizon.DEFAULT_HORIZON``, 1h) in bars of the series.
         floor_rate: lowest MM rate, fraction of notional.
         apc_buffer: anti-procyclicality buffer as a fraction (EMIR art. 28(1)(a): ≥ 0.25).
         warmup_bars: one-bar returns (bars) used to seed the variance; no margin before
             this bar.
         im_to_mm: IM rate / MM rate (Binance tiers: 2).
+        max_rate: cap on the MM and IM rates, fraction of notional (domain.md §2).
     """
 
     family = "ewma"
     rules: ClassVar[dict[str, Rule]] = {
         "decay": Rule(low=0.0, high=1.0, low_open=True, high_open=True),
         "confidence": Rule(low=0.5, high=1.0, low_open=True, high_open=True),
-        "horizon_bars": Rule(low=1, integer=True),
+        "horizon_bars": Rule(low=1, high=10**7, integer=True, optional=True),
         "floor_rate": Rule(low=0.0, high=1.0, high_open=True),
+        "max_rate": Rule(low=0.0, high=1.0, low_open=True),
         "apc_buffer": Rule(low=0.0, high=10.0),
         "warmup_bars": Rule(low=2, integer=True),
         "im_to_mm": Rule(low=1.0),
@@ -47,11 +50,12 @@ class EwmaMargin(MarginModel):
         *,
         decay: float = 0.97,
         confidence: float = 0.99,
-        horizon_bars: int = 60,
+        horizon_bars: int | None = None,
         floor_rate: float = 0.005,
         apc_buffer: float = 0.25,
         warmup_bars: int = 500,
         im_to_mm: float = 2.0,
+        max_rate: float = 1.0,
     ) -> None:
         self.decay = decay
         self.confidence = confidence
@@ -60,6 +64,7 @@ class EwmaMargin(MarginModel):
         self.apc_buffer = apc_buffer
         self.warmup_bars = warmup_bars
         self.im_to_mm = im_to_mm
+        self.max_rate = max_rate
 
     def first_valid_bar(self) -> int:
         return int(self.warmup_bars)

@@ -21,7 +21,7 @@ class LiquidityAddon(MarginModel):
     order-book depth on the thinner side when the series has depth, else the average daily
     traded notional (ADV, USD/day) over the last ``adv_window_bars`` bars up to t. The add-on
     is added to the MM rate; the IM rate is the base model's ``im_to_mm`` times the total.
-    The MM rate is capped at 1 (100% of notional).
+    The MM rate is capped at the base model's ``max_rate`` (1: 100% of notional).
 
     Args:
         base: the model whose rate the add-on tops up.
@@ -80,6 +80,22 @@ class LiquidityAddon(MarginModel):
     def first_valid_bar(self) -> int:
         return self.base.first_valid_bar()
 
+    def with_horizon(self, horizon_bars: int) -> MarginModel:
+        return LiquidityAddon(base=self.base.with_horizon(horizon_bars),
+                              addon_coef=self.addon_coef, addon_exponent=self.addon_exponent,
+                              adv_window_bars=self.adv_window_bars)
+
+    def _bound(self, bar_seconds: int) -> MarginModel:
+        base = self.base._bound(bar_seconds)
+        if base is self.base:
+            return self
+        return LiquidityAddon(base=base, addon_coef=self.addon_coef,
+                              addon_exponent=self.addon_exponent,
+                              adv_window_bars=self.adv_window_bars)
+
+    def max_rate_cap(self) -> float:
+        return self.base.max_rate_cap()
+
     def liquidity_usd(self, bars: BarSeries) -> FloatArray:
         """``D_t`` per bar in USD, shape ``(n,)``.
 
@@ -121,8 +137,9 @@ class LiquidityAddon(MarginModel):
         return result
 
     def _mm_rate(self, bars: BarSeries, notional_usd: float) -> FloatArray:
-        base = self.base.margin_rates(bars, notional_usd=notional_usd).mm_rate
-        result: FloatArray = np.minimum(base + self._addon(bars, notional_usd), 1.0)
+        # The base model's own cap applies once, to the total, in ``margin_rates``.
+        base = self.base._bound(bars.bar_seconds)._mm_rate(bars, notional_usd)
+        result: FloatArray = base + self._addon(bars, notional_usd)
         return result
 
     def _im_to_mm(self, notional_usd: float) -> float:
