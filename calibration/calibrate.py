@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -35,8 +36,9 @@ from calibration.data import (
     with_depth,
     with_funding,
 )
+from calibration.horizon import Horizon, resolve_horizon
 from calibration.liquidation import LiquidationConfig, simulate_liquidations
-from calibration.models import MarginModel, make_model
+from calibration.models import FAMILIES, MarginModel, make_model
 from calibration.report import CoverageMetrics, LiquidationMetrics
 from calibration.spec import (
     CalibrationSpec,
@@ -106,6 +108,9 @@ class Prepared:
         folds: the out-of-sample segments, as windows ``oos_fold_1`` ...
         liquidation: the position population and close-out settings.
         fingerprints: instrument → content fingerprint of its full bars.
+        horizon: the one close-out horizon of every trial (domain.md §2).
+        space: the search space, with ``horizon_bars`` fixed to ``horizon`` for families
+            that have one (what trials run with).
     """
 
     spec: CalibrationSpec
@@ -116,11 +121,13 @@ class Prepared:
     folds: tuple[StressWindow, ...]
     liquidation: LiquidationConfig
     fingerprints: dict[str, str]
+    horizon: Horizon
+    space: dict[str, ParamSpec]
 
     @property
     def coverage(self) -> CoverageConfig:
         """Coverage settings of every evaluation."""
-        return CoverageConfig(horizon_bars=self.spec.horizon_bars)
+        return CoverageConfig(horizon_bars=self.horizon.bars)
 
 
 def _liquidation_config(spec: CalibrationSpec, bar_seconds: int) -> LiquidationConfig:
@@ -171,9 +178,23 @@ def prepare(spec: CalibrationSpec, root: str | os.PathLike[str]) -> Prepared:
     folds = tuple(StressWindow(f"oos_fold_{k + 1}", int(edges[k]), int(edges[k + 1]))
                   for k in range(wf.folds))
     in_sample = tuple(cut(b, None, split) for b in full)
+    sizes = [b.bar_seconds for b in full]
+    for i, size in enumerate(sizes):
+        if size != sizes[0]:
+            raise InvalidParameters(
+                f"{full[i].instrument} has {size} s bars, {full[0].instrument} {sizes[0]} s: "
+                "one close-out horizon needs one bar size", field=f"data[{i}].ref")
+    space = search_space(spec)
+    fixed = space.get("horizon_bars")
+    close_out = resolve_horizon(
+        {"horizon_bars": spec.horizon_bars, "horizon": spec.horizon,
+         "search_space.horizon_bars": fixed.value if fixed is not None else None},
+        sizes[0])
+    if "horizon_bars" in FAMILIES[spec.model].param_names():
+        space["horizon_bars"] = ParamSpec(value=close_out.bars, integer=True)
     liquidation = _liquidation_config(spec, full[0].bar_seconds)
-    probe = make_model(spec.model, _fixed_or_low(spec))
-    horizon = spec.horizon_bars or probe.horizon or 1
+    probe = make_model(spec.model, _fixed_or_low(spec)).with_horizon(close_out.bars)
+    horizon = close_out.bars
     for b in in_sample:
         need = probe.first_valid_bar() + horizon + 1
         if len(b) <= need:
@@ -184,6 +205,7 @@ def prepare(spec: CalibrationSpec, root: str | os.PathLike[str]) -> Prepared:
         spec=spec, full=tuple(full), in_sample=in_sample, in_sample_end_ms=split,
         stress_windows=windows, folds=folds, liquidation=liquidation,
         fingerprints={b.instrument: b.fingerprint for b in full},
+        horizon=close_out, space=space,
     )
 
 
@@ -304,7 +326,7 @@ def evaluate(
             the whole in-sample span (the margin misses far more than allowed everywhere).
     """
     spec = prepared.spec
-    model = make_model(spec.model, params)
+    model = make_model(spec.model, params).with_horizon(prepared.horizon.bars)
     bars_list = prepared.full if full else prepared.in_sample
     windows = prepared.stress_windows + (prepared.folds if full else ())
     coverage = {b.instrument: coverage_backtest(b, model, prepared.coverage, windows)
@@ -533,7 +555,8 @@ def _run_trials(
     should_stop: Callable[[], bool] | None,
     poll_s: float,
 ) -> int:
-    space = search_space(prepared.spec)
+    space = prepared.space
+    worker = f"{socket.gethostname()}:{os.getpid()}"
     ran = 0
     # Waiting for other workers' last trials: start short (they usually end within one
     # trial's time, and this worker's exit, then the summary, wait on it) and back off to
@@ -576,7 +599,11 @@ def _run_trials(
                 trial.set_constraint(VIOLATION_KEY, violation(result.constraints))
             # One attribute for the evidence: every storage write is a journal append (with
             # fsync); the full parameter set is trial.params plus the spec's fixed values.
-            trial.set_user_attr(METRICS_ATTR, result.summary_json())
+            # The worker's identity rides in the same write: the result counts the workers
+            # that ran trials, which changes what a seed reproduces (domain.md §5).
+            summary = result.summary()
+            summary["worker"] = worker
+            trial.set_user_attr(METRICS_ATTR, msgspec.json.encode(summary).decode())
             if result.pruned:
                 study.tell(trial, state=TrialState.PRUNED)
             else:
@@ -625,6 +652,9 @@ class Recommendation(msgspec.Struct, frozen=True, kw_only=True):
     ``feasible`` says whether every constraint holds; ``within_risk_appetite`` whether the
     insolvency is within the spec's appetite. When nothing is feasible this is the closest
     trial (smallest total violation) and ``binding_constraints`` are the violated ones.
+    ``capital_cost`` in ``objectives`` is the notional-weighted mean IM rate as a fraction
+    of notional (0.05 = 5%, 20x leverage); ``insolvency_bps`` is in basis points of notional.
+    ``notes`` are what an operator must read before acting (e.g. leverage below 2x).
     """
 
     trial: int
@@ -638,10 +668,20 @@ class Recommendation(msgspec.Struct, frozen=True, kw_only=True):
     out_of_sample: dict[str, Any]
     change_vs_published: dict[str, dict[str, float]] | None
     explanation: str
+    notes: list[str] = []
 
 
 class CalibrationResult(msgspec.Struct, frozen=True, kw_only=True):
-    """What a calibration returns (the CLI's ``--json`` and the API's result)."""
+    """What a calibration returns (the CLI's ``--json`` and the API's result).
+
+    ``horizon_bars`` is the close-out horizon every trial sized its margin for and tested
+    over, in bars of ``bar_seconds``; ``horizon`` is the duration it spans. ``workers`` is
+    how many worker processes ran the study's trials. ``reproducible`` says whether the
+    record alone (spec, data fingerprints, seed, engine) reproduces the result: only with one
+    worker, a trial count rather than a time budget, and no failed (retried) trial, since
+    several workers interleave their trials in an order no record fixes;
+    ``reproducibility`` says why (not).
+    """
 
     study: str
     storage: str
@@ -654,6 +694,12 @@ class CalibrationResult(msgspec.Struct, frozen=True, kw_only=True):
     sampler: str
     recommendation: Recommendation | None
     pareto_front: list[ParetoPoint]
+    horizon_bars: int
+    horizon: str
+    bar_seconds: int
+    workers: int
+    reproducible: bool
+    reproducibility: str
 
 
 #: A constraint within this of its bound (in its own units) is reported as binding.
@@ -666,7 +712,7 @@ def summarize(study: optuna.Study, prepared: Prepared, storage_url: str) -> Cali
     trials = study.get_trials(deepcopy=False)
     counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
     front = sorted(study.best_trials, key=lambda t: (t.values[0], t.values[1]))
-    space = search_space(spec)
+    space = prepared.space
     pareto = [ParetoPoint(trial=t.number, params=_params_of(t, space), capital_cost=t.values[0],
                           insolvency_bps=t.values[1]) for t in front]
     appetite = spec.risk_appetite_bps
@@ -691,18 +737,42 @@ def summarize(study: optuna.Study, prepared: Prepared, storage_url: str) -> Cali
     recommendation = None
     if chosen is not None:
         recommendation = _recommend(chosen, prepared, explanation)
+    workers, reproducible, why = _reproducibility(trials, spec)
     return CalibrationResult(
         study=study.study_name, storage=storage_url, model=spec.model,
         spec_hash=spec_hash(spec), seed=spec.seed, engine_version=ENGINE_VERSION,
         data_fingerprints=prepared.fingerprints, trials=counts,
         sampler=type(study.sampler).__name__, recommendation=recommendation,
-        pareto_front=pareto,
+        pareto_front=pareto, horizon_bars=prepared.horizon.bars,
+        horizon=prepared.horizon.duration, bar_seconds=prepared.horizon.bar_seconds,
+        workers=workers, reproducible=reproducible, reproducibility=why,
     )
+
+
+def _reproducibility(trials: Sequence[FrozenTrial], spec: CalibrationSpec
+                     ) -> tuple[int, bool, str]:
+    """``(workers, reproducible, why)`` of a study from its trials' recorded workers."""
+    seen = set()
+    for t in trials:
+        metrics = trial_metrics(t)
+        if metrics is not None and "worker" in metrics:
+            seen.add(metrics["worker"])
+    workers = len(seen)
+    failed = sum(t.state == TrialState.FAIL for t in trials)
+    if workers > 1:
+        return workers, False, (f"{workers} workers ran the trials: their order, and so what "
+                                "the sampler proposed, depends on timing")
+    if spec.timeout_seconds is not None:
+        return workers, False, ("a time budget stops the study: how many trials run depends "
+                                "on the machine")
+    if failed:
+        return workers, False, f"{failed} trial(s) failed and were retried"
+    return workers, True, "one worker, a fixed trial count and a seed: a re-run gives the same"
 
 
 def _recommend(trial: FrozenTrial, prepared: Prepared, explanation: str) -> Recommendation:
     spec = prepared.spec
-    params = _params_of(trial, search_space(spec))
+    params = _params_of(trial, prepared.space)
     in_sample_eval = evaluate(prepared, params, prune_hopeless=False)
     full_eval = evaluate(prepared, params, full=True)
     constraints = in_sample_eval.constraints
@@ -729,8 +799,16 @@ def _recommend(trial: FrozenTrial, prepared: Prepared, explanation: str) -> Reco
             if isinstance(old, int | float) and isinstance(new, int | float):
                 change[name] = {"published": float(old), "recommended": float(new),
                                 "change": float(new) - float(old)}
+    notes = []
+    if capital > 0.5:
+        notes.append(f"implies leverage below 2x: mean IM {capital:.1%} of notional "
+                     f"(at most {1 / capital:.2f}x)")
+    capped = sum(m.capped_bars for ms in in_sample_eval.coverage.values() for m in ms[:1])
+    if capped:
+        notes.append(f"{capped} in-sample observation bars had their margin capped at "
+                     "max_rate")
     return Recommendation(
-        trial=trial.number, params=params, feasible=feasible,
+        trial=trial.number, params=params, feasible=feasible, notes=notes,
         within_risk_appetite=appetite is None or insolvency <= appetite,
         objectives={"capital_cost": capital, "insolvency_bps": insolvency},
         constraints=constraints, binding_constraints=binding,

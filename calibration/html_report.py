@@ -68,8 +68,8 @@ def _bucket(values: np.ndarray, size: int, how: str) -> np.ndarray:
 
 def _margin_chart(prepared: Prepared, params: Mapping[str, Any], instrument: str) -> str:
     bars = next(b for b in prepared.full if b.instrument == instrument)
-    model = make_model(prepared.spec.model, params)
-    horizon, _ = prepared.coverage.resolve(model)
+    horizon = prepared.horizon.bars
+    model = make_model(prepared.spec.model, params).with_horizon(horizon)
     rates = model.margin_rates(bars)
     long_loss, short_loss = bars.forward_losses(horizon)
     loss = np.fmax(long_loss, short_loss)

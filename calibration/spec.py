@@ -15,6 +15,7 @@ from typing import Any, Literal
 import msgspec
 
 from calibration._errors import InvalidParameters
+from calibration.horizon import to_bars
 from calibration.liquidation import LiquidationConfig
 from calibration.models import FAMILIES, make_model
 from calibration.windows import StressWindow
@@ -111,7 +112,11 @@ class CalibrationSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         published: the parameters in force and the guardrails on changing them.
         walk_forward: in-sample / out-of-sample split.
         stress_windows: named windows (``None``: domain.md's crash episodes).
-        horizon_bars: close-out horizon for the coverage test (``None``: the model's).
+        horizon_bars: the close-out horizon (margin period of risk) in bars: it sizes the
+            model's margin and is the coverage test's loss window (domain.md §2).
+        horizon: the same as a duration (``"1h"``, ``"2d"``) or a digit string of bars,
+            converted with the data's bar size. Set one of ``horizon``, ``horizon_bars`` and
+            a fixed ``search_space.horizon_bars``, or several alike; none: 1h.
         liquidation: ``LiquidationConfig`` fields for the position population.
         n_trials: trials to run (at least one of ``n_trials`` and ``timeout_seconds``).
         timeout_seconds: stop starting trials after this long.
@@ -129,6 +134,7 @@ class CalibrationSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     walk_forward: WalkForwardSpec = WalkForwardSpec()
     stress_windows: list[StressWindowSpec] | None = None
     horizon_bars: int | None = None
+    horizon: str | None = None
     liquidation: dict[str, Any] = {}
     n_trials: int | None = 100
     timeout_seconds: float | None = None
@@ -215,6 +221,14 @@ def validate_spec(spec: CalibrationSpec) -> None:
         except InvalidParameters as exc:
             raise _bad(f"search space {corner} end: {exc}",
                        f"search_space.{exc.field}" if exc.field else "search_space") from None
+    if "horizon_bars" in space and space["horizon_bars"].value is None:
+        raise _bad("the close-out horizon is a policy choice, not searched: give "
+                   "horizon_bars a fixed value, or set horizon / horizon_bars at the top",
+                   "search_space.horizon_bars")
+    if spec.horizon_bars is not None:
+        to_bars(spec.horizon_bars, 60, "horizon_bars")
+    if spec.horizon is not None:
+        to_bars(spec.horizon, 60, "horizon")
     if spec.n_trials is None and spec.timeout_seconds is None:
         raise _bad("give n_trials, timeout_seconds or both", "n_trials")
     if spec.n_trials is not None and spec.n_trials < 1:

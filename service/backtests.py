@@ -35,7 +35,7 @@ def _run(body: BacktestRequest, settings: Settings) -> BacktestReport:
     windows = (DEFAULT_STRESS_WINDOWS if body.stress_windows is None else
                tuple(StressWindow.from_dates(w.name, w.start, w.end)
                      for w in body.stress_windows))
-    coverage = CoverageConfig(horizon_bars=body.horizon_bars,
+    coverage = CoverageConfig(horizon_bars=body.horizon_bars, horizon=body.horizon,
                               coverage_level=body.coverage_level,
                               overlapping=body.overlapping, margin=body.margin,
                               notional_usd=body.notional_usd)

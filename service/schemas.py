@@ -30,12 +30,18 @@ class DatasetInfo(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class BacktestRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """A synchronous backtest: data references, model, parameters and settings."""
+    """A synchronous backtest: data references, model, parameters and settings.
+
+    The close-out horizon is one quantity (it sizes the margin and is the coverage test's
+    loss window): ``horizon_bars`` in bars, ``horizon`` as a duration (``1h``, ``2d``), or
+    ``params.horizon_bars``; set it once (or alike everywhere); default 1h.
+    """
 
     data: list[DataRefSpec]
     model: str
     params: dict[str, Any] = {}
     horizon_bars: int | None = None
+    horizon: str | None = None
     coverage_level: float | None = None
     overlapping: bool = True
     margin: Literal["mm", "im"] = "mm"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -51,3 +52,21 @@ def brute_force_side(
     for a, b in itertools.pairwise(seq):
         counts[2 * int(a) + int(b)] += 1
     return SideResult(obs, breaches, max_u, sum_u, sum_lb, sum_m, tuple(counts))  # type: ignore[arg-type]
+
+
+def window_span(timestamp_ms: Sequence[int], bar_ms: int, horizon: int, start_ms: int,
+                end_ms: int) -> tuple[int, int]:
+    """``(first, stop)`` of the observations t whose loss interval, bars t+1..t+h, has a bar
+    whose period ``[open, open + bar)`` meets ``[start_ms, end_ms)``; checked bar by bar."""
+    ts = [int(v) for v in timestamp_ms]
+    n = len(ts)
+    members = []
+    for t in range(n - 1):
+        last = min(t + horizon, n - 1)
+        if ts[last] + bar_ms <= start_ms:  # the whole interval ends before the window
+            continue
+        if ts[t + 1] >= end_ms:  # it starts after the window, and so do all later ones
+            break
+        if any(ts[s] < end_ms and ts[s] + bar_ms > start_ms for s in range(t + 1, last + 1)):
+            members.append(t)
+    return (members[0], members[-1] + 1) if members else (0, 0)

@@ -56,16 +56,18 @@ def ewma_rate(
     floor_rate: float,
     apc_buffer: float,
     warmup_bars: int,
+    max_rate: float = 1.0,
 ) -> list[float]:
-    """``max(floor_rate, z_q * sigma_t * sqrt(horizon_bars)) * (1 + apc_buffer)`` per bar."""
+    """``max(floor_rate, z_q * sigma_t * sqrt(horizon_bars)) * (1 + apc_buffer)`` per bar,
+    then at most ``max_rate``."""
     z = NormalDist().inv_cdf(confidence)
     out = []
     for var in ewma_variance(close, decay, warmup_bars):
         if math.isnan(var):
             out.append(NAN)
         else:
-            out.append(max(floor_rate, z * math.sqrt(var) * math.sqrt(horizon_bars))
-                       * (1.0 + apc_buffer))
+            out.append(min(max_rate, max(floor_rate, z * math.sqrt(var)
+                                         * math.sqrt(horizon_bars)) * (1.0 + apc_buffer)))
     return out
 
 
@@ -88,6 +90,8 @@ def fhs_rate(
     floor_rate: float,
     warmup_bars: int,
     measure: str = "es",
+    max_rate: float = 1.0,
+    stress_lookback_bars: int | None = None,
 ) -> list[float]:
     """Filtered historical simulation MM rate per bar, as the ``FhsMargin`` docstring defines it.
 
@@ -95,7 +99,9 @@ def fhs_rate(
     to t, with ``s - h >= warmup_bars`` (a filtering volatility must exist). At bar t each is
     rescaled by ``sigma_t``: long loss ``1 - exp(sigma_t z)``, short loss ``exp(sigma_t z) - 1``.
     Per side the ES (mean of the k worst losses) or VaR (the k-th worst); the larger side is
-    the current rate. Then ``(1 - w) current + w * max(current so far)``, then the floor.
+    the current rate. Then ``(1 - w) current + w * stressed`` with ``stressed`` the largest
+    current rate of the last ``stress_lookback_bars`` bars up to t (all so far when None),
+    then the floor, then at most ``max_rate``.
     """
     n = len(close)
     h = horizon_bars
@@ -121,13 +127,14 @@ def fhs_rate(
             short_risk = short_losses[k - 1]
         current[t] = max(long_risk, short_risk)
     out = [NAN] * n
-    stressed = -math.inf
+    lookback = n if stress_lookback_bars is None else stress_lookback_bars
     for t in range(n):
         if math.isnan(current[t]):
             continue
-        stressed = max(stressed, current[t])
+        recent = [c for c in current[max(0, t - lookback + 1) : t + 1] if not math.isnan(c)]
+        stressed = max(recent)
         blended = (1.0 - stress_weight) * current[t] + stress_weight * stressed
-        out[t] = max(floor_rate, blended)
+        out[t] = min(max_rate, max(floor_rate, blended))
     return out
 
 

@@ -14,7 +14,7 @@ from calibration._bars import BarSeries
 from calibration.models import EwmaMargin, TieredMargin, make_model
 from calibration.windows import StressWindow
 from tests.conftest import make_bars, random_walk
-from tests.reference_coverage import brute_force_side
+from tests.reference_coverage import brute_force_side, window_span
 
 
 def _kupiec(n: int, x: int, p: float) -> float:
@@ -33,14 +33,9 @@ def _check_against_brute_force(bars, model, config, windows=()) -> None:  # type
     step = 1 if config.overlapping else horizon
     n = len(bars)
     spans = [(rates.first_valid_bar, n - horizon)]
-    ts = [int(v) for v in bars.timestamp_ms]
-    bar_ms = bars.bar_seconds * 1000
     for w in windows:
-        # Membership by loss interval: some bar of t+1..t+h overlaps [start, end).
-        members = [t for t in range(n - 1)
-                   if any(ts[s] < w.end_ms and ts[s] + bar_ms > w.start_ms
-                          for s in range(t + 1, min(t + horizon, n - 1) + 1))]
-        lo, hi = (members[0], members[-1] + 1) if members else (0, 0)
+        lo, hi = window_span(bars.timestamp_ms, bars.bar_seconds * 1000, horizon,
+                             w.start_ms, w.end_ms)
         first = max(lo, rates.first_valid_bar)
         if step > 1:
             first = rates.first_valid_bar + math.ceil((first - rates.first_valid_bar) / step) * step

@@ -603,10 +603,12 @@ def test_ewma_matches_reference(
     rates = model.margin_rates(bars)
     expected = ref.ewma_rate(close, **params)
     np.testing.assert_allclose(rates.mm_rate, expected, rtol=1e-9, atol=0)
-    # IM is im_to_mm x MM, but never above 100% of notional unless MM itself is.
+    # IM is im_to_mm x MM, but never above max_rate (100% of notional).
     mm = np.asarray(expected)
     im = np.minimum(2.0 * mm, np.maximum(mm, 1.0))
     np.testing.assert_allclose(rates.im_rate, im, rtol=1e-9, atol=0)
+    capped = [v for v in ref.ewma_rate(close, **params, max_rate=math.inf) if v > 1.0]
+    assert rates.capped_bars == len(capped)
 
 
 @FAST
@@ -621,15 +623,20 @@ def test_ewma_matches_reference(
     floor_rate=st.floats(0.0, 0.02),
     warmup_bars=st.integers(2, 20),
     measure=st.sampled_from(["es", "var"]),
+    max_rate=st.sampled_from([1.0, 0.5, 0.05]),
+    stress_lookback_bars=st.sampled_from([None, 1, 3, 17]),
 )
 def test_fhs_matches_reference(
     seed: int, vol: float, window_bars: int, confidence: float, decay: float,
     horizon_bars: int, stress_weight: float, floor_rate: float, warmup_bars: int, measure: str,
+    max_rate: float, stress_lookback_bars: int | None,
 ) -> None:
-    """FHS rates (ES and VaR, stress blend, floor) equal the plain-Python reference (rtol 1e-9)."""
+    """FHS rates (ES and VaR, bounded stress look-back, floor, cap) equal the plain-Python
+    reference (rtol 1e-9)."""
     params = {"window_bars": window_bars, "confidence": confidence, "decay": decay,
               "horizon_bars": horizon_bars, "stress_weight": stress_weight,
-              "floor_rate": floor_rate, "warmup_bars": warmup_bars, "measure": measure}
+              "floor_rate": floor_rate, "warmup_bars": warmup_bars, "measure": measure,
+              "max_rate": max_rate, "stress_lookback_bars": stress_lookback_bars}
     frame = walk_frame(seed, n=100, vol=vol)
     model = make_model("fhs", params)
     assert isinstance(model, FhsMargin)

@@ -15,7 +15,7 @@ import pytest
 
 from calibration import CoverageConfig, coverage_backtest, load_bars, make_model
 from calibration.windows import StressWindow
-from tests.reference_coverage import brute_force_side
+from tests.reference_coverage import brute_force_side, window_span
 
 pytestmark = pytest.mark.data
 
@@ -84,11 +84,10 @@ def _load(root: Path, episode: Episode):  # type: ignore[no-untyped-def]
 def _window_breaches_by_brute_force(bars, model, episode: Episode) -> tuple[int, int]:  # type: ignore[no-untyped-def]
     """(long, short) breaches in the stress window, recounted by a plain loop."""
     rates = model.margin_rates(bars)
-    ts = list(bars.timestamp_ms)
-    lo = next(i for i, t in enumerate(ts) if t >= episode.window.start_ms)
-    hi = next((i for i, t in enumerate(ts) if t >= episode.window.end_ms), len(ts))
+    lo, hi = window_span(bars.timestamp_ms, bars.bar_seconds * 1000, episode.horizon_bars,
+                         episode.window.start_ms, episode.window.end_ms)
     lo = max(lo, rates.first_valid_bar)
-    hi = min(hi, len(ts) - episode.horizon_bars)
+    hi = min(hi, len(bars) - episode.horizon_bars)
     args = (list(bars.low), list(bars.high), list(bars.close), list(rates.mm_rate),
             episode.horizon_bars)
     long_ = brute_force_side(*args, "long", lo, hi, 1)

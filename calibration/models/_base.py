@@ -134,6 +134,19 @@ class MarginModel(ABC):
         value = getattr(self, "horizon_bars", None)
         return None if value is None else int(value)
 
+    def horizon_set(self) -> int:
+        """The horizon in bars, for families whose rates need it.
+
+        Raises:
+            InvalidParameters: it is unset (``margin_rates`` fills in the default first).
+        """
+        horizon = self.horizon
+        if horizon is None:
+            raise InvalidParameters(
+                f"{self.family}: horizon_bars is unset; set it, or call margin_rates, which "
+                "fills in the default duration on the series' bars", field="horizon_bars")
+        return horizon
+
     def with_horizon(self, horizon_bars: int) -> MarginModel:
         """The same model with its close-out horizon set to ``horizon_bars`` (a new model;
         ``self`` when the family has no horizon, like ``tiered``)."""

@@ -77,7 +77,7 @@ class EwmaMargin(MarginModel):
         return result
 
     def _mm_rate(self, bars: BarSeries, notional_usd: float) -> FloatArray:
-        scale = float(ndtri(self.confidence)) * math.sqrt(int(self.horizon_bars))
+        scale = float(ndtri(self.confidence)) * math.sqrt(self.horizon_set())
         result: FloatArray = _kernels.ewma_rate(
             bars.log_returns(), bars.squared_returns(), float(self.decay),
             int(self.warmup_bars), scale, float(self.floor_rate), 1.0 + float(self.apc_buffer),

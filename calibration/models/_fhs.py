@@ -92,11 +92,7 @@ class FhsMargin(MarginModel):
             )
 
     def first_valid_bar(self) -> int:
-        if self.horizon_bars is None:
-            raise InvalidParameters("fhs: the warm-up depends on horizon_bars; set it (or "
-                                    "call margin_rates, which fills in the default)",
-                                    field="horizon_bars")
-        return int(self.warmup_bars) + int(self.horizon_bars) + int(self.window_bars) - 1
+        return int(self.warmup_bars) + self.horizon_set() + int(self.window_bars) - 1
 
     def lookback_bars(self, bar_seconds: int) -> int:
         """The stressed look-back in bars on bars of ``bar_seconds``.
@@ -119,7 +115,7 @@ class FhsMargin(MarginModel):
         return max(1, math.ceil(int(self.window_bars) * (1.0 - float(self.confidence)) - 1e-9))
 
     def _mm_rate(self, bars: BarSeries, notional_usd: float) -> FloatArray:
-        h = int(self.horizon_bars)
+        h = self.horizon_set()
         variance = _kernels.ewma_variance(
             bars.log_returns(), bars.squared_returns(), float(self.decay), int(self.warmup_bars)
         )
