@@ -55,9 +55,11 @@ Insurance fund and bad debt
     the first time it is below 0 (where exchanges turn to auto-deleveraging).
 
 Premature liquidations
-    The bankruptcy price is not reached (by the low / high of bars ``t+1 .. t+R``, ``R =
+    The bankruptcy price is not reached (by the low / high of bars ``t .. t+R``, ``R =
     recovery_bars``, cut at the last bar) and the close of bar ``min(t + R, n - 1)`` is strictly
-    back on the safe side of the liquidation price (above it for longs, below for shorts).
+    back on the safe side of the liquidation price (above it for longs, below for shorts). The
+    trigger bar ``t`` is part of the window: a bar whose extreme ran through bankruptcy made
+    the liquidation necessary even when it closed back above it (domain.md §4).
 
 Cascade (``cascade=True``)
     The USD notional (× ``population_scale``) of the long positions that trigger in bar ``s``,
@@ -152,7 +154,8 @@ class LiquidationConfig:
         holding_bars: bars after entry within which a position may be liquidated; after
             them it is closed without event.
         latency_bars: bars between trigger and close-out (0: at the liquidation price).
-        recovery_bars: look-ahead of the premature-liquidation test.
+        recovery_bars: look-ahead of the premature-liquidation test: bars ``t .. t + R``
+            after a trigger at ``t``, the trigger bar included.
         spread_rate: half-spread paid on close-out, fraction of price.
         impact_coef, impact_exponent: market impact ``coef * (N / depth) ** exponent``. The
             default (1% when the position equals the ±1% book depth, square-root beyond)

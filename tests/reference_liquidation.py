@@ -208,15 +208,19 @@ def simulate(bars: BarSeries, model: MarginModel, config: LiquidationConfig) -> 
             p.fee = 0.0
         else:
             p.fee = min(config.liquidation_fee_rate * p.notional, p.equity)
+        # Premature: bankruptcy never touched from the trigger bar itself through the recovery
+        # window, and the window's last close back on the safe side of the liquidation price.
         end = min(t + config.recovery_bars, n - 1)
-        if p.side == "long":
-            tol = 1e-9 * close[p.entry]
-            reached = any(eff_low[u] <= bankrupt + tol for u in range(t + 1, end + 1))
-            back = close[end] > p.liq_price
-        else:
-            tol = 1e-9 * close[p.entry]
-            reached = any(eff_high[u] >= bankrupt - tol for u in range(t + 1, end + 1))
-            back = close[end] < p.liq_price
+        tol = 1e-9 * close[p.entry]
+        reached = False
+        u = t
+        while u <= end:
+            if p.side == "long" and eff_low[u] <= bankrupt + tol:
+                reached = True
+            if p.side == "short" and eff_high[u] >= bankrupt - tol:
+                reached = True
+            u += 1
+        back = close[end] > p.liq_price if p.side == "long" else close[end] < p.liq_price
         p.premature = (not reached) and back
 
     # insurance fund, close-outs in time order, one settlement per bar

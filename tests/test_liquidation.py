@@ -371,6 +371,47 @@ def test_premature_liquidation_by_hand(dip: float, premature: bool) -> None:
     assert m.premature_share == float(premature)
 
 
+@pytest.mark.parametrize(
+    ("side", "trigger_row", "premature"),
+    [
+        # long 10x at 100: bankruptcy 90, liquidation 90 / 0.99 = 90.909
+        ("long", (100, 100, 90.5, 95), True),  # wick stops above bankruptcy
+        ("long", (100, 100, 90.0, 95), False),  # touches bankruptcy on the trigger bar
+        ("long", (100, 100, 89.5, 95), False),  # runs through it on the trigger bar
+        # short 10x at 100: bankruptcy 110, liquidation 110 / 1.01 = 108.911
+        ("short", (100, 109.5, 100, 105), True),
+        ("short", (100, 110.0, 100, 105), False),
+        ("short", (100, 110.5, 100, 105), False),
+    ],
+)
+def test_trigger_bar_through_bankruptcy_is_not_premature(
+    side: str, trigger_row: tuple[float, float, float, float], premature: bool
+) -> None:
+    """The premature window starts at the trigger bar: a bar that ran through bankruptcy made
+    the liquidation necessary even if it closed back (domain.md §4: bars t..t+R)."""
+    # Bar 1 triggers (its extreme passes the liquidation price) and closes at 95 / 105; bars
+    # 2..4 (R = 3) stay within 95..105 and bar 4 closes at 100, back on the safe side of the
+    # liquidation price. So only the trigger bar can reach bankruptcy: by the old rule
+    # (bars t+1..t+R) all six cases were premature; by the rule of bars t..t+R only those whose
+    # trigger-bar extreme stops short of bankruptcy are.
+    bars = flat_bars([(100, 100, 100, 100), trigger_row, (95, 105, 95, 98),
+                      (98, 102, 97, 100), (100, 101, 99, 100), (100, 100, 100, 100)])
+    config = LiquidationConfig(
+        positions=(ExplicitPosition(side, 0, 10_000.0, 10.0),), latency_bars=0,
+        recovery_bars=3, **HAND,  # type: ignore[arg-type]
+    )
+    model = ConstantMargin(mm=0.01)
+    result = simulate_liquidations(bars, model, config)
+    assert result.events.trigger_bar.tolist() == [1]
+    liq = 90 / 0.99 if side == "long" else 110 / 1.01
+    assert result.events.liquidation_price[0] == pytest.approx(liq, rel=1e-12)
+    assert bool(result.events.premature[0]) is premature
+    assert result.metrics("all", None, None).premature_liquidations == int(premature)
+    ref = reference.simulate(bars, model, config)
+    assert [p.trigger for p in ref.positions] == [1]
+    assert ref.positions[0].premature is premature
+
+
 def test_insurance_fund_exhaustion_by_hand() -> None:
     """Two 1008 USD bad debts exhaust a 1500 USD fund at the second close-out bar."""
     # Long 10x at bar 0 (close 100) -> bad debt 1008 settled at bar 2 (fund 492). Long 10x
