@@ -192,16 +192,23 @@ def _premature_by_window_start(bars, ref, recovery: int, first_bar_offset: int) 
     return count
 
 
-@pytest.mark.slow
-def test_eth_5m_2025_10_premature_counts_the_trigger_bar(
-    shared_data: Path, data_file: Callable[[str], str]
+PREMATURE_EPISODES = [
+    next(e for e in EPISODES if e.name == "eth_2025_10_10"),
+    Episode("btc_perp_15m_2024_07_08", "binance_usdm_perp_2023_2025/BTCUSDT_perp_15m.csv",
+            W("yen_carry_2024", "2024-08-05"), 15, "2024-07-01", "2024-09-01"),
+]
+
+
+@pytest.mark.parametrize("episode", PREMATURE_EPISODES, ids=lambda e: e.name)
+def test_premature_counts_the_trigger_bar(
+    episode: Episode, shared_data: Path, data_file: Callable[[str], str]
 ) -> None:
-    """ETH perp 5m around 2025-10-10: the engine's premature count (bars t..t+R, trigger bar
-    included) equals a brute-force loop's, and the trigger bar changes real counts."""
+    """ETH perp 5m around 2025-10-10, BTC perp 15m 2024-07/08: the engine's premature count
+    (bars t..t+R, trigger bar included) equals a brute-force loop's, and the trigger bar
+    changes real counts."""
     from calibration import simulate_liquidations
     from tests import reference_liquidation as reference
 
-    episode = next(e for e in EPISODES if e.name == "eth_2025_10_10")
     data_file(episode.ref)
     bars = _load(shared_data, episode)
     assert bars.funding_rate is None  # the loop above prices bankruptcy without funding
