@@ -17,7 +17,12 @@ from calibration._version import ENGINE_VERSION
 from calibration.backtest import run_backtest
 from calibration.coverage import CoverageConfig, coverage_backtest
 from calibration.data import align, load_bars, resample
-from calibration.liquidation import LiquidationConfig, simulate_liquidations
+from calibration.liquidation import (
+    InsuranceFund,
+    LiquidationConfig,
+    shared_insurance_fund,
+    simulate_liquidations,
+)
 from calibration.models import (
     FAMILIES,
     EwmaMargin,
@@ -45,6 +50,7 @@ __all__ = [
     "FhsMargin",
     "Gap",
     "InsufficientData",
+    "InsuranceFund",
     "InvalidParameters",
     "LiquidationConfig",
     "LiquidityAddon",
@@ -59,5 +65,6 @@ __all__ = [
     "make_model",
     "resample",
     "run_backtest",
+    "shared_insurance_fund",
     "simulate_liquidations",
 ]

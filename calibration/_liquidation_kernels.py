@@ -18,7 +18,8 @@ and 64 bars (``block_minima``), and every position's first passage is a walk ove
 ``holding / 64`` block minima plus a few single bars (``first_passage``); the positions of one
 entry bar are visited by falling threshold so their searches share one walk. Nothing scans
 bar by bar per position. The same index over the raw extremes answers the close-out's worst
-price and the premature test.
+price and the premature test (bankruptcy reached in bars ``t .. t + recovery``, trigger bar
+included).
 """
 
 from __future__ import annotations
@@ -446,10 +447,12 @@ def outcomes(
             else:
                 bankrupt = ce + off + dd
                 liq = bankrupt / (1.0 + m)
-            # premature: bankruptcy not reached in t+1..end, and the close back past liq
-            # (reaching it within TIE_TOLERANCE of the entry price counts, as for triggers)
+            # premature: bankruptcy not reached in t..end, and the close back past liq. The
+            # trigger bar counts: an extreme that ran through bankruptcy there made the
+            # liquidation necessary, whatever the close did (domain.md §4). Reaching it within
+            # TIE_TOLERANCE of the entry price counts, as for triggers.
             reached = _find_first(
-                price, mm, funding_cum, is_long, True, q8, q64, t + 1, end,
+                price, mm, funding_cum, is_long, True, q8, q64, t, end,
                 sign * bankrupt + TIE_TOLERANCE * ce,
             )
             premature = reached < 0 and sign * (close[end] - liq) > 0.0

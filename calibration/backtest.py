@@ -11,7 +11,12 @@ from calibration._errors import InvalidParameters
 from calibration._version import ENGINE_VERSION
 from calibration.coverage import CoverageConfig, coverage_backtest, iso_utc
 from calibration.data import find_suspect_prints
-from calibration.liquidation import LiquidationConfig, simulate_liquidations
+from calibration.liquidation import (
+    LiquidationConfig,
+    LiquidationResult,
+    shared_insurance_fund,
+    simulate_liquidations,
+)
 from calibration.models import LiquidityAddon, make_model
 from calibration.report import BacktestReport, DatasetInfo, InstrumentReport
 from calibration.windows import DEFAULT_STRESS_WINDOWS, StressWindow
@@ -52,6 +57,11 @@ def run_backtest(
     """Coverage backtest (and, unless ``liquidation`` is None, the liquidation simulation) of
     one model on each dataset.
 
+    The datasets are the instruments of one venue: their liquidations draw on one insurance
+    fund of ``liquidation.insurance_fund_usd`` (``shared_insurance_fund``; close-outs at the
+    same time settle together, summed in the order of ``datasets``), reported once at the
+    report level; each instrument reports its own contribution to it.
+
     Args:
         datasets: validated bar series, one per instrument.
         model: family name (``tiered``, ``ewma``, ``fhs``).
@@ -82,31 +92,38 @@ def run_backtest(
         liquidation.validate()
     total = len(datasets) * (2 if liquidation is not None else 1)
     done = 0
-    reports = []
+    coverages = []
+    results: list[LiquidationResult] = []
     for bars in datasets:
-        cov = coverage_backtest(bars, margin_model, coverage, stress_windows)
+        coverages.append(coverage_backtest(bars, margin_model, coverage, stress_windows))
         done += 1
         if progress:
             progress(done, total, f"{bars.instrument}: coverage")
-        liq_metrics = None
-        fund = None
         if liquidation is not None:
-            result = simulate_liquidations(bars, margin_model, liquidation)
-            liq_metrics = [result.metrics("all", None, None)]
-            ts = bars.timestamp_ms
-            liq_metrics += [
-                result.metrics(w.name, w.start_ms, w.end_ms)
-                for w in stress_windows
-                if w.start_ms <= int(ts[-1]) and w.end_ms > int(ts[0])
-            ]
-            fund = result.fund_path()
+            results.append(simulate_liquidations(bars, margin_model, liquidation))
             done += 1
             if progress:
                 progress(done, total, f"{bars.instrument}: liquidations")
+    # One insurance fund for the venue: every instrument's close-outs move it, in time order.
+    fund = shared_insurance_fund(results) if liquidation is not None else None
+    reports = []
+    for i, bars in enumerate(datasets):
+        liq_metrics = None
+        contribution = None
+        if fund is not None:
+            result = results[i]
+            liq_metrics = [result.metrics("all", None, None, fund)]
+            ts = bars.timestamp_ms
+            liq_metrics += [
+                result.metrics(w.name, w.start_ms, w.end_ms, fund)
+                for w in stress_windows
+                if w.start_ms <= int(ts[-1]) and w.end_ms > int(ts[0])
+            ]
+            contribution = result.fund_contribution_path()
         reports.append(
             InstrumentReport(
-                instrument=bars.instrument, coverage=cov, liquidation=liq_metrics,
-                insurance_fund_path=fund,
+                instrument=bars.instrument, coverage=coverages[i], liquidation=liq_metrics,
+                fund_contribution_path=contribution,
             )
         )
     name = margin_model.family
@@ -134,6 +151,10 @@ def run_backtest(
         datasets=[dataset_info(b) for b in datasets],
         instruments=reports,
         liquidation_config=liq_config,
+        insurance_fund_start_usd=None if fund is None else fund.start_usd,
+        insurance_fund_path=None if fund is None else fund.path(),
+        insurance_fund_min_usd=None if fund is None else fund.min_usd,
+        insurance_fund_exhausted_at=None if fund is None else fund.exhausted_at,
     )
 
 

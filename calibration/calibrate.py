@@ -37,7 +37,11 @@ from calibration.data import (
     with_funding,
 )
 from calibration.horizon import Horizon, resolve_horizon
-from calibration.liquidation import LiquidationConfig, simulate_liquidations
+from calibration.liquidation import (
+    LiquidationConfig,
+    shared_insurance_fund,
+    simulate_liquidations,
+)
 from calibration.models import FAMILIES, MarginModel, make_model
 from calibration.report import CoverageMetrics, LiquidationMetrics
 from calibration.spec import (
@@ -378,11 +382,13 @@ def evaluate(
                           pruned="coverage red over the whole in-sample span")
     opened = bad_debt = 0.0
     liquidated = premature = 0
-    for b in bars_list:
-        result = simulate_liquidations(b, model, prepared.liquidation)
+    results = [simulate_liquidations(b, model, prepared.liquidation) for b in bars_list]
+    # The instruments of a spec share the venue's one insurance fund (domain.md §4).
+    fund = shared_insurance_fund(results)
+    for b, result in zip(bars_list, results, strict=True):
         ts = b.timestamp_ms
-        liq_metrics = [result.metrics("all", None, None)]
-        liq_metrics += [result.metrics(w.name, w.start_ms, w.end_ms) for w in windows
+        liq_metrics = [result.metrics("all", None, None, fund)]
+        liq_metrics += [result.metrics(w.name, w.start_ms, w.end_ms, fund) for w in windows
                         if w.start_ms <= int(ts[-1]) and w.end_ms > int(ts[0])]
         liquidation[b.instrument] = liq_metrics
         head = liq_metrics[0]

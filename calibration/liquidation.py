@@ -54,10 +54,23 @@ Insurance fund and bad debt
     close-out, stamped with the bar's open time (as every bar in marginlab). It is exhausted
     the first time it is below 0 (where exchanges turn to auto-deleveraging).
 
+    One fund per venue (domain.md §4): ``shared_insurance_fund`` merges the close-outs of every
+    instrument of a backtest into one ledger (``InsuranceFund``) in time order, starting once
+    from ``insurance_fund_usd``. Close-outs stamped with the same time settle together (net),
+    whatever their instrument, so the order among them cannot change the path; their sum is
+    taken in the order the instruments were given, then in the engine's order, so the result
+    is the same bit for bit on every run. With bars of different sizes the stamp is still the
+    close-out bar's open time: a 15-minute bar's close-outs settle at its open, before a
+    5-minute bar opening 5 minutes later. ``LiquidationResult.fund`` is the ledger of one
+    instrument alone (what the venue's fund would be if it listed that instrument only); with
+    one instrument the two are the same.
+
 Premature liquidations
-    The bankruptcy price is not reached (by the low / high of bars ``t+1 .. t+R``, ``R =
+    The bankruptcy price is not reached (by the low / high of bars ``t .. t+R``, ``R =
     recovery_bars``, cut at the last bar) and the close of bar ``min(t + R, n - 1)`` is strictly
-    back on the safe side of the liquidation price (above it for longs, below for shorts).
+    back on the safe side of the liquidation price (above it for longs, below for shorts). The
+    trigger bar ``t`` is part of the window: a bar whose extreme ran through bankruptcy made
+    the liquidation necessary even when it closed back above it (domain.md §4).
 
 Cascade (``cascade=True``)
     The USD notional (× ``population_scale``) of the long positions that trigger in bar ``s``,
@@ -84,7 +97,7 @@ bad debt and fees where they trigger, by bar open time in ``[start_ms, end_ms)``
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
@@ -152,7 +165,8 @@ class LiquidationConfig:
         holding_bars: bars after entry within which a position may be liquidated; after
             them it is closed without event.
         latency_bars: bars between trigger and close-out (0: at the liquidation price).
-        recovery_bars: look-ahead of the premature-liquidation test.
+        recovery_bars: look-ahead of the premature-liquidation test: bars ``t .. t + R``
+            after a trigger at ``t``, the trigger bar included.
         spread_rate: half-spread paid on close-out, fraction of price.
         impact_coef, impact_exponent: market impact ``coef * (N / depth) ** exponent``. The
             default (1% when the position equals the ±1% book depth, square-root beyond)
@@ -414,6 +428,152 @@ class _ExplicitLayout:
 
 
 @dataclass(frozen=True, eq=False)
+class InsuranceFund:
+    """A venue's insurance fund through time: a start level, then one net settlement per
+    close-out time (module docstring, "Insurance fund and bad debt").
+
+    Attributes:
+        start_usd: the level before any close-out, USD.
+        start_ms: open time of the first bar of any instrument (epoch ms UTC): where the path
+            starts.
+        time_ms: times with at least one close-out (close-out bar open times, epoch ms UTC),
+            strictly ascending, shape ``(F,)``.
+        delta_usd: net move of the fund at each time (fees in minus bad debt out, USD, ×
+            ``population_scale``), shape ``(F,)``.
+        level_usd: level after the settlement at each time, USD, shape ``(F,)``.
+    """
+
+    start_usd: float
+    start_ms: int | None
+    time_ms: IntArray
+    delta_usd: FloatArray
+    level_usd: FloatArray
+
+    @cached_property
+    def _neg_since(self) -> IntArray:
+        """Per settlement, the index of the settlement that began the current run below zero
+        (meaningful where the level is negative)."""
+        neg = self.level_usd < 0.0
+        run_start = neg & ~np.r_[False, neg[:-1]]
+        result: IntArray = np.maximum.accumulate(
+            np.where(run_start, np.arange(neg.shape[0]), 0)
+        ).astype(np.int64)
+        return result
+
+    @property
+    def min_usd(self) -> float:
+        """Lowest level over the whole path (the start level if never lower), USD."""
+        if self.level_usd.size == 0:
+            return float(self.start_usd)
+        return min(float(self.start_usd), float(self.level_usd.min()))
+
+    @property
+    def exhausted_at(self) -> str | None:
+        """When the fund first went below zero (ISO-8601 UTC), or ``None``."""
+        neg = np.flatnonzero(self.level_usd < 0.0)
+        return None if neg.size == 0 else _iso(int(self.time_ms[neg[0]]))
+
+    def window(self, start_ms: int | None, end_ms: int | None) -> tuple[float, str | None]:
+        """``(minimum, exhausted_at)`` over the window ``[start_ms, end_ms)`` (``None``:
+        open-ended).
+
+        The minimum is over the level entering the window and every level after a settlement
+        in it. ``exhausted_at`` is the first settlement in the window that leaves the fund below
+        zero, or, if the fund enters the window already below zero, the time it went below
+        zero (before the window); ``None`` if it is never below zero in the window.
+        """
+        t = self.time_ms
+        f0 = 0 if start_ms is None else int(np.searchsorted(t, start_ms, "left"))
+        f1 = t.shape[0] if end_ms is None else int(np.searchsorted(t, end_ms, "left"))
+        f1 = max(f0, f1)
+        entering = float(self.level_usd[f0 - 1]) if f0 > 0 else float(self.start_usd)
+        inside = self.level_usd[f0:f1]
+        lowest = min(entering, float(inside.min())) if inside.size else entering
+        exhausted: str | None = None
+        if entering < 0.0:
+            exhausted = _iso(int(t[self._neg_since[f0 - 1]]))
+        else:
+            neg = np.flatnonzero(inside < 0.0)
+            if neg.size:
+                exhausted = _iso(int(t[f0 + neg[0]]))
+        return lowest, exhausted
+
+    def path(self, max_points: int = 500) -> list[FundPoint]:
+        """The fund through time: its start level at ``start_ms``, then the level after each
+        settlement.
+
+        With more than ``max_points`` points, the first and last are kept and the others are
+        split into ``max_points - 2`` consecutive groups, each represented by its lowest point,
+        so the minimum (and every drawdown's trough at that resolution) is never lost.
+        """
+        if isinstance(max_points, bool) or not isinstance(max_points, int) or max_points < 2:
+            raise InvalidParameters(f"max_points must be an integer >= 2, got {max_points!r}",
+                                    field="max_points")
+        if self.start_ms is None:
+            return []
+        times = np.concatenate([[int(self.start_ms)], self.time_ms]).astype(np.int64)
+        levels = np.concatenate([[float(self.start_usd)], self.level_usd])
+        count = levels.shape[0]
+        if count > max_points:
+            groups = max_points - 2
+            inner = np.arange(1, count - 1)
+            bounds = np.linspace(0, inner.shape[0], groups + 1).astype(np.int64)
+            keep = [0]
+            for g in range(groups):
+                a, b = int(bounds[g]), int(bounds[g + 1])
+                if b > a:
+                    keep.append(int(inner[a + int(np.argmin(levels[inner[a:b]]))]))
+            keep.append(count - 1)
+            idx = np.asarray(keep, dtype=np.int64)
+            times, levels = times[idx], levels[idx]
+        return [FundPoint(_iso(int(t)), float(v)) for t, v in zip(times, levels, strict=True)]
+
+
+def shared_insurance_fund(
+    results: Sequence[LiquidationResult], start_usd: float | None = None
+) -> InsuranceFund:
+    """One insurance fund for the venue: every instrument's close-outs on one ledger.
+
+    Args:
+        results: the simulations of the venue's instruments, in a fixed order (it fixes the
+            summation order of close-outs settling at the same time).
+        start_usd: the fund's start level, USD; by default the ``insurance_fund_usd`` every
+            result's config shares.
+
+    Raises:
+        InvalidParameters: ``start_usd`` omitted and the results' configs disagree on
+            ``insurance_fund_usd``, or no results and no ``start_usd``.
+    """
+    if start_usd is None:
+        starts = {float(r.config.insurance_fund_usd) for r in results}
+        if len(starts) != 1:
+            raise InvalidParameters(
+                "one insurance fund per venue needs one start level; the instruments' "
+                f"insurance_fund_usd values are {sorted(starts)}",
+                field="insurance_fund_usd",
+            )
+        start_usd = starts.pop()
+    if not results:
+        return InsuranceFund(float(start_usd), None, np.zeros(0, dtype=np.int64), np.zeros(0),
+                             np.zeros(0))
+    times = np.concatenate([r.fund.time_ms for r in results]).astype(np.int64)
+    deltas = np.concatenate([r.fund.delta_usd for r in results])
+    which = np.concatenate([np.full(r.fund.time_ms.shape[0], i, dtype=np.int64)
+                            for i, r in enumerate(results)])
+    order = np.lexsort((which, times))  # by time, then instrument order: a fixed sum order
+    times, deltas = times[order], deltas[order]
+    first = np.flatnonzero(np.r_[True, times[1:] != times[:-1]]) if times.size else np.zeros(
+        0, dtype=np.int64)
+    merged_delta = np.add.reduceat(deltas, first) if times.size else np.zeros(0)
+    level = np.cumsum(np.r_[float(start_usd), merged_delta])[1:]
+    starts_ms = [int(r.timestamp_ms[0]) for r in results if r.timestamp_ms.size]
+    return InsuranceFund(
+        start_usd=float(start_usd), start_ms=min(starts_ms) if starts_ms else None,
+        time_ms=np.ascontiguousarray(times[first]), delta_usd=merged_delta, level_usd=level,
+    )
+
+
+@dataclass(frozen=True, eq=False)
 class LiquidationResult:
     """Outcome of ``simulate_liquidations`` on one bar series.
 
@@ -427,7 +587,9 @@ class LiquidationResult:
         entry_notional_usd: notional opened at each entry bar (× ``population_scale``).
         liquidations: positions liquidated over the whole series.
         fund_bars: bars with at least one close-out, ascending.
-        fund_usd: insurance fund level after the close-outs of each of ``fund_bars``.
+        fund_usd: insurance fund level after the close-outs of each of ``fund_bars``, this
+            instrument alone moving a fund of ``insurance_fund_usd`` (see ``fund``).
+        fund_delta_usd: net move of the fund at each of ``fund_bars`` (fees minus bad debt).
 
     The per-position details (``events``, ``position_table()``) are computed on first use by
     re-running the close-out kernel, so a simulation that only needs metrics never holds one
@@ -445,29 +607,36 @@ class LiquidationResult:
     liquidations: int
     fund_bars: IntArray
     fund_usd: FloatArray
+    fund_delta_usd: FloatArray
     _layout: _GridLayout | _ExplicitLayout = field(repr=False)
     _agg: _Aggregates = field(repr=False)
     _replay: _Replay = field(repr=False)
-    _neg_since: IntArray = field(repr=False)
 
     @cached_property
     def events(self) -> LiquidationEvents:
         """One row per liquidated position (computed on first access, then kept)."""
         return self._replay.events(self.liquidations)
 
+    @cached_property
+    def fund(self) -> InsuranceFund:
+        """The fund's ledger with this instrument alone on the venue (a venue of several
+        instruments shares one: ``shared_insurance_fund``)."""
+        return InsuranceFund(
+            start_usd=float(self.config.insurance_fund_usd),
+            start_ms=int(self.timestamp_ms[0]) if self.timestamp_ms.size else None,
+            time_ms=np.ascontiguousarray(self.timestamp_ms[self.fund_bars]),
+            delta_usd=self.fund_delta_usd, level_usd=self.fund_usd,
+        )
+
     @property
     def insurance_fund_min_usd(self) -> float:
-        """Lowest level of the fund over the whole series (its start level if never lower)."""
-        start = float(self.config.insurance_fund_usd)
-        return min(start, float(self.fund_usd.min())) if self.fund_usd.size else start
+        """Lowest level of this instrument's own fund (``fund``) over the whole series."""
+        return self.fund.min_usd
 
     @property
     def insurance_fund_exhausted_at(self) -> str | None:
-        """When the fund first went below zero (ISO-8601 UTC), or ``None``."""
-        neg = np.flatnonzero(self.fund_usd < 0.0)
-        if neg.size == 0:
-            return None
-        return _iso(int(self.timestamp_ms[self.fund_bars[neg[0]]]))
+        """When this instrument's own fund (``fund``) first went below zero, or ``None``."""
+        return self.fund.exhausted_at
 
     def _bar_range(self, start_ms: int | None, end_ms: int | None) -> tuple[int, int]:
         n = self.timestamp_ms.shape[0]
@@ -476,17 +645,17 @@ class LiquidationResult:
         return lo, max(lo, hi)
 
     def metrics(
-        self, window_name: str, start_ms: int | None, end_ms: int | None
+        self, window_name: str, start_ms: int | None, end_ms: int | None,
+        fund: InsuranceFund | None = None,
     ) -> LiquidationMetrics:
         """The figures of one window ``[start_ms, end_ms)`` (``None``: open-ended).
 
         Positions count where they open (entry bar), liquidations, bad debt and fees where
-        they trigger. ``bad_debt_bps`` is bad debt per notional opened in the window (×1e4),
-        ``None`` if nothing opened; ``premature_share`` is ``None`` without liquidations. The
-        fund's minimum is over the level entering the window and every level after a close-out
-        in it; ``insurance_fund_exhausted_at`` is the first close-out in the window that leaves
-        the fund below zero, or, if the fund enters the window already below zero, the time it
-        went below zero (before the window) — ``None`` if it is never below zero in the window.
+        they trigger: this instrument's own. ``bad_debt_bps`` is bad debt per notional opened
+        in the window (×1e4), ``None`` if nothing opened; ``premature_share`` is ``None``
+        without liquidations. The fund figures are those of ``fund`` (the venue's shared fund;
+        by default this instrument's own, ``self.fund``) over the window
+        (``InsuranceFund.window``).
         """
         lo, hi = self._bar_range(start_ms, end_ms)
         scale = float(self.config.population_scale)
@@ -499,18 +668,7 @@ class LiquidationResult:
         premature = int(ag.count[mask & ag.premature].sum())
         bad_total = float(ag.bad_debt[mask].sum()) * scale
         worst = ag.worst[mask]
-        f0, f1 = (int(v) for v in np.searchsorted(self.fund_bars, [lo, hi], "left"))
-        start_level = float(self.config.insurance_fund_usd)
-        entering = float(self.fund_usd[f0 - 1]) if f0 > 0 else start_level
-        inside = self.fund_usd[f0:f1]
-        fund_min = min(entering, float(inside.min())) if inside.size else entering
-        exhausted: str | None = None
-        if entering < 0.0:
-            exhausted = _iso(int(self.timestamp_ms[self.fund_bars[self._neg_since[f0 - 1]]]))
-        else:
-            neg = np.flatnonzero(inside < 0.0)
-            if neg.size:
-                exhausted = _iso(int(self.timestamp_ms[self.fund_bars[f0 + neg[0]]]))
+        fund_min, exhausted = (fund if fund is not None else self.fund).window(start_ms, end_ms)
         return LiquidationMetrics(
             window=window_name,
             start=None if start_ms is None else _iso(start_ms),
@@ -531,34 +689,18 @@ class LiquidationResult:
         )
 
     def fund_path(self, max_points: int = 500) -> list[FundPoint]:
-        """The insurance fund through time: its start level at the first bar, then the level
-        after each bar with a close-out.
+        """This instrument's own fund (``fund``) through time: ``InsuranceFund.path``."""
+        return self.fund.path(max_points)
 
-        With more than ``max_points`` points, the first and last are kept and the others are
-        split into ``max_points - 2`` consecutive groups, each represented by its lowest point,
-        so the minimum (and every drawdown's trough at that resolution) is never lost.
-        """
-        if isinstance(max_points, bool) or not isinstance(max_points, int) or max_points < 2:
-            raise InvalidParameters(f"max_points must be an integer >= 2, got {max_points!r}",
-                                    field="max_points")
-        if self.timestamp_ms.shape[0] == 0:
-            return []
-        times = np.concatenate([self.timestamp_ms[:1], self.timestamp_ms[self.fund_bars]])
-        levels = np.concatenate([[float(self.config.insurance_fund_usd)], self.fund_usd])
-        count = levels.shape[0]
-        if count > max_points:
-            groups = max_points - 2
-            inner = np.arange(1, count - 1)
-            bounds = np.linspace(0, inner.shape[0], groups + 1).astype(np.int64)
-            keep = [0]
-            for g in range(groups):
-                a, b = int(bounds[g]), int(bounds[g + 1])
-                if b > a:
-                    keep.append(int(inner[a + int(np.argmin(levels[inner[a:b]]))]))
-            keep.append(count - 1)
-            idx = np.asarray(keep, dtype=np.int64)
-            times, levels = times[idx], levels[idx]
-        return [FundPoint(_iso(int(t)), float(v)) for t, v in zip(times, levels, strict=True)]
+    def fund_contribution_path(self, max_points: int = 500) -> list[FundPoint]:
+        """This instrument's own cumulative net contribution to the venue's fund (USD: fees
+        paid in minus bad debt drawn, from 0 at its first bar), thinned as
+        ``InsuranceFund.path``; negative: what it has taken out of the shared fund so far."""
+        own = InsuranceFund(
+            start_usd=0.0, start_ms=self.fund.start_ms, time_ms=self.fund.time_ms,
+            delta_usd=self.fund_delta_usd, level_usd=np.cumsum(self.fund_delta_usd),
+        )
+        return own.path(max_points)
 
     def position_table(self) -> PositionTable:
         """Every position with its outcome (memory: ~100 bytes per position; for inspection
@@ -882,11 +1024,6 @@ def simulate_liquidations(
 
     # Insurance fund: the running level after each bar with a close-out.
     fund_bars, fund_usd = _lk.fund_levels(fund_delta, fund_seen, float(config.insurance_fund_usd))
-    neg = fund_usd < 0.0
-    run_start = neg & ~np.r_[False, neg[:-1]]
-    neg_since = np.maximum.accumulate(
-        np.where(run_start, np.arange(neg.shape[0]), 0)
-    ).astype(np.int64)
 
     return LiquidationResult(
         config=config,
@@ -900,10 +1037,10 @@ def simulate_liquidations(
         liquidations=int(agg.count.sum()),
         fund_bars=fund_bars,
         fund_usd=fund_usd,
+        fund_delta_usd=np.ascontiguousarray(fund_delta[fund_bars]),
         _layout=layout,
         _agg=agg,
         _replay=replay,
-        _neg_since=neg_since,
     )
 
 

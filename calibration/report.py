@@ -70,7 +70,13 @@ class LiquidationMetrics(msgspec.Struct, frozen=True, kw_only=True):
     """Liquidation/insolvency figures of one instrument over one window.
 
     Positions are counted in the window where they open; liquidations, bad debt and fees in
-    the window where the liquidation triggers.
+    the window where the liquidation triggers: each instrument's own. The venue has one
+    insurance fund shared by all its instruments (domain.md §4): ``insurance_fund_min_usd``
+    and ``insurance_fund_exhausted_at`` are that shared fund's over the window, the same for
+    every instrument of a backtest (in a ``BacktestReport``; a single-instrument simulation
+    reports its own fund). ``premature_liquidations`` counts the liquidations whose
+    bankruptcy price was not reached in bars t..t+R, the trigger bar t included, and whose
+    price ended that window back on the safe side of the liquidation price.
     """
 
     window: str
@@ -92,7 +98,8 @@ class LiquidationMetrics(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class FundPoint(msgspec.Struct, frozen=True, array_like=True):
-    """One point of the insurance fund path: ``[time, fund_usd]``."""
+    """One point of a fund path: ``[time, fund_usd]`` (a level of the fund, USD, or on an
+    instrument's ``fund_contribution_path`` its cumulative net contribution, USD)."""
 
     time: str
     fund_usd: float
@@ -118,12 +125,20 @@ class DatasetInfo(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class InstrumentReport(msgspec.Struct, frozen=True, kw_only=True):
-    """Every figure of one instrument, overall (``window="all"``) and per stress window."""
+    """Every figure of one instrument, overall (``window="all"``) and per stress window.
+
+    ``insurance_fund_path`` is kept for compatibility and left ``null`` by ``run_backtest``:
+    there is no fund per instrument any more (a full fund each overstated the venue's
+    resources); the venue's one fund is ``BacktestReport.insurance_fund_path``.
+    ``fund_contribution_path`` is this instrument's own cumulative net contribution to that
+    fund (fees in minus bad debt out, USD, from 0).
+    """
 
     instrument: str
     coverage: list[CoverageMetrics]
     liquidation: list[LiquidationMetrics] | None = None
     insurance_fund_path: list[FundPoint] | None = None
+    fund_contribution_path: list[FundPoint] | None = None
 
 
 class BacktestReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -133,6 +148,11 @@ class BacktestReport(msgspec.Struct, frozen=True, kw_only=True):
     ``bar_seconds``; ``horizon`` the duration those bars span (``1h``), ``horizon_seconds``
     the same in seconds. It sized the margin (``params.horizon_bars`` where the family has
     one) and is the coverage test's loss window.
+
+    ``insurance_fund_*`` describe the venue's one insurance fund, shared by every instrument
+    (domain.md §4): its start level, its path (the start, then the level after each time
+    with a close-out of any instrument), its minimum and when it was first below zero (where
+    exchanges turn to auto-deleveraging). ``null`` without a liquidation simulation.
     """
 
     engine_version: str
@@ -149,6 +169,10 @@ class BacktestReport(msgspec.Struct, frozen=True, kw_only=True):
     datasets: list[DatasetInfo]
     instruments: list[InstrumentReport]
     liquidation_config: dict[str, Any] | None = None
+    insurance_fund_start_usd: float | None = None
+    insurance_fund_path: list[FundPoint] | None = None
+    insurance_fund_min_usd: float | None = None
+    insurance_fund_exhausted_at: str | None = None
 
 
 def to_json(report: BacktestReport) -> bytes:

@@ -33,6 +33,7 @@ class RefPosition:
     bad_debt: float = 0.0
     fee: float = 0.0
     premature: bool = False
+    closeout_bar: int = -1
 
 
 @dataclass
@@ -187,6 +188,7 @@ def simulate(bars: BarSeries, model: MarginModel, config: LiquidationConfig) -> 
             p.liq_price = numerator / (qty * (1.0 + mm))
             bankrupt = numerator / qty
         last = min(t + config.latency_bars, n - 1)
+        p.closeout_bar = last
         if config.latency_bars == 0:
             base = p.liq_price
         elif p.side == "long":
@@ -208,15 +210,19 @@ def simulate(bars: BarSeries, model: MarginModel, config: LiquidationConfig) -> 
             p.fee = 0.0
         else:
             p.fee = min(config.liquidation_fee_rate * p.notional, p.equity)
+        # Premature: bankruptcy never touched from the trigger bar itself through the recovery
+        # window, and the window's last close back on the safe side of the liquidation price.
         end = min(t + config.recovery_bars, n - 1)
-        if p.side == "long":
-            tol = 1e-9 * close[p.entry]
-            reached = any(eff_low[u] <= bankrupt + tol for u in range(t + 1, end + 1))
-            back = close[end] > p.liq_price
-        else:
-            tol = 1e-9 * close[p.entry]
-            reached = any(eff_high[u] >= bankrupt - tol for u in range(t + 1, end + 1))
-            back = close[end] < p.liq_price
+        tol = 1e-9 * close[p.entry]
+        reached = False
+        u = t
+        while u <= end:
+            if p.side == "long" and eff_low[u] <= bankrupt + tol:
+                reached = True
+            if p.side == "short" and eff_high[u] >= bankrupt - tol:
+                reached = True
+            u += 1
+        back = close[end] > p.liq_price if p.side == "long" else close[end] < p.liq_price
         p.premature = (not reached) and back
 
     # insurance fund, close-outs in time order, one settlement per bar
@@ -233,8 +239,29 @@ def simulate(bars: BarSeries, model: MarginModel, config: LiquidationConfig) -> 
     return RefResult(positions, fund, ts, config.insurance_fund_usd, config.population_scale)
 
 
-def metrics(ref: RefResult, start_ms: int | None, end_ms: int | None) -> dict[str, Any]:
-    """Every LiquidationMetrics field but the window's name, by loops."""
+def venue_fund(refs: list[RefResult]) -> list[tuple[int, float]]:
+    """One fund for several instruments: every liquidated position of every instrument, by
+    close-out time (epoch ms); all those at one time settle together. ``(time, level)``."""
+    moves: dict[int, float] = {}
+    for ref in refs:
+        for p in ref.positions:
+            if p.opened and p.trigger >= 0:
+                when = ref.timestamps[p.closeout_bar]
+                moves[when] = moves.get(when, 0.0) + (p.fee - p.bad_debt) * ref.scale
+    level = refs[0].start_fund
+    path = []
+    for when in sorted(moves):
+        level += moves[when]
+        path.append((when, level))
+    return path
+
+
+def metrics(
+    ref: RefResult, start_ms: int | None, end_ms: int | None,
+    fund: list[tuple[int, float]] | None = None,
+) -> dict[str, Any]:
+    """Every LiquidationMetrics field but the window's name, by loops; the fund figures from
+    ``fund`` (``(time_ms, level)`` points, e.g. ``venue_fund``) or this instrument's own."""
     ts = ref.timestamps
 
     def inside(bar: int) -> bool:
@@ -266,33 +293,8 @@ def metrics(ref: RefResult, start_ms: int | None, end_ms: int | None) -> dict[st
                 bad_n += 1
                 worst = max(worst, p.bad_debt)
             fees += p.fee * scale
-    # fund: level entering the window, then every level inside it
-    level = ref.start_fund
-    went_negative_at: int | None = None  # bar where the current negative run began
-    lowest = math.inf
-    exhausted: str | None = None
-    entered = False
-    for bar, value in ref.fund:
-        before = start_ms is not None and ts[bar] < start_ms
-        after = end_ms is not None and ts[bar] >= end_ms
-        if not before and not entered:
-            entered = True
-            lowest = level
-            if level < 0:
-                exhausted = _iso(ts[went_negative_at])  # type: ignore[index]
-        if after:
-            break
-        if level >= 0 and value < 0:
-            went_negative_at = bar
-        level = value
-        if not before:
-            lowest = min(lowest, value)
-            if exhausted is None and value < 0:
-                exhausted = _iso(ts[bar])
-    if not entered:
-        lowest = level
-        if level < 0:
-            exhausted = _iso(ts[went_negative_at])  # type: ignore[index]
+    points = fund if fund is not None else [(ts[bar], value) for bar, value in ref.fund]
+    lowest, exhausted = fund_window(points, ref.start_fund, start_ms, end_ms)
     return {
         "start": None if start_ms is None else _iso(start_ms),
         "end": None if end_ms is None else _iso(end_ms),
@@ -310,3 +312,38 @@ def metrics(ref: RefResult, start_ms: int | None, end_ms: int | None) -> dict[st
         "insurance_fund_min_usd": lowest,
         "insurance_fund_exhausted_at": exhausted,
     }
+
+
+def fund_window(
+    points: list[tuple[int, float]], start_level: float, start_ms: int | None,
+    end_ms: int | None,
+) -> tuple[float, str | None]:
+    """(minimum, exhausted_at) of a fund path over ``[start_ms, end_ms)``: the level entering
+    the window, then every level inside it."""
+    level = start_level
+    went_negative_at: int | None = None  # time the current negative run began
+    lowest = math.inf
+    exhausted: str | None = None
+    entered = False
+    for when, value in points:
+        before = start_ms is not None and when < start_ms
+        after = end_ms is not None and when >= end_ms
+        if not before and not entered:
+            entered = True
+            lowest = level
+            if level < 0:
+                exhausted = _iso(went_negative_at)  # type: ignore[arg-type]
+        if after:
+            break
+        if level >= 0 and value < 0:
+            went_negative_at = when
+        level = value
+        if not before:
+            lowest = min(lowest, value)
+            if exhausted is None and value < 0:
+                exhausted = _iso(when)
+    if not entered:
+        lowest = level
+        if level < 0:
+            exhausted = _iso(went_negative_at)  # type: ignore[arg-type]
+    return lowest, exhausted

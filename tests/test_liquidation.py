@@ -14,10 +14,12 @@ from hypothesis import strategies as st
 
 from calibration._bars import BarSeries
 from calibration._errors import DataError, InvalidParameters
+from calibration.backtest import run_backtest
 from calibration.liquidation import (
     ExplicitPosition,
     LiquidationConfig,
     LiquidationResult,
+    shared_insurance_fund,
     simulate_liquidations,
 )
 from calibration.models import EwmaMargin, MarginModel, Rule, TieredMargin
@@ -285,13 +287,15 @@ def test_random_paths_match_reference(
 # ---------------------------------------------------------------- hand-computed cases
 
 
-def flat_bars(rows: list[tuple[float, float, float, float]]) -> BarSeries:
+def flat_bars(rows: list[tuple[float, float, float, float]], instrument: str = "HAND",
+              bar_minutes: int = 1) -> BarSeries:
     """Bars from explicit ``(open, high, low, close)`` rows, no volume, no depth."""
     o, h, lo, c = (np.asarray(col, dtype=np.float64) for col in zip(*rows, strict=True))
     n = len(rows)
     return BarSeries(
-        instrument="HAND", timestamp_ms=START_MS + np.arange(n, dtype=np.int64) * MINUTE_MS,
-        open=o, high=h, low=lo, close=c, bar_seconds=60, fingerprint="hand",
+        instrument=instrument,
+        timestamp_ms=START_MS + np.arange(n, dtype=np.int64) * MINUTE_MS * bar_minutes,
+        open=o, high=h, low=lo, close=c, bar_seconds=60 * bar_minutes, fingerprint=instrument,
     )
 
 
@@ -369,6 +373,47 @@ def test_premature_liquidation_by_hand(dip: float, premature: bool) -> None:
     m = result.metrics("all", None, None)
     assert m.premature_liquidations == int(premature)
     assert m.premature_share == float(premature)
+
+
+@pytest.mark.parametrize(
+    ("side", "trigger_row", "premature"),
+    [
+        # long 10x at 100: bankruptcy 90, liquidation 90 / 0.99 = 90.909
+        ("long", (100, 100, 90.5, 95), True),  # wick stops above bankruptcy
+        ("long", (100, 100, 90.0, 95), False),  # touches bankruptcy on the trigger bar
+        ("long", (100, 100, 89.5, 95), False),  # runs through it on the trigger bar
+        # short 10x at 100: bankruptcy 110, liquidation 110 / 1.01 = 108.911
+        ("short", (100, 109.5, 100, 105), True),
+        ("short", (100, 110.0, 100, 105), False),
+        ("short", (100, 110.5, 100, 105), False),
+    ],
+)
+def test_trigger_bar_through_bankruptcy_is_not_premature(
+    side: str, trigger_row: tuple[float, float, float, float], premature: bool
+) -> None:
+    """The premature window starts at the trigger bar: a bar that ran through bankruptcy made
+    the liquidation necessary even if it closed back (domain.md §4: bars t..t+R)."""
+    # Bar 1 triggers (its extreme passes the liquidation price) and closes at 95 / 105; bars
+    # 2..4 (R = 3) stay within 95..105 and bar 4 closes at 100, back on the safe side of the
+    # liquidation price. So only the trigger bar can reach bankruptcy: by the old rule
+    # (bars t+1..t+R) all six cases were premature; by the rule of bars t..t+R only those whose
+    # trigger-bar extreme stops short of bankruptcy are.
+    bars = flat_bars([(100, 100, 100, 100), trigger_row, (95, 105, 95, 98),
+                      (98, 102, 97, 100), (100, 101, 99, 100), (100, 100, 100, 100)])
+    config = LiquidationConfig(
+        positions=(ExplicitPosition(side, 0, 10_000.0, 10.0),), latency_bars=0,
+        recovery_bars=3, **HAND,  # type: ignore[arg-type]
+    )
+    model = ConstantMargin(mm=0.01)
+    result = simulate_liquidations(bars, model, config)
+    assert result.events.trigger_bar.tolist() == [1]
+    liq = 90 / 0.99 if side == "long" else 110 / 1.01
+    assert result.events.liquidation_price[0] == pytest.approx(liq, rel=1e-12)
+    assert bool(result.events.premature[0]) is premature
+    assert result.metrics("all", None, None).premature_liquidations == int(premature)
+    ref = reference.simulate(bars, model, config)
+    assert [p.trigger for p in ref.positions] == [1]
+    assert ref.positions[0].premature is premature
 
 
 def test_insurance_fund_exhaustion_by_hand() -> None:
@@ -541,3 +586,192 @@ def test_default_grid_shape() -> None:
     assert m.notional_opened_usd == pytest.approx(
         len(result.entry_bars) * 2 * 12 * (1_000 + 10_000 + 100_000 + 1_000_000 + 10_000_000)
     )
+
+
+# ---------------------------------------------------------------- one insurance fund per venue
+
+
+def _crash_at(bar: int, n: int = 8) -> list[tuple[float, float, float, float]]:
+    """Flat at 100, one bar at ``bar`` falling to a low and close of 80, flat at 80 after."""
+    flat, crash, after = (100, 100, 100, 100), (100, 100, 80, 80), (80, 80, 80, 80)
+    return [flat] * bar + [crash] + [after] * (n - bar - 1)
+
+
+def _long_10x(entry_bar: int) -> LiquidationConfig:
+    return LiquidationConfig(
+        positions=(ExplicitPosition("long", entry_bar, 10_000.0, 10.0),),
+        insurance_fund_usd=1_500.0, latency_bars=1, **HAND,  # type: ignore[arg-type]
+    )
+
+
+def test_two_instruments_exhaust_a_shared_fund_neither_exhausts_alone() -> None:
+    """Two 1008 USD bad debts on two instruments: each alone leaves a 1500 USD fund at 492,
+    together they take the venue's one fund to -516 at the second close-out."""
+    # Instrument A: long 10x at 100 (bar 0), crash bar 1, close-out bar 2 at 80 * 0.999:
+    # equity 1000 + 100 * (79.92 - 100) = -1008 (as test_long_10x_single_crash_bar_bad_debt).
+    # Instrument B: the same position one bar later, settling at bar 4 (4 minutes in).
+    a_bars = flat_bars(_crash_at(1), instrument="A")
+    b_bars = flat_bars(_crash_at(3), instrument="B")
+    a = simulate_liquidations(a_bars, ConstantMargin(mm=0.01), _long_10x(0))
+    b = simulate_liquidations(b_bars, ConstantMargin(mm=0.01), _long_10x(2))
+    for alone in (a, b):
+        assert alone.insurance_fund_min_usd == pytest.approx(492.0)
+        assert alone.insurance_fund_exhausted_at is None
+    fund = shared_insurance_fund([a, b])
+    ts = a_bars.timestamp_ms
+    assert fund.start_usd == 1_500.0
+    assert fund.time_ms.tolist() == [ts[2], ts[4]]
+    assert fund.level_usd.tolist() == pytest.approx([492.0, -516.0])
+    assert fund.min_usd == pytest.approx(-516.0)
+    bar4 = reference._iso(int(ts[4]))
+    assert fund.exhausted_at == bar4 == "2020-09-13T12:30:40Z"
+    assert [(p.time, p.fund_usd) for p in fund.path()] == [
+        (reference._iso(int(ts[0])), 1500.0),
+        (reference._iso(int(ts[2])), pytest.approx(492.0)),
+        (bar4, pytest.approx(-516.0)),
+    ]
+    # Each instrument's window figures read the shared fund; its own bad debt stays its own.
+    whole_a = a.metrics("all", None, None, fund)
+    assert whole_a.bad_debt_usd == pytest.approx(1008.0)
+    assert whole_a.insurance_fund_min_usd == pytest.approx(-516.0)
+    assert whole_a.insurance_fund_exhausted_at == bar4
+    early = a.metrics("early", None, int(ts[3]), fund)
+    assert early.insurance_fund_min_usd == pytest.approx(492.0)
+    assert early.insurance_fund_exhausted_at is None
+    # the brute-force merge of the two reference runs gives the same ledger
+    refs = [reference.simulate(a_bars, ConstantMargin(mm=0.01), _long_10x(0)),
+            reference.simulate(b_bars, ConstantMargin(mm=0.01), _long_10x(2))]
+    merged = reference.venue_fund(refs)
+    assert [t for t, _ in merged] == fund.time_ms.tolist()
+    assert [v for _, v in merged] == pytest.approx(fund.level_usd.tolist())
+
+
+def test_close_outs_at_the_same_time_settle_together_in_either_order() -> None:
+    """Close-outs of two instruments stamped with one time are one net settlement; the
+    instruments' order does not change the path."""
+    # A 10x long on A (bad debt 1008 at bar 2) and, on B, a 5x long through the same crash:
+    # collateral 2000, equity at the low 2000 + 100 * (80 - 100) = 0 <= MM 80 triggers at bar
+    # 1; close-out at 79.92: 2000 + 100 * (79.92 - 100) = -8, bad debt 8. Net at bar 2: -1016.
+    a_bars = flat_bars(_crash_at(1), instrument="A")
+    b_bars = flat_bars(_crash_at(1), instrument="B")
+    a = simulate_liquidations(a_bars, ConstantMargin(mm=0.01), _long_10x(0))
+    b_config = dataclasses.replace(
+        _long_10x(0), positions=(ExplicitPosition("long", 0, 10_000.0, 5.0),)
+    )
+    b = simulate_liquidations(b_bars, ConstantMargin(mm=0.01), b_config)
+    assert b.events.bad_debt_usd.tolist() == pytest.approx([8.0])
+    ab = shared_insurance_fund([a, b])
+    ba = shared_insurance_fund([b, a])
+    assert ab.time_ms.tolist() == ba.time_ms.tolist() == [int(a_bars.timestamp_ms[2])]
+    assert ab.level_usd.tolist() == pytest.approx([1500.0 - 1016.0])
+    assert ab.level_usd.tolist() == pytest.approx(ba.level_usd.tolist(), abs=1e-9)
+
+
+def test_shared_fund_of_one_instrument_is_its_own_fund() -> None:
+    """With one instrument the venue's fund is that instrument's fund, level for level, as the
+    brute-force reference computes it."""
+    bars = make_bars(crash_path(300), funding=True, depth=True, seed=1)
+    model = EwmaMargin(warmup_bars=20, horizon_bars=5, decay=0.9, floor_rate=0.002)
+    config = LiquidationConfig(latency_bars=1, **GRID)  # type: ignore[arg-type]
+    result = simulate_liquidations(bars, model, config)
+    fund = shared_insurance_fund([result])
+    assert fund.time_ms.tolist() == bars.timestamp_ms[result.fund_bars].tolist()
+    assert fund.level_usd.tolist() == result.fund_usd.tolist()
+    assert fund.path() == result.fund_path()
+    assert fund.min_usd == result.insurance_fund_min_usd < 0
+    assert fund.exhausted_at == result.insurance_fund_exhausted_at is not None
+    for start, end in windows(bars):
+        assert result.metrics("w", start, end, fund) == result.metrics("w", start, end)
+    ref = reference.simulate(bars, model, config)
+    ts = bars.timestamp_ms
+    assert reference.venue_fund([ref]) == [
+        (int(ts[b]), pytest.approx(v, abs=1e-6)) for b, v in ref.fund
+    ]
+    assert [t for t, _ in reference.venue_fund([ref])] == fund.time_ms.tolist()
+
+
+def test_shared_fund_needs_one_start_level() -> None:
+    """Instruments whose configs start the fund at different levels cannot share one."""
+    bars = flat_bars(_crash_at(1))
+    a = simulate_liquidations(bars, ConstantMargin(mm=0.01), _long_10x(0))
+    b = simulate_liquidations(bars, ConstantMargin(mm=0.01),
+                              dataclasses.replace(_long_10x(0), insurance_fund_usd=9.0))
+    with pytest.raises(InvalidParameters) as err:
+        shared_insurance_fund([a, b])
+    assert err.value.field == "insurance_fund_usd"
+    assert shared_insurance_fund([a, b], start_usd=100.0).start_usd == 100.0
+
+
+STATIC_1PCT = {"base_mmr": 0.01, "tier_growth": 1.0, "bracket_caps_usd": []}
+
+
+def test_backtest_reports_one_fund_for_all_instruments() -> None:
+    """run_backtest: two instruments (one with a shorter history) draw on one fund, reported
+    once, equal to the brute-force merge; each instrument reports its own contribution."""
+    one = make_bars(crash_path(240, seed=31, vol=0.012), seed=31)
+    three = dataclasses.replace(
+        make_bars(crash_path(120, seed=32, vol=0.02), seed=32), instrument="THREE")
+    start = 150_000_000.0
+    config = LiquidationConfig(**{**GRID, "insurance_fund_usd": start})  # type: ignore[arg-type]
+    report = run_backtest([one, three], "tiered", STATIC_1PCT, liquidation=config,
+                          stress_windows=())
+    model = TieredMargin(**STATIC_1PCT)  # type: ignore[arg-type]
+    for bars in (one, three):  # a fund of its own would survive either instrument
+        assert simulate_liquidations(bars, model, config).insurance_fund_min_usd > 0
+    assert report.insurance_fund_exhausted_at is not None
+    refs = [reference.simulate(b, model, config) for b in (one, three)]
+    merged = reference.venue_fund(refs)
+    assert len(merged) > 10
+    # both instruments settle at some common minutes
+    own_times = [{one.timestamp_ms[b] for b, _ in r.fund} for r in refs]
+    assert own_times[0] & own_times[1]
+    total = sum(p.notional for r in refs for p in r.positions) + 1.0
+    path = report.insurance_fund_path
+    assert path is not None
+    assert path[0].time == reference._iso(START_MS)
+    assert path[0].fund_usd == report.insurance_fund_start_usd == start
+    assert [p.time for p in path[1:]] == [reference._iso(t) for t, _ in merged]
+    for point, (_, level) in zip(path[1:], merged, strict=True):
+        assert point.fund_usd == pytest.approx(level, abs=1e-9 * total)
+    lowest = min([start] + [v for _, v in merged])
+    assert report.insurance_fund_min_usd == pytest.approx(lowest, abs=1e-9 * total)
+    first_negative = next((t for t, v in merged if v < 0), None)
+    expected_at = None if first_negative is None else reference._iso(first_negative)
+    assert report.insurance_fund_exhausted_at == expected_at
+    for inst, ref in zip(report.instruments, refs, strict=True):
+        assert inst.insurance_fund_path is None  # no fund per instrument any more
+        assert inst.liquidation is not None
+        got = msgspec.structs.asdict(inst.liquidation[0])
+        want = reference.metrics(ref, None, None, merged)
+        assert got["insurance_fund_min_usd"] == pytest.approx(
+            want["insurance_fund_min_usd"], abs=1e-9 * total)
+        assert got["insurance_fund_exhausted_at"] == want["insurance_fund_exhausted_at"]
+        assert got["bad_debt_usd"] == pytest.approx(want["bad_debt_usd"], abs=1e-9 * total)
+        contribution = inst.fund_contribution_path
+        assert contribution is not None
+        own = [p for p in ref.positions if p.trigger >= 0]
+        net = sum((p.fee - p.bad_debt) * ref.scale for p in own)
+        assert contribution[0].fund_usd == 0.0
+        assert contribution[-1].fund_usd == pytest.approx(net, abs=1e-9 * total)
+    # the two contributions add up to the fund's total move
+    last = [inst.fund_contribution_path[-1].fund_usd  # type: ignore[index]
+            for inst in report.instruments]
+    assert sum(last) == pytest.approx(merged[-1][1] - start, abs=1e-9 * total)
+    data = msgspec.json.decode(msgspec.json.encode(report))
+    assert data["insurance_fund_min_usd"] == report.insurance_fund_min_usd
+
+
+def test_backtest_of_one_instrument_reports_its_fund_as_before() -> None:
+    """With one instrument the report's venue fund is the instrument's own fund path and its
+    window figures are those of a simulation on its own."""
+    bars = make_bars(crash_path(300, seed=6), seed=6)
+    config = LiquidationConfig(**GRID)  # type: ignore[arg-type]
+    report = run_backtest([bars], "tiered", STATIC_1PCT, liquidation=config, stress_windows=())
+    alone = simulate_liquidations(bars, TieredMargin(**STATIC_1PCT), config)  # type: ignore[arg-type]
+    assert report.insurance_fund_path == alone.fund_path()
+    assert report.insurance_fund_min_usd == alone.insurance_fund_min_usd
+    assert report.insurance_fund_exhausted_at == alone.insurance_fund_exhausted_at
+    assert report.instruments[0].liquidation == [alone.metrics("all", None, None)]
+    ref = reference.simulate(bars, TieredMargin(**STATIC_1PCT), config)  # type: ignore[arg-type]
+    assert report.insurance_fund_min_usd == pytest.approx(
+        reference.metrics(ref, None, None)["insurance_fund_min_usd"], abs=1e-3)

@@ -163,3 +163,68 @@ def test_crash_bad_debt(episode: Episode, shared_data: Path,
     assert static > 0
     for confidence in (0.99, 0.995):
         assert bad_debt("ewma", episode.ewma_params(confidence)) < static
+
+
+def _premature_by_window_start(bars, ref, recovery: int, first_bar_offset: int) -> int:  # type: ignore[no-untyped-def]
+    """Premature liquidations of a brute-force run recounted by a plain loop whose look-ahead
+    starts ``first_bar_offset`` bars after the trigger (0: the rule of domain.md §4)."""
+    low, high, close = list(bars.low), list(bars.high), list(bars.close)
+    n = len(close)
+    count = 0
+    for p in ref.positions:
+        if p.trigger < 0:
+            continue
+        e, t = p.entry, p.trigger
+        # bankruptcy price: equity zero, funding-free (the perp file is read without funding)
+        step = close[e] / p.leverage
+        bankrupt = close[e] - step if p.side == "long" else close[e] + step
+        end = min(t + recovery, n - 1)
+        tol = 1e-9 * close[e]
+        reached = False
+        for u in range(t + first_bar_offset, end + 1):
+            if p.side == "long" and low[u] <= bankrupt + tol:
+                reached = True
+            if p.side == "short" and high[u] >= bankrupt - tol:
+                reached = True
+        back = close[end] > p.liq_price if p.side == "long" else close[end] < p.liq_price
+        count += int(not reached and back)
+    return count
+
+
+PREMATURE_EPISODES = [
+    next(e for e in EPISODES if e.name == "eth_2025_10_10"),
+    Episode("btc_perp_15m_2024_07_08", "binance_usdm_perp_2023_2025/BTCUSDT_perp_15m.csv",
+            W("yen_carry_2024", "2024-08-05"), 15, "2024-07-01", "2024-09-01"),
+]
+
+
+@pytest.mark.parametrize("episode", PREMATURE_EPISODES, ids=lambda e: e.name)
+def test_premature_counts_the_trigger_bar(
+    episode: Episode, shared_data: Path, data_file: Callable[[str], str]
+) -> None:
+    """ETH perp 5m around 2025-10-10, BTC perp 15m 2024-07/08: the engine's premature count
+    (bars t..t+R, trigger bar included) equals a brute-force loop's, and the trigger bar
+    changes real counts."""
+    from calibration import simulate_liquidations
+    from tests import reference_liquidation as reference
+
+    data_file(episode.ref)
+    bars = _load(shared_data, episode)
+    assert bars.funding_rate is None  # the loop above prices bankruptcy without funding
+    config = _liq_config(episode)
+    model = make_model("tiered", {})
+    w = episode.window
+    result = simulate_liquidations(bars, model, config)
+    ref = reference.simulate(bars, model, config)
+    for start, end in ((None, None), (w.start_ms, w.end_ms)):
+        engine = result.metrics("w", start, end)
+        brute = reference.metrics(ref, start, end)
+        assert engine.liquidations == brute["liquidations"] > 0
+        assert engine.premature_liquidations == brute["premature_liquidations"]
+    whole = result.metrics("all", None, None)
+    new_rule = _premature_by_window_start(bars, ref, config.recovery_bars, 0)
+    old_rule = _premature_by_window_start(bars, ref, config.recovery_bars, 1)
+    assert whole.premature_liquidations == new_rule
+    # Liquidations whose trigger bar ran through bankruptcy and then recovered: premature by
+    # the former rule (bars t+1..t+R), necessary by domain.md §4.
+    assert old_rule > new_rule
