@@ -26,6 +26,7 @@ import optuna
 import pytest
 from optuna.trial import FrozenTrial, TrialState
 
+from calibration._errors import InvalidParameters
 from calibration.calibrate import (
     VIOLATION_KEY,
     CalibrationResult,
@@ -196,6 +197,45 @@ def test_same_spec_data_and_seed_give_the_same_answer(prepared: Prepared, root: 
     assert msgspec.json.encode(first) == msgspec.json.encode(second)
     other = calibrate(btc_spec(n_trials=30, seed=4), root=root, storage="memory")
     assert other.pareto_front != first.pareto_front  # the seed is what fixes the answer
+    # The result records what could change it: one worker, a count, a seed: reproducible.
+    assert (first.workers, first.reproducible) == (1, True)
+    assert (first.horizon_bars, first.horizon, first.bar_seconds) == (2, "1h", 1800)
+    assert first.recommendation.params["horizon_bars"] == 2
+
+
+def test_spec_horizon_set_twice_differently_is_refused(root: Path) -> None:
+    """A 2h top-level horizon against a fixed horizon_bars of 2 (1h on 30-minute bars) is
+    refused before any trial, naming the second setting; the same horizon twice is fine."""
+    with pytest.raises(InvalidParameters) as info:
+        prepare(btc_spec(horizon="2h"), root)
+    assert info.value.field == "search_space.horizon_bars"
+    assert prepare(btc_spec(horizon="1h"), root).horizon.bars == 2
+
+
+def test_spec_without_horizon_uses_one_hour(root: Path) -> None:
+    """No horizon anywhere: one hour, 2 bars of 30 minutes, fixed in every trial's params."""
+    raw = msgspec.to_builtins(btc_spec())
+    del raw["search_space"]["horizon_bars"]
+    prepared = prepare(decode_spec(msgspec.json.encode(raw)), root)
+    assert prepared.horizon.bars == 2
+    assert prepared.space["horizon_bars"].value == 2
+
+
+def test_spec_horizon_is_never_searched() -> None:
+    """A range on horizon_bars is refused: the horizon is a policy, not a fitted value."""
+    raw = msgspec.to_builtins(btc_spec())
+    raw["search_space"]["horizon_bars"] = {"low": 1, "high": 10, "integer": True}
+    with pytest.raises(InvalidParameters) as info:
+        decode_spec(msgspec.json.encode(raw))
+    assert info.value.field == "search_space.horizon_bars"
+
+
+def test_spec_bad_horizon_is_refused() -> None:
+    """A malformed horizon is refused at decode time with its field."""
+    for field, value in (("horizon", "soon"), ("horizon_bars", 0)):
+        with pytest.raises(InvalidParameters) as info:
+            btc_spec(**{field: value})
+        assert info.value.field == field
 
 
 def test_published_params_are_the_first_trial_and_anchor_the_guardrail(

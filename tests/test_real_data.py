@@ -228,3 +228,53 @@ def test_premature_counts_the_trigger_bar(
     # Liquidations whose trigger bar ran through bankruptcy and then recovered: premature by
     # the former rule (bars t+1..t+R), necessary by domain.md §4.
     assert old_rule > new_rule
+
+
+COINBASE_DAILY = "coinbase_btcusd_daily_2011_2025/BTCUSD_1d.csv"
+
+
+def test_coinbase_daily_black_thursday_breach_counts_in_its_window(
+        shared_data: Path, data_file: Callable[[str], str]) -> None:
+    """Coinbase daily: the 41.5% fall from the 2020-03-11 close to the 03-12 low is the
+    observation of 03-11, and it counts (breached) in the 2020-03-12..13 window."""
+    import pandas as pd
+
+    data_file(COINBASE_DAILY)
+    bars = load_bars(COINBASE_DAILY, root=shared_data)
+    window = StressWindow.from_dates("black_thursday_2020", "2020-03-12", "2020-03-13")
+    flat_5pct = make_model("tiered", {"base_mmr": 0.05, "tier_growth": 1.0,
+                                      "bracket_caps_usd": []})
+    crash = coverage_backtest(bars, flat_5pct, CoverageConfig(horizon="1d"), [window])[1]
+    raw = pd.read_csv(shared_data / COINBASE_DAILY).set_index("timestamp")
+    fall = 1 - raw.loc["2020-03-12T00:00:00Z", "low"] / raw.loc["2020-03-11T00:00:00Z", "close"]
+    assert fall == pytest.approx(0.415, abs=5e-4)
+    assert crash.long.breaches >= 1
+    assert crash.long.max_uncovered_loss == pytest.approx(fall - 0.05, rel=1e-12)
+    lo, hi = window_span(bars.timestamp_ms, 86_400_000, 1, window.start_ms, window.end_ms)
+    rates = flat_5pct.margin_rates(bars)
+    ref = brute_force_side(list(bars.low), list(bars.high), list(bars.close),
+                           list(rates.mm_rate), 1, "long", lo, hi, 1)
+    assert (crash.long.observations, crash.long.breaches) == (ref.observations, ref.breaches)
+    assert crash.long.traffic_light == "insufficient"  # 2 daily observations prove nothing
+
+
+def test_fhs_on_coinbase_daily_is_bounded_and_lets_go(
+        shared_data: Path, data_file: Callable[[str], str]) -> None:
+    """FHS on 14 years of daily bars: no rate above max_rate, and the one-year stressed
+    look-back lets the 2011–2013 crashes go, where a ten-year one still carries them."""
+    import numpy as np
+    import pandas as pd
+
+    data_file(COINBASE_DAILY)
+    bars = load_bars(COINBASE_DAILY, root=shared_data)
+    params = {"window_bars": 250, "warmup_bars": 50, "stress_weight": 0.5, "horizon_bars": 2}
+    one_year = make_model("fhs", params).margin_rates(bars)
+    ten_years = make_model("fhs", {**params, "stress_lookback_bars": 3650}).margin_rates(bars)
+    assert np.nanmax(one_year.mm_rate) <= 1.0
+    assert np.nanmax(one_year.im_rate) <= 1.0
+    capped = make_model("fhs", {**params, "max_rate": 0.3}).margin_rates(bars)
+    assert np.nanmax(capped.mm_rate) <= 0.3
+    assert capped.capped_bars == int(np.sum(one_year.mm_rate > 0.3))
+    years = pd.to_datetime(bars.timestamp_ms, unit="ms").year
+    in_2019 = np.asarray(years == 2019)
+    assert np.nanmean(one_year.mm_rate[in_2019]) < 0.7 * np.nanmean(ten_years.mm_rate[in_2019])

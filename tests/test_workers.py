@@ -393,7 +393,8 @@ assert can_fork()
 print(os.getpid(), flush=True)
 spec = decode_spec((root / "spec.json").read_bytes())
 result = cal.calibrate(spec, root=root, storage=url, study=name, workers=2)
-print(json.dumps({"pid": os.getpid(), "trials": result.trials}))
+print(json.dumps({"pid": os.getpid(), "trials": result.trials, "workers": result.workers,
+                  "reproducible": result.reproducible}))
 """
 
 
@@ -415,6 +416,9 @@ def test_calibrate_with_two_workers_forks_a_helper(url: str, data_root: Path,
     ran_in = pids.read_text().split()
     assert str(out["pid"]) in ran_in
     assert len(set(ran_in)) == 2, "the helper ran no trial"
+    # The result records both workers and says a re-run need not reproduce it.
+    assert out["workers"] == 2
+    assert out["reproducible"] is False
     # Trials plus the recommendation's evidence (evaluated in the calling process).
     assert len(ran_in) >= len(trials)
 
