@@ -22,6 +22,7 @@ import numpy as np
 
 from calibration._bars import BarSeries, FloatArray
 from calibration._errors import InsufficientData, InvalidParameters
+from calibration.horizon import resolve_horizon
 from calibration.models import BINANCE_BTCUSDT_2021_CAPS_USD, TieredMargin
 
 
@@ -31,6 +32,8 @@ class ListingConfig:
 
     Attributes:
         horizon_bars: close-out horizon h, bars of the input series.
+        horizon: the same as a duration (``"1h"``), converted with the series' bar size; set
+            one of the two (or both alike); neither: ``horizon.DEFAULT_HORIZON`` (1h).
         confidence: ES level q.
         lookback_bars: proxy history used (the most recent bars), ``None`` = all.
         min_overlap_bars: own bars overlapping a proxy needed to measure the vol ratio;
@@ -44,7 +47,8 @@ class ListingConfig:
         im_to_mm: IM / MM per bracket.
     """
 
-    horizon_bars: int = 4
+    horizon_bars: int | None = None
+    horizon: str | None = None
     confidence: float = 0.99
     lookback_bars: int | None = None
     min_overlap_bars: int = 48
@@ -59,7 +63,7 @@ class ListingConfig:
     def validate(self) -> None:
         """Raise ``InvalidParameters`` naming the first setting out of range."""
         checks = [
-            ("horizon_bars", self.horizon_bars >= 1),
+            ("horizon_bars", self.horizon_bars is None or self.horizon_bars >= 1),
             ("confidence", 0.5 < self.confidence < 1),
             ("min_overlap_bars", self.min_overlap_bars >= 2),
             ("min_own_bars", self.min_own_bars >= 2),
@@ -68,8 +72,7 @@ class ListingConfig:
             ("novelty_halflife_days", self.novelty_halflife_days > 0),
             ("tier_growth", self.tier_growth >= 1),
             ("im_to_mm", self.im_to_mm >= 1),
-            ("lookback_bars",
-             self.lookback_bars is None or self.lookback_bars > self.horizon_bars),
+            ("lookback_bars", self.lookback_bars is None or self.lookback_bars > 1),
         ]
         for name, ok in checks:
             if not ok:
@@ -108,7 +111,8 @@ class Tier:
 
 @dataclass(frozen=True)
 class ListingRecommendation:
-    """Initial tiers and the evidence behind them."""
+    """Initial tiers and the evidence behind them; ``horizon_bars`` is the close-out horizon
+    the ES was taken over, in bars of the input series, ``horizon`` the duration."""
 
     instrument: str
     base_rate: float
@@ -119,6 +123,8 @@ class ListingRecommendation:
     proxies: list[ProxyEvidence]
     tiers: list[Tier]
     params: dict[str, Any] = field(default_factory=dict)
+    horizon_bars: int = 0
+    horizon: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -128,6 +134,7 @@ class ListingRecommendation:
             "own_es_rate": self.own_es_rate, "binding": self.binding,
             "proxies": [p.__dict__ for p in self.proxies],
             "tiers": [t.__dict__ for t in self.tiers], "params": self.params,
+            "horizon_bars": self.horizon_bars, "horizon": self.horizon,
         }
 
 
@@ -174,7 +181,12 @@ def recommend_listing(
     if len(sizes) > 1:
         raise InvalidParameters(f"proxies and own history must share one bar size, got "
                                 f"{sorted(sizes)} s; resample first", field="proxies")
-    h = config.horizon_bars
+    close_out = resolve_horizon({"horizon_bars": config.horizon_bars,
+                                 "horizon": config.horizon}, sizes.pop())
+    h = close_out.bars
+    if config.lookback_bars is not None and config.lookback_bars <= h:
+        raise InvalidParameters(f"lookback_bars must exceed the horizon of {h} bars",
+                                field="lookback_bars")
     evidence = []
     for proxy in proxies:
         bars = proxy
@@ -229,4 +241,5 @@ def recommend_listing(
         params={"base_mmr": mmr0, "tier_growth": config.tier_growth,
                 "bracket_caps_usd": list(config.bracket_caps_usd),
                 "im_to_mm": config.im_to_mm},
+        horizon_bars=h, horizon=close_out.duration,
     )

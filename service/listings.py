@@ -39,7 +39,8 @@ class ListingRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     instrument: str
     proxies: list[DataRefSpec]
     own: DataRefSpec | None = None
-    horizon_bars: int = 4
+    horizon_bars: int | None = None
+    horizon: str | None = None
     confidence: float = 0.99
     novelty_buffer: float = 0.5
     novelty_halflife_days: float = 30.0
@@ -54,7 +55,8 @@ def _recommend(body: ListingRequest, settings: Settings) -> dict[str, Any]:
     own = load_data_ref(body.own, root, "own") if body.own is not None else None
     proxies = [load_data_ref(p, root, f"proxies[{i}]") for i, p in enumerate(body.proxies)]
     fields: dict[str, Any] = {
-        "horizon_bars": body.horizon_bars, "confidence": body.confidence,
+        "horizon_bars": body.horizon_bars, "horizon": body.horizon,
+        "confidence": body.confidence,
         "novelty_buffer": body.novelty_buffer,
         "novelty_halflife_days": body.novelty_halflife_days, "tier_growth": body.tier_growth,
         "im_to_mm": body.im_to_mm, "floor_rate": body.floor_rate,

@@ -130,3 +130,16 @@ def test_sol_with_30_days_and_luna_as_a_new_listing(
         days[day] = m.bad_debt_usd
     assert sum(days.values()) > 0
     assert max(days, key=lambda d: days[d]) in ("2022-05-10", "2022-05-11", "2022-05-12")
+
+
+def test_listing_states_its_horizon_and_refuses_two() -> None:
+    """A listing takes its ES over one horizon: 1h is 2 bars of 30 minutes, stated in the
+    result; 1h and 4 bars at once are refused, the second named."""
+    proxy = make_bars(random_walk(3000, seed=8), bar_seconds=1800, instrument="BTC")
+    result = recommend_listing("NEW", None, [proxy], ListingConfig(horizon="1h"))
+    assert (result.horizon_bars, result.horizon) == (2, "1h")
+    same = recommend_listing("NEW", None, [proxy], ListingConfig(horizon_bars=2))
+    assert same.base_rate == result.base_rate
+    with pytest.raises(InvalidParameters) as info:
+        recommend_listing("NEW", None, [proxy], ListingConfig(horizon_bars=4, horizon="1h"))
+    assert info.value.field == "horizon"
