@@ -2,9 +2,10 @@
 
 Charts are matplotlib SVG inlined in the page (no script, no network): the Pareto front with
 the recommendation marked; per instrument, the recommended margin against the realised loss
-over the horizon with breaches marked and stress windows shaded; bad debt and liquidations
-per stress window and out-of-sample fold. Tables: coverage tests with traffic lights, and the
-change against the published parameters.
+over the horizon with breaches marked and stress windows shaded; bad debt per window in bps
+of the notional opened in it (so a 1-day stress window and an 18-month fold compare). Tables:
+coverage tests with traffic lights, liquidations and insolvency, and the change against the
+published parameters; each column explained in one line under its table.
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ import numpy as np
 
 from calibration.calibrate import CalibrationResult, Prepared
 from calibration.models import make_model
+from calibration.report import CoverageMetrics, LiquidationMetrics
 
-_LIGHT = {"green": "#2e7d32", "yellow": "#f9a825", "red": "#c62828"}
+#: Cell colours of the traffic lights; ``insufficient`` (a window too short for any verdict)
+#: is grey like a missing value, not a verdict.
+_LIGHT = {"green": "#2e7d32", "yellow": "#f9a825", "red": "#c62828", "insufficient": "#9e9e9e"}
 _MAX_POINTS = 2500
 
 
@@ -49,7 +53,7 @@ def _pareto_chart(result: CalibrationResult) -> str:
         ax.plot([100 * rec.objectives["capital_cost"]], [rec.objectives["insolvency_bps"]],
                 marker="*", markersize=18, color="#c62828", linestyle="none",
                 label=f"recommendation (trial {rec.trial})")
-    ax.set_xlabel("capital cost: mean IM rate (%)")
+    ax.set_xlabel("capital cost: mean IM rate (% of notional)")
     ax.set_ylabel("insolvency (bps)")
     ax.set_title("Capital against insolvency")
     ax.grid(alpha=0.3)
@@ -58,11 +62,21 @@ def _pareto_chart(result: CalibrationResult) -> str:
 
 
 def _bucket(values: np.ndarray, size: int, how: str) -> np.ndarray:
+    """Blocks of ``size`` consecutive values reduced to their max or mean, NaN ignored; a
+    block of NaN only (warm-up, the last bars without a full horizon) gives NaN.
+
+    Counted by hand rather than with ``np.nanmax``/``np.nanmean``, which warn on such
+    blocks ("Mean of empty slice"), a warning a reader of the report has no use for.
+    """
     n = values.shape[0] // size * size
     block = values[:n].reshape(-1, size)
-    with np.errstate(all="ignore"):
-        out: np.ndarray = (np.nanmax(block, axis=1) if how == "max"
-                           else np.nanmean(block, axis=1))
+    finite = ~np.isnan(block)
+    count = finite.sum(axis=1)
+    if how == "max":
+        out: np.ndarray = np.where(finite, block, -np.inf).max(axis=1)
+    else:
+        out = np.where(finite, block, 0.0).sum(axis=1) / np.maximum(count, 1)
+    out[count == 0] = np.nan
     return out
 
 
@@ -112,14 +126,30 @@ def _margin_chart(prepared: Prepared, params: Mapping[str, Any], instrument: str
     return _svg(fig)
 
 
-def _liquidation_chart(windows: list[tuple[str, float, int]], instrument: str) -> str:
-    fig, ax = plt.subplots(figsize=(8, 3.2))
-    names = [w[0] for w in windows]
-    ax.bar(names, [w[1] for w in windows], color="#c62828")
-    for i, (_, bad, liq) in enumerate(windows):
-        ax.annotate(f"{liq} liq.", (i, bad), ha="center", va="bottom", fontsize=8)
-    ax.set_ylabel("bad debt (USD)")
-    ax.set_title(f"{instrument}: bad debt per stress window and out-of-sample fold")
+def bad_debt_bps_of_opened(metrics: LiquidationMetrics) -> float | None:
+    """Bad debt of a window per notional opened in it, bps (``bad_debt_usd /
+    notional_opened_usd × 1e4``): a 1-day stress window and an 18-month fold compare on it,
+    as USD do not. ``None`` when no position opened in the window."""
+    if metrics.notional_opened_usd <= 0:
+        return None
+    return metrics.bad_debt_usd / metrics.notional_opened_usd * 1e4
+
+
+def _liquidation_chart(metrics: list[LiquidationMetrics], instrument: str) -> str:
+    fig, ax = plt.subplots(figsize=(8, 3.4))
+    names = [m.window for m in metrics]
+    bps = [bad_debt_bps_of_opened(m) for m in metrics]
+    colours = ["#757575" if m.window == "all" else
+               "#1565c0" if m.window.startswith("oos_fold") else "#c62828" for m in metrics]
+    ax.bar(names, [0.0 if b is None else b for b in bps], color=colours)
+    for i, (m, b) in enumerate(zip(metrics, bps, strict=True)):
+        text = (f"{m.liquidations:,} liq.\n{m.bad_debt_usd:,.0f} USD" if b is not None
+                else "no position\nopened")
+        ax.annotate(text, (i, 0.0 if b is None else b), ha="center", va="bottom", fontsize=7)
+    ax.set_ylabel("bad debt (bps of notional opened)")
+    ax.margins(y=0.25)
+    ax.set_title(f"{instrument}: bad debt per window, normalised by the notional opened in "
+                 "it", fontsize=10)
     ax.tick_params(axis="x", labelrotation=20)
     ax.grid(alpha=0.3, axis="y")
     return _svg(fig)
@@ -131,6 +161,94 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return html.escape(str(value))
+
+
+def _pct(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{100 * value:.{digits}f}"
+
+
+def _light_cell(light: str | None) -> str:
+    colour = _LIGHT.get(light or "", "#eeeeee")
+    text = "#212121" if light is None else "white"
+    return (f"<td style='background:{colour};color:{text}'>"
+            f"{html.escape(light or '–')}</td>")
+
+
+def coverage_legend(expected_rate: float | None) -> tuple[tuple[str, str], ...]:
+    """One line per coverage column (domain.md §3); ``expected_rate`` is 1 − q, a fraction."""
+    p = "1 − q" if expected_rate is None else f"1 − q = {_pct(expected_rate)}%"
+    return (
+        ("obs.", "observations: bars with a margin and a whole close-out horizon after them "
+                 "(every bar, or every h-th when non-overlapping); one belongs to a window "
+                 "when its loss interval overlaps it."),
+        ("breaches", "observations whose loss over the horizon exceeded the margin."),
+        ("breach rate", f"breaches / observations, in %; the model aims at {p}."),
+        ("Kupiec p", f"p-value of Kupiec's proportion-of-failures test that the breach rate "
+                     f"is {p}; a small value says the rate is off."),
+        ("indep. p", "p-value of Christoffersen's test that breaches do not cluster; a small "
+                     "value says they come in runs."),
+        ("traffic light", "Basel zones by the binomial probability of so many breaches: "
+                          "green, yellow, red; insufficient: a window too short for any "
+                          "verdict (even no breach would not be green)."),
+        ("max uncovered", "the largest loss beyond the margin, in % of notional."),
+    )
+
+
+def _legend(items: tuple[tuple[str, str], ...]) -> str:
+    return ("<ul class='legend'>" + "".join(
+        f"<li><b>{html.escape(name)}</b>: {html.escape(text)}</li>" for name, text in items)
+        + "</ul>")
+
+
+def _coverage_table(metrics: list[CoverageMetrics]) -> str:
+    rows = []
+    for m in metrics:
+        for side_name in ("long", "short"):
+            s = getattr(m, side_name)
+            rows.append(
+                f"<tr><td>{html.escape(m.window)}</td><td>{side_name}</td>"
+                f"<td>{s.observations:,}</td><td>{s.breaches:,}</td>"
+                f"<td>{_pct(s.breach_rate)}</td><td>{_cell(s.kupiec_pvalue)}</td>"
+                f"<td>{_cell(s.christoffersen_pvalue)}</td>{_light_cell(s.traffic_light)}"
+                f"<td>{_pct(s.max_uncovered_loss)}</td></tr>")
+    expected = metrics[0].long.expected_breach_rate if metrics else None
+    return ("<h3>Coverage tests</h3><table><tr><th>window</th><th>side</th><th>obs.</th>"
+            "<th>breaches</th><th>breach rate (%)</th><th>Kupiec p</th><th>indep. p</th>"
+            "<th>traffic light</th><th>max uncovered (% of notional)</th></tr>"
+            + "".join(rows) + "</table>"
+            + _legend(coverage_legend(expected)))
+
+
+def premature_legend(recovery_bars: int) -> str:
+    """The one line that says what a premature liquidation is (domain.md §4)."""
+    return ("a liquidation whose bankruptcy price is not reached in bars t..t+R (the "
+            f"trigger bar t included; R = {recovery_bars} bars) and whose price ends that "
+            "window back on the safe side of the liquidation price: the position would "
+            "have survived.")
+
+
+def _liquidation_table(metrics: list[LiquidationMetrics], recovery_bars: int) -> str:
+    rows = []
+    for m in metrics:
+        bps = bad_debt_bps_of_opened(m)
+        rows.append(
+            f"<tr><td>{html.escape(m.window)}</td><td>{m.positions:,}</td>"
+            f"<td>{m.notional_opened_usd:,.0f}</td><td>{m.liquidations:,}</td>"
+            f"<td>{m.premature_liquidations:,}</td><td>{_pct(m.premature_share, 1)}</td>"
+            f"<td>{m.bad_debt_usd:,.0f}</td><td>{'–' if bps is None else f'{bps:.3f}'}</td>"
+            "</tr>")
+    legend = (
+        ("positions, notional opened", "counted in the window where the position opens."),
+        ("liquidations, bad debt", "counted in the window where the liquidation triggers."),
+        ("premature", premature_legend(recovery_bars)),
+        ("bad debt (bps of notional opened)", "bad debt USD / notional opened USD × 10,000, "
+                                              "so windows of any length compare."),
+    )
+    return ("<h3>Liquidations and insolvency</h3><table><tr><th>window</th>"
+            "<th>positions</th><th>notional opened (USD)</th><th>liquidations</th>"
+            "<th>premature</th><th>premature share (%)</th><th>bad debt (USD)</th>"
+            "<th>bad debt (bps of notional opened)</th></tr>" + "".join(rows) + "</table>"
+            + _legend(legend))
 
 
 def render_calibration_report(result: CalibrationResult, prepared: Prepared) -> str:
@@ -152,7 +270,7 @@ def render_calibration_report(result: CalibrationResult, prepared: Prepared) -> 
         parts.append(f"<h2>Recommendation (trial {rec.trial}): "
                      f"<span class='{'ok' if rec.feasible else 'bad'}'>{status}</span></h2>"
                      f"<p>{html.escape(rec.explanation)}. Capital cost (mean IM) "
-                     f"{100 * rec.objectives['capital_cost']:.3f}%, insolvency "
+                     f"{100 * rec.objectives['capital_cost']:.3f}% of notional, insolvency "
                      f"{rec.objectives['insolvency_bps']:.3f} bps. Binding constraints: "
                      f"{html.escape(', '.join(rec.binding_constraints) or 'none')}.</p>")
         rows = []
@@ -175,30 +293,16 @@ def render_calibration_report(result: CalibrationResult, prepared: Prepared) -> 
         for inst, metrics in full.coverage.items():
             parts.append(f"<h2>{html.escape(inst)}</h2><div class='chart'>"
                          + _margin_chart(prepared, rec.params, inst) + "</div>")
-            rows = []
-            for m in metrics:
-                for side_name in ("long", "short"):
-                    s = getattr(m, side_name)
-                    light = s.traffic_light or ""
-                    rows.append(
-                        f"<tr><td>{html.escape(m.window)}</td><td>{side_name}</td>"
-                        f"<td>{s.observations}</td><td>{s.breaches}</td>"
-                        f"<td>{_cell(s.breach_rate)}</td><td>{_cell(s.kupiec_pvalue)}</td>"
-                        f"<td>{_cell(s.christoffersen_pvalue)}</td>"
-                        f"<td style='background:{_LIGHT.get(light, '#eee')};color:white'>"
-                        f"{light or '–'}</td><td>{_cell(s.max_uncovered_loss)}</td></tr>")
-            parts.append("<h3>Coverage tests</h3><table><tr><th>window</th><th>side</th>"
-                         "<th>obs</th><th>breaches</th><th>rate</th><th>Kupiec p</th>"
-                         "<th>indep. p</th><th>traffic light</th><th>max uncovered</th></tr>"
-                         + "".join(rows) + "</table>")
-            liq = [(m.window, m.bad_debt_usd, m.liquidations)
-                   for m in full.liquidation.get(inst, []) if m.window != "all"]
+            parts.append(_coverage_table(metrics))
+            liq = full.liquidation.get(inst, [])
             if liq:
+                parts.append(_liquidation_table(liq, prepared.liquidation.recovery_bars))
                 parts.append("<div class='chart'>" + _liquidation_chart(liq, inst) + "</div>")
     style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
              "padding:3px 8px;font-size:13px}.ok{color:#2e7d32}.bad{color:#c62828}"
-             ".chart svg{max-width:100%;height:auto}")
+             ".chart svg{max-width:100%;height:auto}.legend{font-size:13px;color:#424242;"
+             "margin:0 0 1em;padding-left:1.2em}.legend li{margin:1px 0}")
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             f"<title>marginlab report {html.escape(result.study)}</title>"
             f"<style>{style}</style></head><body>" + "\n".join(parts) + "</body></html>")
