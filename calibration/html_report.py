@@ -23,6 +23,7 @@ matplotlib.use("Agg")  # no display; SVG only
 import matplotlib.dates as mdates
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.patches import Patch
 
 from calibration.calibrate import CalibrationResult, Prepared
 from calibration.models import make_model
@@ -36,7 +37,9 @@ _MAX_POINTS = 2500
 
 def _svg(fig: Any) -> str:
     buf = io.StringIO()
-    fig.savefig(buf, format="svg", bbox_inches="tight")
+    # Text stays text (not glyph paths): the labels can be read, searched and checked.
+    with plt.rc_context({"svg.fonttype": "none"}):
+        fig.savefig(buf, format="svg", bbox_inches="tight")
     plt.close(fig)
     text = buf.getvalue()
     return text[text.index("<svg"):]
@@ -148,6 +151,10 @@ def _liquidation_chart(metrics: list[LiquidationMetrics], instrument: str) -> st
         ax.annotate(text, (i, 0.0 if b is None else b), ha="center", va="bottom", fontsize=7)
     ax.set_ylabel("bad debt (bps of notional opened)")
     ax.margins(y=0.25)
+    kinds = {c: k for c, k in (("#757575", "whole span"), ("#c62828", "stress window"),
+                               ("#1565c0", "out-of-sample fold")) if c in colours}
+    ax.legend(handles=[Patch(color=c, label=k) for c, k in kinds.items()], fontsize=7,
+              loc="upper right")
     ax.set_title(f"{instrument}: bad debt per window, normalised by the notional opened in "
                  "it", fontsize=10)
     ax.tick_params(axis="x", labelrotation=20)
@@ -297,7 +304,8 @@ def render_calibration_report(result: CalibrationResult, prepared: Prepared) -> 
             liq = full.liquidation.get(inst, [])
             if liq:
                 parts.append(_liquidation_table(liq, prepared.liquidation.recovery_bars))
-                parts.append("<div class='chart'>" + _liquidation_chart(liq, inst) + "</div>")
+                parts.append(f"<div class='chart bad-debt' id='bad-debt-{html.escape(inst)}'>"
+                             + _liquidation_chart(liq, inst) + "</div>")
     style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
              "padding:3px 8px;font-size:13px}.ok{color:#2e7d32}.bad{color:#c62828}"
