@@ -134,7 +134,8 @@ def print_summary(report: BacktestReport, console: Console) -> None:
     for i, (info, inst) in enumerate(zip(report.datasets, report.instruments, strict=True)):
         console.print(
             f"\n[bold]{escape(inst.instrument)}[/] {escape(info.ref)}: {info.rows:,} bars of "
-            f"{info.bar_seconds} s, {info.start} → {info.end}, {info.gaps:,} gaps "
+            f"{info.bar_seconds} s, {info.start} → {info.end}, {info.gaps:,} "
+            f"gap{'' if info.gaps == 1 else 's'} "
             f"({info.missing_bars:,} missing bars), fingerprint {info.fingerprint[:12]}"
         )
         if info.suspect_prints:

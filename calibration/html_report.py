@@ -287,7 +287,9 @@ def render_calibration_report(result: CalibrationResult, prepared: Prepared) -> 
                         f"<td>{_cell(change['published'] if change else None)}</td>"
                         f"<td>{_cell(change['change'] if change else None)}</td></tr>")
         parts.append("<table><tr><th>parameter</th><th>recommended</th><th>published</th>"
-                     "<th>change</th></tr>" + "".join(rows) + "</table>")
+                     "<th>change</th></tr>" + "".join(rows) + "</table>"
+                     "<p class='legend'>Values as in the JSON: rates are fractions of "
+                     "notional (0.01 = 1%), *_bars in bars.</p>")
         parts.append("<h3>Constraints (≤ 0 is feasible)</h3><table><tr><th>constraint</th>"
                      "<th>value</th></tr>" + "".join(
                          f"<tr><td>{html.escape(k)}</td><td>{v:.4g}</td></tr>"
