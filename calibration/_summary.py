@@ -52,29 +52,48 @@ def _num(x: float | None, fmt: str = ",.0f") -> str:
     return "–" if x is None else format(x, fmt)
 
 
-def _table(title: str, columns: Sequence[tuple[str, str]], caption: str | None = None) -> Table:
-    """A compact table: ``columns`` are ``(header, justify)``; right-justified columns hold
-    numbers and never wrap (so they are never cut), the others fold when too long."""
-    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left",
-                  box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    for header, justify in columns:
-        numeric = justify == "right"
-        table.add_column(header, justify="right" if numeric else "left", no_wrap=numeric,
-                         overflow="fold")
-    return table
+class _Titled:
+    """A table with its title and caption, printed as lines of their own (at the console's
+    width, not squeezed into the table's)."""
+
+    def __init__(self, title: str, columns: Sequence[tuple[str, str]],
+                 caption: str | None = None) -> None:
+        self.title = title
+        self.caption = caption
+        # Right-justified columns hold numbers and never wrap (so they are never cut); the
+        # others fold when the table is too wide.
+        self.table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+        for header, justify in columns:
+            numeric = justify == "right"
+            self.table.add_column(header, justify="right" if numeric else "left",
+                                  no_wrap=numeric, overflow="fold")
+
+    def add_row(self, *cells: str) -> None:
+        self.table.add_row(*cells)
+
+    def add_section(self) -> None:
+        self.table.add_section()
+
+    def print(self, console: Console) -> None:
+        console.print()
+        if self.title:
+            console.print(f"[bold]{self.title}[/]")
+        console.print(self.table)
+        if self.caption:
+            console.print(self.caption)
 
 
-def _coverage_tables(report: BacktestReport, inst_index: int) -> list[Table]:
+def _coverage_tables(report: BacktestReport, inst_index: int) -> list[_Titled]:
     inst = report.instruments[inst_index]
     margin = report.margin_tested.upper()
     expected = next((m.long.expected_breach_rate for m in inst.coverage), None)
-    counts = _table(
+    counts = _Titled(
         f"coverage: {margin} against the loss over {report.horizon_bars} bars "
         f"(expected breach rate {_pct(expected)}%)",
         [("window", "left"), ("side", "left"), ("obs.", "right"), ("breaches", "right"),
          ("breach\nrate %", "right"), ("traffic\nlight", "left")],
     )
-    tests = _table(
+    tests = _Titled(
         "coverage tests and margin",
         [("window", "left"), ("side", "left"), ("Kupiec\np", "right"), ("indep.\np", "right"),
          (f"mean\n{margin} %", "right"), ("max\nuncov. %", "right"),
@@ -93,15 +112,16 @@ def _coverage_tables(report: BacktestReport, inst_index: int) -> list[Table]:
     return [counts, tests]
 
 
-def _liquidation_tables(report: BacktestReport, inst_index: int) -> tuple[list[Table], str]:
+def _liquidation_tables(report: BacktestReport,
+                        inst_index: int) -> tuple[list[_Titled], str]:
     liquidation = report.instruments[inst_index].liquidation or []
-    events = _table(
+    events = _Titled(
         "liquidations (positions by the window they open in, liquidations by the window "
         "they trigger in)",
         [("window", "left"), ("positions", "right"), ("liquidations", "right"),
          ("premature", "right"), ("premature\nshare %", "right")],
     )
-    money = _table(
+    money = _Titled(
         "insolvency",
         [("window", "left"), ("bad debt\nUSD", "right"),
          ("bad debt bps\nof opened", "right"), ("worst\nposition USD", "right"),
@@ -146,11 +166,11 @@ def print_summary(report: BacktestReport, console: Console) -> None:
                 f"[yellow]{count} suspect prints (wick > 50% beyond the body): {shown}{more}[/]"
             )
         for table in _coverage_tables(report, i):
-            console.print(table)
+            table.print(console)
         if inst.liquidation:
             tables, note = _liquidation_tables(report, i)
             for table in tables:
-                console.print(table)
+                table.print(console)
             console.print(note)
 
 
@@ -169,7 +189,7 @@ def pareto_rows(front: Sequence[ParetoPoint], recommended: int | None,
     return rows, len(front) > limit
 
 
-def _pareto_table(result: CalibrationResult) -> tuple[Table, str | None]:
+def _pareto_table(result: CalibrationResult) -> tuple[_Titled, str | None]:
     front = result.pareto_front
     rec = result.recommendation
     recommended = rec.trial if rec is not None else None
@@ -186,7 +206,7 @@ def _pareto_table(result: CalibrationResult) -> tuple[Table, str | None]:
             title += f", and the recommendation (rank {rows[-1][0]})"
     else:
         title = f"Pareto front: all {len(front)} Pareto trials, cheapest first"
-    table = _table(title, [("rank", "right"), ("trial", "right"),
+    table = _Titled(title, [("rank", "right"), ("trial", "right"),
                            ("mean IM\n% of notional", "right"), ("insolvency\nbps", "right"),
                            ("parameters that differ between the points", "left")],
                    caption="* the recommendation" if recommended is not None and front
@@ -223,7 +243,7 @@ def print_calibration(result: CalibrationResult, console: Console) -> None:
     appetite = "" if rec.within_risk_appetite else ", [yellow]outside the risk appetite[/]"
     console.print(f"\n[bold]recommendation[/] (trial {rec.trial}): {status}{appetite} — "
                   f"{escape(rec.explanation)}")
-    params = _table("", [("parameter", "left"), ("value", "right"), ("published", "right"),
+    params = _Titled("", [("parameter", "left"), ("value", "right"), ("published", "right"),
                          ("change", "right")],
                     caption="values as in the JSON: rates are fractions of notional "
                             "(0.01 = 1%), *_bars in bars")
@@ -232,7 +252,7 @@ def print_calibration(result: CalibrationResult, console: Console) -> None:
         params.add_row(escape(name), _fmt_param(value),
                        "–" if change is None else f"{change['published']:.6g}",
                        "–" if change is None else f"{change['change']:+.6g}")
-    console.print(params)
+    params.print(console)
     console.print(
         f"capital cost (mean IM): {_pct(rec.objectives['capital_cost'], 3)}% of notional; "
         f"insolvency: {rec.objectives['insolvency_bps']:.3f} bps"
@@ -245,7 +265,7 @@ def print_calibration(result: CalibrationResult, console: Console) -> None:
                if rec.binding_constraints else "; none binding")
         )
     if rec.out_of_sample:
-        oos = _table("out of sample (walk-forward folds)",
+        oos = _Titled("out of sample (walk-forward folds)",
                      [("fold", "left"), ("instrument", "left"), ("long\nbreaches", "right"),
                       ("short\nbreaches", "right"), ("traffic\nlight", "left"),
                       ("bad debt bps\nof opened", "right")])
@@ -257,8 +277,8 @@ def print_calibration(result: CalibrationResult, console: Console) -> None:
                 oos.add_row(escape(fold), escape(inst), f"{cov['long']['breaches']:,}",
                             f"{cov['short']['breaches']:,}", _light(light),
                             _num(liq.get("bad_debt_bps"), ".3f"))
-        console.print(oos)
+        oos.print(console)
     table, same = _pareto_table(result)
-    console.print(table)
+    table.print(console)
     if same:
         console.print(same)
