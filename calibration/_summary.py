@@ -1,43 +1,166 @@
-"""The human-readable summary of a backtest report (rich tables)."""
+"""The human-readable summaries of a backtest report and of a calibration (rich tables).
+
+Every table fits an 80-column terminal: wide figures are split over several narrow tables
+rather than cut, numbers are never wrapped or truncated (their columns do not wrap), and every
+number's header or label states its unit. The JSON keeps rates as fractions of notional
+(domain.md §2); here they are shown as percentages, and the headers say so.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
+from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from calibration.horizon import format_duration
 from calibration.report import BacktestReport
 
 if TYPE_CHECKING:
-    from calibration.calibrate import CalibrationResult
+    from calibration.calibrate import CalibrationResult, ParetoPoint
 
-_LIGHT = {"green": "[green]green[/]", "yellow": "[yellow]yellow[/]", "red": "[red]red[/]"}
+_LIGHT = {"green": "[green]green[/]", "yellow": "[yellow]yellow[/]", "red": "[red]red[/]",
+          "insufficient": "[dim]insufficient[/]"}
+#: Worst first: the light of several sides together is the worst verdict among them, and
+#: ``insufficient`` (too few observations for any verdict) only when no side has a verdict.
+_LIGHT_ORDER = ("red", "yellow", "green", "insufficient")
+#: Rows of the Pareto table before it is cut (the recommendation is always added).
+PARETO_ROWS = 10
+
+
+def _light(value: str | None) -> str:
+    if value is None:
+        return "–"
+    return _LIGHT.get(value, escape(value))
+
+
+def worst_light(lights: Iterable[str | None]) -> str | None:
+    """The worst traffic light among ``lights`` (red > yellow > green > insufficient);
+    ``None`` when none is given."""
+    present = set(lights)
+    return next((light for light in _LIGHT_ORDER if light in present), None)
 
 
 def _pct(x: float | None, digits: int = 2) -> str:
-    return "–" if x is None else f"{100 * x:.{digits}f}%"
+    """A fraction as a percentage, without the sign: the header carries the unit."""
+    return "–" if x is None else f"{100 * x:.{digits}f}"
 
 
 def _num(x: float | None, fmt: str = ",.0f") -> str:
     return "–" if x is None else format(x, fmt)
 
 
+class _Titled:
+    """A table with its title and caption, printed as lines of their own (at the console's
+    width, not squeezed into the table's)."""
+
+    def __init__(self, title: str, columns: Sequence[tuple[str, str]],
+                 caption: str | None = None) -> None:
+        self.title = title
+        self.caption = caption
+        # Right-justified columns hold numbers and never wrap (so they are never cut); the
+        # others fold when the table is too wide.
+        self.table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+        for header, justify in columns:
+            numeric = justify == "right"
+            self.table.add_column(header, justify="right" if numeric else "left",
+                                  no_wrap=numeric, overflow="fold")
+
+    def add_row(self, *cells: str) -> None:
+        self.table.add_row(*cells)
+
+    def add_section(self) -> None:
+        self.table.add_section()
+
+    def print(self, console: Console) -> None:
+        console.print()
+        if self.title:
+            console.print(f"[bold]{self.title}[/]")
+        console.print(self.table)
+        if self.caption:
+            console.print(self.caption)
+
+
+def _coverage_tables(report: BacktestReport, inst_index: int) -> list[_Titled]:
+    inst = report.instruments[inst_index]
+    margin = report.margin_tested.upper()
+    expected = next((m.long.expected_breach_rate for m in inst.coverage), None)
+    counts = _Titled(
+        f"coverage: {margin} against the loss over {report.horizon_bars} bars "
+        f"({report.horizon}) "
+        f"(expected breach rate {_pct(expected)}%)",
+        [("window", "left"), ("side", "left"), ("obs.", "right"), ("breaches", "right"),
+         ("breach\nrate %", "right"), ("traffic\nlight", "left")],
+    )
+    tests = _Titled(
+        "coverage tests and margin",
+        [("window", "left"), ("side", "left"), ("Kupiec\np", "right"),
+         ("1-sided\np", "right"), ("indep.\np", "right"),
+         (f"mean\n{margin} %", "right"), ("max\nuncov. %", "right"),
+         ("peak/\ntrough ×", "right")],
+    )
+    for m in inst.coverage:
+        for side_name, side in (("long", m.long), ("short", m.short)):
+            first = side_name == "long"
+            window = escape(m.window) if first else ""
+            counts.add_row(window, side_name, f"{side.observations:,}", f"{side.breaches:,}",
+                           _pct(side.breach_rate), _light(side.traffic_light))
+            tests.add_row(window, side_name, _num(side.kupiec_pvalue, ".3g"),
+                          _num(side.kupiec_pvalue_one_sided, ".3g"),
+                          _num(side.christoffersen_pvalue, ".3g"),
+                          _pct(side.mean_margin_rate), _pct(side.max_uncovered_loss),
+                          _num(m.peak_to_trough, ".1f") if first else "")
+    return [counts, tests]
+
+
+def _liquidation_tables(report: BacktestReport,
+                        inst_index: int) -> tuple[list[_Titled], str]:
+    liquidation = report.instruments[inst_index].liquidation or []
+    events = _Titled(
+        "liquidations (positions by the window they open in, liquidations by the window "
+        "they trigger in)",
+        [("window", "left"), ("positions", "right"), ("liquidations", "right"),
+         ("premature", "right"), ("premature\nshare %", "right")],
+    )
+    money = _Titled(
+        "insolvency",
+        [("window", "left"), ("bad debt\nUSD", "right"),
+         ("bad debt bps\nof opened", "right"), ("worst\nposition USD", "right"),
+         ("fund min\nUSD", "right")],
+    )
+    exhausted: list[str] = []
+    for lm in liquidation:
+        window = escape(lm.window)
+        events.add_row(window, f"{lm.positions:,}", f"{lm.liquidations:,}",
+                       f"{lm.premature_liquidations:,}", _pct(lm.premature_share, 1))
+        money.add_row(window, _num(lm.bad_debt_usd), _num(lm.bad_debt_bps, ".2f"),
+                      _num(lm.worst_position_bad_debt_usd), _num(lm.insurance_fund_min_usd))
+        if lm.insurance_fund_exhausted_at:
+            exhausted.append(f"{escape(lm.window)} {lm.insurance_fund_exhausted_at}")
+    note = ("insurance fund: never exhausted" if not exhausted else
+            "[red]insurance fund exhausted[/] (window, first time): " + "; ".join(exhausted))
+    return [events, money], note
+
+
 def print_summary(report: BacktestReport, console: Console) -> None:
-    """Print one coverage table and one liquidation table per instrument."""
+    """Print, per instrument, the coverage tables and the liquidation tables."""
     params = ", ".join(f"{k}={v}" for k, v in report.params.items())
     console.print(
-        f"[bold]{report.model}[/] ({params})\nclose-out horizon {report.horizon} "
+        f"[bold]{report.model}[/] ({escape(params)})\nclose-out horizon {report.horizon} "
         f"({report.horizon_bars} bars of {format_duration(report.bar_seconds)}), "
         f"coverage level {report.coverage_level:g}, "
         f"{'overlapping' if report.overlapping else 'non-overlapping'} observations, "
-        f"{report.margin_tested.upper()} tested, engine {report.engine_version}"
+        f"{report.margin_tested.upper()} tested, engine {report.engine_version}; "
+        "rates in % of notional"
     )
-    for info, inst in zip(report.datasets, report.instruments, strict=True):
+    for i, (info, inst) in enumerate(zip(report.datasets, report.instruments, strict=True)):
         console.print(
-            f"\n[bold]{inst.instrument}[/] {info.ref}: {info.rows:,} bars of "
-            f"{info.bar_seconds}s, {info.start} → {info.end}, {info.gaps} gaps "
+            f"\n[bold]{escape(inst.instrument)}[/] {escape(info.ref)}: {info.rows:,} bars of "
+            f"{info.bar_seconds} s, {info.start} → {info.end}, {info.gaps:,} "
+            f"gap{'' if info.gaps == 1 else 's'} "
             f"({info.missing_bars:,} missing bars), fingerprint {info.fingerprint[:12]}"
         )
         if info.suspect_prints:
@@ -47,54 +170,83 @@ def print_summary(report: BacktestReport, console: Console) -> None:
             console.print(
                 f"[yellow]{count} suspect prints (wick > 50% beyond the body): {shown}{more}[/]"
             )
-        cov = Table(title="coverage", title_justify="left")
-        for col in ("window", "side", "obs", "breaches", "rate", "expected", "Kupiec p",
-                    "indep. p", "light", "mean MM", "max uncovered", "peak/trough"):
-            cov.add_column(col, justify="left" if col in ("window", "side", "light") else "right")
-        for m in inst.coverage:
-            for side_name, side in (("long", m.long), ("short", m.short)):
-                cov.add_row(
-                    m.window if side_name == "long" else "",
-                    side_name,
-                    f"{side.observations:,}",
-                    f"{side.breaches:,}",
-                    _pct(side.breach_rate),
-                    _pct(side.expected_breach_rate),
-                    _num(side.kupiec_pvalue, ".3g"),
-                    _num(side.christoffersen_pvalue, ".3g"),
-                    _LIGHT.get(side.traffic_light or "", "–"),
-                    _pct(side.mean_margin_rate),
-                    _pct(side.max_uncovered_loss),
-                    _num(m.peak_to_trough, ".1f") if side_name == "long" else "",
-                )
-        console.print(cov)
+        for table in _coverage_tables(report, i):
+            table.print(console)
+        capped = inst.coverage[0].capped_bars if inst.coverage else 0
+        if capped:
+            console.print(f"[yellow]{capped:,} observation bars had their margin capped at "
+                          f"max_rate ({_pct(report.params.get('max_rate', 1.0))}%)[/]")
         if inst.liquidation:
-            liq = Table(title="liquidations and insolvency", title_justify="left")
-            for col in ("window", "positions", "liquidations", "premature", "bad debt USD",
-                        "bad debt bps", "worst position USD", "fund min USD", "fund exhausted"):
-                liq.add_column(col, justify="left" if col == "window" else "right")
-            for lm in inst.liquidation:
-                liq.add_row(
-                    lm.window,
-                    f"{lm.positions:,}",
-                    f"{lm.liquidations:,}",
-                    f"{lm.premature_liquidations:,}",
-                    _num(lm.bad_debt_usd),
-                    _num(lm.bad_debt_bps, ".2f"),
-                    _num(lm.worst_position_bad_debt_usd),
-                    _num(lm.insurance_fund_min_usd),
-                    lm.insurance_fund_exhausted_at or "no",
-                )
-            console.print(liq)
+            tables, note = _liquidation_tables(report, i)
+            for table in tables:
+                table.print(console)
+            console.print(note)
+
+
+def _fmt_param(value: Any, digits: int = 6) -> str:
+    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def pareto_rows(front: Sequence[ParetoPoint], recommended: int | None,
+                limit: int = PARETO_ROWS) -> tuple[list[tuple[int, ParetoPoint]], bool]:
+    """The Pareto points to show, as ``(rank, point)`` (rank 1 = cheapest): the first
+    ``limit`` and, when it lies further down, the recommended trial; and whether the table
+    is cut (more points than ``limit``)."""
+    rows = list(enumerate(front[:limit], start=1))
+    if recommended is not None and all(p.trial != recommended for _, p in rows):
+        rows += [(k, p) for k, p in enumerate(front, start=1) if p.trial == recommended]
+    return rows, len(front) > limit
+
+
+def _pareto_table(result: CalibrationResult) -> tuple[_Titled, str | None]:
+    front = result.pareto_front
+    rec = result.recommendation
+    recommended = rec.trial if rec is not None else None
+    rows, cut = pareto_rows(front, recommended)
+    names = list(front[0].params) if front else []
+    varying = [n for n in names if len({repr(p.params.get(n)) for p in front}) > 1]
+    fixed = [n for n in names if n not in varying]
+    if not front:
+        title = "Pareto front: no feasible point"
+    elif cut:
+        title = (f"Pareto front: showing {min(PARETO_ROWS, len(front))} of {len(front)} "
+                 "Pareto trials, cheapest first")
+        if rows[-1][0] > PARETO_ROWS:
+            title += f", and the recommendation (rank {rows[-1][0]})"
+    else:
+        title = f"Pareto front: all {len(front)} Pareto trials, cheapest first"
+    table = _Titled(title, [("rank", "right"), ("trial", "right"),
+                           ("mean IM\n% of notional", "right"), ("insolvency\nbps", "right"),
+                           ("parameters that differ between the points", "left")],
+                   caption="* the recommendation" if recommended is not None and front
+                   else None)
+    for i, (rank, p) in enumerate(rows):
+        if i and rank != rows[i - 1][0] + 1:
+            table.add_section()
+        mark = "*" if p.trial == recommended else ""
+        table.add_row(f"{rank}", f"{p.trial}{mark}", _pct(p.capital_cost, 3),
+                      f"{p.insolvency_bps:.3f}",
+                      escape(", ".join(f"{n}={_fmt_param(p.params.get(n), 4)}"
+                                       for n in varying)) or "–")
+    same = None
+    if fixed and front:
+        same = "the same on every Pareto point: " + escape(", ".join(
+            f"{n}={_fmt_param(front[0].params[n], 6)}" for n in fixed))
+    return table, same
 
 
 def print_calibration(result: CalibrationResult, console: Console) -> None:
     """Print the recommendation, its evidence and the Pareto front."""
     t = result.trials
     console.print(
-        f"[bold]{result.model}[/] study {result.study} ({result.sampler}, seed {result.seed}): "
-        f"{t.get('complete', 0)} complete, {t.get('pruned', 0)} pruned, {t.get('fail', 0)} "
-        f"failed trials; spec {result.spec_hash[:12]}, engine {result.engine_version}"
+        f"[bold]{result.model}[/] study {escape(result.study)} ({result.sampler}, seed "
+        f"{result.seed}): {t.get('complete', 0)} complete, {t.get('pruned', 0)} pruned, "
+        f"{t.get('fail', 0)} failed trials; spec {result.spec_hash[:12]}, engine "
+        f"{result.engine_version}\nclose-out horizon {result.horizon} ({result.horizon_bars} "
+        f"bars of {format_duration(result.bar_seconds)}); {result.workers} worker"
+        f"{'' if result.workers == 1 else 's'}, "
+        f"{'reproducible' if result.reproducible else 'not reproducible'} from this record: "
+        f"{escape(result.reproducibility)}"
     )
     rec = result.recommendation
     if rec is None:
@@ -103,48 +255,45 @@ def print_calibration(result: CalibrationResult, console: Console) -> None:
     status = "[green]feasible[/]" if rec.feasible else "[red]NOT feasible[/]"
     appetite = "" if rec.within_risk_appetite else ", [yellow]outside the risk appetite[/]"
     console.print(f"\n[bold]recommendation[/] (trial {rec.trial}): {status}{appetite} — "
-                  f"{rec.explanation}")
-    params = Table(title_justify="left")
-    params.add_column("parameter")
-    params.add_column("value", justify="right")
-    params.add_column("published", justify="right")
-    params.add_column("change", justify="right")
+                  f"{escape(rec.explanation)}")
+    for note in rec.notes:
+        console.print(f"[bold yellow]note: {escape(note)}[/]")
+    params = _Titled("", [("parameter", "left"), ("value", "right"), ("published", "right"),
+                         ("change", "right")],
+                    caption="values as in the JSON: rates are fractions of notional "
+                            "(0.01 = 1%), *_bars in bars")
     for name, value in rec.params.items():
         change = (rec.change_vs_published or {}).get(name)
-        params.add_row(name, f"{value:.6g}" if isinstance(value, float) else str(value),
+        params.add_row(escape(name), _fmt_param(value),
                        "–" if change is None else f"{change['published']:.6g}",
                        "–" if change is None else f"{change['change']:+.6g}")
-    console.print(params)
+    params.print(console)
     console.print(
-        f"capital cost (mean IM) {_pct(rec.objectives['capital_cost'])}, insolvency "
-        f"{rec.objectives['insolvency_bps']:.3f} bps; constraints "
-        + ", ".join(f"{k}={v:.3g}" for k, v in rec.constraints.items())
-        + (f"; binding: {', '.join(rec.binding_constraints)}" if rec.binding_constraints
-           else "; none binding")
+        f"capital cost (mean IM): {_pct(rec.objectives['capital_cost'], 3)}% of notional; "
+        f"insolvency: {rec.objectives['insolvency_bps']:.3f} bps"
     )
+    if rec.constraints:
+        console.print(
+            "constraints (≤ 0 holds): "
+            + ", ".join(f"{escape(k)} {v:.3g}" for k, v in rec.constraints.items())
+            + (f"; binding: {escape(', '.join(rec.binding_constraints))}"
+               if rec.binding_constraints else "; none binding")
+        )
     if rec.out_of_sample:
-        oos = Table(title="out of sample", title_justify="left")
-        for col in ("fold", "instrument", "long breaches", "short breaches", "light",
-                    "bad debt bps"):
-            oos.add_column(col)
+        oos = _Titled("out of sample (walk-forward folds)",
+                     [("fold", "left"), ("instrument", "left"), ("long\nbreaches", "right"),
+                      ("short\nbreaches", "right"), ("traffic\nlight", "left"),
+                      ("bad debt bps\nof opened", "right")])
         for fold, per in rec.out_of_sample.items():
             for inst, m in per.items():
                 cov = m["coverage"]
                 liq = m.get("liquidation") or {}
-                lights = {cov["long"]["traffic_light"], cov["short"]["traffic_light"]}
-                light = "red" if "red" in lights else "yellow" if "yellow" in lights else "green"
-                oos.add_row(fold, inst, str(cov["long"]["breaches"]),
-                            str(cov["short"]["breaches"]), _LIGHT.get(light, light),
+                light = worst_light(cov[s].get("traffic_light") for s in ("long", "short"))
+                oos.add_row(escape(fold), escape(inst), f"{cov['long']['breaches']:,}",
+                            f"{cov['short']['breaches']:,}", _light(light),
                             _num(liq.get("bad_debt_bps"), ".3f"))
-        console.print(oos)
-    front = Table(title=f"Pareto front ({len(result.pareto_front)} feasible points)",
-                  title_justify="left")
-    front.add_column("trial", justify="right")
-    front.add_column("mean IM", justify="right")
-    front.add_column("insolvency bps", justify="right")
-    front.add_column("params")
-    for p in result.pareto_front[:15]:
-        front.add_row(str(p.trial), _pct(p.capital_cost), f"{p.insolvency_bps:.3f}",
-                      ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                for k, v in p.params.items()))
-    console.print(front)
+        oos.print(console)
+    table, same = _pareto_table(result)
+    table.print(console)
+    if same:
+        console.print(same)

@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import numpy as np
@@ -616,7 +616,8 @@ def _run_trials(
                 study.tell(trial, list(result.objectives))
         ran += 1
         if on_trial is not None:
-            on_trial(_finished(study), n_trials, best_feasible(study))
+            on_trial(_finished(study), n_trials,
+                     best_feasible(study, prepared.spec.risk_appetite_bps))
 
 
 def _params_of(trial: FrozenTrial, space: Mapping[str, ParamSpec]) -> dict[str, Any]:
@@ -630,17 +631,42 @@ def _params_of(trial: FrozenTrial, space: Mapping[str, ParamSpec]) -> dict[str, 
             for name, p in space.items()}
 
 
-def best_feasible(study: optuna.Study) -> dict[str, Any] | None:
-    """The cheapest feasible trial so far (for progress displays), or ``None``."""
-    best: FrozenTrial | None = None
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if all(v <= 0 for v in t.constraints.values()) and t.values is not None and (
-                best is None or t.values[0] < best.values[0]):
-            best = t
+def recommended_trial(front: Sequence[FrozenTrial],
+                      risk_appetite_bps: float | None) -> tuple[FrozenTrial | None, bool]:
+    """The recommendation among feasible Pareto trials (domain.md §5), and whether it is
+    within the risk appetite.
+
+    The cheapest (capital cost, then insolvency) trial whose insolvency, bps, is at most
+    ``risk_appetite_bps`` (any, when ``None``); when none is, the one with the least
+    insolvency. ``(None, False)`` for an empty front. ``summarize`` and the progress
+    displays both choose by this, so "best so far" is what the result would recommend.
+    """
+    ordered = sorted(front, key=lambda t: (t.values[0], t.values[1]))
+    for t in ordered:
+        if risk_appetite_bps is None or t.values[1] <= risk_appetite_bps:
+            return t, True
+    if not ordered:
+        return None, False
+    return min(ordered, key=lambda t: t.values[1]), False
+
+
+def best_feasible(study: optuna.Study,
+                  risk_appetite_bps: float | Literal["study"] | None = "study",
+                  ) -> dict[str, Any] | None:
+    """What the recommendation would be if the study stopped now (for progress displays):
+    ``{"trial", "capital_cost", "insolvency_bps", "within_risk_appetite"}``, or ``None``
+    while no trial is feasible.
+
+    ``risk_appetite_bps`` defaults to the appetite of the spec stored on the study.
+    """
+    if isinstance(risk_appetite_bps, str):  # "study"
+        stored = study.user_attrs.get("spec") or {}
+        risk_appetite_bps = stored.get("risk_appetite_bps")
+    best, within = recommended_trial(study.best_trials, risk_appetite_bps)
     if best is None or best.values is None:
         return None
     return {"trial": best.number, "capital_cost": best.values[0],
-            "insolvency_bps": best.values[1]}
+            "insolvency_bps": best.values[1], "within_risk_appetite": within}
 
 
 class ParetoPoint(msgspec.Struct, frozen=True, kw_only=True):
@@ -722,15 +748,12 @@ def summarize(study: optuna.Study, prepared: Prepared, storage_url: str) -> Cali
     pareto = [ParetoPoint(trial=t.number, params=_params_of(t, space), capital_cost=t.values[0],
                           insolvency_bps=t.values[1]) for t in front]
     appetite = spec.risk_appetite_bps
-    chosen: FrozenTrial | None = None
     explanation = ""
-    within = [t for t in front if appetite is None or t.values[1] <= appetite]
-    if within:
-        chosen = within[0]
+    chosen, within = recommended_trial(front, appetite)
+    if chosen is not None and within:
         explanation = ("cheapest feasible Pareto point" +
                        ("" if appetite is None else f" with insolvency ≤ {appetite:g} bps"))
-    elif front:
-        chosen = min(front, key=lambda t: t.values[1])
+    elif chosen is not None:
         explanation = (f"no feasible point is within the risk appetite of {appetite:g} bps; "
                        "this is the feasible point with the least insolvency")
     else:
@@ -887,6 +910,7 @@ __all__ = [
     "load_study",
     "make_sampler",
     "prepare",
+    "recommended_trial",
     "run_worker",
     "study_name",
     "summarize",

@@ -13,11 +13,14 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from calibration._bars import BarSeries
 from calibration._errors import InvalidParameters, MarginlabError
 from calibration._version import ENGINE_VERSION
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 EXIT_BAD_INPUT = 2
 
@@ -199,10 +202,7 @@ def _cmd_backtest(args: argparse.Namespace) -> int:
     else:
         from calibration._summary import print_summary
 
-        out = Console()
-        if not out.is_terminal:  # piped: do not squeeze the tables into 80 columns
-            out = Console(width=160)
-        print_summary(report, out)
+        print_summary(report, _stdout_console())
     return 0
 
 
@@ -246,10 +246,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             task = bar.add_task("", total=spec.n_trials)
 
             def on_trial(done: int, total: int | None, best: dict[str, Any] | None) -> None:
-                text = ("best feasible: none yet" if best is None else
-                        f"best feasible: IM {100 * best['capital_cost']:.2f}%, "
-                        f"{best['insolvency_bps']:.2f} bps (trial {best['trial']})")
-                bar.update(task, completed=done, description=text)
+                bar.update(task, completed=done, description=progress_best_text(best))
 
             try:
                 # The callback scans the study: only pay for it when someone watches.
@@ -269,10 +266,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     else:
         from calibration._summary import print_calibration
 
-        out = Console()
-        if not out.is_terminal:
-            out = Console(width=160)
-        print_calibration(result, out)
+        print_calibration(result, _stdout_console())
     return 0
 
 
@@ -392,6 +386,24 @@ def _cmd_recalibrate(args: argparse.Namespace) -> int:
     key = os.environ.get("MARGINLAB_API_KEY")
     return run_schedule(args.api, spec, args.instrument, every_s=every, key=key,
                         clamp=args.clamp, once=args.once)
+
+
+def _stdout_console() -> Console:
+    """The console of the human-readable summaries at rich's own width: ``COLUMNS`` if set,
+    else the terminal's (also when stdout is piped from one), else 80. The tables fit 80."""
+    from rich.console import Console
+
+    return Console()
+
+
+def progress_best_text(best: dict[str, Any] | None) -> str:
+    """The progress bar's "best so far": what the recommendation would be now
+    (``calibration.calibrate.best_feasible``, the risk appetite applied)."""
+    if best is None:
+        return "best: no feasible trial yet"
+    where = "" if best.get("within_risk_appetite", True) else " (none within appetite)"
+    return (f"best{where}: trial {best['trial']}, IM {100 * best['capital_cost']:.2f}% of "
+            f"notional, {best['insolvency_bps']:.2f} bps")
 
 
 def _quiet_optuna() -> None:

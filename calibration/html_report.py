@@ -2,9 +2,10 @@
 
 Charts are matplotlib SVG inlined in the page (no script, no network): the Pareto front with
 the recommendation marked; per instrument, the recommended margin against the realised loss
-over the horizon with breaches marked and stress windows shaded; bad debt and liquidations
-per stress window and out-of-sample fold. Tables: coverage tests with traffic lights, and the
-change against the published parameters.
+over the horizon with breaches marked and stress windows shaded; bad debt per window in bps
+of the notional opened in it (so a 1-day stress window and an 18-month fold compare). Tables:
+coverage tests with traffic lights, liquidations and insolvency, and the change against the
+published parameters; each column explained in one line under its table.
 """
 
 from __future__ import annotations
@@ -22,17 +23,24 @@ matplotlib.use("Agg")  # no display; SVG only
 import matplotlib.dates as mdates
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.patches import Patch
 
 from calibration.calibrate import CalibrationResult, Prepared
+from calibration.horizon import format_duration
 from calibration.models import make_model
+from calibration.report import CoverageMetrics, LiquidationMetrics
 
-_LIGHT = {"green": "#2e7d32", "yellow": "#f9a825", "red": "#c62828"}
+#: Cell colours of the traffic lights; ``insufficient`` (a window too short for any verdict)
+#: is grey like a missing value, not a verdict.
+_LIGHT = {"green": "#2e7d32", "yellow": "#f9a825", "red": "#c62828", "insufficient": "#9e9e9e"}
 _MAX_POINTS = 2500
 
 
 def _svg(fig: Any) -> str:
     buf = io.StringIO()
-    fig.savefig(buf, format="svg", bbox_inches="tight")
+    # Text stays text (not glyph paths): the labels can be read, searched and checked.
+    with plt.rc_context({"svg.fonttype": "none"}):
+        fig.savefig(buf, format="svg", bbox_inches="tight")
     plt.close(fig)
     text = buf.getvalue()
     return text[text.index("<svg"):]
@@ -49,7 +57,7 @@ def _pareto_chart(result: CalibrationResult) -> str:
         ax.plot([100 * rec.objectives["capital_cost"]], [rec.objectives["insolvency_bps"]],
                 marker="*", markersize=18, color="#c62828", linestyle="none",
                 label=f"recommendation (trial {rec.trial})")
-    ax.set_xlabel("capital cost: mean IM rate (%)")
+    ax.set_xlabel("capital cost: mean IM rate (% of notional)")
     ax.set_ylabel("insolvency (bps)")
     ax.set_title("Capital against insolvency")
     ax.grid(alpha=0.3)
@@ -58,11 +66,21 @@ def _pareto_chart(result: CalibrationResult) -> str:
 
 
 def _bucket(values: np.ndarray, size: int, how: str) -> np.ndarray:
+    """Blocks of ``size`` consecutive values reduced to their max or mean, NaN ignored; a
+    block of NaN only (warm-up, the last bars without a full horizon) gives NaN.
+
+    Counted by hand rather than with ``np.nanmax``/``np.nanmean``, which warn on such
+    blocks ("Mean of empty slice"), a warning a reader of the report has no use for.
+    """
     n = values.shape[0] // size * size
     block = values[:n].reshape(-1, size)
-    with np.errstate(all="ignore"):
-        out: np.ndarray = (np.nanmax(block, axis=1) if how == "max"
-                           else np.nanmean(block, axis=1))
+    finite = ~np.isnan(block)
+    count = finite.sum(axis=1)
+    if how == "max":
+        out: np.ndarray = np.where(finite, block, -np.inf).max(axis=1)
+    else:
+        out = np.where(finite, block, 0.0).sum(axis=1) / np.maximum(count, 1)
+    out[count == 0] = np.nan
     return out
 
 
@@ -80,7 +98,7 @@ def _margin_chart(prepared: Prepared, params: Mapping[str, Any], instrument: str
     fig, ax = plt.subplots(figsize=(11, 3.6))
     t_b = times[: len(times) // size * size][::size]
     ax.plot(t_b, 100 * _bucket(loss, size, "max"), color="#9e9e9e", lw=0.6,
-            label=f"realised loss over {horizon} bars (worst side)")
+            label=f"realised loss over {horizon} bars = {prepared.horizon.duration} (worst side)")
     ax.plot(t_b, 100 * _bucket(margin, size, "mean"), color="#1565c0", lw=1.2,
             label="recommended MM rate")
     idx = np.flatnonzero(breach)
@@ -112,14 +130,34 @@ def _margin_chart(prepared: Prepared, params: Mapping[str, Any], instrument: str
     return _svg(fig)
 
 
-def _liquidation_chart(windows: list[tuple[str, float, int]], instrument: str) -> str:
-    fig, ax = plt.subplots(figsize=(8, 3.2))
-    names = [w[0] for w in windows]
-    ax.bar(names, [w[1] for w in windows], color="#c62828")
-    for i, (_, bad, liq) in enumerate(windows):
-        ax.annotate(f"{liq} liq.", (i, bad), ha="center", va="bottom", fontsize=8)
-    ax.set_ylabel("bad debt (USD)")
-    ax.set_title(f"{instrument}: bad debt per stress window and out-of-sample fold")
+def bad_debt_bps_of_opened(metrics: LiquidationMetrics) -> float | None:
+    """Bad debt of a window per notional opened in it, bps (``bad_debt_usd /
+    notional_opened_usd × 1e4``): a 1-day stress window and an 18-month fold compare on it,
+    as USD do not. ``None`` when no position opened in the window."""
+    if metrics.notional_opened_usd <= 0:
+        return None
+    return metrics.bad_debt_usd / metrics.notional_opened_usd * 1e4
+
+
+def _liquidation_chart(metrics: list[LiquidationMetrics], instrument: str) -> str:
+    fig, ax = plt.subplots(figsize=(8, 3.4))
+    names = [m.window for m in metrics]
+    bps = [bad_debt_bps_of_opened(m) for m in metrics]
+    colours = ["#757575" if m.window == "all" else
+               "#1565c0" if m.window.startswith("oos_fold") else "#c62828" for m in metrics]
+    ax.bar(names, [0.0 if b is None else b for b in bps], color=colours)
+    for i, (m, b) in enumerate(zip(metrics, bps, strict=True)):
+        text = (f"{m.liquidations:,} liq.\n{m.bad_debt_usd:,.0f} USD" if b is not None
+                else "no position\nopened")
+        ax.annotate(text, (i, 0.0 if b is None else b), ha="center", va="bottom", fontsize=7)
+    ax.set_ylabel("bad debt (bps of notional opened)")
+    ax.margins(y=0.25)
+    kinds = {c: k for c, k in (("#757575", "whole span"), ("#c62828", "stress window"),
+                               ("#1565c0", "out-of-sample fold")) if c in colours}
+    ax.legend(handles=[Patch(color=c, label=k) for c, k in kinds.items()], fontsize=7,
+              loc="upper right")
+    ax.set_title(f"{instrument}: bad debt per window, normalised by the notional opened in "
+                 "it", fontsize=10)
     ax.tick_params(axis="x", labelrotation=20)
     ax.grid(alpha=0.3, axis="y")
     return _svg(fig)
@@ -133,6 +171,98 @@ def _cell(value: Any) -> str:
     return html.escape(str(value))
 
 
+def _pct(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{100 * value:.{digits}f}"
+
+
+def _light_cell(light: str | None) -> str:
+    colour = _LIGHT.get(light or "", "#eeeeee")
+    text = "#212121" if light is None else "white"
+    return (f"<td style='background:{colour};color:{text}'>"
+            f"{html.escape(light or '–')}</td>")
+
+
+def coverage_legend(expected_rate: float | None) -> tuple[tuple[str, str], ...]:
+    """One line per coverage column (domain.md §3); ``expected_rate`` is 1 − q, a fraction."""
+    p = "1 − q" if expected_rate is None else f"1 − q = {_pct(expected_rate)}%"
+    return (
+        ("obs.", "observations: bars with a margin and a whole close-out horizon after them "
+                 "(every bar, or every h-th when non-overlapping); one belongs to a window "
+                 "when its loss interval overlaps it."),
+        ("breaches", "observations whose loss over the horizon exceeded the margin."),
+        ("breach rate", f"breaches / observations, in %; the model aims at {p}."),
+        ("Kupiec p", f"two-sided p-value of Kupiec's proportion-of-failures test that the "
+                     f"breach rate is {p}; a small value says the rate is off, either way."),
+        ("one-sided p", "Kupiec's one-sided p-value, 1 − Φ(sign(x − np)·√LR): a small value "
+                        "says too many breaches (what the calibration's constraint tests)."),
+        ("indep. p", "p-value of Christoffersen's test that breaches do not cluster; a small "
+                     "value says they come in runs."),
+        ("traffic light", "Basel zones by the binomial probability of so many breaches: "
+                          "green, yellow, red; insufficient: a window too short for any "
+                          "verdict (even no breach would not be green)."),
+        ("max uncovered", "the largest loss beyond the margin, in % of notional."),
+    )
+
+
+def _legend(items: tuple[tuple[str, str], ...]) -> str:
+    return ("<ul class='legend'>" + "".join(
+        f"<li><b>{html.escape(name)}</b>: {html.escape(text)}</li>" for name, text in items)
+        + "</ul>")
+
+
+def _coverage_table(metrics: list[CoverageMetrics]) -> str:
+    rows = []
+    for m in metrics:
+        for side_name in ("long", "short"):
+            s = getattr(m, side_name)
+            rows.append(
+                f"<tr><td>{html.escape(m.window)}</td><td>{side_name}</td>"
+                f"<td>{s.observations:,}</td><td>{s.breaches:,}</td>"
+                f"<td>{_pct(s.breach_rate)}</td><td>{_cell(s.kupiec_pvalue)}</td>"
+                f"<td>{_cell(s.kupiec_pvalue_one_sided)}</td>"
+                f"<td>{_cell(s.christoffersen_pvalue)}</td>{_light_cell(s.traffic_light)}"
+                f"<td>{_pct(s.max_uncovered_loss)}</td></tr>")
+    expected = metrics[0].long.expected_breach_rate if metrics else None
+    return ("<h3>Coverage tests</h3><table><tr><th>window</th><th>side</th><th>obs.</th>"
+            "<th>breaches</th><th>breach rate (%)</th><th>Kupiec p</th><th>one-sided p</th>"
+            "<th>indep. p</th>"
+            "<th>traffic light</th><th>max uncovered (% of notional)</th></tr>"
+            + "".join(rows) + "</table>"
+            + _legend(coverage_legend(expected)))
+
+
+def premature_legend(recovery_bars: int) -> str:
+    """The one line that says what a premature liquidation is (domain.md §4)."""
+    return ("a liquidation whose bankruptcy price is not reached in bars t..t+R (the "
+            f"trigger bar t included; R = {recovery_bars} bars) and whose price ends that "
+            "window back on the safe side of the liquidation price: the position would "
+            "have survived.")
+
+
+def _liquidation_table(metrics: list[LiquidationMetrics], recovery_bars: int) -> str:
+    rows = []
+    for m in metrics:
+        bps = bad_debt_bps_of_opened(m)
+        rows.append(
+            f"<tr><td>{html.escape(m.window)}</td><td>{m.positions:,}</td>"
+            f"<td>{m.notional_opened_usd:,.0f}</td><td>{m.liquidations:,}</td>"
+            f"<td>{m.premature_liquidations:,}</td><td>{_pct(m.premature_share, 1)}</td>"
+            f"<td>{m.bad_debt_usd:,.0f}</td><td>{'–' if bps is None else f'{bps:.3f}'}</td>"
+            "</tr>")
+    legend = (
+        ("positions, notional opened", "counted in the window where the position opens."),
+        ("liquidations, bad debt", "counted in the window where the liquidation triggers."),
+        ("premature", premature_legend(recovery_bars)),
+        ("bad debt (bps of notional opened)", "bad debt USD / notional opened USD × 10,000, "
+                                              "so windows of any length compare."),
+    )
+    return ("<h3>Liquidations and insolvency</h3><table><tr><th>window</th>"
+            "<th>positions</th><th>notional opened (USD)</th><th>liquidations</th>"
+            "<th>premature</th><th>premature share (%)</th><th>bad debt (USD)</th>"
+            "<th>bad debt (bps of notional opened)</th></tr>" + "".join(rows) + "</table>"
+            + _legend(legend))
+
+
 def render_calibration_report(result: CalibrationResult, prepared: Prepared) -> str:
     """The HTML page (a string) of a calibration's result and evidence."""
     rec = result.recommendation
@@ -142,6 +272,11 @@ def render_calibration_report(result: CalibrationResult, prepared: Prepared) -> 
              f"{html.escape(result.engine_version)}, generated "
              f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}. Trials: "
              + ", ".join(f"{k} {v}" for k, v in result.trials.items() if v) + ".</p>",
+             f"<p>Close-out horizon {html.escape(result.horizon)} ({result.horizon_bars} "
+             f"bars of {format_duration(result.bar_seconds)}): it sized every margin and is "
+             f"the coverage test's loss window. Workers: {result.workers}; "
+             f"{'reproducible' if result.reproducible else 'not reproducible'} from this "
+             f"record ({html.escape(result.reproducibility)}).</p>",
              "<h2>Data</h2><ul>" + "".join(
                  f"<li>{html.escape(k)}: fingerprint <code>{v[:16]}</code></li>"
                  for k, v in result.data_fingerprints.items()) + "</ul>"]
@@ -152,9 +287,10 @@ def render_calibration_report(result: CalibrationResult, prepared: Prepared) -> 
         parts.append(f"<h2>Recommendation (trial {rec.trial}): "
                      f"<span class='{'ok' if rec.feasible else 'bad'}'>{status}</span></h2>"
                      f"<p>{html.escape(rec.explanation)}. Capital cost (mean IM) "
-                     f"{100 * rec.objectives['capital_cost']:.3f}%, insolvency "
+                     f"{100 * rec.objectives['capital_cost']:.3f}% of notional, insolvency "
                      f"{rec.objectives['insolvency_bps']:.3f} bps. Binding constraints: "
-                     f"{html.escape(', '.join(rec.binding_constraints) or 'none')}.</p>")
+                     f"{html.escape(', '.join(rec.binding_constraints) or 'none')}.</p>"
+                     + "".join(f"<p class='bad'>{html.escape(n)}</p>" for n in rec.notes))
         rows = []
         for name, value in rec.params.items():
             change = (rec.change_vs_published or {}).get(name)
@@ -162,7 +298,9 @@ def render_calibration_report(result: CalibrationResult, prepared: Prepared) -> 
                         f"<td>{_cell(change['published'] if change else None)}</td>"
                         f"<td>{_cell(change['change'] if change else None)}</td></tr>")
         parts.append("<table><tr><th>parameter</th><th>recommended</th><th>published</th>"
-                     "<th>change</th></tr>" + "".join(rows) + "</table>")
+                     "<th>change</th></tr>" + "".join(rows) + "</table>"
+                     "<p class='legend'>Values as in the JSON: rates are fractions of "
+                     "notional (0.01 = 1%), *_bars in bars.</p>")
         parts.append("<h3>Constraints (≤ 0 is feasible)</h3><table><tr><th>constraint</th>"
                      "<th>value</th></tr>" + "".join(
                          f"<tr><td>{html.escape(k)}</td><td>{v:.4g}</td></tr>"
@@ -175,30 +313,17 @@ def render_calibration_report(result: CalibrationResult, prepared: Prepared) -> 
         for inst, metrics in full.coverage.items():
             parts.append(f"<h2>{html.escape(inst)}</h2><div class='chart'>"
                          + _margin_chart(prepared, rec.params, inst) + "</div>")
-            rows = []
-            for m in metrics:
-                for side_name in ("long", "short"):
-                    s = getattr(m, side_name)
-                    light = s.traffic_light or ""
-                    rows.append(
-                        f"<tr><td>{html.escape(m.window)}</td><td>{side_name}</td>"
-                        f"<td>{s.observations}</td><td>{s.breaches}</td>"
-                        f"<td>{_cell(s.breach_rate)}</td><td>{_cell(s.kupiec_pvalue)}</td>"
-                        f"<td>{_cell(s.christoffersen_pvalue)}</td>"
-                        f"<td style='background:{_LIGHT.get(light, '#eee')};color:white'>"
-                        f"{light or '–'}</td><td>{_cell(s.max_uncovered_loss)}</td></tr>")
-            parts.append("<h3>Coverage tests</h3><table><tr><th>window</th><th>side</th>"
-                         "<th>obs</th><th>breaches</th><th>rate</th><th>Kupiec p</th>"
-                         "<th>indep. p</th><th>traffic light</th><th>max uncovered</th></tr>"
-                         + "".join(rows) + "</table>")
-            liq = [(m.window, m.bad_debt_usd, m.liquidations)
-                   for m in full.liquidation.get(inst, []) if m.window != "all"]
+            parts.append(_coverage_table(metrics))
+            liq = full.liquidation.get(inst, [])
             if liq:
-                parts.append("<div class='chart'>" + _liquidation_chart(liq, inst) + "</div>")
+                parts.append(_liquidation_table(liq, prepared.liquidation.recovery_bars))
+                parts.append(f"<div class='chart bad-debt' id='bad-debt-{html.escape(inst)}'>"
+                             + _liquidation_chart(liq, inst) + "</div>")
     style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
              "padding:3px 8px;font-size:13px}.ok{color:#2e7d32}.bad{color:#c62828}"
-             ".chart svg{max-width:100%;height:auto}")
+             ".chart svg{max-width:100%;height:auto}.legend{font-size:13px;color:#424242;"
+             "margin:0 0 1em;padding-left:1.2em}.legend li{margin:1px 0}")
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             f"<title>marginlab report {html.escape(result.study)}</title>"
             f"<style>{style}</style></head><body>" + "\n".join(parts) + "</body></html>")

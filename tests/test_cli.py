@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -278,3 +280,343 @@ def test_calibrate_workers_need_shared_storage(root: Path,
                          "--workers", "2"], capsys)
     assert code == 2
     assert "shared storage" in err
+
+
+# --- Output a person can read: 80 columns, units, no warnings, Pareto cut, progress best ---
+
+BTC_1M = "binance_spot_1m_2021_05/BTCUSDT_1m_2021-04-20_2021-05-20.csv"
+BTC_30M = "binance_spot_2020_2025/BTCUSDT_30m.csv"
+
+
+def _cli(args: list[str], root: Path, *,
+         columns: str | None = "80") -> subprocess.CompletedProcess[str]:
+    """The CLI in a subprocess with stdout piped (not a TTY) and warnings as errors."""
+    env = {"MARGINLAB_DATA_ROOT": str(root), "PATH": "/usr/bin:/bin"}
+    if columns is not None:
+        env["COLUMNS"] = columns
+    return subprocess.run(
+        [sys.executable, "-W", "error", "-m", "calibration.cli", *args], env=env,
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600, check=False,
+    )
+
+
+def _assert_readable(result: subprocess.CompletedProcess[str], width: int = 80) -> None:
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Warning" not in result.stderr
+    too_long = [line for line in result.stdout.splitlines() if len(line) > width]
+    assert too_long == []
+    assert "…" not in result.stdout
+
+
+def _cells(text: str) -> set[str]:
+    """Every whitespace-separated token of a rendered table (numbers among them)."""
+    return set(text.split())
+
+
+@pytest.mark.data
+def test_backtest_summary_fits_80_columns_on_real_data(shared_data: Path,
+                                                      data_file: Callable[[str], str]) -> None:
+    """BTC 1m May 2021: at COLUMNS=80 no line is wider than 80, no cell is cut ('…'), no
+    warning reaches stderr, and every breach count and rate of the JSON is shown whole."""
+    ref = data_file(BTC_1M)
+    args = ["backtest", "--data", f"BTC={ref}", "--model", "ewma", "--params",
+            '{"decay": 0.995, "horizon_bars": 60, "warmup_bars": 1000}',
+            "--stress-window", "may_2021_crash=2021-05-19",
+            "--stress-window", "first_day_in_warm_up=2021-04-20"]
+    text = _cli(args, shared_data)
+    _assert_readable(text)
+    raw = _cli([*args, "--json"], shared_data)
+    assert raw.returncode == 0, raw.stderr[-2000:]
+    report = msgspec.json.decode(raw.stdout.encode(), type=BacktestReport)
+    cells = _cells(text.stdout)
+    for m in report.instruments[0].coverage:
+        for side in (m.long, m.short):
+            assert f"{side.observations:,}" in cells
+            assert f"{side.breaches:,}" in cells
+            if side.breach_rate is not None:
+                assert f"{100 * side.breach_rate:.2f}" in cells
+    for lm in report.instruments[0].liquidation or []:
+        assert f"{lm.liquidations:,}" in cells
+        assert f"{lm.premature_liquidations:,}" in cells
+    # The warm-up window has no observation: shown as such, not as a number or a warning.
+    warm = next(m for m in report.instruments[0].coverage if m.window == "first_day_in_warm_up")
+    assert warm.long.observations == 0
+    assert "breach\nrate %" not in text.stdout  # headers are rendered, not leaked markup
+    assert "rate %" in text.stdout
+    assert "bad debt bps" in text.stdout
+
+
+def test_piped_output_is_not_forced_to_160_columns(root: Path) -> None:
+    """Piped with no terminal and no COLUMNS the summary is 80 wide; COLUMNS=120 widens it."""
+    ref = _write_bars(root)
+    args = ["backtest", "--data", ref, "--model", "ewma", "--params", EWMA,
+            "--liquidation", SMALL_LIQ]
+    narrow = _cli(args, root, columns=None)
+    _assert_readable(narrow)
+    # The first line (model and parameters) is 111 characters: wrapped at 80 and at 120.
+    first = "ewma (decay=0.97, confidence=0.99, horizon_bars=10, floor_rate=0.005, "
+    assert narrow.stdout.splitlines()[0].rstrip() == first.rstrip()
+    wide = _cli(args, root, columns="120")
+    _assert_readable(wide, width=120)
+    assert wide.stdout.splitlines()[0].rstrip().endswith("im_to_mm=2.0,")
+    assert 80 < len(wide.stdout.splitlines()[0]) <= 120
+
+
+def _worst_case_report(report: BacktestReport) -> BacktestReport:
+    """``report`` with the widest figures a real run produces: the longest default window
+    name, millions of observations, 1e10 USD of bad debt, an exhausted (negative) fund."""
+    inst = report.instruments[0]
+    side = msgspec.structs.replace(
+        inst.coverage[0].long, observations=2_628_000, breaches=1_234_567, breach_rate=0.4698,
+        kupiec_pvalue=6.19e-195, christoffersen_pvalue=6.94e-185,
+        traffic_light="insufficient", mean_margin_rate=1.9876, max_uncovered_loss=0.99)  # type: ignore[arg-type]
+    none_side = msgspec.structs.replace(side, traffic_light=None)
+    cov = msgspec.structs.replace(inst.coverage[0], window="black_thursday_2020", long=side,
+                                  short=none_side, peak_to_trough=12345.6)
+    assert inst.liquidation is not None
+    liq = msgspec.structs.replace(
+        inst.liquidation[0], window="black_thursday_2020", positions=12_345_678,
+        liquidations=9_876_543, premature_liquidations=8_765_432, premature_share=0.8875,
+        bad_debt_usd=19_730_188_004.0, bad_debt_bps=141.13,
+        worst_position_bad_debt_usd=59_595_945.0, insurance_fund_min_usd=-19_199_726_632.0,
+        insurance_fund_exhausted_at="2021-04-21T22:28:00Z")
+    inst = msgspec.structs.replace(inst, coverage=[cov, *inst.coverage],
+                                   liquidation=[liq, *inst.liquidation])
+    return msgspec.structs.replace(report, instruments=[inst])
+
+
+def test_summary_worst_case_figures_fit_80_columns(root: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """The widest figures (and the `insufficient` and missing traffic lights) fit 80
+    columns whole: every number is printed in full, nothing is cut."""
+    from rich.console import Console
+
+    from calibration._summary import print_summary
+
+    ref = _write_bars(root)
+    code, out, err = _run(["backtest", "--data", ref, "--model", "ewma", "--params", EWMA,
+                           "--liquidation", SMALL_LIQ, "--json"], capsys)
+    assert code == 0, err
+    report = _worst_case_report(msgspec.json.decode(out.encode(), type=BacktestReport))
+    console = Console(width=80, record=True, file=io.StringIO())
+    print_summary(report, console)
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "…" not in text
+    cells = _cells(text)
+    for number in ("2,628,000", "1,234,567", "46.98", "6.19e-195", "6.94e-185", "198.76",
+                   "99.00", "12345.6", "12,345,678", "9,876,543", "8,765,432", "88.8",
+                   "19,730,188,004", "141.13", "59,595,945", "-19,199,726,632"):
+        assert number in cells, number
+    assert "insufficient" in cells
+    assert "black_thursday_2020" in cells
+    assert "2021-04-21T22:28:00Z" in text
+
+
+def _point(trial: int, cost: float, bps: float) -> Any:
+    from calibration.calibrate import ParetoPoint
+
+    return ParetoPoint(trial=trial, params={"decay": 0.9 + trial / 1000, "warmup_bars": 100},
+                       capital_cost=cost, insolvency_bps=bps)
+
+
+def _result_with_front(n: int, recommended: int) -> Any:
+    from calibration.calibrate import CalibrationResult, Recommendation
+
+    front = [_point(100 + k, 0.01 * (k + 1), 10.0 - k * 0.1) for k in range(n)]
+    rec = Recommendation(
+        trial=front[recommended].trial, params=front[recommended].params, feasible=True,
+        within_risk_appetite=True,
+        objectives={"capital_cost": front[recommended].capital_cost,
+                    "insolvency_bps": front[recommended].insolvency_bps},
+        constraints={}, binding_constraints=[], in_sample={}, out_of_sample={},
+        change_vs_published=None, explanation="cheapest feasible Pareto point")
+    return CalibrationResult(
+        study="s", storage="memory", model="ewma", spec_hash="0" * 64, seed=1,
+        engine_version="test", data_fingerprints={}, trials={"complete": n},
+        sampler="TPESampler", recommendation=rec, pareto_front=front, horizon_bars=2,
+        horizon="1h", bar_seconds=1800, workers=1, reproducible=True,
+        reproducibility="one worker, a fixed trial count and a seed")
+
+
+def _calibration_text(result: Any) -> str:
+    from rich.console import Console
+
+    from calibration._summary import print_calibration
+
+    console = Console(width=80, record=True, file=io.StringIO())
+    print_calibration(result, console)
+    return console.export_text()
+
+
+def _pareto_rows(text: str) -> list[tuple[int, str]]:
+    """(rank, trial cell) of each Pareto table row."""
+    body = text[text.index("Pareto front"):]
+    rows = []
+    for line in body.splitlines():
+        cells = line.split()
+        if len(cells) >= 4 and cells[0].isdigit() and cells[1].rstrip("*").isdigit():
+            rows.append((int(cells[0]), cells[1]))
+    return rows
+
+
+def test_pareto_table_says_when_it_is_cut_and_shows_the_recommendation() -> None:
+    """37 points, the recommendation 25th: the title says 10 of 37 are shown, and the
+    recommended trial is there (marked), after the 10 cheapest."""
+    text = _calibration_text(_result_with_front(37, recommended=24))
+    assert "showing 10 of 37 Pareto trials" in " ".join(text.split())
+    assert "the recommendation (rank 25)" in " ".join(text.split())
+    rows = _pareto_rows(text)
+    assert rows == [*((k, str(99 + k)) for k in range(1, 11)), (25, "124*")]
+    assert max(len(line) for line in text.splitlines()) <= 80
+
+
+def test_pareto_table_recommendation_among_the_first_rows() -> None:
+    """Recommended 3rd of 37: ten rows, the third marked; 5 points: all shown, no cut."""
+    text = _calibration_text(_result_with_front(37, recommended=2))
+    rows = _pareto_rows(text)
+    assert [r for r, _ in rows] == list(range(1, 11))
+    assert rows[2] == (3, "102*")
+    assert "showing 10 of 37 Pareto trials" in " ".join(text.split())
+    small = _calibration_text(_result_with_front(5, recommended=4))
+    assert "all 5 Pareto trials" in " ".join(small.split())
+    assert "showing" not in small
+    assert [r for r, _ in _pareto_rows(small)] == [1, 2, 3, 4, 5]
+
+
+def test_calibration_summary_states_units() -> None:
+    """capital_cost, a fraction in the JSON (0.07), is printed as 7.000 "% of notional"."""
+    result = _result_with_front(8, recommended=6)
+    lines = _calibration_text(result).splitlines()
+    text = " ".join(" ".join(lines).split())
+    assert result.recommendation.objectives["capital_cost"] == pytest.approx(0.07)
+    assert "capital cost (mean IM): 7.000% of notional" in text
+    assert "insolvency: 9.400 bps" in text
+    assert "rates are fractions of notional" in text
+    # The Pareto table's two-line headers: "mean IM" over "% of notional", then "bps".
+    head = next(i for i, line in enumerate(lines) if "mean IM" in line and "cost" not in line)
+    assert "insolvency" in lines[head]
+    assert "% of notional" in lines[head + 1]
+    assert "bps" in lines[head + 1]
+    assert "7.000" in _cells(" ".join(lines[head:]))
+
+
+def _pareto_by_hand(trials: list[Any], appetite: float) -> tuple[int, int]:
+    """(the cheapest feasible non-dominated trial, the cheapest of those within
+    ``appetite``), by a double loop over the finished trials."""
+    feasible = [t for t in trials if t.state.name == "COMPLETE"
+                and all(v <= 0 for v in t.constraints.values())]
+
+    def dominated(t: Any) -> bool:
+        return any(all(a <= b for a, b in zip(o.values, t.values, strict=True))
+                   and o.values != t.values for o in feasible)
+
+    front = sorted((t for t in feasible if not dominated(t)),
+                   key=lambda t: (t.values[0], t.values[1]))
+    within = [t for t in front if t.values[1] <= appetite]
+    return front[0].number, within[0].number
+
+
+def test_progress_best_applies_the_risk_appetite(root: Path) -> None:
+    """The progress bar's last "best" is the recommendation: with an appetite that the
+    cheapest Pareto point exceeds, both name the cheapest point within it (found here by a
+    double loop over the trials), not the cheapest feasible trial."""
+    from calibration.calibrate import (
+        best_feasible,
+        create_or_load_study,
+        prepare,
+        run_worker,
+        summarize,
+    )
+    from calibration.cli import progress_best_text
+    from calibration.spec import decode_spec
+    from calibration.storage import Coordination
+
+    ref = _write_bars(root, n=1500)
+    space = {"warmup_bars": {"value": 100}, "horizon_bars": {"value": 10},
+             "decay": {"low": 0.9, "high": 0.999},
+             "floor_rate": {"low": 0.001, "high": 0.05, "log": True}}
+
+    def run(appetite: float | None) -> tuple[list[Any], list[Any], Any, Any]:
+        spec = decode_spec(_spec(ref, search_space=space, n_trials=24,
+                                 risk_appetite_bps=appetite))
+        prepared = prepare(spec, root)
+        seen: list[Any] = []
+        with Coordination("memory") as coordination:
+            study = create_or_load_study(spec, prepared, coordination)
+            run_worker(study, prepared, coordination, n_trials=spec.n_trials,
+                       on_trial=lambda done, total, best: seen.append(best))
+            result = summarize(study, prepared, "memory")
+            assert best_feasible(study) == best_feasible(study, appetite)  # the study's
+            return seen, study.get_trials(), result, study
+
+    _, trials, free, _ = run(None)
+    insolvency = sorted(p.insolvency_bps for p in free.pareto_front)
+    assert len(set(insolvency)) >= 3, insolvency
+    # Between the two highest insolvencies: the cheapest point (the highest) is outside.
+    appetite = (insolvency[-1] + insolvency[-2]) / 2
+    seen, trials, result, _ = run(appetite)
+    cheapest, within = _pareto_by_hand(trials, appetite)
+    assert cheapest != within
+    assert result.recommendation.trial == within
+    assert seen[-1]["trial"] == within
+    assert seen[-1]["within_risk_appetite"] is True
+    text = progress_best_text(seen[-1])
+    assert f"trial {within}," in text
+    assert "% of notional" in text
+    assert "bps" in text
+
+
+def test_progress_best_text_without_a_point_within_appetite() -> None:
+    """Outside the appetite the progress line says so; before any feasible trial, none."""
+    from calibration.cli import progress_best_text
+
+    outside = progress_best_text({"trial": 4, "capital_cost": 0.0523, "insolvency_bps": 12.5,
+                                  "within_risk_appetite": False})
+    assert outside == ("best (none within appetite): trial 4, IM 5.23% of notional, "
+                       "12.50 bps")
+    assert progress_best_text(None) == "best: no feasible trial yet"
+
+
+@pytest.mark.data
+def test_calibrate_summary_and_report_on_real_data(shared_data: Path, tmp_path: Path,
+                                                   data_file: Callable[[str], str]) -> None:
+    """BTC 30m 2022 through the CLI at COLUMNS=80: no warning (the report's charts of
+    warm-up bars once warned "Mean of empty slice"), no line over 80, nothing cut, and the
+    recommended trial is in the Pareto table, marked."""
+    ref = data_file(BTC_30M)
+    spec = {
+        "data": [{"instrument": "BTCUSDT", "ref": ref, "start": "2022-01-01",
+                  "end": "2022-12-31"}],
+        "model": "ewma",
+        "search_space": {"decay": {"low": 0.9, "high": 0.999},
+                         "floor_rate": {"low": 0.002, "high": 0.05, "log": True},
+                         "horizon_bars": {"value": 2}, "warmup_bars": {"value": 500}},
+        "risk_appetite_bps": 0.5,
+        "walk_forward": {"in_sample_end": "2022-09-01", "folds": 2},
+        "stress_windows": [{"name": "luna_ust_2022", "start": "2022-05-09",
+                            "end": "2022-05-13"},
+                           {"name": "ftx_2022", "start": "2022-11-08", "end": "2022-11-10"}],
+        "n_trials": 40, "seed": 3,
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    storage = str(tmp_path / "study.journal")
+    report = tmp_path / "report.html"
+    args = ["calibrate", "--spec", str(tmp_path / "spec.json"), "--storage", storage]
+    text = _cli([*args, "--report", str(report)], shared_data)
+    _assert_readable(text)
+    assert report.stat().st_size > 10_000
+    # The study is finished: a second run resumes it and prints the same result as JSON.
+    raw = _cli([*args, "--json"], shared_data)
+    assert raw.returncode == 0, raw.stderr[-2000:]
+    result = json.loads(raw.stdout)
+    rec = result["recommendation"]["trial"]
+    assert f"{rec}*" in _cells(text.stdout)
+    n = len(result["pareto_front"])
+    flat = " ".join(text.stdout.split())
+    if n > 10:
+        assert f"showing 10 of {n} Pareto trials" in flat
+    else:
+        assert f"all {n} Pareto trials" in flat
+    cost = result["recommendation"]["objectives"]["capital_cost"]
+    assert f"{100 * cost:.3f}% of notional" in flat
