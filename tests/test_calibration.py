@@ -370,3 +370,18 @@ def test_cli_runs_an_example_as_is(root: Path, tmp_path: Path, monkeypatch: pyte
             "out_of_sample"} <= set(rec)
     assert rec["feasible"] is True
     assert rec["trial"] in {p["trial"] for p in out["pareto_front"]}
+
+
+def test_recommendation_below_2x_leverage_says_so(root: Path) -> None:
+    """A flat 30% MM with IM twice that (60%, at most 1.67x) is recommended with a note that
+    it implies leverage below 2x."""
+    base = msgspec.to_builtins(btc_spec())
+    base.update(model="tiered", horizon_bars=2, n_trials=2, constraints={
+        "kupiec_alpha": None, "no_red_in_stress_windows": False, "max_premature_share": None},
+        search_space={k: {"value": v} for k, v in
+                      {**FLAT_1PCT, "base_mmr": 0.3}.items()})
+    result = calibrate(decode_spec(msgspec.json.encode(base)), root=root, storage="memory")
+    assert result.recommendation is not None
+    capital = result.recommendation.objectives["capital_cost"]
+    assert capital == pytest.approx(0.6)
+    assert any("leverage below 2x" in n and "1.67x" in n for n in result.recommendation.notes)
