@@ -366,6 +366,7 @@ def outcomes(
     notional: FloatArray,
     notional_pow: FloatArray,
     latency: int,
+    at_liquidation_price: bool,
     recovery: int,
     spread: float,
     impact_coef: float,
@@ -401,6 +402,10 @@ def outcomes(
     Args:
         price: adverse extreme per bar (with the cascade's impact if any), shape ``(n,)``.
         q8, q64: ``block_minima`` of the signed extreme (``raw=True``) of ``price``.
+        latency: bars from trigger ``t`` to close-out; the fill's base price is the worst
+            extreme of bars ``t .. min(t + latency, n - 1)`` (latency 0: bar ``t``'s own).
+        at_liquidation_price: fill at the liquidation price instead (the optimistic engine;
+            the caller allows it with latency 0 only).
         leverage: effective leverage per query, shape ``(R, K)``.
         trig: trigger bar per query, shape ``(R, K)``.
         notional: notionals (USD) of the positions behind each row, shape ``(R, J)``; query
@@ -456,7 +461,11 @@ def outcomes(
                 sign * bankrupt + TIE_TOLERANCE * ce,
             )
             premature = reached < 0 and sign * (close[end] - liq) > 0.0
-            if latency == 0:
+            # The close-out window is bars t .. t + latency, the trigger bar included: the
+            # engine takes the position over during bar t, so the fill can be no better than
+            # the worst price from there to the close-out (domain.md §4; latency 0: bar t's
+            # adverse extreme, which may lie far beyond the liquidation price on a gap).
+            if at_liquidation_price:
                 base = liq
             else:
                 base = sign * _range_min(

@@ -34,9 +34,14 @@ Liquidation and bankruptcy prices
     (equity 0) is the numerator alone. Both use the funding up to the trigger bar.
 
 Close-out
-    With ``latency_bars = 0`` at the liquidation price (an ideal liquidation engine that fills at
-    the trigger price even when the bar gaps through it); with latency ``L >= 1`` at the worst
-    price of bars ``t .. t+L`` (min low for longs, max high for shorts; cut at the last bar).
+    After a latency of ``L = latency_bars`` bars, at the worst price of bars ``t .. t+L`` (min
+    low for longs, max high for shorts; cut at the last bar), the trigger bar included: the
+    engine takes the position over during bar ``t`` and cannot fill better than the worst price
+    it meets from there to the close-out. ``L = 0`` is the one-bar window, the trigger bar's
+    adverse extreme: the conservative reading of domain.md §4 (a bar that gaps through the
+    liquidation price fills at its low / high, not at the liquidation price). Filling at the
+    liquidation price is an optimistic engine, the named option ``closeout_basis =
+    "liquidation_price"``, never the default; it has no window, so it needs ``L = 0``.
     Then slippage ``spread_rate + impact_coef * (N / depth_t) ** impact_exponent`` against the
     position (long sells at ``P (1 - slip)``, short buys at ``P (1 + slip)``), capped at 100%.
     ``depth_t`` is the bid (longs) / ask (shorts) depth at the trigger bar when the series has
@@ -101,7 +106,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -118,6 +123,8 @@ BoolArray = NDArray[np.bool_]
 Int8Array = NDArray[np.int8]
 
 SIDES = ("long", "short")
+#: Values of ``LiquidationConfig.closeout_basis``; the first is the default.
+CLOSEOUT_BASES = ("adverse_extreme", "liquidation_price")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -164,7 +171,13 @@ class LiquidationConfig:
         entry_every_bars: grid positions open at the close of bars ``0, k, 2k, ...``.
         holding_bars: bars after entry within which a position may be liquidated; after
             them it is closed without event.
-        latency_bars: bars between trigger and close-out (0: at the liquidation price).
+        latency_bars: bars between trigger and close-out; the close-out fills at the worst
+            price of bars ``t .. t + latency_bars`` (0: the trigger bar's adverse extreme).
+        closeout_basis: the price the close-out fills at before slippage:
+            ``"adverse_extreme"`` (default), the worst low (longs) / high (shorts) of bars
+            ``t .. t + latency_bars``; ``"liquidation_price"``, the optimistic engine that
+            fills at the liquidation price even when the bar gaps through it (needs
+            ``latency_bars = 0``).
         recovery_bars: look-ahead of the premature-liquidation test: bars ``t .. t + R``
             after a trigger at ``t``, the trigger bar included.
         spread_rate: half-spread paid on close-out, fraction of price.
@@ -190,6 +203,7 @@ class LiquidationConfig:
     entry_every_bars: int = 60
     holding_bars: int = 1440
     latency_bars: int = 1
+    closeout_basis: Literal["adverse_extreme", "liquidation_price"] = "adverse_extreme"
     recovery_bars: int = 60
     spread_rate: float = 0.0005
     impact_coef: float = 0.01
@@ -245,6 +259,19 @@ class LiquidationConfig:
         _check(Rule(low=1, integer=True), "entry_every_bars", self.entry_every_bars)
         _check(Rule(low=1, integer=True), "holding_bars", self.holding_bars)
         _check(Rule(low=0, integer=True), "latency_bars", self.latency_bars)
+        if self.closeout_basis not in CLOSEOUT_BASES:
+            raise InvalidParameters(
+                f"closeout_basis must be one of {', '.join(map(repr, CLOSEOUT_BASES))}; "
+                f"got {self.closeout_basis!r}",
+                field="closeout_basis",
+            )
+        if self.closeout_basis == "liquidation_price" and self.latency_bars != 0:
+            raise InvalidParameters(
+                "closeout_basis 'liquidation_price' fills at the trigger, so it needs "
+                f"latency_bars = 0 (got {int(self.latency_bars)}); with a latency the fill is "
+                "the worst price of the window ('adverse_extreme')",
+                field="closeout_basis",
+            )
         _check(Rule(low=1, integer=True), "recovery_bars", self.recovery_bars)
         _check(_FRACTION, "spread_rate", self.spread_rate)
         _check(_NON_NEGATIVE, "impact_coef", self.impact_coef)
@@ -844,7 +871,8 @@ class _SideData:
         return (
             self.sign > 0, g.entries, close, self.price, mm, funding_cum, self.depth, self.q8,
             self.q64, g.leverage, g.trig, g.notional, g.notional_pow, int(config.latency_bars),
-            int(config.recovery_bars), float(config.spread_rate), float(config.impact_coef),
+            config.closeout_basis == "liquidation_price", int(config.recovery_bars),
+            float(config.spread_rate), float(config.impact_coef),
             float(config.impact_exponent), float(config.liquidation_fee_rate),
         )
 

@@ -187,14 +187,22 @@ def simulate(bars: BarSeries, model: MarginModel, config: LiquidationConfig) -> 
             numerator = qty * close[e] + p.collateral + funding
             p.liq_price = numerator / (qty * (1.0 + mm))
             bankrupt = numerator / qty
+        # Close-out: the worst price the engine meets from the trigger bar t through the
+        # close-out bar t + latency (so latency 0 is bar t alone), unless the config asks for
+        # the optimistic fill at the liquidation price.
         last = min(t + config.latency_bars, n - 1)
         p.closeout_bar = last
-        if config.latency_bars == 0:
+        if config.closeout_basis == "liquidation_price":
             base = p.liq_price
-        elif p.side == "long":
-            base = min(eff_low[t:last + 1])
         else:
-            base = max(eff_high[t:last + 1])
+            base = eff_low[t] if p.side == "long" else eff_high[t]
+            u = t + 1
+            while u <= last:
+                if p.side == "long" and eff_low[u] < base:
+                    base = eff_low[u]
+                if p.side == "short" and eff_high[u] > base:
+                    base = eff_high[u]
+                u += 1
         slip = config.spread_rate
         if config.impact_coef > 0:
             d = (bid if p.side == "long" else ask)[t]  # type: ignore[index]

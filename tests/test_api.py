@@ -228,9 +228,11 @@ def test_backtest_above_sync_limit_points_to_calibrations(
         ({"data": [{"instrument": "SYN", "ref": "/etc/passwd"}]}, 422, "ref"),
         ({"data": [{"instrument": "SYN", "ref": "uploads/none.csv"}]}, 422, "ref"),
         ({"data": [{"instrument": "SYN", "ref": "x.csv", "colour": 1}]}, 400, "data[0].colour"),
+        ({"liquidation": {"closeout_basis": "liquidation_price"}}, 422, "closeout_basis"),
     ],
     ids=["model", "unknown-param", "param-range", "unknown-field", "wrong-type",
-         "ref-dotdot", "ref-absolute", "ref-missing", "unknown-nested-field"],
+         "ref-dotdot", "ref-absolute", "ref-missing", "unknown-nested-field",
+         "optimistic-closeout-with-latency"],
 )
 def test_backtest_errors_name_the_field(client: Client, change: dict[str, Any], status: int,
                                         field: str) -> None:

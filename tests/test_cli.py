@@ -124,6 +124,10 @@ def test_non_overlapping_and_im(root: Path, capsys: pytest.CaptureFixture[str]) 
         ({}, ["--params", '{"decay": 0.97, "warmup_bars": 100}', "--horizon", "5000"],
          "horizon of 5000 bars is longer"),
         ({}, ["--liquidation", '{"leverage": 3}'], "unknown liquidation setting"),
+        ({}, ["--liquidation", '{"closeout_basis": "mid", "latency_bars": 0}'],
+         "closeout_basis must be one of 'adverse_extreme', 'liquidation_price'"),
+        ({}, ["--liquidation", '{"closeout_basis": "liquidation_price"}'],
+         "needs latency_bars = 0 (got 1)"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(root: Path, capsys: pytest.CaptureFixture[str],
@@ -206,6 +210,24 @@ def test_explicit_positions(root: Path, capsys: pytest.CaptureFixture[str]) -> N
     overall = report.instruments[0].liquidation[0]  # type: ignore[index]
     assert overall.positions == 2
     assert overall.notional_opened_usd == 51_000.0
+
+
+def test_closeout_basis_through_liquidation_flag(root: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """--liquidation picks the optimistic close-out by name; the report records the basis
+    (the conservative adverse extreme when none is given)."""
+    ref = _write_bars(root)
+    recorded = []
+    for extra in ('', ', "closeout_basis": "liquidation_price"'):
+        liq = '{"latency_bars": 0, "entry_every_bars": 20' + extra + "}"
+        code, out, err = _run(["backtest", "--data", ref, "--model", "ewma", "--params", EWMA,
+                               "--liquidation", liq, "--json"], capsys)
+        assert code == 0, err
+        report = msgspec.json.decode(out.encode(), type=BacktestReport)
+        assert report.liquidation_config is not None
+        assert report.liquidation_config["latency_bars"] == 0
+        recorded.append(report.liquidation_config["closeout_basis"])
+    assert recorded == ["adverse_extreme", "liquidation_price"]
 
 
 def test_explicit_position_errors_name_the_entry(root: Path,

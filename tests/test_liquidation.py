@@ -162,18 +162,24 @@ GRID = {
     "holding_bars": 60,
     "recovery_bars": 10,
     "insurance_fund_usd": 20_000.0,
-    "impact_coef": 0.1,  # a thin book, so that latency 0 still leaves bad debt
+    # a thin book, so that even the optimistic fill at the liquidation price leaves bad debt
+    "impact_coef": 0.1,
 }
 
 
-@pytest.mark.parametrize("latency", [0, 1, 3])
-def test_ewma_grid_with_crash_funding_and_depth_matches_reference(latency: int) -> None:
+@pytest.mark.parametrize(
+    ("latency", "basis"),
+    [(0, "adverse_extreme"), (0, "liquidation_price"), (1, "adverse_extreme"),
+     (3, "adverse_extreme")],
+)
+def test_ewma_grid_with_crash_funding_and_depth_matches_reference(
+    latency: int, basis: str
+) -> None:
     """EWMA margins, funding, order-book depth, a crash and a spike: engine = brute force."""
     bars = make_bars(crash_path(300), funding=True, depth=True, seed=latency)
     model = EwmaMargin(warmup_bars=20, horizon_bars=5, decay=0.9, floor_rate=0.002)
-    result = assert_matches_reference(
-        bars, model, LiquidationConfig(latency_bars=latency, **GRID)  # type: ignore[arg-type]
-    )
+    config = LiquidationConfig(latency_bars=latency, closeout_basis=basis, **GRID)  # type: ignore[arg-type]
+    result = assert_matches_reference(bars, model, config)
     m = result.metrics("all", None, None)
     assert m.liquidations > 0
     assert m.bad_debt_usd > 0
@@ -243,6 +249,7 @@ def test_cascade_matches_reference() -> None:
 @given(
     seed=st.integers(0, 2**32 - 1),
     latency=st.integers(0, 3),
+    optimistic=st.booleans(),
     recovery=st.integers(1, 8),
     holding=st.integers(1, 40),
     every=st.integers(1, 6),
@@ -253,8 +260,8 @@ def test_cascade_matches_reference() -> None:
     sides=st.sampled_from([("long",), ("short",), ("long", "short"), ("short", "long")]),
 )
 def test_random_paths_match_reference(
-    seed: int, latency: int, recovery: int, holding: int, every: int, cascade: bool,
-    funding: bool, depth: bool, tiered: bool, sides: tuple[str, ...],
+    seed: int, latency: int, optimistic: bool, recovery: int, holding: int, every: int,
+    cascade: bool, funding: bool, depth: bool, tiered: bool, sides: tuple[str, ...],
 ) -> None:
     """On random paths and settings the engine equals the brute-force loop."""
     rng = np.random.default_rng(seed)
@@ -274,6 +281,7 @@ def test_random_paths_match_reference(
         entry_every_bars=every,
         holding_bars=holding,
         latency_bars=latency,
+        closeout_basis="liquidation_price" if optimistic and latency == 0 else "adverse_extreme",
         recovery_bars=recovery,
         impact_exponent=float(rng.uniform(0.3, 1.0)),
         insurance_fund_usd=float(rng.uniform(0.0, 5e4)),
@@ -338,20 +346,112 @@ def test_long_10x_single_crash_bar_bad_debt_by_hand() -> None:
     assert m.premature_share == 0.0
 
 
-def test_latency_zero_closes_at_liquidation_price() -> None:
-    """With no latency the close-out fills at the liquidation price less the spread."""
-    # Same crash: fill at 90.9090... * 0.999; equity 1000 + 100 * (90.8181... - 100) > 0,
-    # so no bad debt and the fund earns min(0.5% * 10,000, equity) = 50.
-    bars = flat_bars([(100, 100, 100, 100), (100, 100, 80, 80), (80, 80, 80, 80)])
+@pytest.mark.parametrize(
+    ("side", "crash_row", "basis", "price", "bad_debt", "fee"),
+    [
+        # Long 10x at 100 (qty 100, collateral 1,000), MM 1%: bar 1 falls to 80 and triggers
+        # (equity 1000 + 100 * (80 - 100) = -1000 <= MM 0.01 * 100 * 80 = 80). Liquidation
+        # price (100 - 10) / 0.99 = 90.9090...
+        # Adverse extreme: the low 80, less 0.1% spread = 79.92; equity 1000 + 100 * (79.92
+        # - 100) = -1008, all bad debt.
+        ("long", (100, 100, 80, 80), "adverse_extreme", 79.92, 1008.0, 0.0),
+        # Liquidation price: 90.9090... * 0.999 = 90.8181...; equity 1000 + 100 * (90.8181...
+        # - 100) = 81.8181... >= 0: no bad debt, the fund gets min(0.5% * 10,000, 81.82) = 50.
+        ("long", (100, 100, 80, 80), "liquidation_price", 90 / 0.99 * 0.999, 0.0, 50.0),
+        # Short 10x at 100: bar 1 spikes to 125 and triggers (equity 1000 + 100 * (100 - 125)
+        # = -1500 <= 0.01 * 100 * 125 = 125). Liquidation price (100 + 10) / 1.01 = 108.91...
+        # Adverse extreme: the high 125, plus 0.1% = 125.125; equity 1000 + 100 * (100 -
+        # 125.125) = -1512.5.
+        ("short", (100, 125, 100, 125), "adverse_extreme", 125.125, 1512.5, 0.0),
+        # Liquidation price: 110 / 1.01 * 1.001 = 109.0198...; equity 1000 + 100 * (100 -
+        # 109.0198...) = 98.0198... >= 0: fee 50.
+        ("short", (100, 125, 100, 125), "liquidation_price", 110 / 1.01 * 1.001, 0.0, 50.0),
+    ],
+)
+def test_latency_zero_fills_at_the_trigger_bar_extreme_unless_optimistic(
+    side: str, crash_row: tuple[float, float, float, float], basis: str, price: float,
+    bad_debt: float, fee: float,
+) -> None:
+    """latency_bars = 0 fills at the trigger bar's adverse extreme by default (domain.md §4,
+    the conservative reading); ``closeout_basis="liquidation_price"`` is the optimistic engine
+    that fills at the liquidation price although the bar gapped through it."""
+    after = (crash_row[3],) * 4
+    bars = flat_bars([(100, 100, 100, 100), crash_row, after, after])  # type: ignore[list-item]
+    # the adverse extreme is the default: that case leaves closeout_basis unset
+    chosen = {} if basis == "adverse_extreme" else {"closeout_basis": basis}
     config = LiquidationConfig(
-        positions=(ExplicitPosition("long", 0, 10_000.0, 10.0),), latency_bars=0, **HAND,  # type: ignore[arg-type]
+        positions=(ExplicitPosition(side, 0, 10_000.0, 10.0),), latency_bars=0,
+        insurance_fund_usd=5_000.0, **chosen, **HAND,  # type: ignore[arg-type]
     )
-    result = simulate_liquidations(bars, ConstantMargin(mm=0.01), config)
-    price = 90 / 0.99 * 0.999
-    assert result.events.closeout_price[0] == pytest.approx(price, rel=1e-12)
-    assert result.events.closeout_equity_usd[0] == pytest.approx(1000 + 100 * (price - 100))
-    assert result.events.fee_usd[0] == pytest.approx(50.0)
-    assert result.metrics("all", None, None).fees_to_fund_usd == pytest.approx(50.0)
+    assert config.closeout_basis == basis
+    model = ConstantMargin(mm=0.01)
+    result = simulate_liquidations(bars, model, config)
+    ev = result.events
+    assert ev.trigger_bar.tolist() == [1]
+    assert ev.closeout_bar.tolist() == [1]  # no latency: settles at the trigger bar
+    liq = 90 / 0.99 if side == "long" else 110 / 1.01
+    assert ev.liquidation_price[0] == pytest.approx(liq, rel=1e-12)
+    assert ev.closeout_price[0] == pytest.approx(price, rel=1e-12)
+    assert ev.bad_debt_usd[0] == pytest.approx(bad_debt, abs=1e-9)
+    assert ev.fee_usd[0] == pytest.approx(fee, abs=1e-9)
+    m = result.metrics("all", None, None)
+    assert m.bad_debt_usd == pytest.approx(bad_debt, abs=1e-9)
+    assert m.bad_debt_positions == int(bad_debt > 0)
+    assert m.fees_to_fund_usd == pytest.approx(fee, abs=1e-9)
+    assert result.fund_bars.tolist() == [1]
+    assert result.fund_usd.tolist() == pytest.approx([5_000.0 - bad_debt + fee])
+    ref = reference.simulate(bars, model, config).positions[0]
+    assert ref.closeout_price == pytest.approx(price, rel=1e-12)
+    assert ref.bad_debt == pytest.approx(bad_debt, abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("latency", "price", "bad_debt"),
+    [
+        # Long 10x at 100, MM 1%; bar 1's low 80 triggers it, bar 2 recovers (low 85), bar 3
+        # falls to 75. The window is bars 1 .. 1 + latency, the trigger bar included:
+        (0, 79.92, 1008.0),  # bar 1: 80 * 0.999; 1000 + 100 * (79.92 - 100) = -1008
+        (1, 79.92, 1008.0),  # bars 1..2: min(80, 85) = 80, not bar 2's 85 alone
+        (2, 74.925, 1507.5),  # bars 1..3: 75 * 0.999; 1000 + 100 * (74.925 - 100) = -1507.5
+    ],
+)
+def test_closeout_window_includes_the_trigger_bar(
+    latency: int, price: float, bad_debt: float
+) -> None:
+    """The close-out's worst price is taken over bars t .. t + latency: the same window for
+    latency 0 (the trigger bar alone) and latency >= 1 (a later recovery does not help)."""
+    bars = flat_bars([(100, 100, 100, 100), (100, 100, 80, 90), (90, 92, 85, 90),
+                      (90, 90, 75, 78), (78, 78, 78, 78)])
+    config = LiquidationConfig(
+        positions=(ExplicitPosition("long", 0, 10_000.0, 10.0),), latency_bars=latency,
+        **HAND,  # type: ignore[arg-type]
+    )
+    model = ConstantMargin(mm=0.01)
+    ev = simulate_liquidations(bars, model, config).events
+    assert ev.trigger_bar.tolist() == [1]
+    assert ev.closeout_bar.tolist() == [1 + latency]
+    assert ev.closeout_price[0] == pytest.approx(price, rel=1e-12)
+    assert ev.bad_debt_usd[0] == pytest.approx(bad_debt, rel=1e-9)
+    ref = reference.simulate(bars, model, config).positions[0]
+    assert (ref.closeout_bar, ref.closeout_price) == (1 + latency, pytest.approx(price))
+    assert ref.bad_debt == pytest.approx(bad_debt, rel=1e-9)
+
+
+def test_closeout_basis_from_mapping_and_refusals() -> None:
+    """The optimistic engine is chosen by name through ``from_mapping`` (the CLI's
+    ``--liquidation``, a spec's and a request's ``liquidation``); an unknown basis, or the
+    liquidation-price fill with a latency, is refused naming ``closeout_basis``."""
+    chosen = LiquidationConfig.from_mapping(
+        {"closeout_basis": "liquidation_price", "latency_bars": 0})
+    assert chosen.closeout_basis == "liquidation_price"
+    assert chosen.to_dict()["closeout_basis"] == "liquidation_price"
+    assert LiquidationConfig.from_mapping({}).to_dict()["closeout_basis"] == "adverse_extreme"
+    with pytest.raises(InvalidParameters, match="latency_bars = 0 \\(got 1\\)") as err:
+        LiquidationConfig.from_mapping({"closeout_basis": "liquidation_price"})
+    assert err.value.field == "closeout_basis"
+    with pytest.raises(InvalidParameters, match="'adverse_extreme', 'liquidation_price'") as err:
+        LiquidationConfig.from_mapping({"closeout_basis": "mid", "latency_bars": 0})
+    assert err.value.field == "closeout_basis"
 
 
 @pytest.mark.parametrize(("dip", "premature"), [(95.0, True), (89.9, False)])
@@ -534,6 +634,8 @@ def test_impact_without_liquidity_data_is_a_data_error() -> None:
         ("entry_every_bars", 1.5),
         ("holding_bars", 0),
         ("latency_bars", -1),
+        ("closeout_basis", "bankruptcy_price"),
+        ("closeout_basis", "liquidation_price"),  # with the default latency of 1 bar
         ("recovery_bars", 0),
         ("spread_rate", 1.0),
         ("impact_coef", -0.1),

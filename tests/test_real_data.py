@@ -278,3 +278,47 @@ def test_fhs_on_coinbase_daily_is_bounded_and_lets_go(
     years = pd.to_datetime(bars.timestamp_ms, unit="ms").year
     in_2019 = np.asarray(years == 2019)
     assert np.nanmean(one_year.mm_rate[in_2019]) < 0.7 * np.nanmean(ten_years.mm_rate[in_2019])
+
+
+def test_latency_zero_fills_at_the_trigger_bar_extreme(
+    shared_data: Path, data_file: Callable[[str], str]
+) -> None:
+    """ETH perp 5m around 2025-10-10 with latency_bars = 0: by default every close-out fills at
+    its trigger bar's adverse extreme (domain.md §4), as the brute-force loop computes it; the
+    optimistic fill at the liquidation price, a named option, hides bad debt the crash left."""
+    import dataclasses
+
+    from calibration import simulate_liquidations
+    from tests import reference_liquidation as reference
+
+    episode = next(e for e in EPISODES if e.name == "eth_2025_10_10")
+    data_file(episode.ref)
+    bars = _load(shared_data, episode)
+    model = make_model("tiered", {})
+    w = episode.window
+    low, high = list(bars.low), list(bars.high)
+    bad_debt: dict[str, float] = {}
+    for basis in ("adverse_extreme", "liquidation_price"):
+        config = dataclasses.replace(_liq_config(episode), latency_bars=0, closeout_basis=basis)
+        result = simulate_liquidations(bars, model, config)
+        ref = reference.simulate(bars, model, config)
+        for start, end in ((None, None), (w.start_ms, w.end_ms)):
+            engine = result.metrics("w", start, end)
+            brute = reference.metrics(ref, start, end)
+            assert engine.liquidations == brute["liquidations"] > 0
+            assert engine.bad_debt_positions == brute["bad_debt_positions"]
+            for key in ("bad_debt_usd", "worst_position_bad_debt_usd", "fees_to_fund_usd",
+                        "insurance_fund_min_usd"):
+                assert getattr(engine, key) == pytest.approx(brute[key], rel=1e-9, abs=1e-6)
+        bad_debt[basis] = result.metrics("w", w.start_ms, w.end_ms).bad_debt_usd
+        if basis == "adverse_extreme":
+            # slippage is at least the spread, so no fill is better than extreme -/+ spread
+            spread = config.spread_rate
+            for p in ref.positions:
+                if p.trigger < 0:
+                    continue
+                if p.side == "long":
+                    assert p.closeout_price <= low[p.trigger] * (1 - spread)
+                else:
+                    assert p.closeout_price >= high[p.trigger] * (1 + spread)
+    assert bad_debt["adverse_extreme"] > bad_debt["liquidation_price"]
