@@ -346,12 +346,14 @@ def test_truncated_row_names_first_missing_column(tmp_path: Path) -> None:
     assert (info.value.row, info.value.column) == (5, "low")
 
 
-def test_row_with_extra_fields_is_a_data_error(tmp_path: Path) -> None:
-    """A CSV row with more fields than the header is refused as unreadable (DataError)."""
+@pytest.mark.parametrize("at", [1, 3])
+def test_row_with_extra_fields_names_its_row(tmp_path: Path, at: int) -> None:
+    """A CSV row with more fields than the header is refused with its row, never shifted."""
     rows = shared_rows()
-    rows[3] = [*rows[3], "surplus"]
-    with pytest.raises(DataError, match="cannot read as csv"):
+    rows[at] = [*rows[at], "surplus"]
+    with pytest.raises(DataValidationError, match="8 fields where the header has 7") as info:
         load_bars(write_csv(tmp_path, "x.csv", rows), root=tmp_path)
+    assert info.value.row == at
 
 
 @pytest.mark.parametrize("column", ["open", "high", "low", "close"])
