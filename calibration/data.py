@@ -91,7 +91,12 @@ BINANCE_KLINE_COLUMNS = (
 )
 _DELIMITERS = (",", ";", "\t", "|")
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
-_SNIFF_LINES = 12
+#: Names that make a line a header: the time columns and the prices and volume.
+_KNOWN_COLUMNS = frozenset({
+    "open", "high", "low", "close", "price", "volume", "timestamp_ms", "timestamp",
+    "open_time", "unix", "unix_timestamp", "unix timestamp", "datetime", "date", "time",
+    "snapped_at",
+})
 
 
 def _fields(line: str, sep: str) -> list[str]:
@@ -112,41 +117,44 @@ def _is_number(cell: str) -> bool:
 def _csv_layout(text: str, ref: str) -> tuple[str, int, bool]:
     """How a CSV text is laid out: ``(delimiter, raw line index of the header, has header)``.
 
-    The header is the first of the first three non-blank lines that has at least two fields
-    and as many as the line after it: lines above it are a vendor's title (CryptoDataDownload
-    exports start with their URL). Among delimiters the one whose header comes first wins,
-    then the one giving more fields, so ``;`` files with decimal commas are read by ``;``.
-    A first line of numbers only is no header: 12 fields are Binance klines, others refused.
+    The header is the first of the first three non-blank lines that names a column marginlab
+    reads (``timestamp``, ``close``, ...): lines above it are a vendor's title
+    (CryptoDataDownload exports start with their URL). Among delimiters the one whose header
+    comes first wins, then the one giving more fields, so ``;`` files with decimal commas
+    are read by ``;``. Without such a line, a first line of 12 numbers is Binance's
+    headerless klines; other numbers-only first lines are refused.
     """
     lines = _LINE_BREAK.split(text, maxsplit=64)[:64]
-    candidates = [(i, line) for i, line in enumerate(lines) if line.strip()][:_SNIFF_LINES]
+    candidates = [(i, line) for i, line in enumerate(lines) if line.strip()][:3]
     if not candidates:
         raise DataError(f"{ref}: empty file (expected a header such as "
                         "timestamp,open,high,low,close and at least two rows)")
     best: tuple[int, int, int, str] | None = None
     for order, sep in enumerate(_DELIMITERS):
-        counts = [len(_fields(line, sep)) for _, line in candidates]
-        for p in range(min(3, len(counts))):
-            if counts[p] >= 2 and (p + 1 == len(counts) or counts[p + 1] == counts[p]):
-                key = (p, -counts[p], order, sep)
-                if best is None or key < best:
-                    best = key
+        for p, (_, line) in enumerate(candidates):
+            names = {c.strip().lower() for c in _fields(line, sep)}
+            if len(names) >= 2 and names & _KNOWN_COLUMNS:
+                key = (p, -len(names), order, sep)
+                best = key if best is None or key < best else best
                 break
-    if best is None:
+    if best is not None:
+        p, _, _, sep = best
+        return sep, candidates[p][0], True
+    first_index, first = candidates[0]
+    sep = max(_DELIMITERS, key=lambda d: (len(_fields(first, d)), -_DELIMITERS.index(d)))
+    cells = [c.strip() for c in _fields(first, sep)]
+    if len(cells) < 2:
         raise DataError(f"{ref}: one column only; expected columns such as "
                         "timestamp,open,high,low,close separated by , ; tab or |")
-    p, _, _, sep = best
-    header_index, header_line = candidates[p]
-    cells = [c.strip() for c in _fields(header_line, sep)]
     if all(_is_number(c) for c in cells):
         if len(cells) == len(BINANCE_KLINE_COLUMNS):
-            return sep, header_index, False
+            return sep, first_index, False
         raise DataValidationError(
             f"{ref}: the first line holds numbers, not column names; add a header line such "
             "as timestamp,open,high,low,close,volume (12-column Binance klines need none)",
             row=1,
         )
-    return sep, header_index, True
+    return sep, first_index, True
 
 
 def _csv_fault(text: str, sep: str, header_index: int, has_header: bool, ncols: int,
@@ -538,7 +546,6 @@ def repair_policy(names: str | Sequence[str] | None, *, field: str = "repair") -
     return tuple(sorted(out))
 
 
-_USED = ("open", "high", "low", "close", "price", "volume", *_TIMESTAMP_COLUMNS)
 
 
 def _normalised_columns(frame: pd.DataFrame, source: str) -> pd.DataFrame:
@@ -548,7 +555,7 @@ def _normalised_columns(frame: pd.DataFrame, source: str) -> pd.DataFrame:
     names = pd.Index([str(c).strip().lower() for c in frame.columns])
     twice = names[names.duplicated()]
     for name in twice:
-        if name in _USED:
+        if name in _KNOWN_COLUMNS:
             raise DataValidationError(
                 f"{source}: two columns are named {name!r} (ignoring case and spaces)",
                 column=name)
