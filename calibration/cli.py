@@ -116,6 +116,7 @@ def _load_datasets(args: argparse.Namespace, root: str) -> list[BarSeries]:
         load_book_depth,
         load_funding,
         parse_duration_seconds,
+        repair_policy,
         resample,
         with_depth,
         with_funding,
@@ -123,10 +124,13 @@ def _load_datasets(args: argparse.Namespace, root: str) -> list[BarSeries]:
 
     start = _day_ms(args.start, "start") if args.start else None
     end = _day_ms(args.end, "end") + 86_400_000 if args.end else None
+    repair = repair_policy(args.repair, field="repair")
     datasets = []
     for item in args.data:
         name, ref = _named(item)
-        datasets.append(load_bars(ref, root=root, instrument=name, start_ms=start, end_ms=end))
+        datasets.append(load_bars(ref, root=root, instrument=name, start_ms=start, end_ms=end,
+                                  timestamp_format=args.timestamp_format,
+                                  timestamp_unit=args.timestamp_unit, repair=repair))
     names = [b.instrument for b in datasets]
     if len(set(names)) != len(names):
         raise InvalidParameters(
@@ -459,6 +463,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="funding-rate file for an instrument")
     bt.add_argument("--depth", action="append", metavar="[NAME=]REF",
                     help="Binance bookDepth file for an instrument")
+    bt.add_argument("--repair", metavar="DEFECT[,DEFECT]",
+                    help="opt-in repairs of named defects, each listed in the report: "
+                         "ohlc-range (clamp open/close into [low, high]), duplicates (drop "
+                         "rows repeating an earlier row); default: none (strict)")
+    bt.add_argument("--timestamp-format", metavar="STRFTIME",
+                    help="format of non-ISO date cells, e.g. %%d/%%m/%%Y (day-first dates "
+                         "are refused without it)")
+    bt.add_argument("--timestamp-unit", choices=("s", "ms", "us", "ns"),
+                    help="unit of epoch timestamps (default: told by magnitude)")
     bt.add_argument("--start", metavar="YYYY-MM-DD", help="first day to use")
     bt.add_argument("--end", metavar="YYYY-MM-DD", help="last day to use (inclusive)")
     bt.add_argument("--resample", metavar="DURATION", help="aggregate bars first (e.g. 5m)")
