@@ -246,6 +246,7 @@ _UNIT_BANDS = tuple(
     (unit, _EPOCH_1980_S / (per_ms / 1000.0), MAX_TIMESTAMP_MS / per_ms)
     for unit, per_ms in _UNIT_TO_MS.items()
 )
+_DECIMAL_COMMA = re.compile(r"^\s*[-+]?\d+,\d+\s*$")
 _DAY_MONTH = re.compile(r"^\s*\d{1,2}[/.\-]\d{1,2}[/.\-]\d{2,4}")
 
 
@@ -444,7 +445,10 @@ def _float_column(frame: pd.DataFrame, name: str, ref: str,
     bad = np.flatnonzero(~np.isfinite(values))
     if bad.size:
         r = int(bad[0])
-        raise DataValidationError(f"{ref}: {name} is {_plain(raw.iloc[r])}, not a finite number",
+        cell = raw.iloc[r]
+        hint = (" (a decimal comma? write the number with a point)"
+                if isinstance(cell, str) and _DECIMAL_COMMA.match(cell) else "")
+        raise DataValidationError(f"{ref}: {name} is {_plain(cell)}, not a finite number{hint}",
                                   row=int(rows[r]), column=name)
     return values
 
