@@ -582,13 +582,13 @@ def _build(
     end_ms: int | None = None,
 ) -> BarSeries:
     frame = _normalised_columns(frame, source)
-    if "close" not in frame.columns:
+    close_only = not any(name in frame.columns for name in ("open", "high", "low"))
+    needed = ("close",) if close_only else PRICE_COLUMNS
+    absent = next((name for name in needed if name not in frame.columns), None)
+    if absent == "close":
         raise DataValidationError(f"{source}: missing column 'close' (or 'price')",
                                   column="close")
-    present = [name for name in ("open", "high", "low") if name in frame.columns]
-    close_only = not present
-    if present and len(present) < 3:
-        absent = next(n for n in ("open", "high", "low") if n not in frame.columns)
+    if absent is not None:
         raise DataValidationError(
             f"{source}: missing column {absent!r} (a close-only series has timestamp and "
             "close only)", column=absent)
@@ -874,7 +874,7 @@ def with_depth(
     Raises:
         InvalidParameters: a negative or non-finite ``max_staleness_seconds``.
     """
-    if not (np.isfinite(max_staleness_seconds) and max_staleness_seconds >= 0):
+    if not max_staleness_seconds >= 0:  # NaN fails too; inf carries snapshots forever
         raise InvalidParameters(
             f"max_staleness_seconds must be >= 0, is {_plain(max_staleness_seconds)}",
             field="max_staleness_seconds")

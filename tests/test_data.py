@@ -1206,10 +1206,12 @@ def test_depth_staleness_survives_resample_and_cut() -> None:
 
 
 def test_negative_staleness_is_refused() -> None:
-    """A negative or NaN staleness is an invalid parameter naming max_staleness_seconds."""
+    """A negative or NaN staleness is refused naming max_staleness_seconds; inf is no limit."""
     from calibration import InvalidParameters
 
     bars = bars_of([T0_MS, T0_MS + MIN_MS], [1.0, 2.0])
+    assert with_depth(bars, depth_frame([-1e6]), max_staleness_seconds=float("inf")
+                      ).depth_stale_bars == 0
     for value in (-1.0, float("nan")):
         with pytest.raises(InvalidParameters) as info:
             with_depth(bars, depth_frame([0.0]), max_staleness_seconds=value)
