@@ -164,6 +164,22 @@ def _load_datasets(args: argparse.Namespace, root: str) -> list[BarSeries]:
     return datasets
 
 
+def _data_notes(datasets: Sequence[BarSeries]) -> list[str]:
+    """What loading did to the data, one line each: nothing is repaired silently (§1)."""
+    from calibration.coverage import iso_utc
+
+    lines = []
+    for bars in datasets:
+        if bars.close_only:
+            lines.append(f"note: {bars.instrument}: close-only series; losses use closes")
+        if bars.newest_first:
+            lines.append(f"note: {bars.instrument}: the file lists bars newest first; reversed")
+        for r in bars.repairs:
+            lines.append(f"repaired: {bars.instrument} row {r.row} ({iso_utc(r.timestamp_ms)}) "
+                         f"{r.defect}: {r.change}")
+    return lines
+
+
 def _cmd_backtest(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -179,6 +195,8 @@ def _cmd_backtest(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
     with err.status("loading data", spinner="dots") if err.is_terminal else _null():
         datasets = _load_datasets(args, root)
+    for line in _data_notes(datasets):
+        err.print(line, markup=False, highlight=False)
     bar_seconds = datasets[0].bar_seconds
     coverage = CoverageConfig(
         horizon_bars=_horizon_bars(args.horizon, bar_seconds),

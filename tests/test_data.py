@@ -1031,7 +1031,7 @@ def defect_rows() -> list[list[str]]:
 
 def test_ohlc_range_repair_clamps_and_lists_each_row(tmp_path: Path) -> None:
     """ohlc-range clamps open/close into [low, high]; each change is listed; strict refuses."""
-    from calibration._bars import Repair
+    from calibration import Repair
 
     ref = write_csv(tmp_path, "x.csv", defect_rows())
     with pytest.raises(DataValidationError, match="repair 'ohlc-range'") as info:
@@ -1137,7 +1137,7 @@ def test_repair_through_a_spec_data_reference(tmp_path: Path) -> None:
 def test_cli_repair_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                          capsys: pytest.CaptureFixture[str]) -> None:
     """--repair ohlc-range,duplicates loads what strict loading refuses; unknown names exit 2."""
-    from calibration.cli import _load_datasets, build_parser, main
+    from calibration.cli import _data_notes, _load_datasets, build_parser, main
 
     rows = defect_rows()
     rows.insert(4, list(rows[3]))
@@ -1152,6 +1152,12 @@ def test_cli_repair_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     [bars] = _load_datasets(args, str(tmp_path))
     assert [(r.row, r.defect) for r in bars.repairs] == [(2, "ohlc-range"), (4, "duplicates"),
                                                           (6, "ohlc-range")]
+    # The CLI lists every repaired row before the report (stderr).
+    assert _data_notes([bars]) == [
+        "repaired: X row 2 (2021-01-01T00:01:00Z) ohlc-range: open 103.0 -> 102.0 (high)",
+        "repaired: X row 4 (2021-01-01T00:02:00Z) duplicates: dropped: same as row 3",
+        "repaired: X row 6 (2021-01-01T00:04:00Z) ohlc-range: close 97.0 -> 97.5 (low)",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
