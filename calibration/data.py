@@ -213,17 +213,14 @@ def _read_table(path: Path, ref: str) -> pd.DataFrame:
     if kind == "csv":
         return _read_csv(path, ref)
     try:
-        frame = pd.read_parquet(path) if kind == "parquet" else pd.read_feather(path)
+        return pd.read_parquet(path) if kind == "parquet" else pd.read_feather(path)
     except Exception as exc:  # pyarrow raises its own types (ArrowInvalid, ...) on bad files
         raise DataError(f"{ref}: cannot read as {kind}: "
                         f"{_without_path(str(exc), path, ref)}") from exc
-    if not isinstance(frame.index, pd.RangeIndex):
-        # A frame saved with its time as the index (DatetimeIndex "timestamp") keeps it.
-        frame = _index_as_column(frame)
-    return frame
 
 
 def _index_as_column(frame: pd.DataFrame) -> pd.DataFrame:
+    """A named index (a frame saved with its time as the index) back as a column."""
     names = [n for n in frame.index.names if n is not None]
     if not names or any(str(n) in {str(c) for c in frame.columns} for n in names):
         return frame.reset_index(drop=True)

@@ -1291,3 +1291,15 @@ def test_file_errors_show_the_reference_not_the_server_path(
     assert name in str(info.value)
     assert str(tmp_path) not in str(info.value)
     assert "/srv/" not in str(info.value)
+
+
+def test_frame_with_its_time_as_index_loads(tmp_path: Path) -> None:
+    """A frame (or Parquet file) whose DatetimeIndex is named timestamp keeps its times."""
+    cols = expected_columns()
+    index = pd.DatetimeIndex(pd.to_datetime(TIMESTAMPS_MS, unit="ms", utc=True),
+                             name="timestamp")
+    frame = pd.DataFrame({k: cols[k] for k in ("open", "high", "low", "close")}, index=index)
+    frame.to_parquet(tmp_path / "x.parquet")
+    for bars in (bars_from_frame(frame, instrument="X"), load_bars("x.parquet", root=tmp_path)):
+        assert bars.timestamp_ms.tolist() == TIMESTAMPS_MS
+        assert bars.close.tolist() == list(cols["close"])
