@@ -4,7 +4,7 @@ Pure and synchronous: no web framework, no Redis, no environment variables (the 
 ``calibration.cli`` is the one door to the environment).
 """
 
-from calibration._bars import BarSeries, Gap
+from calibration._bars import BarSeries, Gap, Repair
 from calibration._errors import (
     DataError,
     DataReferenceError,
@@ -57,6 +57,7 @@ __all__ = [
     "MarginModel",
     "MarginRates",
     "MarginlabError",
+    "Repair",
     "StressWindow",
     "TieredMargin",
     "align",

@@ -12,6 +12,7 @@ from calibration import _kernels
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
+BoolArray = NDArray[np.bool_]
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +28,28 @@ class Gap:
     after_row: int
     start_ms: int
     missing_bars: int
+
+
+@dataclass(frozen=True, slots=True)
+class Repair:
+    """One change an opt-in repair policy made to the data as read (domain.md §1).
+
+    Attributes:
+        row: 1-based data row of the file (header excluded) that was changed or dropped.
+        timestamp_ms: that row's bar open time, epoch ms UTC.
+        defect: the policy that fixed it: ``ohlc-range`` or ``duplicates``.
+        column: the column changed (``open`` or ``close``), ``None`` for a dropped row.
+        before, after: the value read and the value used (``None`` for a dropped row).
+        change: the change in words, e.g. ``open 105.0 -> 104.0 (high)``.
+    """
+
+    row: int
+    timestamp_ms: int
+    defect: str
+    column: str | None
+    before: float | None
+    after: float | None
+    change: str
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,6 +71,14 @@ class BarSeries:
         fingerprint: content hash of the normalised bars (hex sha256).
         source: the data reference the bars came from.
         gaps: holes against ``bar_seconds``, reported, never filled.
+        close_only: the source had closes only (price snapshots): open, high and low equal
+            the close, so losses and liquidations use closes (domain.md §1, §3).
+        newest_first: the file listed bars newest first; they were reversed on loading.
+        repair_policy: the opt-in repairs allowed when loading (sorted names), part of the
+            fingerprint; ``()`` for strict loading.
+        repairs: every change those repairs made, in file row order.
+        depth_stale: per bar, whether the last depth snapshot was older than the staleness
+            allowed (depth then NaN), shape ``(n,)``; ``None`` without depth data.
     """
 
     instrument: str
@@ -64,10 +95,20 @@ class BarSeries:
     ask_depth_usd: FloatArray | None = None
     source: str = ""
     gaps: tuple[Gap, ...] = ()
+    close_only: bool = False
+    newest_first: bool = False
+    repair_policy: tuple[str, ...] = ()
+    repairs: tuple[Repair, ...] = ()
+    depth_stale: BoolArray | None = None
     _cache: dict[Any, FloatArray] = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.close.shape[0])
+
+    @property
+    def depth_stale_bars(self) -> int:
+        """Bars whose depth snapshot was too old to use (0 without depth data)."""
+        return 0 if self.depth_stale is None else int(np.count_nonzero(self.depth_stale))
 
     # Parameter-free features, computed once per series and shared by every parameter set.
 

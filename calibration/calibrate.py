@@ -33,6 +33,7 @@ from calibration.data import (
     load_bars,
     load_book_depth,
     load_funding,
+    repair_policy,
     with_depth,
     with_funding,
 )
@@ -76,11 +77,13 @@ def _day_ms(day: str, field: str) -> int:
 def load_data_ref(ref: DataRefSpec, root: str | os.PathLike[str], field: str) -> BarSeries:
     """The bars one ``DataRefSpec`` names: day range applied, funding and depth attached.
 
-    ``field`` (``data[0]``) prefixes the path in errors about the day range.
+    ``field`` (``data[0]``) prefixes the path in errors about the day range and repairs.
     """
     start = _day_ms(ref.start, f"{field}.start") if ref.start else None
     end = _day_ms(ref.end, f"{field}.end") + 86_400_000 if ref.end else None
-    bars = load_bars(ref.ref, root=root, instrument=ref.instrument, start_ms=start, end_ms=end)
+    bars = load_bars(ref.ref, root=root, instrument=ref.instrument, start_ms=start, end_ms=end,
+                     timestamp_format=ref.timestamp_format, timestamp_unit=ref.timestamp_unit,
+                     repair=repair_policy(ref.repair, field=f"{field}.repair"))
     if ref.funding:
         bars = with_funding(bars, load_funding(ref.funding, root=root))
     if ref.depth:

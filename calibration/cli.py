@@ -104,6 +104,7 @@ def _load_datasets(args: argparse.Namespace, root: str) -> list[BarSeries]:
         load_book_depth,
         load_funding,
         parse_duration_seconds,
+        repair_policy,
         resample,
         with_depth,
         with_funding,
@@ -111,10 +112,13 @@ def _load_datasets(args: argparse.Namespace, root: str) -> list[BarSeries]:
 
     start = _day_ms(args.start, "start") if args.start else None
     end = _day_ms(args.end, "end") + 86_400_000 if args.end else None
+    repair = repair_policy(args.repair, field="repair")
     datasets = []
     for item in args.data:
         name, ref = _named(item)
-        datasets.append(load_bars(ref, root=root, instrument=name, start_ms=start, end_ms=end))
+        datasets.append(load_bars(ref, root=root, instrument=name, start_ms=start, end_ms=end,
+                                  timestamp_format=args.timestamp_format,
+                                  timestamp_unit=args.timestamp_unit, repair=repair))
     names = [b.instrument for b in datasets]
     if len(set(names)) != len(names):
         raise InvalidParameters(
@@ -148,6 +152,22 @@ def _load_datasets(args: argparse.Namespace, root: str) -> list[BarSeries]:
     return datasets
 
 
+def _data_notes(datasets: Sequence[BarSeries]) -> list[str]:
+    """What loading did to the data, one line each: nothing is repaired silently (§1)."""
+    from calibration.coverage import iso_utc
+
+    lines = []
+    for bars in datasets:
+        if bars.close_only:
+            lines.append(f"note: {bars.instrument}: close-only series; losses use closes")
+        if bars.newest_first:
+            lines.append(f"note: {bars.instrument}: the file lists bars newest first; reversed")
+        for r in bars.repairs:
+            lines.append(f"repaired: {bars.instrument} row {r.row} ({iso_utc(r.timestamp_ms)}) "
+                         f"{r.defect}: {r.change}")
+    return lines
+
+
 def _cmd_backtest(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -163,6 +183,8 @@ def _cmd_backtest(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
     with err.status("loading data", spinner="dots") if err.is_terminal else _null():
         datasets = _load_datasets(args, root)
+    for line in _data_notes(datasets):
+        err.print(line, markup=False, highlight=False)
     coverage = CoverageConfig(
         horizon=args.horizon,
         coverage_level=args.coverage_level,
@@ -457,6 +479,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="funding-rate file for an instrument")
     bt.add_argument("--depth", action="append", metavar="[NAME=]REF",
                     help="Binance bookDepth file for an instrument")
+    bt.add_argument("--repair", metavar="DEFECT[,DEFECT]",
+                    help="opt-in repairs of named defects, each listed in the report: "
+                         "ohlc-range (clamp open/close into [low, high]), duplicates (drop "
+                         "rows repeating an earlier row); default: none (strict)")
+    bt.add_argument("--timestamp-format", metavar="STRFTIME",
+                    help="format of non-ISO date cells, e.g. %%d/%%m/%%Y (day-first dates "
+                         "are refused without it)")
+    bt.add_argument("--timestamp-unit", choices=("s", "ms", "us", "ns"),
+                    help="unit of epoch timestamps (default: told by magnitude)")
     bt.add_argument("--start", metavar="YYYY-MM-DD", help="first day to use")
     bt.add_argument("--end", metavar="YYYY-MM-DD", help="last day to use (inclusive)")
     bt.add_argument("--resample", metavar="DURATION", help="aggregate bars first (e.g. 5m)")

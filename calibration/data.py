@@ -1,26 +1,41 @@
 """Data references, loading, validation, gaps, fingerprints, alignment and resampling.
 
 A *data reference* is a path relative to a data root (the CLI's ``MARGINLAB_DATA_ROOT``).
-Files are CSV, Parquet or Feather with ``timestamp_ms`` or ``timestamp`` (ISO-8601 UTC or
-epoch seconds/milliseconds) and ``open, high, low, close[, volume]`` — the
-``../shared/data`` layout and the plain ``timestamp,open,high,low,close[,volume]`` alike.
-Validation follows domain.md §1: bad rows are refused with the row (1-based data row) and
-column at fault; gaps are reported, never filled.
+Files are CSV, Parquet or Feather with a timestamp (``timestamp_ms``, or ``timestamp``
+as ISO-8601 or epoch s/ms/µs/ns told apart by magnitude) and ``open, high, low, close
+[, volume]`` or a close (``price``) only — the ``../shared/data`` layout, the plain
+``timestamp,open,high,low,close[,volume]``, Binance's headerless klines and vendor exports
+with a title line, ``;`` delimiters or newest-first rows alike.
+Validation follows domain.md §1: bad rows are refused with the row (1-based data row,
+header excluded) and column at fault; gaps are reported, never filled; nothing is repaired
+unless a repair policy names the defect, and every repair is listed.
 """
 
 from __future__ import annotations
 
+import csv
+import gzip
 import hashlib
+import io
 import os
+import re
+import warnings
+import zlib
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 
-from calibration._bars import BarSeries, FloatArray, Gap, IntArray
-from calibration._errors import DataError, DataReferenceError, DataValidationError
+from calibration._bars import BarSeries, FloatArray, Gap, IntArray, Repair
+from calibration._errors import (
+    DataError,
+    DataReferenceError,
+    DataValidationError,
+    InvalidParameters,
+)
 
 PRICE_COLUMNS = ("open", "high", "low", "close")
 _SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".feather": "feather"}
@@ -45,8 +60,148 @@ def resolve_ref(ref: str, root: str | os.PathLike[str]) -> Path:
     if not path.is_relative_to(root_path):
         raise DataReferenceError(f"data reference {ref!r} leads outside the data root")
     if not path.is_file():
-        raise DataReferenceError(f"no data file {ref!r} under the data root {str(root_path)!r}")
+        # The root is the server's own path: name only the reference the caller gave.
+        raise DataReferenceError(f"no data file {ref!r} under the data root")
     return path
+
+
+def _plain(value: object) -> str:
+    """A number or cell as a person reads it: ``100.5``, ``1735689600000000``, ``'abc'``."""
+    if isinstance(value, bool | np.bool_):
+        return str(bool(value))
+    if isinstance(value, int | np.integer):
+        return str(int(value))
+    if isinstance(value, float | np.floating):
+        return repr(float(value))
+    text = str(value)
+    return repr(text if len(text) <= 40 else text[:40] + "...")
+
+
+def _without_path(message: str, path: Path, ref: str) -> str:
+    """A reader's message with the server's path replaced by the reference as given."""
+    for form in {str(path), str(path.resolve()), path.as_posix()}:
+        message = message.replace(form, ref)
+    return message.splitlines()[0] if message else message
+
+
+#: Column names of Binance's headerless kline files (data.binance.vision), in file order.
+BINANCE_KLINE_COLUMNS = (
+    "open_time", "open", "high", "low", "close", "volume", "close_time", "quote_volume",
+    "trade_count", "taker_buy_base", "taker_buy_quote", "ignore",
+)
+_DELIMITERS = (",", ";", "\t", "|")
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+#: Names that make a line a header: the time columns and the prices and volume.
+_KNOWN_COLUMNS = frozenset({
+    "open", "high", "low", "close", "price", "volume", "timestamp_ms", "timestamp",
+    "open_time", "unix", "unix_timestamp", "unix timestamp", "datetime", "date", "time",
+    "snapped_at",
+})
+
+
+def _fields(line: str, sep: str) -> list[str]:
+    try:
+        return next(csv.reader([line], delimiter=sep), [])
+    except csv.Error:
+        return line.split(sep)
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def _csv_layout(text: str, ref: str) -> tuple[str, int, bool]:
+    """How a CSV text is laid out: ``(delimiter, raw line index of the header, has header)``.
+
+    The header is the first of the first three non-blank lines that names a column marginlab
+    reads (``timestamp``, ``close``, ...): lines above it are a vendor's title
+    (CryptoDataDownload exports start with their URL). Among delimiters the one whose header
+    comes first wins, then the one giving more fields, so ``;`` files with decimal commas
+    are read by ``;``. Without such a line, a first line of 12 numbers is Binance's
+    headerless klines; other numbers-only first lines are refused.
+    """
+    lines = _LINE_BREAK.split(text, maxsplit=64)[:64]
+    candidates = [(i, line) for i, line in enumerate(lines) if line.strip()][:3]
+    if not candidates:
+        raise DataError(f"{ref}: empty file (expected a header such as "
+                        "timestamp,open,high,low,close and at least two rows)")
+    best: tuple[int, int, int, str] | None = None
+    for order, sep in enumerate(_DELIMITERS):
+        for p, (_, line) in enumerate(candidates):
+            names = {c.strip().lower() for c in _fields(line, sep)}
+            if len(names) >= 2 and names & _KNOWN_COLUMNS:
+                key = (p, -len(names), order, sep)
+                best = key if best is None or key < best else best
+                break
+    if best is not None:
+        p, _, _, sep = best
+        return sep, candidates[p][0], True
+    first_index, first = candidates[0]
+    sep = max(_DELIMITERS, key=lambda d: (len(_fields(first, d)), -_DELIMITERS.index(d)))
+    cells = [c.strip() for c in _fields(first, sep)]
+    if len(cells) < 2:
+        raise DataError(f"{ref}: one column only; expected columns such as "
+                        "timestamp,open,high,low,close separated by , ; tab or |")
+    if all(_is_number(c) for c in cells):
+        if len(cells) == len(BINANCE_KLINE_COLUMNS):
+            return sep, first_index, False
+        raise DataValidationError(
+            f"{ref}: the first line holds numbers, not column names; add a header line such "
+            "as timestamp,open,high,low,close,volume (12-column Binance klines need none)",
+            row=1,
+        )
+    return sep, first_index, True
+
+
+def _csv_fault(text: str, sep: str, header_index: int, has_header: bool, ncols: int,
+               ref: str, exc: Exception) -> DataError:
+    """The error for a CSV pandas could not tokenise, located to its data row."""
+    body = _LINE_BREAK.split(text)[header_index + int(has_header):]
+    reader = csv.reader(body, delimiter=sep, strict=True)
+    row = 0
+    try:
+        for record in reader:
+            if not record or not any(cell.strip() for cell in record):
+                continue
+            row += 1
+            if len(record) > ncols:
+                return DataValidationError(
+                    f"{ref}: {len(record)} fields where the header has {ncols}", row=row,
+                    column=None)
+    except csv.Error as err:
+        return DataValidationError(f"{ref}: unreadable CSV ({err})", row=row + 1)
+    return DataError(f"{ref}: cannot read as csv: {str(exc).splitlines()[0] if str(exc) else exc}")
+
+
+def _read_csv(path: Path, ref: str) -> pd.DataFrame:
+    raw = path.read_bytes()
+    if path.name.lower().endswith(".gz"):
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise DataError(f"{ref}: cannot read as gzip: {exc}") from exc
+    # Bytes that are not UTF-8 become U+FFFD: in a column that is read the cell is then refused
+    # with its row and column, in any other column it does no harm.
+    text = raw.decode("utf-8-sig", errors="replace")
+    sep, header_index, has_header = _csv_layout(text, ref)
+    names = None if has_header else list(BINANCE_KLINE_COLUMNS)
+    try:
+        with warnings.catch_warnings():
+            # A data row longer than the header is a ParserWarning with index_col=False
+            # (pandas would otherwise shift every column under an implicit index).
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            warnings.simplefilter("ignore", pd.errors.DtypeWarning)
+            frame = pd.read_csv(io.StringIO(text), sep=sep, skiprows=header_index,
+                                header=0 if has_header else None, names=names,
+                                index_col=False, low_memory=False)
+    except Exception as exc:  # pandas' tokenizer errors are many types; all mean a bad file
+        ncols = len(_fields(_LINE_BREAK.split(text)[header_index], sep))
+        raise _csv_fault(text, sep, header_index, has_header, ncols, ref, exc) from exc
+    return frame
 
 
 def _read_table(path: Path, ref: str) -> pd.DataFrame:
@@ -55,71 +210,243 @@ def _read_table(path: Path, ref: str) -> pd.DataFrame:
         kind = "csv"
     if kind is None:
         raise DataError(f"{ref!r}: unsupported file type (use .csv, .parquet or .feather)")
+    if kind == "csv":
+        return _read_csv(path, ref)
     try:
-        if kind == "csv":
-            return pd.read_csv(path)
-        if kind == "parquet":
-            return pd.read_parquet(path)
-        return pd.read_feather(path)
-    except (ValueError, OSError, pd.errors.ParserError) as exc:
-        raise DataError(f"{ref!r}: cannot read as {kind}: {exc}".splitlines()[0]) from exc
+        return pd.read_parquet(path) if kind == "parquet" else pd.read_feather(path)
+    except Exception as exc:  # pyarrow raises its own types (ArrowInvalid, ...) on bad files
+        raise DataError(f"{ref}: cannot read as {kind}: "
+                        f"{_without_path(str(exc), path, ref)}") from exc
 
 
-_TIMESTAMP_COLUMNS = ("timestamp_ms", "timestamp", "date", "time", "datetime", "open_time")
+def _index_as_column(frame: pd.DataFrame) -> pd.DataFrame:
+    """A named index (a frame saved with its time as the index) back as a column."""
+    names = [n for n in frame.index.names if n is not None]
+    if not names or any(str(n) in {str(c) for c in frame.columns} for n in names):
+        return frame.reset_index(drop=True)
+    return frame.reset_index()
+
+
+_TIMESTAMP_COLUMNS = (
+    "timestamp_ms", "timestamp", "open_time", "unix", "unix_timestamp", "unix timestamp",
+    "datetime", "date", "time", "snapped_at",
+)
+#: The last instant pandas (and so every report) can represent: 2262-04-11, epoch ms.
+MAX_TIMESTAMP_MS = int(pd.Timestamp.max.value // 1_000_000)
+TimestampUnit = Literal["s", "ms", "us", "ns"]
+_UNIT_TO_MS = {"s": 1000.0, "ms": 1.0, "us": 1e-3, "ns": 1e-6}
+_UNIT_INT = {"s": (1000, 1), "ms": (1, 1), "us": (1, 1000), "ns": (1, 1_000_000)}
+# Epoch values tell their unit by magnitude for instants from 1980-01-01 to 2262-04-11: the
+# four bands do not overlap (and 20200110, a compact date, falls in none of them).
+_EPOCH_1980_S = 315_532_800
+_UNIT_BANDS = tuple(
+    (unit, _EPOCH_1980_S / (per_ms / 1000.0), MAX_TIMESTAMP_MS / per_ms)
+    for unit, per_ms in _UNIT_TO_MS.items()
+)
+_DECIMAL_COMMA = re.compile(r"^\s*[-+]?\d+,\d+\s*$")
+_DAY_MONTH = re.compile(r"^\s*\d{1,2}[/.\-]\d{1,2}[/.\-]\d{2,4}")
 
 
 def _timestamp_column(frame: pd.DataFrame, ref: str) -> str:
     """The column the bar times are read from (``timestamp_ms`` wins over ``timestamp``)."""
-    columns = {c.lower(): c for c in frame.columns}
+    columns = {str(c).lower(): str(c) for c in frame.columns}
     for name in _TIMESTAMP_COLUMNS:
         if name in columns:
-            return str(columns[name])
-    raise DataValidationError(f"{ref}: no timestamp column (timestamp_ms or timestamp)")
+            return columns[name]
+    raise DataValidationError(f"{ref}: no timestamp column (timestamp_ms or timestamp)",
+                              column="timestamp")
 
 
-def _timestamps_ms(frame: pd.DataFrame, ref: str) -> IntArray:
+def _numbers(raw: pd.Series) -> FloatArray:
+    """The cells as float64, NaN where a cell is not a number."""
+    try:
+        with np.errstate(all="ignore"):
+            out = pd.to_numeric(raw, errors="coerce")
+        return np.asarray(pd.Series(out).to_numpy(dtype=np.float64, na_value=np.nan))
+    except Exception:  # object cells pandas cannot coerce at all (lists, bytes, ...)
+        return np.array([_one_number(x) for x in raw], dtype=np.float64)
+
+
+def _one_number(cell: object) -> float:
+    if isinstance(cell, bool | np.bool_):
+        return float("nan")
+    try:
+        return float(cell)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return float("nan")
+
+
+def _not_numbers(raw: pd.Series) -> str | None:
+    """What a column holds when it is not numbers by type (datetimes, booleans, ...)."""
+    if pd.api.types.is_bool_dtype(raw):
+        return "true/false"
+    if pd.api.types.is_datetime64_any_dtype(raw):
+        return "date-time"
+    if pd.api.types.is_timedelta64_dtype(raw):
+        return "duration"
+    return None
+
+
+def _timestamps_ms(
+    frame: pd.DataFrame,
+    ref: str,
+    *,
+    rows: IntArray | None = None,
+    timestamp_format: str | None = None,
+    timestamp_unit: TimestampUnit | None = None,
+) -> IntArray:
+    """Bar times as epoch ms UTC from the frame's timestamp column (domain.md §1).
+
+    Epoch numbers in s, ms, µs or ns are told apart by magnitude (``timestamp_ms`` is ms),
+    unless ``timestamp_unit`` says; text is ISO-8601 (a missing offset is UTC) unless
+    ``timestamp_format`` (``strftime`` codes, e.g. ``%d/%m/%Y``) names another format.
+    ``rows`` are the 1-based data rows of the frame's rows, for errors.
+
+    Raises:
+        DataValidationError: a cell that is no time, an ambiguous day/month date, or an
+            instant outside 1970-01-01..2262-04-11; the row and column are named.
+    """
     column = _timestamp_column(frame, ref)
     raw = frame[column]
-    if column.lower() == "timestamp_ms":
-        numbers = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64)
-        bad = np.flatnonzero(~np.isfinite(numbers))
-        if bad.size:
-            raise DataValidationError(
-                f"{ref}: timestamp is not a number", row=int(bad[0]) + 1, column=column
-            )
-        return pd.to_numeric(raw).to_numpy(dtype=np.int64)
-    if pd.api.types.is_numeric_dtype(raw):
-        values = raw.to_numpy(dtype=np.float64)
-        bad = np.flatnonzero(~np.isfinite(values))
-        if bad.size:
-            raise DataValidationError(
-                f"{ref}: timestamp is not a number", row=int(bad[0]) + 1, column=column
-            )
-        # Epoch seconds vs milliseconds: any date after 2001 is > 1e12 in ms, < 1e11 in s.
-        scale = 1.0 if np.nanmax(np.abs(values), initial=0.0) > 1e11 else 1000.0
-        return np.round(values * scale).astype(np.int64)
-    parsed = pd.to_datetime(raw, utc=True, errors="coerce", format="mixed")
-    bad = np.flatnonzero(parsed.isna().to_numpy())
+    if rows is None:
+        rows = np.arange(1, len(raw) + 1, dtype=np.int64)
+    if timestamp_unit is not None and timestamp_unit not in _UNIT_TO_MS:
+        raise InvalidParameters(f"timestamp_unit {timestamp_unit!r} is not s, ms, us or ns",
+                                field="timestamp_unit")
+    if timestamp_format is not None:
+        ms, bad = _formatted_ms(raw, timestamp_format)
+        reason = f"does not match timestamp_format {timestamp_format!r}"
+    elif pd.api.types.is_datetime64_any_dtype(raw):
+        ms, bad = _datetimes_ms(raw)
+        reason = "is not a time"
+    elif (kind := _not_numbers(raw)) is not None:
+        raise DataValidationError(f"{ref}: {column} holds {kind} values, not times",
+                                  row=int(rows[0]) if len(rows) else None, column=column)
+    else:
+        numbers = _numbers(raw)
+        numeric = pd.api.types.is_numeric_dtype(raw) or (
+            np.count_nonzero(np.isfinite(numbers)) * 2 > len(numbers))
+        if numeric or timestamp_unit is not None:
+            unit = timestamp_unit or ("ms" if column.lower() == "timestamp_ms" else None)
+            return _epoch_ms(raw, numbers, unit, ref, column, rows)
+        ms, bad = _iso_ms(raw)
+        reason = ""
     if bad.size:
+        r = int(bad[0])
+        cell = raw.iloc[r]
+        if not reason:
+            reason = ("is ambiguous (day or month first?): name the format, e.g. "
+                      "timestamp_format='%d/%m/%Y'" if _DAY_MONTH.match(str(cell)) else
+                      "is not ISO-8601 (2021-01-01T00:00:00Z) or an epoch number: "
+                      "name its format with timestamp_format")
+        raise DataValidationError(f"{ref}: timestamp {_plain(cell)} {reason}",
+                                  row=int(rows[r]), column=column)
+    _check_range(ms.astype(np.float64), raw, ref, column, rows, "")
+    return ms
+
+
+def _check_range(ms_float: FloatArray, raw: pd.Series, ref: str, column: str,
+                 rows: IntArray, unit: str) -> None:
+    with np.errstate(invalid="ignore"):
+        out = np.flatnonzero(~((ms_float >= 0) & (ms_float <= MAX_TIMESTAMP_MS)))
+    if out.size:
+        r = int(out[0])
+        as_unit = f" as {unit}" if unit else ""
         raise DataValidationError(
-            f"{ref}: unreadable timestamp {raw.iloc[int(bad[0])]!r}",
-            row=int(bad[0]) + 1,
-            column=column,
-        )
-    # Drop the (UTC) zone in pandas before leaving it: numpy has no tz-aware datetimes and
-    # warns when handed one.
-    ns = parsed.dt.tz_localize(None).to_numpy(dtype="datetime64[ns]").astype(np.int64)
-    return ns // 1_000_000
+            f"{ref}: timestamp {_plain(raw.iloc[r])}{as_unit} is outside 1970-01-01.."
+            "2262-04-11 (is timestamp_unit right?)", row=int(rows[r]), column=column)
 
 
-def _float_column(frame: pd.DataFrame, name: str, ref: str) -> FloatArray:
-    values = pd.to_numeric(frame[name], errors="coerce").to_numpy(dtype=np.float64)
+def _epoch_ms(raw: pd.Series, numbers: FloatArray, unit: TimestampUnit | None, ref: str,
+              column: str, rows: IntArray) -> IntArray:
+    bad = np.flatnonzero(~np.isfinite(numbers))
+    if bad.size:
+        r = int(bad[0])
+        raise DataValidationError(f"{ref}: timestamp {_plain(raw.iloc[r])} is not a number",
+                                  row=int(rows[r]), column=column)
+    if unit is None:
+        per_ms = np.full(numbers.shape, np.nan)
+        for name, low, high in _UNIT_BANDS:
+            per_ms[(numbers >= low) & (numbers <= high)] = _UNIT_TO_MS[name]
+        bad = np.flatnonzero(np.isnan(per_ms))
+        if bad.size:
+            r = int(bad[0])
+            raise DataValidationError(
+                f"{ref}: timestamp {_plain(raw.iloc[r])} is no epoch time in s, ms, us or ns "
+                "between 1980 and 2262: give timestamp_unit, or timestamp_format for a "
+                "compact date such as 20200110", row=int(rows[r]), column=column)
+    else:
+        per_ms = np.full(numbers.shape, _UNIT_TO_MS[unit])
+    with np.errstate(all="ignore"):
+        ms_float = numbers * per_ms
+    _check_range(ms_float, raw, ref, column, rows, unit or "")
+    if pd.api.types.is_integer_dtype(raw) and not pd.api.types.is_unsigned_integer_dtype(raw):
+        # Integers stay exact (ns and µs epochs do not fit a float64 mantissa).
+        ints = raw.to_numpy(dtype=np.int64)
+        ms: IntArray = np.empty_like(ints)
+        for name, (times, per) in _UNIT_INT.items():
+            sel = per_ms == _UNIT_TO_MS[name]
+            ms[sel] = ints[sel] * times // per
+        return ms
+    rounded: IntArray = np.floor(ms_float + 0.5).astype(np.int64)
+    return rounded
+
+
+def _iso_ms(raw: pd.Series) -> tuple[IntArray, IntArray]:
+    text = raw.astype(str).str.strip().str.replace(r"(?i)\s*(utc|gmt)$", "+00:00", regex=True)
+    try:
+        parsed = pd.to_datetime(text, utc=True, errors="coerce", format="ISO8601")
+    except (ValueError, TypeError, OverflowError):
+        parsed = pd.Series([_one_iso(t) for t in text], dtype="datetime64[ns, UTC]")
+    return _datetimes_ms(parsed)
+
+
+def _one_iso(text: str) -> object:
+    try:
+        return pd.to_datetime(text, utc=True, format="ISO8601")
+    except (ValueError, TypeError, OverflowError):
+        return pd.NaT
+
+
+def _formatted_ms(raw: pd.Series, timestamp_format: str) -> tuple[IntArray, IntArray]:
+    text = raw.astype(str).str.strip()
+    try:
+        parsed = pd.to_datetime(text, utc=True, errors="coerce", format=timestamp_format)
+    except (ValueError, TypeError) as exc:
+        raise InvalidParameters(f"timestamp_format {timestamp_format!r}: {exc}",
+                                field="timestamp_format") from None
+    return _datetimes_ms(parsed)
+
+
+def _datetimes_ms(parsed: pd.Series) -> tuple[IntArray, IntArray]:
+    """Epoch ms of a datetime column (naive means UTC) and the rows that are NaT."""
+    series = pd.Series(parsed)
+    if getattr(series.dt, "tz", None) is not None:
+        series = series.dt.tz_convert("UTC").dt.tz_localize(None)
+    bad = np.flatnonzero(series.isna().to_numpy())
+    # Via datetime64[ms], not [ns]: a coarser column holding year 3000 must not wrap around.
+    ms = series.to_numpy(dtype="datetime64[ms]").astype(np.int64)
+    return np.asarray(ms, dtype=np.int64), bad
+
+
+def _float_column(frame: pd.DataFrame, name: str, ref: str,
+                  rows: IntArray | None = None) -> FloatArray:
+    raw = frame[name]
+    if rows is None:
+        rows = np.arange(1, len(raw) + 1, dtype=np.int64)
+    kind = _not_numbers(raw)
+    if kind is not None:
+        raise DataValidationError(f"{ref}: {name} holds {kind} values, not numbers",
+                                  row=int(rows[0]) if len(rows) else None, column=name)
+    values = _numbers(raw)
     bad = np.flatnonzero(~np.isfinite(values))
     if bad.size:
-        row = int(bad[0])
-        raw = frame[name].iloc[row]
-        raise DataValidationError(f"{ref}: {name} is {raw!r}, not a finite number",
-                                  row=row + 1, column=name)
+        r = int(bad[0])
+        cell = raw.iloc[r]
+        hint = (" (a decimal comma? write the number with a point)"
+                if isinstance(cell, str) and _DECIMAL_COMMA.match(cell) else "")
+        raise DataValidationError(f"{ref}: {name} is {_plain(cell)}, not a finite number{hint}",
+                                  row=int(rows[r]), column=name)
     return values
 
 
@@ -166,72 +493,182 @@ def fingerprint(
     timestamp_ms: IntArray,
     prices: Sequence[FloatArray],
     volume: FloatArray | None = None,
+    *,
+    close_only: bool = False,
+    repair_policy: Sequence[str] = (),
 ) -> str:
-    """sha256 of the normalised bars: int64 ms timestamps, float64 OHLC(V), little-endian."""
+    """sha256 of the normalised bars: int64 ms timestamps, float64 OHLC(V), little-endian.
+
+    A close-only series and a repair policy are part of it (domain.md §1): repaired data
+    never shares a fingerprint with strictly loaded data. Strict OHLC bars keep the digest
+    they always had (the flags are hashed only when set).
+    """
     digest = hashlib.sha256(b"marginlab-bars-v1")
     digest.update(np.ascontiguousarray(timestamp_ms, dtype="<i8").tobytes())
     for column in (*prices, *(() if volume is None else (volume,))):
         digest.update(np.ascontiguousarray(column, dtype="<f8").tobytes())
+    if close_only:
+        digest.update(b"|close-only")
+    if repair_policy:
+        digest.update(("|repair=" + ",".join(sorted(repair_policy))).encode())
     return digest.hexdigest()
 
 
-def bars_from_frame(
+#: Defects an opt-in repair policy may fix (domain.md §1); anything else stays an error.
+REPAIR_DEFECTS = ("duplicates", "ohlc-range")
+
+
+def repair_policy(names: str | Sequence[str] | None, *, field: str = "repair") -> tuple[str, ...]:
+    """The repair policy as sorted unique names; ``"a,b"`` and ``["a", "b"]`` alike.
+
+    ``ohlc-range``: an open or close outside [low, high] is clamped into it.
+    ``duplicates``: a row equal to an earlier one in every column read is dropped (a
+    timestamp repeated with other values stays an error).
+
+    Raises:
+        InvalidParameters: an unknown name; ``field`` names where it came from.
+    """
+    if names is None:
+        return ()
+    items = names.split(",") if isinstance(names, str) else list(names)
+    out = set()
+    for item in items:
+        if not isinstance(item, str):
+            raise InvalidParameters(f"{field}: {_plain(item)} is not a repair name",
+                                    field=field)
+        name = item.strip().lower()
+        if not name:
+            continue
+        if name not in REPAIR_DEFECTS:
+            raise InvalidParameters(
+                f"{field}: unknown repair {item.strip()!r} (known: {', '.join(REPAIR_DEFECTS)})",
+                field=field)
+        out.add(name)
+    return tuple(sorted(out))
+
+
+
+
+def _normalised_columns(frame: pd.DataFrame, source: str) -> pd.DataFrame:
+    """Lower-case, stripped column names; ``price`` read as ``close`` where there is none."""
+    if not isinstance(frame.index, pd.RangeIndex):
+        frame = _index_as_column(frame)
+    names = pd.Index([str(c).strip().lower() for c in frame.columns])
+    twice = names[names.duplicated()]
+    for name in twice:
+        if name in _KNOWN_COLUMNS:
+            raise DataValidationError(
+                f"{source}: two columns are named {name!r} (ignoring case and spaces)",
+                column=name)
+    frame = frame.set_axis(names, axis=1).loc[:, ~names.duplicated()]
+    if "close" not in frame.columns and "price" in frame.columns:
+        frame = frame.rename(columns={"price": "close"})
+    return frame
+
+
+def _build(
     frame: pd.DataFrame,
     *,
     instrument: str,
-    source: str = "<frame>",
-    bar_seconds: int | None = None,
+    source: str,
+    bar_seconds: int | None,
+    timestamp_format: str | None,
+    timestamp_unit: TimestampUnit | None,
+    repair: tuple[str, ...],
+    start_ms: int | None = None,
+    end_ms: int | None = None,
 ) -> BarSeries:
-    """Validate a frame of bars and build a ``BarSeries`` (domain.md §1).
-
-    Raises:
-        DataValidationError: a missing column, a non-finite or non-positive price, high < low,
-            open/close outside [low, high], negative volume, or timestamps that are not strictly
-            increasing; the message names the 1-based data row and the column.
-    """
-    frame = frame.rename(columns={c: c.lower() for c in frame.columns})
-    for name in PRICE_COLUMNS:
-        if name not in frame.columns:
-            raise DataValidationError(f"{source}: missing column {name!r}", column=name)
+    frame = _normalised_columns(frame, source)
+    close_only = not any(name in frame.columns for name in ("open", "high", "low"))
+    needed = ("close",) if close_only else PRICE_COLUMNS
+    absent = next((name for name in needed if name not in frame.columns), None)
+    if absent == "close":
+        raise DataValidationError(f"{source}: missing column 'close' (or 'price')",
+                                  column="close")
+    if absent is not None:
+        raise DataValidationError(
+            f"{source}: missing column {absent!r} (a close-only series has timestamp and "
+            "close only)", column=absent)
+    ts_column = _timestamp_column(frame, source)
+    rows = np.arange(1, len(frame) + 1, dtype=np.int64)
+    ts = _timestamps_ms(frame, source, rows=rows, timestamp_format=timestamp_format,
+                        timestamp_unit=timestamp_unit)
+    if start_ms is not None or end_ms is not None:
+        keep = np.ones(ts.shape[0], dtype=bool)
+        if start_ms is not None:
+            keep &= ts >= start_ms
+        if end_ms is not None:
+            keep &= ts < end_ms
+        frame, ts, rows = frame.loc[keep], ts[keep], rows[keep]
     if len(frame) < 2:
-        raise DataValidationError(f"{source}: needs at least two bars, has {len(frame)}")
-    ts = _timestamps_ms(frame, source)
-    o, h, lo, c = (_float_column(frame, name, source) for name in PRICE_COLUMNS)
+        raise DataValidationError(
+            f"{source}: needs at least two bars, has {len(frame)}", column=ts_column)
+    if close_only:
+        o = h = lo = c = _float_column(frame, "close", source, rows)
+    else:
+        o, h, lo, c = (_float_column(frame, name, source, rows) for name in PRICE_COLUMNS)
+    volume = _float_column(frame, "volume", source, rows) if "volume" in frame.columns else None
     for name, values in zip(PRICE_COLUMNS, (o, h, lo, c), strict=True):
         bad = np.flatnonzero(values <= 0)
         if bad.size:
-            raise DataValidationError(f"{source}: {name} must be > 0, is {values[bad[0]]!r}",
-                                      row=int(bad[0]) + 1, column=name)
-    bad = np.flatnonzero(h < lo)
-    if bad.size:
-        r = int(bad[0])
-        raise DataValidationError(f"{source}: high {h[r]!r} < low {lo[r]!r}", row=r + 1,
-                                  column="high")
-    for name, values in (("open", o), ("close", c)):
-        bad = np.flatnonzero((values < lo) | (values > h))
+            r = int(bad[0])
+            raise DataValidationError(f"{source}: {name} must be > 0, is {_plain(values[r])}",
+                                      row=int(rows[r]), column=name)
+    if volume is not None:
+        bad = np.flatnonzero(volume < 0)
         if bad.size:
             r = int(bad[0])
-            raise DataValidationError(
-                f"{source}: {name} {values[r]!r} outside [low {lo[r]!r}, high {h[r]!r}]",
-                row=r + 1, column=name,
-            )
+            raise DataValidationError(f"{source}: volume must be >= 0, is {_plain(volume[r])}",
+                                      row=int(rows[r]), column="volume")
+    repairs: list[Repair] = []
+    columns = [ts, o, h, lo, c] + ([] if volume is None else [volume])
+    if "duplicates" in repair:
+        keep, dropped = _exact_duplicates(columns, rows)
+        repairs += dropped
+        ts, o, h, lo, c, rows = ts[keep], o[keep], h[keep], lo[keep], c[keep], rows[keep]
+        volume = None if volume is None else volume[keep]
     steps = np.diff(ts)
+    newest_first = bool(steps.size) and bool(np.all(steps < 0))
+    if newest_first:
+        # Strictly decreasing is unambiguous: the vendor wrote newest first (CryptoDataDownload).
+        ts, o, h, lo, c, rows = ts[::-1], o[::-1], h[::-1], lo[::-1], c[::-1], rows[::-1]
+        volume = None if volume is None else volume[::-1]
+        steps = np.diff(ts)
     bad = np.flatnonzero(steps <= 0)
     if bad.size:
         r = int(bad[0]) + 1
-        what = "duplicate" if steps[r - 1] == 0 else "out-of-order (not increasing)"
-        raise DataValidationError(f"{source}: {what} timestamp", row=r + 1,
-                                  column=_timestamp_column(frame, source))
-    volume = None
-    if "volume" in frame.columns:
-        volume = _float_column(frame, "volume", source)
-        bad = np.flatnonzero(volume < 0)
-        if bad.size:
-            raise DataValidationError(f"{source}: negative volume", row=int(bad[0]) + 1,
-                                      column="volume")
+        what = ("duplicate timestamp (repair 'duplicates' drops only rows equal in every "
+                "column)" if steps[r - 1] == 0 else "out-of-order (not increasing) timestamp; a "
+                "newest-first file loads when it is strictly decreasing throughout")
+        raise DataValidationError(f"{source}: {what}", row=int(rows[r]), column=ts_column)
+    bad = np.flatnonzero(h < lo)
+    if bad.size:
+        r = int(bad[0])
+        raise DataValidationError(f"{source}: high {_plain(h[r])} < low {_plain(lo[r])}",
+                                  row=int(rows[r]), column="high")
+    fixed = {}
+    for name, values in (("open", o), ("close", c)):
+        bad = np.flatnonzero((values < lo) | (values > h))
+        if bad.size and "ohlc-range" not in repair:
+            r = int(bad[0])
+            raise DataValidationError(
+                f"{source}: {name} {_plain(values[r])} outside [low {_plain(lo[r])}, high "
+                f"{_plain(h[r])}] (repair 'ohlc-range' clamps it)", row=int(rows[r]),
+                column=name)
+        clamped = np.clip(values, lo, h)
+        for i in bad:
+            side = "high" if values[i] > h[i] else "low"
+            repairs.append(Repair(
+                row=int(rows[i]), timestamp_ms=int(ts[i]), defect="ohlc-range", column=name,
+                before=float(values[i]), after=float(clamped[i]),
+                change=f"{name} {_plain(values[i])} -> {_plain(clamped[i])} ({side})"))
+        fixed[name] = clamped if bad.size else values
+    o, c = fixed["open"], fixed["close"]
     freq = bar_seconds or infer_bar_seconds(ts)
     if freq <= 0:
-        raise DataValidationError(f"{source}: cannot infer a bar frequency", column="timestamp")
+        raise DataValidationError(
+            f"{source}: bars less than a second apart; cannot infer a bar frequency",
+            column=ts_column)
     return BarSeries(
         instrument=instrument,
         timestamp_ms=ts,
@@ -241,10 +678,79 @@ def bars_from_frame(
         close=c,
         volume=volume,
         bar_seconds=freq,
-        fingerprint=fingerprint(ts, (o, h, lo, c), volume),
+        fingerprint=fingerprint(ts, (o, h, lo, c), volume, close_only=close_only,
+                                repair_policy=repair),
         source=source,
         gaps=find_gaps(ts, freq),
+        close_only=close_only,
+        newest_first=newest_first,
+        repair_policy=repair,
+        repairs=tuple(sorted(repairs, key=lambda x: (x.row, x.column or ""))),
     )
+
+
+def _exact_duplicates(columns: list[np.ndarray], rows: IntArray) -> tuple[np.ndarray,
+                                                                           list[Repair]]:
+    """Rows equal to an earlier row in every column read: (rows to keep, their repairs)."""
+    table = pd.DataFrame({str(i): col for i, col in enumerate(columns)})
+    dup = table.duplicated(keep="first").to_numpy()
+    if not dup.any():
+        return ~dup, []
+    group = table.groupby(list(table.columns), sort=False).ngroup().to_numpy()
+    first_of: dict[int, int] = {}
+    for i, g in enumerate(group):
+        first_of.setdefault(int(g), i)
+    ts = columns[0]
+    dropped = [
+        Repair(row=int(rows[i]), timestamp_ms=int(ts[i]), defect="duplicates", column=None,
+               before=None, after=None,
+               change=f"dropped: same as row {int(rows[first_of[int(group[i])]])}")
+        for i in np.flatnonzero(dup)
+    ]
+    return ~dup, dropped
+
+
+def bars_from_frame(
+    frame: pd.DataFrame,
+    *,
+    instrument: str,
+    source: str = "<frame>",
+    bar_seconds: int | None = None,
+    timestamp_format: str | None = None,
+    timestamp_unit: TimestampUnit | None = None,
+    repair: str | Sequence[str] | None = (),
+) -> BarSeries:
+    """Validate a frame of bars and build a ``BarSeries`` (domain.md §1).
+
+    Columns (any case): a timestamp (``timestamp_ms``, ``timestamp``, ``open_time``,
+    ``unix``, ``date``, ...), ``open, high, low, close`` (or ``price``) and optional
+    ``volume``. Without open/high/low the series is close-only (``close_only``): open, high
+    and low are the close. Bars listed strictly newest first are reversed
+    (``newest_first``).
+
+    Args:
+        frame: one row per bar.
+        instrument: the name to report.
+        source: the reference to name in errors (never a server path).
+        bar_seconds: the bar frequency; default the most common step.
+        timestamp_format: ``strftime`` format of text timestamps that are not ISO-8601
+            (e.g. ``%d/%m/%Y`` for ``01/10/2020`` as 1 October); ambiguous dates are
+            refused without it.
+        timestamp_unit: ``s``, ``ms``, ``us`` or ``ns`` for epoch numbers; default told by
+            magnitude (for instants from 1980), ``ms`` for a ``timestamp_ms`` column.
+        repair: opt-in repairs (:data:`REPAIR_DEFECTS`); each change is listed in
+            ``repairs`` and the policy enters the fingerprint.
+
+    Raises:
+        DataValidationError: a missing column, a non-finite or non-positive price, high < low,
+            open/close outside [low, high] (unless repaired), negative volume, timestamps that
+            are unreadable, out of range or not strictly increasing; the message names the
+            1-based data row and the column.
+        InvalidParameters: an unknown repair name, timestamp unit or an invalid format.
+    """
+    return _build(frame, instrument=instrument, source=source, bar_seconds=bar_seconds,
+                  timestamp_format=timestamp_format, timestamp_unit=timestamp_unit,
+                  repair=repair_policy(repair))
 
 
 def instrument_from_ref(ref: str) -> str:
@@ -260,8 +766,15 @@ def load_bars(
     instrument: str | None = None,
     start_ms: int | None = None,
     end_ms: int | None = None,
+    timestamp_format: str | None = None,
+    timestamp_unit: TimestampUnit | None = None,
+    repair: str | Sequence[str] | None = (),
 ) -> BarSeries:
     """Load, validate and fingerprint the bars a reference names.
+
+    CSV files may use ``,`` ``;`` tab or ``|``, carry a vendor's title line above the
+    header, or be Binance's headerless 12-column klines; Parquet and Feather load as they
+    are. Everything else is as :func:`bars_from_frame`.
 
     Args:
         ref: path relative to ``root``.
@@ -269,18 +782,15 @@ def load_bars(
         instrument: the name to report; default from the file name.
         start_ms, end_ms: keep bars with ``start_ms <= timestamp < end_ms`` (epoch ms UTC),
             applied before validation so a known bad tail (LUNA after the halt) can be cut.
+        timestamp_format, timestamp_unit, repair: as :func:`bars_from_frame`.
     """
+    policy = repair_policy(repair)
     path = resolve_ref(ref, root)
     frame = _read_table(path, ref)
-    if start_ms is not None or end_ms is not None:
-        ts = _timestamps_ms(frame.rename(columns={c: c.lower() for c in frame.columns}), ref)
-        keep = np.ones(ts.shape[0], dtype=bool)
-        if start_ms is not None:
-            keep &= ts >= start_ms
-        if end_ms is not None:
-            keep &= ts < end_ms
-        frame = frame.loc[keep].reset_index(drop=True)
-    return bars_from_frame(frame, instrument=instrument or instrument_from_ref(ref), source=ref)
+    return _build(frame, instrument=instrument or instrument_from_ref(ref), source=ref,
+                  bar_seconds=None, timestamp_format=timestamp_format,
+                  timestamp_unit=timestamp_unit, repair=policy, start_ms=start_ms,
+                  end_ms=end_ms)
 
 
 def load_funding(ref: str, *, root: str | os.PathLike[str]) -> pd.DataFrame:
@@ -289,15 +799,15 @@ def load_funding(ref: str, *, root: str | os.PathLike[str]) -> pd.DataFrame:
     Columns: ``funding_rate`` (decimal) or ``funding_rate_pct`` (percent, divided by 100).
     """
     path = resolve_ref(ref, root)
-    frame = _read_table(path, ref)
-    frame = frame.rename(columns={c: c.lower() for c in frame.columns})
+    frame = _normalised_columns(_read_table(path, ref), ref)
     ts = _timestamps_ms(frame, ref)
     if "funding_rate" in frame.columns:
         rate = _float_column(frame, "funding_rate", ref)
     elif "funding_rate_pct" in frame.columns:
         rate = _float_column(frame, "funding_rate_pct", ref) / 100.0
     else:
-        raise DataValidationError(f"{ref}: no funding_rate or funding_rate_pct column")
+        raise DataValidationError(f"{ref}: no funding_rate or funding_rate_pct column",
+                                  column="funding_rate")
     return pd.DataFrame({"timestamp_ms": ts, "funding_rate": rate})
 
 
@@ -319,54 +829,85 @@ def load_book_depth(
     """Binance ``bookDepth`` snapshots as ``timestamp_ms, bid_depth_usd, ask_depth_usd``.
 
     The depth of a side is the notional within ``band_pct`` percent of the mid price
-    (``percentage = -band_pct`` for bids, ``+band_pct`` for asks).
+    (``percentage = -band_pct`` for bids, ``+band_pct`` for asks). How long a snapshot
+    stays usable is :func:`with_depth`'s ``max_staleness_seconds``.
     """
     path = resolve_ref(ref, root)
-    frame = _read_table(path, ref)
-    frame = frame.rename(columns={c: c.lower() for c in frame.columns})
+    frame = _normalised_columns(_read_table(path, ref), ref)
     for name in ("timestamp", "percentage", "notional"):
         if name not in frame.columns:
             raise DataValidationError(f"{ref}: missing column {name!r}", column=name)
-    frame = frame.assign(timestamp_ms=_timestamps_ms(frame, ref))
-    bids = frame[frame["percentage"] == -band_pct].set_index("timestamp_ms")["notional"]
-    asks = frame[frame["percentage"] == band_pct].set_index("timestamp_ms")["notional"]
+    frame = frame.assign(timestamp_ms=_timestamps_ms(frame, ref),
+                         percentage=_numbers(frame["percentage"]),
+                         notional=_float_column(frame, "notional", ref))
+    bids = frame[frame["percentage"] == -band_pct].groupby("timestamp_ms")["notional"].last()
+    asks = frame[frame["percentage"] == band_pct].groupby("timestamp_ms")["notional"].last()
     out = pd.concat({"bid_depth_usd": bids, "ask_depth_usd": asks}, axis=1).dropna()
     if out.empty:
-        raise DataValidationError(f"{ref}: no snapshot has the ±{band_pct}% bands")
+        raise DataValidationError(f"{ref}: no snapshot has the ±{band_pct:g}% bands",
+                                  column="percentage")
     return out.sort_index().reset_index()
 
 
-def with_depth(bars: BarSeries, depth: pd.DataFrame) -> BarSeries:
+#: How old a depth snapshot may be and still stand for the book at a bar's open: Binance
+#: publishes bookDepth about every 30 s, so 5 minutes tolerates ten missed snapshots (a
+#: short outage of the feed), while a book older than that is not the one a liquidation
+#: would meet in a fast market (the 2025-10-10 crash moved BTC 7% within 20 minutes).
+DEFAULT_DEPTH_STALENESS_SECONDS = 300
+
+
+def with_depth(
+    bars: BarSeries,
+    depth: pd.DataFrame,
+    *,
+    max_staleness_seconds: float = DEFAULT_DEPTH_STALENESS_SECONDS,
+) -> BarSeries:
     """``bars`` with the latest depth snapshot taken at or before each bar's open.
 
-    Bars before the first snapshot get NaN (unknown: consumers fall back to volume).
+    A snapshot is carried forward at most ``max_staleness_seconds`` (domain.md §1): a bar
+    whose latest snapshot is older gets NaN depth and is counted in ``depth_stale_bars``;
+    bars before the first snapshot get NaN too. Consumers fall back to volume (ADV) on NaN.
+
+    Raises:
+        InvalidParameters: a negative or non-finite ``max_staleness_seconds``.
     """
+    if not max_staleness_seconds >= 0:  # NaN fails too; inf carries snapshots forever
+        raise InvalidParameters(
+            f"max_staleness_seconds must be >= 0, is {_plain(max_staleness_seconds)}",
+            field="max_staleness_seconds")
     ts = depth["timestamp_ms"].to_numpy(dtype=np.int64)
+    order = np.argsort(ts, kind="stable")
+    ts = ts[order]
     idx = np.searchsorted(ts, bars.timestamp_ms, side="right") - 1
     known = idx >= 0
+    age_ms = np.where(known, bars.timestamp_ms - ts[np.maximum(idx, 0)], 0)
+    fresh = known & (age_ms <= max_staleness_seconds * 1000.0)
     out = {}
     for name in ("bid_depth_usd", "ask_depth_usd"):
-        values = depth[name].to_numpy(dtype=np.float64)
+        values = depth[name].to_numpy(dtype=np.float64)[order]
         column = np.full(len(bars), np.nan)
-        column[known] = values[idx[known]]
+        column[fresh] = values[idx[fresh]]
         out[name] = column
     return replace(bars, bid_depth_usd=out["bid_depth_usd"], ask_depth_usd=out["ask_depth_usd"],
-                   _cache={})
+                   depth_stale=known & ~fresh, _cache={})
 
 
 def _subset(bars: BarSeries, keep: np.ndarray) -> BarSeries:
-    def pick(a: FloatArray | None) -> FloatArray | None:
+    def pick(a: np.ndarray | None) -> np.ndarray | None:
         return None if a is None else a[keep]
 
     ts = bars.timestamp_ms[keep]
     o, h, lo, c = bars.open[keep], bars.high[keep], bars.low[keep], bars.close[keep]
     volume = pick(bars.volume)
+    kept = set(ts.tolist()) if bars.repairs else set()
     return replace(
         bars, timestamp_ms=ts, open=o, high=h, low=lo, close=c, volume=volume,
         funding_rate=pick(bars.funding_rate), bid_depth_usd=pick(bars.bid_depth_usd),
-        ask_depth_usd=pick(bars.ask_depth_usd),
-        fingerprint=fingerprint(ts, (o, h, lo, c), volume),
-        gaps=find_gaps(ts, bars.bar_seconds), _cache={},
+        ask_depth_usd=pick(bars.ask_depth_usd), depth_stale=pick(bars.depth_stale),
+        fingerprint=fingerprint(ts, (o, h, lo, c), volume, close_only=bars.close_only,
+                                repair_policy=bars.repair_policy),
+        gaps=find_gaps(ts, bars.bar_seconds),
+        repairs=tuple(r for r in bars.repairs if r.timestamp_ms in kept), _cache={},
     )
 
 
@@ -422,11 +963,16 @@ def resample(bars: BarSeries, bar_seconds: int) -> BarSeries:
     funding = None if bars.funding_rate is None else np.add.reduceat(bars.funding_rate, starts)
     bid = None if bars.bid_depth_usd is None else bars.bid_depth_usd[starts]
     ask = None if bars.ask_depth_usd is None else bars.ask_depth_usd[starts]
+    stale = None if bars.depth_stale is None else bars.depth_stale[starts]
     return BarSeries(
         instrument=bars.instrument, timestamp_ms=ts, open=o, high=h, low=lo, close=c,
         volume=volume, funding_rate=funding, bid_depth_usd=bid, ask_depth_usd=ask,
-        bar_seconds=bar_seconds, fingerprint=fingerprint(ts, (o, h, lo, c), volume),
+        bar_seconds=bar_seconds,
+        fingerprint=fingerprint(ts, (o, h, lo, c), volume, close_only=bars.close_only,
+                                repair_policy=bars.repair_policy),
         source=f"{bars.source}@{bar_seconds}s", gaps=find_gaps(ts, bar_seconds),
+        close_only=bars.close_only, newest_first=bars.newest_first,
+        repair_policy=bars.repair_policy, repairs=bars.repairs, depth_stale=stale,
     )
 
 

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import msgspec
 
 from calibration._errors import InvalidParameters
+from calibration.data import repair_policy
 from calibration.horizon import to_bars
 from calibration.liquidation import LiquidationConfig
 from calibration.models import FAMILIES, make_model
@@ -22,7 +23,12 @@ from calibration.windows import StressWindow
 
 
 class DataRefSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """One instrument's data: references relative to the data root, optional day range."""
+    """One instrument's data: references relative to the data root, optional day range.
+
+    ``repair`` names the opt-in repairs (``ohlc-range``, ``duplicates``; domain.md §1),
+    ``timestamp_format`` the ``strftime`` format of non-ISO dates (``%d/%m/%Y``) and
+    ``timestamp_unit`` the unit of epoch numbers (default: told by magnitude).
+    """
 
     instrument: str
     ref: str
@@ -30,6 +36,9 @@ class DataRefSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     depth: str | None = None
     start: str | None = None
     end: str | None = None
+    repair: list[Literal["ohlc-range", "duplicates"]] = []
+    timestamp_format: str | None = None
+    timestamp_unit: Literal["s", "ms", "us", "ns"] | None = None
 
 
 class ParamSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -192,6 +201,8 @@ def validate_spec(spec: CalibrationSpec) -> None:
     names = [d.instrument for d in spec.data]
     if len(set(names)) != len(names):
         raise _bad("two data entries name the same instrument", "data")
+    for i, d in enumerate(spec.data):
+        repair_policy(d.repair, field=f"data[{i}].repair")
     known = [*FAMILIES[spec.model].param_names(), "addon_coef", "addon_exponent", "adv_window_bars"]
     space = search_space(spec)
     for name, p in space.items():

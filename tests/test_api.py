@@ -242,6 +242,35 @@ def test_backtest_errors_name_the_field(client: Client, change: dict[str, Any], 
                    field=field)
 
 
+def test_microsecond_upload_is_422_naming_the_cell(client: Client, tmp_path: Path) -> None:
+    """A µs epoch under timestamp_ms is a 422 with its row and column, not a 500."""
+    lines = bars_csv(300).decode().splitlines()
+    first = lines[1].split(",")
+    lines[1] = ",".join([first[0] + "000", *first[1:]])
+    body = assert_problem(upload(client, ("\n".join(lines) + "\n").encode()), 422,
+                          field="timestamp_ms")
+    assert body["row"] == 1
+    assert str(tmp_path) not in body["detail"]
+
+
+def test_backtest_repair_is_a_field_of_the_data_reference(client: Client,
+                                                          tmp_path: Path) -> None:
+    """data[i].repair opts in to named repairs; strict is the default; unknown names are 400."""
+    lines = bars_csv(300).decode().splitlines()
+    cells = lines[5].split(",")  # timestamp_ms,open,high,low,close,volume
+    cells[1] = f"{float(cells[2]) * 1.01:.6f}"  # open above high
+    lines[5] = ",".join(cells)
+    (tmp_path / "defect.csv").write_text("\n".join(lines) + "\n")
+    body = assert_problem(client.post("/v1/backtests", json=backtest_body("defect.csv")), 422,
+                          field="open")
+    assert body["row"] == 5
+    repaired = backtest_body("defect.csv")
+    repaired["data"][0]["repair"] = ["ohlc-range"]
+    assert client.post("/v1/backtests", json=repaired).status_code == 200
+    repaired["data"][0]["repair"] = ["fill"]
+    assert_problem(client.post("/v1/backtests", json=repaired), 400, field="data[0].repair[0]")
+
+
 def test_body_that_is_not_json_is_400_about_the_body(client: Client) -> None:
     """A body that does not parse as JSON is a 400 problem with field ``body``."""
     response = client.post("/v1/backtests", content=b'{"data": [',

@@ -715,9 +715,10 @@ def test_addon_falls_back_to_volume_before_first_depth_snapshot() -> None:
     frame = walk_frame(3)
     bars = to_bars(frame)
     first_snapshot = 40
+    # One snapshot per bar from first_snapshot on (depth is carried only a few minutes).
+    snapshots = bars.timestamp_ms[first_snapshot:]
     depth = pd.DataFrame({
-        "timestamp_ms": [int(bars.timestamp_ms[first_snapshot])],
-        "bid_depth_usd": [2e6], "ask_depth_usd": [3e6],
+        "timestamp_ms": snapshots, "bid_depth_usd": 2e6, "ask_depth_usd": 3e6,
     })
     deep = with_depth(bars, depth)
     model = make_model("ewma", {**EWMA_PARAMS, "addon_coef": 0.05, "adv_window_bars": 5})
