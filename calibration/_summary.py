@@ -163,6 +163,13 @@ def print_summary(report: BacktestReport, console: Console) -> None:
             f"gap{'' if info.gaps == 1 else 's'} "
             f"({info.missing_bars:,} missing bars), fingerprint {info.fingerprint[:12]}"
         )
+        if info.close_only:
+            console.print("close-only series (price snapshots): losses use closes")
+        if info.repairs or info.repair_policy:
+            console.print(f"{len(info.repairs):,} rows repaired under "
+                          f"{escape(', '.join(info.repair_policy))} (listed in --json)")
+        if info.depth_stale_bars:
+            console.print(f"{info.depth_stale_bars:,} bars with stale depth (ADV used)")
         if info.suspect_prints:
             count = len(info.suspect_prints)
             shown = ", ".join(info.suspect_prints[:5])

@@ -18,7 +18,7 @@ from calibration.liquidation import (
     simulate_liquidations,
 )
 from calibration.models import LiquidityAddon, make_model
-from calibration.report import BacktestReport, DatasetInfo, InstrumentReport
+from calibration.report import BacktestReport, DatasetInfo, InstrumentReport, RepairInfo
 from calibration.windows import DEFAULT_STRESS_WINDOWS, StressWindow
 
 #: The position grid and close-out settings used when the caller names none.
@@ -41,6 +41,12 @@ def dataset_info(bars: BarSeries) -> DatasetInfo:
         gaps=len(bars.gaps),
         missing_bars=sum(g.missing_bars for g in bars.gaps),
         suspect_prints=[iso_utc(int(bars.timestamp_ms[r])) for r in find_suspect_prints(bars)],
+        close_only=bars.close_only,
+        newest_first=bars.newest_first,
+        repair_policy=list(bars.repair_policy),
+        repairs=[RepairInfo(row=r.row, time=iso_utc(r.timestamp_ms), defect=r.defect,
+                            change=r.change) for r in bars.repairs],
+        depth_stale_bars=bars.depth_stale_bars,
     )
 
 

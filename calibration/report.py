@@ -105,11 +105,24 @@ class FundPoint(msgspec.Struct, frozen=True, array_like=True):
     fund_usd: float
 
 
+class RepairInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """One row an opt-in repair changed (``row`` 1-based in the file, ``time`` its bar)."""
+
+    row: int
+    time: str
+    defect: str
+    change: str
+
+
 class DatasetInfo(msgspec.Struct, frozen=True, kw_only=True):
     """Where an instrument's bars came from, and what they were.
 
     ``suspect_prints`` holds the open times of bars whose wick reaches more than 50% beyond
     the body (``calibration.data.find_suspect_prints``): kept in the data, flagged here.
+    ``close_only``: the source had closes only, so losses use closes (domain.md §1);
+    ``newest_first``: the file was reversed on loading; ``repair_policy`` and ``repairs``:
+    the opt-in repairs allowed and every row they changed; ``depth_stale_bars``: bars whose
+    last order-book snapshot was too old to use (the ADV fallback applied).
     """
 
     instrument: str
@@ -122,6 +135,11 @@ class DatasetInfo(msgspec.Struct, frozen=True, kw_only=True):
     gaps: int
     missing_bars: int
     suspect_prints: list[str] = []
+    close_only: bool = False
+    newest_first: bool = False
+    repair_policy: list[str] = []
+    repairs: list[RepairInfo] = []
+    depth_stale_bars: int = 0
 
 
 class InstrumentReport(msgspec.Struct, frozen=True, kw_only=True):

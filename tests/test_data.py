@@ -1303,3 +1303,28 @@ def test_frame_with_its_time_as_index_loads(tmp_path: Path) -> None:
     for bars in (bars_from_frame(frame, instrument="X"), load_bars("x.parquet", root=tmp_path)):
         assert bars.timestamp_ms.tolist() == TIMESTAMPS_MS
         assert bars.close.tolist() == list(cols["close"])
+
+
+def test_backtest_report_lists_repairs_and_close_only(tmp_path: Path) -> None:
+    """The report's dataset block carries the repair policy, each repaired row and the
+    close-only flag, so the numbers can be traced to what was changed."""
+    from calibration import run_backtest
+
+    rows = ["timestamp_ms,open,high,low,close"]
+    for i in range(300):
+        price = 100 + (i % 7)
+        open_ = price + 10 if i == 5 else price  # open above high: an ohlc-range defect
+        rows.append(f"{1_600_000_000_000 + i * 60_000},{open_},{price + 1},{price - 1},{price}")
+    (tmp_path / "x.csv").write_text("\n".join(rows) + "\n")
+    bars = load_bars("x.csv", root=tmp_path, repair=["ohlc-range"])
+    report = run_backtest([bars], "tiered", {}, liquidation=None, stress_windows=())
+    info = report.datasets[0]
+    assert info.repair_policy == ["ohlc-range"]
+    assert [r.row for r in info.repairs] == [6]
+    assert info.repairs[0].defect == "ohlc-range"
+    assert info.close_only is False
+    (tmp_path / "c.csv").write_text("timestamp_ms,close\n" + "\n".join(
+        f"{1_600_000_000_000 + i * 60_000},{100 + i % 5}" for i in range(300)) + "\n")
+    closes = run_backtest([load_bars("c.csv", root=tmp_path)], "tiered", {}, liquidation=None,
+                          stress_windows=())
+    assert closes.datasets[0].close_only is True
