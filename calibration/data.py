@@ -21,7 +21,7 @@ import os
 import re
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Literal
@@ -496,12 +496,15 @@ def fingerprint(
     *,
     close_only: bool = False,
     repair_policy: Sequence[str] = (),
+    extra: Mapping[str, FloatArray | None] | None = None,
 ) -> str:
     """sha256 of the normalised bars: int64 ms timestamps, float64 OHLC(V), little-endian.
 
     A close-only series and a repair policy are part of it (domain.md §1): repaired data
-    never shares a fingerprint with strictly loaded data. Strict OHLC bars keep the digest
-    they always had (the flags are hashed only when set).
+    never shares a fingerprint with strictly loaded data. ``extra`` adds the other series a
+    backtest reads on the same bars (``funding``, ``bid_depth``, ``ask_depth``: per-bar arrays),
+    so a changed funding or depth file never shares a fingerprint with the old one. Strict
+    OHLC bars without extras keep the digest they always had (flags hashed only when set).
     """
     digest = hashlib.sha256(b"marginlab-bars-v1")
     digest.update(np.ascontiguousarray(timestamp_ms, dtype="<i8").tobytes())
@@ -511,7 +514,20 @@ def fingerprint(
         digest.update(b"|close-only")
     if repair_policy:
         digest.update(("|repair=" + ",".join(sorted(repair_policy))).encode())
+    for name, column in sorted((extra or {}).items()):
+        if column is not None:
+            digest.update(f"|{name}".encode())
+            digest.update(np.ascontiguousarray(column, dtype="<f8").tobytes())
     return digest.hexdigest()
+
+
+def series_fingerprint(bars: BarSeries) -> str:
+    """The fingerprint of everything ``bars`` carries: bars, funding and depth."""
+    return fingerprint(
+        bars.timestamp_ms, (bars.open, bars.high, bars.low, bars.close), bars.volume,
+        close_only=bars.close_only, repair_policy=bars.repair_policy,
+        extra={"funding": bars.funding_rate, "bid_depth": bars.bid_depth_usd,
+               "ask_depth": bars.ask_depth_usd})
 
 
 #: Defects an opt-in repair policy may fix (domain.md §1); anything else stays an error.
@@ -820,7 +836,8 @@ def with_funding(bars: BarSeries, funding: pd.DataFrame) -> BarSeries:
     inside = (idx >= 0) & (ts < bars.timestamp_ms[np.maximum(idx, 0)] + step)
     per_bar = np.zeros(len(bars))
     np.add.at(per_bar, idx[inside], rate[inside])
-    return replace(bars, funding_rate=per_bar, _cache={})
+    out = replace(bars, funding_rate=per_bar, _cache={})
+    return replace(out, fingerprint=series_fingerprint(out))
 
 
 def load_book_depth(
@@ -888,8 +905,9 @@ def with_depth(
         column = np.full(len(bars), np.nan)
         column[fresh] = values[idx[fresh]]
         out[name] = column
-    return replace(bars, bid_depth_usd=out["bid_depth_usd"], ask_depth_usd=out["ask_depth_usd"],
-                   depth_stale=known & ~fresh, _cache={})
+    result = replace(bars, bid_depth_usd=out["bid_depth_usd"],
+                     ask_depth_usd=out["ask_depth_usd"], depth_stale=known & ~fresh, _cache={})
+    return replace(result, fingerprint=series_fingerprint(result))
 
 
 def _subset(bars: BarSeries, keep: np.ndarray) -> BarSeries:
@@ -905,7 +923,10 @@ def _subset(bars: BarSeries, keep: np.ndarray) -> BarSeries:
         funding_rate=pick(bars.funding_rate), bid_depth_usd=pick(bars.bid_depth_usd),
         ask_depth_usd=pick(bars.ask_depth_usd), depth_stale=pick(bars.depth_stale),
         fingerprint=fingerprint(ts, (o, h, lo, c), volume, close_only=bars.close_only,
-                                repair_policy=bars.repair_policy),
+                                repair_policy=bars.repair_policy,
+                                extra={"funding": pick(bars.funding_rate),
+                                       "bid_depth": pick(bars.bid_depth_usd),
+                                       "ask_depth": pick(bars.ask_depth_usd)}),
         gaps=find_gaps(ts, bars.bar_seconds),
         repairs=tuple(r for r in bars.repairs if r.timestamp_ms in kept), _cache={},
     )
@@ -969,7 +990,8 @@ def resample(bars: BarSeries, bar_seconds: int) -> BarSeries:
         volume=volume, funding_rate=funding, bid_depth_usd=bid, ask_depth_usd=ask,
         bar_seconds=bar_seconds,
         fingerprint=fingerprint(ts, (o, h, lo, c), volume, close_only=bars.close_only,
-                                repair_policy=bars.repair_policy),
+                                repair_policy=bars.repair_policy,
+                                extra={"funding": funding, "bid_depth": bid, "ask_depth": ask}),
         source=f"{bars.source}@{bar_seconds}s", gaps=find_gaps(ts, bar_seconds),
         close_only=bars.close_only, newest_first=bars.newest_first,
         repair_policy=bars.repair_policy, repairs=bars.repairs, depth_stale=stale,

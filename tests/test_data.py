@@ -1328,3 +1328,26 @@ def test_backtest_report_lists_repairs_and_close_only(tmp_path: Path) -> None:
     closes = run_backtest([load_bars("c.csv", root=tmp_path)], "tiered", {}, liquidation=None,
                           stress_windows=())
     assert closes.datasets[0].close_only is True
+
+
+def test_funding_and_depth_are_part_of_the_fingerprint() -> None:
+    """Two funding series (or depth snapshots) on the same bars give different fingerprints,
+    and a cut or resample keeps them in (domain.md §1: every input series read)."""
+    import pandas as pd
+
+    from calibration.calibrate import cut
+    from calibration.data import resample, with_depth, with_funding
+
+    close = 100 + np.sin(np.arange(600) / 10)
+    bars = bars_from_frame(pd.DataFrame({
+        "timestamp_ms": T0_MS + np.arange(600, dtype=np.int64) * 60_000,
+        "open": close, "high": close + 1, "low": close - 1, "close": close}), instrument="T")
+    funding = pd.DataFrame({"timestamp_ms": [T0_MS + 60_000 * 10], "funding_rate": [0.0001]})
+    other = funding.assign(funding_rate=[0.0002])
+    a, b = with_funding(bars, funding), with_funding(bars, other)
+    assert len({bars.fingerprint, a.fingerprint, b.fingerprint}) == 3
+    half = T0_MS + 300 * 60_000
+    assert cut(a, None, half).fingerprint != cut(b, None, half).fingerprint
+    assert resample(a, 300).fingerprint != resample(b, 300).fingerprint
+    depth = pd.DataFrame({"timestamp_ms": [T0_MS], "bid_depth_usd": [1e6], "ask_depth_usd": [2e6]})
+    assert with_depth(bars, depth).fingerprint != bars.fingerprint
