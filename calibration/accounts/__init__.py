@@ -1,0 +1,38 @@
+"""Accounts, not positions: collateral pooled across instruments (domain.md §7).
+
+The flow: ``Market`` (k instruments on one clock) → ``Account`` books (explicit, or a seeded
+``PopulationSpec``) → ``simulate_accounts`` (cross or isolated replay, isolated twins,
+contagion) → ``AccountResult`` figures and ``run_account_backtest``'s report.
+"""
+
+from calibration.accounts._book import (
+    MARGIN_MODES,
+    Account,
+    PopulationSpec,
+    accounts_from_records,
+    generate_population,
+    load_accounts,
+)
+from calibration.accounts._engine import (
+    AccountConfig,
+    AccountResult,
+    simulate_accounts,
+    windows_summary,
+)
+from calibration.accounts._market import STABLE_ASSETS, Market, underlying_of
+
+__all__ = [
+    "MARGIN_MODES",
+    "STABLE_ASSETS",
+    "Account",
+    "AccountConfig",
+    "AccountResult",
+    "Market",
+    "PopulationSpec",
+    "accounts_from_records",
+    "generate_population",
+    "load_accounts",
+    "simulate_accounts",
+    "underlying_of",
+    "windows_summary",
+]
