@@ -20,6 +20,7 @@ from calibration.horizon import format_duration
 from calibration.report import BacktestReport
 
 if TYPE_CHECKING:
+    from calibration.accounts import AccountBacktestReport
     from calibration.calibrate import CalibrationResult, ParetoPoint
 
 _LIGHT = {"green": "[green]green[/]", "yellow": "[yellow]yellow[/]", "red": "[red]red[/]",
@@ -304,3 +305,51 @@ def print_calibration(result: CalibrationResult, console: Console) -> None:
     table.print(console)
     if same:
         console.print(same)
+
+
+#: Accounts shown in the worst-accounts table.
+WORST_ACCOUNTS = 10
+
+
+def print_accounts(report: AccountBacktestReport, console: Console) -> None:
+    """Print an account backtest: settings, the figures per window, the worst accounts."""
+    console.print(
+        f"[bold]{report.model}[/] accounts, {report.mode} margin, "
+        f"{', '.join(escape(i) for i in report.instruments)}; close-out horizon "
+        f"{report.horizon} ({report.horizon_bars} bars of {format_duration(report.bar_seconds)})"
+        f"; holding {report.liquidation['holding_bars']} bars, latency "
+        f"{report.liquidation['latency_bars']} bars; market {report.market_fingerprint[:12]}"
+    )
+    console.print(f"prices: {report.adverse_extremes}")
+    if any(report.dropped_bars.values()):
+        console.print("bars dropped to align: " + ", ".join(
+            f"{escape(k)} {v:,}" for k, v in report.dropped_bars.items()))
+    counts = _Titled("accounts (counted in the window where they open)",
+                     [("window", "left"), ("accounts", "right"), ("liquidated", "right"),
+                      ("positions\nliquidated", "right"), ("healthy\nlegs", "right"),
+                      ("saved by\ncross", "right")])
+    money = _Titled("bad debt, USD (cross: pooled; isolated: each position alone)",
+                    [("window", "left"), ("this mode", "right"), ("cross", "right"),
+                     ("isolated", "right"), ("hedge-break\nloss", "right")])
+    for f in report.summary:
+        counts.add_row(escape(f.window), f"{f.accounts:,}", f"{f.liquidated_accounts:,}",
+                       f"{f.liquidated_positions:,}", f"{f.healthy_leg_liquidations:,}",
+                       f"{f.saved_by_cross:,}")
+        money.add_row(escape(f.window), _num(f.bad_debt_usd), _num(f.bad_debt_cross_usd),
+                      _num(f.bad_debt_isolated_usd), _num(f.hedge_break_loss_usd))
+    counts.print(console)
+    money.print(console)
+    worst = sorted((a for a in report.accounts if a.bad_debt_usd > 0),
+                   key=lambda a: -a.bad_debt_usd)[:WORST_ACCOUNTS]
+    if worst:
+        table = _Titled(f"worst accounts (of {len(report.accounts):,})",
+                        [("id", "left"), ("trigger time", "left"), ("bad debt USD", "right")])
+        for a in worst:
+            table.add_row(escape(a.id), a.trigger_time or "–", _num(a.bad_debt_usd))
+        table.print(console)
+    console.print(f"insurance fund minimum {_num(report.insurance_fund_min_usd)} USD"
+                  + (f", exhausted at {report.insurance_fund_exhausted_at}"
+                     if report.insurance_fund_exhausted_at else ""))
+    if report.skipped:
+        console.print(f"{len(report.skipped):,} accounts not opened (entry outside the data "
+                      "or in the models' warm-up); listed in --json")

@@ -293,3 +293,45 @@ def test_population_is_seeded_and_documented_kinds() -> None:
     with pytest.raises(InvalidParameters) as info:
         PopulationSpec.from_mapping({"seed": -1})
     assert info.value.field == "population.seed"
+
+
+def test_cli_accounts_backtest_json(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """marginlab accounts backtest --accounts FILE --json: the accounts summary (public
+    fields) equals the library's hand case, and every account has its row; bad input exits 2
+    naming the field."""
+    import pandas as pd
+
+    from calibration.cli import main
+
+    for name, rows in (("AUSDT", [FLAT] * 3 + [GAP80] * 3), ("BUSDT", [FLAT] * 3 + [GAP80] * 3)):
+        b = series(name, rows)
+        pd.DataFrame({"timestamp_ms": b.timestamp_ms, "open": b.open, "high": b.high,
+                      "low": b.low, "close": b.close}).to_csv(tmp_path / f"{name}.csv",
+                                                               index=False)
+    (tmp_path / "accounts.json").write_text(json.dumps([
+        {"id": "hedge", "entry": T0 + 2 * MIN, "collateral": {"USDT": 2000},
+         "positions": {"AUSDT": 10_000, "BUSDT": -10_000}}]))
+    monkeypatch.setenv("MARGINLAB_DATA_ROOT", str(tmp_path))
+    args = ["accounts", "backtest", "--data", "AUSDT=AUSDT.csv", "--data", "BUSDT=BUSDT.csv",
+            "--accounts", "accounts.json", "--model", "tiered", "--params",
+            json.dumps(FLAT_1PCT), "--liquidation", '{"holding_bars": 3, "latency_bars": 0}',
+            "--no-stress-windows", "--json"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    overall = report["summary"][0]
+    assert overall["window"] == "all"
+    assert {k: overall[k] for k in ("accounts", "liquidated_accounts", "liquidated_positions",
+                                    "bad_debt_usd", "healthy_leg_liquidations",
+                                    "saved_by_cross")} == {
+        "accounts": 1, "liquidated_accounts": 0, "liquidated_positions": 0,
+        "bad_debt_usd": 0.0, "healthy_leg_liquidations": 0, "saved_by_cross": 1}
+    assert report["accounts"] == [{"id": "hedge", "liquidated": False, "trigger_time": None,
+                                   "bad_debt_usd": 0.0}]
+    assert main([*args[:-1], "--mode", "isolated", "--json"]) == 0
+    isolated = json.loads(capsys.readouterr().out)
+    assert isolated["summary"][0]["bad_debt_usd"] == pytest.approx(1000.0)
+    assert isolated["accounts"][0]["liquidated"] is True
+    bad = [*args[:-1], "--liquidation", '{"holding_bars": 0}']
+    assert main(bad) == 2
+    assert "liquidation.holding_bars" in capsys.readouterr().err

@@ -20,18 +20,28 @@ from calibration.accounts._engine import (
     windows_summary,
 )
 from calibration.accounts._market import STABLE_ASSETS, Market, underlying_of
+from calibration.accounts._report import (
+    AccountBacktestReport,
+    AccountFigures,
+    AccountRow,
+    run_account_backtest,
+)
 
 __all__ = [
     "MARGIN_MODES",
     "STABLE_ASSETS",
     "Account",
+    "AccountBacktestReport",
     "AccountConfig",
+    "AccountFigures",
     "AccountResult",
+    "AccountRow",
     "Market",
     "PopulationSpec",
     "accounts_from_records",
     "generate_population",
     "load_accounts",
+    "run_account_backtest",
     "simulate_accounts",
     "underlying_of",
     "windows_summary",
