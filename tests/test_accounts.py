@@ -335,3 +335,63 @@ def test_cli_accounts_backtest_json(tmp_path: Path, capsys: pytest.CaptureFixtur
     bad = [*args[:-1], "--liquidation", '{"holding_bars": 0}']
     assert main(bad) == 2
     assert "liquidation.holding_bars" in capsys.readouterr().err
+
+
+def test_binance_btc_haircut_worked_example() -> None:
+    """6,000 BTC at 20,000 = 120M: 100M at 100% and 20M at 97.5% = 119.5M (venues.md §7)."""
+    from calibration.accounts._haircuts import BINANCE_BTC
+
+    assert BINANCE_BTC.value_usd(6_000 * 20_000) == pytest.approx(119_500_000.0)
+    assert BINANCE_BTC.value_usd(100e6) == pytest.approx(100e6)
+    # 160M: 100 + 20·0.975 + 30·0.95 + 10·0.90 (hand sum)
+    assert BINANCE_BTC.value_usd(160e6) == pytest.approx(100e6 + 19.5e6 + 28.5e6 + 9e6)
+
+
+def test_kraken_flat_haircut() -> None:
+    """Kraken: 0.5 BTC at 35,000 with a 3% haircut counts 16,975 (venues.md §7)."""
+    from calibration.accounts._haircuts import flat
+
+    assert flat(0.97).value_usd(0.5 * 35_000) == pytest.approx(16_975.0)
+
+
+def test_liquidity_adjusted_haircuts_fall_with_size() -> None:
+    """Ratios from depth: ``1 − (spread + c (V/D)^β + z σ √h)`` at each band's top, by hand,
+    never rising with size."""
+    from calibration.accounts._haircuts import liquidity_adjusted
+
+    s = liquidity_adjusted(depth_usd=1e6, sigma_per_bar=0.01, liquidation_bars=4,
+                           caps_usd=[1e5, 1e6])
+    z = 2.3263478740408408
+    expected = [1 - (0.0005 + 0.01 * (v / 1e6) ** 0.5 + z * 0.01 * 2) for v in (1e5, 1e6, 2e6)]
+    assert s.ratios == pytest.approx(tuple(expected))
+    assert list(s.ratios) == sorted(s.ratios, reverse=True)
+    with pytest.raises(InvalidParameters):
+        liquidity_adjusted(depth_usd=0, sigma_per_bar=0.01, liquidation_bars=4, caps_usd=[1])
+
+
+def test_haircut_and_upnl_weight_move_the_trigger() -> None:
+    """20 BTC of collateral (2,000 USD at 100) behind a 10,000 long; a 10% gap: at full value
+    equity 1,800 − 1,000 = 800 > MM 90, no trigger; at a flat 50% haircut 900 − 1,000 < 90:
+    triggered, and the close-out sells the BTC at market (no bad debt). A long that gains
+    1,000 with 150 USD against a 2% MM (220): counted in full it holds, at weight 0 it is
+    liquidated."""
+    market = Market.from_series([series("BTCUSDT", [FLAT] * 3 + [(90.0,) * 4] * 3)])
+    account = Account(id="h", entry_ms=T0 + 2 * MIN, collateral={"BTC": 20.0},
+                      positions={"BTCUSDT": 10_000.0})
+    model = TieredMargin(**FLAT_1PCT)
+    full = simulate_accounts(market, model, [account], AccountConfig(holding_bars=3,
+                                                                      latency_bars=0))
+    cut = simulate_accounts(market, model, [account], AccountConfig.from_mapping(
+        {"holding_bars": 3, "latency_bars": 0, "haircuts": {"BTC": 0.5}}))
+    assert full.trigger_bar.tolist() == [-1]
+    assert cut.trigger_bar.tolist() == [3]
+    assert cut.closeout_equity_usd.tolist() == pytest.approx([800.0])
+    up = Market.from_series([series("AUSDT", [FLAT] * 3 + [(110.0,) * 4] * 3)])
+    gainer = Account(id="g", entry_ms=T0 + 2 * MIN, collateral={"USDT": 150.0},
+                     positions={"AUSDT": 10_000.0})
+    two_pct = TieredMargin(base_mmr=0.02, tier_growth=1.0, bracket_caps_usd=[])
+    counted = simulate_accounts(up, two_pct, [gainer], AccountConfig(holding_bars=3))
+    ignored = simulate_accounts(up, two_pct, [gainer], AccountConfig(holding_bars=3,
+                                                                      upnl_weight=0.0))
+    assert counted.trigger_bar.tolist() == [-1]
+    assert ignored.trigger_bar.tolist() == [3]

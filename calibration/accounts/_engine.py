@@ -41,7 +41,14 @@ from numpy.typing import NDArray
 
 from calibration._errors import InsufficientData, InvalidParameters
 from calibration.accounts._book import Account
-from calibration.accounts._kernel import BookArrays, MarketArrays, empty_outputs, replay
+from calibration.accounts._haircuts import HaircutSchedule
+from calibration.accounts._kernel import (
+    BookArrays,
+    CollateralRules,
+    MarketArrays,
+    empty_outputs,
+    replay,
+)
 from calibration.accounts._market import STABLE_ASSETS, Market, underlying_of
 from calibration.horizon import resolve_horizon
 from calibration.models import MarginModel, TieredMargin
@@ -65,6 +72,11 @@ class AccountConfig:
         liquidation_fee_rate: fee on the gross close-out notional paid to the fund,
             fraction (never more than the remaining equity).
         insurance_fund_usd: the venue's one fund at the start, USD.
+        haircuts: collateral asset (``BTC``, ...) → ``HaircutSchedule``: what a holding counts
+            for in the trigger test (domain.md §9); assets not named count at full value,
+            stable ones always do. The close-out sells at market prices.
+        upnl_weight: weight of a positive unrealised PnL as collateral in the trigger test
+            (1: counted in full; Mango 2022 shows what that invites), in [0, 1].
     """
 
     mode: str = "cross"
@@ -73,6 +85,8 @@ class AccountConfig:
     spread_rate: float = 0.0
     liquidation_fee_rate: float = 0.0
     insurance_fund_usd: float = 200_000_000.0
+    haircuts: Mapping[str, HaircutSchedule] = field(default_factory=dict)
+    upnl_weight: float = 1.0
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any], **defaults: Any) -> AccountConfig:
@@ -86,7 +100,10 @@ class AccountConfig:
                 raise InvalidParameters(f"liquidation: unknown field {key!r} (known: "
                                         f"{', '.join(sorted(known))})",
                                         field=f"liquidation.{key}")
-        config = cls(**{**defaults, **dict(raw)})
+        values = {**defaults, **dict(raw)}
+        if "haircuts" in values:
+            values["haircuts"] = _haircuts_from(values["haircuts"])
+        config = cls(**values)
         config.validate()
         return config
 
@@ -111,6 +128,38 @@ class AccountConfig:
         if not (isinstance(self.insurance_fund_usd, int | float)
                 and math.isfinite(self.insurance_fund_usd) and self.insurance_fund_usd >= 0):
             raise bad("insurance_fund_usd", "must be a finite number >= 0")
+        if not (isinstance(self.upnl_weight, int | float) and 0 <= self.upnl_weight <= 1):
+            raise bad("upnl_weight", "must be in [0, 1]")
+        for asset, schedule in self.haircuts.items():
+            if not isinstance(schedule, HaircutSchedule):
+                raise bad(f"haircuts.{asset}", "must be a haircut schedule")
+            schedule.validate(f"liquidation.haircuts.{asset}")
+
+
+def _haircuts_from(raw: Any) -> dict[str, HaircutSchedule]:
+    """``{asset: {"caps_usd": [...], "ratios": [...]}}`` or ``{asset: ratio}`` (flat)."""
+    if not isinstance(raw, Mapping):
+        raise InvalidParameters("liquidation.haircuts must map assets to schedules",
+                                field="liquidation.haircuts")
+    out = {}
+    for asset, spec in raw.items():
+        where = f"liquidation.haircuts.{asset}"
+        if isinstance(spec, HaircutSchedule):
+            out[str(asset).upper()] = spec
+        elif isinstance(spec, int | float) and not isinstance(spec, bool):
+            out[str(asset).upper()] = HaircutSchedule((), (float(spec),))
+        elif isinstance(spec, Mapping) and set(spec) <= {"caps_usd", "ratios"}:
+            try:
+                out[str(asset).upper()] = HaircutSchedule(
+                    tuple(float(c) for c in spec.get("caps_usd", ())),
+                    tuple(float(r) for r in spec.get("ratios", ())))
+            except (TypeError, ValueError):
+                raise InvalidParameters(f"{where}: caps_usd and ratios must be numbers",
+                                        field=where) from None
+        else:
+            raise InvalidParameters(f"{where}: a ratio, or {{caps_usd, ratios}}", field=where)
+        out[str(asset).upper()].validate(where)
+    return out
 
 
 @dataclass(frozen=True)
@@ -398,8 +447,9 @@ def simulate_accounts(
         entry=np.array(entry, dtype=np.int64), units=np.array(units),
         usd=np.array(usd), col_units=np.array(col_units).reshape(len(opened), -1),
         col_inst=col_inst, col_asset=col_asset)
+    rules = _collateral_rules(collateral_assets, config)
     trig, eq, legs, fee = empty_outputs(len(opened), k)
-    replay(sched.mm, book, len(assets_sorted), config.holding_bars, config.latency_bars,
+    replay(sched.mm, book, rules, len(assets_sorted), config.holding_bars, config.latency_bars,
            float(config.spread_rate), float(config.liquidation_fee_rate), trig, eq, legs, fee)
     # Isolated twins: one position each, the account's collateral shared pro rata to IM.
     pa = np.array(p_acc, dtype=np.int64)
@@ -415,7 +465,7 @@ def simulate_accounts(
                        col_asset=col_asset)
     t_trig, _t_eq, _t_legs, t_fee = empty_outputs(pa.shape[0], k)
     t_eq = _t_eq
-    replay(sched.mm, twins, len(assets_sorted), config.holding_bars, config.latency_bars,
+    replay(sched.mm, twins, rules, len(assets_sorted), config.holding_bars, config.latency_bars,
            float(config.spread_rate), float(config.liquidation_fee_rate), t_trig, t_eq,
            _t_legs, t_fee)
     bad = np.where(trig >= 0, np.maximum(0.0, -eq), 0.0)
@@ -431,6 +481,27 @@ def simulate_accounts(
         closeout_bar=np.minimum(trig + config.latency_bars, n - 1),
         twin_closeout_bar=np.minimum(t_trig + config.latency_bars, n - 1),
     )
+
+
+def _collateral_rules(assets: Sequence[str], config: AccountConfig) -> CollateralRules:
+    """The kernel's haircut bands for each non-stable collateral asset (full value where the
+    config names no schedule)."""
+    schedules = [config.haircuts.get(a.upper(), HaircutSchedule((), (1.0,))) for a in assets]
+    width = max([1, *(len(s.ratios) for s in schedules)])
+    m = len(assets)
+    caps = np.full((m, width), np.inf)
+    slope = np.ones((m, width))
+    offset = np.zeros((m, width))
+    for c, schedule in enumerate(schedules):
+        cap, sl, off = schedule.bands()
+        b = cap.shape[0]
+        caps[c, : b - 1] = cap[:-1]
+        slope[c, :b] = sl
+        slope[c, b:] = sl[-1]
+        offset[c, :b] = off
+        offset[c, b:] = off[-1]
+    return CollateralRules(hc_caps=caps, hc_slope=slope, hc_offset=offset,
+                           upnl_weight=float(config.upnl_weight))
 
 
 def windows_summary(result: AccountResult, windows: Sequence[StressWindow]

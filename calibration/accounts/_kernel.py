@@ -55,6 +55,28 @@ class BookArrays(NamedTuple):
     col_asset: IntArray  # (m,)
 
 
+class CollateralRules(NamedTuple):
+    """How collateral counts towards the trigger (domain.md §9): holding c's USD value ``V``
+    counts ``hc_slope[c, b] * V + hc_offset[c, b]`` in its band b (``hc_caps`` padded with
+    inf); a positive total uPnL counts at ``upnl_weight`` (Mango: weight 1 let an inflated
+    mark be borrowed against). The close-out itself is at market value."""
+
+    hc_caps: FloatArray  # (m, B)
+    hc_slope: FloatArray  # (m, B)
+    hc_offset: FloatArray  # (m, B)
+    upnl_weight: float
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def _haircut_usd(r: CollateralRules, c: int, value: float) -> float:  # pragma: no cover
+    if value <= 0.0:
+        return value
+    b = 0
+    while value >= r.hc_caps[c, b]:
+        b += 1
+    return float(r.hc_slope[c, b] * value + r.hc_offset[c, b])
+
+
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
 def _mm_usd(m: MarketArrays, i: int, notional: float, t: int) -> float:  # pragma: no cover
     b = 0
@@ -66,7 +88,8 @@ def _mm_usd(m: MarketArrays, i: int, notional: float, t: int) -> float:  # pragm
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
 def replay(
-    m: MarketArrays, book: BookArrays, n_assets: int, holding_bars: int, latency_bars: int,
+    m: MarketArrays, book: BookArrays, rules: CollateralRules, n_assets: int,
+    holding_bars: int, latency_bars: int,
     spread_rate: float, fee_rate: float,
     trigger: IntArray, closeout_equity: FloatArray, leg_pnl: FloatArray, fee: FloatArray,
 ) -> None:  # pragma: no cover - jit
@@ -87,20 +110,23 @@ def replay(
         hit = -1
         for t in range(e + 1, last + 1):
             eq = book.usd[j]
+            upnl = 0.0
             mm = 0.0
             for i in range(k):
                 q = book.units[j, i]
                 if q == 0.0:
                     continue
                 p = m.low[i, t] if net[m.inst_asset[i]] >= 0.0 else m.high[i, t]
-                eq += q * (p - m.close[i, e])
+                upnl += q * (p - m.close[i, e])
                 mm += _mm_usd(m, i, abs(q) * p, t)
+            eq += upnl if upnl <= 0.0 else rules.upnl_weight * upnl
             for c in range(n_col):
                 u = book.col_units[j, c]
                 if u == 0.0:
                     continue
                 ci = book.col_inst[c]
-                eq += u * (m.low[ci, t] if net[book.col_asset[c]] >= 0.0 else m.high[ci, t])
+                p = m.low[ci, t] if net[book.col_asset[c]] >= 0.0 else m.high[ci, t]
+                eq += _haircut_usd(rules, c, u * p)
             if eq <= mm:
                 hit = t
                 break
