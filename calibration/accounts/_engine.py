@@ -228,10 +228,6 @@ def _schedules(market: Market, models: Sequence[MarginModel]) -> _Schedules:
         im_scale=im_scale, im_slope=im_slope, first_valid_bar=first)
 
 
-def _bracket(caps: FloatArray, notional: float) -> int:
-    return int(np.searchsorted(caps, notional, side="right"))
-
-
 @dataclass(frozen=True)
 class AccountResult:
     """Every account's outcome and its isolated twins'.
@@ -393,68 +389,60 @@ def simulate_accounts(
                         dtype=np.int64)
     col_asset = np.array([assets_sorted.index(underlying_of(names[i])) for i in col_inst],
                          dtype=np.int64)
-    opened: list[Account] = []
+    # Bulk preparation: one searchsorted for every entry, dense (A, k) units.
+    entry_ms = np.fromiter((a.entry_ms for a in accounts), dtype=np.int64, count=len(accounts))
+    e_all = np.searchsorted(ts, entry_ms, side="right") - 1
     skipped: dict[str, str] = {}
-    entry, units, usd, col_units = [], [], [], []
-    p_acc, p_inst, p_notional, p_im = [], [], [], []
-    for acc in accounts:
-        e = int(np.searchsorted(ts, acc.entry_ms, side="right")) - 1
-        if e < 0:
-            skipped[acc.id] = "entry before the data"
-            continue
-        if e < sched.first_valid_bar:
-            skipped[acc.id] = "entry inside the margin models' warm-up"
-            continue
-        if e + 1 >= n:
-            skipped[acc.id] = "no bar after the entry"
-            continue
-        row = np.zeros(k)
-        ims = []
-        for name, notional in acc.positions.items():
-            if name not in names:
-                raise InvalidParameters(f"account {acc.id!r}: instrument {name!r} is not in "
-                                        f"the market ({', '.join(names)})",
-                                        field="accounts.positions")
-            i = names.index(name)
-            row[i] += notional / close[i, e]
-        idx = len(opened)
-        for i in (int(v) for v in np.flatnonzero(row)):
-            gross = abs(row[i]) * close[i, e]
-            b = _bracket(sched.mm.caps[i], gross)
-            im_usd = min(sched.im_scale[i, e] * sched.im_slope[i, b], 1.0) * gross
-            p_acc.append(idx)
-            p_inst.append(i)
-            p_notional.append(float(row[i] * close[i, e]))
-            ims.append(im_usd)
-        p_im.extend(ims)
-        cu = np.zeros(len(collateral_assets))
-        stable = 0.0
-        for asset, amount in acc.collateral.items():
-            key = asset.upper()
-            if key in STABLE_ASSETS:
-                stable += amount
-            else:
-                cu[collateral_assets.index(key)] += amount
-        opened.append(acc)
-        entry.append(e)
-        units.append(row)
-        usd.append(stable)
-        col_units.append(cu)
+    keep = np.ones(len(accounts), dtype=bool)
+    late = (e_all < 0) | (e_all < sched.first_valid_bar) | (e_all + 1 >= n)
+    for out in (int(v) for v in np.flatnonzero(late)):
+        e = int(e_all[out])
+        skipped[accounts[out].id] = (
+            "entry before the data" if e < 0 else "no bar after the entry"
+            if e + 1 >= n else "entry inside the margin models' warm-up")
+        keep[out] = False
+    opened = [a for a, ok in zip(accounts, keep, strict=True) if ok]
     if not opened:
         raise InsufficientData("no account could open: " + "; ".join(
             sorted({v for v in skipped.values()})))
-    book = BookArrays(
-        entry=np.array(entry, dtype=np.int64), units=np.array(units),
-        usd=np.array(usd), col_units=np.array(col_units).reshape(len(opened), -1),
-        col_inst=col_inst, col_asset=col_asset)
+    entry = e_all[keep].astype(np.int64)
+    index = {name: i for i, name in enumerate(names)}
+    col_index = {a: c for c, a in enumerate(collateral_assets)}
+    notional = np.zeros((len(opened), k))
+    usd = np.zeros(len(opened))
+    col_units = np.zeros((len(opened), len(collateral_assets)))
+    for j, acc in enumerate(opened):
+        for name, value in acc.positions.items():
+            i = index.get(name)
+            if i is None:
+                raise InvalidParameters(f"account {acc.id!r}: instrument {name!r} is not in "
+                                        f"the market ({', '.join(names)})",
+                                        field="accounts.positions")
+            notional[j, i] += value
+        for asset, amount in acc.collateral.items():
+            key = asset.upper()
+            if key in STABLE_ASSETS:
+                usd[j] += amount
+            else:
+                col_units[j, col_index[key]] += amount
+    entry_close = close[:, entry].T  # (A, k)
+    units = notional / entry_close
+    pa, pi = (v.astype(np.int64) for v in np.nonzero(units))
+    gross = np.abs(units[pa, pi]) * entry_close[pa, pi]
+    im = np.empty(pa.shape[0])
+    for i in range(k):
+        mine = pi == i
+        b = np.searchsorted(sched.mm.caps[i], gross[mine], side="right")
+        im[mine] = np.minimum(sched.im_scale[i, entry[pa[mine]]] * sched.im_slope[i, b],
+                              1.0) * gross[mine]
+    p_notional = units[pa, pi] * entry_close[pa, pi]
+    book = BookArrays(entry=entry, units=units, usd=usd, col_units=col_units,
+                      col_inst=col_inst, col_asset=col_asset)
     rules = _collateral_rules(collateral_assets, config)
     trig, eq, legs, fee = empty_outputs(len(opened), k)
     replay(sched.mm, book, rules, len(assets_sorted), config.holding_bars, config.latency_bars,
            float(config.spread_rate), float(config.liquidation_fee_rate), trig, eq, legs, fee)
     # Isolated twins: one position each, the account's collateral shared pro rata to IM.
-    pa = np.array(p_acc, dtype=np.int64)
-    pi = np.array(p_inst, dtype=np.int64)
-    im = np.array(p_im)
     im_total = np.zeros(len(opened))
     np.add.at(im_total, pa, im)
     share = np.where(im_total[pa] > 0, im / np.where(im_total[pa] > 0, im_total[pa], 1.0), 0.0)
@@ -474,7 +462,7 @@ def simulate_accounts(
     return AccountResult(
         accounts=tuple(opened), skipped=skipped, entry_bar=book.entry, trigger_bar=trig,
         closeout_equity_usd=eq, bad_debt_usd=bad, fee_usd=fee, position_account=pa,
-        position_instrument=pi, position_notional_usd=np.array(p_notional),
+        position_instrument=pi, position_notional_usd=p_notional,
         twin_trigger_bar=t_trig, twin_bad_debt_usd=t_bad, twin_fee_usd=t_fee,
         leg_pnl_usd=leg_pnl, mode=config.mode, timestamp_ms=ts, instruments=names,
         insurance_fund_usd=float(config.insurance_fund_usd),
