@@ -226,7 +226,7 @@ def test_tiered_schedules_are_compared_element_wise_on_the_rates_in_force() -> N
     1/im_to_mm): refused with the largest per-bracket relative move; caps may move 50%."""
     rails = Guardrails()
     caps = list(BINANCE_BTCUSDT_2021_CAPS_USD)
-    binance = list(BINANCE_BTCUSDT_2021_MMR) + [BINANCE_BTCUSDT_2021_MMR[-1]]
+    binance = [*BINANCE_BTCUSDT_2021_MMR, BINANCE_BTCUSDT_2021_MMR[-1]]
     derived = [min(0.004 * 2.0 ** k, 0.5) for k in range(len(caps) + 1)]
     old = {"mmr_schedule": list(BINANCE_BTCUSDT_2021_MMR)}
     found = by_parameter(check(old, {}, model="tiered", rails=rails))
@@ -243,7 +243,7 @@ def test_tiered_schedules_are_compared_element_wise_on_the_rates_in_force() -> N
     [dropped, imr] = check(imr_old, {"mmr_schedule": list(BINANCE_BTCUSDT_2021_MMR)},
                            model="tiered", rails=Guardrails(max_change={"imr_schedule": 0.05}))
     assert (dropped.guardrail, dropped.parameter) == ("dropped", "imr_schedule")
-    published_imr = list(BINANCE_BTCUSDT_2021_IMR) + [BINANCE_BTCUSDT_2021_IMR[-1]]
+    published_imr = [*BINANCE_BTCUSDT_2021_IMR, BINANCE_BTCUSDT_2021_IMR[-1]]
     assert imr.actual == pytest.approx(_relative_max(published_imr, [2 * r for r in binance]))
     # reintroducing a schedule after publishing none is measured from the derived one
     again = by_parameter(check({}, {"mmr_schedule": list(BINANCE_BTCUSDT_2021_MMR)},
