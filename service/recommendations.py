@@ -124,18 +124,27 @@ def store_stamp(store: Store, instrument: str) -> object:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
-def _stored_version(raw: bytes | None) -> int | None:
-    if raw is None:
-        return None
+def _version(raw: bytes | None) -> int:
+    """The version of a store copy (-1: none, or unreadable)."""
     try:
-        return decode(raw).version
+        return -1 if raw is None else decode(raw).version
     except msgspec.DecodeError:
-        return None
+        return -1
+
+
+def _agrees(raw: bytes | None, record: UpdateRecord) -> bool:
+    """Whether a store copy is exactly the audit record's published value."""
+    if raw is None:
+        return False
+    try:
+        return decode(raw) == _to_published(record)
+    except msgspec.DecodeError:
+        return False
 
 
 async def load_published(app_state: AppState, instrument: str) -> Entry:
     """The published entry of an instrument, checked against the audit trail (the truth):
-    the store's copy when it is at the trail's latest version, else rebuilt from the trail
+    the store's copy when it equals the trail's latest update, else rebuilt from the trail
     and written back (best effort). Cached unless the store is unreachable.
 
     Raises:
@@ -160,7 +169,7 @@ async def load_published(app_state: AppState, instrument: str) -> Entry:
                                      "be reached; retry later") from exc
         log.warning("audit trail unreachable (%s); serving the store's copy", exc)
         return PublishedCache.entry_of(raw)
-    if record is not None and _stored_version(raw) != record.version:
+    if record is not None and not _agrees(raw, record):
         raw = msgspec.json.encode(_to_published(record))
         if reachable:
             try:
@@ -177,7 +186,7 @@ async def load_published(app_state: AppState, instrument: str) -> Entry:
 
 
 async def repair_published(app_state: AppState, redis: Any | None = None) -> list[str]:
-    """Rewrite every store entry that is missing or not at the audit trail's latest version
+    """Rewrite every store entry that is missing or differs from the audit trail's latest
     (and tell the other processes); returns the instruments repaired.
 
     Raises:
@@ -189,7 +198,7 @@ async def repair_published(app_state: AppState, redis: Any | None = None) -> lis
     repaired = []
     for record in await anyio.to_thread.run_sync(audit.latest_all):
         raw = await state.stores["published"].get(record.instrument)
-        if _stored_version(raw) != record.version:
+        if not _agrees(raw, record):
             await publish(state, _to_published(record), redis)
             app_state.published_cache.drop(record.instrument)
             repaired.append(record.instrument)
@@ -346,7 +355,7 @@ async def _replay(app_state: AppState, key: str, digest: str) -> PublishedParame
     raw = None
     with contextlib.suppress(*CACHE_ERRORS):
         raw = await app_state.service_state.stores["published"].get(record.instrument)
-    if raw is None or (_stored_version(raw) or 0) < record.version:
+    if _version(raw) < record.version:
         await _write_cache(app_state, value)  # the first attempt may not have reached it
     return value
 
