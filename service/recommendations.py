@@ -111,14 +111,24 @@ async def publish(svc: Svc, value: PublishedParameters, redis: Any | None) -> No
         await redis.publish(CHANNEL, value.instrument)
 
 
+#: File store paths by (store, instrument): the path rule hashes the key, a stat does not.
+_PATHS: dict[tuple[str, str], str] = {}
+
+
 def store_stamp(store: Store, instrument: str) -> object:
     """The identity of an instrument's entry in a file store (``None`` for other stores,
     whose changes arrive by pub/sub): inode, mtime and size, or ``"missing"``."""
     if not isinstance(store, FileStore):
         return None
+    memo = (os.fspath(store.path), instrument)
+    path = _PATHS.get(memo)
+    if path is None:
+        if len(_PATHS) > 10_000:  # instruments come from URLs: keep the memo bounded
+            _PATHS.clear()
+        path = _PATHS[memo] = os.fspath(store._path_from_key(instrument))
     try:
         # FileStore writes a temporary file and renames it over the entry: a new inode.
-        st = os.stat(store._path_from_key(instrument))
+        st = os.stat(path)
     except OSError:
         return "missing"
     return st.st_ino, st.st_mtime_ns, st.st_size
