@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from calibration.horizon import DEFAULT_HORIZON, to_bars
-from calibration.models import FAMILIES, LiquidityAddon, TieredMargin, make_model
+from calibration.models import LiquidityAddon, TieredMargin, make_model
 from calibration.models._liquidity import ADDON_PARAMS
 
 RuleKind = Literal["absolute", "relative", "elementwise_relative", "fixed"]
@@ -225,11 +225,6 @@ def effective_params(model: str, params: Mapping[str, Any], *,
         if "stress_lookback_bars" in out and out["stress_lookback_bars"] is None:
             out["stress_lookback_bars"] = max(1, 365 * 86_400 // bar_seconds)
     return out
-
-
-def family_parameters(model: str) -> list[str]:
-    """Every parameter a published ``model`` can carry (its own and the add-on's)."""
-    return FAMILIES[model].param_names() + list(ADDON_PARAMS)
 
 
 @dataclass(frozen=True)
