@@ -156,7 +156,10 @@ async def _listen_published(app: Litestar, settings: Settings) -> None:
             # committed there only).
             app.state.published_cache.drop()
             app.state.published_cache.trusted = True
-            await repair_published(app.state, app.state.redis)
+            try:
+                await repair_published(app.state, app.state.redis)
+            except Exception as exc:  # the audit trail unreachable: reads repair it later
+                log.warning("could not rebuild the published store: %s", exc)
             async for message in pubsub.listen():
                 if message.get("type") == "message":
                     app.state.published_cache.drop(message["data"].decode())
