@@ -44,6 +44,7 @@ from calibration.liquidation import (
     simulate_liquidations,
 )
 from calibration.models import FAMILIES, MarginModel, make_model
+from calibration.publishing import guardrail_constraint
 from calibration.report import CoverageMetrics, LiquidationMetrics
 from calibration.spec import (
     CalibrationSpec,
@@ -367,15 +368,11 @@ def evaluate(
         ratios = [m[0].max_increase_ratio or 1.0 for m in coverage.values()]
         constraints["procyclicality"] = max(ratios) - c.max_procyclicality
     if spec.published is not None and spec.published.max_change:
-        worst = -1.0
-        for name, step in spec.published.max_change.items():
-            old = spec.published.params.get(name)
-            new = params.get(name, old)
-            if old is None or new is None:
-                continue
-            move = abs(float(new) - float(old))
-            worst = max(worst, (move - step) / step if step > 0 else (1.0 if move > 0 else -1.0))
-        constraints["guardrail"] = worst
+        # Publishing's own rule on effective parameters (the trial's horizon included), so
+        # a recommendation inside this constraint is inside the publish guardrails too.
+        constraints["guardrail"] = guardrail_constraint(
+            spec.model, spec.published.params, model.get_params(),
+            spec.published.max_change, bar_seconds=prepared.horizon.bar_seconds)
     hopeless = prune_hopeless and not full and any(s.traffic_light == "red" for s in sides)
     liquidation: dict[str, list[LiquidationMetrics]] = {}
     if hopeless:

@@ -36,6 +36,7 @@ from service.recommendations import (
     CHANNEL,
     PublishedCache,
     RecommendationController,
+    repair_published,
 )
 from service.settings import Settings
 from service.state import State, make_root_store
@@ -63,6 +64,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
         app.state.service_state = state
         app.state.audit = AuditLog(audit_url(settings))
         if settings.embedded:
+            try:  # the store is a cache of the audit trail: rebuild what a crash lost
+                await repair_published(app.state)
+            except Exception as exc:
+                log.warning("could not rebuild the published store at start: %s", exc)
             from anyio.from_thread import BlockingPortal
 
             async with BlockingPortal() as portal:
@@ -146,14 +151,23 @@ async def _listen_published(app: Litestar, settings: Settings) -> None:
         try:
             pubsub = client.pubsub()
             await pubsub.subscribe(CHANNEL)
-            # Anything published while we were not listening may be cached: start clean.
+            # Anything published while we were not listening may be cached: start clean,
+            # and rebuild the store from the audit trail (a publish during an outage
+            # committed there only).
             app.state.published_cache.drop()
+            app.state.published_cache.trusted = True
+            try:
+                await repair_published(app.state, app.state.redis)
+            except Exception as exc:  # the audit trail unreachable: reads repair it later
+                log.warning("could not rebuild the published store: %s", exc)
             async for message in pubsub.listen():
                 if message.get("type") == "message":
                     app.state.published_cache.drop(message["data"].decode())
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            # No invalidation can arrive now: serve nothing from memory until resubscribed.
+            app.state.published_cache.trusted = False
             app.state.published_cache.drop()
             log.warning("published-parameters listener lost Redis (%s); retrying", exc)
             await asyncio.sleep(1.0)

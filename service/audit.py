@@ -5,6 +5,10 @@ SQLite under the state directory by default, PostgreSQL when ``MARGINLAB_AUDIT_D
 force for an instrument are its row with the highest version. ``(instrument, version)`` is
 unique, so two concurrent publishes cannot both become version n: one fails and changes
 nothing.
+
+A publish with an ``Idempotency-Key`` writes the key, the hash of its request and the version
+it created in ``marginlab_publish_requests``, in the same transaction as its update row: a
+retry finds the answer it was given, and the key can never name two versions.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     create_engine,
+    func,
     insert,
     select,
 )
@@ -50,6 +55,17 @@ updates = Table(
     Column("rollback_of", Integer, nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("instrument", "version", name="uq_instrument_version"),
+)
+#: Idempotency keys of publishes (a table of its own, so existing audit databases gain it
+#: through ``create_all`` without a migration).
+requests = Table(
+    "marginlab_publish_requests",
+    metadata,
+    Column("idempotency_key", String(128), primary_key=True),
+    Column("request_hash", String(64), nullable=False),
+    Column("instrument", String(64), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
 
@@ -133,9 +149,37 @@ class AuditLog:
                                 .order_by(updates.c.version.desc())).all()
         return [self._record(r) for r in rows]
 
-    def append(self, record: UpdateRecord) -> None:
-        """Insert one update (raises on a duplicate version: nothing is written then)."""
+    def latest_all(self) -> list[UpdateRecord]:
+        """The update in force for every instrument ever published."""
+        newest = (select(updates.c.instrument, func.max(updates.c.version).label("version"))
+                  .group_by(updates.c.instrument).subquery())
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(updates).join(newest, (
+                updates.c.instrument == newest.c.instrument)
+                & (updates.c.version == newest.c.version))).all()
+        return [self._record(r) for r in rows]
+
+    def by_idempotency_key(self, key: str) -> tuple[str, UpdateRecord] | None:
+        """``(request hash, the update it created)`` of an idempotency key, if it was used."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(requests).where(
+                requests.c.idempotency_key == key)).first()
+        if row is None:
+            return None
+        record = self.version(row.instrument, row.version)
+        assert record is not None  # written in the same transaction, never deleted
+        return str(row.request_hash), record
+
+    def append(self, record: UpdateRecord, *, idempotency_key: str | None = None,
+               request_hash: str | None = None) -> None:
+        """Insert one update, and its idempotency key when given, in one transaction
+        (raises on a duplicate version or key: nothing is written then)."""
         with self.engine.begin() as conn:
+            if idempotency_key is not None:
+                conn.execute(insert(requests).values(
+                    idempotency_key=idempotency_key, request_hash=request_hash or "",
+                    instrument=record.instrument, version=record.version,
+                    created_at=record.created_at))
             conn.execute(insert(updates).values(
                 instrument=record.instrument, version=record.version, model=record.model,
                 previous_params=record.previous_params, new_params=record.new_params,

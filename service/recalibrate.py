@@ -91,10 +91,14 @@ def recalibrate_once(api: str, spec: dict[str, Any], instrument: str, *, key: st
             return outcome
         from calibration.publishing import Guardrails, clamp_to_guardrails
 
+        # The server's limits of the parameters it refused; the others are inside already.
         limits = {v["parameter"]: v["limit"] for v in exc.body["violations"]
                   if v["guardrail"] == "max_change"}
+        dropped = [v["parameter"] for v in exc.body["violations"] if v["guardrail"] == "dropped"]
         params = clamp_to_guardrails(current["params"], rec["params"],
-                                     Guardrails(max_change=limits))
+                                     Guardrails(max_change=limits), model=result["model"],
+                                     parameters=[*limits, *dropped],
+                                     bar_seconds=result.get("bar_seconds"))
         _, published = _call(api, "POST", f"/v1/recommendations/{instrument}", key, {
             "params": params, "model": result["model"],
             "reason": reason + ", clamped to the guardrails"})

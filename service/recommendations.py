@@ -1,23 +1,40 @@
 """``/v1/recommendations/{instrument}``: the parameters in force, polled before every listing.
 
+The audit trail (``service.audit``) is the source of truth; the store (Redis, or the embedded
+file store) is a cache of each instrument's latest update, rebuilt from the trail: at start,
+whenever the Redis listener (re)connects, and on any read that finds it missing or at another
+version. A publish is one durable step from the client's view: it succeeds once its audit
+row commits, even if the cache cannot be written then; an ``Idempotency-Key`` makes retries
+safe (the same key and body get the same answer and no second version).
+
 Hot path: each API process keeps the published parameters in memory and serves them with an
-ETag (``304`` on ``If-None-Match``); with Redis a pub/sub message on publish drops the cached
-entry in every process, so nothing stale is served beyond the message's delivery.
+ETag (``304`` on ``If-None-Match``). With Redis a pub/sub message on publish drops the cached
+entry in every process (and while the listener is disconnected nothing is served from
+memory); in embedded mode each entry remembers the store file's identity (inode, mtime,
+size) and one ``stat`` per request tells whether any process has written it since.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import anyio
 import msgspec
 from litestar import Controller, Request, Response, get, post
+from litestar.datastructures import State as AppState
 from litestar.exceptions import NotFoundException
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.params import Body, Parameter
-from sqlalchemy.exc import IntegrityError
+from litestar.params import Body, HeaderParameter, Parameter
+from litestar.stores.base import Store
+from litestar.stores.file import FileStore
+from redis.exceptions import RedisError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from calibration._errors import InvalidParameters, MarginlabError
 from calibration.calibrate import CalibrationResult
@@ -26,32 +43,65 @@ from calibration.publishing import Violation, check_update
 from service import examples
 from service.audit import AuditLog, UpdateRecord
 from service.auth import check_role, principal_of, requires
-from service.errors import COMMON, problem_responses
+from service.errors import COMMON, ServiceUnavailable, problem_responses
 from service.schemas import CalibrationJob, PublishedParameters
 from service.state import State, Svc
 
+log = logging.getLogger("marginlab.service")
 CHANNEL = "marginlab:published"
+#: What a cache (store) operation raises when its backend is down: the audit trail answers.
+CACHE_ERRORS: tuple[type[BaseException], ...] = (OSError, RedisError)
+#: Longest ``Idempotency-Key`` accepted (characters).
+MAX_IDEMPOTENCY_KEY = 128
+
+Entry = tuple[bytes, str]
 
 
 class PublishedCache:
-    """Per-process cache of encoded published parameters and their ETags."""
+    """Per-process cache of encoded published parameters and their ETags.
+
+    An entry may carry a ``stamp`` (the store file's identity in embedded mode); ``get``
+    with another stamp misses. ``trusted`` is false while invalidations cannot arrive (the
+    Redis listener is disconnected): then nothing is served from memory. ``put`` with the
+    ``generation`` read before loading is ignored when a ``drop`` came in between, so a
+    load that raced a publish never caches the older value.
+    """
 
     def __init__(self) -> None:
-        self._entries: dict[str, tuple[bytes, str]] = {}
+        self._entries: dict[str, tuple[bytes, str, object]] = {}
+        self._epoch = 0
+        self._drops: dict[str, int] = {}
+        self.trusted = True
 
-    def get(self, instrument: str) -> tuple[bytes, str] | None:
-        return self._entries.get(instrument)
+    def get(self, instrument: str, stamp: object = None) -> Entry | None:
+        if not self.trusted:
+            return None
+        entry = self._entries.get(instrument)
+        if entry is None or entry[2] != stamp:
+            return None
+        return entry[0], entry[1]
 
-    def put(self, instrument: str, body: bytes) -> tuple[bytes, str]:
-        entry = (body, '"' + hashlib.sha256(body).hexdigest()[:32] + '"')
-        self._entries[instrument] = entry
+    def generation(self, instrument: str) -> tuple[int, int]:
+        return self._epoch, self._drops.get(instrument, 0)
+
+    @staticmethod
+    def entry_of(body: bytes) -> Entry:
+        return body, '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+
+    def put(self, instrument: str, body: bytes, *, stamp: object = None,
+            generation: tuple[int, int] | None = None) -> Entry:
+        entry = self.entry_of(body)
+        if self.trusted and (generation is None or generation == self.generation(instrument)):
+            self._entries[instrument] = (*entry, stamp)
         return entry
 
     def drop(self, instrument: str | None = None) -> None:
         if instrument is None:
             self._entries.clear()
+            self._epoch += 1
         else:
             self._entries.pop(instrument, None)
+            self._drops[instrument] = self._drops.get(instrument, 0) + 1
 
 
 async def publish(svc: Svc, value: PublishedParameters, redis: Any | None) -> None:
@@ -59,6 +109,112 @@ async def publish(svc: Svc, value: PublishedParameters, redis: Any | None) -> No
     await svc.put("published", value.instrument, value)
     if redis is not None:
         await redis.publish(CHANNEL, value.instrument)
+
+
+#: File store paths by (store, instrument): the path rule hashes the key, a stat does not.
+_PATHS: dict[tuple[str, str], str] = {}
+
+
+def store_stamp(store: Store, instrument: str) -> object:
+    """The identity of an instrument's entry in a file store (``None`` for other stores,
+    whose changes arrive by pub/sub): inode, mtime and size, or ``"missing"``."""
+    if not isinstance(store, FileStore):
+        return None
+    memo = (os.fspath(store.path), instrument)
+    path = _PATHS.get(memo)
+    if path is None:
+        if len(_PATHS) > 10_000:  # instruments come from URLs: keep the memo bounded
+            _PATHS.clear()
+        path = _PATHS[memo] = os.fspath(store._path_from_key(instrument))
+    try:
+        # FileStore writes a temporary file and renames it over the entry: a new inode.
+        st = os.stat(path)
+    except OSError:
+        return "missing"
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _version(raw: bytes | None) -> int:
+    """The version of a store copy (-1: none, or unreadable)."""
+    try:
+        return -1 if raw is None else decode(raw).version
+    except msgspec.DecodeError:
+        return -1
+
+
+def _agrees(raw: bytes | None, record: UpdateRecord) -> bool:
+    """Whether a store copy is exactly the audit record's published value."""
+    if raw is None:
+        return False
+    try:
+        return decode(raw) == _to_published(record)
+    except msgspec.DecodeError:
+        return False
+
+
+async def load_published(app_state: AppState, instrument: str) -> Entry:
+    """The published entry of an instrument, checked against the audit trail (the truth):
+    the store's copy when it equals the trail's latest update, else rebuilt from the trail
+    and written back (best effort). Cached unless the store is unreachable.
+
+    Raises:
+        NotFoundException: nothing was ever published for it.
+        ServiceUnavailable: neither the store nor the audit trail can answer.
+    """
+    cache: PublishedCache = app_state.published_cache
+    store = app_state.service_state.stores["published"]
+    generation = cache.generation(instrument)
+    reachable = True
+    raw: bytes | None = None
+    try:
+        raw = await store.get(instrument)
+    except CACHE_ERRORS as exc:
+        reachable = False
+        log.warning("published store unreachable (%s); answering from the audit trail", exc)
+    try:
+        record = await anyio.to_thread.run_sync(app_state.audit.latest, instrument)
+    except SQLAlchemyError as exc:
+        if raw is None:
+            raise ServiceUnavailable("neither the published store nor the audit trail can "
+                                     "be reached; retry later") from exc
+        log.warning("audit trail unreachable (%s); serving the store's copy", exc)
+        return PublishedCache.entry_of(raw)
+    if record is not None and not _agrees(raw, record):
+        raw = msgspec.json.encode(_to_published(record))
+        if reachable:
+            try:
+                await store.set(instrument, raw)
+            except CACHE_ERRORS as exc:
+                reachable = False
+                log.warning("cannot repair the published store (%s)", exc)
+    if raw is None:
+        raise NotFoundException(f"no published parameters for {instrument!r}")
+    if not reachable:
+        return PublishedCache.entry_of(raw)
+    return cache.put(instrument, raw, stamp=store_stamp(store, instrument),
+                     generation=generation)
+
+
+async def repair_published(app_state: AppState, redis: Any | None = None) -> list[str]:
+    """Rewrite every store entry that is missing or differs from the audit trail's latest
+    (and tell the other processes); returns the instruments repaired.
+
+    Raises:
+        OSError, RedisError: the store is unreachable (nothing is lost: the next call, or
+            a read, repairs it).
+    """
+    audit: AuditLog = app_state.audit
+    state: State = app_state.service_state
+    repaired = []
+    for record in await anyio.to_thread.run_sync(audit.latest_all):
+        raw = await state.stores["published"].get(record.instrument)
+        if not _agrees(raw, record):
+            await publish(state, _to_published(record), redis)
+            app_state.published_cache.drop(record.instrument)
+            repaired.append(record.instrument)
+    if repaired:
+        log.info("published store rebuilt from the audit trail for %s", ", ".join(repaired))
+    return repaired
 
 
 class RecommendationController(Controller):
@@ -71,6 +227,8 @@ class RecommendationController(Controller):
     # of the route handler per request in Litestar) and the state comes without DI.
     @get("/{instrument:str}", opt={"role": "reader"},
          summary="The parameters in force for an instrument (ETag, 304 when unchanged)",
+         description="Served from memory while nothing has changed; answered from the audit "
+                     "trail when the store (Redis) is unreachable.",
          responses={**problem_responses(*COMMON, 404),
              200: ResponseSpec(generate_examples=False, data_container=PublishedParameters,
                                description="the published parameters",
@@ -84,22 +242,12 @@ class RecommendationController(Controller):
                                              examples=[examples.INSTRUMENT])],
     ) -> Response[bytes]:
         await check_role(request, "reader")
-        svc: State = request.app.state.service_state
-        cache: PublishedCache = request.app.state.published_cache
-        # Only Redis mode has the pub/sub listener that drops stale entries; embedded mode
-        # (one process, a file store) reads the store every time so a publish shows at once.
-        entry = cache.get(instrument) if request.app.state.settings.redis_url else None
+        app_state = request.app.state
+        cache: PublishedCache = app_state.published_cache
+        stamp = store_stamp(app_state.service_state.stores["published"], instrument)
+        entry = cache.get(instrument, stamp)
         if entry is None:
-            raw = await svc.stores["published"].get(instrument)
-            if raw is None:
-                # The audit trail is the source of truth; the store is its fast copy.
-                record = await anyio.to_thread.run_sync(request.app.state.audit.latest,
-                                                        instrument)
-                if record is None:
-                    raise NotFoundException(f"no published parameters for {instrument!r}")
-                raw = msgspec.json.encode(_to_published(record))
-                await svc.stores["published"].set(instrument, raw)
-            entry = cache.put(instrument, raw)
+            entry = await load_published(app_state, instrument)
         body, etag = entry
         headers = {"ETag": etag, "Cache-Control": "no-cache"}
         if request.headers.get("if-none-match") == etag:
@@ -110,48 +258,65 @@ class RecommendationController(Controller):
           summary="Publish parameters for an instrument (guardrails enforced, audited)",
           description="Publishes a calibration's recommendation, explicit parameters, or a "
                       "past version (rollback). Refused with 422 and the guardrail, parameter "
-                      "and excess when an update moves a parameter too far, comes too soon, "
-                      "or has no reason; a refused update changes nothing.",
+                      "and excess when an update moves a parameter too far (defaults filled "
+                      "in on both sides), drops a published parameter, comes too soon, or has "
+                      "no reason; a refused update changes nothing. Success means the update "
+                      "is in the audit trail. With an `Idempotency-Key` header a retry of the "
+                      "same request answers the same version (never a second one, never "
+                      "refused as too soon); the same key with another request is a 422.",
           responses=problem_responses(*COMMON, 400, 422))
     async def publish_parameters(
         self, request: Request[Any, Any, Any], svc: Svc,
         instrument: Annotated[str, Parameter(description="instrument",
                                              examples=[examples.INSTRUMENT])],
         data: Annotated[PublishRequest, Body(examples=[examples.PUBLISH])],
+        idempotency_key: Annotated[str | None, HeaderParameter(
+            name="Idempotency-Key", required=False, max_length=MAX_IDEMPOTENCY_KEY,
+            description="a client-chosen unique string (e.g. a UUID) per intended update; "
+                        "a retry with the same key and body gets the first answer")] = None,
     ) -> PublishedParameters:
         settings = request.app.state.settings
         audit: AuditLog = request.app.state.audit
-        model, params, calibration_id, fingerprints, rollback_of = await _resolve(
-            svc, audit, instrument, data)
+        digest = _request_hash(instrument, data)
+        if idempotency_key is not None:
+            if not idempotency_key.strip() or not idempotency_key.isprintable():
+                raise InvalidParameters("Idempotency-Key must be 1 to 128 printable "
+                                        "characters", field="Idempotency-Key")
+            replay = await _replay(request.app.state, idempotency_key, digest)
+            if replay is not None:
+                return replay
+        source = await _resolve(svc, audit, instrument, data)
         previous = await anyio.to_thread.run_sync(audit.latest, instrument)
         now = datetime.now(UTC)
         since = None if previous is None else (now - previous.created_at).total_seconds()
         violations = check_update(
-            None if previous is None else previous.new_params, params,
-            guardrails=settings.guardrails, seconds_since_previous=since, reason=data.reason)
-        if previous is not None and previous.model != model:
-            violations = [*violations, Violation(
-                "model", None, 0.0, 1.0, 1.0,
-                f"{instrument} is published as {previous.model}; switching to {model} needs a "
-                "new instrument entry")]
+            None if previous is None else previous.new_params, source.params,
+            guardrails=settings.guardrails, seconds_since_previous=since, reason=data.reason,
+            model=source.model, previous_model=None if previous is None else previous.model,
+            bar_seconds=source.bar_seconds)
         if violations:
             raise GuardrailViolation(violations)
         principal = principal_of(request)
         record = UpdateRecord(
             instrument=instrument, version=1 if previous is None else previous.version + 1,
-            model=model, previous_params=None if previous is None else previous.new_params,
-            new_params=params, calibration_id=calibration_id, data_fingerprints=fingerprints,
-            actor=principal.name, reason=data.reason.strip(), rollback_of=rollback_of,
-            created_at=now,
+            model=source.model,
+            previous_params=None if previous is None else previous.new_params,
+            new_params=source.params, calibration_id=source.calibration_id,
+            data_fingerprints=source.fingerprints, actor=principal.name,
+            reason=data.reason.strip(), rollback_of=source.rollback_of, created_at=now,
         )
         try:
-            await anyio.to_thread.run_sync(audit.append, record)
+            await anyio.to_thread.run_sync(lambda: audit.append(
+                record, idempotency_key=idempotency_key, request_hash=digest))
         except IntegrityError:
+            if idempotency_key is not None:  # the same request, sent twice at once
+                replay = await _replay(request.app.state, idempotency_key, digest)
+                if replay is not None:
+                    return replay
             raise InvalidParameters("another update of this instrument was published at the "
                                     "same moment; retry", field="instrument") from None
         value = _to_published(record)
-        await publish(svc, value, getattr(request.app.state, "redis", None))
-        request.app.state.published_cache.drop(instrument)
+        await _write_cache(request.app.state, value)
         return value
 
     @get("/{instrument:str}/history", guards=[requires("reader")],
@@ -166,6 +331,50 @@ class RecommendationController(Controller):
         if not records:
             raise NotFoundException(f"nothing was ever published for {instrument!r}")
         return [r.as_dict() for r in records]
+
+
+async def _write_cache(app_state: AppState, value: PublishedParameters) -> None:
+    """Copy a committed update into the store and drop cached copies; a store that is down
+    is no failure of the publish (reads answer from the audit trail, and the store is
+    rebuilt from it when it is back)."""
+    try:
+        await publish(app_state.service_state, value, getattr(app_state, "redis", None))
+    except CACHE_ERRORS as exc:
+        log.warning("published %s version %d to the audit trail; the store is unreachable "
+                    "(%s) and will be rebuilt from the trail", value.instrument, value.version,
+                    exc)
+    app_state.published_cache.drop(value.instrument)
+
+
+async def _replay(app_state: AppState, key: str, digest: str) -> PublishedParameters | None:
+    """The answer already given to an idempotency key (``None``: the key is new).
+
+    Raises:
+        InvalidParameters: the key was used for another request.
+    """
+    found = await anyio.to_thread.run_sync(app_state.audit.by_idempotency_key, key)
+    if found is None:
+        return None
+    used_hash, record = found
+    if used_hash != digest:
+        raise InvalidParameters(
+            f"Idempotency-Key was already used for another request (it published "
+            f"{record.instrument} version {record.version}); use a new key for a new update",
+            field="Idempotency-Key")
+    value = _to_published(record)
+    raw = None
+    with contextlib.suppress(*CACHE_ERRORS):
+        raw = await app_state.service_state.stores["published"].get(record.instrument)
+    if _version(raw) < record.version:
+        await _write_cache(app_state, value)  # the first attempt may not have reached it
+    return value
+
+
+def _request_hash(instrument: str, body: PublishRequest) -> str:
+    """sha256 of the request's canonical JSON (instrument and body, keys sorted)."""
+    canonical = msgspec.json.encode({"instrument": instrument, **msgspec.to_builtins(body)},
+                                    order="sorted")
+    return hashlib.sha256(canonical).hexdigest()
 
 
 class PublishRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -199,10 +408,22 @@ def _to_published(record: UpdateRecord) -> PublishedParameters:
     )
 
 
+@dataclass(frozen=True)
+class _Source:
+    """What a publish request publishes: the family, parameters and their provenance;
+    ``bar_seconds`` is the bar size of a calibration's data (``None`` when not known)."""
+
+    model: str
+    params: dict[str, Any]
+    calibration_id: str | None = None
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    rollback_of: int | None = None
+    bar_seconds: int | None = None
+
+
 async def _resolve(svc: State, audit: AuditLog, instrument: str,
-                   body: PublishRequest) -> tuple[str, dict[str, Any], str | None,
-                                                  dict[str, str], int | None]:
-    """(model, params, calibration id, fingerprints, rollback_of) of a publish request."""
+                   body: PublishRequest) -> _Source:
+    """What a publish request publishes."""
     sources = [body.calibration_id is not None, body.params is not None,
                body.rollback_to_version is not None]
     if sum(sources) != 1:
@@ -225,19 +446,20 @@ async def _resolve(svc: State, audit: AuditLog, instrument: str,
         if instrument not in result.data_fingerprints:
             raise InvalidParameters(f"calibration {body.calibration_id} did not cover "
                                     f"{instrument!r}", field="calibration_id")
-        return result.model, dict(rec.params), body.calibration_id, result.data_fingerprints, None
+        return _Source(result.model, dict(rec.params), body.calibration_id,
+                       dict(result.data_fingerprints), None, result.bar_seconds)
     if body.params is not None:
         if body.model is None:
             raise InvalidParameters("params need a model", field="model")
         make_model(body.model, body.params)  # refuse parameters the model would refuse
-        return body.model, dict(body.params), None, {}, None
+        return _Source(body.model, dict(body.params))
     assert body.rollback_to_version is not None
     old = await anyio.to_thread.run_sync(audit.version, instrument, body.rollback_to_version)
     if old is None:
         raise InvalidParameters(f"{instrument} has no version {body.rollback_to_version}",
                                 field="rollback_to_version")
-    return (old.model, dict(old.new_params), old.calibration_id, dict(old.data_fingerprints),
-            old.version)
+    return _Source(old.model, dict(old.new_params), old.calibration_id,
+                   dict(old.data_fingerprints), old.version)
 
 
 def decode(raw: bytes) -> PublishedParameters:

@@ -15,6 +15,9 @@
 | ``MARGINLAB_WORKERS_PER_JOB`` | queue jobs (workers) per calibration with Redis | 2 |
 | ``MARGINLAB_AUDIT_DB`` | SQLAlchemy URL of the publish audit trail | SQLite in the state dir |
 | ``MARGINLAB_GUARDRAILS`` | JSON ``max_change``, ``min_interval_s``, ``min_reason_chars`` | below |
+
+``max_change`` overrides limits of ``calibration.publishing.DEFAULT_RULES`` (every parameter
+of every family has one; the rule's kind says whether the limit is absolute or relative).
 """
 
 from __future__ import annotations
@@ -26,14 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from calibration.publishing import Guardrails
+from calibration.publishing import DEFAULT_MAX_CHANGE, Guardrails
 
-#: Largest change per update per public parameter (absolute, parameter units).
-DEFAULT_MAX_CHANGE: dict[str, float] = {
-    "base_mmr": 0.0025, "floor_rate": 0.0025, "tier_growth": 0.25, "im_to_mm": 0.25,
-    "decay": 0.01, "confidence": 0.005, "apc_buffer": 0.1, "stress_weight": 0.1,
-    "addon_coef": 0.05,
-}
+__all__ = ["DEFAULT_MAX_CHANGE", "Settings"]
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,8 +95,6 @@ def test_only_admins_publish(tmp_path: Path) -> None:
 
     keys = {hash_key("op-key"): {"name": "ops", "role": "operator"},
             hash_key("admin-key"): {"name": "risk-lead", "role": "admin"}}
-    import json
-
     with _client(tmp_path, api_keys=json.dumps(keys)) as c:
         body = {"model": "ewma", "reason": REASON, "params": {"decay": 0.97}}
         assert c.post("/v1/recommendations/BTC", json=body,
@@ -149,3 +148,123 @@ def test_audit_on_postgresql(tmp_path: Path) -> None:
         with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres",
                              autocommit=True) as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+# --- guardrails on effective parameters ------------------------------------------------------
+
+
+def test_omitting_parameters_is_refused_naming_them(client: TestClient[Any]) -> None:
+    """The issue's case: after decay 0.90 / floor 0.05, {horizon_bars: 60} alone would move
+    both to their defaults: 422 naming a dropped parameter, nothing published."""
+    assert _publish(client, params={"decay": 0.90, "floor_rate": 0.05,
+                                    "horizon_bars": 60}).status_code == 201
+    r = _publish(client, params={"horizon_bars": 60})
+    assert r.status_code == 422
+    body = r.json()
+    assert body["field"] == "decay"
+    kinds = {(v["guardrail"], v["parameter"]) for v in body["violations"]}
+    assert {("dropped", "decay"), ("dropped", "floor_rate"), ("max_change", "decay"),
+            ("max_change", "floor_rate")} == kinds
+    assert len(client.get("/v1/recommendations/BTC/history").json()) == 1
+
+
+def test_horizon_is_guarded(client: TestClient[Any]) -> None:
+    """horizon_bars 4 → 5 (+25%) is published; 5 → 8 (+60%) is refused as relative."""
+    assert _publish(client, params={"decay": 0.97, "horizon_bars": 4}).status_code == 201
+    assert _publish(client, params={"decay": 0.97, "horizon_bars": 5}).status_code == 201
+    r = _publish(client, params={"decay": 0.97, "horizon_bars": 8})
+    assert r.status_code == 422
+    [v] = r.json()["violations"]
+    assert (v["parameter"], v["rule"]) == ("horizon_bars", "relative")
+    assert v["actual"] == pytest.approx(3 / 5)
+
+
+# --- one durable step: idempotency and the audit trail as the truth -------------------------
+
+
+def test_idempotency_key_makes_retries_safe(tmp_path: Path) -> None:
+    """Same key and body: the same version, one audit row, even inside min_interval; the
+    same key with another body is refused (422 naming the header)."""
+    settings = Settings(state_dir=str(tmp_path / ".state"), data_root=str(tmp_path))
+    with TestClient(create_app(settings)) as c:  # a day between updates
+        key = {"Idempotency-Key": "publish-btc-0001"}
+        first = c.post("/v1/recommendations/BTC", headers=key,
+                       json={"model": "ewma", "reason": REASON, "params": {"decay": 0.97}})
+        again = c.post("/v1/recommendations/BTC", headers=key,
+                       json={"model": "ewma", "reason": REASON, "params": {"decay": 0.97}})
+        assert (first.status_code, again.status_code) == (201, 201)
+        assert again.json() == first.json()
+        assert len(c.get("/v1/recommendations/BTC/history").json()) == 1
+        other = c.post("/v1/recommendations/BTC", headers=key,
+                       json={"model": "ewma", "reason": REASON, "params": {"decay": 0.975}})
+        assert other.status_code == 422
+        assert other.json()["field"] == "Idempotency-Key"
+        assert len(c.get("/v1/recommendations/BTC/history").json()) == 1
+
+
+def test_publish_with_the_store_down_succeeds_and_reads_answer_from_the_audit(
+        client: TestClient[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The audit row commits, the store write fails: 201 all the same, GET answers the new
+    version from the audit trail while the store is down, and the next read repairs it."""
+    from litestar.stores.file import FileStore
+
+    assert _publish(client, params={"decay": 0.97}).status_code == 201
+    assert client.get("/v1/recommendations/BTC").json()["version"] == 1
+    real_get, real_set = FileStore.get, FileStore.set
+
+    async def down(*args: Any, **kwargs: Any) -> Any:
+        raise ConnectionError("store down")
+
+    monkeypatch.setattr(FileStore, "set", down)
+    monkeypatch.setattr(FileStore, "get", down)
+    r = _publish(client, params={"decay": 0.975})
+    assert r.status_code == 201, r.text
+    assert r.json()["version"] == 2
+    assert client.get("/v1/recommendations/BTC").json()["version"] == 2
+    monkeypatch.setattr(FileStore, "set", real_set)
+    monkeypatch.setattr(FileStore, "get", real_get)
+    assert client.get("/v1/recommendations/BTC").json()["params"] == {"decay": 0.975}
+    stored = client.blocking_portal.call(
+        client.app.state.service_state.stores["published"].get, "BTC")
+    assert stored is not None
+    assert json.loads(stored)["version"] == 2
+    assert [h["version"] for h in client.get("/v1/recommendations/BTC/history").json()] == [2, 1]
+
+
+def test_a_store_behind_the_audit_is_rebuilt_at_start(tmp_path: Path) -> None:
+    """A store left at version 1 while the audit has version 2 (a crash between the two) is
+    rebuilt from the audit trail when the service starts."""
+    with _client(tmp_path) as c:
+        _publish(c, params={"decay": 0.97})
+        stale = c.blocking_portal.call(c.app.state.service_state.stores["published"].get, "BTC")
+        _publish(c, params={"decay": 0.975})
+        c.blocking_portal.call(c.app.state.service_state.stores["published"].set, "BTC", stale)
+    with _client(tmp_path) as c:
+        raw = c.blocking_portal.call(c.app.state.service_state.stores["published"].get, "BTC")
+        assert json.loads(raw)["version"] == 2
+
+
+def test_embedded_reads_are_cached_and_see_other_processes_writes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Embedded mode serves repeated GETs from memory (no store read), and a publish by
+    another app on the same state directory shows at once (the store file changed)."""
+    from litestar.stores.file import FileStore
+
+    reads = 0
+    real_get = FileStore.get
+
+    async def counting(self: FileStore, key: str, *args: Any, **kwargs: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return await real_get(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(FileStore, "get", counting)
+    with _client(tmp_path) as a, _client(tmp_path) as b:
+        assert _publish(a, params={"decay": 0.97}).status_code == 201
+        assert a.get("/v1/recommendations/BTC").json()["version"] == 1
+        before = reads
+        for _ in range(5):
+            assert a.get("/v1/recommendations/BTC").json()["version"] == 1
+        assert reads == before
+        assert _publish(b, params={"decay": 0.975}).status_code == 201
+        assert a.get("/v1/recommendations/BTC").json()["version"] == 2
