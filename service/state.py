@@ -2,6 +2,11 @@
 
 Embedded mode keeps them in a ``FileStore`` under the state directory; with ``REDIS_URL``
 in a ``RedisStore``, shared by the API and every worker. Values are msgspec JSON.
+
+Besides the stores, a set of **active job ids** (queued or running; a Redis set, or one empty
+file per job under the state directory): what a restart resumes and the reconciler checks,
+since a store cannot list its keys. It may hold finished jobs for a while (they are dropped
+when seen); it never misses an active one.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from service.settings import Settings
 T = TypeVar("T")
 
 NAMESPACES = ("jobs", "results", "datasets", "published", "dedup", "index")
+#: Redis set of active job ids (Redis mode).
+ACTIVE_KEY = "marginlab:active-jobs"
 
 
 def make_root_store(settings: Settings) -> Store:
@@ -56,6 +63,39 @@ class State:
 
     async def delete(self, namespace: str, key: str) -> None:
         await self.stores[namespace].delete(key)
+
+    def _active_dir(self) -> Path:
+        assert isinstance(self.root, FileStore)
+        path = Path(self.root.path) / "active-jobs"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    async def add_active(self, job_id: str) -> None:
+        """Remember a queued or running job (until ``drop_active``)."""
+        if isinstance(self.root, RedisStore):
+            await self.root._redis.sadd(ACTIVE_KEY, job_id)
+        else:
+            (self._active_dir() / job_id).touch()
+
+    async def drop_active(self, job_id: str) -> None:
+        """Forget a job that ended."""
+        if isinstance(self.root, RedisStore):
+            await self.root._redis.srem(ACTIVE_KEY, job_id)
+        else:
+            (self._active_dir() / job_id).unlink(missing_ok=True)
+
+    async def active_ids(self) -> list[str]:
+        """Ids of the jobs remembered as active, oldest first where known."""
+        if isinstance(self.root, RedisStore):
+            members = await self.root._redis.smembers(ACTIVE_KEY)
+            return sorted(m.decode() if isinstance(m, bytes) else m for m in members)
+        found = []
+        for path in self._active_dir().iterdir():
+            try:
+                found.append((path.stat().st_mtime, path.name))
+            except FileNotFoundError:  # dropped meanwhile
+                continue
+        return [name for _, name in sorted(found)]
 
     async def close(self) -> None:
         if isinstance(self.root, RedisStore):

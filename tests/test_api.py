@@ -580,3 +580,98 @@ def test_rate_limit_is_per_key(make_client: Callable[..., Client]) -> None:
     assert client.get("/v1/datasets", headers=bearer(OPERATOR)).status_code == 200
     for _ in range(5):
         assert client.get("/healthz").status_code == 200
+
+
+# --- jobs that die ----------------------------------------------------------------------------
+
+
+def test_job_dying_outside_marginlab_error_fails_with_a_reason_and_is_not_joined(
+        client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error of no MarginlabError type inside a job (what ``seed: 2**64`` raised inside
+    Optuna) ends it ``failed`` with a reason naming the error's type but not its message;
+    an identical request then starts a new job, which runs to the end."""
+    import service.jobs
+
+    real = service.jobs.run_worker
+    calls: list[int] = []
+
+    def overflow_once(*args: Any, **kwargs: Any) -> int:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OverflowError("Python int too large to convert to C long /srv/secret")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(service.jobs, "run_worker", overflow_once)
+    ref = uploaded(client)["ref"]
+    spec = calibration_spec(ref, n_trials=3, seed=21)
+    first = client.post("/v1/calibrations", json=spec).json()
+    failed = wait_job(client, first["id"])
+    assert failed["state"] == "failed"
+    assert "OverflowError" in failed["error"]
+    assert "submit the request again" in failed["error"]
+    assert "/srv/secret" not in failed["error"]
+    assert failed["finished_at"]
+    assert "failed" in assert_problem(client.get(first["result_url"]), 404)["detail"]
+
+    again = client.post("/v1/calibrations", json=spec)
+    assert again.status_code == 202
+    assert again.json()["id"] != first["id"]
+    assert again.json()["joined"] is False
+    assert wait_job(client, again.json()["id"])["state"] == "succeeded"
+    assert client.get(f"/v1/calibrations/{first['id']}").json()["state"] == "failed"
+
+
+def test_queue_jobs_leave_lost_connections_to_rq_and_fail_on_anything_else(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``execute_calibration`` as rq runs it (``retry_transient``): a lost connection is raised
+    for rq to retry, the job still active; any other error ends it failed with a reason and
+    drops it from the active set and its dedup entry."""
+    import asyncio
+
+    import msgspec
+
+    import service.jobs
+    from service.jobs import JobAccess, execute_calibration
+    from service.schemas import CalibrationJob
+    from service.state import make_root_store
+
+    (tmp_path / "bars.csv").write_bytes(bars_csv(N_BARS))
+    settings = Settings(state_dir=str(tmp_path / "state"), data_root=str(tmp_path))
+    state = State(make_root_store(settings))
+    spec = calibration_spec("bars.csv", n_trials=2)
+
+    async def seed(job_id: str) -> None:
+        job = CalibrationJob(id=job_id, state="queued", cache_key=f"key-{job_id}",
+                             spec_hash="h", study=f"study-{job_id}", model="ewma",
+                             instruments=["SYN"], n_trials=2, created_at="2026-01-01T00:00:00Z")
+        await state.stores["jobs"].set(f"{job_id}:spec", msgspec.json.encode(spec))
+        await state.put("jobs", job_id, job)
+        await state.put("dedup", job.cache_key, job_id)
+        await state.add_active(job_id)
+
+    def boom(exc: BaseException) -> Callable[..., int]:
+        def run(*args: Any, **kwargs: Any) -> int:
+            raise exc
+        return run
+
+    access = JobAccess(settings)
+    asyncio.run(seed("lost"))
+    monkeypatch.setattr(service.jobs, "run_worker", boom(ConnectionError("reset by peer")))
+    with pytest.raises(ConnectionError):
+        execute_calibration("lost", settings, access, retry_transient=True)
+    assert access.get("lost").state == "running"  # type: ignore[union-attr]
+    assert "lost" in asyncio.run(state.active_ids())
+    # Embedded mode has no queue to retry: the same error fails the job there.
+    assert execute_calibration("lost", settings, access) == "failed"
+    assert "ConnectionError" in access.get("lost").error  # type: ignore[union-attr,operator]
+
+    asyncio.run(seed("broken"))
+    monkeypatch.setattr(service.jobs, "run_worker", boom(ZeroDivisionError("x")))
+    assert execute_calibration("broken", settings, access, retry_transient=True) == "failed"
+    job = access.get("broken")
+    assert job is not None
+    assert job.state == "failed"
+    assert "ZeroDivisionError" in (job.error or "")
+    assert asyncio.run(state.active_ids()) == []
+    assert asyncio.run(state.get("dedup", "key-broken", str)) is None
+    assert asyncio.run(state.get("dedup", "key-lost", str)) is None

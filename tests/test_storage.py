@@ -774,7 +774,8 @@ def test_torn_last_record_is_cut_on_open_and_appends_stay_readable(
     with Coordination(url) as again:
         again.readable()
         names = optuna.study.get_all_study_names(storage=again.storage)
-        assert name in names and fresh.study_name in names
+        assert name in names
+        assert fresh.study_name in names
         assert len(optuna.load_study(study_name=fresh.study_name,
                                      storage=again.storage).get_trials()) == 4
     if url.startswith("journal:"):
