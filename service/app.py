@@ -27,7 +27,7 @@ from service.audit import AuditLog, audit_url
 from service.auth import load_keys
 from service.backtests import BacktestController
 from service.calibrations import CalibrationController
-from service.datasets import DatasetController
+from service.datasets import STALE_PART_S, DatasetController, sweep_partial_uploads
 from service.health import REQUESTS, HealthController
 from service.jobs import JobAccess, LocalRunner, RqRunner
 from service.listings import ListingController
@@ -58,6 +58,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        # Uploads a killed process left half written. Embedded mode is the only process
+        # writing them; in Redis mode another API process may be mid-upload right now.
+        sweep_partial_uploads(settings.data_root,
+                              older_than_s=0.0 if settings.embedded else STALE_PART_S)
         root = make_root_store(settings)
         state = State(root)
         app.state.service_state = state

@@ -12,7 +12,8 @@ when seen); it never misses an active one.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -52,6 +53,20 @@ class State:
         for store in self.stores.values():
             if isinstance(store, FileStore):  # with_namespace does not create directories
                 Path(store.path).mkdir(parents=True, exist_ok=True)
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    @contextlib.asynccontextmanager
+    async def lock(self, name: str) -> AsyncIterator[None]:
+        """Mutual exclusion for a read-modify-write of shared state: within this process
+        (an asyncio lock) and, in Redis mode, across processes (a Redis lock)."""
+        local = self._locks.setdefault(name, asyncio.Lock())
+        async with local:
+            if isinstance(self.root, RedisStore):
+                async with self.root._redis.lock(f"marginlab:lock:{name}", timeout=30,
+                                                 blocking_timeout=30):
+                    yield
+            else:
+                yield
 
     async def get(self, namespace: str, key: str, type_: type[T]) -> T | None:
         raw = await self.stores[namespace].get(key)
