@@ -27,7 +27,7 @@ from service.audit import AuditLog, audit_url
 from service.auth import load_keys
 from service.backtests import BacktestController
 from service.calibrations import CalibrationController
-from service.datasets import DatasetController
+from service.datasets import STALE_PART_S, DatasetController, sweep_partial_uploads
 from service.health import REQUESTS, HealthController
 from service.jobs import JobAccess, LocalRunner, RqRunner
 from service.listings import ListingController
@@ -59,6 +59,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        # Uploads a killed process left half written. Embedded mode is the only process
+        # writing them; in Redis mode another API process may be mid-upload right now.
+        sweep_partial_uploads(settings.data_root,
+                              older_than_s=0.0 if settings.embedded else STALE_PART_S)
         root = make_root_store(settings)
         state = State(root)
         app.state.service_state = state
@@ -74,6 +78,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 access = JobAccess(settings, runner=lambda op: portal.call(op, state))
                 runner: Any = LocalRunner(settings, access)
                 app.state.runner = runner
+                await runner.resume_active(state)
                 runner.start()
                 try:
                     yield
@@ -89,12 +94,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
         app.state.redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2,
                                          socket_timeout=5)
         listener = asyncio.create_task(_listen_published(app, settings))
+        reconciler = asyncio.create_task(_reconcile_jobs(settings))
         try:
             yield
         finally:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await listener
+            for task in (listener, reconciler):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
             app.state.runner.stop()
             await app.state.redis.aclose()
             await state.close()
@@ -139,6 +146,26 @@ def create_app(settings: Settings | None = None) -> Litestar:
 async def _count(response: Response[Any]) -> Response[Any]:
     REQUESTS.labels("any", str(response.status_code)).inc()
     return response
+
+
+async def _reconcile_jobs(settings: Settings) -> None:
+    """Redis mode: fail jobs whose workers all died, even when no worker is left to notice."""
+    import anyio
+    import redis
+
+    from service.jobs import CLEANUP_EVERY_S, reconcile_jobs
+
+    connection = redis.Redis.from_url(settings.redis_url or "", socket_connect_timeout=2,
+                                      socket_timeout=5)
+    try:
+        while True:
+            await asyncio.sleep(CLEANUP_EVERY_S)
+            try:
+                await anyio.to_thread.run_sync(reconcile_jobs, settings, connection)
+            except Exception as exc:  # Redis away: the next round tries again
+                log.warning("reconciling jobs failed (%s)", type(exc).__name__)
+    finally:
+        connection.close()
 
 
 async def _listen_published(app: Litestar, settings: Settings) -> None:

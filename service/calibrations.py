@@ -132,6 +132,8 @@ class CalibrationController(Controller):
                     job, state="failed", finished_at=now_iso(),
                     error="could not be queued; submit again"))
             raise
+        # After queuing: what the reconciler finds active always has its queue entries.
+        await svc.add_active(job.id)
         return Response(_links(job), status_code=202)
 
     @get("/{job_id:str}", guards=[requires("reader")],
@@ -176,6 +178,7 @@ class CalibrationController(Controller):
             job = msgspec.structs.replace(job, state="cancelled", finished_at=now_iso())
             await svc.put("jobs", job_id, job)
             await svc.delete("dedup", job.cache_key)
+            await svc.drop_active(job_id)
         return _links(job)
 
     @get("/{job_id:str}/report", guards=[requires("reader")], media_type="text/html",

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
+import msgspec
 from litestar import Controller, Request, get, post
 from litestar.exceptions import NotFoundException
 from litestar.openapi.datastructures import ResponseSpec
@@ -23,23 +27,81 @@ from service.jobs import now_iso
 from service.schemas import DatasetInfo
 from service.state import Svc
 
+log = logging.getLogger("marginlab.service")
+
 UPLOAD_DIR = "uploads"
-#: Key of the instrument → current dataset id map.
-_INDEX = "_instruments"
+#: Key of the instrument → dataset ids (oldest version first) map.
+_VERSIONS = "_versions"
+#: Key of the map written before versions (instrument → latest id), read as one version.
+_LEGACY_INDEX = "_instruments"
+#: A safe instrument name: it becomes part of a file name and of every listing.
+INSTRUMENT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+#: Redis mode: an interrupted upload's ``.part`` file older than this is swept (another API
+#: process may be writing a younger one); embedded mode sweeps them all at start.
+STALE_PART_S = 3600.0
 
 
-def _describe(path: Path, root: Path, instrument: str, size: int) -> tuple[DatasetInfo, str]:
+def dataset_id(instrument: str, fingerprint: str, format: str) -> str:
+    """The id of a dataset: unique per (instrument, content fingerprint, file format)."""
+    digest = hashlib.sha256(f"{instrument}\n{format}\n{fingerprint}".encode()).hexdigest()
+    return digest[:16]
+
+
+def is_part_file(path: Path) -> bool:
+    """An upload still being written (or interrupted): ``….part`` or ``….part.<format>``."""
+    return path.name.endswith(".part") or ".part." in path.name
+
+
+def sweep_partial_uploads(data_root: str | Path, *, older_than_s: float = 0.0) -> list[str]:
+    """Delete interrupted uploads' temporary files under ``uploads/``; returns their names."""
+    directory = Path(data_root).resolve() / UPLOAD_DIR
+    if not directory.is_dir():
+        return []
+    swept = []
+    cutoff = time.time() - older_than_s
+    for path in directory.iterdir():
+        if not is_part_file(path):
+            continue
+        try:
+            if older_than_s and path.stat().st_mtime > cutoff:
+                continue
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        swept.append(path.name)
+    if swept:
+        log.warning("swept %d interrupted upload(s) from %s: %s", len(swept), UPLOAD_DIR,
+                    ", ".join(sorted(swept)))
+    return swept
+
+
+def _describe(path: Path, root: Path, instrument: str, size: int,
+              format: str) -> DatasetInfo:
     ref = str(path.relative_to(root))
     bars = load_bars(ref, root=root, instrument=instrument)
     info = dataset_info(bars)
     return DatasetInfo(
-        id=bars.fingerprint[:16], instrument=instrument, ref=ref, fingerprint=bars.fingerprint,
-        rows=info.rows, start=info.start, end=info.end, bar_seconds=info.bar_seconds,
+        id=dataset_id(instrument, bars.fingerprint, format), instrument=instrument, ref=ref,
+        fingerprint=bars.fingerprint, rows=info.rows, start=info.start, end=info.end,
+        bar_seconds=info.bar_seconds,
         gaps=[{"after_row": g.after_row, "start_ms": g.start_ms, "missing_bars": g.missing_bars}
               for g in bars.gaps],
         missing_bars=info.missing_bars, suspect_prints=info.suspect_prints,
-        uploaded_at=now_iso(), size_bytes=size,
-    ), bars.fingerprint
+        uploaded_at=now_iso(), size_bytes=size, format=format,
+    )
+
+
+async def _versions(svc: Svc) -> dict[str, list[str]]:
+    raw = await svc.get("datasets", _VERSIONS, dict[str, list[str]])
+    if raw is not None:
+        return raw
+    legacy = await svc.get("datasets", _LEGACY_INDEX, dict[str, str]) or {}
+    return {instrument: [i] for instrument, i in legacy.items()}
+
+
+def _with_version(info: DatasetInfo, ids: list[str]) -> DatasetInfo:
+    return msgspec.structs.replace(info, version=ids.index(info.id) + 1,
+                                   latest=ids[-1] == info.id)
 
 
 class DatasetController(Controller):
@@ -55,8 +117,12 @@ class DatasetController(Controller):
             "The raw file is the request body (`Content-Type: text/csv` or "
             "`application/vnd.apache.parquet`). It is validated (domain.md §1: the row and "
             "column at fault on error), fingerprinted and stored under the data root; its "
-            "`ref` can then be used in backtests and calibrations. Uploading a new file for "
-            "the same instrument replaces it and drops cached results computed on the old one."
+            "`ref` can then be used in backtests and calibrations. A dataset's `id` is unique "
+            "per (instrument, content fingerprint, format). A new file for an instrument is "
+            "added as its next `version` (`latest: true`); earlier versions stay listed and "
+            "their files and refs keep working; cached results computed on the previous "
+            "latest version (other content) are dropped. The same content in the same "
+            "format again returns the existing dataset unchanged."
         ),
         responses=problem_responses(*COMMON, 400, 413, 422),
     )
@@ -65,8 +131,10 @@ class DatasetController(Controller):
         request: Request[Any, Any, Any],
         svc: Svc,
         instrument: str = Parameter(min_length=1, max_length=64,
-                                    pattern=r"^[A-Za-z0-9_.-]+$",
-                                    description="instrument name, e.g. BTCUSDT",
+                                    pattern=INSTRUMENT_PATTERN,
+                                    description="instrument name, e.g. BTCUSDT: 1 to 64 "
+                                                "letters, digits, `_`, `.` or `-`, "
+                                                "starting with a letter or digit",
                                     examples=[examples.INSTRUMENT]),
         format: str = Parameter(default="csv", pattern="^(csv|parquet)$",
                                 description="csv or parquet"),
@@ -76,7 +144,10 @@ class DatasetController(Controller):
         target_dir = root / UPLOAD_DIR
         target_dir.mkdir(parents=True, exist_ok=True)
         limit = settings.max_upload_bytes
-        fd, tmp_name = tempfile.mkstemp(dir=target_dir, suffix=f".{format}.part")
+        # ``.part.<format>``: swept at start if the process dies before the end, and read
+        # in place with its format's loader.
+        fd, tmp_name = tempfile.mkstemp(dir=target_dir, prefix=f"{instrument}-",
+                                        suffix=f".part.{format}")
         size = 0
         try:
             with os.fdopen(fd, "wb") as handle:
@@ -87,37 +158,44 @@ class DatasetController(Controller):
                     handle.write(chunk)
             if size == 0:
                 raise InvalidParameters("empty upload", field="body")
-            final = target_dir / f"{instrument}-{os.urandom(4).hex()}.{format}"
-            os.replace(tmp_name, final)
-            try:
-                info, fingerprint = await anyio.to_thread.run_sync(
-                    _describe, final, root, instrument, size)
-            except Exception:
-                final.unlink(missing_ok=True)
-                raise
-            named = final.with_name(f"{instrument}-{fingerprint[:16]}.{format}")
-            os.replace(final, named)
-            info = DatasetInfo(**{**_fields(info), "ref": str(named.relative_to(root))})
+            info = await anyio.to_thread.run_sync(_describe, Path(tmp_name), root, instrument,
+                                                  size, format)
+            named = target_dir / f"{instrument}-{info.id}.{format}"
+            info = msgspec.structs.replace(info, ref=str(named.relative_to(root)))
+            async with svc.lock("datasets"):
+                existing = await svc.get("datasets", info.id, DatasetInfo)
+                versions = await _versions(svc)
+                ids = versions.get(instrument, [])
+                if existing is not None and info.id in ids and named.exists():
+                    # The same content in the same format: nothing to add or replace.
+                    return _with_version(existing, ids)
+                os.replace(tmp_name, named)
+                previous = await svc.get("datasets", ids[-1], DatasetInfo) if ids else None
+                if previous is not None and previous.fingerprint != info.fingerprint:
+                    await _invalidate(svc, previous)
+                ids = [*(i for i in ids if i != info.id), info.id]
+                await svc.put("datasets", info.id, info)
+                versions[instrument] = ids
+                await svc.put("datasets", _VERSIONS, versions)
+            return _with_version(info, ids)
         finally:
             Path(tmp_name).unlink(missing_ok=True)
-        current = await svc.get("datasets", _INDEX, dict[str, str]) or {}
-        previous = current.get(instrument)
-        if previous and previous != info.id:
-            await _invalidate(svc, previous)
-        await svc.put("datasets", info.id, info)
-        current[instrument] = info.id
-        await svc.put("datasets", _INDEX, current)
-        return info
 
     @get("/", guards=[requires("reader")], summary="List uploaded datasets",
          responses={**problem_responses(*COMMON),
                     200: ResponseSpec(generate_examples=False, data_container=list[DatasetInfo],
-                                      description="the current dataset of each instrument",
+                                      description="every dataset, by instrument, oldest "
+                                                  "version first (`latest` marks the "
+                                                  "newest of each instrument)",
                                       examples=[examples.DATASET])})
     async def list_datasets(self, svc: Svc) -> list[DatasetInfo]:
-        current = await svc.get("datasets", _INDEX, dict[str, str]) or {}
-        found = [await svc.get("datasets", i, DatasetInfo) for _, i in sorted(current.items())]
-        return [d for d in found if d is not None]
+        found = []
+        for _, ids in sorted((await _versions(svc)).items()):
+            for dataset in ids:
+                info = await svc.get("datasets", dataset, DatasetInfo)
+                if info is not None:
+                    found.append(_with_version(info, ids))
+        return found
 
     @get("/{dataset_id:str}", guards=[requires("reader")],
          summary="One dataset: metadata, fingerprint, validation report and gaps",
@@ -127,21 +205,15 @@ class DatasetController(Controller):
         dataset_id: Annotated[str, Parameter(description="dataset id",
                                              examples=[examples.DATASET_ID])],
     ) -> DatasetInfo:
-        info = await svc.get("datasets", dataset_id, DatasetInfo)
+        info = None if dataset_id.startswith("_") else await svc.get(
+            "datasets", dataset_id, DatasetInfo)
         if info is None:
             raise NotFoundException(f"no dataset {dataset_id!r}")
-        return info
+        return _with_version(info, (await _versions(svc)).get(info.instrument, [info.id]))
 
 
-def _fields(info: DatasetInfo) -> dict[str, Any]:
-    return {f: getattr(info, f) for f in info.__struct_fields__}
-
-
-async def _invalidate(svc: Svc, old_id: str) -> None:
-    """Drop cached results computed on a replaced dataset."""
-    old = await svc.get("datasets", old_id, DatasetInfo)
-    if old is None:
-        return
+async def _invalidate(svc: Svc, old: DatasetInfo) -> None:
+    """Drop cached results computed on an instrument's previous latest dataset."""
     keys = await svc.get("index", f"fp:{old.fingerprint}", list[str]) or []
     for key in keys:
         await svc.delete("results", key)

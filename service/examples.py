@@ -62,7 +62,7 @@ DATASET = Example(
            "start": "2020-09-20T00:00:00Z", "end": "2025-09-19T23:00:00Z", "bar_seconds": 1800,
            "gaps": [{"after_row": 4390, "start_ms": 1608537600000, "missing_bars": 9}],
            "missing_bars": 45, "suspect_prints": [], "uploaded_at": "2026-11-24T10:00:00Z",
-           "size_bytes": 7090123},
+           "size_bytes": 7090123, "format": "csv", "version": 1, "latest": True},
 )
 
 PUBLISH = Example(

@@ -18,7 +18,10 @@ REQUESTS = Counter("marginlab_http_requests_total", "HTTP requests", ["method", 
 
 
 def _storage_ok(url: str) -> bool:
-    with Coordination(url):
+    # Opening is not enough: a journal whose records cannot be replayed opens fine and
+    # then fails every calibration. Replaying is what a worker does first.
+    with Coordination(url) as coordination:
+        coordination.readable()
         return True
 
 
@@ -52,7 +55,10 @@ class HealthController(Controller):
             await anyio.to_thread.run_sync(_storage_ok, request.app.state.settings.storage_url)
             checks["study_storage"] = "ok"
         except Exception as exc:
-            checks["study_storage"] = f"unreachable: {type(exc).__name__}"
+            # A record that cannot be decoded is not an outage: say which it is.
+            unreadable = isinstance(exc, ValueError) or isinstance(exc.__cause__, ValueError)
+            checks["study_storage"] = (f"unreadable: {type(exc).__name__}" if unreadable
+                                       else f"unreachable: {type(exc).__name__}")
         try:
             ok = await anyio.to_thread.run_sync(request.app.state.runner.ping)
             checks["queue"] = "ok" if ok else "down"

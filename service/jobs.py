@@ -11,6 +11,22 @@ died is re-enqueued by ``requeue_orphans``.
 
 Without Redis (embedded mode) an in-process runner executes jobs one at a time in a thread;
 numba kernels release the GIL, so the API stays responsive.
+
+Every job ends ``succeeded``, ``failed`` (with a reason a user can act on) or ``cancelled``:
+
+- an error inside the job is caught whatever its type: a ``MarginlabError`` fails the job with
+  its message; anything else fails it as an internal error (type named, details in the server
+  log); rq's time limit fails it naming the limit. A lost connection to Redis or the study
+  storage is left to rq, which retries the job;
+- a job whose queue copies are all dead (worker SIGKILLed or OOM-killed more often than rq
+  retries, retries used up) is failed by ``reconcile_jobs``, which the API process and every
+  queue worker run every ``CLEANUP_EVERY_S``; it also fails the study's trials left RUNNING;
+- embedded mode resumes, at start, every job that was queued or running when the process
+  stopped (``resume_active``): it rejoins its study, whose interrupted trial the reaper
+  fails and retries.
+
+A failed or cancelled job's dedup entry is dropped: an identical request then starts a new
+job (which rejoins the study's finished trials) rather than joining or reporting a dead one.
 """
 
 from __future__ import annotations
@@ -33,11 +49,14 @@ from service.schemas import CalibrationJob
 from service.settings import Settings
 from service.state import State, run_sync
 
+#: Job states after which nothing runs.
+FINAL = ("succeeded", "failed", "cancelled")
+
 log = logging.getLogger("marginlab.service")
 
 QUEUE_NAME = "marginlab"
-#: Upper bound of one calibration job's run time.
-JOB_TIMEOUT_S = 24 * 3600
+#: Most queue copies of one job looked at (``workers_per_job`` of any process).
+MAX_COPIES = 64
 #: How often a queue worker looks for jobs abandoned by dead workers.
 CLEANUP_EVERY_S = 5.0
 #: How often a queue worker renews the heartbeat of the job it runs (rq's default is 30 s),
@@ -54,21 +73,44 @@ def now_iso() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _transient(exc: BaseException) -> bool:
+    """A lost connection (Redis, the study storage): worth retrying the job on a worker."""
+    import redis
+
+    if isinstance(exc.__cause__, ValueError):  # e.g. a journal that cannot be decoded
+        return False
+    return isinstance(exc, ConnectionError | TimeoutError | redis.exceptions.ConnectionError
+                      | redis.exceptions.TimeoutError)
+
+
+def unexpected_error(job_id: str, exc: BaseException) -> str:
+    """The reason stored for a job stopped by an error outside ``MarginlabError``.
+
+    Names the error's type only: its message may carry server paths or URLs.
+    """
+    return (f"internal error ({type(exc).__name__}) while running the calibration; submit "
+            f"the request again to retry it, and report it if it repeats (server log: job "
+            f"{job_id})")
+
+
 def execute_calibration(job_id: str, settings: Settings,
-                        accessor: JobAccess | None = None) -> str:
+                        accessor: JobAccess | None = None, *,
+                        retry_transient: bool = False) -> str:
     """Run (or join) one calibration job to the end; returns the job's final state.
 
     Reads the spec stored with the job, adds trials to its study until the count is
     reached, then stores the result under the job's cache key. Stops between trials when
-    the job is cancelled.
+    the job is cancelled. Any error ends the job ``failed`` with a reason, except a lost
+    connection with ``retry_transient`` (rq), which is raised for the queue to retry.
     """
+    from rq.timeouts import JobTimeoutException
+
     access = accessor or JobAccess(settings)
     job = access.get(job_id)
-    if job is None or job.state in ("succeeded", "cancelled", "failed"):
+    if job is None or job.state in FINAL:
         return "missing" if job is None else job.state
-    spec_raw = access.spec(job_id)
     try:
-        spec = decode_spec(spec_raw)
+        spec = decode_spec(access.spec(job_id))
         prepared = prepare(spec, settings.data_root)
         access.update(job_id, state="running", started_at=job.started_at or now_iso())
         with Coordination(settings.storage_url) as coordination:
@@ -83,9 +125,34 @@ def execute_calibration(job_id: str, settings: Settings,
                            list(prepared.fingerprints.values()))
         access.update(job_id, state="succeeded", finished_at=now_iso())
         return "succeeded"
-    except MarginlabError as exc:
-        access.update(job_id, state="failed", finished_at=now_iso(), error=str(exc))
+    except JobTimeoutException:
+        access.fail(job_id, f"stopped at the job time limit of {settings.job_timeout_s} s; "
+                    "ask for fewer trials or set timeout_seconds below the limit (trials "
+                    "finished so far are kept: an identical request resumes them)")
         return "failed"
+    except MarginlabError as exc:
+        if retry_transient and _transient(exc):
+            raise
+        access.fail(job_id, str(exc))
+        return "failed"
+    except Exception as exc:
+        if retry_transient and _transient(exc):
+            raise
+        log.exception("calibration %s stopped on an unexpected error", job_id)
+        access.fail(job_id, unexpected_error(job_id, exc))
+        return "failed"
+
+
+async def active_jobs(state: State) -> list[CalibrationJob]:
+    """Jobs remembered as active that have not ended, oldest first; forgets ended ones."""
+    found = []
+    for job_id in await state.active_ids():
+        job = await state.get("jobs", job_id, CalibrationJob)
+        if job is None or job.state in FINAL:
+            await state.drop_active(job_id)
+        else:
+            found.append(job)
+    return found
 
 
 class JobAccess:
@@ -111,14 +178,38 @@ class JobAccess:
         result: bytes = self._run(op)
         return result
 
-    def update(self, job_id: str, **changes: Any) -> None:
-        async def op(state: State) -> None:
-            job = await state.get("jobs", job_id, CalibrationJob)
-            if job is None or job.state in ("succeeded", "cancelled"):
-                return
-            await state.put("jobs", job_id, msgspec.structs.replace(job, **changes))
+    def update(self, job_id: str, **changes: Any) -> bool:
+        """Change a job that has not ended; returns whether it was changed.
 
-        self._run(op)
+        A job that ends leaves the active set, and a failed one its dedup entry (an
+        identical request must start afresh, not join or report the dead job).
+        """
+        async def op(state: State) -> bool:
+            job = await state.get("jobs", job_id, CalibrationJob)
+            if job is None or job.state in FINAL:
+                return False
+            await state.put("jobs", job_id, msgspec.structs.replace(job, **changes))
+            if changes.get("state") in FINAL:
+                await state.drop_active(job_id)
+            if changes.get("state") in ("failed", "cancelled") and \
+                    await state.get("dedup", job.cache_key, str) == job_id:
+                await state.delete("dedup", job.cache_key)
+            return True
+
+        changed: bool = self._run(op)
+        return changed
+
+    def fail(self, job_id: str, reason: str) -> bool:
+        """End a job that has not ended as ``failed`` with ``reason``."""
+        if self.update(job_id, state="failed", finished_at=now_iso(), error=reason):
+            log.warning("calibration %s failed: %s", job_id, reason)
+            return True
+        return False
+
+    def active(self) -> list[CalibrationJob]:
+        """Jobs remembered as active that have not ended (ended ones are forgotten)."""
+        result: list[CalibrationJob] = self._run(active_jobs)
+        return result
 
     def cancelled(self, job_id: str) -> bool:
         job = self.get(job_id)
@@ -141,7 +232,7 @@ class JobAccess:
 
 def rq_execute(job_id: str) -> str:
     """The rq task: settings from the worker's environment."""
-    return execute_calibration(job_id, Settings.from_env())
+    return execute_calibration(job_id, Settings.from_env(), retry_transient=True)
 
 
 class LocalRunner:
@@ -179,13 +270,23 @@ class LocalRunner:
                 if self._stop:
                     return
                 job_id = self._queue.pop(0)
-            with contextlib.suppress(Exception):  # a failed job is recorded, the loop goes on
-                try:
-                    execute_calibration(job_id, self.settings, self.access)
-                except Exception as exc:
-                    self.access.update(job_id, state="failed", finished_at=now_iso(),
-                                       error=f"internal error: {type(exc).__name__}")
-                    raise
+            try:
+                execute_calibration(job_id, self.settings, self.access)
+            except Exception as exc:  # the job could not even record its failure
+                log.exception("calibration %s: runner error", job_id)
+                with contextlib.suppress(Exception):  # the loop goes on in any case
+                    self.access.fail(job_id, unexpected_error(job_id, exc))
+
+    async def resume_active(self, state: State) -> list[str]:
+        """Queue again every job that was queued or running when the service stopped
+        (call before ``start``); returns their ids. Each rejoins its study: finished trials
+        are kept, and the trial the stop interrupted is failed and retried by the reaper
+        once its heartbeat is stale."""
+        resumed = [job.id for job in await active_jobs(state)]
+        for job_id in resumed:
+            log.warning("resuming calibration %s, interrupted by a restart", job_id)
+            self.submit(job_id)
+        return resumed
 
 
 class RqRunner:
@@ -214,11 +315,86 @@ class RqRunner:
             # A finite timeout keeps the started-job registry entry expiring when its worker
             # dies; rq then retries the job (Retry) on a live worker, which rejoins the study.
             self.queue.enqueue(rq_execute, job_id, job_id=f"{job_id}-{i}",
-                               job_timeout=JOB_TIMEOUT_S, result_ttl=86_400,
-                               failure_ttl=86_400, retry=Retry(max=3))
+                               job_timeout=self.settings.job_timeout_s, result_ttl=86_400,
+                               failure_ttl=86_400,
+                               retry=Retry(max=self.settings.job_retries)
+                               if self.settings.job_retries > 0 else None)
 
     def ping(self) -> bool:
         return bool(self.redis.ping())
+
+
+def _dead_reason(copies: list[Any], settings: Settings) -> str:
+    """Why every queue copy of a job is dead, from rq's record of their last failures."""
+    texts = []
+    for copy in copies:
+        with contextlib.suppress(Exception):
+            result = copy.latest_result()
+            texts.append("" if result is None else (result.exc_string or ""))
+    joined = "\n".join(texts)
+    tries = f"{settings.job_retries + 1} time(s) per worker copy"
+    if "AbandonedJobError" in joined or "Work-horse terminated unexpectedly" in joined:
+        return (f"the worker process running it died ({tries}; killed, e.g. out of memory "
+                "or SIGKILL); submit the request again to resume from the trials finished "
+                "so far, with more memory or fewer instruments per calibration")
+    if "JobTimeoutException" in joined:
+        return (f"stopped at the job time limit of {settings.job_timeout_s} s; ask for fewer "
+                "trials or set timeout_seconds below the limit")
+    if "ConnectionError" in joined or "TimeoutError" in joined:
+        return (f"lost its connection to Redis or the study storage ({tries}); check "
+                "/readyz and submit the request again")
+    from rq.job import JobStatus
+
+    if copies and all(c.get_status(refresh=False) in (JobStatus.STOPPED, JobStatus.CANCELED)
+                      for c in copies):
+        return "stopped on the queue by an operator; submit the request again to run it"
+    if not copies:
+        return "its queue entries are gone (expired or deleted); submit the request again"
+    return ("internal error while running the calibration; submit the request again to "
+            "retry it, and report it if it repeats")
+
+
+def _reap_study(settings: Settings, name: str) -> int:
+    """Fail the study's stale RUNNING trials (retrying their parameters); returns how many
+    RUNNING trials remain (a trial still beating, or not yet stale)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    with Coordination(settings.storage_url) as coordination:
+        if name not in optuna.study.get_all_study_names(storage=coordination.storage):
+            return 0
+        study = optuna.load_study(study_name=name, storage=coordination.storage)
+        with coordination.slot_lock(name):
+            coordination.reap_stale_trials(study)
+        return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+
+def reconcile_jobs(settings: Settings, connection: Any,
+                   access: JobAccess | None = None) -> list[str]:
+    """Redis mode: fail every active job whose queue copies are all dead; returns their ids.
+
+    First lets rq hand abandoned copies (worker gone, heartbeat expired) to a retry or to
+    its failed registry. A dead job is failed once its study has no RUNNING trial left
+    (they are reaped when stale, ``STALE_AFTER_S``): nothing of it is running afterwards.
+    """
+    from rq.job import Job, JobStatus
+    from rq.registry import StartedJobRegistry
+
+    alive = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED,
+             JobStatus.CREATED, JobStatus.RATE_LIMITED, JobStatus.READY_TO_ENQUEUE}
+    access = access or JobAccess(settings)
+    StartedJobRegistry(QUEUE_NAME, connection=connection).cleanup()
+    failed = []
+    for job in access.active():
+        ids = [f"{job.id}-{i}" for i in range(MAX_COPIES)]
+        copies = [c for c in Job.fetch_many(ids, connection=connection) if c is not None]
+        if any(c.get_status(refresh=False) in alive for c in copies):
+            continue
+        if _reap_study(settings, job.study):
+            continue  # its last trial is not stale yet: fail the job once it is reaped
+        if access.fail(job.id, _dead_reason(copies, settings)):
+            failed.append(job.id)
+    return failed
 
 
 def run_queue_worker(settings: Settings, *, burst: bool = False) -> None:
@@ -251,10 +427,15 @@ def run_queue_worker(settings: Settings, *, burst: bool = False) -> None:
         # a dead worker's job is retried within seconds.
         from rq.registry import StartedJobRegistry
 
-        registry = StartedJobRegistry(QUEUE_NAME, connection=redis.Redis.from_url(url))
+        sweeper_connection = redis.Redis.from_url(url)
+        registry = StartedJobRegistry(QUEUE_NAME, connection=sweeper_connection)
         while not stop.wait(CLEANUP_EVERY_S):
             with contextlib.suppress(Exception):
                 registry.cleanup()
+            try:
+                reconcile_jobs(settings, sweeper_connection)
+            except Exception as exc:  # Redis away: the next sweep tries again
+                log.warning("reconciling jobs failed (%s)", type(exc).__name__)
 
     sweeper = threading.Thread(target=cleanup, name="rq-cleanup", daemon=True)
     sweeper.start()

@@ -12,7 +12,11 @@ JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 class DatasetInfo(msgspec.Struct, frozen=True, kw_only=True):
-    """An uploaded dataset: where it lives, what it is, what validation found."""
+    """An uploaded dataset: where it lives, what it is, what validation found.
+
+    ``id`` is unique per (instrument, content fingerprint, format); ``version`` counts the
+    instrument's datasets from 1 in upload order, ``latest`` marks its newest.
+    """
 
     id: str
     instrument: str
@@ -27,6 +31,9 @@ class DatasetInfo(msgspec.Struct, frozen=True, kw_only=True):
     suspect_prints: list[str]
     uploaded_at: str
     size_bytes: int
+    format: str = "csv"
+    version: int = 1
+    latest: bool = True
 
 
 class BacktestRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -13,6 +13,8 @@
 | ``MARGINLAB_MAX_TRIALS`` | largest ``n_trials`` of one calibration | 5000 |
 | ``MARGINLAB_RESULT_TTL_S`` | lifetime of cached results | 7 days |
 | ``MARGINLAB_WORKERS_PER_JOB`` | queue jobs (workers) per calibration with Redis | 2 |
+| ``MARGINLAB_JOB_RETRIES`` | times rq re-runs a queue job whose worker died | 3 |
+| ``MARGINLAB_JOB_TIMEOUT_S`` | time limit of one queue job (rq), seconds | 1 day |
 | ``MARGINLAB_AUDIT_DB`` | SQLAlchemy URL of the publish audit trail | SQLite in the state dir |
 | ``MARGINLAB_GUARDRAILS`` | JSON ``max_change``, ``min_interval_s``, ``min_reason_chars`` | below |
 
@@ -50,6 +52,8 @@ class Settings:
     max_trials: int = 5000
     result_ttl_s: int = 7 * 86_400
     workers_per_job: int = 2
+    job_retries: int = 3
+    job_timeout_s: int = 24 * 3600
     audit_db: str | None = None
     guardrails_json: str | None = None
 
@@ -75,6 +79,8 @@ class Settings:
             max_trials=num("MARGINLAB_MAX_TRIALS", 5000),
             result_ttl_s=num("MARGINLAB_RESULT_TTL_S", 7 * 86_400),
             workers_per_job=num("MARGINLAB_WORKERS_PER_JOB", 2),
+            job_retries=num("MARGINLAB_JOB_RETRIES", 3),
+            job_timeout_s=num("MARGINLAB_JOB_TIMEOUT_S", 24 * 3600),
             audit_db=env.get("MARGINLAB_AUDIT_DB") or None,
             guardrails_json=env.get("MARGINLAB_GUARDRAILS") or None,
         )

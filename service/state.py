@@ -2,12 +2,18 @@
 
 Embedded mode keeps them in a ``FileStore`` under the state directory; with ``REDIS_URL``
 in a ``RedisStore``, shared by the API and every worker. Values are msgspec JSON.
+
+Besides the stores, a set of **active job ids** (queued or running; a Redis set, or one empty
+file per job under the state directory): what a restart resumes and the reconciler checks,
+since a store cannot list its keys. It may hold finished jobs for a while (they are dropped
+when seen); it never misses an active one.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +28,8 @@ from service.settings import Settings
 T = TypeVar("T")
 
 NAMESPACES = ("jobs", "results", "datasets", "published", "dedup", "index")
+#: Redis set of active job ids (Redis mode).
+ACTIVE_KEY = "marginlab:active-jobs"
 
 
 def make_root_store(settings: Settings) -> Store:
@@ -45,6 +53,20 @@ class State:
         for store in self.stores.values():
             if isinstance(store, FileStore):  # with_namespace does not create directories
                 Path(store.path).mkdir(parents=True, exist_ok=True)
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    @contextlib.asynccontextmanager
+    async def lock(self, name: str) -> AsyncIterator[None]:
+        """Mutual exclusion for a read-modify-write of shared state: within this process
+        (an asyncio lock) and, in Redis mode, across processes (a Redis lock)."""
+        local = self._locks.setdefault(name, asyncio.Lock())
+        async with local:
+            if isinstance(self.root, RedisStore):
+                async with self.root._redis.lock(f"marginlab:lock:{name}", timeout=30,
+                                                 blocking_timeout=30):
+                    yield
+            else:
+                yield
 
     async def get(self, namespace: str, key: str, type_: type[T]) -> T | None:
         raw = await self.stores[namespace].get(key)
@@ -56,6 +78,39 @@ class State:
 
     async def delete(self, namespace: str, key: str) -> None:
         await self.stores[namespace].delete(key)
+
+    def _active_dir(self) -> Path:
+        assert isinstance(self.root, FileStore)
+        path = Path(self.root.path) / "active-jobs"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    async def add_active(self, job_id: str) -> None:
+        """Remember a queued or running job (until ``drop_active``)."""
+        if isinstance(self.root, RedisStore):
+            await self.root._redis.sadd(ACTIVE_KEY, job_id)
+        else:
+            (self._active_dir() / job_id).touch()
+
+    async def drop_active(self, job_id: str) -> None:
+        """Forget a job that ended."""
+        if isinstance(self.root, RedisStore):
+            await self.root._redis.srem(ACTIVE_KEY, job_id)
+        else:
+            (self._active_dir() / job_id).unlink(missing_ok=True)
+
+    async def active_ids(self) -> list[str]:
+        """Ids of the jobs remembered as active, oldest first where known."""
+        if isinstance(self.root, RedisStore):
+            members = await self.root._redis.smembers(ACTIVE_KEY)
+            return sorted(m.decode() if isinstance(m, bytes) else m for m in members)
+        found = []
+        for path in self._active_dir().iterdir():
+            try:
+                found.append((path.stat().st_mtime, path.name))
+            except FileNotFoundError:  # dropped meanwhile
+                continue
+        return [name for _, name in sorted(found)]
 
     async def close(self) -> None:
         if isinstance(self.root, RedisStore):

@@ -8,6 +8,7 @@ synthetic bar files, so the whole module takes seconds.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -114,15 +115,18 @@ def test_upload_reports_metadata_fingerprint_and_gaps(client: Client) -> None:
     assert info["bar_seconds"] == 1800
     assert info["start"] == "2023-01-01T00:00:00Z"
     assert len(info["fingerprint"]) == 64
-    assert info["id"] == info["fingerprint"][:16]
+    # The id: sha256 of instrument, format and fingerprint (computed here independently).
+    expected = hashlib.sha256(f"SYN\ncsv\n{info['fingerprint']}".encode()).hexdigest()[:16]
+    assert info["id"] == expected
     assert info["ref"] == f"uploads/SYN-{info['id']}.csv"
+    assert (info["format"], info["version"], info["latest"]) == ("csv", 1, True)
     assert info["gaps"] == [{"after_row": 99, "start_ms": info["gaps"][0]["start_ms"],
                              "missing_bars": 3}]
     assert info["missing_bars"] == 3
 
 
 def test_datasets_list_and_get(client: Client) -> None:
-    """GET /v1/datasets lists the current dataset per instrument; /{id} describes one."""
+    """GET /v1/datasets lists every dataset by instrument; /{id} describes one."""
     btc = uploaded(client, bars_csv(300, seed=1), "BTC")
     eth = uploaded(client, bars_csv(300, seed=2), "ETH")
     listed = client.get("/v1/datasets")
@@ -131,6 +135,49 @@ def test_datasets_list_and_get(client: Client) -> None:
     one = client.get(f"/v1/datasets/{eth['id']}")
     assert one.status_code == 200
     assert one.json() == eth
+
+
+def test_same_bars_as_other_instruments_and_formats_are_distinct_versions(
+        client: Client, tmp_path: Path) -> None:
+    """The same bars uploaded as three instruments give three datasets (each its own id,
+    instrument and file); as Parquet they are a new version of the instrument (nothing
+    re-pointed: the CSV version's record and file stay); the same CSV again adds nothing."""
+    import io
+
+    import pandas as pd
+
+    body = bars_csv(300, seed=4)
+    first = {name: uploaded(client, body, name) for name in ("BAD", "B.2", "C_3")}
+    assert len({d["id"] for d in first.values()}) == 3
+    assert len({d["fingerprint"] for d in first.values()}) == 1
+    assert {d["instrument"] for d in first.values()} == {"BAD", "B.2", "C_3"}
+    for name, info in first.items():
+        assert info["ref"] == f"uploads/{name}-{info['id']}.csv"
+        assert (tmp_path / info["ref"]).is_file()
+
+    parquet = io.BytesIO()
+    pd.read_csv(io.BytesIO(body)).to_parquet(parquet, index=False)
+    response = client.post("/v1/datasets?instrument=BAD&format=parquet",
+                           content=parquet.getvalue(),
+                           headers={"content-type": "application/vnd.apache.parquet"})
+    assert response.status_code == 201, response.text
+    as_parquet = response.json()
+    assert as_parquet["fingerprint"] == first["BAD"]["fingerprint"]
+    assert as_parquet["id"] != first["BAD"]["id"]
+    assert (as_parquet["format"], as_parquet["version"], as_parquet["latest"]) == (
+        "parquet", 2, True)
+    again = uploaded(client, body, "BAD")
+    assert (again["id"], again["version"], again["latest"]) == (first["BAD"]["id"], 1, False)
+    assert again["uploaded_at"] == first["BAD"]["uploaded_at"]
+
+    listed = client.get("/v1/datasets").json()
+    assert [(d["instrument"], d["version"], d["format"]) for d in listed] == [
+        ("B.2", 1, "csv"), ("BAD", 1, "csv"), ("BAD", 2, "parquet"), ("C_3", 1, "csv")]
+    assert client.get(f"/v1/datasets/{first['BAD']['id']}").json()["latest"] is False
+    for d in listed:
+        assert (tmp_path / d["ref"]).is_file()
+    assert sorted(p.name for p in (tmp_path / "uploads").iterdir()) == sorted(
+        Path(d["ref"]).name for d in listed)
 
 
 def test_unknown_dataset_is_404_problem(client: Client) -> None:
@@ -171,11 +218,15 @@ def test_upload_with_a_bad_row_names_row_and_column(client: Client, tmp_path: Pa
     ("query", "body", "status", "field"),
     [
         ("instrument=a%2Fb", b"x", 400, "instrument"),
+        ("instrument=..", b"x", 400, "instrument"),
+        ("instrument=-", b"x", 400, "instrument"),
+        ("instrument=.hidden", b"x", 400, "instrument"),
         ("instrument=SYN&format=xlsx", b"x", 400, "format"),
         ("instrument=SYN", b"", 422, "body"),
         ("instrument=SYN", b"timestamp_ms,open\n1,2\n", 422, "high"),
     ],
-    ids=["instrument-pattern", "format", "empty", "missing-column"],
+    ids=["instrument-pattern", "instrument-dotdot", "instrument-dash", "instrument-dot",
+         "format", "empty", "missing-column"],
 )
 def test_upload_errors_name_the_field(client: Client, query: str, body: bytes, status: int,
                                       field: str) -> None:
@@ -457,7 +508,8 @@ def test_replacing_a_dataset_invalidates_its_cached_results(client: Client) -> N
 
     new = uploaded(client, bars_csv(N_BARS, seed=1))
     assert new["id"] != old["id"]
-    assert [d["id"] for d in client.get("/v1/datasets").json()] == [new["id"]]
+    assert [(d["id"], d["version"], d["latest"]) for d in client.get("/v1/datasets").json()] \
+        == [(old["id"], 1, False), (new["id"], 2, True)]
     assert client.blocking_portal.call(state.get, "index", index_key, list[str]) is None
     assert_problem(client.get(job["result_url"]), 404)
 
@@ -580,3 +632,98 @@ def test_rate_limit_is_per_key(make_client: Callable[..., Client]) -> None:
     assert client.get("/v1/datasets", headers=bearer(OPERATOR)).status_code == 200
     for _ in range(5):
         assert client.get("/healthz").status_code == 200
+
+
+# --- jobs that die ----------------------------------------------------------------------------
+
+
+def test_job_dying_outside_marginlab_error_fails_with_a_reason_and_is_not_joined(
+        client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error of no MarginlabError type inside a job (what ``seed: 2**64`` raised inside
+    Optuna) ends it ``failed`` with a reason naming the error's type but not its message;
+    an identical request then starts a new job, which runs to the end."""
+    import service.jobs
+
+    real = service.jobs.run_worker
+    calls: list[int] = []
+
+    def overflow_once(*args: Any, **kwargs: Any) -> int:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OverflowError("Python int too large to convert to C long /srv/secret")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(service.jobs, "run_worker", overflow_once)
+    ref = uploaded(client)["ref"]
+    spec = calibration_spec(ref, n_trials=3, seed=21)
+    first = client.post("/v1/calibrations", json=spec).json()
+    failed = wait_job(client, first["id"])
+    assert failed["state"] == "failed"
+    assert "OverflowError" in failed["error"]
+    assert "submit the request again" in failed["error"]
+    assert "/srv/secret" not in failed["error"]
+    assert failed["finished_at"]
+    assert "failed" in assert_problem(client.get(first["result_url"]), 404)["detail"]
+
+    again = client.post("/v1/calibrations", json=spec)
+    assert again.status_code == 202
+    assert again.json()["id"] != first["id"]
+    assert again.json()["joined"] is False
+    assert wait_job(client, again.json()["id"])["state"] == "succeeded"
+    assert client.get(f"/v1/calibrations/{first['id']}").json()["state"] == "failed"
+
+
+def test_queue_jobs_leave_lost_connections_to_rq_and_fail_on_anything_else(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``execute_calibration`` as rq runs it (``retry_transient``): a lost connection is raised
+    for rq to retry, the job still active; any other error ends it failed with a reason and
+    drops it from the active set and its dedup entry."""
+    import asyncio
+
+    import msgspec
+
+    import service.jobs
+    from service.jobs import JobAccess, execute_calibration
+    from service.schemas import CalibrationJob
+    from service.state import make_root_store
+
+    (tmp_path / "bars.csv").write_bytes(bars_csv(N_BARS))
+    settings = Settings(state_dir=str(tmp_path / "state"), data_root=str(tmp_path))
+    state = State(make_root_store(settings))
+    spec = calibration_spec("bars.csv", n_trials=2)
+
+    async def seed(job_id: str) -> None:
+        job = CalibrationJob(id=job_id, state="queued", cache_key=f"key-{job_id}",
+                             spec_hash="h", study=f"study-{job_id}", model="ewma",
+                             instruments=["SYN"], n_trials=2, created_at="2026-01-01T00:00:00Z")
+        await state.stores["jobs"].set(f"{job_id}:spec", msgspec.json.encode(spec))
+        await state.put("jobs", job_id, job)
+        await state.put("dedup", job.cache_key, job_id)
+        await state.add_active(job_id)
+
+    def boom(exc: BaseException) -> Callable[..., int]:
+        def run(*args: Any, **kwargs: Any) -> int:
+            raise exc
+        return run
+
+    access = JobAccess(settings)
+    asyncio.run(seed("lost"))
+    monkeypatch.setattr(service.jobs, "run_worker", boom(ConnectionError("reset by peer")))
+    with pytest.raises(ConnectionError):
+        execute_calibration("lost", settings, access, retry_transient=True)
+    assert access.get("lost").state == "running"  # type: ignore[union-attr]
+    assert "lost" in asyncio.run(state.active_ids())
+    # Embedded mode has no queue to retry: the same error fails the job there.
+    assert execute_calibration("lost", settings, access) == "failed"
+    assert "ConnectionError" in access.get("lost").error  # type: ignore[union-attr,operator]
+
+    asyncio.run(seed("broken"))
+    monkeypatch.setattr(service.jobs, "run_worker", boom(ZeroDivisionError("x")))
+    assert execute_calibration("broken", settings, access, retry_transient=True) == "failed"
+    job = access.get("broken")
+    assert job is not None
+    assert job.state == "failed"
+    assert "ZeroDivisionError" in (job.error or "")
+    assert asyncio.run(state.active_ids()) == []
+    assert asyncio.run(state.get("dedup", "key-broken", str)) is None
+    assert asyncio.run(state.get("dedup", "key-lost", str)) is None

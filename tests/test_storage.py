@@ -695,3 +695,122 @@ def test_journal_file_lock_of_a_killed_writer_is_released(tmp_path: Path) -> Non
             holder.kill()
             holder.communicate()
         assert study.user_attrs["after"] == 1
+
+
+# --------------------------------------------------------------------------- torn journals
+
+#: (journal, how its last record is torn): a file's last line cut short; a Redis record's
+#: value cut short, or the record counter ahead of a record never written.
+TORN = [
+    pytest.param("file", "half", id="file-half"),
+    pytest.param("redis", "half", id="redis-half", marks=pytest.mark.integration),
+    pytest.param("redis", "missing", id="redis-missing", marks=pytest.mark.integration),
+]
+
+
+def _redis_client(url: str) -> Any:
+    import redis
+
+    return redis.Redis.from_url(url)
+
+
+def _tear_last_record(url: str, how: str) -> None:
+    """Leave the journal's last record as an interrupted write would.
+
+    File: cut in the middle of the last line (a power cut keeps part of the last pages).
+    Redis: the last record's value cut in half (``half``), or the counter ahead of a
+    record never written (``missing``).
+    """
+    if url.startswith("journal:"):
+        path = Path(url.removeprefix("journal:"))
+        data = path.read_bytes()
+        last_start = data.rstrip(b"\n").rfind(b"\n") + 1
+        last_len = len(data) - last_start
+        with path.open("r+b") as f:
+            f.truncate(last_start + last_len // 2)
+        assert not path.read_bytes().endswith(b"\n")
+        return
+    client = _redis_client(url)
+    try:
+        last = int(client.get(":log_number"))
+        if how == "half":
+            value = client.get(f":log:{last}")
+            client.set(f":log:{last}", value[: len(value) // 2])
+        else:
+            client.incr(":log_number")
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(("url", "how"), TORN, indirect=["url"])
+def test_torn_last_record_is_cut_on_open_and_appends_stay_readable(
+        url: str, how: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A journal whose last record is torn opens with that record cut (and logged); the
+    study's trials are all there, a new calibration appends, and every later open reads
+    everything (on main the first append was glued to the torn half and every read failed)."""
+    spec = decode_spec(_write_small_data(tmp_path).read_bytes())
+    prepared = prepare(spec, tmp_path)
+    name = _name()
+    with Coordination(url) as coordination:
+        study = create_or_load_study(spec, prepared, coordination, name)
+        run_worker(study, prepared, coordination, n_trials=spec.n_trials)
+        before = [(t.number, t.state, t.values) for t in study.get_trials()]
+        # The record to tear: a study-level write after the last trial finished.
+        study.set_user_attr("torn", "never complete")
+    _tear_last_record(url, how)
+
+    with caplog.at_level("WARNING", logger="marginlab.storage"), Coordination(url) as reopened:
+        reopened.readable()
+        loaded = optuna.load_study(study_name=name, storage=reopened.storage)
+        assert [(t.number, t.state, t.values) for t in loaded.get_trials()] == before
+        # A half record is cut; a missing one after a whole record leaves that record.
+        assert ("torn" in loaded.user_attrs) is (how == "missing")
+        other = decode_spec(json.dumps({**json.loads((tmp_path / "spec.json").read_text()),
+                                        "seed": 5}))
+        fresh = create_or_load_study(other, prepare(other, tmp_path), reopened, _name())
+        assert run_worker(fresh, prepared, reopened, n_trials=other.n_trials) == 4
+    assert any("cut" in r.getMessage() for r in caplog.records)
+
+    with Coordination(url) as again:
+        again.readable()
+        names = optuna.study.get_all_study_names(storage=again.storage)
+        assert name in names
+        assert fresh.study_name in names
+        assert len(optuna.load_study(study_name=fresh.study_name,
+                                     storage=again.storage).get_trials()) == 4
+    if url.startswith("journal:"):
+        path = Path(url.removeprefix("journal:"))
+        # Optuna's own reader agrees: every line is whole JSON.
+        lines = path.read_bytes().split(b"\n")
+        assert lines[-1] == b""
+        assert all(json.loads(line) for line in lines[:-1])
+
+
+def test_torn_tail_left_by_a_killed_writer_is_cut_before_the_next_append(
+        tmp_path: Path) -> None:
+    """A writer of another process dying mid-append (after the open of this one) leaves a
+    torn tail too: the next append through an already open backend cuts it first."""
+    path = tmp_path / "j.log"
+    with Coordination(f"journal:{path}") as coordination:
+        study = _study(coordination, "kept")
+        study.set_user_attr("a", 1)
+        with path.open("ab") as f:
+            f.write(b'{"op_code":5,"worker_id":"dead","study_id":0,"user_a')
+        study.set_user_attr("b", 2)
+    with Coordination(f"journal:{path}") as reopened:
+        attrs = optuna.load_study(study_name="kept", storage=reopened.storage).user_attrs
+    assert attrs == {"a": 1, "b": 2}
+
+
+def test_journal_unreadable_in_the_middle_is_not_readable(tmp_path: Path) -> None:
+    """``readable`` replays the journal: a broken record before the last one (not a torn
+    tail, which open repairs) raises, so ``/readyz`` can say so."""
+    path = tmp_path / "j.log"
+    with Coordination(f"journal:{path}") as coordination:
+        study = _study(coordination, "kept")
+        study.set_user_attr("a", 1)
+    lines = path.read_bytes().split(b"\n")
+    lines.insert(1, b'{"op_code": 5, "worker')
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(StorageUnavailable, match="not readable"):
+        Coordination(f"journal:{path}")

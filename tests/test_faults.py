@@ -1,0 +1,388 @@
+"""Fault injection: the service's durable state survives killed processes and torn writes.
+
+Real processes throughout: ``marginlab serve`` (embedded mode, or Redis mode with
+``marginlab worker`` processes), a ``redis-server`` of the test's own on a free port (no
+persistence; stopped afterwards) where Redis is needed, and SIGKILL where a machine would
+fail. Each test ends with nothing lost and no job left running:
+
+- a journal (file, Redis) torn mid-record while the service is down: after a restart every
+  study reads, ``/readyz`` is ready and a new calibration succeeds;
+- the embedded service SIGKILLed mid-calibration: the restart resumes the job, which ends
+  with every trial and none RUNNING;
+- a queue worker (or only its work horse, as the OOM killer would) SIGKILLed with no retries
+  left, and a job past rq's time limit: the job ends ``failed`` with a reason, and an
+  identical request starts afresh and succeeds;
+- the service SIGKILLed mid-upload: no ``.part`` file after the restart, the listing intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+import pytest
+import redis
+from optuna.storages.journal._storage import JournalOperation
+
+from tests.api_helpers import FINAL, bars_csv, calibration_spec, free_port, wait_for
+from tests.test_api_integration import Deployment, RedisServer, children, kill_tree
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+CSV = {"content-type": "text/csv"}
+#: Bars per synthetic dataset: a trial takes tens of milliseconds.
+N_BARS = 3000
+
+
+class EmbeddedService:
+    """``marginlab serve`` in embedded mode on one data root, started again at will."""
+
+    def __init__(self, root: Path, **env: str) -> None:
+        self.root = root
+        self.env = {k: v for k, v in os.environ.items()
+                    if k not in ("REDIS_URL", "MARGINLAB_API_KEYS", "MARGINLAB_API_KEYS_FILE",
+                                 "MARGINLAB_STORAGE")}
+        self.env.update(MARGINLAB_DATA_ROOT=str(root), MARGINLAB_STATE_DIR=str(root / "state"),
+                        **env)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log: IO[bytes] | None = None
+        self.http = httpx.Client(timeout=30)
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        port = free_port()
+        self.log = (self.root / f"serve-{self.starts}.log").open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "calibration.cli", "serve", "--port", str(port)],
+            env=self.env, cwd=self.root, stdout=self.log, stderr=subprocess.STDOUT)
+        self.http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+
+        def up() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the service exited\n{self.tail()}")
+            try:
+                return self.http.get("/healthz").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(up, timeout_s=60, every_s=0.2, what="the service")
+
+    def kill(self) -> None:
+        """SIGKILL the server and its worker processes (granian's): no shutdown code runs."""
+        assert self.proc is not None
+        kill_tree(self.proc.pid)
+        self.proc.wait(timeout=10)
+        self._closed()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._closed()
+
+    def _closed(self) -> None:
+        self.http.close()
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+    def tail(self, lines: int = 20) -> str:
+        out = []
+        for path in sorted(self.root.glob("serve-*.log")):
+            out.append(f"--- {path.name}\n" + "\n".join(
+                path.read_text(errors="replace").splitlines()[-lines:]))
+        return "\n".join(out)
+
+    # --- HTTP conveniences
+
+    def upload(self, body: bytes, instrument: str = "SYN") -> dict[str, Any]:
+        response = self.http.post(f"/v1/datasets?instrument={instrument}", content=body,
+                                  headers=CSV)
+        assert response.status_code == 201, response.text
+        info: dict[str, Any] = response.json()
+        return info
+
+    def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
+        response = self.http.post("/v1/calibrations", json=spec)
+        assert response.status_code == 202, response.text
+        job: dict[str, Any] = response.json()
+        return job
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        response = self.http.get(f"/v1/calibrations/{job_id}")
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+
+def wait_final(app: EmbeddedService | Deployment, job_id: str, timeout_s: float
+               ) -> dict[str, Any]:
+    """Poll a job until it ends."""
+    return wait_for(lambda: (lambda s: s if s["state"] in FINAL else None)(app.status(job_id)),
+                    timeout_s=timeout_s, every_s=0.3, what=f"job {job_id} to end")
+
+
+def wait_trials(app: EmbeddedService | Deployment, job_id: str, at_least: int) -> None:
+    def probe() -> bool:
+        status = app.status(job_id)
+        assert status["state"] not in FINAL, status
+        return (status["progress"] or {}).get("trials_done", 0) >= at_least
+
+    wait_for(probe, timeout_s=60, every_s=0.1, what=f"{at_least} trials of job {job_id}")
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[EmbeddedService]:
+    app = EmbeddedService(tmp_path)
+    try:
+        yield app
+    finally:
+        app.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A ``redis-server --save '' --appendonly no`` of this test's own, on a free port."""
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    server = RedisServer(directory)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop(save=False)
+
+
+# --- torn journals ------------------------------------------------------------------------------
+
+
+def _tear_file(path: Path) -> dict[str, Any]:
+    """Cut the journal file in the middle of its last record; returns that record."""
+    data = path.read_bytes()
+    start = data.rstrip(b"\n").rfind(b"\n") + 1
+    record: dict[str, Any] = json.loads(data[start:])
+    with path.open("r+b") as f:
+        f.truncate(start + (len(data) - start) // 2)
+    return record
+
+
+def _tear_redis(url: str) -> dict[str, Any]:
+    """Cut the Redis journal's last record value in half; returns that record."""
+    with redis.Redis.from_url(url) as client:
+        last = int(client.get(":log_number"))
+        value = client.get(f":log:{last}")
+        client.set(f":log:{last}", value[: len(value) // 2])
+    record: dict[str, Any] = json.loads(value)
+    return record
+
+
+@pytest.mark.parametrize("journal", ["file", "redis"])
+def test_torn_journal_then_restart_every_study_reads_and_calibrations_run(
+        journal: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Tear the study journal's last record while the service is down: after the restart
+    ``/readyz`` is ready, the earlier calibration's status and result read, and a new
+    calibration succeeds (on main its first append was glued to the torn half and every
+    read after it failed)."""
+    env = {}
+    if journal == "redis":
+        server: RedisServer = request.getfixturevalue("own_redis")
+        env["MARGINLAB_STORAGE"] = server.url
+    app = EmbeddedService(tmp_path, **env)
+    try:
+        app.start()
+        ref = app.upload(bars_csv(N_BARS, seed=31))["ref"]
+        first = app.submit(calibration_spec(ref, n_trials=6, seed=31))
+        assert wait_final(app, first["id"], 60)["state"] == "succeeded"
+        result = app.http.get(first["result_url"]).json()
+        app.stop()
+
+        torn = (_tear_file(tmp_path / "state" / "studies.log") if journal == "file"
+                else _tear_redis(env["MARGINLAB_STORAGE"]))
+        app.start()
+        ready = app.http.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["checks"]["study_storage"] == "ok"
+        status = app.status(first["id"])
+        assert status["state"] == "succeeded"
+        # The torn record never happened: if it finished a trial, that trial is unfinished.
+        finished_torn = (torn["op_code"] == JournalOperation.SET_TRIAL_STATE_VALUES
+                         and torn.get("state") in (1, 2))
+        assert status["progress"]["trials_done"] == 6 - int(finished_torn)
+        assert app.http.get(first["result_url"]).json() == result
+
+        second = app.submit(calibration_spec(ref, n_trials=6, seed=32))
+        done = wait_final(app, second["id"], 60)
+        assert done["state"] == "succeeded", (done, app.tail())
+        assert done["progress"]["trials_done"] == 6
+        assert app.http.get("/readyz").status_code == 200
+        assert "cut" in app.tail(200)
+    finally:
+        app.stop()
+    if journal == "file":
+        lines = (tmp_path / "state" / "studies.log").read_bytes().split(b"\n")
+        assert lines[-1] == b""
+        assert all(json.loads(line) for line in lines[:-1])
+
+
+# --- the embedded service killed mid-calibration -------------------------------------------------
+
+
+def test_embedded_service_sigkilled_mid_calibration_resumes_on_restart(
+        service: EmbeddedService) -> None:
+    """SIGKILL the embedded service while its calibration runs: after the restart the job
+    is running again, the trial the kill interrupted is failed and retried, and the job
+    ends succeeded with exactly ``n_trials`` finished trials and none RUNNING."""
+    n_trials = 300
+    service.start()
+    ref = service.upload(bars_csv(N_BARS, seed=33))["ref"]
+    job = service.submit(calibration_spec(ref, n_trials=n_trials, seed=33))
+    wait_trials(service, job["id"], 5)
+    service.kill()
+
+    service.start()
+    assert service.status(job["id"])["state"] in ("queued", "running")
+    done = wait_final(service, job["id"], 180)
+    assert done["state"] == "succeeded", (done, service.tail())
+    assert done["progress"]["trials_done"] == n_trials
+    assert done["progress"]["running"] == 0
+    assert done["progress"]["failed"] <= 1  # at most the trial the kill interrupted
+    result = service.http.get(job["result_url"]).json()
+    assert result["trials"]["complete"] + result["trials"]["pruned"] == n_trials
+    assert "resuming calibration" in service.tail(200)
+
+
+# --- Redis mode: dead workers, rq's time limit ---------------------------------------------------
+
+
+@pytest.mark.parametrize("victim", ["worker", "work-horse"])
+def test_sigkilled_worker_with_no_retries_left_fails_the_job_and_a_resubmit_succeeds(
+        victim: str, own_redis: RedisServer, tmp_path: Path) -> None:
+    """SIGKILL the worker running a job (or only its work horse, as the OOM killer picks
+    the biggest process) with no rq retries left: the job ends ``failed`` with a reason
+    naming the dead worker, its study keeps no RUNNING trial, and the identical request
+    starts a new job that a new worker runs to the end."""
+    n_trials = 300
+    app = Deployment(tmp_path, own_redis.url, f"journal:{tmp_path / 'studies.log'}",
+                     MARGINLAB_JOB_RETRIES="0", MARGINLAB_WORKERS_PER_JOB="1")
+    try:
+        app.start_api()
+        worker = app.start_worker("worker-1")
+        ref = app.upload(bars_csv(N_BARS, seed=34))["ref"]
+        spec = calibration_spec(ref, n_trials=n_trials, seed=34)
+        job = app.http.post("/v1/calibrations", json=spec).json()
+        wait_trials(app, job["id"], 3)
+        if victim == "worker":
+            kill_tree(worker.pid)
+            worker.wait(timeout=10)
+        else:
+            horses = children(worker.pid)
+            assert len(horses) == 1
+            os.kill(horses[0], signal.SIGKILL)
+
+        failed = wait_final(app, job["id"], 90)
+        assert failed["state"] == "failed", failed
+        assert "worker process running it died" in failed["error"]
+        assert failed["progress"]["running"] == 0
+        assert failed["progress"]["trials_done"] < n_trials
+
+        again = app.http.post("/v1/calibrations", json=spec)
+        assert again.status_code == 202, again.text
+        assert again.json()["id"] != job["id"]
+        assert again.json()["joined"] is False
+        if victim == "worker":
+            app.start_worker("worker-2")
+        done = app.wait_job(again.json()["id"], timeout_s=120)
+        assert done["state"] == "succeeded", done
+        assert done["progress"]["trials_done"] == n_trials
+        assert done["progress"]["running"] == 0
+        assert app.status(job["id"])["state"] == "failed"
+    finally:
+        app.close()
+
+
+def test_job_past_rqs_time_limit_fails_naming_the_limit(own_redis: RedisServer,
+                                                        tmp_path: Path) -> None:
+    """A job that outlives ``MARGINLAB_JOB_TIMEOUT_S`` ends ``failed`` saying so (rq kills
+    it; on main the job stayed ``running``), and the worker goes on to the next job."""
+    app = Deployment(tmp_path, own_redis.url, f"journal:{tmp_path / 'studies.log'}",
+                     MARGINLAB_JOB_TIMEOUT_S="3", MARGINLAB_WORKERS_PER_JOB="1")
+    try:
+        app.start_api()
+        app.start_worker("worker-1")
+        ref = app.upload(bars_csv(N_BARS, seed=35))["ref"]
+        job = app.http.post("/v1/calibrations",
+                            json=calibration_spec(ref, n_trials=4000, seed=35)).json()
+        failed = wait_final(app, job["id"], 60)
+        assert failed["state"] == "failed", failed
+        assert "time limit of 3 s" in failed["error"]
+        assert 0 < failed["progress"]["trials_done"] < 4000
+        assert failed["progress"]["running"] == 0
+
+        small = app.http.post("/v1/calibrations",
+                              json=calibration_spec(ref, n_trials=3, seed=36)).json()
+        assert app.wait_job(small["id"], timeout_s=60)["state"] == "succeeded"
+    finally:
+        app.close()
+
+
+# --- uploads ----------------------------------------------------------------------------------
+
+
+def test_sigkill_mid_upload_leaves_no_part_file_after_restart(service: EmbeddedService,
+                                                              tmp_path: Path) -> None:
+    """SIGKILL the service while an upload streams in: the ``.part`` file it leaves is swept
+    at the restart, the datasets uploaded before are listed as they were (their files in
+    place), and the same upload then succeeds."""
+    service.start()
+    kept = service.upload(bars_csv(N_BARS, seed=37), "KEPT")
+    body = bars_csv(20_000, seed=38)
+    uploads = tmp_path / "uploads"
+    sent_half = threading.Event()
+    release = threading.Event()
+
+    def slow_body() -> Iterator[bytes]:
+        half = len(body) // 2
+        yield body[:half]
+        sent_half.set()
+        release.wait(30)  # the server dies meanwhile
+        yield body[half:]
+
+    def post() -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            service.http.post("/v1/datasets?instrument=CUT", content=slow_body(),
+                              headers=CSV)
+
+    sender = threading.Thread(target=post, daemon=True)
+    sender.start()
+    assert sent_half.wait(10)
+    parts = wait_for(lambda: [p for p in uploads.iterdir() if ".part" in p.name],
+                     timeout_s=10, every_s=0.05, what="the upload's .part file")
+    service.kill()
+    release.set()
+    sender.join(10)
+    assert all(p.exists() for p in parts)  # what a killed process leaves
+
+    service.start()
+    assert [p.name for p in uploads.iterdir() if ".part" in p.name] == []
+    listed = service.http.get("/v1/datasets").json()
+    assert [d["id"] for d in listed] == [kept["id"]]
+    assert sorted(p.name for p in uploads.iterdir()) == [Path(kept["ref"]).name]
+    again = service.upload(body, "CUT")
+    assert [d["instrument"] for d in service.http.get("/v1/datasets").json()] == ["CUT",
+                                                                                  "KEPT"]
+    assert (tmp_path / again["ref"]).is_file()
