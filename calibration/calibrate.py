@@ -9,12 +9,13 @@ Pareto front and picks the recommendation.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any, Literal
@@ -25,7 +26,12 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from calibration._bars import BarSeries
-from calibration._errors import InsufficientData, InvalidParameters, MarginlabError
+from calibration._errors import (
+    DataReferenceError,
+    InsufficientData,
+    InvalidParameters,
+    MarginlabError,
+)
 from calibration._version import ENGINE_VERSION
 from calibration.coverage import CoverageConfig, coverage_backtest, iso_utc
 from calibration.data import (
@@ -81,14 +87,30 @@ def load_data_ref(ref: DataRefSpec, root: str | os.PathLike[str], field: str) ->
     """
     start = _day_ms(ref.start, f"{field}.start") if ref.start else None
     end = _day_ms(ref.end, f"{field}.end") + 86_400_000 if ref.end else None
-    bars = load_bars(ref.ref, root=root, instrument=ref.instrument, start_ms=start, end_ms=end,
-                     timestamp_format=ref.timestamp_format, timestamp_unit=ref.timestamp_unit,
-                     repair=repair_policy(ref.repair, field=f"{field}.repair"))
+    policy = repair_policy(ref.repair, field=f"{field}.repair")
+    with _ref_field(f"{field}.ref"):
+        bars = load_bars(ref.ref, root=root, instrument=ref.instrument, start_ms=start,
+                         end_ms=end, timestamp_format=ref.timestamp_format,
+                         timestamp_unit=ref.timestamp_unit, repair=policy)
     if ref.funding:
-        bars = with_funding(bars, load_funding(ref.funding, root=root))
+        with _ref_field(f"{field}.funding"):
+            funding = load_funding(ref.funding, root=root)
+        bars = with_funding(bars, funding)
     if ref.depth:
-        bars = with_depth(bars, load_book_depth(ref.depth, root=root))
+        with _ref_field(f"{field}.depth"):
+            depth = load_book_depth(ref.depth, root=root)
+        bars = with_depth(bars, depth)
     return bars
+
+
+@contextlib.contextmanager
+def _ref_field(field: str) -> Iterator[None]:
+    """Name the request's path (``data[0].funding``) on a reference that names no file."""
+    try:
+        yield
+    except DataReferenceError as exc:
+        exc.field = field  # type: ignore[attr-defined]
+        raise
 
 
 def cut(bars: BarSeries, start_ms: int | None, end_ms: int | None) -> BarSeries:

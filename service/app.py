@@ -37,6 +37,7 @@ from service.recommendations import (
     PublishedCache,
     RecommendationController,
 )
+from service.schemas import StrictRequest
 from service.settings import Settings
 from service.state import State, make_root_store
 
@@ -125,6 +126,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             security=[{"apiKey": []}],
         ),
         request_max_body_size=settings.max_upload_bytes,
+        request_class=StrictRequest,
         state=AppState({"settings": settings, "api_keys": keys,
                         "published_cache": PublishedCache()}),
     )

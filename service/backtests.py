@@ -8,11 +8,13 @@ import anyio
 from litestar import Controller, Request, post
 from litestar.params import Body
 
+from calibration._errors import InvalidParameters
 from calibration.backtest import run_backtest
 from calibration.calibrate import load_data_ref
 from calibration.coverage import CoverageConfig
-from calibration.liquidation import LiquidationConfig
+from calibration.models import make_model
 from calibration.report import BacktestReport
+from calibration.spec import liquidation_config
 from calibration.windows import DEFAULT_STRESS_WINDOWS, StressWindow
 from service import examples
 from service.auth import requires
@@ -23,6 +25,11 @@ from service.settings import Settings
 
 def _run(body: BacktestRequest, settings: Settings) -> BacktestReport:
     root = settings.data_root
+    try:
+        make_model(body.model, body.params)
+    except InvalidParameters as exc:  # name the request's path: params.decay, not decay
+        field = exc.field if exc.field in (None, "model") else f"params.{exc.field}"
+        raise InvalidParameters(str(exc), field=field) from None
     datasets = [load_data_ref(d, root, f"data[{i}]") for i, d in enumerate(body.data)]
     total = sum(len(b) for b in datasets)
     if total > settings.max_sync_bars:
@@ -31,7 +38,7 @@ def _run(body: BacktestRequest, settings: Settings) -> BacktestReport:
             "it as a calibration job (POST /v1/calibrations) or cut the range", field="data")
     liquidation = None
     if body.liquidation is not None:
-        liquidation = LiquidationConfig.from_mapping(body.liquidation)
+        liquidation = liquidation_config(body.liquidation)
     windows = (DEFAULT_STRESS_WINDOWS if body.stress_windows is None else
                tuple(StressWindow.from_dates(w.name, w.start, w.end)
                      for w in body.stress_windows))
@@ -59,6 +66,6 @@ class BacktestController(Controller):
         data: Annotated[BacktestRequest, Body(examples=[examples.BACKTEST])],
     ) -> BacktestReport:
         settings = request.app.state.settings
-        LiquidationConfig.from_mapping(data.liquidation or {})  # refuse bad settings first
+        liquidation_config(data.liquidation or {})  # refuse bad settings first
         report: BacktestReport = await anyio.to_thread.run_sync(_run, data, settings)
         return report

@@ -19,6 +19,7 @@ from litestar.params import Body, Parameter
 from litestar.response import ServerSentEvent
 from optuna.trial import TrialState
 
+from calibration._errors import InvalidParameters
 from calibration._version import ENGINE_VERSION
 from calibration.calibrate import (
     CalibrationResult,
@@ -97,7 +98,11 @@ class CalibrationController(Controller):
     ) -> Response[CalibrationJob]:
         settings: Settings = request.app.state.settings
         validate_spec(data)
-        if data.n_trials is not None and data.n_trials > settings.max_trials:
+        if data.n_trials is None:
+            # A time budget alone has no trial bound: MARGINLAB_MAX_TRIALS would not hold.
+            raise InvalidParameters(f"this server needs n_trials (at most {settings.max_trials}"
+                                    "); timeout_seconds may cut it short", field="n_trials")
+        if data.n_trials > settings.max_trials:
             raise PayloadTooLarge(f"n_trials {data.n_trials} is above the limit of "
                                   f"{settings.max_trials}", field="n_trials")
         prepared = await anyio.to_thread.run_sync(prepare, data, settings.data_root)

@@ -92,7 +92,8 @@ def http_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]
         if isinstance(first, dict):
             extra["field"] = _field_of(first)
         extra["errors"] = exc.extra
-    elif isinstance(exc.__cause__, SerializationException):
+    elif isinstance(exc.__cause__, SerializationException) or (
+            isinstance(exc.extra, dict) and exc.extra.get("field") == "body"):
         extra["field"] = "body"  # the body is not valid JSON
     title = {400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found",
              405: "Method not allowed", 413: "Too large", 429: "Too many requests"}.get(
@@ -107,7 +108,7 @@ def _field_of(error: dict[str, Any]) -> str:
     """The field a Litestar validation error is about (an unknown field names itself)."""
     key = str(error.get("key") or "")
     unknown = _UNKNOWN_FIELD.search(str(error.get("message", "")))
-    if unknown and error.get("source") == "body":
+    if unknown and error.get("source") == "body" and not key.endswith(unknown.group(1)):
         # Litestar's key is the object holding the field, "data" for the body itself.
         parent = "" if key == "data" else key
         return f"{parent}.{unknown.group(1)}" if parent else unknown.group(1)
