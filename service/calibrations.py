@@ -32,14 +32,17 @@ from calibration.spec import CalibrationSpec, spec_hash, validate_spec
 from calibration.storage import Coordination
 from service import examples
 from service.auth import requires
-from service.errors import COMMON, PayloadTooLarge, problem_responses
+from service.errors import COMMON, PayloadTooLarge, problem_responses, redact
 from service.jobs import now_iso
+from service.limits import check_refs
 from service.schemas import CalibrationJob, Progress
 from service.settings import Settings
 from service.state import Svc
 
 FINAL = ("succeeded", "failed", "cancelled")
-JobId = Annotated[str, Parameter(description="calibration id", examples=[examples.JOB_ID])]
+JobId = Annotated[str, Parameter(description="calibration id (32 hex digits)", min_length=1,
+                                 max_length=64, pattern=r"^[0-9A-Za-z_-]+$",
+                                 examples=[examples.JOB_ID])]
 
 
 def cache_key(spec: CalibrationSpec, prepared: Prepared) -> str:
@@ -72,10 +75,15 @@ def _progress(settings: Settings, job: CalibrationJob) -> Progress | None:
         return None
 
 
-def _links(job: CalibrationJob) -> CalibrationJob:
+def _links(job: CalibrationJob, settings: Settings | None = None) -> CalibrationJob:
+    """The job as clients see it: its URLs, and an error without the server's secrets."""
+    error = job.error
+    if error is not None:
+        error = redact(error, data_root=settings.data_root if settings else None,
+                       state_dir=settings.state_dir if settings else None)
     return msgspec.structs.replace(
         job, status_url=f"/v1/calibrations/{job.id}",
-        result_url=f"/v1/calibrations/{job.id}/result")
+        result_url=f"/v1/calibrations/{job.id}/result", error=error)
 
 
 class CalibrationController(Controller):
@@ -105,6 +113,9 @@ class CalibrationController(Controller):
         if data.n_trials > settings.max_trials:
             raise PayloadTooLarge(f"n_trials {data.n_trials} is above the limit of "
                                   f"{settings.max_trials}", field="n_trials")
+        await anyio.to_thread.run_sync(lambda: check_refs(
+            [(f"data[{i}]", d) for i, d in enumerate(data.data)], settings.data_root,
+            per_file=settings.max_file_rows, total=settings.max_job_rows))
         prepared = await anyio.to_thread.run_sync(prepare, data, settings.data_root)
         key = cache_key(data, prepared)
         existing_id = await svc.get("dedup", key, str)
@@ -146,7 +157,8 @@ class CalibrationController(Controller):
                      job_id: JobId) -> CalibrationJob:
         job = await _job(svc, job_id)
         progress = await anyio.to_thread.run_sync(_progress, request.app.state.settings, job)
-        return _links(msgspec.structs.replace(job, progress=progress))
+        return _links(msgspec.structs.replace(job, progress=progress),
+                      request.app.state.settings)
 
     @get("/{job_id:str}/events", guards=[requires("reader")],
          summary="Progress as Server-Sent Events until the job ends",
@@ -162,7 +174,8 @@ class CalibrationController(Controller):
             while time.monotonic() < deadline:
                 job = await _job(svc, job_id)
                 progress = await anyio.to_thread.run_sync(_progress, settings, job)
-                payload = msgspec.json.encode(msgspec.structs.replace(job, progress=progress))
+                payload = msgspec.json.encode(
+                    _links(msgspec.structs.replace(job, progress=progress), settings))
                 if payload != last:
                     last = payload
                     yield payload.decode()
@@ -201,14 +214,19 @@ class CalibrationController(Controller):
     @get("/{job_id:str}/result", guards=[requires("reader")],
          summary="Pareto front, recommendation and evidence of a finished calibration",
          responses=problem_responses(*COMMON, 404))
-    async def result(self, svc: Svc, job_id: JobId) -> CalibrationResult:
+    async def result(self, request: Request[Any, Any, Any], svc: Svc,
+                     job_id: JobId) -> CalibrationResult:
         job = await _job(svc, job_id)
         raw = await svc.stores["results"].get(job.cache_key)
         if raw is None:
             detail = (f"calibration {job_id} is {job.state}; no result yet" if job.state not in
                       FINAL else f"calibration {job_id} ended {job.state}; no result")
             raise NotFoundException(detail)
-        return msgspec.json.decode(raw, type=CalibrationResult)
+        result = msgspec.json.decode(raw, type=CalibrationResult)
+        settings: Settings = request.app.state.settings
+        # The study storage's URL may carry a password and a server path: never sent out.
+        return msgspec.structs.replace(result, storage=redact(
+            result.storage, data_root=settings.data_root, state_dir=settings.state_dir))
 
 
 def _report(settings: Settings, spec_raw: bytes, result: CalibrationResult) -> str:

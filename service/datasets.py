@@ -16,10 +16,12 @@ from litestar.params import Parameter
 from calibration._errors import InvalidParameters
 from calibration.backtest import dataset_info
 from calibration.data import load_bars
+from calibration.spec import INSTRUMENT_PATTERN
 from service import examples
 from service.auth import requires
 from service.errors import COMMON, PayloadTooLarge, problem_responses
 from service.jobs import now_iso
+from service.limits import check_file_rows
 from service.schemas import DatasetInfo
 from service.state import Svc
 
@@ -28,8 +30,10 @@ UPLOAD_DIR = "uploads"
 _INDEX = "_instruments"
 
 
-def _describe(path: Path, root: Path, instrument: str, size: int) -> tuple[DatasetInfo, str]:
+def _describe(path: Path, root: Path, instrument: str, size: int,
+              max_rows: int = 10_000_000) -> tuple[DatasetInfo, str]:
     ref = str(path.relative_to(root))
+    check_file_rows(path, max_rows, "body")  # before decoding: Parquet compresses 10^4:1
     bars = load_bars(ref, root=root, instrument=instrument)
     info = dataset_info(bars)
     return DatasetInfo(
@@ -65,7 +69,7 @@ class DatasetController(Controller):
         request: Request[Any, Any, Any],
         svc: Svc,
         instrument: str = Parameter(min_length=1, max_length=64,
-                                    pattern=r"^[A-Za-z0-9_.-]+$",
+                                    pattern=INSTRUMENT_PATTERN,
                                     description="instrument name, e.g. BTCUSDT",
                                     examples=[examples.INSTRUMENT]),
         format: str = Parameter(default="csv", pattern="^(csv|parquet)$",
@@ -91,7 +95,7 @@ class DatasetController(Controller):
             os.replace(tmp_name, final)
             try:
                 info, fingerprint = await anyio.to_thread.run_sync(
-                    _describe, final, root, instrument, size)
+                    _describe, final, root, instrument, size, settings.max_file_rows)
             except Exception:
                 final.unlink(missing_ok=True)
                 raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -30,6 +31,44 @@ from calibration.storage import StorageUnavailable
 log = logging.getLogger("marginlab.service")
 PROBLEM = "application/problem+json"
 _UNKNOWN_FIELD = re.compile(r"unknown field `([^`]+)`")
+#: ``scheme://user:password@`` (or ``user@``) in a URL: the credentials part.
+_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s'\"]+@")
+#: A quoted literal as Python's repr writes it (a data file's cell in a data error).
+_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
+
+
+def redact(text: str, *, data_root: str | None = None, state_dir: str | None = None) -> str:
+    """``text`` without credentials in URLs nor the server's absolute paths.
+
+    ``postgresql://u:secret@db/x`` becomes ``postgresql://***@db/x``; the data root's absolute
+    path becomes ``<data root>`` and the state directory's ``<state dir>``.
+    """
+    text = _URL_CREDENTIALS.sub(r"\1***@", text)
+    for root, name in ((data_root, "<data root>"), (state_dir, "<state dir>")):
+        if root:
+            for form in {str(Path(root).resolve()), str(Path(root).absolute())}:
+                if len(form) > 1:
+                    text = text.replace(form, name)
+    return text
+
+
+def _without_cells(message: str, keep: tuple[str | None, ...]) -> str:
+    """A data error's message with the file's text cells replaced by ``'…'``: a reader may
+    name any file under the data root, so its content must not come back (the row and
+    column say where to look). The names in ``keep`` (the column, the reference) stay."""
+    kept = {repr(k) for k in keep if k}
+
+    def cell(match: re.Match[str]) -> str:
+        return match.group(0) if match.group(0) in kept else "'…'"
+
+    return _QUOTED.sub(cell, message)
+
+
+def _detail(request: Request[Any, Any, Any], text: str) -> str:
+    settings = getattr(request.app.state, "settings", None)
+    if settings is None:
+        return redact(text)
+    return redact(text, data_root=settings.data_root, state_dir=settings.state_dir)
 
 
 class ServiceUnavailable(MarginlabError):
@@ -55,25 +94,27 @@ def problem(status: int, title: str, detail: str, request: Request[Any, Any, Any
 def marginlab_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     """Domain errors → 4xx/5xx problem details naming the field at fault."""
     field = getattr(exc, "field", None)
+    detail = _detail(request, str(exc))
     if isinstance(exc, DataValidationError):
-        return problem(422, "Invalid data", str(exc), request, field=exc.column, row=exc.row)
+        return problem(422, "Invalid data", _without_cells(detail, (exc.column,)), request,
+                       field=exc.column, row=exc.row)
     if isinstance(exc, DataReferenceError):
-        return problem(422, "Invalid data reference", str(exc), request, field=field or "ref")
+        return problem(422, "Invalid data reference", detail, request, field=field or "ref")
     if isinstance(exc, InvalidParameters):
-        return problem(422, "Invalid parameters", str(exc), request, field=field)
+        return problem(422, "Invalid parameters", detail, request, field=field)
     if isinstance(exc, InsufficientData | DataError):
-        return problem(422, "Unusable data", str(exc), request, field=field)
+        return problem(422, "Unusable data", detail, request, field=field)
     violations = getattr(exc, "violations", None)
     if violations is not None:
         first = violations[0]
-        return problem(422, "Guardrail violated", str(exc), request,
+        return problem(422, "Guardrail violated", detail, request,
                        field=first.parameter or first.guardrail,
                        violations=[v.as_dict() for v in violations])
     if isinstance(exc, PayloadTooLarge):
-        return problem(413, "Too large", str(exc), request, field=field)
+        return problem(413, "Too large", detail, request, field=field)
     if isinstance(exc, StorageUnavailable | ServiceUnavailable):
-        return problem(503, "Service unavailable", str(exc), request)
-    return problem(422, "Unprocessable request", str(exc), request, field=field)
+        return problem(503, "Service unavailable", detail, request)
+    return problem(422, "Unprocessable request", detail, request, field=field)
 
 
 def connection_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:

@@ -14,7 +14,9 @@ from calibration.calibrate import load_data_ref
 from calibration.listing import ListingConfig, recommend_listing
 from calibration.spec import MAX_HORIZON_BARS, MAX_INSTRUMENTS, DataRefSpec, Instrument, Short
 from service.auth import requires
+from service.backtests import load_within
 from service.errors import COMMON, problem_responses
+from service.limits import check_refs
 from service.settings import Settings
 
 _M = msgspec.Meta
@@ -68,8 +70,12 @@ class ListingRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
 def _recommend(body: ListingRequest, settings: Settings) -> dict[str, Any]:
     root = settings.data_root
+    refs = [(f"proxies[{i}]", p) for i, p in enumerate(body.proxies)]
+    check_refs([*refs, *([("own", body.own)] if body.own is not None else [])], root,
+               per_file=settings.max_file_rows)
     own = load_data_ref(body.own, root, "own") if body.own is not None else None
-    proxies = [load_data_ref(p, root, f"proxies[{i}]") for i, p in enumerate(body.proxies)]
+    budget = settings.max_sync_bars - (len(own) if own is not None else 0)
+    proxies = load_within(body.proxies, root, budget, "proxies")
     fields: dict[str, Any] = {
         "horizon_bars": body.horizon_bars, "horizon": body.horizon,
         "confidence": body.confidence,

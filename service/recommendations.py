@@ -23,6 +23,7 @@ from calibration._errors import InvalidParameters, MarginlabError
 from calibration.calibrate import CalibrationResult
 from calibration.models import make_model
 from calibration.publishing import Violation, check_update
+from calibration.spec import INSTRUMENT_PATTERN
 from service import examples
 from service.audit import AuditLog, UpdateRecord
 from service.auth import check_role, principal_of, requires
@@ -80,7 +81,8 @@ class RecommendationController(Controller):
          })
     async def get_published(
         self, request: Request[Any, Any, Any],
-        instrument: Annotated[str, Parameter(description="instrument",
+        instrument: Annotated[str, Parameter(description="instrument", min_length=1,
+                                             max_length=64, pattern=INSTRUMENT_PATTERN,
                                              examples=[examples.INSTRUMENT])],
     ) -> Response[bytes]:
         await check_role(request, "reader")
@@ -115,7 +117,8 @@ class RecommendationController(Controller):
           responses=problem_responses(*COMMON, 400, 422))
     async def publish_parameters(
         self, request: Request[Any, Any, Any], svc: Svc,
-        instrument: Annotated[str, Parameter(description="instrument",
+        instrument: Annotated[str, Parameter(description="instrument", min_length=1,
+                                             max_length=64, pattern=INSTRUMENT_PATTERN,
                                              examples=[examples.INSTRUMENT])],
         data: Annotated[PublishRequest, Body(examples=[examples.PUBLISH])],
     ) -> PublishedParameters:
@@ -159,7 +162,8 @@ class RecommendationController(Controller):
          responses=problem_responses(*COMMON, 404))
     async def history(
         self, request: Request[Any, Any, Any],
-        instrument: Annotated[str, Parameter(description="instrument",
+        instrument: Annotated[str, Parameter(description="instrument", min_length=1,
+                                             max_length=64, pattern=INSTRUMENT_PATTERN,
                                              examples=[examples.INSTRUMENT])],
     ) -> list[dict[str, Any]]:
         records = await anyio.to_thread.run_sync(request.app.state.audit.history, instrument)
