@@ -695,7 +695,14 @@ def best_feasible(study: optuna.Study,
 
 
 class ParetoPoint(msgspec.Struct, frozen=True, kw_only=True):
-    """A feasible non-dominated trial."""
+    """A feasible non-dominated trial.
+
+    Attributes:
+        trial: Optuna trial number.
+        params: the trial's parameters, each in its own units.
+        capital_cost: notional-weighted mean IM rate (fraction of notional).
+        insolvency_bps: the insolvency objective (bps of notional).
+    """
 
     trial: int
     params: dict[str, Any]
@@ -712,6 +719,21 @@ class Recommendation(msgspec.Struct, frozen=True, kw_only=True):
     ``capital_cost`` in ``objectives`` is the notional-weighted mean IM rate as a fraction
     of notional (0.05 = 5%, 20x leverage); ``insolvency_bps`` is in basis points of notional.
     ``notes`` are what an operator must read before acting (e.g. leverage below 2x).
+
+    Attributes:
+        trial: Optuna trial number.
+        params: the recommended parameters, each in its own units.
+        feasible: every constraint holds.
+        within_risk_appetite: insolvency within ``risk_appetite_bps``.
+        objectives: ``capital_cost`` (fraction of notional) and ``insolvency_bps`` (bps).
+        constraints: each constraint's value (feasible when <= 0, in its own units).
+        binding_constraints: constraints at or over their bound.
+        in_sample: coverage and liquidation evidence on the in-sample span.
+        out_of_sample: the same per out-of-sample fold.
+        change_vs_published: per parameter ``published``, ``recommended`` and ``change``
+            (parameter units); null without published parameters.
+        explanation: one sentence on why this trial.
+        notes: warnings an operator must read.
     """
 
     trial: int
@@ -738,6 +760,25 @@ class CalibrationResult(msgspec.Struct, frozen=True, kw_only=True):
     worker, a trial count rather than a time budget, and no failed (retried) trial, since
     several workers interleave their trials in an order no record fixes;
     ``reproducibility`` says why (not).
+
+    Attributes:
+        study: Optuna study name.
+        storage: the study storage, credentials and server paths redacted by the service.
+        model: margin model family.
+        spec_hash: sha256 of the canonical spec (hex).
+        seed: sampler seed.
+        engine_version: marginlab engine version.
+        data_fingerprints: instrument → sha256 of its bars (hex).
+        trials: trial counts by state (``complete``, ``pruned``, ``fail``, ...).
+        sampler: the Optuna sampler used.
+        recommendation: the recommended trial (null: no trial finished).
+        pareto_front: feasible non-dominated trials.
+        horizon_bars: close-out horizon (bars).
+        horizon: close-out horizon as a duration (``1h``).
+        bar_seconds: bar size (s).
+        workers: worker processes that ran trials (count).
+        reproducible: the record alone reproduces the result.
+        reproducibility: why it does (not).
     """
 
     study: str

@@ -10,6 +10,7 @@ from typing import Any
 
 import optuna
 from litestar import Litestar, Request, Response
+from litestar._openapi.plugin import OpenAPIPlugin
 from litestar.datastructures import State as AppState
 from litestar.di import Provide
 from litestar.exceptions import HTTPException
@@ -31,6 +32,7 @@ from service.datasets import DatasetController
 from service.health import REQUESTS, HealthController
 from service.jobs import JobAccess, LocalRunner, RqRunner
 from service.listings import ListingController
+from service.openapi_doc import polish
 from service.ratelimit import RateLimit
 from service.recommendations import (
     CHANNEL,
@@ -130,6 +132,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
         state=AppState({"settings": settings, "api_keys": keys,
                         "published_cache": PublishedCache()}),
     )
+    # Built once here, polished, and cached where Litestar serves /schema from.
+    openapi = app.plugins.get(OpenAPIPlugin)
+    openapi._openapi = polish(openapi.provide_openapi())
     return app
 
 

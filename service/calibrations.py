@@ -8,6 +8,7 @@ import hashlib
 import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import anyio
@@ -15,7 +16,8 @@ import msgspec
 import optuna
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.exceptions import NotFoundException
-from litestar.params import Body, Parameter
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import Body, Parameter, QueryParameter
 from litestar.response import ServerSentEvent
 from optuna.trial import TrialState
 
@@ -28,14 +30,14 @@ from calibration.calibrate import (
     prepare,
     study_name,
 )
-from calibration.spec import CalibrationSpec, spec_hash, validate_spec
+from calibration.spec import INSTRUMENT_PATTERN, CalibrationSpec, spec_hash, validate_spec
 from calibration.storage import Coordination
 from service import examples
 from service.auth import requires
 from service.errors import COMMON, PayloadTooLarge, problem_responses, redact
 from service.jobs import now_iso
 from service.limits import check_refs
-from service.schemas import CalibrationJob, Progress
+from service.schemas import CalibrationJob, CalibrationPage, JobState, Progress
 from service.settings import Settings
 from service.state import Svc
 
@@ -136,6 +138,7 @@ class CalibrationController(Controller):
         )
         await svc.stores["jobs"].set(f"{job.id}:spec", msgspec.json.encode(data))
         await svc.put("jobs", job.id, job)
+        await _remember(request, svc, job.id)
         await svc.put("dedup", key, job.id, expires_in=settings.result_ttl_s)
         runner = request.app.state.runner
         try:
@@ -150,6 +153,50 @@ class CalibrationController(Controller):
             raise
         return Response(_links(job), status_code=202)
 
+    @get("/", guards=[requires("reader")],
+         summary="List calibrations, newest first (filters, pagination)",
+         description="Each calibration's state, instrument(s), model and times, without "
+                     "progress (read one calibration for that). Filters combine (and).",
+         responses={**problem_responses(*COMMON, 400, 422), 200: ResponseSpec(
+             data_container=CalibrationPage, generate_examples=False,
+             description="one page of calibrations", examples=[examples.CALIBRATIONS])})
+    async def list_calibrations(
+        self, request: Request[Any, Any, Any], svc: Svc,
+        job_state: Annotated[JobState | None, QueryParameter(
+            name="state", description="only calibrations in this state")] = None,
+        instrument: Annotated[str | None, Parameter(
+            description="only calibrations on this instrument", min_length=1,
+            max_length=64, pattern=INSTRUMENT_PATTERN)] = None,
+        created_after: Annotated[str | None, Parameter(
+            description="only calibrations created at or after this UTC instant (ISO 8601)",
+            max_length=40, pattern=_ISO_INSTANT)] = None,
+        created_before: Annotated[str | None, Parameter(
+            description="only calibrations created before this UTC instant (ISO 8601)",
+            max_length=40, pattern=_ISO_INSTANT)] = None,
+        limit: Annotated[int, Parameter(description="page size (count)", ge=1,
+                                        le=MAX_PAGE)] = 50,
+        offset: Annotated[int, Parameter(description="calibrations to skip (count)",
+                                         ge=0, le=MAX_LISTED)] = 0,
+    ) -> CalibrationPage:
+        after = _instant(created_after, "created_after")
+        before = _instant(created_before, "created_before")
+        ids = await _listed(request, svc)
+        matching: list[CalibrationJob] = []
+        for job_id in reversed(ids):
+            job = await svc.get("jobs", job_id, CalibrationJob)
+            if job is None or (job_state and job.state != job_state) or (
+                    instrument and instrument not in job.instruments):
+                continue
+            created = _instant(job.created_at, "created_at")
+            if (after and created and created < after) or (
+                    before and created and created >= before):
+                continue
+            matching.append(job)
+        page = [_links(j) for j in matching[offset:offset + limit]]
+        more = offset + limit < len(matching)
+        return CalibrationPage(items=page, total=len(matching), limit=limit, offset=offset,
+                               next_offset=offset + limit if more else None)
+
     @get("/{job_id:str}", guards=[requires("reader")],
          summary="A calibration's state and progress (from the study)",
          responses=problem_responses(*COMMON, 404))
@@ -160,9 +207,13 @@ class CalibrationController(Controller):
         return _links(msgspec.structs.replace(job, progress=progress),
                       request.app.state.settings)
 
-    @get("/{job_id:str}/events", guards=[requires("reader")],
+    @get("/{job_id:str}/events", guards=[requires("reader")], media_type="text/event-stream",
          summary="Progress as Server-Sent Events until the job ends",
-         responses=problem_responses(*COMMON, 404))
+         responses={**problem_responses(*COMMON, 404), 200: ResponseSpec(
+             data_container=str, media_type="text/event-stream", generate_examples=False,
+             description="`event: progress` records whose `data:` is the job as JSON "
+                         "(a CalibrationJob with its progress), one per change; the stream "
+                         "ends after the job's final state")})
     async def events(self, request: Request[Any, Any, Any], svc: Svc,
                      job_id: JobId) -> ServerSentEvent:
         await _job(svc, job_id)
@@ -235,6 +286,52 @@ def _report(settings: Settings, spec_raw: bytes, result: CalibrationResult) -> s
 
     prepared = prepare(decode_spec(spec_raw), settings.data_root)
     return render_calibration_report(result, prepared)
+
+
+#: Key, in the jobs store, of the ids of every calibration in creation order (the newest
+#: ``MAX_LISTED`` kept).
+_INDEX = "_index"
+MAX_LISTED = 10_000
+MAX_PAGE = 200
+_ISO_INSTANT = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}(T[0-9:.]+(Z|[+-][0-9]{2}:?[0-9]{2})?)?$"
+_index_lock = asyncio.Lock()
+
+
+async def _remember(request: Request[Any, Any, Any], svc: Svc, job_id: str) -> None:
+    """Add a calibration to the listing's index (atomically in Redis, under a lock in the
+    one embedded process)."""
+    redis = getattr(request.app.state, "redis", None)
+    if redis is not None:
+        # The Redis store and this list share the server: RPUSH + LTRIM cannot lose an id to
+        # a concurrent request of another API process.
+        await redis.rpush(INDEX_KEY, job_id)
+        await redis.ltrim(INDEX_KEY, -MAX_LISTED, -1)
+        return
+    async with _index_lock:
+        ids = await _listed(request, svc)
+        await svc.put("jobs", _INDEX, [*ids, job_id][-MAX_LISTED:])
+
+
+INDEX_KEY = "marginlab:calibration-index"
+
+
+async def _listed(request: Request[Any, Any, Any], svc: Svc) -> list[str]:
+    """Calibration ids, oldest first."""
+    redis = getattr(request.app.state, "redis", None)
+    if redis is not None:
+        return [i.decode() for i in await redis.lrange(INDEX_KEY, 0, -1)]
+    return await svc.get("jobs", _INDEX, list[str]) or []
+
+
+def _instant(text: str | None, field: str) -> datetime | None:
+    if not text:
+        return None
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidParameters(f"{field}: not an ISO 8601 instant: {text[:40]!r}",
+                                field=field) from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 async def _job(svc: Svc, job_id: JobId) -> CalibrationJob:

@@ -164,7 +164,20 @@ def internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[
 
 
 class Problem(msgspec.Struct, frozen=True, kw_only=True):
-    """RFC 9457 problem details, as every error of this API is sent."""
+    """RFC 9457 problem details, as every error of this API is sent.
+
+    Attributes:
+        type: problem type URI (``about:blank``).
+        title: short summary of the problem class.
+        status: HTTP status code.
+        detail: what went wrong, for a person.
+        instance: the request path.
+        field: the request field at fault, full path (``data[0].ref``), or a data column.
+        row: data row at fault, 1-based, header excluded.
+        errors: every validation error (``key``, ``message``, ``source``).
+        violations: every guardrail violated (parameter, limit, excess).
+        checks: readiness per dependency (``ok`` or why not).
+    """
 
     type: str = "about:blank"
     title: str

@@ -177,6 +177,13 @@ class PublishRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
     Give exactly one of ``calibration_id``, ``params`` (with ``model``) and
     ``rollback_to_version``. Guardrails apply to each alike.
+
+    Attributes:
+        reason: why, for the audit trail (text).
+        calibration_id: publish this calibration's recommendation.
+        params: publish these parameters, each in its own units (with ``model``).
+        model: margin model family of ``params``.
+        rollback_to_version: publish this past audit version again.
     """
 
     reason: str

@@ -36,4 +36,4 @@ def test_public_paths_are_versioned() -> None:
     spec = json.loads(COMMITTED.read_text())
     paths = set(spec["paths"])
     assert {"/healthz", "/readyz", "/metrics"} <= paths
-    assert all(p.startswith("/v1/") for p in paths - {"/healthz", "/readyz", "/metrics"})
+    assert all(p.startswith("/v1/") for p in paths - {"/", "/healthz", "/readyz", "/metrics"})
