@@ -101,7 +101,9 @@ class CalibrationController(Controller):
               "fingerprints, same engine) returns the cached result's job at once "
               "(`cached: true`, 200); one identical to a queued or running job joins it "
               "(`joined: true`)."
-          ), responses=problem_responses(*COMMON, 400, 413, 422))
+          ), responses={**problem_responses(*COMMON, 400, 413, 422), 200: ResponseSpec(
+              data_container=CalibrationJob, generate_examples=False,
+              description="answered from the result cache (`cached: true`)")})
     async def create(
         self, request: Request[Any, Any, Any], svc: Svc,
         data: Annotated[CalibrationSpec, Body(examples=[examples.CALIBRATION])],

@@ -44,11 +44,13 @@ def redact(text: str, *, data_root: str | None = None, state_dir: str | None = N
     path becomes ``<data root>`` and the state directory's ``<state dir>``.
     """
     text = _URL_CREDENTIALS.sub(r"\1***@", text)
-    for root, name in ((data_root, "<data root>"), (state_dir, "<state dir>")):
-        if root:
-            for form in {str(Path(root).resolve()), str(Path(root).absolute())}:
-                if len(form) > 1:
-                    text = text.replace(form, name)
+    forms = [(form, name) for root, name in ((data_root, "<data root>"),
+                                            (state_dir, "<state dir>")) if root
+             for form in {str(Path(root).resolve()), str(Path(root).absolute())}
+             if len(form) > 1]
+    # The longer path first: the state directory may lie inside the data root.
+    for form, name in sorted(forms, key=lambda f: -len(f[0])):
+        text = text.replace(form, name)
     return text
 
 
@@ -200,5 +202,6 @@ def problem_responses(*codes: int) -> dict[int, ResponseSpec]:
                             description=text[c]) for c in codes}
 
 
-#: The errors every authenticated, rate-limited route can answer.
-COMMON = (401, 403, 429, 503)
+#: The errors every authenticated, rate-limited route can answer (400: a parameter or body
+#: outside the documented schema).
+COMMON = (400, 401, 403, 429, 503)

@@ -18,7 +18,7 @@ import inspect
 import re
 
 import msgspec
-from litestar.openapi.spec import OpenAPI, Reference, Schema
+from litestar.openapi.spec import Link, OpenAPI, Reference, Schema
 from litestar.openapi.spec.enums import OpenAPIType
 
 #: Paths answered without an API key.
@@ -85,6 +85,45 @@ def _array_like(schema: Schema, cls: type[msgspec.Struct]) -> Schema:
                   max_items=len(items))
 
 
+#: (path, method, statuses) of a creating operation → (link name, path, method, parameter,
+#: where the value is in the response): what a client (and schemathesis's stateful tests)
+#: can call next with what it got.
+LINKS = {
+    ("/v1/datasets", "post", ("201",)): [
+        ("GetDataset", "/v1/datasets/{dataset_id}", "get", "dataset_id", "$response.body#/id"),
+    ],
+    ("/v1/calibrations", "post", ("200", "202")): [
+        (f"{verb.title()}{name}", path, verb, "job_id", "$response.body#/id")
+        for name, path, verb in (
+            ("Calibration", "/v1/calibrations/{job_id}", "get"),
+            ("Calibration", "/v1/calibrations/{job_id}", "delete"),
+            ("Events", "/v1/calibrations/{job_id}/events", "get"),
+            ("Result", "/v1/calibrations/{job_id}/result", "get"),
+            ("Report", "/v1/calibrations/{job_id}/report", "get"),
+        )
+    ],
+}
+
+
+def _link(document: OpenAPI) -> None:
+    paths = document.paths or {}
+    for (path, method, statuses), links in LINKS.items():
+        source = getattr(paths.get(path), method, None)
+        if source is None or not source.responses:
+            continue
+        built = {}
+        for name, target_path, target_method, parameter, value in links:
+            target = getattr(paths.get(target_path), target_method, None)
+            if target is None or not target.operation_id:
+                continue
+            built[name] = Link(operation_id=target.operation_id,
+                               parameters={parameter: value})
+        for status in statuses:
+            response = source.responses.get(status)
+            if response is not None and not isinstance(response, Reference):
+                response.links = dict(built)
+
+
 def polish(document: OpenAPI) -> OpenAPI:
     """The document with descriptions filled, array-like Structs as arrays and the open paths
     marked ``security: []`` (in place; returned for convenience)."""
@@ -104,6 +143,7 @@ def polish(document: OpenAPI) -> OpenAPI:
                     prop.description = text
         if cls.__struct_config__.array_like and schema.properties:
             components[name] = _array_like(schema, cls)  # type: ignore[index]
+    _link(document)
     for path, item in (document.paths or {}).items():
         if path in OPEN_PATHS:
             for method in ("get", "head"):
