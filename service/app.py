@@ -84,8 +84,15 @@ def create_app(settings: Settings | None = None) -> Litestar:
         from redis.asyncio import Redis
 
         assert settings.redis_url is not None
-        app.state.redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2,
-                                         socket_timeout=5)
+        from redis.asyncio.retry import Retry
+        from redis.backoff import ExponentialBackoff
+
+        # A pooled connection from before a Redis restart fails once: reconnect and retry
+        # (the calibration index's RPUSH is on this client).
+        app.state.redis = Redis.from_url(
+            settings.redis_url, socket_connect_timeout=2, socket_timeout=5,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.1), 2),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError])
         listener = asyncio.create_task(_listen_published(app, settings))
         try:
             yield

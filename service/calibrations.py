@@ -321,7 +321,8 @@ async def _listed(request: Request[Any, Any, Any], svc: Svc) -> list[str]:
     """Calibration ids, oldest first."""
     redis = getattr(request.app.state, "redis", None)
     if redis is not None:
-        return [i.decode() for i in await redis.lrange(INDEX_KEY, 0, -1)]
+        # A retried RPUSH may have landed twice: keep each id once, at its first place.
+        return list(dict.fromkeys(i.decode() for i in await redis.lrange(INDEX_KEY, 0, -1)))
     return await svc.get("jobs", _INDEX, list[str]) or []
 
 
