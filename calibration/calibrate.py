@@ -9,12 +9,13 @@ Pareto front and picks the recommendation.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any, Literal
@@ -25,7 +26,12 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from calibration._bars import BarSeries
-from calibration._errors import InsufficientData, InvalidParameters, MarginlabError
+from calibration._errors import (
+    DataReferenceError,
+    InsufficientData,
+    InvalidParameters,
+    MarginlabError,
+)
 from calibration._version import ENGINE_VERSION
 from calibration.coverage import CoverageConfig, coverage_backtest, iso_utc
 from calibration.data import (
@@ -82,14 +88,30 @@ def load_data_ref(ref: DataRefSpec, root: str | os.PathLike[str], field: str) ->
     """
     start = _day_ms(ref.start, f"{field}.start") if ref.start else None
     end = _day_ms(ref.end, f"{field}.end") + 86_400_000 if ref.end else None
-    bars = load_bars(ref.ref, root=root, instrument=ref.instrument, start_ms=start, end_ms=end,
-                     timestamp_format=ref.timestamp_format, timestamp_unit=ref.timestamp_unit,
-                     repair=repair_policy(ref.repair, field=f"{field}.repair"))
+    policy = repair_policy(ref.repair, field=f"{field}.repair")
+    with _ref_field(f"{field}.ref"):
+        bars = load_bars(ref.ref, root=root, instrument=ref.instrument, start_ms=start,
+                         end_ms=end, timestamp_format=ref.timestamp_format,
+                         timestamp_unit=ref.timestamp_unit, repair=policy)
     if ref.funding:
-        bars = with_funding(bars, load_funding(ref.funding, root=root))
+        with _ref_field(f"{field}.funding"):
+            funding = load_funding(ref.funding, root=root)
+        bars = with_funding(bars, funding)
     if ref.depth:
-        bars = with_depth(bars, load_book_depth(ref.depth, root=root))
+        with _ref_field(f"{field}.depth"):
+            depth = load_book_depth(ref.depth, root=root)
+        bars = with_depth(bars, depth)
     return bars
+
+
+@contextlib.contextmanager
+def _ref_field(field: str) -> Iterator[None]:
+    """Name the request's path (``data[0].funding``) on a reference that names no file."""
+    try:
+        yield
+    except DataReferenceError as exc:
+        exc.field = field  # type: ignore[attr-defined]
+        raise
 
 
 def cut(bars: BarSeries, start_ms: int | None, end_ms: int | None) -> BarSeries:
@@ -670,7 +692,14 @@ def best_feasible(study: optuna.Study,
 
 
 class ParetoPoint(msgspec.Struct, frozen=True, kw_only=True):
-    """A feasible non-dominated trial."""
+    """A feasible non-dominated trial.
+
+    Attributes:
+        trial: Optuna trial number.
+        params: the trial's parameters, each in its own units.
+        capital_cost: notional-weighted mean IM rate (fraction of notional).
+        insolvency_bps: the insolvency objective (bps of notional).
+    """
 
     trial: int
     params: dict[str, Any]
@@ -687,6 +716,21 @@ class Recommendation(msgspec.Struct, frozen=True, kw_only=True):
     ``capital_cost`` in ``objectives`` is the notional-weighted mean IM rate as a fraction
     of notional (0.05 = 5%, 20x leverage); ``insolvency_bps`` is in basis points of notional.
     ``notes`` are what an operator must read before acting (e.g. leverage below 2x).
+
+    Attributes:
+        trial: Optuna trial number.
+        params: the recommended parameters, each in its own units.
+        feasible: every constraint holds.
+        within_risk_appetite: insolvency within ``risk_appetite_bps``.
+        objectives: ``capital_cost`` (fraction of notional) and ``insolvency_bps`` (bps).
+        constraints: each constraint's value (feasible when <= 0, in its own units).
+        binding_constraints: constraints at or over their bound.
+        in_sample: coverage and liquidation evidence on the in-sample span.
+        out_of_sample: the same per out-of-sample fold.
+        change_vs_published: per parameter ``published``, ``recommended`` and ``change``
+            (parameter units); null without published parameters.
+        explanation: one sentence on why this trial.
+        notes: warnings an operator must read.
     """
 
     trial: int
@@ -713,6 +757,25 @@ class CalibrationResult(msgspec.Struct, frozen=True, kw_only=True):
     worker, a trial count rather than a time budget, and no failed (retried) trial, since
     several workers interleave their trials in an order no record fixes;
     ``reproducibility`` says why (not).
+
+    Attributes:
+        study: Optuna study name.
+        storage: the study storage, credentials and server paths redacted by the service.
+        model: margin model family.
+        spec_hash: sha256 of the canonical spec (hex).
+        seed: sampler seed.
+        engine_version: marginlab engine version.
+        data_fingerprints: instrument → sha256 of its bars (hex).
+        trials: trial counts by state (``complete``, ``pruned``, ``fail``, ...).
+        sampler: the Optuna sampler used.
+        recommendation: the recommended trial (null: no trial finished).
+        pareto_front: feasible non-dominated trials.
+        horizon_bars: close-out horizon (bars).
+        horizon: close-out horizon as a duration (``1h``).
+        bar_seconds: bar size (s).
+        workers: worker processes that ran trials (count).
+        reproducible: the record alone reproduces the result.
+        reproducibility: why it does (not).
     """
 
     study: str

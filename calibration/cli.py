@@ -374,6 +374,22 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _port_is_free(host: str, port: int) -> None:
+    """Refuse a port something already listens on: granian binds with SO_REUSEPORT, so a
+    second server would share the port and split the requests (with its own embedded state)
+    instead of failing. A plain bind, without that option, fails while anyone listens."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise InvalidParameters(f"cannot serve on {host}:{port}: {exc.strerror or exc} "
+                                    "(is another marginlab serve running there?)",
+                                    field="port") from None
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from granian import Granian
     from granian.constants import Interfaces
@@ -381,6 +397,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.workers > 1 and not os.environ.get("REDIS_URL"):
         raise InvalidParameters("--workers > 1 needs REDIS_URL (embedded state is per process)",
                                 field="workers")
+    _port_is_free(args.host, args.port)
     Granian("service.app:create_app", factory=True, address=args.host, port=args.port,
             interface=Interfaces.ASGI, workers=args.workers).serve()
     return 0

@@ -52,17 +52,29 @@ def resolve_ref(ref: str, root: str | os.PathLike[str]) -> Path:
         raise DataReferenceError("empty data reference")
     pure = Path(ref)
     if pure.is_absolute() or ref.startswith(("/", "\\")):
-        raise DataReferenceError(f"data reference {ref!r} must be relative to the data root")
+        raise DataReferenceError(f"data reference {_short(ref)} must be relative to the data "
+                                 "root")
     if ".." in pure.parts:
-        raise DataReferenceError(f"data reference {ref!r} must not contain '..'")
+        raise DataReferenceError(f"data reference {_short(ref)} must not contain '..'")
+    if "\x00" in ref:
+        raise DataReferenceError("a data reference cannot contain a NUL character")
     root_path = Path(root).resolve()
-    path = (root_path / pure).resolve()
-    if not path.is_relative_to(root_path):
-        raise DataReferenceError(f"data reference {ref!r} leads outside the data root")
-    if not path.is_file():
+    try:
+        path = (root_path / pure).resolve()
+        if not path.is_relative_to(root_path):
+            raise DataReferenceError(f"data reference {_short(ref)} leads outside the data root")
+        found = path.is_file()
+    except OSError:  # a name too long for the file system, a loop: no file by that name
+        found = False
+    if not found:
         # The root is the server's own path: name only the reference the caller gave.
-        raise DataReferenceError(f"no data file {ref!r} under the data root")
+        raise DataReferenceError(f"no data file {_short(ref)} under the data root")
     return path
+
+
+def _short(ref: str) -> str:
+    """A reference as the caller gave it, cut to 80 characters for messages."""
+    return repr(ref if len(ref) <= 80 else ref[:80] + "...")
 
 
 def _plain(value: object) -> str:

@@ -264,7 +264,16 @@ def _liquidation_table(metrics: list[LiquidationMetrics], recovery_bars: int) ->
 
 
 def render_calibration_report(result: CalibrationResult, prepared: Prepared) -> str:
-    """The HTML page (a string) of a calibration's result and evidence."""
+    """The HTML page (a string) of a calibration's result and evidence.
+
+    Instrument and window names come from the request: matplotlib would read ``$...$`` in
+    them as mathtext (and raise on a bad expression), so every text is drawn literally.
+    """
+    with plt.rc_context({"text.parse_math": False}):
+        return _render(result, prepared)
+
+
+def _render(result: CalibrationResult, prepared: Prepared) -> str:
     rec = result.recommendation
     parts = [f"<h1>Calibration report: {html.escape(result.model)}</h1>",
              f"<p>Study <code>{html.escape(result.study)}</code>, spec "

@@ -158,6 +158,17 @@ class ExplicitPosition:
 _POSITIVE = Rule(low=0.0, low_open=True)
 _NON_NEGATIVE = Rule(low=0.0)
 _FRACTION = Rule(low=0.0, high=1.0, high_open=True)
+#: Upper bounds of the grid and the bar counts: the simulation's cost grows with the grid
+#: (leverages × notionals × sides per entry bar), so a request cannot buy an unbounded one.
+#: 1000x is above any venue's leverage (Binance: 125x), 10^12 USD above any position, 10^7
+#: bars is 19 years of 1-minute bars.
+MAX_GRID_VALUES = 64
+MAX_GRID_POSITIONS = 4096
+MAX_EXPLICIT_POSITIONS = 100_000
+MAX_BARS = 10**7
+_LEVERAGE = Rule(low=0.0, low_open=True, high=1000.0)
+_NOTIONAL = Rule(low=0.0, low_open=True, high=1e12)
+_BARS = Rule(low=1, high=MAX_BARS, integer=True)
 
 
 @dataclass(frozen=True)
@@ -246,8 +257,11 @@ class LiquidationConfig:
                 raise InvalidParameters(f"{name} must be a list of numbers", field=name)
             if len(values) == 0:
                 raise InvalidParameters(f"{name} must not be empty", field=name)
+            if len(values) > MAX_GRID_VALUES:
+                raise InvalidParameters(f"{name}: at most {MAX_GRID_VALUES} values, got "
+                                        f"{len(values)}", field=name)
             for v in values:
-                _check(_POSITIVE, name, v)
+                _check(_LEVERAGE if name == "leverages" else _NOTIONAL, name, v)
         sides = self.sides
         if isinstance(sides, str) or not isinstance(sides, tuple | list) or not sides:
             raise InvalidParameters("sides must be a non-empty list of 'long'/'short'",
@@ -256,9 +270,14 @@ class LiquidationConfig:
             raise InvalidParameters(
                 f"sides must be distinct values of 'long', 'short'; got {sides!r}", field="sides"
             )
-        _check(Rule(low=1, integer=True), "entry_every_bars", self.entry_every_bars)
-        _check(Rule(low=1, integer=True), "holding_bars", self.holding_bars)
-        _check(Rule(low=0, integer=True), "latency_bars", self.latency_bars)
+        grid = len(self.leverages) * len(self.notionals_usd) * len(sides)
+        if grid > MAX_GRID_POSITIONS:
+            raise InvalidParameters(
+                f"leverages x notionals_usd x sides is {grid} positions per entry bar; at most "
+                f"{MAX_GRID_POSITIONS}", field="leverages")
+        _check(_BARS, "entry_every_bars", self.entry_every_bars)
+        _check(_BARS, "holding_bars", self.holding_bars)
+        _check(Rule(low=0, high=MAX_BARS, integer=True), "latency_bars", self.latency_bars)
         if self.closeout_basis not in CLOSEOUT_BASES:
             raise InvalidParameters(
                 f"closeout_basis must be one of {', '.join(map(repr, CLOSEOUT_BASES))}; "
@@ -272,22 +291,27 @@ class LiquidationConfig:
                 "the worst price of the window ('adverse_extreme')",
                 field="closeout_basis",
             )
-        _check(Rule(low=1, integer=True), "recovery_bars", self.recovery_bars)
+        _check(_BARS, "recovery_bars", self.recovery_bars)
         _check(_FRACTION, "spread_rate", self.spread_rate)
-        _check(_NON_NEGATIVE, "impact_coef", self.impact_coef)
+        _check(Rule(low=0.0, high=100.0), "impact_coef", self.impact_coef)
         _check(Rule(low=0.0, high=3.0, low_open=True), "impact_exponent", self.impact_exponent)
         _check(Rule(low=0.0, high=1.0), "liquidation_fee_rate", self.liquidation_fee_rate)
-        _check(_NON_NEGATIVE, "insurance_fund_usd", self.insurance_fund_usd)
-        _check(_POSITIVE, "depth_fraction_of_adv", self.depth_fraction_of_adv)
-        _check(Rule(low=1, integer=True), "adv_window_bars", self.adv_window_bars)
+        _check(Rule(low=0.0, high=1e15), "insurance_fund_usd", self.insurance_fund_usd)
+        _check(Rule(low=0.0, low_open=True, high=1e3), "depth_fraction_of_adv",
+               self.depth_fraction_of_adv)
+        _check(_BARS, "adv_window_bars", self.adv_window_bars)
         if not isinstance(self.cascade, bool):
             raise InvalidParameters(f"cascade must be true or false, got {self.cascade!r}",
                                     field="cascade")
-        _check(_NON_NEGATIVE, "cascade_kappa", self.cascade_kappa)
-        _check(_POSITIVE, "population_scale", self.population_scale)
+        _check(Rule(low=0.0, high=100.0), "cascade_kappa", self.cascade_kappa)
+        _check(Rule(low=0.0, low_open=True, high=1e6), "population_scale",
+               self.population_scale)
         if self.positions is not None:
             if not isinstance(self.positions, tuple | list):
                 raise InvalidParameters("positions must be a list of positions",
+                                        field="positions")
+            if len(self.positions) > MAX_EXPLICIT_POSITIONS:
+                raise InvalidParameters(f"at most {MAX_EXPLICIT_POSITIONS} positions",
                                         field="positions")
             for i, p in enumerate(self.positions):
                 _check_position(i, p)

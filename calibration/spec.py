@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -21,6 +22,44 @@ from calibration.liquidation import LiquidationConfig
 from calibration.models import FAMILIES, make_model
 from calibration.windows import StressWindow
 
+#: Instrument names: what uploads, reports, stores and the audit trail key on. Letters, digits
+#: and ``_ . -``, starting with a letter or digit, at most 64 characters (the audit column).
+INSTRUMENT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+Instrument = Annotated[str, msgspec.Meta(
+    min_length=1, max_length=64, pattern=INSTRUMENT_PATTERN,
+    description="instrument name (letters, digits, `_ . -`; at most 64 characters)",
+    examples=["BTCUSDT"])]
+#: A data reference: a path relative to the data root, without control characters (a NUL
+#: cannot name a file), at most 1024 characters; ``resolve_ref`` checks the rest.
+REF_PATTERN = r"^[^\x00-\x1f\x7f]+$"
+Ref = Annotated[str, msgspec.Meta(
+    min_length=1, max_length=1024, pattern=REF_PATTERN,
+    description="path of a data file relative to the data root (e.g. `uploads/BTC.csv`)")]
+#: Stress-window names: shown in reports and charts, so a short identifier (no ``$``, no markup).
+WINDOW_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 _.:()+,-]{0,63}$"
+WindowName = Annotated[str, msgspec.Meta(
+    min_length=1, max_length=64, pattern=WINDOW_NAME_PATTERN,
+    description="window name (letters, digits, space and `_ . : ( ) + , -`; at most 64)")]
+#: An ISO day ``YYYY-MM-DD`` (UTC); years 0001..9999.
+Day = Annotated[str, msgspec.Meta(
+    pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$",
+    description="UTC day, ISO `YYYY-MM-DD`", examples=["2022-11-08"])]
+#: A short free-text setting (a duration, a format): bounded, no control characters.
+Short = Annotated[str, msgspec.Meta(min_length=1, max_length=64,
+                                    pattern=r"^[^\x00-\x1f\x7f]+$")]
+#: Parameter names of a family (``decay``, ``horizon_bars``).
+ParamName = Annotated[str, msgspec.Meta(min_length=1, max_length=64,
+                                        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+#: numpy's (so Optuna's) seed range: 0 .. 2**32 - 1.
+MAX_SEED = 2**32 - 1
+#: Out-of-sample folds: each is a full evaluation of the recommendation.
+MAX_FOLDS = 50
+#: Instruments per request and stress windows per request.
+MAX_INSTRUMENTS = 32
+MAX_WINDOWS = 64
+#: Largest close-out horizon in bars (as ``calibration.horizon.to_bars``).
+MAX_HORIZON_BARS = 10**7
+
 
 class DataRefSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One instrument's data: references relative to the data root, optional day range.
@@ -30,25 +69,36 @@ class DataRefSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     ``timestamp_unit`` the unit of epoch numbers (default: told by magnitude).
     """
 
-    instrument: str
-    ref: str
-    funding: str | None = None
-    depth: str | None = None
-    start: str | None = None
-    end: str | None = None
-    repair: list[Literal["ohlc-range", "duplicates"]] = []
-    timestamp_format: str | None = None
-    timestamp_unit: Literal["s", "ms", "us", "ns"] | None = None
+    instrument: Instrument
+    ref: Ref
+    funding: Annotated[Ref, msgspec.Meta(
+        description="funding settlements file relative to the data root (`funding_rate`, "
+                    "decimal per settlement, or `funding_rate_pct`)")] | None = None
+    depth: Annotated[Ref, msgspec.Meta(
+        description="Binance bookDepth snapshots file relative to the data root (USD "
+                    "notional within ±1% of mid)")] | None = None
+    start: Annotated[Day, msgspec.Meta(description="first UTC day kept (inclusive)")] | None = None
+    end: Annotated[Day, msgspec.Meta(description="last UTC day kept (inclusive)")] | None = None
+    repair: Annotated[list[Literal["ohlc-range", "duplicates"]], msgspec.Meta(
+        max_length=2, description="opt-in repairs (domain.md §1); none: strict")] = []
+    timestamp_format: Annotated[Short, msgspec.Meta(
+        description="`strftime` format of non-ISO dates, e.g. `%d/%m/%Y`")] | None = None
+    timestamp_unit: Annotated[Literal["s", "ms", "us", "ns"], msgspec.Meta(
+        description="unit of epoch numbers (seconds … nanoseconds); none: told by "
+                    "magnitude")] | None = None
 
 
 class ParamSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A search range ``[low, high]`` (``log`` for scale parameters), or a fixed ``value``."""
 
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    integer: bool = False
-    value: Any = None
+    low: Annotated[float, msgspec.Meta(
+        description="lower end of the range, in the parameter's units")] | None = None
+    high: Annotated[float, msgspec.Meta(
+        description="upper end of the range, in the parameter's units")] | None = None
+    log: Annotated[bool, msgspec.Meta(description="sample on a log scale (needs low > 0)")] = False
+    integer: Annotated[bool, msgspec.Meta(description="whole numbers only (bars)")] = False
+    value: Annotated[Any, msgspec.Meta(
+        description="a fixed value instead of a range, in the parameter's units")] = None
 
 
 class ObjectivesSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -59,7 +109,9 @@ class ObjectivesSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     uncovered loss per observation beyond the margin, both sides, bps of notional).
     """
 
-    insolvency: Literal["bad_debt_bps", "uncovered_es_bps"] = "bad_debt_bps"
+    insolvency: Annotated[Literal["bad_debt_bps", "uncovered_es_bps"], msgspec.Meta(
+        description="the insolvency objective: bad debt per notional opened (bps) or mean "
+                    "uncovered loss beyond the margin (bps of notional)")] = "bad_debt_bps"
 
 
 class ConstraintsSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -77,17 +129,25 @@ class ConstraintsSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         max_procyclicality: the largest 30-day margin increase ratio at most this.
     """
 
-    kupiec_alpha: float | None = 0.05
-    no_red_in_stress_windows: bool = True
-    max_premature_share: float | None = 0.6
-    max_procyclicality: float | None = None
+    kupiec_alpha: Annotated[float, msgspec.Meta(
+        gt=0, lt=1, description="Kupiec POF test level (probability); null: off")] | None = 0.05
+    no_red_in_stress_windows: Annotated[bool, msgspec.Meta(
+        description="no red traffic light on any stress window")] = True
+    max_premature_share: Annotated[float, msgspec.Meta(
+        ge=0, le=1, description="largest share of premature liquidations (fraction); "
+                                "null: off")] | None = 0.6
+    max_procyclicality: Annotated[float, msgspec.Meta(
+        ge=1, description="largest 30-day margin increase (ratio, >= 1); null: off")] | None = None
 
 
 class PublishedSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The parameters in force, and how far one update may move each (absolute units)."""
 
-    params: dict[str, Any]
-    max_change: dict[str, float] = {}
+    params: Annotated[dict[ParamName, Any], msgspec.Meta(
+        max_length=64, description="parameters in force, in their own units")]
+    max_change: Annotated[dict[ParamName, float], msgspec.Meta(
+        max_length=64, description="largest change per update, absolute, in each "
+                                   "parameter's units")] = {}
 
 
 class WalkForwardSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -95,17 +155,22 @@ class WalkForwardSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     exclusive; default the first ``in_sample_fraction`` of the common span), and the
     recommendation is then evaluated on ``folds`` equal later segments."""
 
-    in_sample_end: str | None = None
-    in_sample_fraction: float = 0.7
-    folds: int = 2
+    in_sample_end: Annotated[Day, msgspec.Meta(
+        description="first out-of-sample UTC day (exclusive end of the in-sample "
+                    "span)")] | None = None
+    in_sample_fraction: Annotated[float, msgspec.Meta(
+        gt=0, lt=1, description="in-sample share of the common span (fraction)")] = 0.7
+    folds: Annotated[int, msgspec.Meta(
+        ge=1, le=MAX_FOLDS, description="out-of-sample segments (count)")] = 2
 
 
 class StressWindowSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A named stress window of whole UTC days ``start .. end`` (inclusive)."""
 
-    name: str
-    start: str
-    end: str | None = None
+    name: WindowName
+    start: Annotated[Day, msgspec.Meta(description="first UTC day (inclusive)")]
+    end: Annotated[Day, msgspec.Meta(
+        description="last UTC day (inclusive); null: the start day")] | None = None
 
 
 class CalibrationSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -133,22 +198,41 @@ class CalibrationSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         sampler: ``auto``, ``tpe``, ``nsga2`` or ``random`` (see ``calibrate.make_sampler``).
     """
 
-    data: list[DataRefSpec]
-    model: str
-    search_space: dict[str, ParamSpec] = {}
-    objectives: ObjectivesSpec = ObjectivesSpec()
-    constraints: ConstraintsSpec = ConstraintsSpec()
-    risk_appetite_bps: float | None = None
-    published: PublishedSpec | None = None
-    walk_forward: WalkForwardSpec = WalkForwardSpec()
-    stress_windows: list[StressWindowSpec] | None = None
-    horizon_bars: int | None = None
-    horizon: str | None = None
-    liquidation: dict[str, Any] = {}
-    n_trials: int | None = 100
-    timeout_seconds: float | None = None
-    seed: int = 0
-    sampler: Literal["auto", "tpe", "nsga2", "random"] = "auto"
+    data: Annotated[list[DataRefSpec], msgspec.Meta(
+        min_length=1, max_length=MAX_INSTRUMENTS, description="one entry per instrument")]
+    model: Annotated[str, msgspec.Meta(
+        max_length=32, description="margin model family (`tiered`, `ewma`, `fhs`)")]
+    search_space: Annotated[dict[ParamName, ParamSpec], msgspec.Meta(
+        max_length=64, description="per parameter a range or a fixed value, over the "
+                                   "family's defaults")] = {}
+    objectives: Annotated[ObjectivesSpec, msgspec.Meta(
+        description="the insolvency objective")] = ObjectivesSpec()
+    constraints: Annotated[ConstraintsSpec, msgspec.Meta(
+        description="feasibility rules")] = ConstraintsSpec()
+    risk_appetite_bps: Annotated[float, msgspec.Meta(
+        ge=0, description="largest acceptable insolvency (bps)")] | None = None
+    published: Annotated[PublishedSpec, msgspec.Meta(
+        description="parameters in force and the guardrails on changing them")] | None = None
+    walk_forward: Annotated[WalkForwardSpec, msgspec.Meta(
+        description="in-sample / out-of-sample split")] = WalkForwardSpec()
+    stress_windows: Annotated[list[StressWindowSpec], msgspec.Meta(
+        max_length=MAX_WINDOWS, description="named windows; null: domain.md's crash "
+                                            "episodes")] | None = None
+    horizon_bars: Annotated[int, msgspec.Meta(
+        ge=1, le=MAX_HORIZON_BARS, description="close-out horizon (bars)")] | None = None
+    horizon: Annotated[Short, msgspec.Meta(
+        description="close-out horizon as a duration (`1h`, `2d`) or a digit string of "
+                    "bars")] | None = None
+    liquidation: Annotated[dict[ParamName, Any], msgspec.Meta(
+        description="LiquidationConfig fields (position population, close-out)")] = {}
+    n_trials: Annotated[int, msgspec.Meta(
+        ge=1, description="trials to run (count)")] | None = 100
+    timeout_seconds: Annotated[float, msgspec.Meta(
+        gt=0, description="stop starting trials after this long (s)")] | None = None
+    seed: Annotated[int, msgspec.Meta(
+        ge=0, le=MAX_SEED, description="sampler seed (0 .. 2**32-1)")] = 0
+    sampler: Annotated[Literal["auto", "tpe", "nsga2", "random"], msgspec.Meta(
+        description="Optuna sampler")] = "auto"
 
 
 #: Default search ranges per family (public parameter names, domain.md §2). Parameters not
@@ -198,6 +282,8 @@ def validate_spec(spec: CalibrationSpec) -> None:
                    "model")
     if not spec.data:
         raise _bad("data needs at least one instrument", "data")
+    if len(spec.data) > MAX_INSTRUMENTS:
+        raise _bad(f"at most {MAX_INSTRUMENTS} instruments", "data")
     names = [d.instrument for d in spec.data]
     if len(set(names)) != len(names):
         raise _bad("two data entries name the same instrument", "data")
@@ -240,6 +326,10 @@ def validate_spec(spec: CalibrationSpec) -> None:
         to_bars(spec.horizon_bars, 60, "horizon_bars")
     if spec.horizon is not None:
         to_bars(spec.horizon, 60, "horizon")
+    if isinstance(spec.seed, bool) or not isinstance(spec.seed, int) or not (
+            0 <= spec.seed <= MAX_SEED):
+        raise _bad(f"seed must be a whole number in 0..{MAX_SEED} (numpy's seed range)",
+                   "seed")
     if spec.n_trials is None and spec.timeout_seconds is None:
         raise _bad("give n_trials, timeout_seconds or both", "n_trials")
     if spec.n_trials is not None and spec.n_trials < 1:
@@ -258,8 +348,8 @@ def validate_spec(spec: CalibrationSpec) -> None:
     wf = spec.walk_forward
     if not 0 < wf.in_sample_fraction < 1:
         raise _bad("in_sample_fraction must be in (0, 1)", "walk_forward.in_sample_fraction")
-    if wf.folds < 1:
-        raise _bad("folds must be at least 1", "walk_forward.folds")
+    if not 1 <= wf.folds <= MAX_FOLDS:
+        raise _bad(f"folds must be in 1..{MAX_FOLDS}", "walk_forward.folds")
     if spec.published is not None:
         for name in (*spec.published.params, *spec.published.max_change):
             if name not in known:
@@ -272,12 +362,23 @@ def validate_spec(spec: CalibrationSpec) -> None:
             make_model(spec.model, dict(spec.published.params))
         except InvalidParameters as exc:
             raise _bad(f"published: {exc}", f"published.params.{exc.field}") from None
+    if len(spec.stress_windows or ()) > MAX_WINDOWS:
+        raise _bad(f"at most {MAX_WINDOWS} stress windows", "stress_windows")
     for i, w in enumerate(spec.stress_windows or ()):
         try:
             StressWindow.from_dates(w.name, w.start, w.end)
         except InvalidParameters as exc:
             raise _bad(str(exc), f"stress_windows[{i}]") from None
-    LiquidationConfig.from_mapping(spec.liquidation)
+    liquidation_config(spec.liquidation)
+
+
+def liquidation_config(fields: Mapping[str, Any], field: str = "liquidation") -> LiquidationConfig:
+    """``LiquidationConfig.from_mapping`` with errors naming the full path
+    (``liquidation.leverages``)."""
+    try:
+        return LiquidationConfig.from_mapping(fields)
+    except InvalidParameters as exc:
+        raise _bad(str(exc), f"{field}.{exc.field}" if exc.field else field) from None
 
 
 def spec_hash(spec: CalibrationSpec) -> str:
@@ -296,15 +397,21 @@ def decode_spec(raw: bytes | str) -> CalibrationSpec:
     try:
         spec = msgspec.json.decode(raw, type=CalibrationSpec)
     except msgspec.ValidationError as exc:
-        text = str(exc)
-        path = text.rsplit("at `", 1)[-1].rstrip("`") if "at `" in text else "$"
-        path = path.removeprefix("$").removeprefix(".")
-        for marker in ("unknown field `", "missing required field `"):
-            if marker in text:  # name the field itself, not the object holding it
-                name = text.split(marker, 1)[1].split("`", 1)[0]
-                path = f"{path}.{name}" if path else name
-        raise _bad(f"spec: {text}", path or "spec") from None
-    except msgspec.DecodeError as exc:
+        raise _bad(f"spec: {exc}", error_path(exc) or "spec") from None
+    except (msgspec.DecodeError, RecursionError) as exc:
         raise _bad(f"spec is not valid JSON: {exc}", "spec") from None
     validate_spec(spec)
     return spec
+
+
+def error_path(exc: msgspec.ValidationError) -> str:
+    """The full path (``data[0].ref``) a msgspec validation error is about; ``""`` for the
+    document itself. An unknown or missing field names itself, not the object holding it."""
+    text = str(exc)
+    path = text.rsplit("at `", 1)[-1].rstrip("`") if "at `" in text else "$"
+    path = path.removeprefix("$").removeprefix(".")
+    for marker in ("unknown field `", "missing required field `"):
+        if marker in text:
+            name = text.split(marker, 1)[1].split("`", 1)[0]
+            path = f"{path}.{name}" if path else name
+    return path

@@ -32,7 +32,11 @@ class StressWindow:
                 f"stress window {name!r} ends before it starts", field="stress_windows"
             )
         start = datetime(d0.year, d0.month, d0.day, tzinfo=UTC)
-        end = datetime(d1.year, d1.month, d1.day, tzinfo=UTC) + timedelta(days=1)
+        try:
+            end = datetime(d1.year, d1.month, d1.day, tzinfo=UTC) + timedelta(days=1)
+        except OverflowError:  # the day after 9999-12-31 has no datetime
+            raise InvalidParameters(f"stress window {name!r} ends after 9999-12-30",
+                                    field="stress_windows") from None
         return cls(name, int(start.timestamp() * 1000), int(end.timestamp() * 1000))
 
     @classmethod

@@ -10,6 +10,7 @@ from typing import Any
 
 import optuna
 from litestar import Litestar, Request, Response
+from litestar._openapi.plugin import OpenAPIPlugin
 from litestar.datastructures import State as AppState
 from litestar.di import Provide
 from litestar.exceptions import HTTPException
@@ -31,6 +32,7 @@ from service.datasets import STALE_PART_S, DatasetController, sweep_partial_uplo
 from service.health import REQUESTS, HealthController
 from service.jobs import JobAccess, LocalRunner, RqRunner
 from service.listings import ListingController
+from service.openapi_doc import polish
 from service.ratelimit import RateLimit
 from service.recommendations import (
     CHANNEL,
@@ -38,6 +40,7 @@ from service.recommendations import (
     RecommendationController,
     repair_published,
 )
+from service.schemas import StrictRequest
 from service.settings import Settings
 from service.state import State, make_root_store
 
@@ -91,8 +94,15 @@ def create_app(settings: Settings | None = None) -> Litestar:
         from redis.asyncio import Redis
 
         assert settings.redis_url is not None
-        app.state.redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2,
-                                         socket_timeout=5)
+        from redis.asyncio.retry import Retry
+        from redis.backoff import ExponentialBackoff
+
+        # A pooled connection from before a Redis restart fails once: reconnect and retry
+        # (the calibration index's RPUSH is on this client).
+        app.state.redis = Redis.from_url(
+            settings.redis_url, socket_connect_timeout=2, socket_timeout=5,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.1), 2),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError])
         listener = asyncio.create_task(_listen_published(app, settings))
         reconciler = asyncio.create_task(_reconcile_jobs(settings))
         try:
@@ -137,9 +147,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
             security=[{"apiKey": []}],
         ),
         request_max_body_size=settings.max_upload_bytes,
+        request_class=StrictRequest,
         state=AppState({"settings": settings, "api_keys": keys,
                         "published_cache": PublishedCache()}),
     )
+    # Built once here, polished, and cached where Litestar serves /schema from.
+    openapi = app.plugins.get(OpenAPIPlugin)
+    openapi._openapi = polish(openapi.provide_openapi())
     return app
 
 

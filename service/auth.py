@@ -104,9 +104,16 @@ def requires(role: str) -> Any:
 
 
 def rate_limit_identity(request: Any) -> str:
-    """Rate limits count per API key (hashed), else per client address."""
+    """Rate limits count per configured API key (hashed), else per client address.
+
+    An unknown key, an absent one, or any key in open mode (where keys mean nothing) counts
+    against the address: a fresh made-up ``X-API-Key`` per request buys no new allowance.
+    """
+    keys: dict[str, Principal] | None = request.app.state.api_keys
     key = _presented_key(request)
-    if key:
-        return "key:" + hash_key(key)[:16]
+    if key and keys is not None:
+        digest = hash_key(key)
+        if digest in keys:
+            return "key:" + digest[:16]
     client = request.client
     return "addr:" + (client.host if client else "unknown")

@@ -8,6 +8,7 @@ import hashlib
 import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import anyio
@@ -15,10 +16,12 @@ import msgspec
 import optuna
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.exceptions import NotFoundException
-from litestar.params import Body, Parameter
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import Body, Parameter, QueryParameter
 from litestar.response import ServerSentEvent
 from optuna.trial import TrialState
 
+from calibration._errors import InvalidParameters
 from calibration._version import ENGINE_VERSION
 from calibration.calibrate import (
     CalibrationResult,
@@ -27,18 +30,21 @@ from calibration.calibrate import (
     prepare,
     study_name,
 )
-from calibration.spec import CalibrationSpec, spec_hash, validate_spec
+from calibration.spec import INSTRUMENT_PATTERN, CalibrationSpec, spec_hash, validate_spec
 from calibration.storage import Coordination
 from service import examples
 from service.auth import requires
-from service.errors import COMMON, PayloadTooLarge, problem_responses
+from service.errors import COMMON, PayloadTooLarge, problem_responses, redact
 from service.jobs import now_iso
-from service.schemas import CalibrationJob, Progress
+from service.limits import check_refs
+from service.schemas import CalibrationJob, CalibrationPage, JobState, Progress
 from service.settings import Settings
 from service.state import Svc
 
 FINAL = ("succeeded", "failed", "cancelled")
-JobId = Annotated[str, Parameter(description="calibration id", examples=[examples.JOB_ID])]
+JobId = Annotated[str, Parameter(description="calibration id (32 hex digits)", min_length=1,
+                                 max_length=64, pattern=r"^[0-9A-Za-z_-]+$",
+                                 examples=[examples.JOB_ID])]
 
 
 def cache_key(spec: CalibrationSpec, prepared: Prepared) -> str:
@@ -71,10 +77,15 @@ def _progress(settings: Settings, job: CalibrationJob) -> Progress | None:
         return None
 
 
-def _links(job: CalibrationJob) -> CalibrationJob:
+def _links(job: CalibrationJob, settings: Settings | None = None) -> CalibrationJob:
+    """The job as clients see it: its URLs, and an error without the server's secrets."""
+    error = job.error
+    if error is not None:
+        error = redact(error, data_root=settings.data_root if settings else None,
+                       state_dir=settings.state_dir if settings else None)
     return msgspec.structs.replace(
         job, status_url=f"/v1/calibrations/{job.id}",
-        result_url=f"/v1/calibrations/{job.id}/result")
+        result_url=f"/v1/calibrations/{job.id}/result", error=error)
 
 
 class CalibrationController(Controller):
@@ -90,16 +101,25 @@ class CalibrationController(Controller):
               "fingerprints, same engine) returns the cached result's job at once "
               "(`cached: true`, 200); one identical to a queued or running job joins it "
               "(`joined: true`)."
-          ), responses=problem_responses(*COMMON, 400, 413, 422))
+          ), responses={**problem_responses(*COMMON, 400, 413, 422), 200: ResponseSpec(
+              data_container=CalibrationJob, generate_examples=False,
+              description="answered from the result cache (`cached: true`)")})
     async def create(
         self, request: Request[Any, Any, Any], svc: Svc,
         data: Annotated[CalibrationSpec, Body(examples=[examples.CALIBRATION])],
     ) -> Response[CalibrationJob]:
         settings: Settings = request.app.state.settings
         validate_spec(data)
-        if data.n_trials is not None and data.n_trials > settings.max_trials:
+        if data.n_trials is None:
+            # A time budget alone has no trial bound: MARGINLAB_MAX_TRIALS would not hold.
+            raise InvalidParameters(f"this server needs n_trials (at most {settings.max_trials}"
+                                    "); timeout_seconds may cut it short", field="n_trials")
+        if data.n_trials > settings.max_trials:
             raise PayloadTooLarge(f"n_trials {data.n_trials} is above the limit of "
                                   f"{settings.max_trials}", field="n_trials")
+        await anyio.to_thread.run_sync(lambda: check_refs(
+            [(f"data[{i}]", d) for i, d in enumerate(data.data)], settings.data_root,
+            per_file=settings.max_file_rows, total=settings.max_job_rows))
         prepared = await anyio.to_thread.run_sync(prepare, data, settings.data_root)
         key = cache_key(data, prepared)
         existing_id = await svc.get("dedup", key, str)
@@ -120,6 +140,7 @@ class CalibrationController(Controller):
         )
         await svc.stores["jobs"].set(f"{job.id}:spec", msgspec.json.encode(data))
         await svc.put("jobs", job.id, job)
+        await _remember(request, svc, job.id)
         await svc.put("dedup", key, job.id, expires_in=settings.result_ttl_s)
         runner = request.app.state.runner
         try:
@@ -136,6 +157,50 @@ class CalibrationController(Controller):
         await svc.add_active(job.id)
         return Response(_links(job), status_code=202)
 
+    @get("/", guards=[requires("reader")],
+         summary="List calibrations, newest first (filters, pagination)",
+         description="Each calibration's state, instrument(s), model and times, without "
+                     "progress (read one calibration for that). Filters combine (and).",
+         responses={**problem_responses(*COMMON, 400, 422), 200: ResponseSpec(
+             data_container=CalibrationPage, generate_examples=False,
+             description="one page of calibrations", examples=[examples.CALIBRATIONS])})
+    async def list_calibrations(
+        self, request: Request[Any, Any, Any], svc: Svc,
+        job_state: Annotated[JobState | None, QueryParameter(
+            name="state", description="only calibrations in this state")] = None,
+        instrument: Annotated[str | None, Parameter(
+            description="only calibrations on this instrument", min_length=1,
+            max_length=64, pattern=INSTRUMENT_PATTERN)] = None,
+        created_after: Annotated[str | None, Parameter(
+            description="only calibrations created at or after this UTC instant (ISO 8601)",
+            max_length=40, pattern=_ISO_INSTANT)] = None,
+        created_before: Annotated[str | None, Parameter(
+            description="only calibrations created before this UTC instant (ISO 8601)",
+            max_length=40, pattern=_ISO_INSTANT)] = None,
+        limit: Annotated[int, Parameter(description="page size (count)", ge=1,
+                                        le=MAX_PAGE)] = 50,
+        offset: Annotated[int, Parameter(description="calibrations to skip (count)",
+                                         ge=0, le=MAX_LISTED)] = 0,
+    ) -> CalibrationPage:
+        after = _instant(created_after, "created_after")
+        before = _instant(created_before, "created_before")
+        ids = await _listed(request, svc)
+        matching: list[CalibrationJob] = []
+        for job_id in reversed(ids):
+            job = await svc.get("jobs", job_id, CalibrationJob)
+            if job is None or (job_state and job.state != job_state) or (
+                    instrument and instrument not in job.instruments):
+                continue
+            created = _instant(job.created_at, "created_at")
+            if (after and created and created < after) or (
+                    before and created and created >= before):
+                continue
+            matching.append(job)
+        page = [_links(j) for j in matching[offset:offset + limit]]
+        more = offset + limit < len(matching)
+        return CalibrationPage(items=page, total=len(matching), limit=limit, offset=offset,
+                               next_offset=offset + limit if more else None)
+
     @get("/{job_id:str}", guards=[requires("reader")],
          summary="A calibration's state and progress (from the study)",
          responses=problem_responses(*COMMON, 404))
@@ -143,11 +208,16 @@ class CalibrationController(Controller):
                      job_id: JobId) -> CalibrationJob:
         job = await _job(svc, job_id)
         progress = await anyio.to_thread.run_sync(_progress, request.app.state.settings, job)
-        return _links(msgspec.structs.replace(job, progress=progress))
+        return _links(msgspec.structs.replace(job, progress=progress),
+                      request.app.state.settings)
 
-    @get("/{job_id:str}/events", guards=[requires("reader")],
+    @get("/{job_id:str}/events", guards=[requires("reader")], media_type="text/event-stream",
          summary="Progress as Server-Sent Events until the job ends",
-         responses=problem_responses(*COMMON, 404))
+         responses={**problem_responses(*COMMON, 404), 200: ResponseSpec(
+             data_container=str, media_type="text/event-stream", generate_examples=False,
+             description="`event: progress` records whose `data:` is the job as JSON "
+                         "(a CalibrationJob with its progress), one per change; the stream "
+                         "ends after the job's final state")})
     async def events(self, request: Request[Any, Any, Any], svc: Svc,
                      job_id: JobId) -> ServerSentEvent:
         await _job(svc, job_id)
@@ -159,7 +229,8 @@ class CalibrationController(Controller):
             while time.monotonic() < deadline:
                 job = await _job(svc, job_id)
                 progress = await anyio.to_thread.run_sync(_progress, settings, job)
-                payload = msgspec.json.encode(msgspec.structs.replace(job, progress=progress))
+                payload = msgspec.json.encode(
+                    _links(msgspec.structs.replace(job, progress=progress), settings))
                 if payload != last:
                     last = payload
                     yield payload.decode()
@@ -199,14 +270,19 @@ class CalibrationController(Controller):
     @get("/{job_id:str}/result", guards=[requires("reader")],
          summary="Pareto front, recommendation and evidence of a finished calibration",
          responses=problem_responses(*COMMON, 404))
-    async def result(self, svc: Svc, job_id: JobId) -> CalibrationResult:
+    async def result(self, request: Request[Any, Any, Any], svc: Svc,
+                     job_id: JobId) -> CalibrationResult:
         job = await _job(svc, job_id)
         raw = await svc.stores["results"].get(job.cache_key)
         if raw is None:
             detail = (f"calibration {job_id} is {job.state}; no result yet" if job.state not in
                       FINAL else f"calibration {job_id} ended {job.state}; no result")
             raise NotFoundException(detail)
-        return msgspec.json.decode(raw, type=CalibrationResult)
+        result = msgspec.json.decode(raw, type=CalibrationResult)
+        settings: Settings = request.app.state.settings
+        # The study storage's URL may carry a password and a server path: never sent out.
+        return msgspec.structs.replace(result, storage=redact(
+            result.storage, data_root=settings.data_root, state_dir=settings.state_dir))
 
 
 def _report(settings: Settings, spec_raw: bytes, result: CalibrationResult) -> str:
@@ -215,6 +291,53 @@ def _report(settings: Settings, spec_raw: bytes, result: CalibrationResult) -> s
 
     prepared = prepare(decode_spec(spec_raw), settings.data_root)
     return render_calibration_report(result, prepared)
+
+
+#: Key, in the jobs store, of the ids of every calibration in creation order (the newest
+#: ``MAX_LISTED`` kept).
+_INDEX = "_index"
+MAX_LISTED = 10_000
+MAX_PAGE = 200
+_ISO_INSTANT = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}(T[0-9:.]+(Z|[+-][0-9]{2}:?[0-9]{2})?)?$"
+_index_lock = asyncio.Lock()
+
+
+async def _remember(request: Request[Any, Any, Any], svc: Svc, job_id: str) -> None:
+    """Add a calibration to the listing's index (atomically in Redis, under a lock in the
+    one embedded process)."""
+    redis = getattr(request.app.state, "redis", None)
+    if redis is not None:
+        # The Redis store and this list share the server: RPUSH + LTRIM cannot lose an id to
+        # a concurrent request of another API process.
+        await redis.rpush(INDEX_KEY, job_id)
+        await redis.ltrim(INDEX_KEY, -MAX_LISTED, -1)
+        return
+    async with _index_lock:
+        ids = await _listed(request, svc)
+        await svc.put("jobs", _INDEX, [*ids, job_id][-MAX_LISTED:])
+
+
+INDEX_KEY = "marginlab:calibration-index"
+
+
+async def _listed(request: Request[Any, Any, Any], svc: Svc) -> list[str]:
+    """Calibration ids, oldest first."""
+    redis = getattr(request.app.state, "redis", None)
+    if redis is not None:
+        # A retried RPUSH may have landed twice: keep each id once, at its first place.
+        return list(dict.fromkeys(i.decode() for i in await redis.lrange(INDEX_KEY, 0, -1)))
+    return await svc.get("jobs", _INDEX, list[str]) or []
+
+
+def _instant(text: str | None, field: str) -> datetime | None:
+    if not text:
+        return None
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidParameters(f"{field}: not an ISO 8601 instant: {text[:40]!r}",
+                                field=field) from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 async def _job(svc: Svc, job_id: JobId) -> CalibrationJob:

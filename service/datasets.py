@@ -24,6 +24,7 @@ from service import examples
 from service.auth import requires
 from service.errors import COMMON, PayloadTooLarge, problem_responses
 from service.jobs import now_iso
+from service.limits import check_file_rows
 from service.schemas import DatasetInfo
 from service.state import Svc
 
@@ -76,8 +77,9 @@ def sweep_partial_uploads(data_root: str | Path, *, older_than_s: float = 0.0) -
 
 
 def _describe(path: Path, root: Path, instrument: str, size: int,
-              format: str) -> DatasetInfo:
+              format: str, max_rows: int = 10_000_000) -> DatasetInfo:
     ref = str(path.relative_to(root))
+    check_file_rows(path, max_rows, "body")  # before decoding: Parquet compresses 10^4:1
     bars = load_bars(ref, root=root, instrument=instrument)
     info = dataset_info(bars)
     return DatasetInfo(
@@ -159,7 +161,7 @@ class DatasetController(Controller):
             if size == 0:
                 raise InvalidParameters("empty upload", field="body")
             info = await anyio.to_thread.run_sync(_describe, Path(tmp_name), root, instrument,
-                                                  size, format)
+                                                  size, format, settings.max_file_rows)
             named = target_dir / f"{instrument}-{info.id}.{format}"
             info = msgspec.structs.replace(info, ref=str(named.relative_to(root)))
             async with svc.lock("datasets"):

@@ -51,6 +51,24 @@ PUBLISHED = Example(
 )
 
 HEALTH = Example(summary="alive", value={"status": "ok"})
+INDEX_LINKS = {"service": "marginlab", "docs": "/schema", "openapi": "/schema/openapi.json",
+               "health": "/healthz"}
+INDEX = Example(summary="where the documentation is", value=INDEX_LINKS)
+CALIBRATIONS = Example(
+    summary="the first page of succeeded calibrations on BTCUSDT",
+    value={"items": [{"id": "0bb5fdab8bc6479e8a221d55783a6f27", "state": "succeeded",
+                      "cache_key": "54eafb55...", "spec_hash": "80ae0797...",
+                      "study": "marginlab-ewma-80ae0797a6e314cf-54eafb55", "model": "ewma",
+                      "instruments": ["BTCUSDT"], "n_trials": 200,
+                      "created_at": "2026-11-24T10:00:00Z",
+                      "started_at": "2026-11-24T10:00:01Z",
+                      "finished_at": "2026-11-24T10:04:10Z", "error": None, "cached": False,
+                      "joined": False,
+                      "status_url": "/v1/calibrations/0bb5fdab8bc6479e8a221d55783a6f27",
+                      "result_url": "/v1/calibrations/0bb5fdab8bc6479e8a221d55783a6f27/result",
+                      "progress": None}],
+           "total": 1, "limit": 50, "offset": 0, "next_offset": None},
+)
 READY = Example(summary="ready",
                 value={"status": "ready",
                        "checks": {"store": "ok", "study_storage": "ok", "queue": "ok"}})

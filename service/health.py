@@ -30,6 +30,13 @@ class HealthController(Controller):
 
     tags = ["operations"]
 
+    @get("/", summary="Where the documentation is",
+         description="Links to the interactive documentation and the OpenAPI document.",
+         responses={200: ResponseSpec(generate_examples=False, data_container=dict[str, str],
+                                      description="links", examples=[examples.INDEX])})
+    async def index(self) -> dict[str, str]:
+        return dict(examples.INDEX_LINKS)
+
     @get("/healthz", summary="The process is up",
          responses={200: ResponseSpec(generate_examples=False, data_container=dict[str, str],
                                       description="alive",

@@ -12,10 +12,14 @@ from litestar.params import Body
 
 from calibration.calibrate import load_data_ref
 from calibration.listing import ListingConfig, recommend_listing
-from calibration.spec import DataRefSpec
+from calibration.spec import MAX_HORIZON_BARS, MAX_INSTRUMENTS, DataRefSpec, Instrument, Short
 from service.auth import requires
+from service.backtests import load_within
 from service.errors import COMMON, problem_responses
+from service.limits import check_refs
 from service.settings import Settings
+
+_M = msgspec.Meta
 
 EXAMPLE = Example(
     summary="LUNA as a new listing with a week of own history, BTC and ETH as proxies",
@@ -36,24 +40,42 @@ EXAMPLE = Example(
 class ListingRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The new instrument's (short) history, its proxies and the target tier structure."""
 
-    instrument: str
-    proxies: list[DataRefSpec]
-    own: DataRefSpec | None = None
-    horizon_bars: int | None = None
-    horizon: str | None = None
-    confidence: float = 0.99
-    novelty_buffer: float = 0.5
-    novelty_halflife_days: float = 30.0
-    tier_growth: float = 2.0
-    bracket_caps_usd: list[float] | None = None
-    im_to_mm: float = 2.0
-    floor_rate: float = 0.005
+    instrument: Instrument
+    proxies: Annotated[list[DataRefSpec], _M(
+        min_length=1, max_length=MAX_INSTRUMENTS,
+        description="instruments whose returns stand in for the new one's")]
+    own: Annotated[DataRefSpec, _M(
+        description="the new instrument's own (short) history; null: none")] | None = None
+    horizon_bars: Annotated[int, _M(
+        ge=1, le=MAX_HORIZON_BARS, description="close-out horizon (bars)")] | None = None
+    horizon: Annotated[Short, _M(
+        description="close-out horizon as a duration (`1h`, `2d`)")] | None = None
+    confidence: Annotated[float, _M(
+        gt=0, lt=1, description="expected-shortfall confidence (probability)")] = 0.99
+    novelty_buffer: Annotated[float, _M(
+        ge=0, le=10, description="extra margin for no own history (fraction of the margin)")] = (
+        0.5)
+    novelty_halflife_days: Annotated[float, _M(
+        gt=0, le=3650, description="half-life of the novelty buffer in own history (days)")] = (
+        30.0)
+    tier_growth: Annotated[float, _M(
+        ge=1, le=100, description="margin growth per notional bracket (ratio)")] = 2.0
+    bracket_caps_usd: Annotated[list[Annotated[float, _M(gt=0, le=1e15)]], _M(
+        min_length=1, max_length=64,
+        description="upper notional of each bracket (USD); null: the default")] | None = None
+    im_to_mm: Annotated[float, _M(ge=1, le=100, description="IM / MM (ratio)")] = 2.0
+    floor_rate: Annotated[float, _M(
+        ge=0, lt=1, description="smallest MM rate (fraction of notional)")] = 0.005
 
 
 def _recommend(body: ListingRequest, settings: Settings) -> dict[str, Any]:
     root = settings.data_root
+    refs = [(f"proxies[{i}]", p) for i, p in enumerate(body.proxies)]
+    check_refs([*refs, *([("own", body.own)] if body.own is not None else [])], root,
+               per_file=settings.max_file_rows)
     own = load_data_ref(body.own, root, "own") if body.own is not None else None
-    proxies = [load_data_ref(p, root, f"proxies[{i}]") for i, p in enumerate(body.proxies)]
+    budget = settings.max_sync_bars - (len(own) if own is not None else 0)
+    proxies = load_within(body.proxies, root, budget, "proxies")
     fields: dict[str, Any] = {
         "horizon_bars": body.horizon_bars, "horizon": body.horizon,
         "confidence": body.confidence,

@@ -40,6 +40,7 @@ from calibration._errors import InvalidParameters, MarginlabError
 from calibration.calibrate import CalibrationResult
 from calibration.models import make_model
 from calibration.publishing import Violation, check_update
+from calibration.spec import INSTRUMENT_PATTERN
 from service import examples
 from service.audit import AuditLog, UpdateRecord
 from service.auth import check_role, principal_of, requires
@@ -238,7 +239,8 @@ class RecommendationController(Controller):
          })
     async def get_published(
         self, request: Request[Any, Any, Any],
-        instrument: Annotated[str, Parameter(description="instrument",
+        instrument: Annotated[str, Parameter(description="instrument", min_length=1,
+                                             max_length=64, pattern=INSTRUMENT_PATTERN,
                                              examples=[examples.INSTRUMENT])],
     ) -> Response[bytes]:
         await check_role(request, "reader")
@@ -267,7 +269,8 @@ class RecommendationController(Controller):
           responses=problem_responses(*COMMON, 400, 422))
     async def publish_parameters(
         self, request: Request[Any, Any, Any], svc: Svc,
-        instrument: Annotated[str, Parameter(description="instrument",
+        instrument: Annotated[str, Parameter(description="instrument", min_length=1,
+                                             max_length=64, pattern=INSTRUMENT_PATTERN,
                                              examples=[examples.INSTRUMENT])],
         data: Annotated[PublishRequest, Body(examples=[examples.PUBLISH])],
         idempotency_key: Annotated[str | None, HeaderParameter(
@@ -324,7 +327,8 @@ class RecommendationController(Controller):
          responses=problem_responses(*COMMON, 404))
     async def history(
         self, request: Request[Any, Any, Any],
-        instrument: Annotated[str, Parameter(description="instrument",
+        instrument: Annotated[str, Parameter(description="instrument", min_length=1,
+                                             max_length=64, pattern=INSTRUMENT_PATTERN,
                                              examples=[examples.INSTRUMENT])],
     ) -> list[dict[str, Any]]:
         records = await anyio.to_thread.run_sync(request.app.state.audit.history, instrument)
@@ -382,6 +386,13 @@ class PublishRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
     Give exactly one of ``calibration_id``, ``params`` (with ``model``) and
     ``rollback_to_version``. Guardrails apply to each alike.
+
+    Attributes:
+        reason: why, for the audit trail (text).
+        calibration_id: publish this calibration's recommendation.
+        params: publish these parameters, each in its own units (with ``model``).
+        model: margin model family of ``params``.
+        rollback_to_version: publish this past audit version again.
     """
 
     reason: str

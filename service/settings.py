@@ -11,6 +11,8 @@
 | ``MARGINLAB_MAX_UPLOAD_BYTES`` | largest dataset upload | 256 MiB |
 | ``MARGINLAB_MAX_SYNC_BARS`` | largest synchronous backtest (bars, all instruments) | 500000 |
 | ``MARGINLAB_MAX_TRIALS`` | largest ``n_trials`` of one calibration | 5000 |
+| ``MARGINLAB_MAX_FILE_ROWS`` | most rows decoded from one data file (uploads and refs) | 10^7 |
+| ``MARGINLAB_MAX_JOB_ROWS`` | most rows of all files of one calibration | 2 * 10^7 |
 | ``MARGINLAB_RESULT_TTL_S`` | lifetime of cached results | 7 days |
 | ``MARGINLAB_WORKERS_PER_JOB`` | queue jobs (workers) per calibration with Redis | 2 |
 | ``MARGINLAB_JOB_RETRIES`` | times rq re-runs a queue job whose worker died | 3 |
@@ -50,6 +52,8 @@ class Settings:
     max_upload_bytes: int = 256 * 1024 * 1024
     max_sync_bars: int = 500_000
     max_trials: int = 5000
+    max_file_rows: int = 10_000_000
+    max_job_rows: int = 20_000_000
     result_ttl_s: int = 7 * 86_400
     workers_per_job: int = 2
     job_retries: int = 3
@@ -77,6 +81,8 @@ class Settings:
             max_upload_bytes=num("MARGINLAB_MAX_UPLOAD_BYTES", 256 * 1024 * 1024),
             max_sync_bars=num("MARGINLAB_MAX_SYNC_BARS", 500_000),
             max_trials=num("MARGINLAB_MAX_TRIALS", 5000),
+            max_file_rows=num("MARGINLAB_MAX_FILE_ROWS", 10_000_000),
+            max_job_rows=num("MARGINLAB_MAX_JOB_ROWS", 20_000_000),
             result_ttl_s=num("MARGINLAB_RESULT_TTL_S", 7 * 86_400),
             workers_per_job=num("MARGINLAB_WORKERS_PER_JOB", 2),
             job_retries=num("MARGINLAB_JOB_RETRIES", 3),

@@ -20,6 +20,7 @@ from calibration.spec import (
     CalibrationSpec,
     DataRefSpec,
     ParamSpec,
+    WalkForwardSpec,
     decode_spec,
     spec_hash,
     validate_spec,
@@ -176,3 +177,27 @@ def test_calibrate_refuses_bad_worker_counts(tmp_path: Path, workers: int, stora
     with pytest.raises(InvalidParameters) as info:
         calibrate(spec, root=tmp_path / "nowhere", storage=storage, workers=workers)
     assert info.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"seed": 2**32}, "seed"),
+        ({"seed": -1}, "seed"),
+        ({"walk_forward": WalkForwardSpec(folds=51)}, "walk_forward.folds"),
+        ({"liquidation": {"leverages": [2000]}}, "liquidation.leverages"),
+        ({"liquidation": {"latency_bars": 10**8}}, "liquidation.latency_bars"),
+        ({"liquidation": {"leverages": list(range(1, 65)),
+                          "notionals_usd": [float(n) for n in range(1, 65)]}},
+         "liquidation.leverages"),
+    ],
+    ids=["seed-2^32", "seed-negative", "folds-51", "leverage-2000", "latency-1e8", "grid-8192"],
+)
+def test_validate_spec_bounds_python_built_specs(change: dict[str, object], field: str) -> None:
+    """Specs built in Python (no decoder constraints) are bounded by validate_spec alike:
+    numpy's seed range 0..2**32-1, at most 50 folds, bounded liquidation grids (64 x 64 x 2 =
+    8192 positions per entry bar is above the 4096 cap)."""
+    base = CalibrationSpec(data=[DataRefSpec(instrument="X", ref="x.csv")], model="ewma")
+    with pytest.raises(InvalidParameters) as err:
+        validate_spec(msgspec.structs.replace(base, **change))
+    assert err.value.field == field
