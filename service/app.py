@@ -24,6 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from calibration._errors import MarginlabError
 from calibration._version import ENGINE_VERSION
 from service import errors
+from service.accounts import AccountController
 from service.audit import AuditLog, audit_url
 from service.auth import load_keys
 from service.backtests import BacktestController
@@ -119,7 +120,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     app = Litestar(
         route_handlers=[HealthController, DatasetController, BacktestController,
-                        CalibrationController, RecommendationController, ListingController],
+                        CalibrationController, RecommendationController, ListingController,
+                        AccountController],
         dependencies={"svc": Provide(_provide_state, sync_to_thread=False)},
         lifespan=[lifespan],
         middleware=[RateLimit(settings.rate_limit_per_minute)]

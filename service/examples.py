@@ -88,3 +88,21 @@ PUBLISH = Example(
     value={"calibration_id": "0bb5fdab8bc6479e8a221d55783a6f27",
            "reason": "monthly recalibration; FTX and LUNA windows green"},
 )
+
+MARGIN = Example(
+    summary="two accounts under BTCUSDT's published tiers",
+    value={"accounts": [{"id": "desk-1", "positions": {"BTCUSDT": 100000}},
+                        {"id": "desk-2", "positions": {"BTCUSDT": -50000},
+                         "equity_usd": 600}]},
+)
+
+ACCOUNT_BACKTEST = Example(
+    summary="a seeded population on BTC and ETH through the FTX week, cross margin",
+    value={"data": [{"instrument": "BTCUSDT", "ref": BTC_REF, "start": "2022-10-01",
+                     "end": "2022-11-30"},
+                    {"instrument": "ETHUSDT", "ref": "uploads/ETHUSDT-9a1b2c3d4e5f6071.csv",
+                     "start": "2022-10-01", "end": "2022-11-30"}],
+           "model": "tiered", "params": {"base_mmr": 0.01, "tier_growth": 2.0},
+           "population": {"seed": 1, "entry_every_bars": 48, "accounts_per_entry": 20},
+           "mode": "cross", "liquidation": {"latency_bars": 1}},
+)

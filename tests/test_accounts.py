@@ -395,3 +395,33 @@ def test_haircut_and_upnl_weight_move_the_trigger() -> None:
                                                                       upnl_weight=0.0))
     assert counted.trigger_bar.tolist() == [-1]
     assert ignored.trigger_bar.tolist() == [3]
+
+
+def test_requirements_now_tiered_and_ewma() -> None:
+    """Binance 2021 tiers: 100,000 USD → MM 450 (0.5% − 50), IM 1,000 (1%); 50,000 at the cap
+    → MM 200, IM 500 (the upper bracket); an EWMA model takes its last bar's rates."""
+    from calibration.accounts import requirements_now
+    from calibration.models import (
+        BINANCE_BTCUSDT_2021_CAPS_USD,
+        BINANCE_BTCUSDT_2021_IMR,
+        BINANCE_BTCUSDT_2021_MMR,
+    )
+
+    tiers = TieredMargin(mmr_schedule=BINANCE_BTCUSDT_2021_MMR,
+                         imr_schedule=BINANCE_BTCUSDT_2021_IMR,
+                         bracket_caps_usd=BINANCE_BTCUSDT_2021_CAPS_USD)
+    req = requirements_now(tiers, np.array([100_000.0, -50_000.0, 10_000.0]))
+    assert req.mm_usd.tolist() == pytest.approx([450.0, 200.0, 40.0])
+    assert req.im_usd.tolist() == pytest.approx([1_000.0, 500.0, 80.0])
+    assert req.as_of is None
+    rng = np.random.default_rng(0)
+    close = 100 * np.exp(np.cumsum(rng.normal(0, 0.01, 300)))
+    b = series("BTCUSDT", [(c, c * 1.01, c * 0.99, c) for c in close])
+    ewma = make_model("ewma", {"warmup_bars": 50, "horizon_bars": 4})
+    rates = ewma.margin_rates(b)
+    got = requirements_now(ewma, np.array([20_000.0]), b)
+    assert got.mm_usd[0] == pytest.approx(rates.mm_rate[-1] * 20_000)
+    assert got.im_usd[0] == pytest.approx(rates.im_rate[-1] * 20_000)
+    with pytest.raises(InvalidParameters) as info:
+        requirements_now(ewma, np.array([1.0]))
+    assert info.value.field == "data"

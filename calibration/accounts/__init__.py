@@ -26,6 +26,7 @@ from calibration.accounts._report import (
     AccountRow,
     run_account_backtest,
 )
+from calibration.accounts._requirements import Requirement, requirements_now
 
 __all__ = [
     "MARGIN_MODES",
@@ -38,9 +39,11 @@ __all__ = [
     "AccountRow",
     "Market",
     "PopulationSpec",
+    "Requirement",
     "accounts_from_records",
     "generate_population",
     "load_accounts",
+    "requirements_now",
     "run_account_backtest",
     "simulate_accounts",
     "underlying_of",

@@ -20,12 +20,22 @@ from calibration.windows import StressWindow
 class AccountFigures(msgspec.Struct, frozen=True, kw_only=True):
     """Account figures over one window (accounts counted in the window where they open).
 
-    ``bad_debt_usd`` is under the run's mode; ``bad_debt_cross_usd`` and
-    ``bad_debt_isolated_usd`` are the same population pooled and as isolated twins (each
-    position alone with its entry-IM share of the collateral). ``healthy_leg_liquidations``:
-    positions closed with their account whose twin never triggered or triggered later;
-    ``hedge_break_loss_usd``: those legs' close-out losses; ``saved_by_cross``: accounts never
-    liquidated although a twin was. Money in USD.
+    Attributes:
+        window: ``all`` or the stress window's name.
+        start, end: the window's bounds (UTC ISO 8601), null for ``all``.
+        accounts: accounts opened in the window (count).
+        positions: their positions (count).
+        notional_opened_usd: their gross notional at entry, USD.
+        liquidated_accounts: accounts liquidated under the run's mode (count).
+        liquidated_positions: positions closed by those liquidations (count).
+        bad_debt_usd: bad debt under the run's mode, USD.
+        bad_debt_cross_usd: bad debt with collateral pooled per account, USD.
+        bad_debt_isolated_usd: bad debt of the isolated twins (each position alone with its
+            entry-IM share of the account's collateral), USD.
+        healthy_leg_liquidations: positions closed with their account whose twin never
+            triggered or triggered later (count).
+        hedge_break_loss_usd: those legs' close-out losses, ``max(0, −PnL)``, USD.
+        saved_by_cross: accounts never liquidated although one of their twins was (count).
     """
 
     window: str
@@ -45,8 +55,15 @@ class AccountFigures(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class AccountRow(msgspec.Struct, frozen=True, kw_only=True):
-    """One account's outcome: ``trigger_time`` the open time of its trigger bar (``null``
-    if never liquidated), ``bad_debt_usd`` under the run's mode."""
+    """One account's outcome.
+
+    Attributes:
+        id: the account's identifier.
+        liquidated: whether it was liquidated under the run's mode.
+        trigger_time: open time (UTC ISO 8601) of its trigger bar; null if never liquidated
+            (isolated mode: its first twin's).
+        bad_debt_usd: its bad debt under the run's mode, USD.
+    """
 
     id: str
     liquidated: bool
@@ -59,8 +76,27 @@ class AccountBacktestReport(msgspec.Struct, frozen=True, kw_only=True):
 
     Prices are evaluated at each asset's adverse extreme for the account (low when net long,
     high when net short): OHLC does not say whether the extremes of different instruments
-    coincide, so this is the conservative reading. ``horizon_bars`` / ``horizon`` is the
-    close-out horizon the margin models were sized for.
+    coincide, so this is the conservative reading.
+
+    Attributes:
+        engine_version: version of the engine's numbers.
+        mode: ``cross`` or ``isolated``.
+        model: the margin model family of every instrument.
+        params: its parameters, defaults filled in (rates as fractions of notional).
+        instruments: the market's instruments.
+        market_fingerprint: sha256 over every series read (hex).
+        dropped_bars: instrument → its bars dropped to align the market (count).
+        bar_seconds: the bar size (s).
+        horizon_bars: the close-out horizon the models were sized for (bars).
+        horizon: the same as a duration (``1h``).
+        liquidation: the replay settings (holding and latency in bars, rates as fractions,
+            the fund in USD, haircut schedules, the weight of unrealised profit).
+        adverse_extremes: how prices are read within a bar (the conservative reading).
+        summary: the account figures overall, then per stress window.
+        accounts: every opened account's outcome.
+        skipped: account id → why it was not opened.
+        insurance_fund_min_usd: the venue fund's lowest level, USD.
+        insurance_fund_exhausted_at: when it first went below zero (UTC ISO 8601), or null.
     """
 
     engine_version: str

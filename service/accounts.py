@@ -1,0 +1,252 @@
+"""``/v1/margin`` (what accounts must post now) and ``/v1/account-backtests``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import anyio
+import msgspec
+import numpy as np
+from litestar import Controller, Request, post
+from litestar.params import Body
+
+from calibration._errors import InvalidParameters
+from calibration.accounts import (
+    AccountBacktestReport,
+    AccountConfig,
+    Market,
+    PopulationSpec,
+    accounts_from_records,
+    requirements_now,
+    run_account_backtest,
+)
+from calibration.calibrate import load_data_ref
+from calibration.models import make_model
+from calibration.spec import DataRefSpec, Instrument, StressWindowSpec
+from calibration.windows import DEFAULT_STRESS_WINDOWS, StressWindow
+from service import examples
+from service.auth import requires
+from service.errors import COMMON, PayloadTooLarge, problem_responses
+from service.recommendations import load_published
+from service.schemas import PublishedParameters
+from service.settings import Settings
+
+_M = msgspec.Meta
+
+#: Largest account-position count of one margin request.
+MAX_MARGIN_POSITIONS = 1_000_000
+
+
+class MarginAccount(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One account now: its positions at current notional, and optionally its equity."""
+
+    id: Annotated[str, _M(max_length=128, description="the account's identifier")]
+    positions: Annotated[dict[Instrument, float], _M(
+        description="instrument → signed notional at the current mark price, USD")]
+    equity_usd: Annotated[float | None, _M(
+        description="the account's equity (collateral value + unrealised PnL), USD; "
+                    "with it the answer gives the margin ratio")] = None
+
+
+class MarginRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Accounts whose requirement is wanted under the published parameters.
+
+    ``data`` names recent bars per instrument for models whose rates move with the market
+    (``ewma``, ``fhs``); tiered parameters need none.
+    """
+
+    accounts: Annotated[list[MarginAccount], _M(max_length=100_000,
+                                                description="the accounts (at most 100,000)")]
+    data: Annotated[list[DataRefSpec], _M(max_length=32, description=(
+        "recent bars of the instruments whose published model is time-varying"))] = []
+
+
+class PositionMargin(msgspec.Struct, frozen=True, kw_only=True):
+    """One position's requirement."""
+
+    instrument: Annotated[str, _M(description="instrument name")]
+    notional_usd: Annotated[float, _M(description="signed notional, USD")]
+    mm_usd: Annotated[float, _M(description="maintenance margin, USD")]
+    im_usd: Annotated[float, _M(description="initial margin, USD")]
+
+
+class AccountMargin(msgspec.Struct, frozen=True, kw_only=True):
+    """An account's cross-margin requirement: the sum of its positions'."""
+
+    id: Annotated[str, _M(description="the account's identifier")]
+    mm_usd: Annotated[float, _M(description="maintenance margin, USD")]
+    im_usd: Annotated[float, _M(description="initial margin, USD")]
+    margin_ratio: Annotated[float | None, _M(
+        description="equity_usd / mm_usd (below 1: liquidatable); null without equity")]
+    liquidatable: Annotated[bool | None, _M(
+        description="equity_usd <= mm_usd; null without equity")]
+    positions: Annotated[list[PositionMargin], _M(description="per position")]
+
+
+class ParametersUsed(msgspec.Struct, frozen=True, kw_only=True):
+    """The published parameters an answer used."""
+
+    model: Annotated[str, _M(description="margin model family")]
+    version: Annotated[int, _M(description="audit version of the published parameters")]
+    as_of: Annotated[str | None, _M(
+        description="open time (UTC ISO 8601) of the bar whose rates applied; null for "
+                    "tiers (constant rates)")]
+
+
+class MarginResponse(msgspec.Struct, frozen=True, kw_only=True):
+    """Requirements per account, and the parameters used per instrument."""
+
+    accounts: Annotated[list[AccountMargin], _M(description="per account, in request order")]
+    parameters: Annotated[dict[str, ParametersUsed], _M(
+        description="instrument → the published parameters used")]
+
+
+def _margin(body: MarginRequest, published: dict[str, PublishedParameters],
+            settings: Settings) -> MarginResponse:
+    refs = {d.instrument: (i, d) for i, d in enumerate(body.data)}
+    acc_idx: list[int] = []
+    inst: list[str] = []
+    notional: list[float] = []
+    for j, acc in enumerate(body.accounts):
+        for name, value in acc.positions.items():
+            acc_idx.append(j)
+            inst.append(name)
+            notional.append(value)
+    if len(notional) > MAX_MARGIN_POSITIONS:
+        raise PayloadTooLarge(f"{len(notional)} positions; at most {MAX_MARGIN_POSITIONS} "
+                              "per request", field="accounts")
+    mm = np.zeros(len(notional))
+    im = np.zeros(len(notional))
+    inst_arr = np.array(inst, dtype=object)
+    notional_arr = np.array(notional, dtype=np.float64)
+    used: dict[str, ParametersUsed] = {}
+    for name, pub in published.items():
+        mine = inst_arr == name
+        model = make_model(pub.model, pub.params)
+        bars = None
+        if pub.model != "tiered":
+            if name not in refs:
+                raise InvalidParameters(f"{name} is published as {pub.model}, whose rates move "
+                                        "with the market: name its recent bars in data",
+                                        field="data")
+            i, ref = refs[name]
+            bars = load_data_ref(ref, settings.data_root, f"data[{i}]")
+        req = requirements_now(model, notional_arr[mine], bars)
+        mm[mine] = req.mm_usd
+        im[mine] = req.im_usd
+        used[name] = ParametersUsed(model=pub.model, version=pub.version, as_of=req.as_of)
+    out = []
+    start = 0
+    for j, acc in enumerate(body.accounts):
+        stop = start
+        while stop < len(acc_idx) and acc_idx[stop] == j:
+            stop += 1
+        total_mm = float(mm[start:stop].sum())
+        total_im = float(im[start:stop].sum())
+        ratio = liquidatable = None
+        if acc.equity_usd is not None:
+            ratio = acc.equity_usd / total_mm if total_mm > 0 else None
+            liquidatable = acc.equity_usd <= total_mm
+        out.append(AccountMargin(
+            id=acc.id, mm_usd=total_mm, im_usd=total_im, margin_ratio=ratio,
+            liquidatable=liquidatable,
+            positions=[PositionMargin(instrument=inst[p], notional_usd=notional[p],
+                                      mm_usd=float(mm[p]), im_usd=float(im[p]))
+                       for p in range(start, stop)]))
+        start = stop
+    return MarginResponse(accounts=out, parameters=used)
+
+
+class AccountBacktestRequest(msgspec.Struct, frozen=True, kw_only=True,
+                             forbid_unknown_fields=True):
+    """An account backtest: the market's bars, the accounts (explicit or a population), the
+    margin model of every instrument and the replay settings (see ``marginlab accounts
+    backtest``)."""
+
+    data: Annotated[list[DataRefSpec], _M(min_length=1, max_length=32,
+                                          description="one instrument's bars each")]
+    model: Annotated[str, _M(max_length=32, description="margin model family")]
+    params: Annotated[dict[str, Any], _M(description="the family's parameters")] = {}
+    accounts: Annotated[list[dict[str, Any]], _M(max_length=100_000, description=(
+        "accounts: {id, entry (ISO time or epoch ms), collateral {asset: units}, positions "
+        "{instrument: signed USD notional}}, at most 100,000"))] | None = None
+    population: Annotated[dict[str, Any] | None, _M(
+        description="a seeded population (PopulationSpec fields) instead of accounts")] = None
+    mode: Annotated[Literal["cross", "isolated"], _M(
+        description="margin mode of every account")] = "cross"
+    liquidation: Annotated[dict[str, Any], _M(description=(
+        "holding_bars, latency_bars, spread_rate, liquidation_fee_rate, insurance_fund_usd, "
+        "haircuts, upnl_weight"))] = {}
+    stress_windows: Annotated[list[StressWindowSpec] | None, _M(
+        description="named windows (null: the domain's crash episodes)")] = None
+
+
+def _account_backtest(body: AccountBacktestRequest, settings: Settings
+                      ) -> AccountBacktestReport:
+    series = [load_data_ref(d, settings.data_root, f"data[{i}]")
+              for i, d in enumerate(body.data)]
+    total = sum(len(b) for b in series)
+    if total > settings.max_sync_bars:
+        raise PayloadTooLarge(f"{total} bars exceed the synchronous limit of "
+                              f"{settings.max_sync_bars}; cut the range", field="data")
+    market = Market.from_series(series)
+    per_day = max(1, 86_400 // market.bar_seconds)
+    config = AccountConfig.from_mapping(body.liquidation, mode=body.mode,
+                                        holding_bars=7 * per_day)
+    if (body.accounts is None) == (body.population is None):
+        raise InvalidParameters("give either accounts or a population", field="accounts")
+    accounts = accounts_from_records(body.accounts) if body.accounts is not None else None
+    population = (PopulationSpec.from_mapping(body.population)
+                  if body.population is not None else None)
+    windows = (DEFAULT_STRESS_WINDOWS if body.stress_windows is None else
+               tuple(StressWindow.from_dates(w.name, w.start, w.end)
+                     for w in body.stress_windows))
+    report, _ = run_account_backtest(market, body.model, body.params, accounts=accounts,
+                                     population=population, config=config,
+                                     stress_windows=windows)
+    return report
+
+
+class AccountController(Controller):
+    """Accounts: requirements now, and account-level backtests."""
+
+    path = "/v1"
+    tags = ["accounts"]
+
+    @post("/margin", guards=[requires("reader")], status_code=200,
+          summary="Margin requirement of accounts now, under the published parameters",
+          description="Each position's MM and IM (USD) at its current notional under its "
+                      "instrument's published model (at the latest bar with a margin for "
+                      "time-varying models, whose recent bars `data` names), summed per "
+                      "account (cross margin); with `equity_usd`, the margin ratio.",
+          responses=problem_responses(*COMMON, 400, 404, 413, 422))
+    async def margin(self, request: Request[Any, Any, Any],
+                     data: Annotated[MarginRequest, Body(examples=[examples.MARGIN])]
+                     ) -> MarginResponse:
+        names = sorted({n for acc in data.accounts for n in acc.positions})
+        published = {}
+        for name in names:
+            body, _ = await load_published(request.app.state, name)
+            published[name] = msgspec.json.decode(body, type=PublishedParameters)
+        result: MarginResponse = await anyio.to_thread.run_sync(
+            _margin, data, published, request.app.state.settings)
+        return result
+
+    @post("/account-backtests", guards=[requires("reader")], status_code=200,
+          summary="Run an account backtest synchronously (small requests only)",
+          description="Cross or isolated replay of explicit accounts or a seeded population "
+                      "(domain.md §7): liquidations, bad debt cross vs isolated, healthy-leg "
+                      "liquidations, accounts saved by cross, overall and per stress window, "
+                      "and every account's outcome. Above MARGINLAB_MAX_SYNC_BARS bars "
+                      "(all instruments) refused with 413.",
+          responses=problem_responses(*COMMON, 400, 413, 422))
+    async def account_backtest(self, request: Request[Any, Any, Any],
+                               data: Annotated[AccountBacktestRequest,
+                                             Body(examples=[examples.ACCOUNT_BACKTEST])]
+                               ) -> AccountBacktestReport:
+        report: AccountBacktestReport = await anyio.to_thread.run_sync(
+            _account_backtest, data, request.app.state.settings)
+        return report
+
+
+__all__ = ["AccountController"]

@@ -1,0 +1,108 @@
+"""``POST /v1/margin`` and ``POST /v1/account-backtests`` over HTTP."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from litestar.testing import TestClient
+
+from service.app import create_app
+from service.settings import Settings
+from tests.api_helpers import bars_csv
+
+BINANCE_2021 = {
+    "mmr_schedule": [0.004, 0.005, 0.01, 0.025, 0.05, 0.10, 0.125, 0.15, 0.25, 0.50],
+    "imr_schedule": [0.008, 0.01, 0.02, 0.05, 0.10, 0.20, 0.25, 0.333, 0.50, 1.0],
+    "bracket_caps_usd": [50_000, 250_000, 1_000_000, 10_000_000, 20_000_000, 50_000_000,
+                         100_000_000, 200_000_000, 300_000_000, 500_000_000],
+}
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[TestClient[Any]]:
+    settings = Settings(state_dir=str(tmp_path / ".state"), data_root=str(tmp_path),
+                        guardrails_json='{"min_interval_s": 0}')
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def _publish(c: TestClient[Any], instrument: str, model: str, params: dict) -> None:
+    r = c.post(f"/v1/recommendations/{instrument}",
+               json={"model": model, "params": params, "reason": "test listing"})
+    assert r.status_code == 201, r.text
+
+
+def test_margin_now_under_published_tiers(client: TestClient[Any]) -> None:
+    """Binance 2021 tiers published for BTCUSDT: 100,000 long → MM 450, IM 1,000; with a
+    second position of −50,000 (MM 200, IM 500) the account needs 650 / 1,500, and equity
+    of 600 is liquidatable (ratio 600/650)."""
+    _publish(client, "BTCUSDT", "tiered", BINANCE_2021)
+    r = client.post("/v1/margin", json={"accounts": [
+        {"id": "a", "positions": {"BTCUSDT": 100_000}},
+        {"id": "b", "positions": {"BTCUSDT": -50_000}, "equity_usd": 600}]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["accounts"][0]["mm_usd"] == pytest.approx(450.0)
+    assert body["accounts"][0]["im_usd"] == pytest.approx(1000.0)
+    b = body["accounts"][1]
+    assert (b["mm_usd"], b["im_usd"]) == (pytest.approx(200.0), pytest.approx(500.0))
+    assert b["liquidatable"] is False
+    assert b["margin_ratio"] == pytest.approx(3.0)
+    assert body["parameters"]["BTCUSDT"]["version"] == 1
+
+
+def test_margin_for_a_vol_model_needs_data(client: TestClient[Any], tmp_path: Path) -> None:
+    """A published EWMA model needs the instrument's recent bars; with them the requirement
+    is the last bar's rate times the notional; an unpublished instrument is a 404."""
+    _publish(client, "SYN", "ewma", {"decay": 0.97, "warmup_bars": 50, "horizon_bars": 2})
+    r = client.post("/v1/margin", json={"accounts": [{"id": "a", "positions": {"SYN": 1e4}}]})
+    assert r.status_code == 422
+    assert r.json()["field"] == "data"
+    (tmp_path / "syn.csv").write_bytes(bars_csv(400))
+    r = client.post("/v1/margin", json={
+        "accounts": [{"id": "a", "positions": {"SYN": 1e4}}],
+        "data": [{"instrument": "SYN", "ref": "syn.csv"}]})
+    assert r.status_code == 200, r.text
+    from calibration import load_bars, make_model
+
+    bars = load_bars("syn.csv", root=tmp_path, instrument="SYN")
+    rates = make_model("ewma", {"decay": 0.97, "warmup_bars": 50, "horizon_bars": 2}
+                       ).margin_rates(bars)
+    assert r.json()["accounts"][0]["mm_usd"] == pytest.approx(rates.mm_rate[-1] * 1e4)
+    missing = client.post("/v1/margin", json={"accounts": [{"id": "a",
+                                                            "positions": {"ETH": 1.0}}]})
+    assert missing.status_code == 404
+
+
+def test_account_backtest_over_http(client: TestClient[Any], tmp_path: Path) -> None:
+    """A small account backtest answers the same figures as the library; bad settings are a
+    problem+json naming the field."""
+    (tmp_path / "a.csv").write_bytes(bars_csv(600, seed=1))
+    (tmp_path / "b.csv").write_bytes(bars_csv(600, seed=2))
+    body = {"data": [{"instrument": "AUSDT", "ref": "a.csv"},
+                     {"instrument": "BUSDT", "ref": "b.csv"}],
+            "model": "tiered", "params": {"base_mmr": 0.02, "tier_growth": 1.0,
+                                          "bracket_caps_usd": []},
+            "population": {"seed": 3, "entry_every_bars": 24, "accounts_per_entry": 5,
+                           "leverage": [10, 40]},
+            "liquidation": {"holding_bars": 48}, "stress_windows": []}
+    r = client.post("/v1/account-backtests", json=body)
+    assert r.status_code == 200, r.text
+    report = r.json()
+    overall = report["summary"][0]
+    assert overall["accounts"] == len(report["accounts"]) > 0
+    assert overall["liquidated_accounts"] == sum(a["liquidated"] for a in report["accounts"])
+    assert overall["bad_debt_usd"] == pytest.approx(sum(a["bad_debt_usd"]
+                                                        for a in report["accounts"]))
+    bad = client.post("/v1/account-backtests",
+                      json={**body, "liquidation": {"latency_bars": -1}})
+    assert bad.status_code in (400, 422)
+    assert bad.headers["content-type"].startswith("application/problem+json")
+    assert bad.json()["field"] == "liquidation.latency_bars"
+    assert json.loads(bad.text)["status"] == bad.status_code
+    assert np.isfinite(overall["notional_opened_usd"])
