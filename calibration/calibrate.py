@@ -10,6 +10,7 @@ Pareto front and picks the recommendation.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import socket
@@ -63,6 +64,8 @@ from calibration.spec import (
 from calibration.stats import binomial_cdf
 from calibration.storage import Coordination
 from calibration.windows import DEFAULT_STRESS_WINDOWS, StressWindow
+
+log = logging.getLogger("marginlab.calibrate")
 
 OBJECTIVE_NAMES = ("capital_cost", "insolvency_bps")
 #: Traffic-light red threshold of the Basel binomial CDF.
@@ -617,29 +620,42 @@ def _run_trials(
             wait_s = min(2 * wait_s, poll_s)
             continue
         with coordination.heartbeat(trial._trial_id):
-            params = _suggest(trial, space)
             try:
+                params = _suggest(trial, space)
                 result = evaluate(prepared, params)
-            except Exception:
-                study.tell(trial, state=TrialState.FAIL)
+                if result.constraints:
+                    trial.set_constraint(VIOLATION_KEY, violation(result.constraints))
+                # One attribute for the evidence: every storage write is a journal append
+                # (with fsync); the full parameter set is trial.params plus the spec's fixed
+                # values. The worker's identity rides in the same write: the result counts
+                # the workers that ran trials, which changes what a seed reproduces (§5).
+                summary = result.summary()
+                summary["worker"] = worker
+                trial.set_user_attr(METRICS_ATTR, msgspec.json.encode(summary).decode())
+                if result.pruned:
+                    study.tell(trial, state=TrialState.PRUNED)
+                else:
+                    study.tell(trial, list(result.objectives))
+            except BaseException:
+                # Whatever stops this worker mid-trial (an error, a job time limit raised
+                # into it, a KeyboardInterrupt) leaves no trial RUNNING behind it.
+                _fail_if_running(study, trial)
                 raise
-            if result.constraints:
-                trial.set_constraint(VIOLATION_KEY, violation(result.constraints))
-            # One attribute for the evidence: every storage write is a journal append (with
-            # fsync); the full parameter set is trial.params plus the spec's fixed values.
-            # The worker's identity rides in the same write: the result counts the workers
-            # that ran trials, which changes what a seed reproduces (domain.md §5).
-            summary = result.summary()
-            summary["worker"] = worker
-            trial.set_user_attr(METRICS_ATTR, msgspec.json.encode(summary).decode())
-            if result.pruned:
-                study.tell(trial, state=TrialState.PRUNED)
-            else:
-                study.tell(trial, list(result.objectives))
         ran += 1
         if on_trial is not None:
             on_trial(_finished(study), n_trials,
                      best_feasible(study, prepared.spec.risk_appetite_bps))
+
+
+def _fail_if_running(study: optuna.Study, trial: optuna.Trial) -> None:
+    """Mark ``trial`` FAIL unless it already finished (best effort: the storage may be the
+    reason the worker stops)."""
+    try:
+        state = study._storage.get_trial(trial._trial_id).state
+        if state == TrialState.RUNNING:
+            study.tell(trial, state=TrialState.FAIL)
+    except Exception as exc:  # the original error is what the caller raises
+        log.warning("could not fail trial %s after an interruption: %s", trial.number, exc)
 
 
 def _params_of(trial: FrozenTrial, space: Mapping[str, ParamSpec]) -> dict[str, Any]:
