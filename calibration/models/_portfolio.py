@@ -111,6 +111,8 @@ class PortfolioMarginModel(ABC):
     family: ClassVar[str]
     #: Admissible values per numeric hyperparameter.
     rules: ClassVar[dict[str, Rule]] = {}
+    #: MM / IM (every family has it; set in ``__init__``).
+    mm_factor: float
 
     @classmethod
     def param_names(cls) -> list[str]:
@@ -370,8 +372,10 @@ class GridPortfolioMargin(PortfolioMarginModel):
         if float(self.offset_credit_cap) == 0.0 or len(first) < 2:
             return np.zeros(n)
         returns = np.vstack([market.bars[i].log_returns() for i in first])
-        rho = ewma_min_correlation(returns, float(self.decay), int(self.warmup_bars))
-        return np.minimum(float(self.offset_credit_cap), np.maximum(0.0, rho))
+        rho: FloatArray = ewma_min_correlation(returns, float(self.decay),
+                                               int(self.warmup_bars))
+        credit: FloatArray = np.minimum(float(self.offset_credit_cap), np.maximum(0.0, rho))
+        return credit
 
     def _arrays(self, market: Market) -> ScenarioArrays:
         factor_of, first = _factor_index(market)
@@ -475,6 +479,8 @@ class HistoricalPortfolioMargin(PortfolioMarginModel):
     def scenario_envelope(self, market: Market) -> tuple[FloatArray, FloatArray]:
         self.validate()
         z, sigma = self._filtered(market)
+        lo: FloatArray
+        hi: FloatArray
         lo, hi = historical_envelope(z, sigma, int(self.window_bars),
                                      self.first_valid_bar(market.bar_seconds))
         return lo, hi

@@ -113,7 +113,8 @@ def im_usd(sc: ScenarioArrays, x: FloatArray, t: int,
                 sht = buf[2 * nf + f]
                 delta += sc.min_delta_rate * abs(lng - sht) + sc.hedged_delta_rate * min(lng, sht)
             im = max(im, delta)
-        return im
+        grid_im: float = im
+        return grid_im
     w_n = sc.window
     losses = buf[3 * sc.n_factors: 3 * sc.n_factors + w_n]
     for j in range(w_n):
@@ -131,7 +132,8 @@ def im_usd(sc: ScenarioArrays, x: FloatArray, t: int,
         risk = total / sc.tail
     else:
         risk = losses[w_n - sc.tail]
-    return max(0.0, risk)
+    result: float = max(0.0, risk)
+    return result
 
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
