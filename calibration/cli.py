@@ -241,9 +241,14 @@ def _cmd_accounts_backtest(args: argparse.Namespace) -> int:
 
     root = os.environ.get("MARGINLAB_DATA_ROOT", os.getcwd())
     params = _json_object(args.params, "params")
-    if args.mode == "portfolio":
-        raise InvalidParameters("portfolio margin is not part of the account engine yet; "
-                                "use cross or isolated", field="mode")
+    portfolio_params = (_json_object(args.portfolio_params, "portfolio_params")
+                        if args.portfolio_params else None)
+    if args.mode == "portfolio" and not args.portfolio_model:
+        raise InvalidParameters("--mode portfolio needs --portfolio-model (grid, historical, "
+                                "deribit_pme_2024 or paradex)", field="portfolio_model")
+    if args.mode != "portfolio" and (args.portfolio_model or portfolio_params is not None):
+        raise InvalidParameters("--portfolio-model and --portfolio-params go with --mode "
+                                "portfolio", field="portfolio_model")
     market = Market.from_series(_load_datasets(args, root))
     fields = _json_object(args.liquidation, "liquidation") if args.liquidation else {}
     per_day = max(1, 86_400 // market.bar_seconds)
@@ -267,7 +272,9 @@ def _cmd_accounts_backtest(args: argparse.Namespace) -> int:
         windows = DEFAULT_STRESS_WINDOWS
     report, _ = run_account_backtest(market, args.model, params, accounts=accounts,
                                      population=population, config=config,
-                                     stress_windows=windows)
+                                     stress_windows=windows,
+                                     portfolio_model=args.portfolio_model,
+                                     portfolio_params=portfolio_params)
     if args.json:
         import msgspec
 
@@ -601,6 +608,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="hyperparameters as a JSON object, or @file.json")
     ab.add_argument("--mode", choices=("isolated", "cross", "portfolio"), default="cross",
                     help="margin mode of every account (default: cross)")
+    ab.add_argument("--portfolio-model", metavar="NAME",
+                    help="with --mode portfolio: the requirement's scenario model, a family "
+                         "(grid, historical) or a published preset (deribit_pme_2024, paradex)")
+    ab.add_argument("--portfolio-params", metavar="JSON",
+                    help="the portfolio model's hyperparameters as a JSON object, or @file.json")
     ab.add_argument("--liquidation", metavar="JSON",
                     help="holding_bars, latency_bars, spread_rate, liquidation_fee_rate, "
                          "insurance_fund_usd as JSON, or @file.json")

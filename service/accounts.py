@@ -172,8 +172,13 @@ class AccountBacktestRequest(msgspec.Struct, frozen=True, kw_only=True,
         "{instrument: signed USD notional}}, at most 100,000"))] | None = None
     population: Annotated[dict[str, Any] | None, _M(
         description="a seeded population (PopulationSpec fields) instead of accounts")] = None
-    mode: Annotated[Literal["cross", "isolated"], _M(
+    mode: Annotated[Literal["cross", "isolated", "portfolio"], _M(
         description="margin mode of every account")] = "cross"
+    portfolio_model: Annotated[str | None, _M(description=(
+        "portfolio mode: the scenario model (grid, historical, or a preset such as "
+        "deribit_pme_2024 or paradex)"))] = None
+    portfolio_params: Annotated[dict[str, Any], _M(
+        description="portfolio mode: the scenario model's parameters")] = {}
     liquidation: Annotated[dict[str, Any], _M(description=(
         "holding_bars, latency_bars, spread_rate, liquidation_fee_rate, insurance_fund_usd, "
         "haircuts, upnl_weight"))] = {}
@@ -203,7 +208,9 @@ def _account_backtest(body: AccountBacktestRequest, settings: Settings
                      for w in body.stress_windows))
     report, _ = run_account_backtest(market, body.model, body.params, accounts=accounts,
                                      population=population, config=config,
-                                     stress_windows=windows)
+                                     stress_windows=windows,
+                                     portfolio_model=body.portfolio_model,
+                                     portfolio_params=body.portfolio_params or None)
     return report
 
 

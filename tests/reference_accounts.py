@@ -44,11 +44,14 @@ def replay(
     *,
     holding_bars: int,
     latency_bars: int,
+    portfolio_mm: Callable[[dict[str, float], int], float] | None = None,
 ) -> RefOutcome:
     """One account through the bars by the §7 core rules.
 
     ``prices[instrument]`` has ``low``, ``high``, ``close`` lists; ``asset_of`` maps an
-    instrument to its underlying asset.
+    instrument to its underlying asset. With ``portfolio_mm`` (domain.md §8) the requirement
+    is ``portfolio_mm(exposure, bar)`` of the USD exposure per instrument (positions plus the
+    collateral it prices, at the same adverse prices) instead of the sum of ``mm_usd``.
     """
     n = len(next(iter(prices.values()))["close"])
     e = account.entry
@@ -66,15 +69,20 @@ def replay(
     for t in range(e + 1, min(e + holding_bars, n - 1) + 1):
         equity = account.usd
         requirement = 0.0
+        exposure: dict[str, float] = {}
         for inst, q in account.units.items():
             if q == 0:
                 continue
             p = adverse(inst, t)
             equity += q * (p - prices[inst]["close"][e])
             requirement += mm_usd(inst, abs(q) * p, t)
+            exposure[inst] = exposure.get(inst, 0.0) + q * p
         for inst, u in account.collateral.items():
             if u:
                 equity += u * adverse(inst, t)
+                exposure[inst] = exposure.get(inst, 0.0) + u * adverse(inst, t)
+        if portfolio_mm is not None:
+            requirement = portfolio_mm(exposure, t)
         if equity <= requirement:
             trigger = t
             break

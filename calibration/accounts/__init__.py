@@ -1,7 +1,7 @@
 """Accounts, not positions: collateral pooled across instruments (domain.md §7).
 
 The flow: ``Market`` (k instruments on one clock) → ``Account`` books (explicit, or a seeded
-``PopulationSpec``) → ``simulate_accounts`` (cross or isolated replay, isolated twins,
+``PopulationSpec``) → ``simulate_accounts`` (cross, portfolio or isolated replay, isolated twins,
 contagion) → ``AccountResult`` figures and ``run_account_backtest``'s report.
 """
 
@@ -20,6 +20,15 @@ from calibration.accounts._engine import (
     windows_summary,
 )
 from calibration.accounts._market import STABLE_ASSETS, Market, underlying_of
+from calibration.accounts._portfolio_coverage import (
+    BreachAttribution,
+    PortfolioBook,
+    PortfolioCoverage,
+    basket_book,
+    carry_book,
+    long_short_book,
+    portfolio_coverage,
+)
 from calibration.accounts._report import (
     AccountBacktestReport,
     AccountFigures,
@@ -37,12 +46,19 @@ __all__ = [
     "AccountFigures",
     "AccountResult",
     "AccountRow",
+    "BreachAttribution",
     "Market",
     "PopulationSpec",
+    "PortfolioBook",
+    "PortfolioCoverage",
     "Requirement",
     "accounts_from_records",
+    "basket_book",
+    "carry_book",
     "generate_population",
     "load_accounts",
+    "long_short_book",
+    "portfolio_coverage",
     "requirements_now",
     "run_account_backtest",
     "simulate_accounts",

@@ -1,4 +1,4 @@
-"""Account liquidation through the bars: the domain.md §7 core, cross or isolated.
+"""Account liquidation through the bars: the domain.md §7 core, cross, portfolio or isolated.
 
 For an account opened at the close of bar e with signed units ``q_i = N_i / C_{i,e}`` and
 collateral ``b_a``:
@@ -16,6 +16,13 @@ collateral ``b_a``:
   equity is positive; close-out equity below 0 is the account's bad debt, drawn from one
   insurance fund for the venue;
 - an account that does not trigger closes without event.
+
+Portfolio mode (domain.md §8) replaces ``MM_t`` by the portfolio model's ``mm_factor * IM_t``:
+the account's largest scenario loss, positions and collateral revalued together at the same
+adverse-extreme prices (``calibration.accounts._kernel_portfolio``). Everything else (equity,
+trigger, close-out, fees, haircuts) is the cross rule; the isolated twins keep the
+per-instrument models, so contagion figures compare portfolio with isolated. The pooled
+figures (``bad_debt_cross_usd``, ``trigger_bar``) are then the portfolio accounts'.
 
 Isolated mode replays each position as an account of its own (its *isolated twin*), holding a
 share of each of the account's collateral assets pro rata to the positions' entry IM
@@ -40,7 +47,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from calibration._errors import InsufficientData, InvalidParameters
-from calibration.accounts._book import Account
+from calibration.accounts._book import MARGIN_MODES, Account
 from calibration.accounts._haircuts import HaircutSchedule
 from calibration.accounts._kernel import (
     BookArrays,
@@ -49,9 +56,10 @@ from calibration.accounts._kernel import (
     empty_outputs,
     replay,
 )
+from calibration.accounts._kernel_portfolio import replay_portfolio
 from calibration.accounts._market import STABLE_ASSETS, Market, underlying_of
 from calibration.horizon import resolve_horizon
-from calibration.models import MarginModel, TieredMargin
+from calibration.models import MarginModel, PortfolioMarginModel, TieredMargin
 from calibration.windows import StressWindow
 
 FloatArray = NDArray[np.float64]
@@ -63,8 +71,10 @@ class AccountConfig:
     """How accounts are replayed.
 
     Attributes:
-        mode: ``cross`` (one pooled requirement per account) or ``isolated`` (every position
-            an account of its own, its collateral share pro rata to entry IM).
+        mode: ``cross`` (one pooled requirement per account: the sum of per-instrument
+            rates), ``portfolio`` (one pooled requirement from a portfolio margin model's
+            scenarios, domain.md §8) or ``isolated`` (every position an account of its own,
+            its collateral share pro rata to entry IM).
         holding_bars: bars an account stays open at most after its entry.
         latency_bars: bars between the trigger and the close-out (0: the trigger bar's
             adverse extreme).
@@ -112,10 +122,10 @@ class AccountConfig:
         def bad(name: str, why: str) -> InvalidParameters:
             return InvalidParameters(f"liquidation.{name} {why}", field=f"liquidation.{name}")
 
-        if self.mode not in ("cross", "isolated"):
+        if self.mode not in MARGIN_MODES:
             raise InvalidParameters(
-                f"mode must be cross or isolated, got {self.mode!r} (portfolio requirements "
-                "are not part of the account engine yet)", field="mode")
+                f"mode must be one of {', '.join(MARGIN_MODES)}, got {self.mode!r}",
+                field="mode")
         for name, low in (("holding_bars", 1), ("latency_bars", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not (
@@ -246,7 +256,8 @@ class AccountResult:
         twin_trigger_bar, twin_bad_debt_usd: each position's isolated twin, ``(P,)``.
         leg_pnl_usd: each position's PnL at its account's close-out prices (0 if the
             account was not liquidated), ``(P,)``.
-        mode: the mode the headline figures are for (``cross`` or ``isolated``).
+        mode: the mode the headline figures are for (``cross``, ``portfolio`` or
+            ``isolated``).
         timestamp_ms: the market's bar times.
         instruments: the market's instruments.
         insurance_fund_usd: the fund's start level, USD.
@@ -303,7 +314,7 @@ class AccountResult:
         twin_liquidated = int((self.twin_trigger_bar[pos_keep] >= 0).sum())
         positions_in_liquidated = int((pos_keep & (self.trigger_bar[self.position_account]
                                                    >= 0)).sum())
-        headline_cross = self.mode == "cross"
+        headline_cross = self.mode != "isolated"
         return {
             "accounts": int(keep.sum()),
             "positions": int(pos_keep.sum()),
@@ -323,7 +334,7 @@ class AccountResult:
     def fund_path(self) -> list[tuple[int, float]]:
         """The venue's one fund under the headline mode: ``(bar, level after that bar's
         close-outs)`` for every bar with a close-out, from ``insurance_fund_usd``."""
-        if self.mode == "cross":
+        if self.mode != "isolated":
             bars, bad, fee = self.closeout_bar, self.bad_debt_usd, self.fee_usd
             hit = self.trigger_bar >= 0
         else:
@@ -355,14 +366,19 @@ def simulate_accounts(
     model: MarginModel | Mapping[str, MarginModel],
     accounts: Sequence[Account],
     config: AccountConfig | None = None,
+    *,
+    portfolio: PortfolioMarginModel | None = None,
 ) -> AccountResult:
     """Replay ``accounts`` through ``market`` (see the module docstring).
 
     Args:
         market: the aligned instruments.
-        model: one margin model for every instrument, or one per instrument name.
+        model: one margin model for every instrument, or one per instrument name (the
+            requirement in cross and isolated mode; the isolated twins' in every mode).
         accounts: the accounts (explicit or from ``generate_population``).
         config: mode, holding, latency, fees and the fund.
+        portfolio: the portfolio margin model of ``mode="portfolio"`` (required there, and
+            only there).
 
     Raises:
         InvalidParameters: an account names an instrument or asset the market lacks, or a
@@ -371,8 +387,15 @@ def simulate_accounts(
     """
     config = config or AccountConfig()
     config.validate()
+    if (config.mode == "portfolio") != (portfolio is not None):
+        raise InvalidParameters(
+            "mode portfolio needs a portfolio margin model, and only it takes one",
+            field="portfolio_model")
     models = _models_for(market, model)
     sched = _schedules(market, models)
+    scenarios = portfolio.scenarios(market) if portfolio is not None else None
+    first_valid = max(sched.first_valid_bar,
+                      int(scenarios.first_valid) if scenarios is not None else 0)
     names = market.instruments
     unders = market.underlyings()
     assets_sorted = sorted(set(unders))
@@ -394,7 +417,7 @@ def simulate_accounts(
     e_all = np.searchsorted(ts, entry_ms, side="right") - 1
     skipped: dict[str, str] = {}
     keep = np.ones(len(accounts), dtype=bool)
-    late = (e_all < 0) | (e_all < sched.first_valid_bar) | (e_all + 1 >= n)
+    late = (e_all < 0) | (e_all < first_valid) | (e_all + 1 >= n)
     for out in (int(v) for v in np.flatnonzero(late)):
         e = int(e_all[out])
         skipped[accounts[out].id] = (
@@ -440,8 +463,14 @@ def simulate_accounts(
                       col_inst=col_inst, col_asset=col_asset)
     rules = _collateral_rules(collateral_assets, config)
     trig, eq, legs, fee = empty_outputs(len(opened), k)
-    replay(sched.mm, book, rules, len(assets_sorted), config.holding_bars, config.latency_bars,
-           float(config.spread_rate), float(config.liquidation_fee_rate), trig, eq, legs, fee)
+    if scenarios is not None:
+        replay_portfolio(sched.mm, book, rules, scenarios, len(assets_sorted),
+                         config.holding_bars, config.latency_bars, float(config.spread_rate),
+                         float(config.liquidation_fee_rate), trig, eq, legs, fee)
+    else:
+        replay(sched.mm, book, rules, len(assets_sorted), config.holding_bars,
+               config.latency_bars, float(config.spread_rate),
+               float(config.liquidation_fee_rate), trig, eq, legs, fee)
     # Isolated twins: one position each, the account's collateral shared pro rata to IM.
     im_total = np.zeros(len(opened))
     np.add.at(im_total, pa, im)

@@ -13,7 +13,7 @@ from calibration.accounts._engine import AccountConfig, AccountResult, simulate_
 from calibration.accounts._market import Market
 from calibration.coverage import iso_utc
 from calibration.horizon import resolve_horizon
-from calibration.models import MarginModel, make_model
+from calibration.models import MarginModel, PortfolioMarginModel, make_model, make_portfolio_model
 from calibration.windows import StressWindow
 
 
@@ -80,8 +80,9 @@ class AccountBacktestReport(msgspec.Struct, frozen=True, kw_only=True):
 
     Attributes:
         engine_version: version of the engine's numbers.
-        mode: ``cross`` or ``isolated``.
-        model: the margin model family of every instrument.
+        mode: ``cross``, ``isolated`` or ``portfolio``.
+        model: the margin model family of every instrument (in ``portfolio`` mode it sizes
+            the isolated twins).
         params: its parameters, defaults filled in (rates as fractions of notional).
         instruments: the market's instruments.
         market_fingerprint: sha256 over every series read (hex).
@@ -97,6 +98,8 @@ class AccountBacktestReport(msgspec.Struct, frozen=True, kw_only=True):
         skipped: account id → why it was not opened.
         insurance_fund_min_usd: the venue fund's lowest level, USD.
         insurance_fund_exhausted_at: when it first went below zero (UTC ISO 8601), or null.
+        portfolio_model: in ``portfolio`` mode, the scenario model of the requirement.
+        portfolio_params: its parameters.
     """
 
     engine_version: str
@@ -116,6 +119,8 @@ class AccountBacktestReport(msgspec.Struct, frozen=True, kw_only=True):
     skipped: dict[str, str]
     insurance_fund_min_usd: float
     insurance_fund_exhausted_at: str | None
+    portfolio_model: str | None = None
+    portfolio_params: dict[str, Any] | None = None
 
 
 def run_account_backtest(
@@ -127,9 +132,16 @@ def run_account_backtest(
     population: PopulationSpec | None = None,
     config: AccountConfig | None = None,
     stress_windows: Sequence[StressWindow] = (),
+    portfolio_model: str | None = None,
+    portfolio_params: Mapping[str, Any] | None = None,
 ) -> tuple[AccountBacktestReport, AccountResult]:
     """Replay explicit ``accounts`` or a generated ``population`` through ``market`` under one
     margin model for every instrument, and report.
+
+    In ``portfolio`` mode the accounts' requirement is ``portfolio_model`` (a family,
+    ``grid`` / ``historical``, or a preset, ``deribit_pme_2024`` / ``paradex``) with
+    ``portfolio_params``; its close-out horizon is the backtest's one horizon (unset: the
+    margin model's; a different one is refused).
 
     Raises:
         InvalidParameters, InsufficientData: see ``simulate_accounts``.
@@ -142,17 +154,34 @@ def run_account_backtest(
     margin: MarginModel = make_model(model, params)
     horizon = resolve_horizon({"params.horizon_bars": margin.horizon}, market.bar_seconds)
     margin = margin.with_horizon(horizon.bars)
+    portfolio: PortfolioMarginModel | None = None
+    if config.mode == "portfolio":
+        if portfolio_model is None:
+            raise InvalidParameters("mode portfolio needs a portfolio model (grid, historical "
+                                    "or a preset)", field="portfolio_model")
+        portfolio = make_portfolio_model(portfolio_model, portfolio_params)
+        if portfolio.horizon not in (None, horizon.bars):
+            raise InvalidParameters(
+                f"the portfolio model's horizon_bars ({portfolio.horizon}) differs from the "
+                f"backtest's close-out horizon ({horizon.bars} bars): one horizon sizes both",
+                field="portfolio_params.horizon_bars")
+        portfolio = portfolio.with_horizon(horizon.bars)
+    elif portfolio_model is not None or portfolio_params is not None:
+        raise InvalidParameters("a portfolio model is used only with mode portfolio",
+                                field="portfolio_model")
     if population is not None:
         first = _first_margin_bar(market, margin)
+        if portfolio is not None:
+            first = max(first, portfolio.first_valid_bar(market.bar_seconds))
         accounts = generate_population(population, instruments=market.instruments,
                                        timestamp_ms=market.timestamp_ms,
                                        close=market.matrix("close"), first_bar=first)
     assert accounts is not None
-    result = simulate_accounts(market, margin, accounts, config)
+    result = simulate_accounts(market, margin, accounts, config, portfolio=portfolio)
     ts = market.timestamp_ms
     rows = []
     for j, acc in enumerate(result.accounts):
-        if config.mode == "cross":
+        if config.mode != "isolated":
             hit = int(result.trigger_bar[j])
             bad = float(result.bad_debt_usd[j])
         else:
@@ -186,6 +215,10 @@ def run_account_backtest(
                           "not say whether the extremes coincide"),
         summary=summary, accounts=rows, skipped=result.skipped,
         insurance_fund_min_usd=float(min(levels)), insurance_fund_exhausted_at=exhausted,
+        portfolio_model=portfolio_model if portfolio is not None else None,
+        portfolio_params=({k: list(v) if isinstance(v, tuple) else v
+                           for k, v in portfolio.get_params().items()}
+                          if portfolio is not None else None),
     )
     return report, result
 

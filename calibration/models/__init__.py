@@ -10,6 +10,15 @@ from calibration.models._base import DEFAULT_NOTIONAL_USD, MarginModel, MarginRa
 from calibration.models._ewma import EwmaMargin
 from calibration.models._fhs import FhsMargin
 from calibration.models._liquidity import ADDON_PARAMS, LiquidityAddon
+from calibration.models._portfolio import (
+    PORTFOLIO_FAMILIES,
+    PORTFOLIO_PRESETS,
+    GridPortfolioMargin,
+    HistoricalPortfolioMargin,
+    PortfolioMarginModel,
+    PortfolioRequirement,
+    make_portfolio_model,
+)
 from calibration.models._tiered import (
     BINANCE_BTCUSDT_2021_CAPS_USD,
     BINANCE_BTCUSDT_2021_IMR,
@@ -23,14 +32,21 @@ __all__ = [
     "BINANCE_BTCUSDT_2021_MMR",
     "DEFAULT_NOTIONAL_USD",
     "FAMILIES",
+    "PORTFOLIO_FAMILIES",
+    "PORTFOLIO_PRESETS",
     "EwmaMargin",
     "FhsMargin",
+    "GridPortfolioMargin",
+    "HistoricalPortfolioMargin",
     "LiquidityAddon",
     "MarginModel",
     "MarginRates",
+    "PortfolioMarginModel",
+    "PortfolioRequirement",
     "Rule",
     "TieredMargin",
     "make_model",
+    "make_portfolio_model",
 ]
 
 #: Model families by public name.
