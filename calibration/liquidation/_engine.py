@@ -18,11 +18,12 @@ from calibration.liquidation._population import (
     _Group,
 )
 from calibration.liquidation._results import (
-    _NO_DETAILS,
     LiquidationResult,
     _Aggregates,
+    _no_details,
     _Replay,
     _SideData,
+    closeout_settings,
 )
 from calibration.models import MarginModel, MarginRates
 
@@ -141,52 +142,55 @@ def simulate_liquidations(
     # First passage without cascade, then (optionally) the cascade's forward pass.
     extremes: dict[int, FloatArray] = {1: low, -1: high}
     depths = {1: depth_long, -1: depth_short}
+
+    def side_bars(sign: int) -> _lk.SideBars:
+        return _lk.SideBars(sign > 0, close, extremes[sign], funding_cum, depths[sign])
+
     for sign, side_groups in groups.items():
-        blocks: dict[int, tuple[FloatArray, FloatArray]] = {}
+        blocks: dict[int, _lk.BlockIndex] = {}
         for g in side_groups:
             if g.series not in blocks:
-                blocks[g.series] = _lk.block_minima(
+                blocks[g.series] = _lk.BlockIndex(*_lk.block_minima(
                     extremes[sign], mm_series[g.series], funding_cum, sign > 0, False
-                )
-            b8, b64 = blocks[g.series]
+                ))
             g.trig = _lk.first_passage(
-                extremes[sign], mm_series[g.series], funding_cum, sign > 0, b8, b64, close,
-                g.entries, g.leverage, g.order, holding,
+                side_bars(sign), mm_series[g.series], blocks[g.series], g.entries, g.leverage,
+                g.order, holding,
             )
         if config.cascade and config.cascade_kappa > 0 and side_groups:
             extremes[sign] = _run_cascade(
-                side_groups, extremes[sign], close, mm_series, funding_cum, depths[sign], sign > 0,
-                float(config.cascade_kappa), holding, scale,
+                side_groups, side_bars(sign), mm_series,
+                _lk.CascadeSettings(float(config.cascade_kappa), holding), scale,
             )
 
     agg_total = 0
     for side_groups in groups.values():
         for g in side_groups:
-            assert g.trig is not None
-            agg_total += int(np.count_nonzero(g.trig >= 0))
+            agg_total += int(np.count_nonzero(g.query_rows().trig >= 0))
     agg = _Aggregates.empty(agg_total)
-    fund_delta = np.zeros(n)
-    fund_seen = np.zeros(n, dtype=bool)
+    fund = _lk.FundLedger(np.zeros(n), np.zeros(n, dtype=bool), scale)
+    settings = closeout_settings(config)
+    no_details = _no_details()
     side_data: list[_SideData] = []
     slot = 0
     for sign, side_groups in groups.items():
         if not side_groups:
             continue
         if extremes[sign] is (low if sign > 0 else high):
-            q8, q64 = _extreme_blocks(bars, sign)
+            index = _lk.BlockIndex(*_extreme_blocks(bars, sign))
         else:  # moved by the cascade
-            q8, q64 = _lk.block_minima(extremes[sign], low, low, sign > 0, True)
-        side = _SideData(sign, extremes[sign], depths[sign], side_groups, q8, q64)
+            index = _lk.BlockIndex(*_lk.block_minima(extremes[sign], low, low, sign > 0, True))
+        side = _SideData(sign, side_bars(sign), index, side_groups)
         side_data.append(side)
         for g in side_groups:
             start = slot
             slot, _ = _lk.outcomes(
-                *side.kernel_args(g, close, mm_series[g.series], funding_cum, config),
-                scale, fund_delta, fund_seen, *agg.arrays(), slot, False,
-                *_NO_DETAILS, 0,
+                side.bars, mm_series[g.series], side.extreme_index, g.query_rows(),
+                g.position_rows(), settings, fund, agg.slots(), slot, no_details, 0, False,
             )
             agg.side[start:slot] = sign
-    replay = _Replay(close, funding_cum, mm_series, side_data, config, n)
+    replay = _Replay(mm_series, side_data, config, n)
+    fund_delta, fund_seen = fund.delta_usd, fund.seen
 
     # Insurance fund: the running level after each bar with a close-out.
     fund_bars, fund_usd = _lk.fund_levels(fund_delta, fund_seen, float(config.insurance_fund_usd))
@@ -211,22 +215,20 @@ def simulate_liquidations(
 
 
 def _run_cascade(
-    side_groups: list[_Group], price: FloatArray, close: FloatArray, mm: list[FloatArray],
-    funding_cum: FloatArray, depth: FloatArray, is_long: bool, kappa: float, holding: int,
-    scale: float,
+    side_groups: list[_Group], bars: _lk.SideBars, mm: list[FloatArray],
+    settings: _lk.CascadeSettings, scale: float,
 ) -> FloatArray:
     """Run the cascade kernel over every group of one side; updates each group's triggers."""
     sizes = [g.entries.shape[0] for g in side_groups]
     series_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    entries = np.concatenate([g.entries for g in side_groups]).astype(np.int64)
-    leverage = np.ascontiguousarray(np.concatenate([g.leverage for g in side_groups]))
-    weight = np.concatenate([g.notional.sum(axis=1) * scale for g in side_groups])
-    trig = np.ascontiguousarray(np.concatenate([g.trig for g in side_groups if g.trig is not None]))
-    mm_stack = np.ascontiguousarray(np.stack([mm[g.series] for g in side_groups]))
-    adj: FloatArray = _lk.cascade(
-        price, mm_stack, funding_cum, depth, is_long, kappa, holding, series_start, close,
-        entries, leverage, weight, trig,
+    rows = _lk.QueryRows(
+        entries=np.concatenate([g.entries for g in side_groups]).astype(np.int64),
+        leverage=np.ascontiguousarray(np.concatenate([g.leverage for g in side_groups])),
+        trig=np.ascontiguousarray(np.concatenate([g.query_rows().trig for g in side_groups])),
     )
+    weight = np.concatenate([g.notional.sum(axis=1) * scale for g in side_groups])
+    mm_stack = np.ascontiguousarray(np.stack([mm[g.series] for g in side_groups]))
+    adj: FloatArray = _lk.cascade(bars, mm_stack, rows, series_start, weight, settings)
     for i, g in enumerate(side_groups):
-        g.trig = np.ascontiguousarray(trig[series_start[i]:series_start[i + 1]])
+        g.trig = np.ascontiguousarray(rows.trig[series_start[i]:series_start[i + 1]])
     return adj

@@ -13,6 +13,7 @@ from numpy.typing import NDArray
 
 from calibration._bars import BarSeries
 from calibration._errors import InvalidParameters
+from calibration.liquidation import _kernels as _lk
 from calibration.liquidation._config import ExplicitPosition, LiquidationConfig
 
 FloatArray = NDArray[np.float64]
@@ -74,6 +75,15 @@ class _Group:
     trig: IntArray | None = None
     notional_pow: FloatArray = field(init=False)
 
+    def query_rows(self) -> _lk.QueryRows:
+        """The kernels' view of the rows (after first passage: ``trig`` is set)."""
+        assert self.trig is not None
+        return _lk.QueryRows(self.entries, self.leverage, self.trig)
+
+    def position_rows(self) -> _lk.PositionRows:
+        """The positions behind the rows (after ``notional_pow`` is set)."""
+        return _lk.PositionRows(self.notional, self.notional_pow, self.pos_base,
+                                int(self.col_stride), int(self.notional_stride))
 
 
 

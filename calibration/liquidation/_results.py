@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -105,10 +104,28 @@ class PositionTable:
         return int(self.side.shape[0])
 
 
-_NO_DETAILS = (
-    np.zeros(0, dtype=np.int64), 0, 0, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64),
-    np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0, dtype=bool),
-)
+def _no_details() -> _lk.PositionSlots:
+    """Empty per-position outputs, for the close-out pass that only aggregates."""
+    i64 = np.zeros(0, dtype=np.int64)
+    return _lk.PositionSlots(
+        position=i64, trigger_bar=i64, notional_usd=np.zeros(0), liquidation_price=np.zeros(0),
+        closeout_price=np.zeros(0), closeout_equity_usd=np.zeros(0),
+        premature=np.zeros(0, dtype=bool),
+    )
+
+
+def closeout_settings(config: LiquidationConfig) -> _lk.CloseoutSettings:
+    """The close-out kernel's scalars from ``config`` (plain Python numbers: one numba
+    specialisation whatever types the config holds)."""
+    return _lk.CloseoutSettings(
+        latency_bars=int(config.latency_bars),
+        at_liquidation_price=config.closeout_basis == "liquidation_price",
+        recovery_bars=int(config.recovery_bars),
+        spread_rate=float(config.spread_rate),
+        impact_coef=float(config.impact_coef),
+        impact_exponent=float(config.impact_exponent),
+        fee_rate=float(config.liquidation_fee_rate),
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -135,74 +152,58 @@ class _Aggregates:
             bad_count=np.empty(size, dtype=np.int64), worst=np.empty(size),
         )
 
-    def arrays(self) -> tuple[Any, ...]:
-        """The kernel's ``agg_*`` arguments."""
-        return (self.trigger_bar, self.premature, self.count, self.notional, self.bad_debt,
-                self.fee, self.bad_count, self.worst)
+    def slots(self) -> _lk.TriggerSlots:
+        """The kernel's view of these arrays (shared, written in place)."""
+        return _lk.TriggerSlots(
+            trigger_bar=self.trigger_bar, premature=self.premature, positions=self.count,
+            notional_usd=self.notional, bad_debt_usd=self.bad_debt, fee_usd=self.fee,
+            bad_count=self.bad_count, worst_usd=self.worst,
+        )
 
 
 @dataclass(eq=False)
 class _SideData:
-    """What the close-out kernel needs for one side: extremes (after cascade), depth and the
-    block index of the extremes."""
+    """What the close-out kernel needs for one side: its bars (extremes after the cascade) and
+    the block index of the extremes, and its query groups."""
 
     sign: int
-    price: FloatArray
-    depth: FloatArray
+    bars: _lk.SideBars
+    extreme_index: _lk.BlockIndex
     groups: list[_Group]
-    q8: FloatArray
-    q64: FloatArray
-
-    def kernel_args(
-        self, g: _Group, close: FloatArray, mm: FloatArray, funding_cum: FloatArray,
-        config: LiquidationConfig,
-    ) -> tuple[Any, ...]:
-        """The close-out kernel's arguments up to ``fee_rate``."""
-        return (
-            self.sign > 0, g.entries, close, self.price, mm, funding_cum, self.depth, self.q8,
-            self.q64, g.leverage, g.trig, g.notional, g.notional_pow, int(config.latency_bars),
-            config.closeout_basis == "liquidation_price", int(config.recovery_bars),
-            float(config.spread_rate), float(config.impact_coef),
-            float(config.impact_exponent), float(config.liquidation_fee_rate),
-        )
 
 
 @dataclass(frozen=True, eq=False)
 class _Replay:
     """Inputs to re-run the close-out kernel with per-position details (``events``)."""
 
-    close: FloatArray
-    funding_cum: FloatArray
     mm_series: list[FloatArray]
     sides: list[_SideData]
     config: LiquidationConfig
     bar_count: int
 
     def events(self, total: int) -> LiquidationEvents:
-        position = np.empty(total, dtype=np.int64)
+        out = _lk.PositionSlots(
+            position=np.empty(total, dtype=np.int64), trigger_bar=np.empty(total, dtype=np.int64),
+            notional_usd=np.empty(total), liquidation_price=np.empty(total),
+            closeout_price=np.empty(total), closeout_equity_usd=np.empty(total),
+            premature=np.empty(total, dtype=bool),
+        )
         side = np.empty(total, dtype=np.int8)
-        trigger = np.empty(total, dtype=np.int64)
-        notional = np.empty(total)
-        liq = np.empty(total)
-        closeout = np.empty(total)
-        equity = np.empty(total)
-        premature = np.empty(total, dtype=bool)
         slot = 0
-        empty_f = np.zeros(0)
-        empty_b = np.zeros(0, dtype=bool)
+        no_fund = _lk.FundLedger(np.zeros(0), np.zeros(0, dtype=bool), 1.0)
+        settings = closeout_settings(self.config)
         for sd in self.sides:
             for g in sd.groups:
-                assert g.trig is not None
-                agg = _Aggregates.empty(int(np.count_nonzero(g.trig >= 0)))
+                agg = _Aggregates.empty(int(np.count_nonzero(g.query_rows().trig >= 0)))
                 start = slot
                 _, slot = _lk.outcomes(
-                    *sd.kernel_args(g, self.close, self.mm_series[g.series], self.funding_cum,
-                                    self.config),
-                    1.0, empty_f, empty_b, *agg.arrays(), 0, True, g.pos_base, g.col_stride,
-                    g.notional_stride, position, trigger, notional, liq, closeout, equity,
-                    premature, slot,
+                    sd.bars, self.mm_series[g.series], sd.extreme_index, g.query_rows(),
+                    g.position_rows(), settings, no_fund, agg.slots(), 0, out, slot, True,
                 )
                 side[start:slot] = sd.sign
+        position, trigger, notional = out.position, out.trigger_bar, out.notional_usd
+        liq, closeout = out.liquidation_price, out.closeout_price
+        equity, premature = out.closeout_equity_usd, out.premature
         return LiquidationEvents(
             position=position, side=side, trigger_bar=trigger, notional_usd=notional,
             liquidation_price=liq, closeout_price=closeout, closeout_equity_usd=equity,
