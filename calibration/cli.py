@@ -1,5 +1,10 @@
 """``marginlab`` command line: the one door from the environment into the library.
 
+The library's commands (backtest, accounts, calibrate, worker on a named study, data). The
+installed ``marginlab`` script is ``service.cli``, which builds on ``build_parser`` and adds the
+service's commands (serve, the worker's job-queue mode, recalibrate, apikey), so nothing here
+imports ``service``.
+
 Reads ``MARGINLAB_DATA_ROOT`` (default: the working directory) to resolve data references.
 Bad input ends with exit code 2 and a one-line ``error: ...`` on stderr, never a traceback.
 """
@@ -357,14 +362,12 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from calibration.storage import Coordination
 
     root = os.environ.get("MARGINLAB_DATA_ROOT", os.getcwd())
-    _quiet_optuna()
     if args.study is None:
-        # The service's job queue: the service package owns that I/O.
-        from service.jobs import run_queue_worker
-        from service.settings import Settings
-
-        run_queue_worker(Settings.from_env(), burst=args.burst)
-        return 0
+        # Without a study the worker consumes the service's job queue: service.cli's door.
+        raise InvalidParameters("worker needs --study here (the job-queue worker is the "
+                                "service's: marginlab worker, installed with the service)",
+                                field="study")
+    _quiet_optuna()
     with Coordination(args.storage) as coordination:
         study, spec = load_study(args.study, coordination, worker=args.worker_index)
         prepared = prepare(spec, root)
@@ -378,45 +381,6 @@ def _cmd_worker(args: argparse.Namespace) -> int:
                          deadline=deadline)
     if not args.quiet:
         print(f"worker finished: ran {ran} trials of study {args.study}", file=sys.stderr)
-    return 0
-
-
-def _port_is_free(host: str, port: int) -> None:
-    """Refuse a port something already listens on: granian binds with SO_REUSEPORT, so a
-    second server would share the port and split the requests (with its own embedded state)
-    instead of failing. A plain bind, without that option, fails while anyone listens."""
-    import socket
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise InvalidParameters(f"cannot serve on {host}:{port}: {exc.strerror or exc} "
-                                    "(is another marginlab serve running there?)",
-                                    field="port") from None
-
-
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from granian import Granian
-    from granian.constants import Interfaces
-
-    if args.workers > 1 and not os.environ.get("REDIS_URL"):
-        raise InvalidParameters("--workers > 1 needs REDIS_URL (embedded state is per process)",
-                                field="workers")
-    _port_is_free(args.host, args.port)
-    Granian("service.app:create_app", factory=True, address=args.host, port=args.port,
-            interface=Interfaces.ASGI, workers=args.workers).serve()
-    return 0
-
-
-def _cmd_apikey(args: argparse.Namespace) -> int:
-    from service.auth import hash_key, new_key
-
-    key = new_key()
-    entry = {hash_key(key): {"name": args.name, "role": args.role}}
-    print(f"key (give it to {args.name}; it is not stored): {key}")
-    print(f"add to MARGINLAB_API_KEYS / the keys file: {json.dumps(entry)}")
     return 0
 
 
@@ -472,17 +436,6 @@ def _cmd_data_fetch(args: argparse.Namespace) -> int:
     for path in report.missing:
         print(f"    {path}")
     return 0
-
-
-def _cmd_recalibrate(args: argparse.Namespace) -> int:
-    from calibration.data import parse_duration_seconds
-    from service.recalibrate import run_schedule
-
-    spec = _json_object(f"@{args.spec}", "spec")
-    every = parse_duration_seconds(args.every)
-    key = os.environ.get("MARGINLAB_API_KEY")
-    return run_schedule(args.api, spec, args.instrument, every_s=every, key=key,
-                        clamp=args.clamp, once=args.once)
 
 
 def _stdout_console() -> Console:
@@ -660,24 +613,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     wk.add_argument("--study", help="the study name; without it, consume the service's job "
                                     "queue (needs REDIS_URL)")
-    wk.add_argument("--burst", action="store_true",
-                    help="queue mode: exit when the queue is empty")
     wk.add_argument("--storage", default=DEFAULT_STORAGE, help="the study's storage URL")
     wk.add_argument("--worker-index", type=int, default=1,
                     help="offsets the sampler seed so workers explore differently")
     wk.add_argument("--quiet", action="store_true", help="no closing line")
     wk.set_defaults(func=_cmd_worker)
-
-    sv = sub.add_parser(
-        "serve", help="run the REST API (embedded defaults: no Redis or database needed)",
-        description="Without REDIS_URL the API keeps its state under .marginlab/ and runs "
-                    "calibrations in-process; with REDIS_URL (and MARGINLAB_STORAGE) it queues "
-                    "them for `marginlab worker` processes.",
-    )
-    sv.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
-    sv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    sv.add_argument("--workers", type=int, default=1, help="HTTP worker processes (Redis mode)")
-    sv.set_defaults(func=_cmd_serve)
 
     from calibration.fetch import BINANCE_BASE_URL, INTERVALS
 
@@ -706,32 +646,23 @@ def build_parser() -> argparse.ArgumentParser:
     fe.add_argument("--json", action="store_true", help="print the report as JSON")
     fe.set_defaults(func=_cmd_data_fetch)
 
-    rc = sub.add_parser(
-        "recalibrate", help="re-run a stored spec on a schedule and publish inside guardrails",
-        description="Submits the spec to the API, waits, and publishes a feasible "
-                    "recommendation for the instrument; the server's guardrails decide. The "
-                    "API key (admin) is read from MARGINLAB_API_KEY.",
-    )
-    rc.add_argument("--spec", required=True, help="the calibration spec (JSON file)")
-    rc.add_argument("--instrument", required=True, help="the instrument to publish for")
-    rc.add_argument("--every", default="1d", help="interval between runs (default: 1d)")
-    rc.add_argument("--api", default="http://127.0.0.1:8000", help="the service's base URL")
-    rc.add_argument("--clamp", action="store_true",
-                    help="when refused for max_change, publish the recommendation moved only "
-                         "as far as the guardrails allow")
-    rc.add_argument("--once", action="store_true", help="one run, then exit")
-    rc.set_defaults(func=_cmd_recalibrate)
-
-    ak = sub.add_parser("apikey", help="make a new API key and the line that configures it")
-    ak.add_argument("--role", choices=("reader", "operator", "admin"), required=True)
-    ak.add_argument("--name", required=True, help="who the key is for")
-    ak.set_defaults(func=_cmd_apikey)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``marginlab`` console script."""
-    parser = build_parser()
+def subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction[Any]:
+    """The subcommand table of a ``build_parser()`` parser, for a caller that adds commands
+    (``service.cli``) or extends one (``.choices["worker"]``)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    raise LookupError("the parser has no subcommands")
+
+
+def main(argv: Sequence[str] | None = None,
+         parser: argparse.ArgumentParser | None = None) -> int:
+    """Parse ``argv`` with ``parser`` (default: ``build_parser()``) and run the command: its
+    exit code, 2 with one ``error:`` line on stderr for a ``MarginlabError``."""
+    parser = parser if parser is not None else build_parser()
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)
@@ -745,15 +676,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-def run() -> NoReturn:
-    """The ``marginlab`` console script: ``main()``, then exit without the interpreter's
-    finalisation. Tearing down numba's JIT state and the loaded modules takes ~0.3 s after a
-    calibration or backtest, for a process that is ending anyway; every file the command
-    wrote is closed by then, and the standard streams are flushed here."""
-    code = main()
+def exit_now(code: int) -> NoReturn:
+    """Exit with ``code`` without the interpreter's finalisation. Tearing down numba's JIT
+    state and the loaded modules takes ~0.3 s after a calibration or backtest, for a process
+    that is ending anyway; every file the command wrote is closed by then, and the standard
+    streams are flushed here."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def run() -> NoReturn:
+    """``python -m calibration.cli``: ``main()``, then ``exit_now`` (the installed
+    ``marginlab`` script is ``service.cli.run``, these commands and the service's)."""
+    exit_now(main())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -43,7 +43,7 @@ def running_service(root: Path, **env: str) -> Iterator[str]:
     environ.update(MARGINLAB_DATA_ROOT=str(root), MARGINLAB_STATE_DIR=str(root / ".state"),
                    **env)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "calibration.cli", "serve", "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port",
                              str(port)], env=environ, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"

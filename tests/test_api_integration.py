@@ -136,7 +136,7 @@ class Deployment:
         path = self.root / f"{name}.log"
         log = path.open("wb")
         self.logs.append((path, log))
-        proc = subprocess.Popen([sys.executable, "-m", "calibration.cli", *args], env=self.env,
+        proc = subprocess.Popen([sys.executable, "-m", "service.cli", *args], env=self.env,
                                 cwd=self.root, stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(proc)
         return proc

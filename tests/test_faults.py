@@ -63,7 +63,7 @@ class EmbeddedService:
         port = free_port()
         self.log = (self.root / f"serve-{self.starts}.log").open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "calibration.cli", "serve", "--port", str(port)],
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
             env=self.env, cwd=self.root, stdout=self.log, stderr=subprocess.STDOUT)
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
 

@@ -377,7 +377,7 @@ def test_a_second_serve_on_a_served_port_exits_2(tmp_path: Path) -> None:
     with running_service(tmp_path) as base:
         port = base.rsplit(":", 1)[1]
         second = subprocess.run(
-            [sys.executable, "-m", "calibration.cli", "serve", "--port", port],
+            [sys.executable, "-m", "service.cli", "serve", "--port", port],
             capture_output=True, text=True, timeout=60, check=False,
             env={"MARGINLAB_DATA_ROOT": str(tmp_path),
                  "MARGINLAB_STATE_DIR": str(tmp_path / ".other"), "PATH": ""})

@@ -114,7 +114,7 @@ def api_servers(root: Path, redis_url: str, audit_db: str | None,
             log = (root / f"api-{i}.log").open("wb")
             logs.append(log)
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "calibration.cli", "serve", "--port", str(port)],
+                [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
                 env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT))
             client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
             clients.append(client)

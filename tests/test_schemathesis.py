@@ -69,7 +69,7 @@ def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     env.pop("REDIS_URL", None)
     env.pop("MARGINLAB_API_KEYS", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "calibration.cli", "serve", "--port", str(port)],
+        [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"

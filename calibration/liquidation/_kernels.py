@@ -20,12 +20,18 @@ entry bar are visited by falling threshold so their searches share one walk. Not
 bar by bar per position. The same index over the raw extremes answers the close-out's worst
 price and the premature test (bankruptcy reached in bars ``t .. t + recovery``, trigger bar
 included).
+
+Inputs are typed records rather than positional splats: ``SideBars`` (one side's bars),
+``BlockIndex`` (a ``block_minima`` index), ``QueryRows`` and ``PositionRows`` (the queries and
+the positions behind them), ``CloseoutSettings`` and ``CascadeSettings`` (scalars from the
+config), and the outputs ``FundLedger``, ``TriggerSlots`` and ``PositionSlots``. numba compiles
+one specialisation per record type, as for positional arguments.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numba as nb
 import numpy as np
@@ -40,6 +46,99 @@ TIE_TOLERANCE = 1e-9
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
 BoolArray = NDArray[np.bool_]
+
+
+class SideBars(NamedTuple):
+    """One side (long or short) of one instrument's bars, every array of shape ``(n,)``."""
+
+    is_long: bool
+    close: FloatArray  # closes (price)
+    extreme: FloatArray  # adverse extreme: low for longs, high for shorts (price)
+    funding_cum: FloatArray  # cumulative funding (price units)
+    depth_usd: FloatArray  # bid (longs) / ask (shorts) depth, or the ADV-based depth (USD)
+
+
+class BlockIndex(NamedTuple):
+    """``block_minima`` of one series: minima over blocks of 8 and 64 bars, shapes ``(n//8,)``
+    and ``(n//64,)``."""
+
+    b8: FloatArray
+    b64: FloatArray
+
+
+class QueryRows(NamedTuple):
+    """Query rows of one side: row ``r`` opened at the close of ``entries[r]``, ascending; its
+    ``K`` columns are effective leverages, each with a trigger bar (-1: none)."""
+
+    entries: IntArray  # (R,)
+    leverage: FloatArray  # (R, K)
+    trig: IntArray  # (R, K)
+
+
+class PositionRows(NamedTuple):
+    """The positions behind the queries of ``QueryRows``: query ``(r, c)`` stands for ``J``
+    positions, one per notional, sharing trigger, liquidation price and premature flag.
+    Position ``(r, c, j)`` has index ``pos_base[r] + c * col_stride + j * notional_stride``."""
+
+    notional_usd: FloatArray  # (R, J)
+    notional_pow: FloatArray  # (R, J): notional_usd ** impact_exponent
+    pos_base: IntArray  # (R,)
+    col_stride: int
+    notional_stride: int
+
+
+class CloseoutSettings(NamedTuple):
+    """``LiquidationConfig``'s close-out scalars (rates are fractions of price / notional)."""
+
+    latency_bars: int
+    at_liquidation_price: bool  # the optimistic fill (with latency 0 only)
+    recovery_bars: int
+    spread_rate: float
+    impact_coef: float
+    impact_exponent: float
+    fee_rate: float
+
+
+class CascadeSettings(NamedTuple):
+    """``LiquidationConfig``'s cascade scalars."""
+
+    kappa: float  # price move per unit of liquidated USD / depth USD
+    holding_bars: int
+
+
+class FundLedger(NamedTuple):
+    """Per-bar moves of the insurance fund, shape ``(n,)`` (empty: not recorded)."""
+
+    delta_usd: FloatArray  # net move settling at each bar (× population_scale)
+    seen: BoolArray  # a close-out settles at the bar
+    population_scale: float
+
+
+class TriggerSlots(NamedTuple):
+    """One slot per triggered query, each of shape ``(S,)``: trigger bar, premature flag,
+    positions, and the sums over its positions (USD, one position each) of notional, bad debt
+    and fee, the positions with bad debt and the largest bad debt."""
+
+    trigger_bar: IntArray
+    premature: BoolArray
+    positions: IntArray  # positions behind the query
+    notional_usd: FloatArray
+    bad_debt_usd: FloatArray
+    fee_usd: FloatArray
+    bad_count: IntArray
+    worst_usd: FloatArray
+
+
+class PositionSlots(NamedTuple):
+    """One slot per liquidated position (``outcomes`` with ``details``), each ``(D,)``."""
+
+    position: IntArray
+    trigger_bar: IntArray
+    notional_usd: FloatArray
+    liquidation_price: FloatArray
+    closeout_price: FloatArray
+    closeout_equity_usd: FloatArray
+    premature: BoolArray
 
 
 @nb.njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
@@ -190,13 +289,9 @@ def _range_min(
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
 def first_passage(
-    price: FloatArray,
+    bars: SideBars,
     mm: FloatArray,
-    funding_cum: FloatArray,
-    is_long: bool,
-    b8: FloatArray,
-    b64: FloatArray,
-    close: FloatArray,
+    x_index: BlockIndex,
     entries: IntArray,
     leverage: FloatArray,
     order: IntArray,
@@ -205,11 +300,9 @@ def first_passage(
     """First bar ``t`` in ``(e, e + holding]`` with ``x_t <= threshold``, for every query.
 
     Args:
-        price: the adverse extreme per bar (low for longs, high for shorts), shape ``(n,)``.
+        bars: the side's bars (``extreme`` without cascade; ``depth_usd`` unused).
         mm: MM rate per bar, shape ``(n,)``.
-        funding_cum: cumulative funding in price units, shape ``(n,)``.
-        b8, b64: ``block_minima`` of ``x`` (``raw=False``).
-        close: closes per bar, shape ``(n,)``.
+        x_index: ``block_minima`` of ``x`` (``raw=False``).
         entries: entry bar of each query row, shape ``(R,)``.
         leverage: effective leverage of each query, shape ``(R, K)``; with the entry close and
             funding it gives the query's threshold (``_threshold``).
@@ -222,6 +315,12 @@ def first_passage(
     Returns:
         Trigger bar per query, shape ``(R, K)``, -1 where there is none.
     """
+    is_long = bars.is_long
+    price = bars.extreme
+    funding_cum = bars.funding_cum
+    close = bars.close
+    b8 = x_index.b8
+    b64 = x_index.b64
     n = price.shape[0]
     rows = leverage.shape[0]
     k = leverage.shape[1]
@@ -254,19 +353,12 @@ def first_passage(
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
 def cascade(
-    price: FloatArray,
+    bars: SideBars,
     mm: FloatArray,
-    funding_cum: FloatArray,
-    depth: FloatArray,
-    is_long: bool,
-    kappa: float,
-    holding: int,
+    rows: QueryRows,
     series_start: IntArray,
-    close: FloatArray,
-    entries: IntArray,
-    leverage: FloatArray,
     weight: FloatArray,
-    trig: IntArray,
+    settings: CascadeSettings,
 ) -> FloatArray:  # pragma: no cover - jit
     """Liquidation cascade of one side, solved exactly in one forward pass over the bars.
 
@@ -278,27 +370,36 @@ def cascade(
     tested against every position open at that bar that has not triggered yet.
 
     Args:
-        price: the adverse extreme per bar without cascade, shape ``(n,)``.
+        bars: the side's bars, ``extreme`` without cascade.
         mm: MM rate per series and bar, shape ``(M, n)``.
-        depth: depth (USD) per bar on this side, shape ``(n,)``.
+        rows: the query rows of every series; ``rows.trig`` holds the trigger bars without
+            cascade and is updated in place.
         series_start: rows of series ``m`` are ``series_start[m] : series_start[m+1]``, each
             block ascending by entry bar.
-        close: closes per bar, shape ``(n,)``.
-        entries, leverage, weight: per query row, shapes ``(R,)``, ``(R, K)``, ``(R,)``;
-            ``weight`` is the USD notional liquidated when one query of the row triggers.
-        trig: trigger bars without cascade, shape ``(R, K)``; updated in place.
+        weight: per query row, shape ``(R,)``: the USD notional liquidated when one query of
+            the row triggers.
 
     Returns:
         The adverse extreme per bar with the cascade's impact, shape ``(n,)``.
     """
+    is_long = bars.is_long
+    price = bars.extreme
+    funding_cum = bars.funding_cum
+    depth = bars.depth_usd
+    close = bars.close
+    entries = rows.entries
+    leverage = rows.leverage
+    trig = rows.trig
+    kappa = settings.kappa
+    holding = settings.holding_bars
     n = price.shape[0]
     n_series = series_start.shape[0] - 1
     k = leverage.shape[1]
     adj = price.copy()
     q = np.zeros(n)
     cnt = np.zeros(n, dtype=np.int64)
-    rows = leverage.shape[0]
-    for r in range(rows):
+    n_rows = leverage.shape[0]
+    for r in range(n_rows):
         for c in range(k):
             t = trig[r, c]
             if t >= 0:
@@ -352,88 +453,78 @@ def cascade(
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
 def outcomes(
-    is_long: bool,
-    entries: IntArray,
-    close: FloatArray,
-    price: FloatArray,
+    bars: SideBars,
     mm: FloatArray,
-    funding_cum: FloatArray,
-    depth: FloatArray,
-    q8: FloatArray,
-    q64: FloatArray,
-    leverage: FloatArray,
-    trig: IntArray,
-    notional: FloatArray,
-    notional_pow: FloatArray,
-    latency: int,
-    at_liquidation_price: bool,
-    recovery: int,
-    spread: float,
-    impact_coef: float,
-    impact_exponent: float,
-    fee_rate: float,
-    scale: float,
-    fund_delta: FloatArray,
-    fund_seen: BoolArray,
-    agg_trigger: IntArray,
-    agg_premature: BoolArray,
-    agg_count: IntArray,
-    agg_notional: FloatArray,
-    agg_bad_debt: FloatArray,
-    agg_fee: FloatArray,
-    agg_bad_count: IntArray,
-    agg_worst: FloatArray,
+    extreme_index: BlockIndex,
+    rows: QueryRows,
+    positions: PositionRows,
+    settings: CloseoutSettings,
+    fund: FundLedger,
+    agg: TriggerSlots,
     agg_start: int,
-    details: bool,
-    pos_base: IntArray,
-    col_stride: int,
-    notional_stride: int,
-    out_position: IntArray,
-    out_trigger: IntArray,
-    out_notional: FloatArray,
-    out_liq_price: FloatArray,
-    out_close_price: FloatArray,
-    out_equity: FloatArray,
-    out_premature: BoolArray,
+    out: PositionSlots,
     out_start: int,
+    details: bool,
 ) -> tuple[int, int]:  # pragma: no cover - jit
     """Close-out of every triggered query of one side and MM series.
 
     Args:
-        price: adverse extreme per bar (with the cascade's impact if any), shape ``(n,)``.
-        q8, q64: ``block_minima`` of the signed extreme (``raw=True``) of ``price``.
-        latency: bars from trigger ``t`` to close-out; the fill's base price is the worst
-            extreme of bars ``t .. min(t + latency, n - 1)`` (latency 0: bar ``t``'s own).
-        at_liquidation_price: fill at the liquidation price instead (the optimistic engine;
-            the caller allows it with latency 0 only).
-        leverage: effective leverage per query, shape ``(R, K)``.
-        trig: trigger bar per query, shape ``(R, K)``.
-        notional: notionals (USD) of the positions behind each row, shape ``(R, J)``; query
-            ``(r, c)`` stands for ``J`` positions, one per notional, which share trigger,
-            liquidation price and premature flag and differ in slippage.
-        notional_pow: ``notional ** impact_exponent`` (the impact is computed as
-            ``impact_coef * notional_pow / depth ** impact_exponent``: one power per trigger).
-        fund_delta, fund_seen: each close-out's move of the insurance fund (``-bad debt`` or
-            ``+fee``, times ``scale``) is added at the close-out bar ``min(t + latency, n - 1)``,
-            which is flagged; skipped when ``fund_delta`` is empty.
-        agg_*: one slot per triggered query from ``agg_start``: trigger bar, premature flag,
-            positions, and the sums over its positions of notional, bad debt and fee (USD, one
-            position each), the positions with bad debt and the largest bad debt.
-        details: also write one slot per position from ``out_start`` to the ``out_*`` arrays,
-            whose position index is ``pos_base[r] + c * col_stride + j * notional_stride``.
+        bars: the side's bars, ``extreme`` with the cascade's impact if any.
+        mm: MM rate per bar of the rows' series, shape ``(n,)``.
+        extreme_index: ``block_minima`` of the signed extreme (``raw=True``) of
+            ``bars.extreme``.
+        rows: the triggered (and untriggered, ``trig < 0``) queries.
+        positions: the positions behind each query; they differ in slippage only (the impact
+            is ``impact_coef * notional_pow / depth ** impact_exponent``: one power per
+            trigger).
+        settings: ``latency_bars`` from trigger ``t`` to close-out (the fill's base price is
+            the worst extreme of bars ``t .. min(t + latency, n - 1)``; latency 0: bar ``t``'s
+            own), or ``at_liquidation_price`` (the optimistic engine, latency 0 only), the
+            premature test's ``recovery_bars``, slippage and fee.
+        fund: each close-out's move of the insurance fund (``-bad debt`` or ``+fee``, times
+            ``population_scale``) is added at the close-out bar ``min(t + latency, n - 1)``,
+            which is flagged; skipped when ``fund.delta_usd`` is empty.
+        agg: one slot per triggered query is written from ``agg_start``.
+        out, details: with ``details``, one slot per position is written to ``out`` from
+            ``out_start``.
 
     Returns:
         The next free ``agg`` and ``out`` slots.
     """
+    is_long = bars.is_long
+    close = bars.close
+    price = bars.extreme
+    funding_cum = bars.funding_cum
+    depth = bars.depth_usd
+    q8 = extreme_index.b8
+    q64 = extreme_index.b64
+    entries = rows.entries
+    leverage = rows.leverage
+    trig = rows.trig
+    notional = positions.notional_usd
+    notional_pow = positions.notional_pow
+    pos_base = positions.pos_base
+    col_stride = positions.col_stride
+    notional_stride = positions.notional_stride
+    latency = settings.latency_bars
+    at_liquidation_price = settings.at_liquidation_price
+    recovery = settings.recovery_bars
+    spread = settings.spread_rate
+    impact_coef = settings.impact_coef
+    impact_exponent = settings.impact_exponent
+    fee_rate = settings.fee_rate
+    fund_delta = fund.delta_usd
+    fund_seen = fund.seen
+    scale = fund.population_scale
     n = close.shape[0]
-    rows = trig.shape[0]
+    n_rows = trig.shape[0]
     k = trig.shape[1]
     jn = notional.shape[1]
     sign = 1.0 if is_long else -1.0
     with_fund = fund_delta.shape[0] > 0
     a = agg_start
     i = out_start
-    for r in range(rows):
+    for r in range(n_rows):
         e = entries[r]
         ce = close[e]
         fe = funding_cum[e]
@@ -505,22 +596,22 @@ def outcomes(
                 else:
                     fee_sum += min(fee_rate * notional_usd, equity)
                 if details:
-                    out_position[i] = pos_base[r] + c * col_stride + j * notional_stride
-                    out_trigger[i] = t
-                    out_notional[i] = notional_usd
-                    out_liq_price[i] = liq
-                    out_close_price[i] = pc
-                    out_equity[i] = equity
-                    out_premature[i] = premature
+                    out.position[i] = pos_base[r] + c * col_stride + j * notional_stride
+                    out.trigger_bar[i] = t
+                    out.notional_usd[i] = notional_usd
+                    out.liquidation_price[i] = liq
+                    out.closeout_price[i] = pc
+                    out.closeout_equity_usd[i] = equity
+                    out.premature[i] = premature
                     i += 1
-            agg_trigger[a] = t
-            agg_premature[a] = premature
-            agg_count[a] = jn
-            agg_notional[a] = notional_sum
-            agg_bad_debt[a] = bad_sum
-            agg_fee[a] = fee_sum
-            agg_bad_count[a] = bad_count
-            agg_worst[a] = worst
+            agg.trigger_bar[a] = t
+            agg.premature[a] = premature
+            agg.positions[a] = jn
+            agg.notional_usd[a] = notional_sum
+            agg.bad_debt_usd[a] = bad_sum
+            agg.fee_usd[a] = fee_sum
+            agg.bad_count[a] = bad_count
+            agg.worst_usd[a] = worst
             a += 1
             if with_fund:
                 closeout_bar = min(t + latency, n - 1)

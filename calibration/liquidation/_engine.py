@@ -1,0 +1,234 @@
+"""``simulate_liquidations``: margin rates → population → first passage → cascade → close-outs →
+fund (the rules: ``calibration.liquidation``)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from calibration._bars import BarSeries
+from calibration._errors import DataError
+from calibration.liquidation import _kernels as _lk
+from calibration.liquidation._config import LiquidationConfig
+from calibration.liquidation._population import (
+    FloatArray,
+    _explicit_groups,
+    _ExplicitLayout,
+    _grid_groups,
+    _GridLayout,
+    _Group,
+)
+from calibration.liquidation._results import (
+    LiquidationResult,
+    _Aggregates,
+    _no_details,
+    _Replay,
+    _SideData,
+    closeout_settings,
+)
+from calibration.models import MarginModel, MarginRates
+
+
+def _depths(bars: BarSeries, config: LiquidationConfig) -> tuple[FloatArray, FloatArray]:
+    """Depth (USD) per bar for long and short close-outs (bid / ask, or a share of ADV)."""
+    needed = config.impact_coef > 0 or (config.cascade and config.cascade_kappa > 0)
+    if bars.bid_depth_usd is not None and bars.ask_depth_usd is not None:
+        return bars.bid_depth_usd, bars.ask_depth_usd
+    traded = bars.traded_usd()
+    if traded is None:
+        if needed:
+            raise DataError(
+                f"market impact and cascades need order-book depth or volume; "
+                f"{bars.instrument!r} has neither (set impact_coef=0 and cascade=false)"
+            )
+        zeros = np.zeros(len(bars))
+        return zeros, zeros
+    # cached on the series, like its other features: calibration re-simulates the same bars
+    key = ("liquidation_depth_usd", int(config.adv_window_bars),
+           float(config.depth_fraction_of_adv))
+    if key not in bars._cache:
+        bars._cache[key] = _lk.trailing_mean(
+            np.ascontiguousarray(traded, dtype=np.float64), int(config.adv_window_bars),
+            86_400.0 / bars.bar_seconds * float(config.depth_fraction_of_adv),
+        )
+    depth = bars._cache[key]
+    return depth, depth
+
+
+def _extreme_blocks(bars: BarSeries, sign: int) -> tuple[FloatArray, FloatArray]:
+    """``block_minima`` of the lows (``sign`` 1) or of minus the highs (-1), cached on the
+    series."""
+    keys = (("liquidation_blocks", sign, 8), ("liquidation_blocks", sign, 64))
+    if keys[0] not in bars._cache or keys[1] not in bars._cache:
+        price = np.ascontiguousarray(bars.low if sign > 0 else bars.high, dtype=np.float64)
+        bars._cache[keys[0]], bars._cache[keys[1]] = _lk.block_minima(
+            price, price, price, sign > 0, True
+        )
+    return bars._cache[keys[0]], bars._cache[keys[1]]
+
+
+
+def simulate_liquidations(
+    bars: BarSeries, model: MarginModel, config: LiquidationConfig | None = None
+) -> LiquidationResult:
+    """Replay a population of positions through ``bars`` under ``model`` (domain.md §4).
+
+    See ``calibration.liquidation`` for every convention. MM and IM rates come from
+    ``model.margin_rates`` once per notional when ``model.notional_dependent``, else once.
+
+    Raises:
+        InvalidParameters: a bad setting (``field`` names it) or an explicit position whose
+            ``entry_ms`` lies before the first bar or whose ``entry_bar`` is past the last.
+        DataError: market impact or cascade requested on bars with neither depth nor volume.
+        InsufficientData: the series is too short for the model's warm-up.
+    """
+    config = config if config is not None else LiquidationConfig()
+    config.validate()
+    n = len(bars)
+    close = np.ascontiguousarray(bars.close, dtype=np.float64)
+    low = np.ascontiguousarray(bars.low, dtype=np.float64)
+    high = np.ascontiguousarray(bars.high, dtype=np.float64)
+    explicit = config.positions is not None
+    sides_cfg = tuple(config.sides)
+    side_signs = tuple(1 if s == "long" else -1 for s in sides_cfg)
+
+    # MM / IM series: one per distinct notional when the model depends on size, else one.
+    if explicit:
+        assert config.positions is not None
+        notionals = np.asarray([float(p.notional_usd) for p in config.positions])
+    else:
+        notionals = np.asarray([float(v) for v in config.notionals_usd])
+    rates: list[MarginRates] = []
+    if model.notional_dependent:
+        by_value: dict[float, int] = {}
+        for value in notionals.tolist():
+            if value not in by_value:
+                by_value[value] = len(rates)
+                rates.append(model.margin_rates(bars, notional_usd=value))
+        series_of = np.asarray([by_value[v] for v in notionals.tolist()], dtype=np.int64)
+    else:
+        rates.append(model.margin_rates(bars))
+        series_of = np.zeros(notionals.shape[0], dtype=np.int64)
+    first_valid = max(r.first_valid_bar for r in rates)
+    mm_series = [np.ascontiguousarray(r.mm_rate, dtype=np.float64) for r in rates]
+    im_series = [np.asarray(r.im_rate, dtype=np.float64) for r in rates]
+
+    if bars.funding_rate is not None:
+        funding_cum = np.cumsum(np.asarray(bars.funding_rate, dtype=np.float64) * close)
+    else:
+        funding_cum = np.zeros(n)
+    depth_long, depth_short = _depths(bars, config)
+    depth_long = np.ascontiguousarray(depth_long, dtype=np.float64)
+    depth_short = np.ascontiguousarray(depth_short, dtype=np.float64)
+    scale = float(config.population_scale)
+
+    groups: dict[int, list[_Group]] = {1: [], -1: []}
+    layout: _GridLayout | _ExplicitLayout
+    if explicit:
+        assert config.positions is not None
+        layout, entry_bars, entry_positions, entry_notional = _explicit_groups(
+            bars, config.positions, notionals, series_of, mm_series, im_series, first_valid,
+            close, funding_cum, groups, scale,
+        )
+    else:
+        layout, entry_bars, entry_positions, entry_notional = _grid_groups(
+            n, config, notionals, series_of, mm_series, im_series, first_valid, side_signs,
+            close, funding_cum, groups, scale, model.notional_dependent,
+        )
+
+    for side_groups in groups.values():
+        for g in side_groups:
+            g.notional_pow = np.ascontiguousarray(g.notional ** float(config.impact_exponent))
+    holding = int(config.holding_bars)
+    # First passage without cascade, then (optionally) the cascade's forward pass.
+    extremes: dict[int, FloatArray] = {1: low, -1: high}
+    depths = {1: depth_long, -1: depth_short}
+
+    def side_bars(sign: int) -> _lk.SideBars:
+        return _lk.SideBars(sign > 0, close, extremes[sign], funding_cum, depths[sign])
+
+    for sign, side_groups in groups.items():
+        blocks: dict[int, _lk.BlockIndex] = {}
+        for g in side_groups:
+            if g.series not in blocks:
+                blocks[g.series] = _lk.BlockIndex(*_lk.block_minima(
+                    extremes[sign], mm_series[g.series], funding_cum, sign > 0, False
+                ))
+            g.trig = _lk.first_passage(
+                side_bars(sign), mm_series[g.series], blocks[g.series], g.entries, g.leverage,
+                g.order, holding,
+            )
+        if config.cascade and config.cascade_kappa > 0 and side_groups:
+            extremes[sign] = _run_cascade(
+                side_groups, side_bars(sign), mm_series,
+                _lk.CascadeSettings(float(config.cascade_kappa), holding), scale,
+            )
+
+    agg_total = 0
+    for side_groups in groups.values():
+        for g in side_groups:
+            agg_total += int(np.count_nonzero(g.query_rows().trig >= 0))
+    agg = _Aggregates.empty(agg_total)
+    fund = _lk.FundLedger(np.zeros(n), np.zeros(n, dtype=bool), scale)
+    settings = closeout_settings(config)
+    no_details = _no_details()
+    side_data: list[_SideData] = []
+    slot = 0
+    for sign, side_groups in groups.items():
+        if not side_groups:
+            continue
+        if extremes[sign] is (low if sign > 0 else high):
+            index = _lk.BlockIndex(*_extreme_blocks(bars, sign))
+        else:  # moved by the cascade
+            index = _lk.BlockIndex(*_lk.block_minima(extremes[sign], low, low, sign > 0, True))
+        side = _SideData(sign, side_bars(sign), index, side_groups)
+        side_data.append(side)
+        for g in side_groups:
+            start = slot
+            slot, _ = _lk.outcomes(
+                side.bars, mm_series[g.series], side.extreme_index, g.query_rows(),
+                g.position_rows(), settings, fund, agg.slots(), slot, no_details, 0, False,
+            )
+            agg.side[start:slot] = sign
+    replay = _Replay(mm_series, side_data, config, n)
+    fund_delta, fund_seen = fund.delta_usd, fund.seen
+
+    # Insurance fund: the running level after each bar with a close-out.
+    fund_bars, fund_usd = _lk.fund_levels(fund_delta, fund_seen, float(config.insurance_fund_usd))
+
+    return LiquidationResult(
+        config=config,
+        instrument=bars.instrument,
+        fingerprint=bars.fingerprint,
+        timestamp_ms=bars.timestamp_ms,
+        positions_opened=int(entry_positions.sum()),
+        entry_bars=entry_bars,
+        entry_positions=entry_positions,
+        entry_notional_usd=entry_notional,
+        liquidations=int(agg.count.sum()),
+        fund_bars=fund_bars,
+        fund_usd=fund_usd,
+        fund_delta_usd=np.ascontiguousarray(fund_delta[fund_bars]),
+        _layout=layout,
+        _agg=agg,
+        _replay=replay,
+    )
+
+
+def _run_cascade(
+    side_groups: list[_Group], bars: _lk.SideBars, mm: list[FloatArray],
+    settings: _lk.CascadeSettings, scale: float,
+) -> FloatArray:
+    """Run the cascade kernel over every group of one side; updates each group's triggers."""
+    sizes = [g.entries.shape[0] for g in side_groups]
+    series_start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    rows = _lk.QueryRows(
+        entries=np.concatenate([g.entries for g in side_groups]).astype(np.int64),
+        leverage=np.ascontiguousarray(np.concatenate([g.leverage for g in side_groups])),
+        trig=np.ascontiguousarray(np.concatenate([g.query_rows().trig for g in side_groups])),
+    )
+    weight = np.concatenate([g.notional.sum(axis=1) * scale for g in side_groups])
+    mm_stack = np.ascontiguousarray(np.stack([mm[g.series] for g in side_groups]))
+    adj: FloatArray = _lk.cascade(bars, mm_stack, rows, series_start, weight, settings)
+    for i, g in enumerate(side_groups):
+        g.trig = np.ascontiguousarray(rows.trig[series_start[i]:series_start[i + 1]])
+    return adj
