@@ -593,10 +593,10 @@ def simulate_accounts(
                                 field="mode")
     mech = _mechanics(market, config) if config.mechanics or mechanics_kernel else None
     if mech is not None:
-        out = empty_mech_outputs(len(opened), k)
+        mout = empty_mech_outputs(len(opened), k)
         replay_mech(sched.mm, book, rules, mech, len(assets_sorted), config.holding_bars,
-                    config.latency_bars, out)
-        trig, eq, legs, fee = out.trigger, out.closeout_equity, out.leg_pnl, out.fee
+                    config.latency_bars, mout)
+        trig, eq, legs, fee = mout.trigger, mout.closeout_equity, mout.leg_pnl, mout.fee
     else:
         trig, eq, legs, fee = empty_outputs(len(opened), k)
     if mech is None and scenarios is not None:
@@ -622,13 +622,13 @@ def simulate_accounts(
         replay_mech(sched.mm, twins, rules, mech, len(assets_sorted), config.holding_bars,
                     config.latency_bars, t_out)
         t_trig, t_eq, t_fee = t_out.trigger, t_out.closeout_equity, t_out.fee
-        bad = out.bad_debt
+        bad = mout.bad_debt
         t_bad = t_out.bad_debt
-        closeout_bar, t_closeout_bar = out.closeout_bar, t_out.closeout_bar
-        extra = {"leg_liquidated": out.leg_closed_usd[pa, pi] > 0,
-                 "leg_closed_usd": out.leg_closed_usd[pa, pi],
+        closeout_bar, t_closeout_bar = mout.closeout_bar, t_out.closeout_bar
+        extra = {"leg_liquidated": mout.leg_closed_usd[pa, pi] > 0,
+                 "leg_closed_usd": mout.leg_closed_usd[pa, pi],
                  "twin_closed_usd": t_out.leg_closed_usd[np.arange(pa.shape[0]), pi],
-                 "steps": out.steps}
+                 "steps": mout.steps}
     else:
         t_trig, _t_eq, _t_legs, t_fee = empty_outputs(pa.shape[0], k)
         t_eq = _t_eq
