@@ -256,6 +256,8 @@ def _cmd_accounts_backtest(args: argparse.Namespace) -> int:
                                 "portfolio", field="portfolio_model")
     market = Market.from_series(_load_datasets(args, root))
     fields = _json_object(args.liquidation, "liquidation") if args.liquidation else {}
+    if args.policy:
+        fields = {**fields, "policy": args.policy}
     per_day = max(1, 86_400 // market.bar_seconds)
     config = AccountConfig.from_mapping(fields, mode=args.mode, holding_bars=7 * per_day)
     accounts = population = None
@@ -275,11 +277,13 @@ def _cmd_accounts_backtest(args: argparse.Namespace) -> int:
         windows = tuple(StressWindow.parse(w) for w in args.stress_window)
     else:
         windows = DEFAULT_STRESS_WINDOWS
-    report, _ = run_account_backtest(market, args.model, params, accounts=accounts,
-                                     population=population, config=config,
-                                     stress_windows=windows,
-                                     portfolio_model=args.portfolio_model,
-                                     portfolio_params=portfolio_params)
+    report, result = run_account_backtest(market, args.model, params, accounts=accounts,
+                                          population=population, config=config,
+                                          stress_windows=windows,
+                                          portfolio_model=args.portfolio_model,
+                                          portfolio_params=portfolio_params)
+    if args.compare_policies:
+        return _print_policies(args, market, params, list(result.accounts), config)
     if args.json:
         import msgspec
 
@@ -288,6 +292,32 @@ def _cmd_accounts_backtest(args: argparse.Namespace) -> int:
     from calibration._summary import print_accounts
 
     print_accounts(report, _stdout_console())
+    return 0
+
+
+def _print_policies(args: argparse.Namespace, market: Any, params: dict[str, Any],
+                    accounts: list[Any], config: Any) -> int:
+    """``--compare-policies``: one row per liquidation policy for the same accounts."""
+    from calibration.accounts import compare_policies, least_loss
+    from calibration.horizon import resolve_horizon
+    from calibration.models import make_model
+
+    margin = make_model(args.model, params)
+    horizon = resolve_horizon({"params.horizon_bars": margin.horizon}, market.bar_seconds)
+    rows = compare_policies(market, margin.with_horizon(horizon.bars), accounts, config)
+    if args.json:
+        import msgspec
+
+        sys.stdout.buffer.write(msgspec.json.encode(
+            {"policies": rows, "least_loss": least_loss(rows)}) + b"\n")
+        return 0
+    cols = ("policy", "liquidated_accounts", "liquidated_positions", "liquidated_notional_usd",
+            "bad_debt_usd", "fee_usd")
+    print("  ".join(f"{c:>26}" for c in cols))
+    for row in rows:
+        print("  ".join(f"{row[c]:>26,.2f}" if isinstance(row[c], float) else f"{row[c]:>26}"
+                        for c in cols))
+    print(f"least bad debt: {least_loss(rows)}")
     return 0
 
 
@@ -569,6 +599,12 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--liquidation", metavar="JSON",
                     help="holding_bars, latency_bars, spread_rate, liquidation_fee_rate, "
                          "insurance_fund_usd as JSON, or @file.json")
+    ab.add_argument("--policy", choices=("close_all", "largest_requirement_first", "partial",
+                                         "hedge_preserving"),
+                    help="liquidation policy (default close_all; see AccountConfig.policy)")
+    ab.add_argument("--compare-policies", action="store_true",
+                    help="replay the same accounts under every liquidation policy and print "
+                         "bad debt and liquidated notional per policy")
     ab.add_argument("--funding", action="append", metavar="NAME=REF", help=argparse.SUPPRESS)
     ab.add_argument("--depth", action="append", metavar="NAME=REF", help=argparse.SUPPRESS)
     ab.add_argument("--repair", metavar="DEFECT[,DEFECT]", help="opt-in repairs (as backtest)")

@@ -19,7 +19,9 @@ from calibration.accounts._engine import (
     simulate_accounts,
     windows_summary,
 )
+from calibration.accounts._kernel_mech import POLICIES
 from calibration.accounts._market import STABLE_ASSETS, Market, underlying_of
+from calibration.accounts._policies import compare_policies, least_loss
 from calibration.accounts._portfolio_coverage import (
     BreachAttribution,
     PortfolioBook,
@@ -39,6 +41,7 @@ from calibration.accounts._requirements import Requirement, requirements_now
 
 __all__ = [
     "MARGIN_MODES",
+    "POLICIES",
     "STABLE_ASSETS",
     "Account",
     "AccountBacktestReport",
@@ -55,7 +58,9 @@ __all__ = [
     "accounts_from_records",
     "basket_book",
     "carry_book",
+    "compare_policies",
     "generate_population",
+    "least_loss",
     "load_accounts",
     "long_short_book",
     "portfolio_coverage",

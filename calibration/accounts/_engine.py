@@ -29,6 +29,57 @@ share of each of the account's collateral assets pro rata to the positions' entr
 (domain.md §7). With one USD-collateralised position per account and no fees or slippage this
 is §4's isolated replay (``calibration.liquidation``), which the tests prove bar for bar.
 
+Mechanics (named switches of ``AccountConfig``; all off by default, which is the core above,
+run by ``_kernel.replay`` bit for bit as before). Any of them on runs ``_kernel_mech``: every
+account in time order, bar by bar (the cascade makes accounts interact), by these rules:
+
+- ``funding``: each position pays ``q_i (D_{i,t} − D_{i,a})`` with ``D_i = cumsum(funding_rate_i
+  · close_i)`` (price units, §4's convention: settled per bar on the current notional, longs pay
+  a positive rate), ``a`` the entry bar or the bar of its last close-out step; summed per
+  account, it is settled cash in equity (not weighted by ``upnl_weight``). An instrument without
+  funding data pays none. Off by default: the §7 core has no funding, and turning it on where
+  the data has it changes the figures of every perpetual; a close-out step settles funding to
+  its bar ``t`` (§4: "funding to the trigger bar").
+- slippage per instrument: closing ``Δ`` units of instrument i at step bar ``t`` pays
+  ``min(1, spread_rate + impact_coef · (|Δ| C_{i,e} / depth_{i,t})^impact_exponent)`` of the
+  fill notional (§4: the closed units' entry notional; bid depth when selling a long, ask when
+  buying back a short, from the series' order-book depth when it has both, else
+  ``depth_fraction_of_adv`` × the trailing ``adv_window_bars`` mean traded USD per day; zero
+  depth: the capped 100%). ``impact_coef`` defaults to 0 here (the core is frictionless, as
+  ``spread_rate`` = 0); §4's ``LiquidationConfig`` uses 0.01.
+- ``cascade``: the entry notional of the units of instrument i closed by steps at bar s, longs
+  ``QL_{i,s}`` and shorts ``QS_{i,s}`` over every account, moves bar s+1 of that instrument for
+  every account: ``low × max(0, 1 − cascade_kappa · QL / bid_depth_s)``, ``high × (1 + min(1,
+  cascade_kappa · QS / ask_depth_s))`` (§4's rule, per instrument). Bar s+1 depends only on
+  steps at bar s, so one forward pass over the bars finds the fixed point exactly; the moved
+  extremes are used for every later test, mark and fill. The isolated twins are a separate
+  population with their own cascade.
+- ``policy``: what a step closes. A step happens at a tested bar ``t`` where equity ≤ MM (the
+  trigger test, at the marks: every asset's adverse extreme for the account at bar t). Its
+  *estimate* revalues the account at those marks with the units ``Δ`` closed there, less their
+  slippage and ``liquidation_fee_rate``; *restored* means that estimate's equity > the MM of
+  what is left (nothing left: done). Policies:
+  ``close_all`` closes every position (one step, the core);
+  ``largest_requirement_first`` closes whole positions one at a time, largest ``MM_i`` at the
+  marks first (ties: the market's instrument order), until restored or nothing is left;
+  ``partial`` closes ``partial_fraction`` of each position's entry units (the last of
+  ``ceil(1 / partial_fraction)`` steps closes the remainder);
+  ``hedge_preserving`` first closes the unhedged residual per asset: for each asset with net
+  units ``n_a`` (collateral plus positions, the same net as the adverse side), the positions on
+  it with the sign of ``n_a`` lose ``min(1, |n_a| / Σ|q|)`` of their units pro rata, keeping the
+  offsetting legs (and the collateral a short hedges); not restored, it closes everything.
+  Books on different assets (long BTC / short ETH) have no hedge per asset and close as under
+  ``close_all``.
+  Each step fills at the worst price of bars ``t .. t+L`` (as the core, for the account's side
+  at the step), the last position's step sells the collateral too; the fee is ``min(fee_rate ×
+  fill notional, equity after the step)`` when positive (equity after a partial step: cash plus
+  what is left open and the collateral at the step's marks). The account is tested again from
+  bar ``t + max(1, L)`` (``partial``: ``t + max(1, L, cooldown_bars)``); a ``partial`` account
+  whose estimate is not restored stays in liquidation past its holding window, and at the
+  last bar of the data whatever it still holds is closed. ``trigger_bar`` is the first step,
+  ``closeout_bar`` the last step's fill bar; bad debt is ``max(0, −equity)`` after the step
+  that closes the last position (an account left with positions has none).
+
 Contagion (computed in every run, from the account and its twins): *healthy-leg
 liquidations* are positions closed with their account whose twin never triggered or
 triggered strictly later; *hedge-break loss* is those legs' close-out loss, ``max(0, −PnL)``
@@ -46,7 +97,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from calibration._errors import InsufficientData, InvalidParameters
+from calibration._errors import DataError, InsufficientData, InvalidParameters
 from calibration.accounts._book import MARGIN_MODES, Account
 from calibration.accounts._haircuts import HaircutSchedule
 from calibration.accounts._kernel import (
@@ -55,6 +106,13 @@ from calibration.accounts._kernel import (
     MarketArrays,
     empty_outputs,
     replay,
+)
+from calibration.accounts._kernel_mech import (
+    POLICIES,
+    Mechanics,
+    empty_mech_outputs,
+    replay_mech,
+    trailing_mean,
 )
 from calibration.accounts._kernel_portfolio import replay_portfolio
 from calibration.accounts._market import STABLE_ASSETS, Market, underlying_of
@@ -87,6 +145,18 @@ class AccountConfig:
             stable ones always do. The close-out sells at market prices.
         upnl_weight: weight of a positive unrealised PnL as collateral in the trigger test
             (1: counted in full; Mango 2022 shows what that invites), in [0, 1].
+        funding: settle each position's funding where its series has ``funding_rate``
+            (module docstring, "Mechanics"); off by default.
+        impact_coef, impact_exponent: market impact ``coef · (N / depth)^exponent`` of each
+            position's close-out, per instrument (0: none, the default here).
+        depth_fraction_of_adv, adv_window_bars: without order-book depth, ``depth = fraction ·
+            ADV`` (USD per day over the trailing window, bars), as §4.
+        cascade, cascade_kappa: liquidated notional moves the instrument's next bar by
+            ``kappa · Q / depth`` for every account (shared across instruments).
+        policy: ``close_all`` (default), ``largest_requirement_first``, ``partial`` or
+            ``hedge_preserving`` (module docstring).
+        partial_fraction: ``partial``: share of each position's entry units per step, (0, 1].
+        cooldown_bars: ``partial``: bars between two steps of one account (>= 1).
     """
 
     mode: str = "cross"
@@ -97,6 +167,22 @@ class AccountConfig:
     insurance_fund_usd: float = 200_000_000.0
     haircuts: Mapping[str, HaircutSchedule] = field(default_factory=dict)
     upnl_weight: float = 1.0
+    funding: bool = False
+    impact_coef: float = 0.0
+    impact_exponent: float = 0.5
+    depth_fraction_of_adv: float = 0.01
+    adv_window_bars: int = 1440
+    cascade: bool = False
+    cascade_kappa: float = 0.01
+    policy: str = "close_all"
+    partial_fraction: float = 0.25
+    cooldown_bars: int = 1
+
+    @property
+    def mechanics(self) -> bool:
+        """Whether any mechanism beyond the core (fees and spread aside) is on."""
+        return (self.funding or self.impact_coef > 0 or self.cascade
+                or self.policy != "close_all")
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any], **defaults: Any) -> AccountConfig:
@@ -140,6 +226,28 @@ class AccountConfig:
             raise bad("insurance_fund_usd", "must be a finite number >= 0")
         if not (isinstance(self.upnl_weight, int | float) and 0 <= self.upnl_weight <= 1):
             raise bad("upnl_weight", "must be in [0, 1]")
+        for name in ("funding", "cascade"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be true or false")
+        checks = (("impact_coef", 0.0, 100.0, False), ("impact_exponent", 0.0, 3.0, True),
+                  ("depth_fraction_of_adv", 0.0, 1e3, True), ("cascade_kappa", 0.0, 100.0, False),
+                  ("partial_fraction", 0.0, 1.0, True))
+        for name, low_v, high_v, open_low in checks:
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, int | float)
+                    or not math.isfinite(value) or value > high_v
+                    or (value <= low_v if open_low else value < low_v)):
+                side = "(" if open_low else "["
+                raise bad(name, f"must be in {side}{low_v:g}, {high_v:g}]")
+        for name in ("adv_window_bars", "cooldown_bars"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10**7:
+                raise bad(name, "must be a whole number in [1, 10000000]")
+        if self.policy not in POLICIES:
+            raise bad("policy", f"must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.mode == "portfolio" and self.mechanics:
+            raise bad("policy", "funding, impact, cascade and policies other than close_all "
+                      "are not supported in portfolio mode yet")
         for asset, schedule in self.haircuts.items():
             if not isinstance(schedule, HaircutSchedule):
                 raise bad(f"haircuts.{asset}", "must be a haircut schedule")
@@ -254,6 +362,13 @@ class AccountResult:
         positions: ``(account index, instrument index, entry notional USD)`` per position,
             shape ``(P, 3)`` as three arrays.
         twin_trigger_bar, twin_bad_debt_usd: each position's isolated twin, ``(P,)``.
+        leg_liquidated: with mechanics on, whether the engine closed any of the position's
+            units (a policy may leave legs open), ``(P,)``; empty otherwise (every leg of a
+            liquidated account is closed).
+        leg_closed_usd, twin_closed_usd: with mechanics on, the position's units closed ×
+            fill price (USD), under the account and as its twin, ``(P,)``; empty otherwise.
+        steps: with mechanics on, the close-out steps of each account, ``(A,)``.
+        policy: the liquidation policy of the run.
         leg_pnl_usd: each position's PnL at its account's close-out prices (0 if the
             account was not liquidated), ``(P,)``.
         mode: the mode the headline figures are for (``cross``, ``portfolio`` or
@@ -283,13 +398,20 @@ class AccountResult:
     insurance_fund_usd: float
     closeout_bar: IntArray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     twin_closeout_bar: IntArray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    leg_liquidated: NDArray[np.bool_] = field(
+        default_factory=lambda: np.zeros(0, dtype=np.bool_))
+    leg_closed_usd: FloatArray = field(default_factory=lambda: np.zeros(0))
+    twin_closed_usd: FloatArray = field(default_factory=lambda: np.zeros(0))
+    steps: IntArray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    policy: str = "close_all"
 
     def healthy_legs(self) -> NDArray[np.bool_]:
         """Per position: closed with its liquidated account, while its twin never triggered or
         triggered strictly later, shape ``(P,)``."""
         acc_trig = self.trigger_bar[self.position_account]
         twin = self.twin_trigger_bar
-        return (acc_trig >= 0) & ((twin < 0) | (twin > acc_trig))
+        closed = acc_trig >= 0 if self.leg_liquidated.size == 0 else self.leg_liquidated
+        return closed & ((twin < 0) | (twin > acc_trig))
 
     def summary(self, start_ms: int | None = None, end_ms: int | None = None
                 ) -> dict[str, Any]:
@@ -312,8 +434,9 @@ class AccountResult:
         cross_bad = float(self.bad_debt_usd[keep].sum())
         isolated_bad = float(self.twin_bad_debt_usd[pos_keep].sum())
         twin_liquidated = int((self.twin_trigger_bar[pos_keep] >= 0).sum())
-        positions_in_liquidated = int((pos_keep & (self.trigger_bar[self.position_account]
-                                                   >= 0)).sum())
+        legs_closed = (self.trigger_bar[self.position_account] >= 0
+                       if self.leg_liquidated.size == 0 else self.leg_liquidated)
+        positions_in_liquidated = int((pos_keep & legs_closed).sum())
         headline_cross = self.mode != "isolated"
         return {
             "accounts": int(keep.sum()),
@@ -368,6 +491,7 @@ def simulate_accounts(
     config: AccountConfig | None = None,
     *,
     portfolio: PortfolioMarginModel | None = None,
+    mechanics_kernel: bool = False,
 ) -> AccountResult:
     """Replay ``accounts`` through ``market`` (see the module docstring).
 
@@ -379,6 +503,8 @@ def simulate_accounts(
         config: mode, holding, latency, fees and the fund.
         portfolio: the portfolio margin model of ``mode="portfolio"`` (required there, and
             only there).
+        mechanics_kernel: run the mechanics kernel even with the core settings (the same
+            figures, as the tests prove; it also reports each leg's closed notional).
 
     Raises:
         InvalidParameters: an account names an instrument or asset the market lacks, or a
@@ -462,12 +588,22 @@ def simulate_accounts(
     book = BookArrays(entry=entry, units=units, usd=usd, col_units=col_units,
                       col_inst=col_inst, col_asset=col_asset)
     rules = _collateral_rules(collateral_assets, config)
-    trig, eq, legs, fee = empty_outputs(len(opened), k)
-    if scenarios is not None:
+    if mechanics_kernel and config.mode == "portfolio":
+        raise InvalidParameters("the mechanics kernel does not run portfolio mode yet",
+                                field="mode")
+    mech = _mechanics(market, config) if config.mechanics or mechanics_kernel else None
+    if mech is not None:
+        mout = empty_mech_outputs(len(opened), k)
+        replay_mech(sched.mm, book, rules, mech, len(assets_sorted), config.holding_bars,
+                    config.latency_bars, mout)
+        trig, eq, legs, fee = mout.trigger, mout.closeout_equity, mout.leg_pnl, mout.fee
+    else:
+        trig, eq, legs, fee = empty_outputs(len(opened), k)
+    if mech is None and scenarios is not None:
         replay_portfolio(sched.mm, book, rules, scenarios, len(assets_sorted),
                          config.holding_bars, config.latency_bars, float(config.spread_rate),
                          float(config.liquidation_fee_rate), trig, eq, legs, fee)
-    else:
+    elif mech is None:
         replay(sched.mm, book, rules, len(assets_sorted), config.holding_bars,
                config.latency_bars, float(config.spread_rate),
                float(config.liquidation_fee_rate), trig, eq, legs, fee)
@@ -480,13 +616,29 @@ def simulate_accounts(
     twins = BookArrays(entry=book.entry[pa], units=twin_units, usd=book.usd[pa] * share,
                        col_units=book.col_units[pa] * share[:, None], col_inst=col_inst,
                        col_asset=col_asset)
-    t_trig, _t_eq, _t_legs, t_fee = empty_outputs(pa.shape[0], k)
-    t_eq = _t_eq
-    replay(sched.mm, twins, rules, len(assets_sorted), config.holding_bars, config.latency_bars,
-           float(config.spread_rate), float(config.liquidation_fee_rate), t_trig, t_eq,
-           _t_legs, t_fee)
-    bad = np.where(trig >= 0, np.maximum(0.0, -eq), 0.0)
-    t_bad = np.where(t_trig >= 0, np.maximum(0.0, -t_eq), 0.0)
+    extra: dict[str, Any] = {}
+    if mech is not None:
+        t_out = empty_mech_outputs(pa.shape[0], k)
+        replay_mech(sched.mm, twins, rules, mech, len(assets_sorted), config.holding_bars,
+                    config.latency_bars, t_out)
+        t_trig, t_eq, t_fee = t_out.trigger, t_out.closeout_equity, t_out.fee
+        bad = mout.bad_debt
+        t_bad = t_out.bad_debt
+        closeout_bar, t_closeout_bar = mout.closeout_bar, t_out.closeout_bar
+        extra = {"leg_liquidated": mout.leg_closed_usd[pa, pi] > 0,
+                 "leg_closed_usd": mout.leg_closed_usd[pa, pi],
+                 "twin_closed_usd": t_out.leg_closed_usd[np.arange(pa.shape[0]), pi],
+                 "steps": mout.steps}
+    else:
+        t_trig, _t_eq, _t_legs, t_fee = empty_outputs(pa.shape[0], k)
+        t_eq = _t_eq
+        replay(sched.mm, twins, rules, len(assets_sorted), config.holding_bars,
+               config.latency_bars, float(config.spread_rate),
+               float(config.liquidation_fee_rate), t_trig, t_eq, _t_legs, t_fee)
+        bad = np.where(trig >= 0, np.maximum(0.0, -eq), 0.0)
+        t_bad = np.where(t_trig >= 0, np.maximum(0.0, -t_eq), 0.0)
+        closeout_bar = np.minimum(trig + config.latency_bars, n - 1)
+        t_closeout_bar = np.minimum(t_trig + config.latency_bars, n - 1)
     leg_pnl = legs[pa, pi]
     return AccountResult(
         accounts=tuple(opened), skipped=skipped, entry_bar=book.entry, trigger_bar=trig,
@@ -495,9 +647,46 @@ def simulate_accounts(
         twin_trigger_bar=t_trig, twin_bad_debt_usd=t_bad, twin_fee_usd=t_fee,
         leg_pnl_usd=leg_pnl, mode=config.mode, timestamp_ms=ts, instruments=names,
         insurance_fund_usd=float(config.insurance_fund_usd),
-        closeout_bar=np.minimum(trig + config.latency_bars, n - 1),
-        twin_closeout_bar=np.minimum(t_trig + config.latency_bars, n - 1),
+        closeout_bar=closeout_bar, twin_closeout_bar=t_closeout_bar, policy=config.policy,
+        **extra,
     )
+
+
+def _mechanics(market: Market, config: AccountConfig) -> Mechanics:
+    """The per-instrument funding and depth series the mechanics kernel reads."""
+    k, n = len(market.instruments), len(market)
+    funding = np.zeros((k, n))
+    bid = np.zeros((k, n))
+    ask = np.zeros((k, n))
+    needs_depth = config.impact_coef > 0 or (config.cascade and config.cascade_kappa > 0)
+    for i, bars in enumerate(market.bars):
+        if config.funding and bars.funding_rate is not None:
+            funding[i] = np.cumsum(np.asarray(bars.funding_rate, dtype=np.float64)
+                                   * bars.close)
+        if bars.bid_depth_usd is not None and bars.ask_depth_usd is not None:
+            bid[i] = bars.bid_depth_usd
+            ask[i] = bars.ask_depth_usd
+            continue
+        traded = bars.traded_usd()
+        if traded is None:
+            if needs_depth:
+                raise DataError(f"market impact and cascades need order-book depth or volume; "
+                                f"{bars.instrument!r} has neither (set impact_coef=0 and "
+                                "cascade=false)")
+            continue
+        bid[i] = trailing_mean(np.ascontiguousarray(traded, dtype=np.float64),
+                               int(config.adv_window_bars),
+                               86_400.0 / bars.bar_seconds * float(config.depth_fraction_of_adv))
+        ask[i] = bid[i]
+    steps = math.ceil(1.0 / float(config.partial_fraction) - 1e-9)
+    return Mechanics(
+        funding_cum=funding, bid_depth=bid, ask_depth=ask,
+        spread_rate=float(config.spread_rate), impact_coef=float(config.impact_coef),
+        impact_exponent=float(config.impact_exponent),
+        fee_rate=float(config.liquidation_fee_rate), cascade=bool(config.cascade),
+        cascade_kappa=float(config.cascade_kappa), policy=POLICIES.index(config.policy),
+        partial_fraction=float(config.partial_fraction), partial_steps=max(1, steps),
+        cooldown_bars=int(config.cooldown_bars))
 
 
 def _collateral_rules(assets: Sequence[str], config: AccountConfig) -> CollateralRules:

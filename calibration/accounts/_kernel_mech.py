@@ -1,0 +1,431 @@
+"""The account replay with venue mechanics (funding, depth impact, a shared cascade and the
+liquidation policies), compiled with numba.
+
+The rules are ``calibration.accounts._engine``'s module docstring ("Mechanics"); this module
+only runs them. Unlike ``_kernel.replay`` (account after account), it walks the bars in time
+order over every account at once: with a cascade, the liquidations of bar s move bar s+1 of
+every account, so no account can be replayed ahead of the others.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numba as nb
+import numpy as np
+
+from calibration.accounts._kernel import (
+    _JIT,
+    BookArrays,
+    CollateralRules,
+    FloatArray,
+    IntArray,
+    MarketArrays,
+    _haircut_usd,
+    _mm_usd,
+)
+
+#: Policy codes of ``Mechanics.policy``, in ``POLICIES`` order.
+POLICIES: tuple[str, ...] = ("close_all", "largest_requirement_first", "partial",
+                             "hedge_preserving")
+
+
+class Mechanics(NamedTuple):
+    """Per-instrument series and the settings of the mechanics.
+
+    ``funding_cum[i, t] = Σ_{s<=t} funding_rate[i, s] * close[i, s]`` (price units; zeros
+    when funding is off); ``bid_depth``/``ask_depth`` USD per bar (what long / short
+    close-outs trade against, and what the cascade divides by).
+    """
+
+    funding_cum: FloatArray  # (k, n)
+    bid_depth: FloatArray  # (k, n)
+    ask_depth: FloatArray  # (k, n)
+    spread_rate: float
+    impact_coef: float
+    impact_exponent: float
+    fee_rate: float
+    cascade: bool
+    cascade_kappa: float
+    policy: int
+    partial_fraction: float
+    partial_steps: int
+    cooldown_bars: int
+
+
+class MechOutputs(NamedTuple):
+    """Per account (A) and per account × instrument (A, k)."""
+
+    trigger: IntArray  # (A,) first trigger bar, -1 if none
+    closeout_bar: IntArray  # (A,) last close-out step's fill bar, -1 if none
+    closeout_equity: FloatArray  # (A,) equity after the last step (NaN if none)
+    bad_debt: FloatArray  # (A,) only for accounts the engine closed completely
+    fee: FloatArray  # (A,)
+    steps: IntArray  # (A,) close-out steps taken
+    finished: IntArray  # (A,) 1 when the engine closed every position
+    leg_pnl: FloatArray  # (A, k) realised PnL of the closed units (fill, slippage, funding)
+    leg_closed_usd: FloatArray  # (A, k) closed units × fill price, USD
+
+
+def empty_mech_outputs(n_accounts: int, k: int) -> MechOutputs:
+    """Output arrays for ``replay_mech``."""
+    return MechOutputs(
+        trigger=np.full(n_accounts, -1, dtype=np.int64),
+        closeout_bar=np.full(n_accounts, -1, dtype=np.int64),
+        closeout_equity=np.full(n_accounts, np.nan), bad_debt=np.zeros(n_accounts),
+        fee=np.zeros(n_accounts), steps=np.zeros(n_accounts, dtype=np.int64),
+        finished=np.zeros(n_accounts, dtype=np.int64), leg_pnl=np.zeros((n_accounts, k)),
+        leg_closed_usd=np.zeros((n_accounts, k)))
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def trailing_mean(x: FloatArray, window: int, factor: float) -> FloatArray:  # pragma: no cover
+    """``factor`` × mean of ``x[max(0, t-window+1) .. t]`` per bar; the running sum restarts
+    every ``window`` bars so rounding cannot drift (the same sums as §4's ADV depth)."""
+    n = x.shape[0]
+    out = np.empty(n)
+    s = 0.0
+    for t in range(min(window, n)):
+        s += x[t]
+        out[t] = s * factor / (t + 1)
+    f = factor / window
+    for block in range(window, n, window):
+        s = 0.0
+        for i in range(block - window + 1, block + 1):
+            s += x[i]
+        out[block] = s * f
+        for t in range(block + 1, min(block + window, n)):
+            s += x[t] - x[t - window]
+            out[t] = s * f
+    return out
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def _slip(mech: Mechanics, i: int, closed_units: float, entry_close: float,
+          t: int) -> float:  # pragma: no cover - jit
+    """Slippage rate of closing ``closed_units`` of instrument i at bar t (§4's formula on
+    the closed units' entry notional), capped at 1."""
+    s = mech.spread_rate
+    if mech.impact_coef > 0.0:
+        d = mech.bid_depth[i, t] if closed_units > 0.0 else mech.ask_depth[i, t]
+        if d > 0.0:
+            s += mech.impact_coef * (abs(closed_units) * entry_close / d) ** mech.impact_exponent
+        else:
+            s = 1.0
+    return min(1.0, s)
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def _mark(low: FloatArray, high: FloatArray, i: int, t: int,
+          long_asset: bool) -> float:  # pragma: no cover - jit
+    return float(low[i, t] if long_asset else high[i, t])
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def _estimate(
+    m: MarketArrays, book: BookArrays, rules: CollateralRules, mech: Mechanics,
+    low: FloatArray, high: FloatArray, j: int, t: int, cash: float, rem: FloatArray,
+    delta: FloatArray, anchor: IntArray, net: FloatArray,
+) -> tuple[float, float]:  # pragma: no cover - jit
+    """Equity and MM at bar t's marks after closing ``delta`` of ``rem`` at those marks (less
+    slippage and the fee): the trigger test when ``delta`` is zero."""
+    k = rem.shape[0]
+    e = book.entry[j]
+    eq = cash
+    upnl = 0.0
+    mm = 0.0
+    realised = 0.0
+    funding = 0.0
+    for i in range(k):
+        q = rem[i]
+        if q == 0.0:
+            continue
+        p = _mark(low, high, i, t, net[m.inst_asset[i]] >= 0.0)
+        c0 = m.close[i, e]
+        d = delta[i]
+        left = q - d
+        if d != 0.0:
+            realised += d * (p - c0) - (_slip(mech, i, d, c0, t) + mech.fee_rate) * abs(d) * p
+        if left != 0.0:
+            upnl += left * (p - c0)
+            mm += _mm_usd(m, i, abs(left) * p, t)
+        funding += q * (mech.funding_cum[i, t] - mech.funding_cum[i, anchor[i]])
+    eq += upnl if upnl <= 0.0 else rules.upnl_weight * upnl
+    eq += realised
+    eq -= funding
+    for c in range(book.col_inst.shape[0]):
+        u = book.col_units[j, c]
+        if u == 0.0:
+            continue
+        ci = book.col_inst[c]
+        p = _mark(low, high, ci, t, net[book.col_asset[c]] >= 0.0)
+        eq += _haircut_usd(rules, c, u * p)
+    return eq, mm
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def _plan(
+    m: MarketArrays, book: BookArrays, rules: CollateralRules, mech: Mechanics,
+    low: FloatArray, high: FloatArray, j: int, t: int, cash: float, rem: FloatArray,
+    anchor: IntArray, net: FloatArray, steps_done: int, last_bar: bool, delta: FloatArray,
+) -> None:  # pragma: no cover - jit
+    """Fill ``delta`` (units to close per instrument) for a step at bar t under the policy."""
+    k = rem.shape[0]
+    for i in range(k):
+        delta[i] = 0.0
+    if mech.policy == 0 or last_bar:
+        for i in range(k):
+            delta[i] = rem[i]
+        return
+    if mech.policy == 1:
+        # Largest MM first (ties: lower instrument index), until restored.
+        mms = np.full(k, -1.0)
+        for i in range(k):
+            if rem[i] != 0.0:
+                p = _mark(low, high, i, t, net[m.inst_asset[i]] >= 0.0)
+                mms[i] = _mm_usd(m, i, abs(rem[i]) * p, t)
+        for _ in range(k):
+            best = -1
+            for i in range(k):
+                if mms[i] >= 0.0 and (best < 0 or mms[i] > mms[best]):
+                    best = i
+            if best < 0:
+                return
+            mms[best] = -1.0
+            delta[best] = rem[best]
+            eq, mm = _estimate(m, book, rules, mech, low, high, j, t, cash, rem, delta,
+                               anchor, net)
+            if eq > mm:
+                return
+        return
+    if mech.policy == 2:
+        final = steps_done + 1 >= mech.partial_steps
+        for i in range(k):
+            if rem[i] != 0.0:
+                delta[i] = rem[i] if final else book.units[j, i] * mech.partial_fraction
+        return
+    # hedge_preserving: the residual per asset (collateral units + position units) first.
+    n_assets = net.shape[0]
+    same = np.zeros(n_assets)
+    for i in range(k):
+        a = m.inst_asset[i]
+        if rem[i] != 0.0 and net[a] != 0.0 and (rem[i] > 0.0) == (net[a] > 0.0):
+            same[a] += abs(rem[i])
+    for i in range(k):
+        a = m.inst_asset[i]
+        if same[a] > 0.0 and rem[i] != 0.0 and (rem[i] > 0.0) == (net[a] > 0.0):
+            frac = abs(net[a]) / same[a]
+            delta[i] = rem[i] if frac >= 1.0 else rem[i] * frac
+    eq, mm = _estimate(m, book, rules, mech, low, high, j, t, cash, rem, delta, anchor, net)
+    if eq <= mm:
+        for i in range(k):
+            delta[i] = rem[i]
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def replay_mech(
+    m: MarketArrays, book: BookArrays, rules: CollateralRules, mech: Mechanics,
+    n_assets: int, holding_bars: int, latency_bars: int, out: MechOutputs,
+) -> None:  # pragma: no cover - jit
+    """Fill ``out`` for every account of ``book`` (see ``_engine``'s "Mechanics")."""
+    k, n = m.close.shape
+    n_acc = book.entry.shape[0]
+    n_col = book.col_inst.shape[0]
+    low = m.low.copy()
+    high = m.high.copy()
+    q_long = np.zeros((k, n))
+    q_short = np.zeros((k, n))
+    rem = book.units.copy()
+    cash = book.usd.copy()
+    anchor = np.empty((n_acc, k), dtype=np.int64)
+    net = np.zeros((n_acc, n_assets))
+    next_test = np.empty(n_acc, dtype=np.int64)
+    in_liq = np.zeros(n_acc, dtype=np.bool_)
+    done = np.zeros(n_acc, dtype=np.bool_)
+    pend_bar = np.full(n_acc, -1, dtype=np.int64)
+    pend_end = np.full(n_acc, -1, dtype=np.int64)
+    pend_delta = np.zeros((n_acc, k))
+    pend_net = np.zeros((n_acc, n_assets))
+    pend_final = np.zeros(n_acc, dtype=np.bool_)
+    for j in range(n_acc):
+        e = book.entry[j]
+        next_test[j] = e + 1
+        for i in range(k):
+            anchor[j, i] = e
+            net[j, m.inst_asset[i]] += rem[j, i]
+        for c in range(n_col):
+            net[j, book.col_asset[c]] += book.col_units[j, c]
+    order = np.argsort(book.entry, kind="mergesort")
+    active = np.empty(n_acc, dtype=np.int64)
+    n_active = 0
+    nxt = 0
+    delta = np.zeros(k)
+    gap = max(1, latency_bars)
+    if mech.policy == 2:
+        gap = max(gap, mech.cooldown_bars)
+    for t in range(n):
+        if mech.cascade and t > 0:
+            for i in range(k):
+                ql = q_long[i, t - 1]
+                if ql > 0.0:
+                    d = mech.bid_depth[i, t - 1]
+                    move = mech.cascade_kappa * ql / d if d > 0.0 else np.inf
+                    low[i, t] = m.low[i, t] * max(0.0, 1.0 - move)
+                qs = q_short[i, t - 1]
+                if qs > 0.0:
+                    d = mech.ask_depth[i, t - 1]
+                    move = mech.cascade_kappa * qs / d if d > 0.0 else np.inf
+                    high[i, t] = m.high[i, t] * (1.0 + min(1.0, move))
+        while nxt < n_acc and book.entry[order[nxt]] < t:
+            active[n_active] = order[nxt]
+            n_active += 1
+            nxt += 1
+        keep = 0
+        for a_idx in range(n_active):
+            j = active[a_idx]
+            e = book.entry[j]
+            if pend_bar[j] >= 0 and pend_end[j] == t:
+                _settle(m, book, mech, low, high, j, t, rem[j], cash, anchor[j], pend_bar,
+                        pend_delta[j], pend_net[j], pend_final, out, n_col)
+                if pend_final[j]:
+                    done[j] = True
+            if done[j]:
+                continue
+            if pend_bar[j] >= 0:
+                active[keep] = j
+                keep += 1
+                continue
+            if not (in_liq[j] or t <= e + holding_bars):
+                continue
+            last_bar = t == n - 1
+            forced = in_liq[j] and last_bar
+            if t < next_test[j] and not forced:
+                active[keep] = j
+                keep += 1
+                continue
+            for i in range(k):
+                delta[i] = 0.0
+            if not forced:
+                eq, mm = _estimate(m, book, rules, mech, low, high, j, t, cash[j], rem[j],
+                                   delta, anchor[j], net[j])
+                if eq > mm:
+                    in_liq[j] = False
+                    active[keep] = j
+                    keep += 1
+                    continue
+            if out.trigger[j] < 0:
+                out.trigger[j] = t
+            _plan(m, book, rules, mech, low, high, j, t, cash[j], rem[j], anchor[j], net[j],
+                  out.steps[j], last_bar, delta)
+            final = True
+            for i in range(k):
+                d = delta[i]
+                if rem[j, i] != 0.0 and d != rem[j, i]:
+                    final = False
+                if d == 0.0:
+                    continue
+                c0 = m.close[i, e]
+                if d > 0.0:
+                    q_long[i, t] += d * c0
+                else:
+                    q_short[i, t] -= d * c0
+            out.steps[j] += 1
+            for i in range(k):
+                pend_delta[j, i] = delta[i]
+            for a in range(n_assets):
+                pend_net[j, a] = net[j, a]
+            pend_bar[j] = t
+            pend_end[j] = min(t + latency_bars, n - 1)
+            pend_final[j] = final
+            if not final:
+                eq, mm = _estimate(m, book, rules, mech, low, high, j, t, cash[j], rem[j],
+                                   delta, anchor[j], net[j])
+                in_liq[j] = eq <= mm
+            next_test[j] = t + gap
+            # The account's exposure after the step decides its later adverse sides.
+            for i in range(k):
+                if delta[i] != 0.0:
+                    net[j, m.inst_asset[i]] -= delta[i]
+            if pend_end[j] == t:
+                _settle(m, book, mech, low, high, j, t, rem[j], cash, anchor[j], pend_bar,
+                        pend_delta[j], pend_net[j], pend_final, out, n_col)
+                if final:
+                    done[j] = True
+                    continue
+            active[keep] = j
+            keep += 1
+        n_active = keep
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def _settle(
+    m: MarketArrays, book: BookArrays, mech: Mechanics, low: FloatArray, high: FloatArray,
+    j: int, end: int, rem: FloatArray, cash: FloatArray, anchor: IntArray, pend_bar: IntArray,
+    delta: FloatArray, net: FloatArray, pend_final: FloatArray, out: MechOutputs, n_col: int,
+) -> None:  # pragma: no cover - jit
+    """Fill a pending step of account j: the closed units at the worst price of bars
+    ``t .. end`` for the account's side at the step, less slippage; funding to t; the
+    collateral sold with the last position; the fee capped at the equity after the step."""
+    t = pend_bar[j]
+    k = rem.shape[0]
+    e = book.entry[j]
+    c = cash[j]
+    gross = 0.0
+    for i in range(k):
+        d = delta[i]
+        if d == 0.0:
+            continue
+        long_asset = net[m.inst_asset[i]] >= 0.0
+        p = _mark(low, high, i, t, long_asset)
+        for s in range(t + 1, end + 1):
+            p = min(p, low[i, s]) if long_asset else max(p, high[i, s])
+        c0 = m.close[i, e]
+        fund = d * (mech.funding_cum[i, t] - mech.funding_cum[i, anchor[i]])
+        pnl = d * (p - c0) - _slip(mech, i, d, c0, t) * abs(d) * p
+        if fund != 0.0:
+            pnl -= fund
+            # funding of the units left open is settled too, so they restart from bar t
+            left_fund = (rem[i] - d) * (mech.funding_cum[i, t] - mech.funding_cum[i, anchor[i]])
+            c -= left_fund
+        anchor[i] = t
+        out.leg_pnl[j, i] += pnl
+        out.leg_closed_usd[j, i] += abs(d) * p
+        gross += abs(d) * p
+        c += pnl
+        rem[i] = 0.0 if d == rem[i] else rem[i] - d
+    if pend_final[j]:
+        for cc in range(n_col):
+            u = book.col_units[j, cc]
+            if u == 0.0:
+                continue
+            ci = book.col_inst[cc]
+            long_asset = net[book.col_asset[cc]] >= 0.0
+            p = _mark(low, high, ci, t, long_asset)
+            for s in range(t + 1, end + 1):
+                p = min(p, low[ci, s]) if long_asset else max(p, high[ci, s])
+            c += u * p
+        eq = c
+        out.finished[j] = 1
+    else:
+        # Equity after the step: what is left open at the step's marks, collateral at market.
+        eq = c
+        for i in range(k):
+            q = rem[i]
+            if q == 0.0:
+                continue
+            p = _mark(low, high, i, t, net[m.inst_asset[i]] >= 0.0)
+            eq += q * (p - m.close[i, e])
+        for cc in range(n_col):
+            u = book.col_units[j, cc]
+            if u != 0.0:
+                eq += u * _mark(low, high, book.col_inst[cc], t,
+                                net[book.col_asset[cc]] >= 0.0)
+    paid = min(mech.fee_rate * gross, eq) if eq > 0.0 else 0.0
+    out.fee[j] += paid
+    c -= paid
+    cash[j] = c
+    out.closeout_equity[j] = eq - paid
+    out.closeout_bar[j] = end
+    if pend_final[j]:
+        out.bad_debt[j] = max(0.0, -(eq - paid))
+    pend_bar[j] = -1
