@@ -104,24 +104,23 @@ class MarginResponse(msgspec.Struct, frozen=True, kw_only=True):
 def _margin(body: MarginRequest, published: dict[str, PublishedParameters],
             settings: Settings) -> MarginResponse:
     refs = {d.instrument: (i, d) for i, d in enumerate(body.data)}
-    acc_idx: list[int] = []
-    inst: list[str] = []
-    notional: list[float] = []
-    for j, acc in enumerate(body.accounts):
-        for name, value in acc.positions.items():
-            acc_idx.append(j)
-            inst.append(name)
-            notional.append(value)
-    if len(notional) > MAX_MARGIN_POSITIONS:
-        raise PayloadTooLarge(f"{len(notional)} positions; at most {MAX_MARGIN_POSITIONS} "
+    codes = {name: c for c, name in enumerate(published)}
+    # One flat pass over the positions; everything after it is per instrument or vectorised
+    # (a per-account numpy sum cost ~8 µs an account, more than the requirement itself).
+    counts = [len(acc.positions) for acc in body.accounts]
+    total = sum(counts)
+    if total > MAX_MARGIN_POSITIONS:
+        raise PayloadTooLarge(f"{total} positions; at most {MAX_MARGIN_POSITIONS} "
                               "per request", field="accounts")
-    mm = np.zeros(len(notional))
-    im = np.zeros(len(notional))
-    inst_arr = np.array(inst, dtype=object)
+    inst = [name for acc in body.accounts for name in acc.positions]
+    notional = [value for acc in body.accounts for value in acc.positions.values()]
+    code_arr = np.fromiter((codes[name] for name in inst), dtype=np.int64, count=total)
     notional_arr = np.array(notional, dtype=np.float64)
+    mm = np.zeros(total)
+    im = np.zeros(total)
     used: dict[str, ParametersUsed] = {}
     for name, pub in published.items():
-        mine = inst_arr == name
+        mine = code_arr == codes[name]
         model = make_model(pub.model, pub.params)
         bars = None
         if pub.model != "tiered":
@@ -135,23 +134,24 @@ def _margin(body: MarginRequest, published: dict[str, PublishedParameters],
         mm[mine] = req.mm_usd
         im[mine] = req.im_usd
         used[name] = ParametersUsed(model=pub.model, version=pub.version, as_of=req.as_of)
+    owner = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    total_mm = np.bincount(owner, weights=mm, minlength=len(counts)).tolist()
+    total_im = np.bincount(owner, weights=im, minlength=len(counts)).tolist()
+    mm_list = mm.tolist()
+    im_list = im.tolist()
     out = []
     start = 0
     for j, acc in enumerate(body.accounts):
-        stop = start
-        while stop < len(acc_idx) and acc_idx[stop] == j:
-            stop += 1
-        total_mm = float(mm[start:stop].sum())
-        total_im = float(im[start:stop].sum())
+        stop = start + counts[j]
         ratio = liquidatable = None
         if acc.equity_usd is not None:
-            ratio = acc.equity_usd / total_mm if total_mm > 0 else None
-            liquidatable = acc.equity_usd <= total_mm
+            ratio = acc.equity_usd / total_mm[j] if total_mm[j] > 0 else None
+            liquidatable = acc.equity_usd <= total_mm[j]
         out.append(AccountMargin(
-            id=acc.id, mm_usd=total_mm, im_usd=total_im, margin_ratio=ratio,
+            id=acc.id, mm_usd=total_mm[j], im_usd=total_im[j], margin_ratio=ratio,
             liquidatable=liquidatable,
             positions=[PositionMargin(instrument=inst[p], notional_usd=notional[p],
-                                      mm_usd=float(mm[p]), im_usd=float(im[p]))
+                                      mm_usd=mm_list[p], im_usd=im_list[p])
                        for p in range(start, stop)]))
         start = stop
     return MarginResponse(accounts=out, parameters=used)

@@ -106,3 +106,36 @@ def test_account_backtest_over_http(client: TestClient[Any], tmp_path: Path) -> 
     assert bad.json()["field"] == "liquidation.latency_bars"
     assert json.loads(bad.text)["status"] == bad.status_code
     assert np.isfinite(overall["notional_opened_usd"])
+
+
+def test_margin_batch_sums_each_accounts_positions(client: TestClient[Any]) -> None:
+    """A batch of accounts of 0 to 3 positions over two published tier tables: each
+    position's MM is the bracket-slice sum (tests/reference_models.py), each account's the
+    sum of its own positions', in request order."""
+    from tests.reference_models import tiered_maintenance_usd
+
+    _publish(client, "BTCUSDT", "tiered", BINANCE_2021)
+    eth = {**BINANCE_2021, "mmr_schedule": [2 * r for r in BINANCE_2021["mmr_schedule"][:-1]]
+           + [1.0], "imr_schedule": [1.0] * 10}
+    _publish(client, "ETHUSDT", "tiered", eth)
+    rng = np.random.default_rng(4)
+    accounts = []
+    for j in range(60):
+        names = ["BTCUSDT", "ETHUSDT"][: j % 3]
+        accounts.append({"id": f"a{j}", "positions": {
+            n: float(rng.choice([-1, 1]) * 10 ** rng.uniform(2, 8)) for n in names}})
+    r = client.post("/v1/margin", json={"accounts": accounts})
+    assert r.status_code == 200, r.text
+    got = r.json()["accounts"]
+    schedules = {"BTCUSDT": BINANCE_2021["mmr_schedule"], "ETHUSDT": eth["mmr_schedule"]}
+    caps = BINANCE_2021["bracket_caps_usd"][:-1]
+    for sent, answer in zip(accounts, got, strict=True):
+        assert answer["id"] == sent["id"]
+        expected = {n: tiered_maintenance_usd(abs(v), caps, schedules[n])
+                    for n, v in sent["positions"].items()}
+        assert [p["instrument"] for p in answer["positions"]] == list(sent["positions"])
+        for p in answer["positions"]:
+            assert p["mm_usd"] == pytest.approx(expected[p["instrument"]], rel=1e-12)
+        assert answer["mm_usd"] == pytest.approx(sum(expected.values()), rel=1e-12)
+        assert answer["im_usd"] == pytest.approx(sum(p["im_usd"] for p in answer["positions"]),
+                                                 rel=1e-12)
