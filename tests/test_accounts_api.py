@@ -139,3 +139,65 @@ def test_margin_batch_sums_each_accounts_positions(client: TestClient[Any]) -> N
         assert answer["mm_usd"] == pytest.approx(sum(expected.values()), rel=1e-12)
         assert answer["im_usd"] == pytest.approx(sum(p["im_usd"] for p in answer["positions"]),
                                                  rel=1e-12)
+
+
+def test_account_backtest_above_the_sync_limit_is_a_job(tmp_path: Path) -> None:
+    """Above MARGINLAB_MAX_SYNC_BARS the request is a job: 202 with its id, Location and
+    status URL, queued → succeeded with the report the synchronous path gives for the same
+    body; a run that fails on the data ends failed with the reason; bad input is still
+    refused before any job (422 naming the field); an unknown id is a 404."""
+    import time
+
+    (tmp_path / "a.csv").write_bytes(bars_csv(600, seed=1))
+    (tmp_path / "b.csv").write_bytes(bars_csv(600, seed=2))
+    body: dict[str, Any] = {
+        "data": [{"instrument": "AUSDT", "ref": "a.csv"}, {"instrument": "BUSDT", "ref": "b.csv"}],
+        "model": "tiered", "params": {"base_mmr": 0.02, "tier_growth": 1.0,
+                                      "bracket_caps_usd": []},
+        "population": {"seed": 3, "entry_every_bars": 24, "accounts_per_entry": 5,
+                       "leverage": [10, 40]},
+        "liquidation": {"holding_bars": 48}, "stress_windows": []}
+
+    def settings(max_sync_bars: int) -> Settings:
+        return Settings(state_dir=str(tmp_path / ".state"), data_root=str(tmp_path),
+                        max_sync_bars=max_sync_bars)
+
+    with TestClient(create_app(settings(10_000))) as c:
+        direct = c.post("/v1/account-backtests", json=body)
+    assert direct.status_code == 200, direct.text
+    with TestClient(create_app(settings(1_000))) as c:  # 1,200 bars: a job
+        r = c.post("/v1/account-backtests", json=body)
+        assert r.status_code == 202, r.text
+        job = r.json()
+        assert job["state"] == "queued"
+        assert job["report"] is None
+        assert r.headers["location"] == job["status_url"] == f"/v1/account-backtests/{job['id']}"
+
+        def final(url: str) -> dict[str, Any]:
+            for _ in range(200):
+                status: dict[str, Any] = c.get(url).json()
+                if status["state"] in ("succeeded", "failed"):
+                    return status
+                time.sleep(0.05)
+            raise AssertionError(f"{url} did not end")
+
+        done = final(job["status_url"])
+        assert done["state"] == "succeeded", done
+        assert done["started_at"]
+        assert done["finished_at"]
+        mine, theirs = done["report"], direct.json()
+        assert mine["summary"] == theirs["summary"]
+        assert mine["accounts"] == theirs["accounts"]
+        # Its only account opens before the data: accepted, then failed with the reason.
+        early = {k: v for k, v in body.items() if k != "population"}
+        warm = c.post("/v1/account-backtests", json={**early, "accounts": [
+            {"id": "early", "entry": "2000-01-01T00:00:00Z", "collateral": {"USDT": 100},
+             "positions": {"AUSDT": 1000}}]})
+        assert warm.status_code == 202, warm.text
+        failed = final(warm.json()["status_url"])
+        assert failed["state"] == "failed"
+        assert "no account could open" in failed["error"]
+        bad = c.post("/v1/account-backtests", json={**body, "liquidation": {"holding_bars": 0}})
+        assert bad.status_code == 422
+        assert bad.json()["field"] == "liquidation.holding_bars"
+        assert c.get("/v1/account-backtests/" + "0" * 32).status_code == 404
