@@ -282,6 +282,14 @@ def _cmd_accounts_backtest(args: argparse.Namespace) -> int:
                                           stress_windows=windows,
                                           portfolio_model=args.portfolio_model,
                                           portfolio_params=portfolio_params)
+    if args.report:
+        from calibration.accounts import render_account_report
+
+        try:
+            Path(args.report).write_text(render_account_report(report, result))
+        except OSError as exc:
+            raise InvalidParameters(f"cannot write the report {args.report!r}: "
+                                    f"{exc.strerror}", field="report") from None
     if args.compare_policies:
         return _print_policies(args, market, params, list(result.accounts), config)
     if args.json:
@@ -617,6 +625,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="named stress window (repeat); default: the domain's crash episodes")
     ab.add_argument("--no-stress-windows", action="store_true", help="report all only")
     ab.add_argument("--json", action="store_true", help="print the full JSON report")
+    ab.add_argument("--report", metavar="FILE",
+                    help="also write the HTML report (charts of bad debt and contagion per "
+                         "window, the worst accounts, the insurance fund) to FILE")
     ab.set_defaults(func=_cmd_accounts_backtest, align=False)
 
     from calibration.storage import DEFAULT_STORAGE

@@ -27,7 +27,7 @@ from service.settings import Settings
 
 T = TypeVar("T")
 
-NAMESPACES = ("jobs", "results", "datasets", "published", "dedup", "index")
+NAMESPACES = ("jobs", "results", "datasets", "published", "dedup", "index", "accountjobs")
 #: Redis set of active job ids (Redis mode).
 ACTIVE_KEY = "marginlab:active-jobs"
 

@@ -106,3 +106,98 @@ def test_account_backtest_over_http(client: TestClient[Any], tmp_path: Path) -> 
     assert bad.json()["field"] == "liquidation.latency_bars"
     assert json.loads(bad.text)["status"] == bad.status_code
     assert np.isfinite(overall["notional_opened_usd"])
+
+
+def test_margin_batch_sums_each_accounts_positions(client: TestClient[Any]) -> None:
+    """A batch of accounts of 0 to 3 positions over two published tier tables: each
+    position's MM is the bracket-slice sum (tests/reference_models.py), each account's the
+    sum of its own positions', in request order."""
+    from tests.reference_models import tiered_maintenance_usd
+
+    _publish(client, "BTCUSDT", "tiered", BINANCE_2021)
+    eth = {**BINANCE_2021, "mmr_schedule": [2 * r for r in BINANCE_2021["mmr_schedule"][:-1]]
+           + [1.0], "imr_schedule": [1.0] * 10}
+    _publish(client, "ETHUSDT", "tiered", eth)
+    rng = np.random.default_rng(4)
+    accounts = []
+    for j in range(60):
+        names = ["BTCUSDT", "ETHUSDT"][: j % 3]
+        accounts.append({"id": f"a{j}", "positions": {
+            n: float(rng.choice([-1, 1]) * 10 ** rng.uniform(2, 8)) for n in names}})
+    r = client.post("/v1/margin", json={"accounts": accounts})
+    assert r.status_code == 200, r.text
+    got = r.json()["accounts"]
+    schedules = {"BTCUSDT": BINANCE_2021["mmr_schedule"], "ETHUSDT": eth["mmr_schedule"]}
+    caps = BINANCE_2021["bracket_caps_usd"][:-1]
+    for sent, answer in zip(accounts, got, strict=True):
+        assert answer["id"] == sent["id"]
+        expected = {n: tiered_maintenance_usd(abs(v), caps, schedules[n])
+                    for n, v in sent["positions"].items()}
+        assert [p["instrument"] for p in answer["positions"]] == list(sent["positions"])
+        for p in answer["positions"]:
+            assert p["mm_usd"] == pytest.approx(expected[p["instrument"]], rel=1e-12)
+        assert answer["mm_usd"] == pytest.approx(sum(expected.values()), rel=1e-12)
+        assert answer["im_usd"] == pytest.approx(sum(p["im_usd"] for p in answer["positions"]),
+                                                 rel=1e-12)
+
+
+def test_account_backtest_above_the_sync_limit_is_a_job(tmp_path: Path) -> None:
+    """Above MARGINLAB_MAX_SYNC_BARS the request is a job: 202 with its id, Location and
+    status URL, queued → succeeded with the report the synchronous path gives for the same
+    body; a run that fails on the data ends failed with the reason; bad input is still
+    refused before any job (422 naming the field); an unknown id is a 404."""
+    import time
+
+    (tmp_path / "a.csv").write_bytes(bars_csv(600, seed=1))
+    (tmp_path / "b.csv").write_bytes(bars_csv(600, seed=2))
+    body: dict[str, Any] = {
+        "data": [{"instrument": "AUSDT", "ref": "a.csv"}, {"instrument": "BUSDT", "ref": "b.csv"}],
+        "model": "tiered", "params": {"base_mmr": 0.02, "tier_growth": 1.0,
+                                      "bracket_caps_usd": []},
+        "population": {"seed": 3, "entry_every_bars": 24, "accounts_per_entry": 5,
+                       "leverage": [10, 40]},
+        "liquidation": {"holding_bars": 48}, "stress_windows": []}
+
+    def settings(max_sync_bars: int) -> Settings:
+        return Settings(state_dir=str(tmp_path / ".state"), data_root=str(tmp_path),
+                        max_sync_bars=max_sync_bars)
+
+    with TestClient(create_app(settings(10_000))) as c:
+        direct = c.post("/v1/account-backtests", json=body)
+    assert direct.status_code == 200, direct.text
+    with TestClient(create_app(settings(1_000))) as c:  # 1,200 bars: a job
+        r = c.post("/v1/account-backtests", json=body)
+        assert r.status_code == 202, r.text
+        job = r.json()
+        assert job["state"] == "queued"
+        assert job["report"] is None
+        assert r.headers["location"] == job["status_url"] == f"/v1/account-backtests/{job['id']}"
+
+        def final(url: str) -> dict[str, Any]:
+            for _ in range(200):
+                status: dict[str, Any] = c.get(url).json()
+                if status["state"] in ("succeeded", "failed"):
+                    return status
+                time.sleep(0.05)
+            raise AssertionError(f"{url} did not end")
+
+        done = final(job["status_url"])
+        assert done["state"] == "succeeded", done
+        assert done["started_at"]
+        assert done["finished_at"]
+        mine, theirs = done["report"], direct.json()
+        assert mine["summary"] == theirs["summary"]
+        assert mine["accounts"] == theirs["accounts"]
+        # Its only account opens before the data: accepted, then failed with the reason.
+        early = {k: v for k, v in body.items() if k != "population"}
+        warm = c.post("/v1/account-backtests", json={**early, "accounts": [
+            {"id": "early", "entry": "2000-01-01T00:00:00Z", "collateral": {"USDT": 100},
+             "positions": {"AUSDT": 1000}}]})
+        assert warm.status_code == 202, warm.text
+        failed = final(warm.json()["status_url"])
+        assert failed["state"] == "failed"
+        assert "no account could open" in failed["error"]
+        bad = c.post("/v1/account-backtests", json={**body, "liquidation": {"holding_bars": 0}})
+        assert bad.status_code == 422
+        assert bad.json()["field"] == "liquidation.holding_bars"
+        assert c.get("/v1/account-backtests/" + "0" * 32).status_code == 404

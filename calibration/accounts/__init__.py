@@ -39,6 +39,15 @@ from calibration.accounts._report import (
 )
 from calibration.accounts._requirements import Requirement, requirements_now
 
+
+def render_account_report(report: AccountBacktestReport, result: AccountResult) -> str:
+    """The account backtest's HTML page (see ``calibration.accounts._html``); imported on
+    call, since matplotlib is only needed for the page."""
+    from calibration.accounts._html import render_account_report as render
+
+    return render(report, result)
+
+
 __all__ = [
     "MARGIN_MODES",
     "POLICIES",
@@ -64,6 +73,7 @@ __all__ = [
     "load_accounts",
     "long_short_book",
     "portfolio_coverage",
+    "render_account_report",
     "requirements_now",
     "run_account_backtest",
     "simulate_accounts",
