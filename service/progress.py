@@ -35,7 +35,10 @@ async def with_progress(state: State, job: CalibrationJob) -> CalibrationJob:
     stored in the record once it ended (the live entry if the record has none)."""
     if job.state in FINAL and job.progress is not None:
         return job
-    live = await state.get("progress", job.id, Progress)
+    try:
+        live = await state.get("progress", job.id, Progress)
+    except Exception:  # a cache only (Redis away): the record is the truth
+        live = None
     if live is None:
         return job
     if job.state != "running":  # queued again, or ended without final numbers: no ETA
