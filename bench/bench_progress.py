@@ -7,7 +7,7 @@ Run from the repository root::
 1. A calibration of ``N_TRIALS`` trials, once alone and once with 30 Server-Sent-Events
    clients and 30 status pollers (every 0.2 s); meanwhile ``/healthz`` is probed every 20 ms.
    Reports the calibration's wall time and the ``/healthz`` p50/p99 of each run.
-2. Status read time (median of 200 sequential reads) of a finished calibration whose
+2. Status read time (median of 200 sequential reads) of a finished 20-trial calibration whose
    study journal has been padded to 1 MB and to 50 MB (status never reads the journal).
 """
 
@@ -49,7 +49,7 @@ def start(root: Path) -> tuple[subprocess.Popen[bytes], str]:
     return proc, base
 
 
-def run(base: str, seed: int, readers: bool) -> dict[str, Any]:
+def run(base: str, seed: int, readers: bool, n_trials: int = N_TRIALS) -> dict[str, Any]:
     http = httpx.Client(base_url=base, timeout=120)
     ref = http.post("/v1/datasets?instrument=SYN", content=bars_csv(N_BARS, seed=seed),
                     headers={"content-type": "text/csv"}).json()["ref"]
@@ -79,7 +79,7 @@ def run(base: str, seed: int, readers: bool) -> dict[str, Any]:
     prober.start()
     t0 = time.perf_counter()
     job = http.post("/v1/calibrations",
-                    json=calibration_spec(ref, n_trials=N_TRIALS, seed=seed)).json()
+                    json=calibration_spec(ref, n_trials=n_trials, seed=seed)).json()
     threads = []
     if readers:
         threads = [threading.Thread(target=sse, args=(job["id"],)) for _ in range(READERS)]
@@ -126,7 +126,8 @@ def main() -> int:
         try:
             alone = run(base, 51, readers=False)
             crowded = run(base, 52, readers=True)
-            sizes = {f"{mb}MB": status_read_ms(base, alone["job"], root, mb) for mb in (1, 50)}
+            small = run(base, 53, readers=False, n_trials=20)["job"]
+            sizes = {f"{mb}MB": status_read_ms(base, small, root, mb) for mb in (1, 50)}
         finally:
             proc.terminate()
             proc.wait(timeout=30)
