@@ -43,7 +43,7 @@ from service.recommendations import (
 )
 from service.schemas import StrictRequest
 from service.settings import Settings
-from service.state import State, make_root_store
+from service.state import State, make_state
 
 log = logging.getLogger("marginlab.service")
 
@@ -67,8 +67,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         # writing them; in Redis mode another API process may be mid-upload right now.
         sweep_partial_uploads(settings.data_root,
                               older_than_s=0.0 if settings.embedded else STALE_PART_S)
-        root = make_root_store(settings)
-        state = State(root)
+        state = make_state(settings)
         app.state.service_state = state
         app.state.audit = AuditLog(audit_url(settings))
         if settings.embedded:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -13,33 +12,30 @@ from typing import Annotated, Any
 
 import anyio
 import msgspec
-import optuna
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.exceptions import NotFoundException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Body, Parameter, QueryParameter
 from litestar.response import ServerSentEvent
-from optuna.trial import TrialState
 
 from calibration._errors import InvalidParameters
 from calibration._version import ENGINE_VERSION
 from calibration.calibrate import (
     CalibrationResult,
     Prepared,
-    best_feasible,
     prepare,
     study_name,
 )
 from calibration.spec import INSTRUMENT_PATTERN, CalibrationSpec, spec_hash, validate_spec
-from calibration.storage import Coordination
 from service import examples
 from service.auth import requires
 from service.errors import COMMON, PayloadTooLarge, problem_responses, redact
 from service.jobs import now_iso
 from service.limits import check_refs
-from service.schemas import CalibrationJob, CalibrationPage, JobState, Progress
+from service.progress import ProgressHub, with_progress
+from service.schemas import CalibrationJob, CalibrationPage, JobState
 from service.settings import Settings
-from service.state import Svc
+from service.state import State, Svc
 
 FINAL = ("succeeded", "failed", "cancelled")
 JobId = Annotated[str, Parameter(description="calibration id (32 hex digits)", min_length=1,
@@ -52,29 +48,6 @@ def cache_key(spec: CalibrationSpec, prepared: Prepared) -> str:
     parts = [spec_hash(spec), *(f"{k}={v}" for k, v in sorted(prepared.fingerprints.items())),
              ENGINE_VERSION]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
-
-
-def _progress(settings: Settings, job: CalibrationJob) -> Progress | None:
-    """Progress read from the Optuna study (trials finished, running, best feasible, ETA)."""
-    try:
-        with Coordination(settings.storage_url) as coordination:
-            names = optuna.study.get_all_study_names(storage=coordination.storage)
-            if job.study not in names:
-                return None
-            study = optuna.load_study(study_name=job.study, storage=coordination.storage)
-            trials = study.get_trials(deepcopy=False)
-            done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-            running = sum(t.state == TrialState.RUNNING for t in trials)
-            failed = sum(t.state == TrialState.FAIL for t in trials)
-            eta = None
-            durations = [t.duration.total_seconds() for t in done if t.duration is not None]
-            if job.n_trials and durations and job.state == "running":
-                remaining = max(0, job.n_trials - len(done))
-                eta = remaining * (sum(durations) / len(durations)) / max(1, running)
-            return Progress(trials_done=len(done), trials_total=job.n_trials, running=running,
-                            failed=failed, best_feasible=best_feasible(study), eta_seconds=eta)
-    except Exception:  # progress is best effort; the job record is the truth
-        return None
 
 
 def _links(job: CalibrationJob, settings: Settings | None = None) -> CalibrationJob:
@@ -202,14 +175,12 @@ class CalibrationController(Controller):
                                next_offset=offset + limit if more else None)
 
     @get("/{job_id:str}", guards=[requires("reader")],
-         summary="A calibration's state and progress (from the study)",
+         summary="A calibration's state and progress (kept in its record by the workers)",
          responses=problem_responses(*COMMON, 404))
     async def status(self, request: Request[Any, Any, Any], svc: Svc,
                      job_id: JobId) -> CalibrationJob:
-        job = await _job(svc, job_id)
-        progress = await anyio.to_thread.run_sync(_progress, request.app.state.settings, job)
-        return _links(msgspec.structs.replace(job, progress=progress),
-                      request.app.state.settings)
+        job = await with_progress(svc, await _job(svc, job_id))
+        return _links(job, request.app.state.settings)
 
     @get("/{job_id:str}/events", guards=[requires("reader")], media_type="text/event-stream",
          summary="Progress as Server-Sent Events until the job ends",
@@ -221,22 +192,11 @@ class CalibrationController(Controller):
     async def events(self, request: Request[Any, Any, Any], svc: Svc,
                      job_id: JobId) -> ServerSentEvent:
         await _job(svc, job_id)
-        settings = request.app.state.settings
+        hub = _hub(request, svc)
 
         async def stream() -> AsyncIterator[str]:
-            last = b""
-            deadline = time.monotonic() + 3600
-            while time.monotonic() < deadline:
-                job = await _job(svc, job_id)
-                progress = await anyio.to_thread.run_sync(_progress, settings, job)
-                payload = msgspec.json.encode(
-                    _links(msgspec.structs.replace(job, progress=progress), settings))
-                if payload != last:
-                    last = payload
-                    yield payload.decode()
-                if job.state in FINAL:
-                    return
-                await asyncio.sleep(1.0)
+            async for payload in hub.subscribe(job_id):
+                yield payload.decode()
 
         return ServerSentEvent(stream(), event_type="progress")
 
@@ -283,6 +243,24 @@ class CalibrationController(Controller):
         # The study storage's URL may carry a password and a server path: never sent out.
         return msgspec.structs.replace(result, storage=redact(
             result.storage, data_root=settings.data_root, state_dir=settings.state_dir))
+
+
+def _hub(request: Request[Any, Any, Any], svc: State) -> ProgressHub:
+    """This process's progress feeds (made on first use)."""
+    hub: ProgressHub | None = getattr(request.app.state, "progress_hub", None)
+    if hub is None:
+        settings: Settings = request.app.state.settings
+
+        async def render(job_id: str) -> tuple[bytes, bool] | None:
+            job = await svc.get("jobs", job_id, CalibrationJob)
+            if job is None:
+                return None
+            job = _links(await with_progress(svc, job), settings)
+            return msgspec.json.encode(job), job.state in FINAL
+
+        hub = ProgressHub(render)
+        request.app.state.progress_hub = hub
+    return hub
 
 
 def _report(settings: Settings, spec_raw: bytes, result: CalibrationResult) -> str:

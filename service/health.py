@@ -12,15 +12,26 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from calibration.storage import Coordination
 from service import examples
 from service.errors import PROBLEM, problem
+from service.settings import Settings
 from service.state import Svc
 
 REQUESTS = Counter("marginlab_http_requests_total", "HTTP requests", ["method", "status"])
 
 
-def _storage_ok(url: str) -> bool:
+def _storage_ok(settings: Settings) -> bool:
     # Opening is not enough: a journal whose records cannot be replayed opens fine and
     # then fails every calibration. Replaying is what a worker does first.
-    with Coordination(url) as coordination:
+    if settings.per_study_journals:
+        # A journal per study: the directory must take new ones; each study's journal is
+        # checked (and its torn tail cut) by the worker that opens it, and one study's
+        # damage is that study's alone. The legacy shared journal is replayed if present.
+        settings.studies_dir.mkdir(parents=True, exist_ok=True)
+        probe = settings.studies_dir / ".readyz"
+        probe.touch()
+        probe.unlink()
+        if not settings.legacy_journal.exists():
+            return True
+    with Coordination(settings.storage_url) as coordination:
         coordination.readable()
         return True
 
@@ -59,7 +70,7 @@ class HealthController(Controller):
         except Exception as exc:
             checks["store"] = f"unreachable: {type(exc).__name__}"
         try:
-            await anyio.to_thread.run_sync(_storage_ok, request.app.state.settings.storage_url)
+            await anyio.to_thread.run_sync(_storage_ok, request.app.state.settings)
             checks["study_storage"] = "ok"
         except Exception as exc:
             # A record that cannot be decoded is not an outage: say which it is.

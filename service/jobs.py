@@ -37,15 +37,21 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
 from calibration._errors import MarginlabError
-from calibration.calibrate import create_or_load_study, prepare, run_worker, summarize
+from calibration.calibrate import (
+    best_feasible,
+    create_or_load_study,
+    prepare,
+    run_worker,
+    summarize,
+)
 from calibration.spec import decode_spec
 from calibration.storage import Coordination
-from service.schemas import CalibrationJob
+from service.schemas import CalibrationJob, Progress
 from service.settings import Settings
 from service.state import State, run_sync
 
@@ -68,9 +74,82 @@ HEARTBEAT_GRACE_S = 10
 RECONNECT_EVERY_S = 1.0
 
 
+#: Least time between two progress writes of one worker (the last one is always written).
+PROGRESS_EVERY_S = 0.5
+#: Times a job whose queue entries vanished (Redis restarted without persistence, flushed)
+#: is queued again before it is failed.
+MAX_REQUEUES = 5
+
+
 def now_iso() -> str:
     """The current time, ISO-8601 UTC."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def study_progress(study: Any, n_trials: int | None, risk_appetite_bps: Any = "study", *,
+                   best: dict[str, Any] | Literal[False] | None = False,
+                   with_eta: bool = True) -> Progress:
+    """The job's progress from its study, as a worker (or the reconciler) sees it.
+
+    Trials done are COMPLETE or PRUNED ones; ``best_feasible`` chooses the best as
+    ``calibration.calibrate.best_feasible`` does (``best``, when given, is that value already
+    computed). ETA, seconds: trials left times the mean trial duration, over the trials
+    running now (at least one).
+    """
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    running = sum(t.state == TrialState.RUNNING for t in trials)
+    failed = sum(t.state == TrialState.FAIL for t in trials)
+    eta = None
+    durations = [t.duration.total_seconds() for t in done if t.duration is not None]
+    if with_eta and n_trials and durations:
+        remaining = max(0, n_trials - len(done))
+        eta = remaining * (sum(durations) / len(durations)) / max(1, running)
+    chosen = best_feasible(study, risk_appetite_bps) if best is False else best
+    return Progress(trials_done=len(done), trials_total=n_trials, running=running,
+                    failed=failed, best_feasible=chosen, eta_seconds=eta,
+                    updated_at=now_iso())
+
+
+class ProgressWriter:
+    """``run_worker``'s ``on_trial``: keeps the job's progress in its record for readers.
+
+    Writes at most every ``PROGRESS_EVERY_S`` per worker, so thirty trials a second cost
+    two small writes; ``final`` writes whatever the study says when the worker stops.
+    Readers (status, events) read this record only, never the study's journal.
+    """
+
+    def __init__(self, access: JobAccess, job_id: str, study: Any, n_trials: int | None,
+                 risk_appetite_bps: float | None) -> None:
+        self.access = access
+        self.job_id = job_id
+        self.study = study
+        self.n_trials = n_trials
+        self.risk_appetite_bps = risk_appetite_bps
+        self._last = 0.0
+        self.latest: Progress | None = None
+
+    def __call__(self, finished: int, total: int | None, best: dict[str, Any] | None) -> None:
+        now = time.monotonic()
+        if now - self._last < PROGRESS_EVERY_S:
+            return
+        self._last = now
+        with contextlib.suppress(Exception):  # progress is best effort; the job goes on
+            self.latest = study_progress(self.study, self.n_trials, best=best)
+            self.access.set_progress(self.job_id, self.latest)
+
+    def final(self) -> Progress | None:
+        """The study's progress now, without ETA (the worker stopped); also written."""
+        try:
+            self.latest = study_progress(self.study, self.n_trials, self.risk_appetite_bps,
+                                         with_eta=False)
+        except Exception:  # the storage may be why the worker stops
+            return self.latest
+        with contextlib.suppress(Exception):
+            self.access.set_progress(self.job_id, self.latest)
+        return self.latest
 
 
 def _transient(exc: BaseException) -> bool:
@@ -109,37 +188,50 @@ def execute_calibration(job_id: str, settings: Settings,
     job = access.get(job_id)
     if job is None or job.state in FINAL:
         return "missing" if job is None else job.state
+    writer: ProgressWriter | None = None
+
+    def final() -> Progress | None:
+        return None if writer is None else writer.final()
+
     try:
         spec = decode_spec(access.spec(job_id))
         prepared = prepare(spec, settings.data_root)
         access.update(job_id, state="running", started_at=job.started_at or now_iso())
-        with Coordination(settings.storage_url) as coordination:
+        storage_url = settings.study_storage_url(job.study)
+        with Coordination(storage_url) as coordination:
             study = create_or_load_study(spec, prepared, coordination, job.study)
+            writer = ProgressWriter(access, job_id, study, spec.n_trials,
+                                    spec.risk_appetite_bps)
             deadline = (time.time() + spec.timeout_seconds) if spec.timeout_seconds else None
-            run_worker(study, prepared, coordination, n_trials=spec.n_trials,
-                       deadline=deadline, should_stop=lambda: access.cancelled(job_id))
+            try:
+                run_worker(study, prepared, coordination, n_trials=spec.n_trials,
+                           deadline=deadline, on_trial=writer,
+                           should_stop=lambda: access.cancelled(job_id))
+            finally:
+                progress = final()
             if access.cancelled(job_id):
                 return "cancelled"
-            result = summarize(study, prepared, settings.storage_url)
+            result = summarize(study, prepared, storage_url)
         access.save_result(job.cache_key, msgspec.json.encode(result), settings.result_ttl_s,
                            list(prepared.fingerprints.values()))
-        access.update(job_id, state="succeeded", finished_at=now_iso())
+        access.update(job_id, state="succeeded", finished_at=now_iso(), progress=progress)
         return "succeeded"
     except JobTimeoutException:
         access.fail(job_id, f"stopped at the job time limit of {settings.job_timeout_s} s; "
                     "ask for fewer trials or set timeout_seconds below the limit (trials "
-                    "finished so far are kept: an identical request resumes them)")
+                    "finished so far are kept: an identical request resumes them)",
+                    progress=final())
         return "failed"
     except MarginlabError as exc:
         if retry_transient and _transient(exc):
             raise
-        access.fail(job_id, str(exc))
+        access.fail(job_id, str(exc), progress=final())
         return "failed"
     except Exception as exc:
         if retry_transient and _transient(exc):
             raise
         log.exception("calibration %s stopped on an unexpected error", job_id)
-        access.fail(job_id, unexpected_error(job_id, exc))
+        access.fail(job_id, unexpected_error(job_id, exc), progress=final())
         return "failed"
 
 
@@ -199,9 +291,31 @@ class JobAccess:
         changed: bool = self._run(op)
         return changed
 
-    def fail(self, job_id: str, reason: str) -> bool:
-        """End a job that has not ended as ``failed`` with ``reason``."""
-        if self.update(job_id, state="failed", finished_at=now_iso(), error=reason):
+    def set_progress(self, job_id: str, progress: Progress) -> None:
+        """Store a running job's progress next to its record (``progress`` namespace): a
+        write of its own, so it never races a change of the record (a cancel)."""
+        async def op(state: State) -> None:
+            await state.put("progress", job_id, progress, expires_in=30 * 86_400)
+
+        self._run(op)
+
+    def bump_requeues(self, job_id: str) -> int:
+        """Count one more re-queue of a job whose queue entries vanished; returns the count."""
+        async def op(state: State) -> int:
+            key = f"{job_id}:requeues"
+            count = int(await state.stores["jobs"].get(key) or b"0") + 1
+            await state.stores["jobs"].set(key, str(count).encode())
+            return count
+
+        result: int = self._run(op)
+        return result
+
+    def fail(self, job_id: str, reason: str, progress: Progress | None = None) -> bool:
+        """End a job that has not ended as ``failed`` with ``reason`` (and its last
+        progress, when known)."""
+        changes: dict[str, Any] = {"progress": progress} if progress is not None else {}
+        if self.update(job_id, state="failed", finished_at=now_iso(), error=reason,
+                       **changes):
             log.warning("calibration %s failed: %s", job_id, reason)
             return True
         return False
@@ -289,6 +403,23 @@ class LocalRunner:
         return resumed
 
 
+def enqueue(queue: Any, settings: Settings, job_id: str, round_: int = 0) -> None:
+    """Put ``workers_per_job`` copies of a job on the rq queue; a re-queue (``round_`` 1, 2,
+    ...) numbers its copies after the earlier ones, so a copy of an earlier round that is
+    still running never shares an rq id with a new one."""
+    from rq import Retry
+
+    per_round = max(1, settings.workers_per_job)
+    for i in range(round_ * per_round, (round_ + 1) * per_round):
+        # A finite timeout keeps the started-job registry entry expiring when its worker
+        # dies; rq then retries the job (Retry) on a live worker, which rejoins the study.
+        queue.enqueue(rq_execute, job_id, job_id=f"{job_id}-{i}",
+                      job_timeout=settings.job_timeout_s, result_ttl=86_400,
+                      failure_ttl=86_400,
+                      retry=Retry(max=settings.job_retries) if settings.job_retries > 0
+                      else None)
+
+
 class RqRunner:
     """Redis mode: jobs on the ``marginlab`` rq queue."""
 
@@ -309,16 +440,7 @@ class RqRunner:
         self.redis.close()
 
     def submit(self, job_id: str) -> None:
-        from rq import Retry
-
-        for i in range(max(1, self.settings.workers_per_job)):
-            # A finite timeout keeps the started-job registry entry expiring when its worker
-            # dies; rq then retries the job (Retry) on a live worker, which rejoins the study.
-            self.queue.enqueue(rq_execute, job_id, job_id=f"{job_id}-{i}",
-                               job_timeout=self.settings.job_timeout_s, result_ttl=86_400,
-                               failure_ttl=86_400,
-                               retry=Retry(max=self.settings.job_retries)
-                               if self.settings.job_retries > 0 else None)
+        enqueue(self.queue, self.settings, job_id)
 
     def ping(self) -> bool:
         return bool(self.redis.ping())
@@ -349,24 +471,28 @@ def _dead_reason(copies: list[Any], settings: Settings) -> str:
                       for c in copies):
         return "stopped on the queue by an operator; submit the request again to run it"
     if not copies:
-        return "its queue entries are gone (expired or deleted); submit the request again"
+        return (f"its queue entries vanished {MAX_REQUEUES + 1} times (Redis restarted "
+                "without persistence, or flushed) and it was queued again each time; submit "
+                "the request again to resume from the trials finished so far")
     return ("internal error while running the calibration; submit the request again to "
             "retry it, and report it if it repeats")
 
 
-def _reap_study(settings: Settings, name: str) -> int:
+def _reap_study(settings: Settings, job: CalibrationJob) -> tuple[int, Progress | None]:
     """Fail the study's stale RUNNING trials (retrying their parameters); returns how many
-    RUNNING trials remain (a trial still beating, or not yet stale)."""
+    RUNNING trials remain (a trial still beating, or not yet stale) and the study's
+    progress after the reaping (``None`` for a study never created)."""
     import optuna
     from optuna.trial import TrialState
 
-    with Coordination(settings.storage_url) as coordination:
-        if name not in optuna.study.get_all_study_names(storage=coordination.storage):
-            return 0
-        study = optuna.load_study(study_name=name, storage=coordination.storage)
-        with coordination.slot_lock(name):
+    with Coordination(settings.study_storage_url(job.study)) as coordination:
+        if job.study not in optuna.study.get_all_study_names(storage=coordination.storage):
+            return 0, None
+        study = optuna.load_study(study_name=job.study, storage=coordination.storage)
+        with coordination.slot_lock(job.study):
             coordination.reap_stale_trials(study)
-        return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        return running, study_progress(study, job.n_trials, with_eta=False)
 
 
 def reconcile_jobs(settings: Settings, connection: Any,
@@ -390,11 +516,31 @@ def reconcile_jobs(settings: Settings, connection: Any,
         copies = [c for c in Job.fetch_many(ids, connection=connection) if c is not None]
         if any(c.get_status(refresh=False) in alive for c in copies):
             continue
-        if _reap_study(settings, job.study):
+        if not copies and _requeue(settings, connection, access, job):
+            continue
+        running, progress = _reap_study(settings, job)
+        if running:
             continue  # its last trial is not stale yet: fail the job once it is reaped
-        if access.fail(job.id, _dead_reason(copies, settings)):
+        if access.fail(job.id, _dead_reason(copies, settings), progress=progress):
             failed.append(job.id)
     return failed
+
+
+def _requeue(settings: Settings, connection: Any, access: JobAccess,
+             job: CalibrationJob) -> bool:
+    """A job active in its durable record whose queue entries are all gone (Redis restarted
+    without persistence, or flushed): queue it again, at most ``MAX_REQUEUES`` times;
+    returns whether it was. Its copies rejoin the study, whose slot lock keeps the trial
+    count exact even if a worker of the old copies is still running."""
+    from rq import Queue
+
+    count = access.bump_requeues(job.id)
+    if count > MAX_REQUEUES or (count + 1) * max(1, settings.workers_per_job) > MAX_COPIES:
+        return False
+    log.warning("calibration %s: its queue entries vanished (Redis restarted without "
+                "persistence?); queued again (%d of %d)", job.id, count, MAX_REQUEUES)
+    enqueue(Queue(QUEUE_NAME, connection=connection), settings, job.id, count)
+    return True
 
 
 def run_queue_worker(settings: Settings, *, burst: bool = False) -> None:

@@ -93,7 +93,9 @@ class BacktestRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 
 
 class Progress(msgspec.Struct, frozen=True, kw_only=True):
-    """Progress read from the study itself."""
+    """Progress of a calibration, kept in its job record by the workers as trials finish
+    (at most every 0.5 s per worker, and once when a worker stops): reading it never reads
+    the study."""
 
     trials_done: Annotated[int, _M(description="trials complete or pruned (count)")]
     trials_total: Annotated[int | None, _M(description="trials asked for (count)")]
@@ -102,6 +104,8 @@ class Progress(msgspec.Struct, frozen=True, kw_only=True):
     best_feasible: Annotated[dict[str, Any] | None, _M(
         description="the best feasible trial so far: parameters and objectives")]
     eta_seconds: Annotated[float | None, _M(description="time to the last trial (s)")]
+    updated_at: Annotated[str | None, _M(
+        description="when a worker last wrote these numbers, UTC ISO 8601")] = None
 
 
 class CalibrationJob(msgspec.Struct, frozen=True, kw_only=True):
@@ -125,7 +129,8 @@ class CalibrationJob(msgspec.Struct, frozen=True, kw_only=True):
     joined: Annotated[bool, _M(description="joined an identical queued or running job")] = False
     status_url: Annotated[str, _M(description="path of this job's state")] = ""
     result_url: Annotated[str, _M(description="path of this job's result")] = ""
-    progress: Annotated[Progress | None, _M(description="progress read from the study")] = None
+    progress: Annotated[Progress | None, _M(
+        description="progress kept in the job record by its workers")] = None
 
 
 class CalibrationPage(msgspec.Struct, frozen=True, kw_only=True):

@@ -3,7 +3,7 @@
 | variable | meaning | default |
 |---|---|---|
 | ``REDIS_URL`` | Redis for stores, the job queue (rq) and pub/sub | unset: embedded mode |
-| ``MARGINLAB_STORAGE`` | Optuna study storage URL | ``journal:<state dir>/studies.log`` |
+| ``MARGINLAB_STORAGE`` | Optuna study storage URL | a journal per study, ``<state dir>/studies/`` |
 | ``MARGINLAB_DATA_ROOT`` | root of data references; uploads go to ``uploads/`` below it | cwd |
 | ``MARGINLAB_STATE_DIR`` | embedded mode's stores and journal | ``.marginlab`` |
 | ``MARGINLAB_API_KEYS`` (or ``_FILE``) | hashed API keys (``service.auth``) | unset: open |
@@ -113,7 +113,69 @@ class Settings:
 
     @property
     def storage_url(self) -> str:
-        """The Optuna storage of calibration studies."""
+        """The Optuna storage given by ``MARGINLAB_STORAGE``, else the state directory's
+        legacy shared journal (read for studies written before journals were per study;
+        ``study_storage_url`` says which storage holds a given study)."""
         if self.study_storage:
             return self.study_storage
-        return f"journal:{Path(self.state_dir).resolve() / 'studies.log'}"
+        return f"journal:{self.legacy_journal}"
+
+    @property
+    def per_study_journals(self) -> bool:
+        """No ``MARGINLAB_STORAGE``: every study has a journal file of its own under
+        ``studies_dir``, so one study's size or damage never slows or breaks another."""
+        return not self.study_storage
+
+    @property
+    def legacy_journal(self) -> Path:
+        """The journal every study of the state directory shared before (still read)."""
+        return Path(self.state_dir).resolve() / "studies.log"
+
+    @property
+    def studies_dir(self) -> Path:
+        """Directory of the per-study journals (``<study>.log`` each)."""
+        return Path(self.state_dir).resolve() / "studies"
+
+    def study_storage_url(self, study: str) -> str:
+        """The Optuna storage of one study.
+
+        With ``MARGINLAB_STORAGE`` that storage; otherwise the study's own journal,
+        ``<state dir>/studies/<study>.log``, except for a study that only the legacy shared
+        ``studies.log`` holds (written by an earlier version), which stays there: no
+        migration is needed, and new studies never touch the shared file.
+        """
+        if self.study_storage:
+            return self.study_storage
+        own = self.studies_dir / f"{study}.log"
+        if not own.exists() and _in_legacy_journal(self.legacy_journal, study):
+            return f"journal:{self.legacy_journal}"
+        return f"journal:{own}"
+
+
+def _in_legacy_journal(path: Path, study: str) -> bool:
+    """Whether the legacy shared journal holds a study of this name (a scan for its
+    CREATE_STUDY record, remembered per size of the file: the file only grows)."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return False
+    key = (str(path), size)
+    names = _LEGACY_NAMES.get(key)
+    if names is None:
+        names = set()
+        with open(path, "rb") as handle:
+            for line in handle:
+                if b'"study_name"' not in line:
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if record.get("op_code") == 0 and "study_name" in record:  # CREATE_STUDY
+                    names.add(str(record["study_name"]))
+        _LEGACY_NAMES.clear()
+        _LEGACY_NAMES[key] = names
+    return study in names
+
+
+_LEGACY_NAMES: dict[tuple[str, int], set[str]] = {}

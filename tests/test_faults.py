@@ -29,10 +29,13 @@ from pathlib import Path
 from typing import IO, Any
 
 import httpx
+import optuna
 import pytest
 import redis
 from optuna.storages.journal._storage import JournalOperation
+from optuna.trial import TrialState
 
+from calibration.storage import Coordination
 from tests.api_helpers import FINAL, bars_csv, calibration_spec, free_port, wait_for
 from tests.test_api_integration import Deployment, RedisServer, children, kill_tree
 
@@ -211,7 +214,9 @@ def test_torn_journal_then_restart_every_study_reads_and_calibrations_run(
         result = app.http.get(first["result_url"]).json()
         app.stop()
 
-        torn = (_tear_file(tmp_path / "state" / "studies.log") if journal == "file"
+        # Embedded mode keeps a journal per study: tear the first calibration's own.
+        own_journal = tmp_path / "state" / "studies" / f"{first['study']}.log"
+        torn = (_tear_file(own_journal) if journal == "file"
                 else _tear_redis(env["MARGINLAB_STORAGE"]))
         app.start()
         ready = app.http.get("/readyz")
@@ -219,22 +224,35 @@ def test_torn_journal_then_restart_every_study_reads_and_calibrations_run(
         assert ready.json()["checks"]["study_storage"] == "ok"
         status = app.status(first["id"])
         assert status["state"] == "succeeded"
-        # The torn record never happened: if it finished a trial, that trial is unfinished.
+        # The job record keeps what the job did (status never replays the journal) ...
+        assert status["progress"]["trials_done"] == 6
+        assert app.http.get(first["result_url"]).json() == result
+        # ... and the study reads again: the torn record never happened, so if it finished a
+        # trial, that trial is unfinished.
         finished_torn = (torn["op_code"] == JournalOperation.SET_TRIAL_STATE_VALUES
                          and torn.get("state") in (1, 2))
-        assert status["progress"]["trials_done"] == 6 - int(finished_torn)
-        assert app.http.get(first["result_url"]).json() == result
+        storage = (f"journal:{own_journal}" if journal == "file"
+                   else env["MARGINLAB_STORAGE"])
+        with Coordination(storage) as coordination:
+            study = optuna.load_study(study_name=first["study"], storage=coordination.storage)
+            done = [t for t in study.get_trials(deepcopy=False)
+                    if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+        assert len(done) == 6 - int(finished_torn)
 
         second = app.submit(calibration_spec(ref, n_trials=6, seed=32))
         done = wait_final(app, second["id"], 60)
         assert done["state"] == "succeeded", (done, app.tail())
         assert done["progress"]["trials_done"] == 6
         assert app.http.get("/readyz").status_code == 200
-        assert "cut" in app.tail(200)
+        if journal == "file":
+            # The second study has a journal of its own: the torn one never touched it.
+            assert (tmp_path / "state" / "studies" / f"{second['study']}.log").exists()
     finally:
         app.stop()
+    if journal == "redis":
+        assert "cut" in app.tail(200)
     if journal == "file":
-        lines = (tmp_path / "state" / "studies.log").read_bytes().split(b"\n")
+        lines = own_journal.read_bytes().split(b"\n")
         assert lines[-1] == b""
         assert all(json.loads(line) for line in lines[:-1])
 
@@ -337,6 +355,72 @@ def test_job_past_rqs_time_limit_fails_naming_the_limit(own_redis: RedisServer,
                               json=calibration_spec(ref, n_trials=3, seed=36)).json()
         assert app.wait_job(small["id"], timeout_s=60)["state"] == "succeeded"
     finally:
+        app.close()
+
+
+# --- Redis restarted without persistence --------------------------------------------------------
+
+
+def test_redis_restarted_without_persistence_mid_calibration_loses_no_job(
+        own_redis: RedisServer, tmp_path: Path) -> None:
+    """Restart the deployment's Redis (no persistence: every key and queue entry is gone)
+    mid-calibration: the job's id answers throughout (its record is durable in the SQL
+    table, Redis only caches it), the reconciler queues it again, it ends ``succeeded``
+    with exactly ``n_trials`` trials in its study and none RUNNING, and the identical
+    request afterwards is answered from the result (on main: 404, the study stopped)."""
+    n_trials = 200
+    journal = tmp_path / "studies.log"
+    app = Deployment(tmp_path, own_redis.url, f"journal:{journal}",
+                     MARGINLAB_WORKERS_PER_JOB="1")
+    answers: list[int] = []
+    stop = threading.Event()
+    try:
+        app.start_api()
+        app.start_worker("worker-1")
+        ref = app.upload(bars_csv(N_BARS, seed=37))["ref"]
+        spec = calibration_spec(ref, n_trials=n_trials, seed=37)
+        job = app.http.post("/v1/calibrations", json=spec).json()
+        wait_trials(app, job["id"], 5)
+
+        def poll() -> None:
+            with httpx.Client(base_url=str(app.http.base_url), timeout=30) as http:
+                while not stop.is_set():
+                    answers.append(http.get(f"/v1/calibrations/{job['id']}").status_code)
+                    stop.wait(0.1)
+
+        poller = threading.Thread(target=poll)
+        poller.start()
+        own_redis.stop(save=False)
+        own_redis.start()
+        with redis.Redis.from_url(own_redis.url) as client:  # the queue entry did not survive
+            assert not client.exists(f"rq:job:{job['id']}-0")
+
+        done = app.wait(lambda: (lambda s: s if s["state"] in FINAL else None)(
+            app.status(job["id"])), timeout_s=180, what="the job to end")
+        stop.set()
+        poller.join()
+        assert done["state"] == "succeeded", (done, app.tail())
+        assert done["progress"]["trials_done"] == n_trials
+        assert done["progress"]["running"] == 0
+        with Coordination(f"journal:{journal}") as coordination:
+            study = optuna.load_study(study_name=job["study"], storage=coordination.storage)
+            trials = study.get_trials(deepcopy=False)
+        assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) \
+            == n_trials
+        assert not [t for t in trials if t.state == TrialState.RUNNING]
+        # Its id answered throughout: the record came from the SQL table while Redis was
+        # down or empty.
+        assert answers
+        assert set(answers) == {200}, sorted(set(answers))
+        assert "queued again" in app.tail(400)
+
+        again = app.http.post("/v1/calibrations", json=spec)
+        assert again.status_code == 200, again.text
+        assert again.json()["cached"] is True
+        assert again.json()["id"] == job["id"]
+        assert app.http.get(job["result_url"]).status_code == 200
+    finally:
+        stop.set()
         app.close()
 
 

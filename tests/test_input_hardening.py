@@ -304,7 +304,8 @@ def test_result_and_job_errors_carry_no_secret(client: Client, tmp_path: Path) -
     result = client.get(job["result_url"])
     assert result.status_code == 200
     assert str(tmp_path) not in result.text
-    assert result.json()["storage"] == "journal:<state dir>/studies.log"
+    # A journal of the study's own under the state directory (one file per study).
+    assert result.json()["storage"] == f"journal:<state dir>/studies/{job['study']}.log"
 
     state = service_state(client)
     failed = CalibrationJob(

@@ -1,0 +1,144 @@
+"""Progress readers against a running calibration (issue 11), on a real embedded server.
+
+Run from the repository root::
+
+    python -m bench.bench_progress
+
+1. A calibration of ``N_TRIALS`` trials, once alone and once with 30 Server-Sent-Events
+   clients and 30 status pollers (every 0.2 s); meanwhile ``/healthz`` is probed every 20 ms.
+   Reports the calibration's wall time and the ``/healthz`` p50/p99 of each run.
+2. Status read time (median of 200 sequential reads) of a finished 20-trial calibration whose
+   study journal has been padded to 1 MB and to 50 MB (status never reads the journal).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.bench_api import free_port, wait_up
+from tests.api_helpers import bars_csv, calibration_spec
+
+N_TRIALS = 300
+N_BARS = 1500
+READERS = 30
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+def start(root: Path) -> tuple[subprocess.Popen[bytes], str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("REDIS_URL", "MARGINLAB_API_KEYS", "MARGINLAB_STORAGE")}
+    env.update(MARGINLAB_DATA_ROOT=str(root), MARGINLAB_STATE_DIR=str(root / "state"),
+               MARGINLAB_RATE_LIMIT_PER_MINUTE="0")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "calibration.cli", "serve", "--port",
+                             str(port)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    wait_up(base + "/healthz")
+    return proc, base
+
+
+def run(base: str, seed: int, readers: bool, n_trials: int = N_TRIALS) -> dict[str, Any]:
+    http = httpx.Client(base_url=base, timeout=120)
+    ref = http.post("/v1/datasets?instrument=SYN", content=bars_csv(N_BARS, seed=seed),
+                    headers={"content-type": "text/csv"}).json()["ref"]
+    stop = threading.Event()
+    health: list[float] = []
+
+    def probe() -> None:
+        with httpx.Client(base_url=base, timeout=30) as c:
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                c.get("/healthz")
+                health.append(time.perf_counter() - t0)
+                stop.wait(0.02)
+
+    def sse(job_id: str) -> None:
+        with httpx.Client(base_url=base, timeout=300) as c, \
+                c.stream("GET", f"/v1/calibrations/{job_id}/events") as s:
+            for _ in s.iter_lines():
+                pass
+
+    def poll(job_id: str) -> None:
+        with httpx.Client(base_url=base, timeout=300) as c:
+            while c.get(f"/v1/calibrations/{job_id}").json()["state"] not in FINAL:
+                time.sleep(0.2)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    t0 = time.perf_counter()
+    job = http.post("/v1/calibrations",
+                    json=calibration_spec(ref, n_trials=n_trials, seed=seed)).json()
+    threads = []
+    if readers:
+        threads = [threading.Thread(target=sse, args=(job["id"],)) for _ in range(READERS)]
+        threads += [threading.Thread(target=poll, args=(job["id"],)) for _ in range(READERS)]
+        for t in threads:
+            t.start()
+    while (status := http.get(f"/v1/calibrations/{job['id']}").json())["state"] not in FINAL:
+        time.sleep(0.05)
+    wall = time.perf_counter() - t0
+    for t in threads:
+        t.join()
+    stop.set()
+    prober.join()
+    qs = statistics.quantiles(health, n=100)
+    return {"readers": 2 * READERS if readers else 0, "state": status["state"],
+            "trials_done": status["progress"]["trials_done"], "wall_s": round(wall, 2),
+            "healthz_p50_ms": round(qs[49] * 1000, 2), "healthz_p99_ms": round(qs[98] * 1000, 2),
+            "job": job}
+
+
+def status_read_ms(base: str, job: dict[str, Any], root: Path, size_mb: int
+                   ) -> dict[str, Any]:
+    journal = root / "state" / "studies" / f"{job['study']}.log"
+    if journal.stat().st_size > size_mb * 1_000_000:
+        raise SystemExit(f"the journal is already above {size_mb} MB")
+    pad = b'{"op_code": 99, "padding": "' + b"x" * 200 + b'"}\n'
+    with journal.open("ab") as f:
+        while f.tell() < size_mb * 1_000_000:
+            f.write(pad * 1000)
+    with httpx.Client(base_url=base, timeout=30) as c:
+        times = []
+        for _ in range(200):
+            t0 = time.perf_counter()
+            assert c.get(f"/v1/calibrations/{job['id']}").status_code == 200
+            times.append(time.perf_counter() - t0)
+    return {"journal_bytes": journal.stat().st_size,
+            "median_ms": round(statistics.median(times) * 1000, 3)}
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        proc, base = start(root)
+        try:
+            alone = run(base, 51, readers=False)
+            crowded = run(base, 52, readers=True)
+            small = run(base, 53, readers=False, n_trials=20)["job"]
+            sizes = {f"{mb}MB": status_read_ms(base, small, root, mb) for mb in (1, 50)}
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    for r in (alone, crowded):
+        r.pop("job")
+    report = {"without_readers": alone, "with_readers": crowded,
+              "wall_ratio": round(crowded["wall_s"] / alone["wall_s"], 3),
+              "status_read": sizes}
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
