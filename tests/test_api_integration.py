@@ -371,9 +371,10 @@ def test_redis_restart_mid_job_is_503_then_recovers(own_redis: RedisServer, depl
         status = app.http.get(f"/v1/calibrations/{job['id']}")
         assert status.status_code == 200, status.text
         assert status.json()["id"] == job["id"]
-        assert status.json()["state"] in ("queued", "running")
-        # No result yet, which the durable table says as well: a 404, never a 5xx.
-        assert app.http.get(f"/v1/calibrations/{job['id']}/result").status_code == 404
+        assert status.json()["state"] in ("queued", "running", "succeeded")
+        # The result comes from the durable table too: 404 until the job has saved one (it
+        # may finish during the outage: the worker writes SQL, not Redis), never a 5xx.
+        assert app.http.get(f"/v1/calibrations/{job['id']}/result").status_code in (200, 404)
         assert_unavailable(app.http.get("/readyz"))
         assert app.http.get("/healthz").status_code == 200
         time.sleep(0.5)
