@@ -222,6 +222,32 @@ def test_binding_capacity_matches_the_plain_loop_with_cascade(
     assert max(o.wait_bars for o in outs) > 0
 
 
+@pytest.mark.data
+@pytest.mark.parametrize("policy", ["close_all", "partial"])
+def test_fast_start_equals_the_full_walk_at_a_binding_capacity(
+        shared_data: Path, data_file: Callable[[str], str], policy: str) -> None:
+    """Without cascade or funding the walk may start at each account's core trigger bar:
+    every output equals the walk from the entries exactly, twins and queue included."""
+    for r in LUNA_30M:
+        data_file(r)
+    market = _luna_market_data(shared_data)
+    books = _books(market, seed=7)
+    model = make_model("tiered", LUNA_TIERS)
+    for order in ("most_undercollateralised", "first_come"):
+        cfg = AccountConfig(holding_bars=96, latency_bars=1, spread_rate=0.0005,
+                            impact_coef=0.01, liquidation_fee_rate=0.005, adv_window_bars=48,
+                            policy=policy, partial_fraction=0.5, max_liquidations_per_bar=1,
+                            queue_order=order)
+        fast = simulate_accounts(market, model, books, cfg)
+        full = simulate_accounts(market, model, books, cfg, fast_start=False)
+        for name in ("trigger_bar", "closeout_bar", "closeout_equity_usd", "bad_debt_usd",
+                     "fee_usd", "leg_pnl_usd", "leg_closed_usd", "steps", "queued_bar",
+                     "wait_bars", "backlog", "started", "started_usd", "twin_trigger_bar",
+                     "twin_bad_debt_usd", "twin_wait_bars", "twin_backlog"):
+            np.testing.assert_array_equal(getattr(fast, name), getattr(full, name), name)
+        assert fast.backlog.max() > 0
+
+
 # --- the frontier ---------------------------------------------------------------------------
 
 @settings(max_examples=40, deadline=None)

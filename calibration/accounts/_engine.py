@@ -554,6 +554,7 @@ def simulate_accounts(
     *,
     portfolio: PortfolioMarginModel | None = None,
     mechanics_kernel: bool = False,
+    fast_start: bool = True,
 ) -> AccountResult:
     """Replay ``accounts`` through ``market`` (see the module docstring).
 
@@ -567,6 +568,9 @@ def simulate_accounts(
             only there).
         mechanics_kernel: run the mechanics kernel even with the core settings (the same
             figures, as the tests prove; it also reports each leg's closed notional).
+        fast_start: without a cascade or funding, let the core kernel find each account's
+            first trigger and the mechanics walk start there (the same figures, as the tests
+            prove; False walks every account from its entry).
 
     Raises:
         InvalidParameters: an account names an instrument or asset the market lacks, or a
@@ -657,7 +661,8 @@ def simulate_accounts(
     if mech is not None:
         mout = empty_mech_outputs(len(opened), k, n)
         replay_mech(sched.mm, book, rules, mech, len(assets_sorted), config.holding_bars,
-                    config.latency_bars, mout)
+                    config.latency_bars, mout,
+                    _first_asks(sched.mm, book, rules, len(assets_sorted), config, fast_start))
         trig, eq, legs, fee = mout.trigger, mout.closeout_equity, mout.leg_pnl, mout.fee
     else:
         trig, eq, legs, fee = empty_outputs(len(opened), k)
@@ -682,7 +687,8 @@ def simulate_accounts(
     if mech is not None:
         t_out = empty_mech_outputs(pa.shape[0], k, n)
         replay_mech(sched.mm, twins, rules, mech, len(assets_sorted), config.holding_bars,
-                    config.latency_bars, t_out)
+                    config.latency_bars, t_out,
+                    _first_asks(sched.mm, twins, rules, len(assets_sorted), config, fast_start))
         t_trig, t_eq, t_fee = t_out.trigger, t_out.closeout_equity, t_out.fee
         bad = mout.bad_debt
         t_bad = t_out.bad_debt
@@ -716,6 +722,19 @@ def simulate_accounts(
         closeout_bar=closeout_bar, twin_closeout_bar=t_closeout_bar, policy=config.policy,
         **extra,
     )
+
+
+def _first_asks(mm: MarketArrays, book: BookArrays, rules: CollateralRules, n_assets: int,
+                config: AccountConfig, fast_start: bool) -> IntArray:
+    """Each account's first trigger bar by the core kernel, where the mechanics walk may
+    start there (no cascade: accounts meet only in the queue; no funding: the core's test is
+    the mechanics'); empty otherwise (walk from the entry)."""
+    if not fast_start or config.cascade or config.funding:
+        return np.zeros(0, dtype=np.int64)
+    trig, eq, legs, fee = empty_outputs(book.entry.shape[0], book.units.shape[1])
+    replay(mm, book, rules, n_assets, config.holding_bars, config.latency_bars, 0.0, 0.0,
+           trig, eq, legs, fee)
+    return trig
 
 
 def _mechanics(market: Market, config: AccountConfig) -> Mechanics:

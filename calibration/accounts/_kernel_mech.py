@@ -244,9 +244,17 @@ def _plan(
 def replay_mech(
     m: MarketArrays, book: BookArrays, rules: CollateralRules, mech: Mechanics,
     n_assets: int, holding_bars: int, latency_bars: int, out: MechOutputs,
+    first_ask: IntArray,
 ) -> None:  # pragma: no cover - jit
     """Fill ``out`` for every account of ``book`` (see ``_engine``'s "Mechanics" and
-    "Capacity")."""
+    "Capacity").
+
+    ``first_ask`` (``(A,)``, or empty to walk every account from its entry): each account's
+    first bar with equity <= MM (-1: none), as the core kernel finds it. Accounts then join
+    the walk only at that bar: valid when nothing before an account's first close-out step
+    depends on other accounts or on the capacity (no cascade) and the core's test is the
+    mechanics' (no funding).
+    """
     k, n = m.close.shape
     n_acc = book.entry.shape[0]
     n_col = book.col_inst.shape[0]
@@ -268,15 +276,19 @@ def replay_mech(
     pend_delta = np.zeros((n_acc, k))
     pend_net = np.zeros((n_acc, n_assets))
     pend_final = np.zeros(n_acc, dtype=np.bool_)
+    join = book.entry.copy()
+    if first_ask.shape[0] == n_acc:
+        for j in range(n_acc):
+            join[j] = first_ask[j] - 1 if first_ask[j] >= 0 else n
     for j in range(n_acc):
         e = book.entry[j]
-        next_test[j] = e + 1
+        next_test[j] = join[j] + 1
         for i in range(k):
             anchor[j, i] = e
             net[j, m.inst_asset[i]] += rem[j, i]
         for c in range(n_col):
             net[j, book.col_asset[c]] += book.col_units[j, c]
-    order = np.argsort(book.entry, kind="mergesort")
+    order = np.argsort(join, kind="mergesort")
     active = np.empty(n_acc, dtype=np.int64)
     cand = np.empty(n_acc, dtype=np.int64)
     cand_key = np.empty(n_acc)
@@ -300,7 +312,7 @@ def replay_mech(
                     d = mech.ask_depth[i, t - 1]
                     move = mech.cascade_kappa * qs / d if d > 0.0 else np.inf
                     high[i, t] = m.high[i, t] * (1.0 + min(1.0, move))
-        while nxt < n_acc and book.entry[order[nxt]] < t:
+        while nxt < n_acc and join[order[nxt]] < t:
             active[n_active] = order[nxt]
             n_active += 1
             nxt += 1
@@ -359,7 +371,12 @@ def replay_mech(
             continue
         # Pass 2: serve the queue up to the bar's capacity (unlimited at the data's end).
         if limited and not last_bar:
-            rank = np.argsort(cand_key[:n_cand], kind="mergesort")
+            # Ties in (entry bar, account index) order, however the accounts joined the walk.
+            tie = np.empty(n_cand, dtype=np.int64)
+            for c in range(n_cand):
+                tie[c] = book.entry[cand[c]] * n_acc + cand[c]
+            by_tie = np.argsort(tie, kind="mergesort")
+            rank = by_tie[np.argsort(cand_key[:n_cand][by_tie], kind="mergesort")]
         else:
             rank = np.arange(n_cand)
         n_started = 0
