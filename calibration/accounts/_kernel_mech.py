@@ -139,7 +139,7 @@ def _mark(low: FloatArray, high: FloatArray, i: int, t: int,
     return float(low[i, t] if long_asset else high[i, t])
 
 
-@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+@nb.njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
 def _estimate(
     m: MarketArrays, book: BookArrays, rules: CollateralRules, mech: Mechanics,
     low: FloatArray, high: FloatArray, j: int, t: int, cash: float, rem: FloatArray,
@@ -277,7 +277,8 @@ def replay_mech(
     pend_net = np.zeros((n_acc, n_assets))
     pend_final = np.zeros(n_acc, dtype=np.bool_)
     join = book.entry.copy()
-    if first_ask.shape[0] == n_acc:
+    fast = first_ask.shape[0] == n_acc
+    if fast:
         for j in range(n_acc):
             join[j] = first_ask[j] - 1 if first_ask[j] >= 0 else n
     for j in range(n_acc):
@@ -345,15 +346,23 @@ def replay_mech(
             keep += 1
             key = -np.inf
             if not forced:
-                for i in range(k):
-                    delta[i] = 0.0
-                eq, mm = _estimate(m, book, rules, mech, low, high, j, t, cash[j], rem[j],
-                                   delta, anchor[j], net[j])
+                if fast:
+                    eq, mm = _eq_mm(m, book, rules, j, t, cash[j], rem[j], net[j])
+                else:
+                    for i in range(k):
+                        delta[i] = 0.0
+                    eq, mm = _estimate(m, book, rules, mech, low, high, j, t, cash[j],
+                                       rem[j], delta, anchor[j], net[j])
                 if eq > mm:
                     # Recovered (possibly while waiting): it leaves the queue.
                     in_liq[j] = False
                     queued[j] = False
                     queued_since[j] = -1
+                    if fast:
+                        # Its marks no longer depend on anyone: jump to its next trigger.
+                        nf = _next_fail(m, book, rules, j, t + 1,
+                                        min(e + holding_bars, n - 1), cash[j], rem[j], net[j])
+                        next_test[j] = nf if nf >= 0 else n + 1
                     continue
                 if mm > 0.0:
                     key = eq / mm
@@ -400,6 +409,49 @@ def replay_mech(
                                delta, out, n_col)
         out.started[t] = n_started
         out.started_usd[t] = usd
+
+
+@nb.njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
+def _eq_mm(
+    m: MarketArrays, book: BookArrays, rules: CollateralRules, j: int, t: int, cash: float,
+    rem: FloatArray, net: FloatArray,
+) -> tuple[float, float]:  # pragma: no cover - jit
+    """``_estimate`` with nothing closed and no funding, in the same order of operations (so
+    the same bits), without its per-call set-up: the fast walk's trigger test."""
+    e = book.entry[j]
+    eq = cash
+    upnl = 0.0
+    mm = 0.0
+    for i in range(rem.shape[0]):
+        q = rem[i]
+        if q == 0.0:
+            continue
+        p = m.low[i, t] if net[m.inst_asset[i]] >= 0.0 else m.high[i, t]
+        upnl += q * (p - m.close[i, e])
+        mm += _mm_usd(m, i, abs(q) * p, t)
+    eq += upnl if upnl <= 0.0 else rules.upnl_weight * upnl
+    for c in range(book.col_inst.shape[0]):
+        u = book.col_units[j, c]
+        if u == 0.0:
+            continue
+        ci = book.col_inst[c]
+        p = m.low[ci, t] if net[book.col_asset[c]] >= 0.0 else m.high[ci, t]
+        eq += _haircut_usd(rules, c, u * p)
+    return eq, mm
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def _next_fail(
+    m: MarketArrays, book: BookArrays, rules: CollateralRules, j: int, t0: int, t1: int,
+    cash: float, rem: FloatArray, net: FloatArray,
+) -> int:  # pragma: no cover - jit
+    """The first bar in t0..t1 where account j (no step pending, no funding, no cascade) has
+    equity <= MM at the bar's marks, -1 if none."""
+    for t in range(t0, t1 + 1):
+        eq, mm = _eq_mm(m, book, rules, j, t, cash, rem, net)
+        if eq <= mm:
+            return t
+    return -1
 
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
