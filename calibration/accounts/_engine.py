@@ -129,6 +129,7 @@ from calibration.accounts._kernel_mech import (
     POLICIES,
     QUEUE_ORDERS,
     Mechanics,
+    MechOutputs,
     empty_mech_outputs,
     replay_mech,
     trailing_mean,
@@ -659,10 +660,7 @@ def simulate_accounts(
                                 field="mode")
     mech = _mechanics(market, config) if config.mechanics or mechanics_kernel else None
     if mech is not None:
-        mout = empty_mech_outputs(len(opened), k, n)
-        replay_mech(sched.mm, book, rules, mech, len(assets_sorted), config.holding_bars,
-                    config.latency_bars, mout,
-                    _first_asks(sched.mm, book, rules, len(assets_sorted), config, fast_start))
+        mout = _run_mech(sched.mm, book, rules, mech, len(assets_sorted), config, fast_start)
         trig, eq, legs, fee = mout.trigger, mout.closeout_equity, mout.leg_pnl, mout.fee
     else:
         trig, eq, legs, fee = empty_outputs(len(opened), k)
@@ -685,10 +683,7 @@ def simulate_accounts(
                        col_asset=col_asset)
     extra: dict[str, Any] = {}
     if mech is not None:
-        t_out = empty_mech_outputs(pa.shape[0], k, n)
-        replay_mech(sched.mm, twins, rules, mech, len(assets_sorted), config.holding_bars,
-                    config.latency_bars, t_out,
-                    _first_asks(sched.mm, twins, rules, len(assets_sorted), config, fast_start))
+        t_out = _run_mech(sched.mm, twins, rules, mech, len(assets_sorted), config, fast_start)
         t_trig, t_eq, t_fee = t_out.trigger, t_out.closeout_equity, t_out.fee
         bad = mout.bad_debt
         t_bad = t_out.bad_debt
@@ -724,17 +719,37 @@ def simulate_accounts(
     )
 
 
-def _first_asks(mm: MarketArrays, book: BookArrays, rules: CollateralRules, n_assets: int,
-                config: AccountConfig, fast_start: bool) -> IntArray:
-    """Each account's first trigger bar by the core kernel, where the mechanics walk may
-    start there (no cascade: accounts meet only in the queue; no funding: the core's test is
-    the mechanics'); empty otherwise (walk from the entry)."""
+def _run_mech(mm: MarketArrays, book: BookArrays, rules: CollateralRules, mech: Mechanics,
+              n_assets: int, config: AccountConfig, fast_start: bool) -> MechOutputs:
+    """The mechanics walk over ``book``. Without a cascade (accounts meet only in the queue)
+    or funding (the core's trigger test is then the mechanics'), and with ``fast_start``, the
+    core kernel finds each account's first trigger, and only the accounts that trigger are
+    walked, from that bar, in (entry, index) order (close in memory, the queue's tie order)."""
+    n_acc, k = book.units.shape
+    n = mm.close.shape[1]
     if not fast_start or config.cascade or config.funding:
-        return np.zeros(0, dtype=np.int64)
-    trig, eq, legs, fee = empty_outputs(book.entry.shape[0], book.units.shape[1])
+        out = empty_mech_outputs(n_acc, k, n)
+        replay_mech(mm, book, rules, mech, n_assets, config.holding_bars, config.latency_bars,
+                    out, np.zeros(0, dtype=np.int64))
+        return out
+    trig, eq, legs, fee = empty_outputs(n_acc, k)
     replay(mm, book, rules, n_assets, config.holding_bars, config.latency_bars, 0.0, 0.0,
            trig, eq, legs, fee)
-    return trig
+    sel = np.flatnonzero(trig >= 0)
+    sel = sel[np.argsort(book.entry[sel], kind="stable")]
+    sub = BookArrays(entry=book.entry[sel], units=book.units[sel], usd=book.usd[sel],
+                     col_units=book.col_units[sel], col_inst=book.col_inst,
+                     col_asset=book.col_asset)
+    sub_out = empty_mech_outputs(sel.shape[0], k, n)
+    replay_mech(mm, sub, rules, mech, n_assets, config.holding_bars, config.latency_bars,
+                sub_out, trig[sel])
+    out = empty_mech_outputs(n_acc, k, n)
+    for name, value in sub_out._asdict().items():
+        if name in ("backlog", "started", "started_usd"):
+            getattr(out, name)[:] = value
+        else:
+            getattr(out, name)[sel] = value
+    return out
 
 
 def _mechanics(market: Market, config: AccountConfig) -> Mechanics:

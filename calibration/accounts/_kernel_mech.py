@@ -293,6 +293,7 @@ def replay_mech(
     active = np.empty(n_acc, dtype=np.int64)
     cand = np.empty(n_acc, dtype=np.int64)
     cand_key = np.empty(n_acc)
+    rank = np.empty(n_acc, dtype=np.int64)
     n_active = 0
     nxt = 0
     delta = np.zeros(k)
@@ -380,14 +381,10 @@ def replay_mech(
             continue
         # Pass 2: serve the queue up to the bar's capacity (unlimited at the data's end).
         if limited and not last_bar:
-            # Ties in (entry bar, account index) order, however the accounts joined the walk.
-            tie = np.empty(n_cand, dtype=np.int64)
-            for c in range(n_cand):
-                tie[c] = book.entry[cand[c]] * n_acc + cand[c]
-            by_tie = np.argsort(tie, kind="mergesort")
-            rank = by_tie[np.argsort(cand_key[:n_cand][by_tie], kind="mergesort")]
+            _queue_order(book.entry, cand, cand_key, n_cand, n_acc, rank)
         else:
-            rank = np.arange(n_cand)
+            for c in range(n_cand):
+                rank[c] = c
         n_started = 0
         usd = 0.0
         for r in range(n_cand):
@@ -409,6 +406,35 @@ def replay_mech(
                                delta, out, n_col)
         out.started[t] = n_started
         out.started_usd[t] = usd
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def _queue_order(entry: IntArray, cand: IntArray, key: FloatArray, n_cand: int, n_acc: int,
+                 rank: IntArray) -> None:  # pragma: no cover - jit
+    """``rank[:n_cand]``: the candidates by key, ties in (entry bar, account index) order,
+    however the accounts joined the walk (insertion sort for the usual short queue)."""
+    if n_cand > 48:
+        tie = np.empty(n_cand, dtype=np.int64)
+        for c in range(n_cand):
+            tie[c] = entry[cand[c]] * n_acc + cand[c]
+        by_tie = np.argsort(tie, kind="mergesort")
+        by_key = np.argsort(key[:n_cand][by_tie], kind="mergesort")
+        for c in range(n_cand):
+            rank[c] = by_tie[by_key[c]]
+        return
+    for c in range(n_cand):
+        x = c
+        kx = key[x]
+        tx = entry[cand[x]] * n_acc + cand[x]
+        pos = c
+        while pos > 0:
+            y = rank[pos - 1]
+            ky = key[y]
+            if ky < kx or (ky == kx and entry[cand[y]] * n_acc + cand[y] < tx):
+                break
+            rank[pos] = y
+            pos -= 1
+        rank[pos] = x
 
 
 @nb.njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
