@@ -359,6 +359,12 @@ def test_cli_frontier_in_the_json_report(tmp_path: Path, capsys: pytest.CaptureF
     assert report["queue"]["bad_debt_added_usd"] == pytest.approx(1_370.0)
     assert report["queue"]["peak_backlog"] == 2
     assert report["summary"][0]["bad_debt_usd"] == pytest.approx(1_470.0)
+    assert main(args[:-1]) == 0
+    text = capsys.readouterr().out
+    assert "throughput-insolvency frontier" in text
+    assert "1,470" in text
+    assert "liquidation queue: peak backlog 2" in " ".join(text.split())
+    assert "1,370" in text
 
 
 def test_isolated_twins_queue_in_their_own_engine() -> None:
