@@ -348,7 +348,7 @@ def replay_mech(
             key = -np.inf
             if not forced:
                 if fast:
-                    eq, mm = _eq_mm(m, book, rules, j, t, cash[j], rem[j], net[j])
+                    eq, mm = _eq_mm(m, book, rules, j, t, cash[j], rem, net)
                 else:
                     for i in range(k):
                         delta[i] = 0.0
@@ -362,8 +362,10 @@ def replay_mech(
                     if fast:
                         # Its marks no longer depend on anyone: jump to its next trigger.
                         nf = _next_fail(m, book, rules, j, t + 1,
-                                        min(e + holding_bars, n - 1), cash[j], rem[j], net[j])
+                                        min(e + holding_bars, n - 1), cash[j], rem, net)
                         next_test[j] = nf if nf >= 0 else n + 1
+                        if nf < 0:
+                            keep -= 1  # nothing more can happen to it
                     continue
                 if mm > 0.0:
                     key = eq / mm
@@ -442,17 +444,18 @@ def _eq_mm(
     m: MarketArrays, book: BookArrays, rules: CollateralRules, j: int, t: int, cash: float,
     rem: FloatArray, net: FloatArray,
 ) -> tuple[float, float]:  # pragma: no cover - jit
-    """``_estimate`` with nothing closed and no funding, in the same order of operations (so
-    the same bits), without its per-call set-up: the fast walk's trigger test."""
+    """``_estimate`` for account j (rows of ``rem`` (A, k) and ``net`` (A, assets)) with
+    nothing closed and no funding, in the same order of operations (so the same bits),
+    without its per-call set-up: the fast walk's trigger test."""
     e = book.entry[j]
     eq = cash
     upnl = 0.0
     mm = 0.0
-    for i in range(rem.shape[0]):
-        q = rem[i]
+    for i in range(rem.shape[1]):
+        q = rem[j, i]
         if q == 0.0:
             continue
-        p = m.low[i, t] if net[m.inst_asset[i]] >= 0.0 else m.high[i, t]
+        p = m.low[i, t] if net[j, m.inst_asset[i]] >= 0.0 else m.high[i, t]
         upnl += q * (p - m.close[i, e])
         mm += _mm_usd(m, i, abs(q) * p, t)
     eq += upnl if upnl <= 0.0 else rules.upnl_weight * upnl
@@ -461,7 +464,7 @@ def _eq_mm(
         if u == 0.0:
             continue
         ci = book.col_inst[c]
-        p = m.low[ci, t] if net[book.col_asset[c]] >= 0.0 else m.high[ci, t]
+        p = m.low[ci, t] if net[j, book.col_asset[c]] >= 0.0 else m.high[ci, t]
         eq += _haircut_usd(rules, c, u * p)
     return eq, mm
 
@@ -472,9 +475,9 @@ def _next_fail(
     cash: float, rem: FloatArray, net: FloatArray,
 ) -> int:  # pragma: no cover - jit
     """The first bar in t0..t1 where account j (no step pending, no funding, no cascade) has
-    equity <= MM at the bar's marks, -1 if none."""
+    equity <= MM at the bar's marks, -1 if none (``rem``, ``net``: every account's rows)."""
     for t in range(t0, t1 + 1):
-        eq, mm = _eq_mm(m, book, rules, j, t, cash, rem, net)
+        eq, mm = _eq_mm(m, book, rules, j, t, cash, rem, net)  # rem, net: (A, ·)
         if eq <= mm:
             return t
     return -1
