@@ -358,6 +358,9 @@ def test_cli_frontier_in_the_json_report(tmp_path: Path, capsys: pytest.CaptureF
     assert [r["bad_debt_usd"] for r in frontier] == pytest.approx([1_470.0, 520.0, 100.0])
     assert report["queue"]["bad_debt_added_usd"] == pytest.approx(1_370.0)
     assert report["queue"]["peak_backlog"] == 2
+    assert report["queue"]["backlog"] == [["2020-09-13T12:29:40Z", 2],
+                                          ["2020-09-13T12:30:40Z", 1]]
+    assert report["queue"]["peak_backlog_at"] == "2020-09-13T12:29:40Z"
     assert report["summary"][0]["bad_debt_usd"] == pytest.approx(1_470.0)
     assert main(args[:-1]) == 0
     text = capsys.readouterr().out
@@ -377,3 +380,42 @@ def test_isolated_twins_queue_in_their_own_engine() -> None:
     assert [r["bad_debt_usd"] for r in rows] == pytest.approx([1_470.0, 100.0])
     assert rows[0]["max_wait_bars"] == 2
     assert underlying_of("AUSDT") == "A"
+
+
+def test_capacity_over_http(tmp_path: Path) -> None:
+    """``POST /v1/account-backtests`` takes the capacity in ``liquidation``: the report's
+    ``queue`` adds exactly the bad debt of the limited run over the unlimited one (two
+    requests), there is no queue without a limit, and a bad order names its field."""
+    from litestar.testing import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+    from tests.api_helpers import bars_csv
+
+    (tmp_path / "a.csv").write_bytes(bars_csv(600, seed=1))
+    (tmp_path / "b.csv").write_bytes(bars_csv(600, seed=2))
+    body = {"data": [{"instrument": "AUSDT", "ref": "a.csv"},
+                     {"instrument": "BUSDT", "ref": "b.csv"}],
+            "model": "tiered", "params": {"base_mmr": 0.02, "tier_growth": 1.0,
+                                          "bracket_caps_usd": []},
+            "population": {"seed": 3, "entry_every_bars": 4, "accounts_per_entry": 30,
+                           "leverage": [20, 60]},
+            "stress_windows": []}
+    settings_ = Settings(state_dir=str(tmp_path / ".state"), data_root=str(tmp_path),
+                         guardrails_json='{"min_interval_s": 0}')
+    with TestClient(create_app(settings_)) as c:
+        limited = c.post("/v1/account-backtests", json={
+            **body, "liquidation": {"holding_bars": 48, "max_liquidations_per_bar": 1}})
+        free = c.post("/v1/account-backtests", json={
+            **body, "liquidation": {"holding_bars": 48}})
+        bad = c.post("/v1/account-backtests", json={
+            **body, "liquidation": {"queue_order": "lifo"}})
+    assert limited.status_code == free.status_code == 200, limited.text
+    q = limited.json()["queue"]
+    assert free.json()["queue"] is None
+    assert q["peak_backlog"] > 0
+    added = (limited.json()["summary"][0]["bad_debt_usd"]
+             - free.json()["summary"][0]["bad_debt_usd"])
+    assert q["bad_debt_added_usd"] == pytest.approx(added, abs=1e-6)
+    assert bad.status_code in (400, 422)
+    assert bad.json()["field"] == "liquidation.queue_order"

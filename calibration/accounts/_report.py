@@ -102,8 +102,10 @@ class AccountBacktestReport(msgspec.Struct, frozen=True, kw_only=True):
         portfolio_model: in ``portfolio`` mode, the scenario model of the requirement.
         portfolio_params: its parameters.
         queue: with a capacity limit (domain.md §10), the engine's queue
-            (``calibration.accounts.queue_figures``: backlog per bar, wait distribution in
-            bars, bad debt added by waiting against the same run without a limit, USD).
+            (``calibration.accounts.queue_figures``; ``backlog`` as ``[bar open time (UTC ISO
+            8601), accounts waiting]``, ``peak_backlog_at`` the time of the peak; the wait
+            distribution in bars; bad debt added by waiting against the same run without a
+            limit, USD).
         frontier: when asked, the throughput–insolvency frontier: one row per capacity
             (``calibration.accounts.capacity_frontier``).
     """
@@ -201,6 +203,11 @@ def run_account_backtest(
                                 max_liquidation_notional_per_bar=None),
             mechanics_kernel=True)
         queue = queue_figures(result, unlimited)
+        # Bars are the library's unit; the report speaks times.
+        ts_ = market.timestamp_ms
+        queue["backlog"] = [[iso_utc(int(ts_[b])), c] for b, c in queue["backlog"]]
+        queue["peak_backlog_at"] = (iso_utc(int(ts_[queue["peak_backlog_bar"]]))
+                                    if queue["peak_backlog_bar"] >= 0 else None)
     frontier_rows = (capacity_frontier(market, margin, accounts, config,
                                        capacities=frontier, kind=frontier_kind)
                      if frontier is not None else None)
