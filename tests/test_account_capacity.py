@@ -419,3 +419,23 @@ def test_capacity_over_http(tmp_path: Path) -> None:
     assert q["bad_debt_added_usd"] == pytest.approx(added, abs=1e-6)
     assert bad.status_code in (400, 422)
     assert bad.json()["field"] == "liquidation.queue_order"
+
+
+def test_notional_frontier_by_hand() -> None:
+    """USD per bar on the three-account case. 5,000: every step is larger (9,500, 9,000,
+    8,500 at its bar's marks) and the first of a bar always starts, so one a bar: 1,470.
+    10,000: X and Y at bar 3 (9,500 < 10,000 when Y starts), Z at bar 4: 520. 20,000: all
+    three at bar 3 (19,000 < 20,000 when Z starts): 100."""
+    rows = capacity_frontier(_three_market(), ONE_PCT, _three_accounts(),
+                             AccountConfig(holding_bars=2, latency_bars=0),
+                             capacities=(5_000.0, 10_000.0, 20_000.0, math.inf),
+                             kind="notional")
+    assert [r["capacity"] for r in rows] == [5_000.0, 10_000.0, 20_000.0, None]
+    assert [r["bad_debt_usd"] for r in rows] == pytest.approx([1_470.0, 520.0, 100.0, 100.0])
+    assert rows[0]["per_minute"] == pytest.approx(5_000.0)  # one-minute bars
+    with pytest.raises(InvalidParameters) as info:
+        capacity_frontier(_three_market(), ONE_PCT, _three_accounts(), kind="gas")
+    assert info.value.field == "kind"
+    with pytest.raises(InvalidParameters) as info:
+        capacity_frontier(_three_market(), ONE_PCT, _three_accounts(), capacities=(1.5,))
+    assert info.value.field == "capacities"
