@@ -11,6 +11,10 @@ tiered model. Figures: wall time of the replay itself (``simulate_accounts``, wh
 replays every position's isolated twin), per held account-instrument-bar (the bars each
 account's positions stay open, twins included, summed), per account, and peak RSS.
 Best of ``REPEATS`` after one warm-up run (numba compilation excluded).
+
+The liquidation engine's capacity (domain.md §10): the same replay through the time-ordered
+mechanics kernel without a limit, then with ``CAPACITY`` close-out steps per bar (binding:
+the peak backlog is printed), and the queue's cost against both.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from calibration.accounts import (
 SYMBOLS = ("BTC", "ETH", "SOL", "XRP", "BNB")
 REPEATS = 3
 HOLDING_BARS = 336
+CAPACITY = 1
 
 
 def _held_bars(result, n: int) -> int:  # type: ignore[no-untyped-def]
@@ -77,6 +82,32 @@ def main() -> None:
     print(f"held account-instrument-bars: {held:,} -> {best / held * 1e9:.2f} ns each")
     print(f"per account: {best / len(result.accounts) * 1e6:.2f} us")
     print(f"peak RSS: {rss_mb:,.0f} MB")
+    _bench_capacity(market, model, accounts, config, best)
+
+
+def _timed(market, model, accounts, config):  # type: ignore[no-untyped-def]
+    best = float("inf")
+    result = None
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        result = simulate_accounts(market, model, accounts, config, mechanics_kernel=True)
+        best = min(best, time.perf_counter() - t0)
+    return best, result
+
+
+def _bench_capacity(market, model, accounts, config, core_s: float) -> None:  # type: ignore[no-untyped-def]
+    import dataclasses
+
+    capped = dataclasses.replace(config, max_liquidations_per_bar=CAPACITY)
+    simulate_accounts(market, model, accounts[:100], capped, mechanics_kernel=True)  # compile
+    free_s, free = _timed(market, model, accounts, config)
+    cap_s, cap = _timed(market, model, accounts, capped)
+    print(f"mechanics kernel, no limit: {free_s:.3f} s")
+    print(f"mechanics kernel, {CAPACITY} per bar: {cap_s:.3f} s (peak backlog "
+          f"{int(cap.backlog.max()):,} accounts, {int((cap.wait_bars > 0).sum()):,} waited; "
+          f"bad debt {cap.bad_debt_usd.sum():,.0f} vs {free.bad_debt_usd.sum():,.0f} USD)")
+    print(f"queue cost: {cap_s / free_s - 1:+.1%} vs the mechanics kernel, "
+          f"{cap_s / core_s - 1:+.1%} vs the account engine's default kernel")
 
 
 if __name__ == "__main__":

@@ -353,3 +353,20 @@ def print_accounts(report: AccountBacktestReport, console: Console) -> None:
     if report.skipped:
         console.print(f"{len(report.skipped):,} accounts not opened (entry outside the data "
                       "or in the models' warm-up); listed in --json")
+    if report.queue is not None:
+        q = report.queue
+        console.print(f"liquidation queue: peak backlog {q['peak_backlog']:,} accounts, wait "
+                      f"mean {q['mean_wait_bars']:.1f} / max {q['max_wait_bars']:,} bars, bad "
+                      f"debt added by waiting {_num(q.get('bad_debt_added_usd'))} USD")
+    if report.frontier:
+        table = _Titled("throughput-insolvency frontier (capacity: close-out starts per bar)",
+                        [("capacity", "right"), ("per minute", "right"),
+                         ("bad debt USD", "right"), ("added USD", "right"),
+                         ("liquidated", "right"), ("peak backlog", "right")])
+        for r in report.frontier:
+            cap = r["capacity"]
+            table.add_row("none" if cap is None else f"{cap:,g}",
+                          "–" if r["per_minute"] is None else f"{r['per_minute']:,.2f}",
+                          _num(r["bad_debt_usd"]), _num(r["bad_debt_added_usd"]),
+                          f"{r['liquidated_accounts']:,}", f"{r['peak_backlog']:,}")
+        table.print(console)

@@ -277,11 +277,16 @@ def _cmd_accounts_backtest(args: argparse.Namespace) -> int:
         windows = tuple(StressWindow.parse(w) for w in args.stress_window)
     else:
         windows = DEFAULT_STRESS_WINDOWS
+    from calibration.accounts import parse_capacities
+
+    frontier = parse_capacities(args.frontier) if args.frontier else None
     report, result = run_account_backtest(market, args.model, params, accounts=accounts,
                                           population=population, config=config,
                                           stress_windows=windows,
                                           portfolio_model=args.portfolio_model,
-                                          portfolio_params=portfolio_params)
+                                          portfolio_params=portfolio_params,
+                                          frontier=frontier,
+                                          frontier_kind=args.frontier_kind)
     if args.report:
         from calibration.accounts import render_account_report
 
@@ -613,6 +618,12 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--compare-policies", action="store_true",
                     help="replay the same accounts under every liquidation policy and print "
                          "bad debt and liquidated notional per policy")
+    ab.add_argument("--frontier", metavar="C[,C]",
+                    help="capacities (liquidations per bar, or USD per bar with "
+                         "--frontier-kind notional; inf: no limit), e.g. 1,2,5,10,inf: adds "
+                         "the throughput-insolvency frontier to the report")
+    ab.add_argument("--frontier-kind", choices=("accounts", "notional"), default="accounts",
+                    help="what --frontier's capacities limit (default: accounts per bar)")
     ab.add_argument("--funding", action="append", metavar="NAME=REF", help=argparse.SUPPRESS)
     ab.add_argument("--depth", action="append", metavar="NAME=REF", help=argparse.SUPPRESS)
     ab.add_argument("--repair", metavar="DEFECT[,DEFECT]", help="opt-in repairs (as backtest)")

@@ -125,6 +125,8 @@ class MechOutcome:
     finished: bool = False
     leg_pnl: dict[str, float] | None = None
     leg_closed_usd: dict[str, float] | None = None
+    queued: int | None = None
+    wait_bars: int = 0
 
 
 @dataclass
@@ -141,6 +143,9 @@ class MechSettings:
     partial_fraction: float = 0.25
     cooldown_bars: int = 1
     upnl_weight: float = 1.0
+    max_per_bar: int | None = None
+    max_usd_per_bar: float | None = None
+    queue_order: str = "most_undercollateralised"
 
 
 def replay_mech(
@@ -154,8 +159,11 @@ def replay_mech(
     funding_cum: Mapping[str, Sequence[float]] | None = None,
     bid_depth: Mapping[str, Sequence[float]] | None = None,
     ask_depth: Mapping[str, Sequence[float]] | None = None,
+    backlog: list[int] | None = None,
 ) -> list[MechOutcome]:
-    """Every account through the bars under the mechanics (one population, one cascade)."""
+    """Every account through the bars under the mechanics (one population, one cascade),
+    and the engine's capacity: each bar, the accounts asking for a step are sorted and the
+    first ones served, the rest wait (``backlog`` gets their count per bar)."""
     import math
 
     st = settings
@@ -188,6 +196,7 @@ def replay_mech(
             "acc": acc, "rem": {i: acc.units.get(i, 0.0) for i in instruments},
             "cash": acc.usd, "anchor": {i: acc.entry for i in instruments}, "net": net,
             "next": acc.entry + 1, "in_liq": False, "done": False, "pending": None,
+            "waiting": False, "since": None,
             "out": MechOutcome(leg_pnl={i: 0.0 for i in instruments},
                                leg_closed_usd={i: 0.0 for i in instruments}),
         })
@@ -317,6 +326,7 @@ def replay_mech(
                     d = ask_depth[inst][t - 1]  # type: ignore[index]
                     move = st.kappa * q_short[inst][t - 1] / d if d > 0 else math.inf
                     high[inst][t] = prices[inst]["high"][t] * (1 + min(1.0, move))
+        asking = []
         for s in state:
             acc = s["acc"]
             if acc.entry >= t or s["done"]:
@@ -327,21 +337,54 @@ def replay_mech(
                 settle(s, t)
                 if s["done"]:
                     continue
-            if not s["in_liq"] and t > acc.entry + st.holding_bars:
+            if not s["in_liq"] and not s["waiting"] and t > acc.entry + st.holding_bars:
                 continue
             last = t == n - 1
             forced = s["in_liq"] and last
             if t < s["next"] and not forced:
                 continue
+            ratio = -math.inf
             if not forced:
                 equity, mm = evaluate(s, t, {})
                 if equity > mm:
                     s["in_liq"] = False
+                    s["waiting"] = False
+                    s["since"] = None
                     continue
+                if mm > 0:
+                    ratio = equity / mm
+            if s["out"].queued is None:
+                s["out"].queued = t
+            if s["since"] is None:
+                s["since"] = t
+            asking.append((ratio if st.queue_order == "most_undercollateralised"
+                           else s["since"], len(asking), s))
+        limited = st.max_per_bar is not None or st.max_usd_per_bar is not None
+        if limited and t != n - 1:
+            # ties: entry bar, then the order given
+            asking.sort(key=lambda row: (row[0], row[2]["acc"].entry, row[1]))
+        started = 0
+        started_usd = 0.0
+        waiting = 0
+        for _, _, s in asking:
+            if limited and t != n - 1 and (
+                    (st.max_per_bar is not None and started >= st.max_per_bar)
+                    or (st.max_usd_per_bar is not None and started_usd >= st.max_usd_per_bar)):
+                s["waiting"] = True
+                if s["out"].trigger is None:
+                    s["out"].wait_bars += 1
+                waiting += 1
+                continue
+            s["waiting"] = False
+            s["since"] = None
+            started += 1
+            acc = s["acc"]
+            last = t == n - 1
             out = s["out"]
             if out.trigger is None:
                 out.trigger = t
             closing = plan(s, t, last)
+            started_usd += sum(abs(d) * mark(i, t, s["net"]) for i, d in closing.items())
             final = all(s["rem"][i] == 0 or closing.get(i, 0.0) == s["rem"][i]
                         for i in instruments)
             for inst, d in closing.items():
@@ -360,4 +403,6 @@ def replay_mech(
                 s["net"][asset_of[inst]] -= d
             if min(t + st.latency_bars, n - 1) == t:
                 settle(s, t)
+        if backlog is not None:
+            backlog.append(waiting)
     return [s["out"] for s in state]

@@ -291,7 +291,8 @@ def _check_mech(market: Market, accounts: list[Account], cfg: AccountConfig, par
         spread_rate=cfg.spread_rate, impact_coef=cfg.impact_coef,
         impact_exponent=cfg.impact_exponent, fee_rate=cfg.liquidation_fee_rate,
         cascade=cfg.cascade, kappa=cfg.cascade_kappa, partial_fraction=cfg.partial_fraction,
-        cooldown_bars=cfg.cooldown_bars)
+        cooldown_bars=cfg.cooldown_bars, max_per_bar=cfg.max_liquidations_per_bar,
+        max_usd_per_bar=cfg.max_liquidation_notional_per_bar, queue_order=cfg.queue_order)
     outs = ref.replay_mech(prices, market.instruments, {i: underlying_of(i)
                                                          for i in market.instruments},
                            mm, books, settings, funding_cum=fcum, bid_depth=depth,
@@ -300,6 +301,8 @@ def _check_mech(market: Market, accounts: list[Account], cfg: AccountConfig, par
     for j, out in enumerate(outs):
         assert result.trigger_bar[j] == (-1 if out.trigger is None else out.trigger), j
         assert result.steps[j] == out.steps, j
+        assert result.queued_bar[j] == (-1 if out.queued is None else out.queued), j
+        assert result.wait_bars[j] == out.wait_bars, j
         assert result.closeout_bar[j] == (-1 if out.closeout_bar is None
                                           else out.closeout_bar), j
         if out.closeout_equity is not None:

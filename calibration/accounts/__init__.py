@@ -13,13 +13,19 @@ from calibration.accounts._book import (
     generate_population,
     load_accounts,
 )
+from calibration.accounts._capacity import (
+    FRONTIER_KINDS,
+    capacity_frontier,
+    parse_capacities,
+    queue_figures,
+)
 from calibration.accounts._engine import (
     AccountConfig,
     AccountResult,
     simulate_accounts,
     windows_summary,
 )
-from calibration.accounts._kernel_mech import POLICIES
+from calibration.accounts._kernel_mech import POLICIES, QUEUE_ORDERS
 from calibration.accounts._market import STABLE_ASSETS, Market, underlying_of
 from calibration.accounts._policies import compare_policies, least_loss
 from calibration.accounts._portfolio_coverage import (
@@ -49,8 +55,10 @@ def render_account_report(report: AccountBacktestReport, result: AccountResult) 
 
 
 __all__ = [
+    "FRONTIER_KINDS",
     "MARGIN_MODES",
     "POLICIES",
+    "QUEUE_ORDERS",
     "STABLE_ASSETS",
     "Account",
     "AccountBacktestReport",
@@ -66,13 +74,16 @@ __all__ = [
     "Requirement",
     "accounts_from_records",
     "basket_book",
+    "capacity_frontier",
     "carry_book",
     "compare_policies",
     "generate_population",
     "least_loss",
     "load_accounts",
     "long_short_book",
+    "parse_capacities",
     "portfolio_coverage",
+    "queue_figures",
     "render_account_report",
     "requirements_now",
     "run_account_backtest",

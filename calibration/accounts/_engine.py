@@ -80,6 +80,24 @@ account in time order, bar by bar (the cascade makes accounts interact), by thes
   ``closeout_bar`` the last step's fill bar; bad debt is ``max(0, −equity)`` after the step
   that closes the last position (an account left with positions has none).
 
+Capacity (domain.md §10; ``max_liquidations_per_bar``, ``max_liquidation_notional_per_bar``,
+``queue_order``; unlimited by default). Every bar, each account due a test (the rules above)
+whose equity ≤ MM at the bar's marks asks for a close-out step; the engine starts at most
+``max_liquidations_per_bar`` of those steps, and a step only while the notional already started
+in the bar (closed units × the bar's marks) is below ``max_liquidation_notional_per_bar`` (so
+a step is never split by the cap, and the first one always starts). The order:
+``most_undercollateralised`` (lowest equity / MM at the bar's marks first; MM 0 first of all)
+or ``first_come`` (the earliest bar the account has waited since first); ties in entry
+order. An account not served waits: it is tested again the next bar at that bar's marks (it
+is not dropped at the end of its holding window while it waits); one back above MM leaves the
+queue without a close-out; one served at bar s closes exactly as a step at s above (the fill
+over s .. s+L, the fee, the cascade volume of bar s). Each step of a multi-step policy asks
+for capacity again. At the data's last bar the queue is served whole (the data ends, so the
+backlog is closed there). ``trigger_bar`` is the bar of the first step (the service);
+``queued_bar`` the first bar the account asked; ``wait_bars`` the bars it waited before its
+first step. With no limit every asking account is served in its bar: the figures are those
+above bit for bit. The isolated twins queue in their own engine.
+
 Contagion (computed in every run, from the account and its twins): *healthy-leg
 liquidations* are positions closed with their account whose twin never triggered or
 triggered strictly later; *hedge-break loss* is those legs' close-out loss, ``max(0, −PnL)``
@@ -109,7 +127,9 @@ from calibration.accounts._kernel import (
 )
 from calibration.accounts._kernel_mech import (
     POLICIES,
+    QUEUE_ORDERS,
     Mechanics,
+    MechOutputs,
     empty_mech_outputs,
     replay_mech,
     trailing_mean,
@@ -157,6 +177,12 @@ class AccountConfig:
             ``hedge_preserving`` (module docstring).
         partial_fraction: ``partial``: share of each position's entry units per step, (0, 1].
         cooldown_bars: ``partial``: bars between two steps of one account (>= 1).
+        max_liquidations_per_bar: the engine's capacity, close-out steps started per bar at
+            most (None: no limit; module docstring, "Capacity").
+        max_liquidation_notional_per_bar: a step starts only while the notional started in
+            the bar (units × the bar's marks) is below this, USD (None: no limit).
+        queue_order: ``most_undercollateralised`` (lowest equity / MM served first) or
+            ``first_come`` (earliest bar in the queue first); ties: entry order.
     """
 
     mode: str = "cross"
@@ -177,12 +203,22 @@ class AccountConfig:
     policy: str = "close_all"
     partial_fraction: float = 0.25
     cooldown_bars: int = 1
+    max_liquidations_per_bar: int | None = None
+    max_liquidation_notional_per_bar: float | None = None
+    queue_order: str = "most_undercollateralised"
+
+    @property
+    def capacity_limited(self) -> bool:
+        """Whether the engine's capacity can bind (domain.md §10)."""
+        return (self.max_liquidations_per_bar is not None
+                or (self.max_liquidation_notional_per_bar is not None
+                    and math.isfinite(self.max_liquidation_notional_per_bar)))
 
     @property
     def mechanics(self) -> bool:
         """Whether any mechanism beyond the core (fees and spread aside) is on."""
         return (self.funding or self.impact_coef > 0 or self.cascade
-                or self.policy != "close_all")
+                or self.policy != "close_all" or self.capacity_limited)
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any], **defaults: Any) -> AccountConfig:
@@ -245,9 +281,22 @@ class AccountConfig:
                 raise bad(name, "must be a whole number in [1, 10000000]")
         if self.policy not in POLICIES:
             raise bad("policy", f"must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        cap = self.max_liquidations_per_bar
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int)
+                                or not 1 <= cap <= 10**9):
+            raise bad("max_liquidations_per_bar", "must be null or a whole number in "
+                      "[1, 1000000000]")
+        cap_usd = self.max_liquidation_notional_per_bar
+        if cap_usd is not None and (isinstance(cap_usd, bool)
+                                    or not isinstance(cap_usd, int | float)
+                                    or math.isnan(cap_usd) or cap_usd <= 0):
+            raise bad("max_liquidation_notional_per_bar", "must be null or a number > 0")
+        if self.queue_order not in QUEUE_ORDERS:
+            raise bad("queue_order", f"must be one of {', '.join(QUEUE_ORDERS)}, got "
+                      f"{self.queue_order!r}")
         if self.mode == "portfolio" and self.mechanics:
-            raise bad("policy", "funding, impact, cascade and policies other than close_all "
-                      "are not supported in portfolio mode yet")
+            raise bad("policy", "funding, impact, cascade, capacity and policies other than "
+                      "close_all are not supported in portfolio mode yet")
         for asset, schedule in self.haircuts.items():
             if not isinstance(schedule, HaircutSchedule):
                 raise bad(f"haircuts.{asset}", "must be a haircut schedule")
@@ -368,6 +417,12 @@ class AccountResult:
         leg_closed_usd, twin_closed_usd: with mechanics on, the position's units closed ×
             fill price (USD), under the account and as its twin, ``(P,)``; empty otherwise.
         steps: with mechanics on, the close-out steps of each account, ``(A,)``.
+        queued_bar, wait_bars: with mechanics on, the first bar each account asked for a
+            close-out step (-1: never) and the bars it waited in the queue before its first
+            step, ``(A,)`` (twins: ``twin_queued_bar``, ``twin_wait_bars``, ``(P,)``).
+        backlog, started, started_usd: with mechanics on, per bar ``(n,)``: accounts left
+            waiting after the bar's service, steps started, and their notional at the bar's
+            marks (USD); ``twin_backlog`` the twins' queue.
         policy: the liquidation policy of the run.
         leg_pnl_usd: each position's PnL at its account's close-out prices (0 if the
             account was not liquidated), ``(P,)``.
@@ -404,6 +459,14 @@ class AccountResult:
     twin_closed_usd: FloatArray = field(default_factory=lambda: np.zeros(0))
     steps: IntArray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     policy: str = "close_all"
+    queued_bar: IntArray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    wait_bars: IntArray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    backlog: IntArray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    started: IntArray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    started_usd: FloatArray = field(default_factory=lambda: np.zeros(0))
+    twin_queued_bar: IntArray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    twin_wait_bars: IntArray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    twin_backlog: IntArray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def healthy_legs(self) -> NDArray[np.bool_]:
         """Per position: closed with its liquidated account, while its twin never triggered or
@@ -492,6 +555,7 @@ def simulate_accounts(
     *,
     portfolio: PortfolioMarginModel | None = None,
     mechanics_kernel: bool = False,
+    fast_start: bool = True,
 ) -> AccountResult:
     """Replay ``accounts`` through ``market`` (see the module docstring).
 
@@ -505,6 +569,9 @@ def simulate_accounts(
             only there).
         mechanics_kernel: run the mechanics kernel even with the core settings (the same
             figures, as the tests prove; it also reports each leg's closed notional).
+        fast_start: without a cascade or funding, let the core kernel find each account's
+            first trigger and the mechanics walk start there (the same figures, as the tests
+            prove; False walks every account from its entry).
 
     Raises:
         InvalidParameters: an account names an instrument or asset the market lacks, or a
@@ -593,9 +660,7 @@ def simulate_accounts(
                                 field="mode")
     mech = _mechanics(market, config) if config.mechanics or mechanics_kernel else None
     if mech is not None:
-        mout = empty_mech_outputs(len(opened), k)
-        replay_mech(sched.mm, book, rules, mech, len(assets_sorted), config.holding_bars,
-                    config.latency_bars, mout)
+        mout = _run_mech(sched.mm, book, rules, mech, len(assets_sorted), config, fast_start)
         trig, eq, legs, fee = mout.trigger, mout.closeout_equity, mout.leg_pnl, mout.fee
     else:
         trig, eq, legs, fee = empty_outputs(len(opened), k)
@@ -618,9 +683,7 @@ def simulate_accounts(
                        col_asset=col_asset)
     extra: dict[str, Any] = {}
     if mech is not None:
-        t_out = empty_mech_outputs(pa.shape[0], k)
-        replay_mech(sched.mm, twins, rules, mech, len(assets_sorted), config.holding_bars,
-                    config.latency_bars, t_out)
+        t_out = _run_mech(sched.mm, twins, rules, mech, len(assets_sorted), config, fast_start)
         t_trig, t_eq, t_fee = t_out.trigger, t_out.closeout_equity, t_out.fee
         bad = mout.bad_debt
         t_bad = t_out.bad_debt
@@ -628,7 +691,11 @@ def simulate_accounts(
         extra = {"leg_liquidated": mout.leg_closed_usd[pa, pi] > 0,
                  "leg_closed_usd": mout.leg_closed_usd[pa, pi],
                  "twin_closed_usd": t_out.leg_closed_usd[np.arange(pa.shape[0]), pi],
-                 "steps": mout.steps}
+                 "steps": mout.steps, "queued_bar": mout.queued_bar,
+                 "wait_bars": mout.wait_bars, "backlog": mout.backlog,
+                 "started": mout.started, "started_usd": mout.started_usd,
+                 "twin_queued_bar": t_out.queued_bar, "twin_wait_bars": t_out.wait_bars,
+                 "twin_backlog": t_out.backlog}
     else:
         t_trig, _t_eq, _t_legs, t_fee = empty_outputs(pa.shape[0], k)
         t_eq = _t_eq
@@ -650,6 +717,39 @@ def simulate_accounts(
         closeout_bar=closeout_bar, twin_closeout_bar=t_closeout_bar, policy=config.policy,
         **extra,
     )
+
+
+def _run_mech(mm: MarketArrays, book: BookArrays, rules: CollateralRules, mech: Mechanics,
+              n_assets: int, config: AccountConfig, fast_start: bool) -> MechOutputs:
+    """The mechanics walk over ``book``. Without a cascade (accounts meet only in the queue)
+    or funding (the core's trigger test is then the mechanics'), and with ``fast_start``, the
+    core kernel finds each account's first trigger, and only the accounts that trigger are
+    walked, from that bar, in (entry, index) order (close in memory, the queue's tie order)."""
+    n_acc, k = book.units.shape
+    n = mm.close.shape[1]
+    if not fast_start or config.cascade or config.funding:
+        out = empty_mech_outputs(n_acc, k, n)
+        replay_mech(mm, book, rules, mech, n_assets, config.holding_bars, config.latency_bars,
+                    out, np.zeros(0, dtype=np.int64))
+        return out
+    trig, eq, legs, fee = empty_outputs(n_acc, k)
+    replay(mm, book, rules, n_assets, config.holding_bars, config.latency_bars, 0.0, 0.0,
+           trig, eq, legs, fee)
+    sel = np.flatnonzero(trig >= 0)
+    sel = sel[np.argsort(book.entry[sel], kind="stable")]
+    sub = BookArrays(entry=book.entry[sel], units=book.units[sel], usd=book.usd[sel],
+                     col_units=book.col_units[sel], col_inst=book.col_inst,
+                     col_asset=book.col_asset)
+    sub_out = empty_mech_outputs(sel.shape[0], k, n)
+    replay_mech(mm, sub, rules, mech, n_assets, config.holding_bars, config.latency_bars,
+                sub_out, trig[sel])
+    out = empty_mech_outputs(n_acc, k, n)
+    for name, value in sub_out._asdict().items():
+        if name in ("backlog", "started", "started_usd"):
+            getattr(out, name)[:] = value
+        else:
+            getattr(out, name)[sel] = value
+    return out
 
 
 def _mechanics(market: Market, config: AccountConfig) -> Mechanics:
@@ -686,7 +786,12 @@ def _mechanics(market: Market, config: AccountConfig) -> Mechanics:
         fee_rate=float(config.liquidation_fee_rate), cascade=bool(config.cascade),
         cascade_kappa=float(config.cascade_kappa), policy=POLICIES.index(config.policy),
         partial_fraction=float(config.partial_fraction), partial_steps=max(1, steps),
-        cooldown_bars=int(config.cooldown_bars))
+        cooldown_bars=int(config.cooldown_bars),
+        max_accounts_per_bar=(-1 if config.max_liquidations_per_bar is None
+                              else int(config.max_liquidations_per_bar)),
+        max_notional_per_bar=(np.inf if config.max_liquidation_notional_per_bar is None
+                              else float(config.max_liquidation_notional_per_bar)),
+        queue_order=QUEUE_ORDERS.index(config.queue_order))
 
 
 def _collateral_rules(assets: Sequence[str], config: AccountConfig) -> CollateralRules:

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import numba as nb
 import numpy as np
+from numpy.typing import NDArray
 
 from calibration.accounts._kernel import (
     _JIT,
@@ -25,9 +26,14 @@ from calibration.accounts._kernel import (
     _mm_usd,
 )
 
+NDArrayBool = NDArray[np.bool_]
+
 #: Policy codes of ``Mechanics.policy``, in ``POLICIES`` order.
 POLICIES: tuple[str, ...] = ("close_all", "largest_requirement_first", "partial",
                              "hedge_preserving")
+
+#: Queue orders of ``Mechanics.queue_order`` (domain.md §10), in this order.
+QUEUE_ORDERS: tuple[str, ...] = ("most_undercollateralised", "first_come")
 
 
 class Mechanics(NamedTuple):
@@ -51,6 +57,9 @@ class Mechanics(NamedTuple):
     partial_fraction: float
     partial_steps: int
     cooldown_bars: int
+    max_accounts_per_bar: int  # close-out steps started per bar at most; -1: no limit
+    max_notional_per_bar: float  # USD; inf: no limit
+    queue_order: int  # index in QUEUE_ORDERS
 
 
 class MechOutputs(NamedTuple):
@@ -65,17 +74,26 @@ class MechOutputs(NamedTuple):
     finished: IntArray  # (A,) 1 when the engine closed every position
     leg_pnl: FloatArray  # (A, k) realised PnL of the closed units (fill, slippage, funding)
     leg_closed_usd: FloatArray  # (A, k) closed units × fill price, USD
+    queued_bar: IntArray  # (A,) first bar the account asked for a step, -1 if never
+    wait_bars: IntArray  # (A,) bars it waited in the queue before its first step
+    backlog: IntArray  # (n,) accounts left waiting after each bar's service
+    started: IntArray  # (n,) close-out steps started in each bar
+    started_usd: FloatArray  # (n,) their notional at the bar's marks, USD
 
 
-def empty_mech_outputs(n_accounts: int, k: int) -> MechOutputs:
-    """Output arrays for ``replay_mech``."""
+def empty_mech_outputs(n_accounts: int, k: int, n_bars: int = 0) -> MechOutputs:
+    """Output arrays for ``replay_mech`` (``n_bars``: the market's length)."""
     return MechOutputs(
         trigger=np.full(n_accounts, -1, dtype=np.int64),
         closeout_bar=np.full(n_accounts, -1, dtype=np.int64),
         closeout_equity=np.full(n_accounts, np.nan), bad_debt=np.zeros(n_accounts),
         fee=np.zeros(n_accounts), steps=np.zeros(n_accounts, dtype=np.int64),
         finished=np.zeros(n_accounts, dtype=np.int64), leg_pnl=np.zeros((n_accounts, k)),
-        leg_closed_usd=np.zeros((n_accounts, k)))
+        leg_closed_usd=np.zeros((n_accounts, k)),
+        queued_bar=np.full(n_accounts, -1, dtype=np.int64),
+        wait_bars=np.zeros(n_accounts, dtype=np.int64),
+        backlog=np.zeros(n_bars, dtype=np.int64), started=np.zeros(n_bars, dtype=np.int64),
+        started_usd=np.zeros(n_bars))
 
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
@@ -121,7 +139,7 @@ def _mark(low: FloatArray, high: FloatArray, i: int, t: int,
     return float(low[i, t] if long_asset else high[i, t])
 
 
-@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+@nb.njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
 def _estimate(
     m: MarketArrays, book: BookArrays, rules: CollateralRules, mech: Mechanics,
     low: FloatArray, high: FloatArray, j: int, t: int, cash: float, rem: FloatArray,
@@ -226,8 +244,17 @@ def _plan(
 def replay_mech(
     m: MarketArrays, book: BookArrays, rules: CollateralRules, mech: Mechanics,
     n_assets: int, holding_bars: int, latency_bars: int, out: MechOutputs,
+    first_ask: IntArray,
 ) -> None:  # pragma: no cover - jit
-    """Fill ``out`` for every account of ``book`` (see ``_engine``'s "Mechanics")."""
+    """Fill ``out`` for every account of ``book`` (see ``_engine``'s "Mechanics" and
+    "Capacity").
+
+    ``first_ask`` (``(A,)``, or empty to walk every account from its entry): each account's
+    first bar with equity <= MM (-1: none), as the core kernel finds it. Accounts then join
+    the walk only at that bar: valid when nothing before an account's first close-out step
+    depends on other accounts or on the capacity (no cascade) and the core's test is the
+    mechanics' (no funding).
+    """
     k, n = m.close.shape
     n_acc = book.entry.shape[0]
     n_col = book.col_inst.shape[0]
@@ -241,28 +268,39 @@ def replay_mech(
     net = np.zeros((n_acc, n_assets))
     next_test = np.empty(n_acc, dtype=np.int64)
     in_liq = np.zeros(n_acc, dtype=np.bool_)
+    queued = np.zeros(n_acc, dtype=np.bool_)
+    queued_since = np.full(n_acc, -1, dtype=np.int64)
     done = np.zeros(n_acc, dtype=np.bool_)
     pend_bar = np.full(n_acc, -1, dtype=np.int64)
     pend_end = np.full(n_acc, -1, dtype=np.int64)
     pend_delta = np.zeros((n_acc, k))
     pend_net = np.zeros((n_acc, n_assets))
     pend_final = np.zeros(n_acc, dtype=np.bool_)
+    join = book.entry.copy()
+    fast = first_ask.shape[0] == n_acc
+    if fast:
+        for j in range(n_acc):
+            join[j] = first_ask[j] - 1 if first_ask[j] >= 0 else n
     for j in range(n_acc):
         e = book.entry[j]
-        next_test[j] = e + 1
+        next_test[j] = join[j] + 1
         for i in range(k):
             anchor[j, i] = e
             net[j, m.inst_asset[i]] += rem[j, i]
         for c in range(n_col):
             net[j, book.col_asset[c]] += book.col_units[j, c]
-    order = np.argsort(book.entry, kind="mergesort")
+    order = np.argsort(join, kind="mergesort")
     active = np.empty(n_acc, dtype=np.int64)
+    cand = np.empty(n_acc, dtype=np.int64)
+    cand_key = np.empty(n_acc)
+    rank = np.empty(n_acc, dtype=np.int64)
     n_active = 0
     nxt = 0
     delta = np.zeros(k)
     gap = max(1, latency_bars)
     if mech.policy == 2:
         gap = max(gap, mech.cooldown_bars)
+    limited = mech.max_accounts_per_bar >= 0 or mech.max_notional_per_bar < np.inf
     for t in range(n):
         if mech.cascade and t > 0:
             for i in range(k):
@@ -276,10 +314,13 @@ def replay_mech(
                     d = mech.ask_depth[i, t - 1]
                     move = mech.cascade_kappa * qs / d if d > 0.0 else np.inf
                     high[i, t] = m.high[i, t] * (1.0 + min(1.0, move))
-        while nxt < n_acc and book.entry[order[nxt]] < t:
+        while nxt < n_acc and join[order[nxt]] < t:
             active[n_active] = order[nxt]
             n_active += 1
             nxt += 1
+        last_bar = t == n - 1
+        # Pass 1: settle the fills due, test, and collect the accounts asking for a step.
+        n_cand = 0
         keep = 0
         for a_idx in range(n_active):
             j = active[a_idx]
@@ -295,66 +336,209 @@ def replay_mech(
                 active[keep] = j
                 keep += 1
                 continue
-            if not (in_liq[j] or t <= e + holding_bars):
+            if not (in_liq[j] or queued[j] or t <= e + holding_bars):
                 continue
-            last_bar = t == n - 1
             forced = in_liq[j] and last_bar
             if t < next_test[j] and not forced:
                 active[keep] = j
                 keep += 1
                 continue
-            for i in range(k):
-                delta[i] = 0.0
-            if not forced:
-                eq, mm = _estimate(m, book, rules, mech, low, high, j, t, cash[j], rem[j],
-                                   delta, anchor[j], net[j])
-                if eq > mm:
-                    in_liq[j] = False
-                    active[keep] = j
-                    keep += 1
-                    continue
-            if out.trigger[j] < 0:
-                out.trigger[j] = t
-            _plan(m, book, rules, mech, low, high, j, t, cash[j], rem[j], anchor[j], net[j],
-                  out.steps[j], last_bar, delta)
-            final = True
-            for i in range(k):
-                d = delta[i]
-                if rem[j, i] != 0.0 and d != rem[j, i]:
-                    final = False
-                if d == 0.0:
-                    continue
-                c0 = m.close[i, e]
-                if d > 0.0:
-                    q_long[i, t] += d * c0
-                else:
-                    q_short[i, t] -= d * c0
-            out.steps[j] += 1
-            for i in range(k):
-                pend_delta[j, i] = delta[i]
-            for a in range(n_assets):
-                pend_net[j, a] = net[j, a]
-            pend_bar[j] = t
-            pend_end[j] = min(t + latency_bars, n - 1)
-            pend_final[j] = final
-            if not final:
-                eq, mm = _estimate(m, book, rules, mech, low, high, j, t, cash[j], rem[j],
-                                   delta, anchor[j], net[j])
-                in_liq[j] = eq <= mm
-            next_test[j] = t + gap
-            # The account's exposure after the step decides its later adverse sides.
-            for i in range(k):
-                if delta[i] != 0.0:
-                    net[j, m.inst_asset[i]] -= delta[i]
-            if pend_end[j] == t:
-                _settle(m, book, mech, low, high, j, t, rem[j], cash, anchor[j], pend_bar,
-                        pend_delta[j], pend_net[j], pend_final, out, n_col)
-                if final:
-                    done[j] = True
-                    continue
             active[keep] = j
             keep += 1
+            key = -np.inf
+            if not forced:
+                if fast:
+                    eq, mm = _eq_mm(m, book, rules, j, t, cash[j], rem, net)
+                else:
+                    for i in range(k):
+                        delta[i] = 0.0
+                    eq, mm = _estimate(m, book, rules, mech, low, high, j, t, cash[j],
+                                       rem[j], delta, anchor[j], net[j])
+                if eq > mm:
+                    # Recovered (possibly while waiting): it leaves the queue.
+                    in_liq[j] = False
+                    queued[j] = False
+                    queued_since[j] = -1
+                    if fast:
+                        # Its marks no longer depend on anyone: jump to its next trigger.
+                        nf = _next_fail(m, book, rules, j, t + 1,
+                                        min(e + holding_bars, n - 1), cash[j], rem, net)
+                        next_test[j] = nf if nf >= 0 else n + 1
+                        if nf < 0:
+                            keep -= 1  # nothing more can happen to it
+                    continue
+                if mm > 0.0:
+                    key = eq / mm
+            if out.queued_bar[j] < 0:
+                out.queued_bar[j] = t
+            if queued_since[j] < 0:
+                queued_since[j] = t
+            if mech.queue_order == 1:
+                key = float(queued_since[j])
+            cand[n_cand] = j
+            cand_key[n_cand] = key
+            n_cand += 1
         n_active = keep
+        if n_cand == 0:
+            continue
+        # Pass 2: serve the queue up to the bar's capacity (unlimited at the data's end).
+        if limited and not last_bar:
+            _queue_order(book.entry, cand, cand_key, n_cand, n_acc, rank)
+        else:
+            for c in range(n_cand):
+                rank[c] = c
+        n_started = 0
+        usd = 0.0
+        for r in range(n_cand):
+            j = cand[rank[r]]
+            if limited and not last_bar and (
+                    (mech.max_accounts_per_bar >= 0 and n_started >= mech.max_accounts_per_bar)
+                    or usd >= mech.max_notional_per_bar):
+                queued[j] = True
+                if out.trigger[j] < 0:
+                    out.wait_bars[j] += 1
+                out.backlog[t] += 1
+                continue
+            queued[j] = False
+            queued_since[j] = -1
+            n_started += 1
+            usd += _start_step(m, book, rules, mech, low, high, j, t, n, latency_bars, gap,
+                               cash, rem, anchor, net, in_liq, next_test, done, pend_bar,
+                               pend_end, pend_delta, pend_net, pend_final, q_long, q_short,
+                               delta, out, n_col)
+        out.started[t] = n_started
+        out.started_usd[t] = usd
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def _queue_order(entry: IntArray, cand: IntArray, key: FloatArray, n_cand: int, n_acc: int,
+                 rank: IntArray) -> None:  # pragma: no cover - jit
+    """``rank[:n_cand]``: the candidates by key, ties in (entry bar, account index) order,
+    however the accounts joined the walk (insertion sort for the usual short queue)."""
+    if n_cand > 48:
+        tie = np.empty(n_cand, dtype=np.int64)
+        for c in range(n_cand):
+            tie[c] = entry[cand[c]] * n_acc + cand[c]
+        by_tie = np.argsort(tie, kind="mergesort")
+        by_key = np.argsort(key[:n_cand][by_tie], kind="mergesort")
+        for c in range(n_cand):
+            rank[c] = by_tie[by_key[c]]
+        return
+    for c in range(n_cand):
+        x = c
+        kx = key[x]
+        tx = entry[cand[x]] * n_acc + cand[x]
+        pos = c
+        while pos > 0:
+            y = rank[pos - 1]
+            ky = key[y]
+            if ky < kx or (ky == kx and entry[cand[y]] * n_acc + cand[y] < tx):
+                break
+            rank[pos] = y
+            pos -= 1
+        rank[pos] = x
+
+
+@nb.njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
+def _eq_mm(
+    m: MarketArrays, book: BookArrays, rules: CollateralRules, j: int, t: int, cash: float,
+    rem: FloatArray, net: FloatArray,
+) -> tuple[float, float]:  # pragma: no cover - jit
+    """``_estimate`` for account j (rows of ``rem`` (A, k) and ``net`` (A, assets)) with
+    nothing closed and no funding, in the same order of operations (so the same bits),
+    without its per-call set-up: the fast walk's trigger test."""
+    e = book.entry[j]
+    eq = cash
+    upnl = 0.0
+    mm = 0.0
+    for i in range(rem.shape[1]):
+        q = rem[j, i]
+        if q == 0.0:
+            continue
+        p = m.low[i, t] if net[j, m.inst_asset[i]] >= 0.0 else m.high[i, t]
+        upnl += q * (p - m.close[i, e])
+        mm += _mm_usd(m, i, abs(q) * p, t)
+    eq += upnl if upnl <= 0.0 else rules.upnl_weight * upnl
+    for c in range(book.col_inst.shape[0]):
+        u = book.col_units[j, c]
+        if u == 0.0:
+            continue
+        ci = book.col_inst[c]
+        p = m.low[ci, t] if net[j, book.col_asset[c]] >= 0.0 else m.high[ci, t]
+        eq += _haircut_usd(rules, c, u * p)
+    return eq, mm
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def _next_fail(
+    m: MarketArrays, book: BookArrays, rules: CollateralRules, j: int, t0: int, t1: int,
+    cash: float, rem: FloatArray, net: FloatArray,
+) -> int:  # pragma: no cover - jit
+    """The first bar in t0..t1 where account j (no step pending, no funding, no cascade) has
+    equity <= MM at the bar's marks, -1 if none (``rem``, ``net``: every account's rows)."""
+    for t in range(t0, t1 + 1):
+        eq, mm = _eq_mm(m, book, rules, j, t, cash, rem, net)  # rem, net: (A, ·)
+        if eq <= mm:
+            return t
+    return -1
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def _start_step(
+    m: MarketArrays, book: BookArrays, rules: CollateralRules, mech: Mechanics,
+    low: FloatArray, high: FloatArray, j: int, t: int, n: int, latency_bars: int, gap: int,
+    cash: FloatArray, rem: FloatArray, anchor: IntArray, net: FloatArray,
+    in_liq: NDArrayBool, next_test: IntArray, done: NDArrayBool, pend_bar: IntArray,
+    pend_end: IntArray, pend_delta: FloatArray, pend_net: FloatArray, pend_final: NDArrayBool,
+    q_long: FloatArray, q_short: FloatArray, delta: FloatArray, out: MechOutputs, n_col: int,
+) -> float:  # pragma: no cover - jit
+    """Start account j's close-out step at bar t (plan, cascade volume, pending fill) and
+    return its notional at bar t's marks, USD."""
+    k = rem.shape[1]
+    n_assets = net.shape[1]
+    e = book.entry[j]
+    last_bar = t == n - 1
+    if out.trigger[j] < 0:
+        out.trigger[j] = t
+    _plan(m, book, rules, mech, low, high, j, t, cash[j], rem[j], anchor[j], net[j],
+          out.steps[j], last_bar, delta)
+    final = True
+    usd = 0.0
+    for i in range(k):
+        d = delta[i]
+        if rem[j, i] != 0.0 and d != rem[j, i]:
+            final = False
+        if d == 0.0:
+            continue
+        usd += abs(d) * _mark(low, high, i, t, net[j, m.inst_asset[i]] >= 0.0)
+        c0 = m.close[i, e]
+        if d > 0.0:
+            q_long[i, t] += d * c0
+        else:
+            q_short[i, t] -= d * c0
+    out.steps[j] += 1
+    for i in range(k):
+        pend_delta[j, i] = delta[i]
+    for a in range(n_assets):
+        pend_net[j, a] = net[j, a]
+    pend_bar[j] = t
+    pend_end[j] = min(t + latency_bars, n - 1)
+    pend_final[j] = final
+    if not final:
+        eq, mm = _estimate(m, book, rules, mech, low, high, j, t, cash[j], rem[j],
+                           delta, anchor[j], net[j])
+        in_liq[j] = eq <= mm
+    next_test[j] = t + gap
+    # The account's exposure after the step decides its later adverse sides.
+    for i in range(k):
+        if delta[i] != 0.0:
+            net[j, m.inst_asset[i]] -= delta[i]
+    if pend_end[j] == t:
+        _settle(m, book, mech, low, high, j, t, rem[j], cash, anchor[j], pend_bar,
+                pend_delta[j], pend_net[j], pend_final, out, n_col)
+        if final:
+            done[j] = True
+    return usd
 
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]

@@ -9,6 +9,7 @@ import msgspec
 
 from calibration._version import ENGINE_VERSION
 from calibration.accounts._book import Account, PopulationSpec, generate_population
+from calibration.accounts._capacity import capacity_frontier, queue_figures
 from calibration.accounts._engine import AccountConfig, AccountResult, simulate_accounts
 from calibration.accounts._market import Market
 from calibration.coverage import iso_utc
@@ -100,6 +101,13 @@ class AccountBacktestReport(msgspec.Struct, frozen=True, kw_only=True):
         insurance_fund_exhausted_at: when it first went below zero (UTC ISO 8601), or null.
         portfolio_model: in ``portfolio`` mode, the scenario model of the requirement.
         portfolio_params: its parameters.
+        queue: with a capacity limit (domain.md §10), the engine's queue
+            (``calibration.accounts.queue_figures``; ``backlog`` as ``[bar open time (UTC ISO
+            8601), accounts waiting]``, ``peak_backlog_at`` the time of the peak; the wait
+            distribution in bars; bad debt added by waiting against the same run without a
+            limit, USD).
+        frontier: when asked, the throughput–insolvency frontier: one row per capacity
+            (``calibration.accounts.capacity_frontier``).
     """
 
     engine_version: str
@@ -121,6 +129,8 @@ class AccountBacktestReport(msgspec.Struct, frozen=True, kw_only=True):
     insurance_fund_exhausted_at: str | None
     portfolio_model: str | None = None
     portfolio_params: dict[str, Any] | None = None
+    queue: dict[str, Any] | None = None
+    frontier: list[dict[str, Any]] | None = None
 
 
 def run_account_backtest(
@@ -134,6 +144,8 @@ def run_account_backtest(
     stress_windows: Sequence[StressWindow] = (),
     portfolio_model: str | None = None,
     portfolio_params: Mapping[str, Any] | None = None,
+    frontier: Sequence[float] | None = None,
+    frontier_kind: str = "accounts",
 ) -> tuple[AccountBacktestReport, AccountResult]:
     """Replay explicit ``accounts`` or a generated ``population`` through ``market`` under one
     margin model for every instrument, and report.
@@ -142,6 +154,9 @@ def run_account_backtest(
     ``grid`` / ``historical``, or a preset, ``deribit_pme_2024`` / ``paradex``) with
     ``portfolio_params``; its close-out horizon is the backtest's one horizon (unset: the
     margin model's; a different one is refused).
+
+    With a capacity limit in ``config`` the report has the ``queue``; ``frontier`` (capacities,
+    ``inf`` for none; ``frontier_kind`` ``accounts`` or ``notional``) adds the frontier rows.
 
     Raises:
         InvalidParameters, InsufficientData: see ``simulate_accounts``.
@@ -178,6 +193,24 @@ def run_account_backtest(
                                        close=market.matrix("close"), first_bar=first)
     assert accounts is not None
     result = simulate_accounts(market, margin, accounts, config, portfolio=portfolio)
+    queue = None
+    if config.capacity_limited:
+        import dataclasses
+
+        unlimited = simulate_accounts(
+            market, margin, accounts,
+            dataclasses.replace(config, max_liquidations_per_bar=None,
+                                max_liquidation_notional_per_bar=None),
+            mechanics_kernel=True)
+        queue = queue_figures(result, unlimited)
+        # Bars are the library's unit; the report speaks times.
+        ts_ = market.timestamp_ms
+        queue["backlog"] = [[iso_utc(int(ts_[b])), c] for b, c in queue["backlog"]]
+        queue["peak_backlog_at"] = (iso_utc(int(ts_[queue["peak_backlog_bar"]]))
+                                    if queue["peak_backlog_bar"] >= 0 else None)
+    frontier_rows = (capacity_frontier(market, margin, accounts, config,
+                                       capacities=frontier, kind=frontier_kind)
+                     if frontier is not None else None)
     ts = market.timestamp_ms
     rows = []
     for j, acc in enumerate(result.accounts):
@@ -219,6 +252,7 @@ def run_account_backtest(
         portfolio_params=({k: list(v) if isinstance(v, tuple) else v
                            for k, v in portfolio.get_params().items()}
                           if portfolio is not None else None),
+        queue=queue, frontier=frontier_rows,
     )
     return report, result
 
