@@ -41,7 +41,7 @@ def start(root: Path) -> tuple[subprocess.Popen[bytes], str]:
     env.update(MARGINLAB_DATA_ROOT=str(root), MARGINLAB_STATE_DIR=str(root / "state"),
                MARGINLAB_RATE_LIMIT_PER_MINUTE="0")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "calibration.cli", "serve", "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port",
                              str(port)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
