@@ -53,13 +53,13 @@ def _held_bars(result, n: int) -> int:  # type: ignore[no-untyped-def]
     return int((acc_end - entry).sum() + (twin_end - entry).sum())
 
 
-def main() -> None:
+def setup(n_accounts: int):  # type: ignore[no-untyped-def]
+    """The benchmark's market, population (about ``n_accounts``), model and settings, with
+    the kernels compiled (shared by the one- and two-process benchmarks)."""
     root = Path(os.environ.get("MARGINLAB_SHARED_DATA", "../shared/data"))
-    n_accounts = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
     market = Market.from_series([load_bars(f"binance_spot_2020_2025/{s}USDT_30m.csv",
                                            root=root) for s in SYMBOLS])
-    n = len(market)
-    entries = max(1, (n - 1) // 48)
+    entries = max(1, (len(market) - 1) // 48)
     spec = PopulationSpec(seed=1, entry_every_bars=48,
                           accounts_per_entry=max(1, round(n_accounts / entries)))
     accounts = generate_population(spec, instruments=market.instruments,
@@ -67,6 +67,13 @@ def main() -> None:
     model = make_model("tiered", {"base_mmr": 0.01, "tier_growth": 2.0})
     config = AccountConfig(holding_bars=HOLDING_BARS, latency_bars=1)
     simulate_accounts(market, model, accounts[:100], config)  # compile
+    return market, accounts, model, config
+
+
+def main() -> None:
+    n_accounts = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
+    market, accounts, model, config = setup(n_accounts)
+    n = len(market)
     best = float("inf")
     result = None
     for _ in range(REPEATS):

@@ -21,15 +21,9 @@ import os
 import resource
 import sys
 import time
-from pathlib import Path
 
-from bench.bench_accounts import HOLDING_BARS, SYMBOLS
-from calibration import load_bars, make_model
+from bench.bench_accounts import setup
 from calibration.accounts import (
-    AccountConfig,
-    Market,
-    PopulationSpec,
-    generate_population,
     simulate_accounts,
 )
 
@@ -38,19 +32,9 @@ WORKERS = 2
 
 
 def main() -> None:
-    root = Path(os.environ.get("MARGINLAB_SHARED_DATA", "../shared/data"))
     n_accounts = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
-    market = Market.from_series([load_bars(f"binance_spot_2020_2025/{s}USDT_30m.csv",
-                                           root=root) for s in SYMBOLS])
+    market, accounts, model, config = setup(n_accounts)  # compiled before the fork
     n = len(market)
-    entries = max(1, (n - 1) // 48)
-    spec = PopulationSpec(seed=1, entry_every_bars=48,
-                          accounts_per_entry=max(1, round(n_accounts / entries)))
-    accounts = generate_population(spec, instruments=market.instruments,
-                                   timestamp_ms=market.timestamp_ms, close=market.matrix("close"))
-    model = make_model("tiered", {"base_mmr": 0.01, "tier_growth": 2.0})
-    config = AccountConfig(holding_bars=HOLDING_BARS, latency_bars=1)
-    simulate_accounts(market, model, accounts[:100], config)  # compile before the fork
     halves = [accounts[w::WORKERS] for w in range(WORKERS)]
 
     one = float("inf")

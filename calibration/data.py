@@ -36,6 +36,7 @@ from calibration._errors import (
     DataValidationError,
     InvalidParameters,
 )
+from calibration.horizon import parse_duration
 
 PRICE_COLUMNS = ("open", "high", "low", "close")
 _SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".feather": "feather"}
@@ -1011,12 +1012,10 @@ def resample(bars: BarSeries, bar_seconds: int) -> BarSeries:
 
 
 def parse_duration_seconds(text: str) -> int:
-    """``"1m"`` → 60, ``"4h"`` → 14400, ``"1d"`` → 86400, ``"90s"`` → 90."""
-    units = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
-    text = text.strip().lower()
-    for unit in sorted(units, key=len, reverse=True):
-        if text.endswith(unit):
-            number = text[: -len(unit)]
-            if number.isdigit() and int(number) > 0:
-                return int(number) * units[unit]
-    raise DataError(f"not a duration: {text!r} (use e.g. 90s, 5m, 4h, 1d)")
+    """``"1m"`` → 60, ``"4h"`` → 14400, ``"1d"`` → 86400, ``"90s"`` → 90 (as
+    ``horizon.parse_duration``, raising the data error the CLI's data options expect)."""
+
+    try:
+        return parse_duration(text)
+    except InvalidParameters:
+        raise DataError(f"not a duration: {text!r} (use e.g. 90s, 5m, 4h, 1d)") from None

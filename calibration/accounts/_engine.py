@@ -132,11 +132,11 @@ from calibration.accounts._kernel_mech import (
     MechOutputs,
     empty_mech_outputs,
     replay_mech,
-    trailing_mean,
 )
 from calibration.accounts._kernel_portfolio import replay_portfolio
 from calibration.accounts._market import STABLE_ASSETS, Market, underlying_of
 from calibration.horizon import resolve_horizon
+from calibration.liquidation._kernels import trailing_mean
 from calibration.models import MarginModel, PortfolioMarginModel, TieredMargin
 from calibration.windows import StressWindow
 

@@ -87,6 +87,66 @@ def _mm_usd(m: MarketArrays, i: int, notional: float, t: int) -> float:  # pragm
 
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def net_exposure(m: MarketArrays, book: BookArrays, j: int,
+                 net: FloatArray) -> None:  # pragma: no cover - jit
+    """Account ``j``'s net units per asset (collateral plus positions) into ``net``: the
+    side (>= 0 long) decides which extreme of each bar is adverse for it."""
+    net[:] = 0.0
+    for c in range(book.col_inst.shape[0]):
+        net[book.col_asset[c]] += book.col_units[j, c]
+    for i in range(m.close.shape[0]):
+        net[m.inst_asset[i]] += book.units[j, i]
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def close_out(
+    m: MarketArrays, book: BookArrays, j: int, hit: int, latency_bars: int,
+    spread_rate: float, fee_rate: float, net: FloatArray,
+    closeout_equity: FloatArray, leg_pnl: FloatArray, fee: FloatArray,
+) -> None:  # pragma: no cover - jit
+    """Account ``j``'s close-out after a trigger at ``hit`` (-1: none): every position and
+    the collateral at the worst price of bars hit..hit+L for its side, less the spread, then
+    the fee; fills ``closeout_equity`` (NaN without a trigger), ``leg_pnl`` and ``fee``."""
+    k, n = m.close.shape
+    if hit < 0:
+        closeout_equity[j] = np.nan
+        fee[j] = 0.0
+        for i in range(k):
+            leg_pnl[j, i] = 0.0
+        return
+    e = book.entry[j]
+    end = min(hit + latency_bars, n - 1)
+    eq = book.usd[j]
+    gross = 0.0
+    for i in range(k):
+        q = book.units[j, i]
+        if q == 0.0:
+            leg_pnl[j, i] = 0.0
+            continue
+        long_asset = net[m.inst_asset[i]] >= 0.0
+        p = m.low[i, hit] if long_asset else m.high[i, hit]
+        for s in range(hit + 1, end + 1):
+            p = min(p, m.low[i, s]) if long_asset else max(p, m.high[i, s])
+        pnl = q * (p - m.close[i, e]) - spread_rate * abs(q) * p
+        leg_pnl[j, i] = pnl
+        gross += abs(q) * p
+        eq += pnl
+    for c in range(book.col_inst.shape[0]):
+        u = book.col_units[j, c]
+        if u == 0.0:
+            continue
+        ci = book.col_inst[c]
+        long_asset = net[book.col_asset[c]] >= 0.0
+        p = m.low[ci, hit] if long_asset else m.high[ci, hit]
+        for s in range(hit + 1, end + 1):
+            p = min(p, m.low[ci, s]) if long_asset else max(p, m.high[ci, s])
+        eq += u * p
+    paid = min(fee_rate * gross, eq) if eq > 0.0 else 0.0
+    fee[j] = paid
+    closeout_equity[j] = eq - paid
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
 def replay(
     m: MarketArrays, book: BookArrays, rules: CollateralRules, n_assets: int,
     holding_bars: int, latency_bars: int,
@@ -101,11 +161,7 @@ def replay(
     net = np.zeros(n_assets)
     for j in range(n_acc):
         e = book.entry[j]
-        net[:] = 0.0
-        for c in range(n_col):
-            net[book.col_asset[c]] += book.col_units[j, c]
-        for i in range(k):
-            net[m.inst_asset[i]] += book.units[j, i]
+        net_exposure(m, book, j, net)
         last = min(e + holding_bars, n - 1)
         hit = -1
         for t in range(e + 1, last + 1):
@@ -131,41 +187,8 @@ def replay(
                 hit = t
                 break
         trigger[j] = hit
-        if hit < 0:
-            closeout_equity[j] = np.nan
-            fee[j] = 0.0
-            for i in range(k):
-                leg_pnl[j, i] = 0.0
-            continue
-        end = min(hit + latency_bars, n - 1)
-        eq = book.usd[j]
-        gross = 0.0
-        for i in range(k):
-            q = book.units[j, i]
-            if q == 0.0:
-                leg_pnl[j, i] = 0.0
-                continue
-            long_asset = net[m.inst_asset[i]] >= 0.0
-            p = m.low[i, hit] if long_asset else m.high[i, hit]
-            for s in range(hit + 1, end + 1):
-                p = min(p, m.low[i, s]) if long_asset else max(p, m.high[i, s])
-            pnl = q * (p - m.close[i, e]) - spread_rate * abs(q) * p
-            leg_pnl[j, i] = pnl
-            gross += abs(q) * p
-            eq += pnl
-        for c in range(n_col):
-            u = book.col_units[j, c]
-            if u == 0.0:
-                continue
-            ci = book.col_inst[c]
-            long_asset = net[book.col_asset[c]] >= 0.0
-            p = m.low[ci, hit] if long_asset else m.high[ci, hit]
-            for s in range(hit + 1, end + 1):
-                p = min(p, m.low[ci, s]) if long_asset else max(p, m.high[ci, s])
-            eq += u * p
-        paid = min(fee_rate * gross, eq) if eq > 0.0 else 0.0
-        fee[j] = paid
-        closeout_equity[j] = eq - paid
+        close_out(m, book, j, hit, latency_bars, spread_rate, fee_rate, net,
+                  closeout_equity, leg_pnl, fee)
 
 
 def empty_outputs(n_accounts: int, k: int) -> tuple[IntArray, FloatArray, FloatArray,

@@ -97,28 +97,6 @@ def empty_mech_outputs(n_accounts: int, k: int, n_bars: int = 0) -> MechOutputs:
 
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
-def trailing_mean(x: FloatArray, window: int, factor: float) -> FloatArray:  # pragma: no cover
-    """``factor`` × mean of ``x[max(0, t-window+1) .. t]`` per bar; the running sum restarts
-    every ``window`` bars so rounding cannot drift (the same sums as §4's ADV depth)."""
-    n = x.shape[0]
-    out = np.empty(n)
-    s = 0.0
-    for t in range(min(window, n)):
-        s += x[t]
-        out[t] = s * factor / (t + 1)
-    f = factor / window
-    for block in range(window, n, window):
-        s = 0.0
-        for i in range(block - window + 1, block + 1):
-            s += x[i]
-        out[block] = s * f
-        for t in range(block + 1, min(block + window, n)):
-            s += x[t] - x[t - window]
-            out[t] = s * f
-    return out
-
-
-@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
 def _slip(mech: Mechanics, i: int, closed_units: float, entry_close: float,
           t: int) -> float:  # pragma: no cover - jit
     """Slippage rate of closing ``closed_units`` of instrument i at bar t (§4's formula on

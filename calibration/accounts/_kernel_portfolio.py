@@ -22,6 +22,8 @@ from calibration.accounts._kernel import (
     IntArray,
     MarketArrays,
     _haircut_usd,
+    close_out,
+    net_exposure,
 )
 from calibration.models._portfolio_kernel import ScenarioArrays, im_usd
 
@@ -44,11 +46,7 @@ def replay_portfolio(
     buf = np.zeros(3 * sc.n_factors + max(sc.window, 1))
     for j in range(n_acc):
         e = book.entry[j]
-        net[:] = 0.0
-        for c in range(n_col):
-            net[book.col_asset[c]] += book.col_units[j, c]
-        for i in range(k):
-            net[m.inst_asset[i]] += book.units[j, i]
+        net_exposure(m, book, j, net)
         last = min(e + holding_bars, n - 1)
         hit = -1
         for t in range(e + 1, last + 1):
@@ -77,38 +75,5 @@ def replay_portfolio(
                 hit = t
                 break
         trigger[j] = hit
-        if hit < 0:
-            closeout_equity[j] = np.nan
-            fee[j] = 0.0
-            for i in range(k):
-                leg_pnl[j, i] = 0.0
-            continue
-        end = min(hit + latency_bars, n - 1)
-        eq = book.usd[j]
-        gross = 0.0
-        for i in range(k):
-            q = book.units[j, i]
-            if q == 0.0:
-                leg_pnl[j, i] = 0.0
-                continue
-            long_asset = net[m.inst_asset[i]] >= 0.0
-            p = m.low[i, hit] if long_asset else m.high[i, hit]
-            for s in range(hit + 1, end + 1):
-                p = min(p, m.low[i, s]) if long_asset else max(p, m.high[i, s])
-            pnl = q * (p - m.close[i, e]) - spread_rate * abs(q) * p
-            leg_pnl[j, i] = pnl
-            gross += abs(q) * p
-            eq += pnl
-        for c in range(n_col):
-            u = book.col_units[j, c]
-            if u == 0.0:
-                continue
-            ci = book.col_inst[c]
-            long_asset = net[book.col_asset[c]] >= 0.0
-            p = m.low[ci, hit] if long_asset else m.high[ci, hit]
-            for s in range(hit + 1, end + 1):
-                p = min(p, m.low[ci, s]) if long_asset else max(p, m.high[ci, s])
-            eq += u * p
-        paid = min(fee_rate * gross, eq) if eq > 0.0 else 0.0
-        fee[j] = paid
-        closeout_equity[j] = eq - paid
+        close_out(m, book, j, hit, latency_bars, spread_rate, fee_rate, net,
+                  closeout_equity, leg_pnl, fee)

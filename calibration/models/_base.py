@@ -95,19 +95,11 @@ class Rule:
             raise InvalidParameters(f"{name} must be {op} {self.high}, got {value!r}", field=name)
 
 
-class MarginModel(ABC):
-    """A margin model: bars up to and including bar t → IM and MM rates at bar t.
+class Hyperparameters:
+    """scikit-learn's estimator rules, shared by every model interface: keyword-only
+    hyperparameters that ``__init__`` only stores, read back by ``get_params`` and checked
+    against ``rules`` by ``validate``."""
 
-    Follows scikit-learn's estimator rules: hyperparameters are keyword-only and named as in
-    domain.md §2, ``__init__`` only stores them, and ``margin_rates`` does the work. Rates are
-    fractions of notional (0.01 = 1%). No look-ahead: changing any bar after t leaves the
-    rates at t unchanged.
-    """
-
-    #: The family name used by the CLI, the API and reports (``tiered``, ``ewma``, ...).
-    family: ClassVar[str]
-    #: Whether the rate depends on the position's notional (tiers, liquidity add-on).
-    notional_dependent: ClassVar[bool] = False
     #: Admissible values per hyperparameter.
     rules: ClassVar[dict[str, Rule]] = {}
 
@@ -125,6 +117,21 @@ class MarginModel(ABC):
         """Raise ``InvalidParameters`` naming the first hyperparameter out of range."""
         for name, rule in self.rules.items():
             rule.check(name, getattr(self, name))
+
+
+class MarginModel(Hyperparameters, ABC):
+    """A margin model: bars up to and including bar t → IM and MM rates at bar t.
+
+    Follows scikit-learn's estimator rules: hyperparameters are keyword-only and named as in
+    domain.md §2, ``__init__`` only stores them, and ``margin_rates`` does the work. Rates are
+    fractions of notional (0.01 = 1%). No look-ahead: changing any bar after t leaves the
+    rates at t unchanged.
+    """
+
+    #: The family name used by the CLI, the API and reports (``tiered``, ``ewma``, ...).
+    family: ClassVar[str]
+    #: Whether the rate depends on the position's notional (tiers, liquidity add-on).
+    notional_dependent: ClassVar[bool] = False
 
     @property
     def horizon(self) -> int | None:

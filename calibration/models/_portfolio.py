@@ -50,7 +50,6 @@ funding and fee provisions are not modelled).
 
 from __future__ import annotations
 
-import inspect
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -63,7 +62,7 @@ from scipy.special import ndtri
 
 from calibration import _kernels
 from calibration._errors import InsufficientData, InvalidParameters
-from calibration.models._base import Rule
+from calibration.models._base import Hyperparameters, Rule
 from calibration.models._portfolio_kernel import (
     GRID,
     HISTORICAL,
@@ -99,7 +98,7 @@ def _empty2() -> FloatArray:
     return np.zeros((0, 0))
 
 
-class PortfolioMarginModel(ABC):
+class PortfolioMarginModel(Hyperparameters, ABC):
     """A portfolio margin model: bars up to t and an account's exposures → IM and MM at t, USD.
 
     Hyperparameters are keyword-only, ``__init__`` only stores them, ``validate`` names the
@@ -109,25 +108,12 @@ class PortfolioMarginModel(ABC):
 
     #: The family name used by the CLI, the API and reports (``grid``, ``historical``).
     family: ClassVar[str]
-    #: Admissible values per numeric hyperparameter.
-    rules: ClassVar[dict[str, Rule]] = {}
     #: MM / IM (every family has it; set in ``__init__``).
     mm_factor: float
 
-    @classmethod
-    def param_names(cls) -> list[str]:
-        """The hyperparameter names, in ``__init__`` order."""
-        sig = inspect.signature(cls.__init__)
-        return [p.name for p in sig.parameters.values() if p.kind is p.KEYWORD_ONLY]
-
-    def get_params(self) -> dict[str, Any]:
-        """The hyperparameters as passed."""
-        return {name: getattr(self, name) for name in self.param_names()}
-
     def validate(self) -> None:
         """Raise ``InvalidParameters`` naming the first hyperparameter out of range."""
-        for name, rule in self.rules.items():
-            rule.check(name, getattr(self, name))
+        super().validate()
         if not isinstance(self.mm_factor, int | float) or not 0 < self.mm_factor <= 1:
             raise InvalidParameters(f"mm_factor must be in (0, 1], got {self.mm_factor!r}",
                                     field="mm_factor")
