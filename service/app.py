@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -63,6 +64,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        # Everything imported so far (numpy, pandas, optuna, the app) lives as long as the
+        # process: out of the collector's reach, a full collection under load scans only
+        # what requests allocate instead of pausing every request for tens of milliseconds.
+        gc.freeze()
         # Uploads a killed process left half written. Embedded mode is the only process
         # writing them; in Redis mode another API process may be mid-upload right now.
         sweep_partial_uploads(settings.data_root,

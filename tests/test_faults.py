@@ -284,6 +284,64 @@ def test_embedded_service_sigkilled_mid_calibration_resumes_on_restart(
     assert "resuming calibration" in service.tail(200)
 
 
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        for child in children(todo.pop()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _calibration_processes(pid: int) -> list[int]:
+    """The embedded calibration processes (``service.embedded_worker``) under ``pid``."""
+    out = []
+    for child in _descendants(pid):
+        with contextlib.suppress(OSError):
+            if b"service.embedded_worker" in Path(f"/proc/{child}/cmdline").read_bytes():
+                out.append(child)
+    return out
+
+
+def test_embedded_calibration_runs_in_its_own_process_whose_death_fails_only_its_job(
+        service: EmbeddedService) -> None:
+    """Embedded calibrations run in a child process of the API, not in its threads: SIGKILL
+    that process mid-calibration (as the OOM killer picks the biggest process) and the API
+    stays up, the job ends ``failed`` naming the dead process, and an identical request
+    runs on a fresh calibration process, resuming the finished trials, to ``n_trials``. A
+    server SIGKILLed leaves no calibration process behind."""
+    n_trials = 200
+    service.start()
+    assert service.proc is not None
+    ref = service.upload(bars_csv(N_BARS, seed=35))["ref"]
+    spec = calibration_spec(ref, n_trials=n_trials, seed=35)
+    job = service.submit(spec)
+    wait_trials(service, job["id"], 5)
+    workers = _calibration_processes(service.proc.pid)
+    assert len(workers) == 1, workers
+    os.kill(workers[0], signal.SIGKILL)
+
+    failed = wait_final(service, job["id"], 60)
+    assert failed["state"] == "failed"
+    assert "calibration process died (killed by signal 9" in failed["error"]
+    assert "submit the request again" in failed["error"]
+    assert service.http.get("/healthz").status_code == 200
+
+    again = service.submit(spec)
+    assert again["id"] != job["id"]
+    done = wait_final(service, again["id"], 180)
+    assert done["state"] == "succeeded", (done, service.tail())
+    assert done["progress"]["trials_done"] == n_trials
+    assert done["progress"]["running"] == 0
+    fresh = _calibration_processes(service.proc.pid)
+    assert len(fresh) == 1
+    assert fresh != workers
+
+    service.kill()
+    wait_for(lambda: all(not Path(f"/proc/{pid}").exists() for pid in fresh),
+             timeout_s=10, every_s=0.1, what="the orphaned calibration process to exit")
+
+
 # --- Redis mode: dead workers, rq's time limit ---------------------------------------------------
 
 
