@@ -419,16 +419,30 @@ def test_job_past_rqs_time_limit_fails_naming_the_limit(own_redis: RedisServer,
 # --- Redis restarted without persistence --------------------------------------------------------
 
 
+@pytest.fixture(params=["journal", "postgresql"])
+def study_storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The deployment's study storage: a journal file (job records in the audit SQLite
+    database) or a PostgreSQL database of the test's own (job records in its
+    ``marginlab_state`` table)."""
+    if request.param == "journal":
+        yield f"journal:{tmp_path / 'studies.log'}"
+        return
+    from tests.test_storage import fresh_postgres_db
+
+    with fresh_postgres_db() as url:
+        yield url
+
+
 def test_redis_restarted_without_persistence_mid_calibration_loses_no_job(
-        own_redis: RedisServer, tmp_path: Path) -> None:
+        own_redis: RedisServer, tmp_path: Path, study_storage: str) -> None:
     """Restart the deployment's Redis (no persistence: every key and queue entry is gone)
     mid-calibration: the job's id answers throughout (its record is durable in the SQL
     table, Redis only caches it), the reconciler queues it again, it ends ``succeeded``
     with exactly ``n_trials`` trials in its study and none RUNNING, and the identical
-    request afterwards is answered from the result (on main: 404, the study stopped)."""
+    request afterwards is answered from the result (on main: 404, the study stopped).
+    With PostgreSQL study storage the records live in that database."""
     n_trials = 200
-    journal = tmp_path / "studies.log"
-    app = Deployment(tmp_path, own_redis.url, f"journal:{journal}",
+    app = Deployment(tmp_path, own_redis.url, study_storage,
                      MARGINLAB_WORKERS_PER_JOB="1")
     answers: list[int] = []
     stop = threading.Event()
@@ -460,11 +474,18 @@ def test_redis_restarted_without_persistence_mid_calibration_loses_no_job(
         assert done["state"] == "succeeded", (done, app.tail())
         assert done["progress"]["trials_done"] == n_trials
         assert done["progress"]["running"] == 0
-        with Coordination(f"journal:{journal}") as coordination:
+        with Coordination(study_storage) as coordination:
             study = optuna.load_study(study_name=job["study"], storage=coordination.storage)
             trials = study.get_trials(deepcopy=False)
         assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) \
             == n_trials
+        if study_storage.startswith("postgresql"):  # the records are in that database
+            import psycopg
+
+            with psycopg.connect(study_storage) as conn:
+                rows = conn.execute("SELECT namespace FROM marginlab_state WHERE key = %s",
+                                    (job["id"],)).fetchall()
+            assert ("jobs",) in rows
         assert not [t for t in trials if t.state == TrialState.RUNNING]
         # Its id answered throughout: the record came from the SQL table while Redis was
         # down or empty.
