@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python -m bench.bench_progress
+    python -m bench.bench_progress [--mode embedded|redis]
 
 1. A calibration of ``N_TRIALS`` trials, once alone and once with 30 Server-Sent-Events
    clients and 30 status pollers (every 0.2 s); meanwhile ``/healthz`` is probed every 20 ms.
@@ -13,6 +13,7 @@ Run from the repository root::
 
 from __future__ import annotations
 
+import argparse
 import json
 import multiprocessing
 import os
@@ -38,18 +39,29 @@ CROWD_NICE = 5
 FINAL = ("succeeded", "failed", "cancelled")
 
 
-def start(root: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start(root: Path, mode: str) -> tuple[list[subprocess.Popen[bytes]], str]:
+    """The service on ``root``: one embedded server, or (``redis``) a Redis server of its
+    own without persistence, the API and one ``marginlab worker`` (one copy per job)."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("REDIS_URL", "MARGINLAB_API_KEYS", "MARGINLAB_STORAGE")}
     env.update(MARGINLAB_DATA_ROOT=str(root), MARGINLAB_STATE_DIR=str(root / "state"),
-               MARGINLAB_RATE_LIMIT_PER_MINUTE="0")
+               MARGINLAB_RATE_LIMIT_PER_MINUTE="0", MARGINLAB_WORKERS_PER_JOB="1")
+    procs: list[subprocess.Popen[bytes]] = []
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    if mode == "redis":
+        redis_port = free_port()
+        procs.append(subprocess.Popen(["redis-server", "--port", str(redis_port), "--save",
+                                       "", "--appendonly", "no"], **quiet))
+        env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
+        time.sleep(0.5)
+        procs.append(subprocess.Popen([sys.executable, "-m", "service.cli", "worker"],
+                                      env=env, **quiet))
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port",
-                             str(port)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    procs.append(subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port",
+                                   str(port)], env=env, **quiet))
     base = f"http://127.0.0.1:{port}"
     wait_up(base + "/healthz")
-    return proc, base
+    return procs, base
 
 
 def read_crowd(base: str, job_ids: Any) -> None:
@@ -150,21 +162,26 @@ def status_read_ms(base: str, job: dict[str, Any], root: Path, size_mb: int
             "median_ms": round(statistics.median(times) * 1000, 3)}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=("embedded", "redis"), default="embedded")
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        proc, base = start(root)
+        procs, base = start(root, args.mode)
         try:
             alone = run(base, 51, readers=False)
             crowded = run(base, 52, readers=True)
             small = run(base, 53, readers=False, n_trials=20)["job"]
             sizes = {f"{mb}MB": status_read_ms(base, small, root, mb) for mb in (1, 50)}
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            for proc in reversed(procs):
+                proc.terminate()
+                proc.wait(timeout=30)
     for r in (alone, crowded):
         r.pop("job")
-    report = {"without_readers": alone, "with_readers": crowded,
+    report = {"mode": args.mode, "load_average_1min": round(os.getloadavg()[0], 2),
+              "without_readers": alone, "with_readers": crowded,
               "wall_ratio": round(crowded["wall_s"] / alone["wall_s"], 3),
               "status_read": sizes}
     print(json.dumps(report, indent=2))
