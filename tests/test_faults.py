@@ -495,6 +495,9 @@ def test_redis_restarted_without_persistence_mid_calibration_loses_no_job(
         # horse that had it in hand finished it (the queue entry was gone, not the running
         # job): both end with the exact count above, which is the contract.
 
+        listed = app.http.get("/v1/calibrations").json()  # the listing survived too
+        assert [item["id"] for item in listed["items"]] == [job["id"]]
+
         again = app.http.post("/v1/calibrations", json=spec)
         assert again.status_code == 200, again.text
         assert again.json()["cached"] is True
