@@ -251,9 +251,9 @@ def _cmd_accounts_backtest(args: argparse.Namespace) -> int:
     if args.mode == "portfolio" and not args.portfolio_model:
         raise InvalidParameters("--mode portfolio needs --portfolio-model (grid, historical, "
                                 "deribit_pme_2024 or paradex)", field="portfolio_model")
-    if args.mode != "portfolio" and (args.portfolio_model or portfolio_params is not None):
-        raise InvalidParameters("--portfolio-model and --portfolio-params go with --mode "
-                                "portfolio", field="portfolio_model")
+    if portfolio_params is not None and not args.portfolio_model:
+        raise InvalidParameters("--portfolio-params goes with --portfolio-model",
+                                field="portfolio_model")
     market = Market.from_series(_load_datasets(args, root))
     fields = _json_object(args.liquidation, "liquidation") if args.liquidation else {}
     if args.policy:
@@ -603,10 +603,11 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--params", default="{}", metavar="JSON",
                     help="hyperparameters as a JSON object, or @file.json")
     ab.add_argument("--mode", choices=("isolated", "cross", "portfolio"), default="cross",
-                    help="margin mode of every account (default: cross)")
+                    help="margin mode of every account that names none (default: cross)")
     ab.add_argument("--portfolio-model", metavar="NAME",
-                    help="with --mode portfolio: the requirement's scenario model, a family "
-                         "(grid, historical) or a published preset (deribit_pme_2024, paradex)")
+                    help="for accounts in portfolio mode: the requirement's scenario model, a "
+                         "family (grid, historical) or a published preset (deribit_pme_2024, "
+                         "paradex)")
     ab.add_argument("--portfolio-params", metavar="JSON",
                     help="the portfolio model's hyperparameters as a JSON object, or @file.json")
     ab.add_argument("--liquidation", metavar="JSON",

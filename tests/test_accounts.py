@@ -327,7 +327,7 @@ def test_cli_accounts_backtest_json(tmp_path: Path, capsys: pytest.CaptureFixtur
         "accounts": 1, "liquidated_accounts": 0, "liquidated_positions": 0,
         "bad_debt_usd": 0.0, "healthy_leg_liquidations": 0, "saved_by_cross": 1}
     assert report["accounts"] == [{"id": "hedge", "liquidated": False, "trigger_time": None,
-                                   "bad_debt_usd": 0.0}]
+                                   "bad_debt_usd": 0.0, "mode": "cross"}]
     assert main([*args[:-1], "--mode", "isolated", "--json"]) == 0
     isolated = json.loads(capsys.readouterr().out)
     assert isolated["summary"][0]["bad_debt_usd"] == pytest.approx(1000.0)

@@ -427,7 +427,10 @@ class AccountResult:
         leg_pnl_usd: each position's PnL at its account's close-out prices (0 if the
             account was not liquidated), ``(P,)``.
         mode: the mode the headline figures are for (``cross``, ``portfolio`` or
-            ``isolated``).
+            ``isolated``; ``mixed`` when accounts have modes of their own, then
+            ``account_mode`` says each account's).
+        account_mode: with ``mode="mixed"``, each account's mode, ``(A,)``; empty
+            otherwise (every account in ``mode``).
         timestamp_ms: the market's bar times.
         instruments: the market's instruments.
         insurance_fund_usd: the fund's start level, USD.
@@ -467,6 +470,11 @@ class AccountResult:
     twin_queued_bar: IntArray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     twin_wait_bars: IntArray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     twin_backlog: IntArray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    account_mode: tuple[str, ...] = ()
+
+    def modes(self) -> tuple[str, ...]:
+        """Each account's margin mode, ``(A,)``."""
+        return self.account_mode or (self.mode,) * len(self.accounts)
 
     def healthy_legs(self) -> NDArray[np.bool_]:
         """Per position: closed with its liquidated account, while its twin never triggered or
@@ -480,13 +488,31 @@ class AccountResult:
                 ) -> dict[str, Any]:
         """The ``accounts`` figures over accounts whose entry bar lies in ``[start, end)``
         (all when both are None): counts, bad debt under the headline mode and the other,
-        and contagion."""
+        and contagion. With accounts of mixed modes, the sum of ``summary_by_mode`` (every
+        figure is a count or a sum over accounts, each under its own mode)."""
+        if self.account_mode:
+            parts = list(self.summary_by_mode(start_ms, end_ms).values())
+            return {key: sum(p[key] for p in parts) for key in parts[0]}
+        return self._summary(self._entered(start_ms, end_ms), self.mode != "isolated")
+
+    def summary_by_mode(self, start_ms: int | None = None, end_ms: int | None = None
+                        ) -> dict[str, dict[str, Any]]:
+        """``summary`` per margin mode of the accounts (each mode present in the run)."""
+        keep = self._entered(start_ms, end_ms)
+        modes = np.array(self.modes(), dtype=object)
+        return {m: self._summary(keep & (modes == m), m != "isolated")
+                for m in MARGIN_MODES if (modes == m).any()}
+
+    def _entered(self, start_ms: int | None, end_ms: int | None) -> NDArray[np.bool_]:
         ts = self.timestamp_ms[self.entry_bar] if self.entry_bar.size else self.entry_bar
         keep = np.ones(self.entry_bar.shape[0], dtype=bool)
         if start_ms is not None:
             keep &= ts >= start_ms
         if end_ms is not None:
             keep &= ts < end_ms
+        return keep
+
+    def _summary(self, keep: NDArray[np.bool_], headline_cross: bool) -> dict[str, Any]:
         pos_keep = keep[self.position_account] if keep.size else keep
         liquidated = keep & (self.trigger_bar >= 0)
         healthy = self.healthy_legs() & pos_keep
@@ -500,7 +526,6 @@ class AccountResult:
         legs_closed = (self.trigger_bar[self.position_account] >= 0
                        if self.leg_liquidated.size == 0 else self.leg_liquidated)
         positions_in_liquidated = int((pos_keep & legs_closed).sum())
-        headline_cross = self.mode != "isolated"
         return {
             "accounts": int(keep.sum()),
             "positions": int(pos_keep.sum()),
@@ -520,15 +545,15 @@ class AccountResult:
     def fund_path(self) -> list[tuple[int, float]]:
         """The venue's one fund under the headline mode: ``(bar, level after that bar's
         close-outs)`` for every bar with a close-out, from ``insurance_fund_usd``."""
-        if self.mode != "isolated":
-            bars, bad, fee = self.closeout_bar, self.bad_debt_usd, self.fee_usd
-            hit = self.trigger_bar >= 0
-        else:
-            bars, bad, fee = self.twin_closeout_bar, self.twin_bad_debt_usd, self.twin_fee_usd
-            hit = self.twin_trigger_bar >= 0
+        pooled = np.array([m != "isolated" for m in self.modes()], dtype=bool)
         moves: dict[int, float] = {}
-        for b, d, f in zip(bars[hit], bad[hit], fee[hit], strict=True):
-            moves[int(b)] = moves.get(int(b), 0.0) + float(f) - float(d)
+        for bars, bad, fee, hit in (
+                (self.closeout_bar, self.bad_debt_usd, self.fee_usd,
+                 (self.trigger_bar >= 0) & pooled),
+                (self.twin_closeout_bar, self.twin_bad_debt_usd, self.twin_fee_usd,
+                 (self.twin_trigger_bar >= 0) & ~pooled[self.position_account])):
+            for b, d, f in zip(bars[hit], bad[hit], fee[hit], strict=True):
+                moves[int(b)] = moves.get(int(b), 0.0) + float(f) - float(d)
         level = float(self.insurance_fund_usd)
         out = []
         for b in sorted(moves):
@@ -580,6 +605,13 @@ def simulate_accounts(
     """
     config = config or AccountConfig()
     config.validate()
+    modes = {a.mode or config.mode for a in accounts}
+    if modes != {config.mode}:
+        # Accounts of their own mode: each mode's accounts replayed as a run of that mode.
+        from calibration.accounts._modes import simulate_mixed
+
+        return simulate_mixed(market, model, accounts, config, portfolio=portfolio,
+                              mechanics_kernel=mechanics_kernel, fast_start=fast_start)
     if (config.mode == "portfolio") != (portfolio is not None):
         raise InvalidParameters(
             "mode portfolio needs a portfolio margin model, and only it takes one",
