@@ -317,7 +317,15 @@ def _print_policies(args: argparse.Namespace, market: Any, params: dict[str, Any
 
     margin = make_model(args.model, params)
     horizon = resolve_horizon({"params.horizon_bars": margin.horizon}, market.bar_seconds)
-    rows = compare_policies(market, margin.with_horizon(horizon.bars), accounts, config)
+    portfolio = None
+    if args.portfolio_model:
+        from calibration.models import make_portfolio_model
+
+        portfolio = make_portfolio_model(args.portfolio_model, _json_object(
+            args.portfolio_params, "portfolio_params") if args.portfolio_params else None
+        ).with_horizon(horizon.bars)
+    rows = compare_policies(market, margin.with_horizon(horizon.bars), accounts, config,
+                            portfolio=portfolio)
     if args.json:
         import msgspec
 

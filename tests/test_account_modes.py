@@ -207,11 +207,7 @@ def test_mixed_population_is_its_modes_run_alone_on_real_data(
                         spread_rate=0.001, liquidation_fee_rate=0.005)
     if mechanics:
         cfg = dataclasses.replace(cfg, policy="partial", partial_fraction=0.5)
-        if not _portfolio_mechanics_supported():
-            books = [b for b in books if (b.mode or cfg.mode) != "portfolio"]
-    mixed = simulate_accounts(market, tiered, books, cfg,
-                              portfolio=pm if any(
-                                  (b.mode or cfg.mode) == "portfolio" for b in books) else None)
+    mixed = simulate_accounts(market, tiered, books, cfg, portfolio=pm)
     alone = {}
     for mode in ("cross", "isolated", "portfolio"):
         mine = [dataclasses.replace(b, mode=None) for b in books if (b.mode or cfg.mode) == mode]
@@ -225,14 +221,6 @@ def test_mixed_population_is_its_modes_run_alone_on_real_data(
     for key in ("accounts", "liquidated_accounts", "bad_debt_usd"):
         assert total[key] == pytest.approx(sum(r.summary()[key] for r in alone.values()))
     assert total["liquidated_accounts"] > 0
-
-
-def _portfolio_mechanics_supported() -> bool:
-    try:
-        AccountConfig(mode="portfolio", policy="partial").validate()
-    except InvalidParameters:
-        return False
-    return True
 
 
 def test_run_account_backtest_reports_accounts_by_mode() -> None:

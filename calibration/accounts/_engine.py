@@ -23,6 +23,11 @@ adverse-extreme prices (``calibration.accounts._kernel_portfolio``). Everything 
 trigger, close-out, fees, haircuts) is the cross rule; the isolated twins keep the
 per-instrument models, so contagion figures compare portfolio with isolated. The pooled
 figures (``bad_debt_cross_usd``, ``trigger_bar``) are then the portfolio accounts'.
+The mechanics below run in portfolio mode too, with every "MM" of their rules (the trigger
+test, a step's *restored* estimate, the capacity queue's equity / MM) the portfolio
+requirement of what the account still holds, at the same marks; ``largest_requirement_first``
+ranks a position by the portfolio requirement of that position alone. The close-out is the
+mechanics' (fills, slippage, funding, fee, cascade volume) unchanged.
 
 Isolated mode replays each position as an account of its own (its *isolated twin*), holding a
 share of each of the account's collateral assets pro rata to the positions' entry IM
@@ -131,6 +136,7 @@ from calibration.accounts._kernel_mech import (
     Mechanics,
     MechOutputs,
     empty_mech_outputs,
+    no_scenarios,
     replay_mech,
 )
 from calibration.accounts._kernel_portfolio import replay_portfolio
@@ -138,6 +144,7 @@ from calibration.accounts._market import STABLE_ASSETS, Market, underlying_of
 from calibration.horizon import resolve_horizon
 from calibration.liquidation._kernels import trailing_mean
 from calibration.models import MarginModel, PortfolioMarginModel, TieredMargin
+from calibration.models._portfolio_kernel import ScenarioArrays
 from calibration.windows import StressWindow
 
 FloatArray = NDArray[np.float64]
@@ -294,9 +301,6 @@ class AccountConfig:
         if self.queue_order not in QUEUE_ORDERS:
             raise bad("queue_order", f"must be one of {', '.join(QUEUE_ORDERS)}, got "
                       f"{self.queue_order!r}")
-        if self.mode == "portfolio" and self.mechanics:
-            raise bad("policy", "funding, impact, cascade, capacity and policies other than "
-                      "close_all are not supported in portfolio mode yet")
         for asset, schedule in self.haircuts.items():
             if not isinstance(schedule, HaircutSchedule):
                 raise bad(f"haircuts.{asset}", "must be a haircut schedule")
@@ -687,10 +691,8 @@ def simulate_accounts(
     book = BookArrays(entry=entry, units=units, usd=usd, col_units=col_units,
                       col_inst=col_inst, col_asset=col_asset)
     rules = _collateral_rules(collateral_assets, config)
-    if mechanics_kernel and config.mode == "portfolio":
-        raise InvalidParameters("the mechanics kernel does not run portfolio mode yet",
-                                field="mode")
-    mech = _mechanics(market, config) if config.mechanics or mechanics_kernel else None
+    mech = (_mechanics(market, config, scenarios) if config.mechanics or mechanics_kernel
+            else None)
     if mech is not None:
         mout = _run_mech(sched.mm, book, rules, mech, len(assets_sorted), config, fast_start)
         trig, eq, legs, fee = mout.trigger, mout.closeout_equity, mout.leg_pnl, mout.fee
@@ -715,7 +717,9 @@ def simulate_accounts(
                        col_asset=col_asset)
     extra: dict[str, Any] = {}
     if mech is not None:
-        t_out = _run_mech(sched.mm, twins, rules, mech, len(assets_sorted), config, fast_start)
+        # The twins keep the per-instrument models in every mode.
+        t_out = _run_mech(sched.mm, twins, rules, mech._replace(portfolio=False),
+                          len(assets_sorted), config, fast_start)
         t_trig, t_eq, t_fee = t_out.trigger, t_out.closeout_equity, t_out.fee
         bad = mout.bad_debt
         t_bad = t_out.bad_debt
@@ -759,7 +763,7 @@ def _run_mech(mm: MarketArrays, book: BookArrays, rules: CollateralRules, mech: 
     walked, from that bar, in (entry, index) order (close in memory, the queue's tie order)."""
     n_acc, k = book.units.shape
     n = mm.close.shape[1]
-    if not fast_start or config.cascade or config.funding:
+    if not fast_start or config.cascade or config.funding or mech.portfolio:
         out = empty_mech_outputs(n_acc, k, n)
         replay_mech(mm, book, rules, mech, n_assets, config.holding_bars, config.latency_bars,
                     out, np.zeros(0, dtype=np.int64))
@@ -784,8 +788,10 @@ def _run_mech(mm: MarketArrays, book: BookArrays, rules: CollateralRules, mech: 
     return out
 
 
-def _mechanics(market: Market, config: AccountConfig) -> Mechanics:
-    """The per-instrument funding and depth series the mechanics kernel reads."""
+def _mechanics(market: Market, config: AccountConfig,
+               scenarios: ScenarioArrays | None = None) -> Mechanics:
+    """The per-instrument funding and depth series the mechanics kernel reads, and the
+    portfolio requirement's scenarios in portfolio mode."""
     k, n = len(market.instruments), len(market)
     funding = np.zeros((k, n))
     bid = np.zeros((k, n))
@@ -823,7 +829,9 @@ def _mechanics(market: Market, config: AccountConfig) -> Mechanics:
                               else int(config.max_liquidations_per_bar)),
         max_notional_per_bar=(np.inf if config.max_liquidation_notional_per_bar is None
                               else float(config.max_liquidation_notional_per_bar)),
-        queue_order=QUEUE_ORDERS.index(config.queue_order))
+        queue_order=QUEUE_ORDERS.index(config.queue_order),
+        portfolio=scenarios is not None,
+        scenarios=scenarios if scenarios is not None else no_scenarios())
 
 
 def _collateral_rules(assets: Sequence[str], config: AccountConfig) -> CollateralRules:

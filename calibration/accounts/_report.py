@@ -212,7 +212,7 @@ def run_account_backtest(
             market, margin, accounts,
             dataclasses.replace(config, max_liquidations_per_bar=None,
                                 max_liquidation_notional_per_bar=None),
-            mechanics_kernel=True)
+            mechanics_kernel=True, portfolio=portfolio)
         queue = queue_figures(result, unlimited)
         # Bars are the library's unit; the report speaks times.
         ts_ = market.timestamp_ms
@@ -220,7 +220,8 @@ def run_account_backtest(
         queue["peak_backlog_at"] = (iso_utc(int(ts_[queue["peak_backlog_bar"]]))
                                     if queue["peak_backlog_bar"] >= 0 else None)
     frontier_rows = (capacity_frontier(market, margin, accounts, config,
-                                       capacities=frontier, kind=frontier_kind)
+                                       capacities=frontier, kind=frontier_kind,
+                                       portfolio=portfolio)
                      if frontier is not None else None)
     ts = market.timestamp_ms
     rows = []
