@@ -121,6 +121,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from calibration._errors import DataError, InsufficientData, InvalidParameters
+from calibration.accounts._arrays import AccountBook
 from calibration.accounts._book import MARGIN_MODES, Account
 from calibration.accounts._haircuts import HaircutSchedule
 from calibration.accounts._kernel import (
@@ -140,7 +141,7 @@ from calibration.accounts._kernel_mech import (
     replay_mech,
 )
 from calibration.accounts._kernel_portfolio import replay_portfolio
-from calibration.accounts._market import STABLE_ASSETS, Market, underlying_of
+from calibration.accounts._market import Market, underlying_of
 from calibration.horizon import resolve_horizon
 from calibration.liquidation._kernels import trailing_mean
 from calibration.models import MarginModel, PortfolioMarginModel, TieredMargin
@@ -592,7 +593,8 @@ def simulate_accounts(
         market: the aligned instruments.
         model: one margin model for every instrument, or one per instrument name (the
             requirement in cross and isolated mode; the isolated twins' in every mode).
-        accounts: the accounts (explicit or from ``generate_population``).
+        accounts: the accounts (explicit or from ``generate_population``), or an
+            ``AccountBook`` of them (their arrays built once, e.g. before a fork).
         config: mode, holding, latency, fees and the fund.
         portfolio: the portfolio margin model of ``mode="portfolio"`` (required there, and
             only there).
@@ -609,7 +611,9 @@ def simulate_accounts(
     """
     config = config or AccountConfig()
     config.validate()
-    modes = {a.mode or config.mode for a in accounts}
+    # The accounts as arrays (built here unless given so, ``AccountBook``).
+    arrays = AccountBook.from_accounts(accounts, market.instruments)
+    modes = {m or config.mode for m in arrays.modes()}
     if modes != {config.mode}:
         # Accounts of their own mode: each mode's accounts replayed as a run of that mode.
         from calibration.accounts._modes import simulate_mixed
@@ -631,52 +635,30 @@ def simulate_accounts(
     ts = market.timestamp_ms
     n, k = len(market), len(names)
     close = sched.mm.close
-    collateral_assets: list[str] = []
-    for acc in accounts:
-        for asset in acc.collateral:
-            key = asset.upper()
-            if key not in STABLE_ASSETS and key not in collateral_assets:
-                collateral_assets.append(key)
+    collateral_assets = list(arrays.collateral_assets)
     col_inst = np.array([market.pricing_instrument(a) for a in collateral_assets],
                         dtype=np.int64)
     col_asset = np.array([assets_sorted.index(underlying_of(names[i])) for i in col_inst],
                          dtype=np.int64)
     # Bulk preparation: one searchsorted for every entry, dense (A, k) units.
-    entry_ms = np.fromiter((a.entry_ms for a in accounts), dtype=np.int64, count=len(accounts))
-    e_all = np.searchsorted(ts, entry_ms, side="right") - 1
+    e_all = np.searchsorted(ts, arrays.entry_ms, side="right") - 1
     skipped: dict[str, str] = {}
-    keep = np.ones(len(accounts), dtype=bool)
     late = (e_all < 0) | (e_all < first_valid) | (e_all + 1 >= n)
+    keep = ~late
     for out in (int(v) for v in np.flatnonzero(late)):
         e = int(e_all[out])
-        skipped[accounts[out].id] = (
+        skipped[arrays.accounts[out].id] = (
             "entry before the data" if e < 0 else "no bar after the entry"
             if e + 1 >= n else "entry inside the margin models' warm-up")
-        keep[out] = False
-    opened = [a for a, ok in zip(accounts, keep, strict=True) if ok]
+    opened = (arrays.accounts if not late.any() else
+              tuple(a for a, ok in zip(arrays.accounts, keep, strict=True) if ok))
     if not opened:
         raise InsufficientData("no account could open: " + "; ".join(
             sorted({v for v in skipped.values()})))
     entry = e_all[keep].astype(np.int64)
-    index = {name: i for i, name in enumerate(names)}
-    col_index = {a: c for c, a in enumerate(collateral_assets)}
-    notional = np.zeros((len(opened), k))
-    usd = np.zeros(len(opened))
-    col_units = np.zeros((len(opened), len(collateral_assets)))
-    for j, acc in enumerate(opened):
-        for name, value in acc.positions.items():
-            i = index.get(name)
-            if i is None:
-                raise InvalidParameters(f"account {acc.id!r}: instrument {name!r} is not in "
-                                        f"the market ({', '.join(names)})",
-                                        field="accounts.positions")
-            notional[j, i] += value
-        for asset, amount in acc.collateral.items():
-            key = asset.upper()
-            if key in STABLE_ASSETS:
-                usd[j] += amount
-            else:
-                col_units[j, col_index[key]] += amount
+    notional = arrays.notional_usd[keep]
+    usd = arrays.usd[keep]
+    col_units = arrays.col_units[keep]
     entry_close = close[:, entry].T  # (A, k)
     units = notional / entry_close
     pa, pi = (v.astype(np.int64) for v in np.nonzero(units))
