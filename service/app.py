@@ -25,7 +25,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from calibration._errors import MarginlabError
 from calibration._version import ENGINE_VERSION
 from service import errors
-from service.accounts import AccountController
+from service.accounts import AccountController, resume_account_jobs
 from service.audit import AuditLog, audit_url
 from service.auth import load_keys
 from service.backtests import BacktestController
@@ -87,6 +87,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
                 runner: Any = LocalRunner(settings, access)
                 app.state.runner = runner
                 await runner.resume_active(state)
+                await resume_account_jobs(app.state, state, embedded=True)
                 runner.start()
                 try:
                     yield
@@ -110,10 +111,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
             retry_on_error=[RedisConnectionError, RedisTimeoutError])
         listener = asyncio.create_task(_listen_published(app, settings))
         reconciler = asyncio.create_task(_reconcile_jobs(settings))
+        account_jobs = asyncio.create_task(_resume_account_jobs(app, state))
         try:
             yield
         finally:
-            for task in (listener, reconciler):
+            for task in (listener, reconciler, account_jobs):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
@@ -186,6 +188,19 @@ async def _reconcile_jobs(settings: Settings) -> None:
                 log.warning("reconciling jobs failed (%s)", type(exc).__name__)
     finally:
         connection.close()
+
+
+async def _resume_account_jobs(app: Litestar, state: State) -> None:
+    """Redis mode: take over account backtest jobs whose API process died (their lease
+    lapsed), at start and every ``CLEANUP_EVERY_S``."""
+    from service.jobs import CLEANUP_EVERY_S
+
+    while True:
+        try:
+            await resume_account_jobs(app.state, state, embedded=False)
+        except Exception as exc:  # Redis away: the next round tries again
+            log.warning("resuming account backtests failed (%s)", type(exc).__name__)
+        await asyncio.sleep(CLEANUP_EVERY_S)
 
 
 async def _listen_published(app: Litestar, settings: Settings) -> None:

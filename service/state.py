@@ -55,11 +55,14 @@ from service.settings import Settings
 T = TypeVar("T")
 
 NAMESPACES = ("jobs", "results", "datasets", "published", "dedup", "index", "progress",
-              "accountjobs")
+              "accountjobs", "accountspecs", "accountleases")
 #: Namespaces written through to the durable table in Redis mode.
-DURABLE_NAMESPACES = ("jobs", "results", "dedup", "accountjobs")
+DURABLE_NAMESPACES = ("jobs", "results", "dedup", "accountjobs", "accountspecs")
 #: Redis set of active job ids (Redis mode; a cache of the durable table's ``active`` rows).
 ACTIVE_KEY = "marginlab:active-jobs"
+#: Kinds of job with an active set of their own: calibrations (``jobs``) and account
+#: backtests (``accountjobs``).
+JOB_KINDS = ("jobs", "accountjobs")
 
 
 def jobs_db_url(settings: Settings) -> str:
@@ -323,41 +326,52 @@ class State:
     async def delete(self, namespace: str, key: str) -> None:
         await self.stores[namespace].delete(key)
 
-    def _active_dir(self) -> Path:
+    @staticmethod
+    def _active_names(kind: str) -> tuple[str, str, str]:
+        """(directory, durable namespace, Redis set) of the active set of ``kind``."""
+        assert kind in JOB_KINDS
+        if kind == "jobs":  # the calibrations' names, as before account jobs had a set
+            return "active-jobs", "active", ACTIVE_KEY
+        return f"active-{kind}", f"active-{kind}", f"{ACTIVE_KEY}:{kind}"
+
+    def _active_dir(self, kind: str = "jobs") -> Path:
         assert isinstance(self.root, FileStore)
-        path = Path(self.root.path) / "active-jobs"
+        path = Path(self.root.path) / self._active_names(kind)[0]
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    async def add_active(self, job_id: str) -> None:
-        """Remember a queued or running job (until ``drop_active``)."""
+    async def add_active(self, job_id: str, kind: str = "jobs") -> None:
+        """Remember a queued or running job of ``kind`` (until ``drop_active``)."""
+        _, table, key = self._active_names(kind)
         if isinstance(self.root, RedisStore):
             if self.durable is not None:
-                await anyio.to_thread.run_sync(self.durable.set, "active", job_id, b"", None)
+                await anyio.to_thread.run_sync(self.durable.set, table, job_id, b"", None)
             with contextlib.suppress(*_cache_errors()):
-                await self.root._redis.sadd(ACTIVE_KEY, job_id)
+                await self.root._redis.sadd(key, job_id)
         else:
-            (self._active_dir() / job_id).touch()
+            (self._active_dir(kind) / job_id).touch()
 
-    async def drop_active(self, job_id: str) -> None:
+    async def drop_active(self, job_id: str, kind: str = "jobs") -> None:
         """Forget a job that ended."""
+        _, table, key = self._active_names(kind)
         if isinstance(self.root, RedisStore):
             if self.durable is not None:
-                await anyio.to_thread.run_sync(self.durable.delete, "active", job_id)
+                await anyio.to_thread.run_sync(self.durable.delete, table, job_id)
             with contextlib.suppress(*_cache_errors()):
-                await self.root._redis.srem(ACTIVE_KEY, job_id)
+                await self.root._redis.srem(key, job_id)
         else:
-            (self._active_dir() / job_id).unlink(missing_ok=True)
+            (self._active_dir(kind) / job_id).unlink(missing_ok=True)
 
-    async def active_ids(self) -> list[str]:
-        """Ids of the jobs remembered as active, oldest first where known."""
+    async def active_ids(self, kind: str = "jobs") -> list[str]:
+        """Ids of the jobs of ``kind`` remembered as active, oldest first where known."""
+        _, table, key = self._active_names(kind)
         if self.durable is not None:  # the truth; the Redis set may have been lost
-            return await anyio.to_thread.run_sync(self.durable.keys, "active")
+            return await anyio.to_thread.run_sync(self.durable.keys, table)
         if isinstance(self.root, RedisStore):
-            members = await self.root._redis.smembers(ACTIVE_KEY)
+            members = await self.root._redis.smembers(key)
             return sorted(m.decode() if isinstance(m, bytes) else m for m in members)
         found = []
-        for path in self._active_dir().iterdir():
+        for path in self._active_dir(kind).iterdir():
             try:
                 found.append((path.stat().st_mtime, path.name))
             except FileNotFoundError:  # dropped meanwhile

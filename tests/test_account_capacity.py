@@ -163,11 +163,12 @@ def test_capacity_settings_are_validated_naming_the_field() -> None:
                        ({"max_liquidations_per_bar": 1.5}, "max_liquidations_per_bar"),
                        ({"max_liquidation_notional_per_bar": -1},
                         "max_liquidation_notional_per_bar"),
-                       ({"queue_order": "random"}, "queue_order"),
-                       ({"mode": "portfolio", "max_liquidations_per_bar": 3}, "policy")):
+                       ({"queue_order": "random"}, "queue_order")):
         with pytest.raises(InvalidParameters) as info:
             AccountConfig.from_mapping(raw)
         assert info.value.field == f"liquidation.{field}"
+    assert AccountConfig.from_mapping({"mode": "portfolio",
+                                       "max_liquidations_per_bar": 3}).capacity_limited
     with pytest.raises(InvalidParameters) as info:
         parse_capacities("1,x")
     assert info.value.field == "frontier"
