@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -195,6 +196,14 @@ class AccountBacktestRequest(msgspec.Struct, frozen=True, kw_only=True,
         "haircuts, upnl_weight"))] = {}
     stress_windows: Annotated[list[StressWindowSpec] | None, _M(
         description="named windows (null: the domain's crash episodes)")] = None
+    frontier: Annotated[list[Annotated[float, _M(gt=0)] | None], _M(
+        min_length=1, max_length=32, description=(
+            "the throughput-insolvency frontier's capacities (null: no limit), e.g. "
+            "[1, 2, 5, 10, null]: the report's frontier then has one row per capacity (the "
+            "same path replayed at each)"))] | None = None
+    frontier_kind: Annotated[Literal["accounts", "notional"], _M(description=(
+        "what the frontier's capacities limit: accounts starting a close-out per bar, or "
+        "USD notional of close-outs started per bar"))] = "accounts"
 
 
 #: Largest account backtest run as a job, bars summed over the instruments (above
@@ -243,6 +252,8 @@ def _prepare(body: AccountBacktestRequest, settings: Settings
     population = (PopulationSpec.from_mapping(body.population)
                   if body.population is not None else None)
     make_model(body.model, body.params)  # refused now, not as a failed job
+    frontier = (None if body.frontier is None else
+                [math.inf if c is None else float(c) for c in body.frontier])
     windows = (DEFAULT_STRESS_WINDOWS if body.stress_windows is None else
                tuple(StressWindow.from_dates(w.name, w.start, w.end)
                      for w in body.stress_windows))
@@ -252,7 +263,9 @@ def _prepare(body: AccountBacktestRequest, settings: Settings
                                          population=population, config=config,
                                          stress_windows=windows,
                                          portfolio_model=body.portfolio_model,
-                                         portfolio_params=body.portfolio_params or None)
+                                         portfolio_params=body.portfolio_params or None,
+                                         frontier=frontier,
+                                         frontier_kind=body.frontier_kind)
         return report
 
     return run, total
@@ -431,6 +444,7 @@ class AccountController(Controller):
                       "healthy-leg liquidations, accounts saved by cross, overall and per "
                       "stress window, and every account's outcome. Validated before "
                       "anything runs. Up to MARGINLAB_MAX_SYNC_BARS bars (all instruments) "
+                      "(times the replays a `frontier` asks for, one per capacity, plus one) "
                       "the report is the answer (200); above, a job (202, its status at "
                       "`status_url` and in Location); above "
                       f"{MAX_JOB_BARS:,} bars refused with 413.",
@@ -443,7 +457,9 @@ class AccountController(Controller):
                                ) -> Response[AccountBacktestReport | AccountBacktestJob]:
         settings: Settings = request.app.state.settings
         run, total = await anyio.to_thread.run_sync(_prepare, data, settings)
-        if total <= settings.max_sync_bars:
+        # A frontier replays the path once per capacity besides the run itself.
+        replays = 1 + (len(data.frontier) if data.frontier else 0)
+        if total * replays <= settings.max_sync_bars:
             report = await anyio.to_thread.run_sync(run)
             return Response(report, status_code=200)
         job_id = uuid.uuid4().hex

@@ -113,6 +113,8 @@ class AccountBacktestReport(msgspec.Struct, frozen=True, kw_only=True):
             limit, USD).
         frontier: when asked, the throughput–insolvency frontier: one row per capacity
             (``calibration.accounts.capacity_frontier``).
+        frontier_kind: what the frontier's capacities limit: ``accounts`` (close-outs
+            started per bar) or ``notional`` (USD of close-outs started per bar).
     """
 
     engine_version: str
@@ -137,6 +139,7 @@ class AccountBacktestReport(msgspec.Struct, frozen=True, kw_only=True):
     accounts_by_mode: dict[str, AccountFigures] | None = None
     queue: dict[str, Any] | None = None
     frontier: list[dict[str, Any]] | None = None
+    frontier_kind: str | None = None
 
 
 def run_account_backtest(
@@ -266,6 +269,7 @@ def run_account_backtest(
                            for k, v in portfolio.get_params().items()}
                           if portfolio is not None else None),
         queue=queue, frontier=frontier_rows,
+        frontier_kind=frontier_kind if frontier_rows is not None else None,
         accounts_by_mode={m: AccountFigures(window="all", **f)
                           for m, f in result.summary_by_mode().items()},
     )
