@@ -233,6 +233,25 @@ def _cmd_backtest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_accounts_replay(args: argparse.Namespace) -> int:
+    import shlex
+
+    from calibration.accounts import replay
+
+    chosen = replay(args.name)
+    rest = list(args.rest or [])
+    # After the name everything is passed on, except this command's own flag.
+    print_command = args.print_command or "--print-command" in rest
+    argv = chosen.arguments() + [a for a in rest if a != "--print-command"]
+    if print_command:
+        print("marginlab " + " ".join(shlex.quote(a) for a in argv))
+        return 0
+    print(f"replay {chosen.name}: {chosen.description}", file=sys.stderr)
+    nested = build_parser().parse_args(argv)
+    code: int = nested.func(nested)
+    return code
+
+
 def _cmd_accounts_backtest(args: argparse.Namespace) -> int:
     from calibration.accounts import (
         AccountConfig,
@@ -649,6 +668,22 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also write the HTML report (charts of bad debt and contagion per "
                          "window, the worst accounts, the insurance fund) to FILE")
     ab.set_defaults(func=_cmd_accounts_backtest, align=False)
+    ar = ac_sub.add_parser(
+        "replay", help="replay a real stress day (2025-10-10, 2020-03-12, luna-2022-05)",
+        description=(
+            "A real stress day as an account backtest with fixed, documented arguments "
+            "(calibration.accounts.REPLAYS) over the shared data set; set MARGINLAB_DATA_ROOT "
+            "to it (e.g. ../shared/data). Replays: 2025-10-10 (Binance BTC/ETH perpetuals, "
+            "order-book depth bands), 2020-03-12 (Black Thursday, hourly), luna-2022-05. "
+            "Arguments after the name (--json, --report FILE, --frontier ..., --policy ...) "
+            "go to accounts backtest."),
+    )
+    ar.add_argument("name", help="2025-10-10, 2020-03-12 or luna-2022-05")
+    ar.add_argument("--print-command", action="store_true",
+                    help="print the equivalent marginlab accounts backtest command and stop")
+    ar.add_argument("rest", nargs=argparse.REMAINDER,
+                    help="further accounts backtest arguments")
+    ar.set_defaults(func=_cmd_accounts_replay)
 
     from calibration.storage import DEFAULT_STORAGE
 

@@ -38,6 +38,7 @@ from calibration.accounts._portfolio_coverage import (
     long_short_book,
     portfolio_coverage,
 )
+from calibration.accounts._replays import REPLAYS, Replay, replay
 from calibration.accounts._report import (
     AccountBacktestReport,
     AccountFigures,
@@ -60,6 +61,7 @@ __all__ = [
     "MARGIN_MODES",
     "POLICIES",
     "QUEUE_ORDERS",
+    "REPLAYS",
     "STABLE_ASSETS",
     "Account",
     "AccountBacktestReport",
@@ -73,6 +75,7 @@ __all__ = [
     "PopulationSpec",
     "PortfolioBook",
     "PortfolioCoverage",
+    "Replay",
     "Requirement",
     "accounts_from_records",
     "basket_book",
@@ -87,6 +90,7 @@ __all__ = [
     "portfolio_coverage",
     "queue_figures",
     "render_account_report",
+    "replay",
     "requirements_now",
     "run_account_backtest",
     "simulate_accounts",
