@@ -129,6 +129,23 @@ def test_funding_settles_on_the_current_notional() -> None:
     assert _run(market, [short], funding=True).trigger_bar.tolist() == [-1]  # shorts receive
 
 
+def test_bars_without_a_fresh_depth_snapshot_read_the_volume_depth() -> None:
+    """The book depth covers bars 0-2 only (NaN after: no fresh snapshot). The close-out at
+    bar 3 reads the volume-based depth instead — 500 units × 80 traded in the bar, times
+    1,440 one-minute bars a day, times a fraction of 1/1,440 = 40,000 — so the slippage is
+    the 40,000-depth case's by hand: 0.01·√(10,000 / 40,000) = 0.5% of the 8,000 fill = 40;
+    bad debt 1,040 (before, the NaN depth slipped 100%: 9,000)."""
+    depth = np.array([40_000.0] * 3 + [np.nan] * 3)
+    a = _bars("AUSDT", [FLAT] * 3 + [(80,) * 4] * 3, bid_depth_usd=depth,
+              ask_depth_usd=depth, volume=np.array([500.0] * 6))
+    market = Market.from_series([a])
+    acc = Account(id="i", entry_ms=T0 + 2 * MIN, collateral={"USDT": 1_000.0},
+                  positions={"AUSDT": 10_000.0})
+    r = _run(market, [acc], impact_coef=0.01, adv_window_bars=1,
+             depth_fraction_of_adv=1 / 1_440)
+    assert r.bad_debt_usd.tolist() == pytest.approx([1_040.0])
+
+
 def test_impact_per_instrument_from_depth() -> None:
     """Long 10,000 at 100 closed at 80 against 40,000 of bid depth: slippage 0.01·√¼ = 0.5%
     of 8,000 = 40; equity 1,000 − 2,000 − 40 = −1,040. A short on B with 10,000 of ask depth

@@ -783,21 +783,32 @@ def _mechanics(market: Market, config: AccountConfig,
         if config.funding and bars.funding_rate is not None:
             funding[i] = np.cumsum(np.asarray(bars.funding_rate, dtype=np.float64)
                                    * bars.close)
-        if bars.bid_depth_usd is not None and bars.ask_depth_usd is not None:
-            bid[i] = bars.bid_depth_usd
-            ask[i] = bars.ask_depth_usd
-            continue
         traded = bars.traded_usd()
-        if traded is None:
+        from_volume = (None if traded is None else trailing_mean(
+            np.ascontiguousarray(traded, dtype=np.float64), int(config.adv_window_bars),
+            86_400.0 / bars.bar_seconds * float(config.depth_fraction_of_adv)))
+        if bars.bid_depth_usd is not None and bars.ask_depth_usd is not None:
+            # Bars without a fresh snapshot (NaN: before the first, or stale) read the
+            # volume-based depth, as domain.md §1 says consumers do.
+            book_bid = np.asarray(bars.bid_depth_usd, dtype=np.float64)
+            book_ask = np.asarray(bars.ask_depth_usd, dtype=np.float64)
+            gaps = np.isnan(book_bid) | np.isnan(book_ask)
+            if gaps.any() and from_volume is None and needs_depth:
+                raise DataError(f"{bars.instrument!r}: {int(gaps.sum())} bars have no fresh "
+                                "order-book snapshot and the bars have no volume to fall back "
+                                "on; cut the range to the depth file's span")
+            fill = from_volume if from_volume is not None else np.zeros(n)
+            bid[i] = np.where(np.isnan(book_bid), fill, book_bid)
+            ask[i] = np.where(np.isnan(book_ask), fill, book_ask)
+            continue
+        if from_volume is None:
             if needs_depth:
                 raise DataError(f"market impact and cascades need order-book depth or volume; "
                                 f"{bars.instrument!r} has neither (set impact_coef=0 and "
                                 "cascade=false)")
             continue
-        bid[i] = trailing_mean(np.ascontiguousarray(traded, dtype=np.float64),
-                               int(config.adv_window_bars),
-                               86_400.0 / bars.bar_seconds * float(config.depth_fraction_of_adv))
-        ask[i] = bid[i]
+        bid[i] = from_volume
+        ask[i] = from_volume
     steps = math.ceil(1.0 / float(config.partial_fraction) - 1e-9)
     return Mechanics(
         funding_cum=funding, bid_depth=bid, ask_depth=ask,
