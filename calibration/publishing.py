@@ -28,7 +28,8 @@ from calibration.horizon import DEFAULT_HORIZON, to_bars
 from calibration.models import LiquidityAddon, TieredMargin, make_model
 from calibration.models._liquidity import ADDON_PARAMS
 
-RuleKind = Literal["absolute", "relative", "elementwise_relative", "fixed"]
+RuleKind = Literal["absolute", "relative", "elementwise_relative", "elementwise_absolute",
+                   "fixed"]
 
 #: Rounding slack of the boundary: a change equal to the limit up to float error is allowed.
 _EPS = 1e-9
@@ -42,7 +43,8 @@ class ChangeRule:
         kind: ``absolute``: ``|new - old| <= limit`` in the parameter's units;
             ``relative``: ``|new - old| / |old| <= limit`` (a fraction: 0.25 = 25%);
             ``elementwise_relative``: the relative rule on every element of a list of the
-            same length; ``fixed``: the value may not change in an update at all.
+            same length; ``elementwise_absolute``: the absolute rule on every element;
+            ``fixed``: the value may not change in an update at all.
         limit: the largest change (units as ``kind`` says; unused for ``fixed``).
     """
 
@@ -79,7 +81,32 @@ DEFAULT_RULES: dict[str, ChangeRule] = {
     "addon_coef": ChangeRule("absolute", 0.05),
     "addon_exponent": ChangeRule("absolute", 0.1),
     "adv_window_bars": ChangeRule("relative", 0.5),
+    # collateral haircut schedules (model "haircuts"): the value ratio of every band moves
+    # at most Aave's risk-steward LTV cap per update (venues.md §3: 0.25% absolute, AV5)
+    "caps_usd": ChangeRule("elementwise_relative", 0.5),
+    "ratios": ChangeRule("elementwise_absolute", 0.0025),
+    # the liquidation engine (model "liquidation_engine", domain.md §10); names not listed
+    # here (mode, policy, queue order, switches) may not change in an update
+    "holding_bars": ChangeRule("relative", 0.5),
+    "latency_bars": ChangeRule("absolute", 1.0),
+    "spread_rate": ChangeRule("absolute", 0.001),
+    "liquidation_fee_rate": ChangeRule("absolute", 0.0025),
+    "insurance_fund_usd": ChangeRule("relative", 0.5),
+    "impact_coef": ChangeRule("absolute", 0.05),
+    "impact_exponent": ChangeRule("absolute", 0.1),
+    "depth_fraction_of_adv": ChangeRule("relative", 0.5),
+    "cascade_kappa": ChangeRule("absolute", 0.05),
+    "upnl_weight": ChangeRule("absolute", 0.1),
+    "partial_fraction": ChangeRule("absolute", 0.1),
+    "cooldown_bars": ChangeRule("relative", 0.5),
+    "max_liquidations_per_bar": ChangeRule("relative", 0.5),
+    "max_liquidation_notional_per_bar": ChangeRule("relative", 0.5),
 }
+
+#: Parameter sets published beside margin models, through the same guardrails and audit:
+#: a collateral asset's haircut schedule (``{"caps_usd": [...], "ratios": [...]}``, domain.md
+#: §9) and the liquidation engine's settings (scalar ``AccountConfig`` fields, §10).
+PUBLISHED_KINDS = ("haircuts", "liquidation_engine")
 
 #: The default limits alone (what ``MARGINLAB_GUARDRAILS``'s ``max_change`` overrides).
 DEFAULT_MAX_CHANGE: dict[str, float] = {n: r.limit for n, r in DEFAULT_RULES.items()}
@@ -155,11 +182,12 @@ def measure_change(old: Any, new: Any, rule: ChangeRule) -> Move:
         return Move(1.0, 0.0, False)
     if old is None or new is None:  # a default that could not be resolved: not measurable
         return Move(math.inf, rule.limit, False)
-    if rule.kind == "elementwise_relative":
+    if rule.kind in ("elementwise_relative", "elementwise_absolute"):
         olds, news = list(old), list(new)
         if len(olds) != len(news):
             return Move(math.inf, rule.limit, False)
-        actual = max((_relative(float(a), float(b)) for a, b in zip(olds, news, strict=True)),
+        step = _relative if rule.kind == "elementwise_relative" else _absolute
+        actual = max((step(float(a), float(b)) for a, b in zip(olds, news, strict=True)),
                      default=0.0)
         return Move(actual, rule.limit, actual <= rule.limit + _EPS)
     a, b = float(old), float(new)
@@ -178,6 +206,10 @@ def _same(old: Any, new: Any) -> bool:
                 and len(old) == len(new) and all(float(a) == float(b)
                                                  for a, b in zip(old, new, strict=True)))
     return float(old) == float(new)
+
+
+def _absolute(old: float, new: float) -> float:
+    return abs(new - old) if math.isfinite(old) and math.isfinite(new) else math.inf
 
 
 def _relative(old: float, new: float) -> float:
@@ -200,9 +232,14 @@ def effective_params(model: str, params: Mapping[str, Any], *,
     ``stress_lookback_bars``: a year); without it they stay ``None``, a value of its own
     that only an unchanged ``None`` matches.
 
+    ``haircuts`` and ``liquidation_engine`` (``PUBLISHED_KINDS``) are validated as the account
+    engine reads them, with the engine's defaults filled in.
+
     Raises:
         InvalidParameters: parameters the family refuses.
     """
+    if model in PUBLISHED_KINDS:
+        return _effective_kind(model, params)
     built = make_model(model, params)
     out = built.get_params()
     if not isinstance(built, LiquidityAddon):
@@ -225,6 +262,32 @@ def effective_params(model: str, params: Mapping[str, Any], *,
         if "stress_lookback_bars" in out and out["stress_lookback_bars"] is None:
             out["stress_lookback_bars"] = max(1, 365 * 86_400 // bar_seconds)
     return out
+
+
+def _effective_kind(kind: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    from calibration._errors import InvalidParameters
+    from calibration.accounts import AccountConfig
+
+    if kind == "haircuts":
+        unknown = set(params) - {"caps_usd", "ratios"}
+        if unknown or "ratios" not in params:
+            raise InvalidParameters("a haircut schedule is {caps_usd: [USD, increasing], "
+                                    "ratios: [one more fraction in [0, 1]]}"
+                                    + (f"; unknown {sorted(unknown)}" if unknown else ""),
+                                    field="params")
+        config = AccountConfig.from_mapping({"haircuts": {"ASSET": dict(params)}})
+        schedule = config.haircuts["ASSET"]
+        return {"caps_usd": [float(c) for c in schedule.caps_usd],
+                "ratios": [float(r) for r in schedule.ratios]}
+    for name, value in params.items():
+        if isinstance(value, Mapping | list | tuple):
+            raise InvalidParameters(f"liquidation_engine: {name} is not a single value "
+                                    "(publish haircut schedules as model haircuts, one "
+                                    "collateral asset each)", field=f"params.{name}")
+    config = AccountConfig.from_mapping(dict(params))
+    return {name: getattr(config, name) for name in config.__dataclass_fields__
+            if isinstance(getattr(config, name), bool | int | float | str)
+            or getattr(config, name) is None}
 
 
 @dataclass(frozen=True)
@@ -396,6 +459,9 @@ def clamp_to_guardrails(previous: Mapping[str, Any], new: Mapping[str, Any],
         elif rule.kind == "relative":
             out[name] = _clamp_relative(float(old), float(cur), rule.limit,
                                         integer=isinstance(old, int) or isinstance(cur, int))
+        elif rule.kind == "elementwise_absolute":
+            out[name] = [min(max(float(b), float(a) - rule.limit), float(a) + rule.limit)
+                         for a, b in zip(old, cur, strict=True)]
         else:
             out[name] = [_clamp_relative(float(a), float(b), rule.limit, integer=False)
                          for a, b in zip(old, cur, strict=True)]

@@ -31,6 +31,7 @@ from calibration.accounts import (
 )
 from calibration.calibrate import load_data_ref
 from calibration.models import make_model
+from calibration.publishing import PUBLISHED_KINDS
 from calibration.spec import DataRefSpec, Instrument, StressWindowSpec
 from calibration.windows import DEFAULT_STRESS_WINDOWS, StressWindow
 from service import examples
@@ -133,6 +134,9 @@ def _margin(body: MarginRequest, published: dict[str, PublishedParameters],
     used: dict[str, ParametersUsed] = {}
     for name, pub in published.items():
         mine = code_arr == codes[name]
+        if pub.model in PUBLISHED_KINDS:  # a haircut schedule or engine settings, no model
+            raise InvalidParameters(f"{name} is published as {pub.model}, not as a margin "
+                                    "model: no requirement to compute", field="accounts")
         model = make_model(pub.model, pub.params)
         bars = None
         if pub.model != "tiered":

@@ -38,8 +38,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from calibration._errors import InvalidParameters, MarginlabError
 from calibration.calibrate import CalibrationResult
-from calibration.models import make_model
-from calibration.publishing import Violation, check_update
+from calibration.publishing import Violation, check_update, effective_params
 from calibration.spec import INSTRUMENT_PATTERN
 from service import examples
 from service.audit import AuditLog, UpdateRecord
@@ -391,7 +390,9 @@ class PublishRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         reason: why, for the audit trail (text).
         calibration_id: publish this calibration's recommendation.
         params: publish these parameters, each in its own units (with ``model``).
-        model: margin model family of ``params``.
+        model: margin model family of ``params``, or ``haircuts`` (a collateral asset's
+            schedule ``{caps_usd, ratios}``) or ``liquidation_engine`` (the engine's scalar
+            settings), published under a key of their own with the same guardrails.
         rollback_to_version: publish this past audit version again.
     """
 
@@ -462,7 +463,8 @@ async def _resolve(svc: State, audit: AuditLog, instrument: str,
     if body.params is not None:
         if body.model is None:
             raise InvalidParameters("params need a model", field="model")
-        make_model(body.model, body.params)  # refuse parameters the model would refuse
+        # refuse parameters the model (or the haircut schedule / engine) would refuse
+        effective_params(body.model, body.params)
         return _Source(body.model, dict(body.params))
     assert body.rollback_to_version is not None
     old = await anyio.to_thread.run_sync(audit.version, instrument, body.rollback_to_version)

@@ -268,3 +268,57 @@ def test_embedded_reads_are_cached_and_see_other_processes_writes(
         assert reads == before
         assert _publish(b, params={"decay": 0.975}).status_code == 201
         assert a.get("/v1/recommendations/BTC").json()["version"] == 2
+
+
+def test_haircut_schedules_and_engine_settings_publish_through_the_guardrails(
+        client: TestClient[Any]) -> None:
+    """A collateral haircut schedule and the liquidation engine's settings publish, audit
+    and roll back like model parameters, under the same guardrails: a band's ratio moves at
+    most 0.25 percentage points per update (Aave's steward cap on LTV, venues.md §3), the
+    engine's capacity at most 50%, its policy not at all; malformed ones are refused naming
+    the field, and /v1/margin refuses to read a key that holds no margin model."""
+    def post(key: str, model: str, params: dict[str, Any]) -> Any:
+        return client.post(f"/v1/recommendations/{key}",
+                           json={"model": model, "reason": REASON, "params": params})
+
+    schedule = {"caps_usd": [1_000_000, 5_000_000], "ratios": [0.95, 0.9, 0.8]}
+    assert post("BTC-HAIRCUTS", "haircuts", schedule).status_code == 201
+    # 0.9 -> 0.8975 is 0.25 points: allowed (the boundary); 0.8 -> 0.79 is 1 point: refused
+    ok = post("BTC-HAIRCUTS", "haircuts", {**schedule, "ratios": [0.95, 0.8975, 0.8]})
+    assert ok.status_code == 201, ok.text
+    assert ok.json()["version"] == 2
+    far = post("BTC-HAIRCUTS", "haircuts", {**schedule, "ratios": [0.95, 0.8975, 0.79]})
+    assert far.status_code == 422
+    violation = far.json()["violations"][0]
+    assert violation["parameter"] == "ratios"
+    assert violation["rule"] == "elementwise_absolute"
+    assert violation["actual"] == pytest.approx(0.01)
+    assert violation["excess"] == pytest.approx(0.0075)
+    assert client.get("/v1/recommendations/BTC-HAIRCUTS").json()["params"]["ratios"] == \
+        [0.95, 0.8975, 0.8]
+    bad = post("ETH-HAIRCUTS", "haircuts", {"caps_usd": [5, 1], "ratios": [1, 0.9, 0.8]})
+    assert bad.status_code == 422
+    assert "caps_usd" in bad.json()["field"]
+
+    engine = {"max_liquidations_per_bar": 20, "partial_fraction": 0.2, "policy": "partial"}
+    assert post("ENGINE", "liquidation_engine", engine).status_code == 201
+    faster = post("ENGINE", "liquidation_engine", {**engine, "max_liquidations_per_bar": 30})
+    assert faster.status_code == 201, faster.text
+    doubled = post("ENGINE", "liquidation_engine", {**engine, "max_liquidations_per_bar": 60})
+    assert doubled.status_code == 422
+    assert doubled.json()["violations"][0]["parameter"] == "max_liquidations_per_bar"
+    switched = post("ENGINE", "liquidation_engine", {**engine, "max_liquidations_per_bar": 30,
+                                                     "policy": "close_all"})
+    assert switched.status_code == 422
+    assert switched.json()["violations"][0]["parameter"] == "policy"
+    nested = post("ENGINE2", "liquidation_engine", {"haircuts": {"BTC": 0.9}})
+    assert nested.status_code == 422
+    assert nested.json()["field"] == "params.haircuts"
+    unknown = post("ENGINE2", "liquidation_engine", {"capacity": 3})
+    assert unknown.status_code == 422
+    assert unknown.json()["field"] == "liquidation.capacity"
+
+    margin = client.post("/v1/margin", json={"accounts": [
+        {"id": "a", "positions": {"ENGINE": 5000}, "equity_usd": 1000}]})
+    assert margin.status_code == 422
+    assert "not as a margin model" in margin.json()["detail"]

@@ -290,3 +290,29 @@ def test_clamp_moves_at_most_max_change() -> None:
     assert check(old, clamped) == []
     only = clamp_to_guardrails(old, rec, RAILS, model="ewma", parameters=["decay"])
     assert only["floor_rate"] == 0.02
+
+
+def test_elementwise_absolute_rule_by_hand() -> None:
+    """Haircut ratios move at most 0.25 points per band: [0.95, 0.9] → [0.949, 0.8975] moves
+    0.001 and 0.0025 (allowed, the boundary); → [0.95, 0.89] moves 0.01 (excess 0.0075);
+    a different number of bands cannot be measured. Clamping keeps each band within reach."""
+    from calibration.publishing import (
+        ChangeRule,
+        Guardrails,
+        clamp_to_guardrails,
+        measure_change,
+    )
+
+    rule = ChangeRule("elementwise_absolute", 0.0025)
+    ok = measure_change([0.95, 0.9], [0.949, 0.8975], rule)
+    assert ok.allowed
+    assert ok.actual == pytest.approx(0.0025)
+    far = measure_change([0.95, 0.9], [0.95, 0.89], rule)
+    assert not far.allowed
+    assert far.actual == pytest.approx(0.01)
+    assert far.excess == pytest.approx(0.0075)
+    assert not measure_change([0.95, 0.9], [0.95, 0.9, 0.8], rule).allowed
+    clamped = clamp_to_guardrails({"caps_usd": [1e6], "ratios": [0.95, 0.9]},
+                                  {"caps_usd": [1e6], "ratios": [0.99, 0.85]},
+                                  guardrails=Guardrails(), model="haircuts")
+    assert clamped["ratios"] == pytest.approx([0.9525, 0.8975])
