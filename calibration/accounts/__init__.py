@@ -26,6 +26,7 @@ from calibration.accounts._engine import (
     simulate_accounts,
     windows_summary,
 )
+from calibration.accounts._haircut_coverage import HaircutCoverage, haircut_coverage
 from calibration.accounts._kernel_mech import POLICIES, QUEUE_ORDERS
 from calibration.accounts._market import STABLE_ASSETS, Market, underlying_of
 from calibration.accounts._policies import compare_policies, least_loss
@@ -71,6 +72,7 @@ __all__ = [
     "AccountResult",
     "AccountRow",
     "BreachAttribution",
+    "HaircutCoverage",
     "Market",
     "PopulationSpec",
     "PortfolioBook",
@@ -83,6 +85,7 @@ __all__ = [
     "carry_book",
     "compare_policies",
     "generate_population",
+    "haircut_coverage",
     "least_loss",
     "load_accounts",
     "long_short_book",
