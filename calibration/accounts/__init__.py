@@ -26,6 +26,10 @@ from calibration.accounts._engine import (
     simulate_accounts,
     windows_summary,
 )
+from calibration.accounts._haircut_calibration import (
+    HaircutTierCalibration,
+    calibrate_haircut_tiers,
+)
 from calibration.accounts._haircut_coverage import HaircutCoverage, haircut_coverage
 from calibration.accounts._kernel_mech import POLICIES, QUEUE_ORDERS
 from calibration.accounts._market import STABLE_ASSETS, Market, underlying_of
@@ -73,6 +77,7 @@ __all__ = [
     "AccountRow",
     "BreachAttribution",
     "HaircutCoverage",
+    "HaircutTierCalibration",
     "Market",
     "PopulationSpec",
     "PortfolioBook",
@@ -81,6 +86,7 @@ __all__ = [
     "Requirement",
     "accounts_from_records",
     "basket_book",
+    "calibrate_haircut_tiers",
     "capacity_frontier",
     "carry_book",
     "compare_policies",
