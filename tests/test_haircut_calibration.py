@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def test_tiers_on_october_2025_are_monotone_and_pass_their_coverage_test(
     assert result.schedule is not None
     assert result.feasible_trials > 0
     ratios = result.schedule.ratios
-    assert all(b <= a for a, b in zip(ratios, ratios[1:], strict=False))
+    assert all(b <= a for a, b in itertools.pairwise(ratios))
     assert 0 <= ratios[-1] <= ratios[0] <= 1
     again = haircut_coverage(bars, result.schedule, holdings_usd=result.holdings_usd,
                              liquidation_bars=12, stress_windows=crash, **settings)
