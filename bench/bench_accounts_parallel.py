@@ -13,9 +13,9 @@ child only replays its half's arrays and never walks the accounts' Python object
 reference counts would copy their pages into it). Wall time from the fork to the last
 child's exit, against one process replaying the whole book; best of ``REPEATS``. The one
 process replaying the plain account list (arrays built inside the call) is shown too.
-Each child also reports the wall and CPU time of its replay: on a machine whose cores are
-busy with other work the wall ratio measures the contention, the CPU ratio the split. Peak
-RSS of the parent and of the largest child.
+Each child also reports the wall and CPU time of its replay, and its minor page faults: on a
+machine whose cores are busy with other work the wall ratio measures the contention, the CPU
+ratio the split. Peak RSS of the parent and of the largest child.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def main() -> None:
         one_list = min(one_list, time.perf_counter() - t0)
 
     two = float("inf")
-    inside: list[tuple[float, float]] = []
+    inside: list[tuple[float, float, int]] = []
     for _ in range(REPEATS):
         t0 = time.perf_counter()
         pids = []
@@ -62,10 +62,12 @@ def main() -> None:
             if pid == 0:  # the child: replay its half, leave without the parent's cleanup
                 code = 0
                 try:
+                    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                     c0, w0 = time.process_time(), time.perf_counter()
                     simulate_accounts(market, model, half, config)
-                    os.write(write, f"{time.perf_counter() - w0} {time.process_time() - c0}"
-                             .encode())
+                    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+                    os.write(write, f"{time.perf_counter() - w0} {time.process_time() - c0} "
+                             f"{faults}".encode())
                 except BaseException:
                     code = 1
                 os._exit(code)
@@ -78,9 +80,9 @@ def main() -> None:
         elapsed = time.perf_counter() - t0
         reports = []
         for read in pipes:
-            wall_s, cpu_s = os.read(read, 100).decode().split()
+            wall_s, cpu_s, faults = os.read(read, 100).decode().split()
             os.close(read)
-            reports.append((float(wall_s), float(cpu_s)))
+            reports.append((float(wall_s), float(cpu_s), int(faults)))
         if elapsed < two:
             two, inside = elapsed, reports
     c0 = time.process_time()
@@ -96,11 +98,11 @@ def main() -> None:
     print(f"{WORKERS} processes, half each (fork to last exit): {two:.3f} s")
     print(f"ratio: {two / one:.3f} (target <= 0.55): {'met' if two / one <= 0.55 else 'NOT met'}")
     print("inside each child (replay only): " + "; ".join(
-        f"wall {w:.3f} s, CPU {c:.3f} s" for w, c in inside)
+        f"wall {w:.3f} s, CPU {c:.3f} s, {f:,} minor page faults" for w, c, f in inside)
         + f"; one process CPU for all: {one_cpu:.3f} s")
     # CPU time does not count the time a process waits for a core: on a machine shared with
     # other work this is the ratio two free cores would give (fork and page faults included).
-    print(f"largest child CPU / one process CPU: {max(c for _, c in inside) / one_cpu:.3f}")
+    print(f"largest child CPU / one process CPU: {max(c for _, c, _ in inside) / one_cpu:.3f}")
     print(f"load average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"peak RSS: parent {parent_mb:,.0f} MB, largest child {child_mb:,.0f} MB")
 
