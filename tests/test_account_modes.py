@@ -237,3 +237,18 @@ def test_run_account_backtest_reports_accounts_by_mode() -> None:
     assert report.accounts_by_mode["isolated"].bad_debt_usd == pytest.approx(1000.0)
     assert report.summary[0].bad_debt_usd == pytest.approx(1000.0)
     assert report.summary[0].accounts == 2
+
+
+def test_compare_policies_counts_each_account_under_its_mode() -> None:
+    """The hedge book in cross (never liquidated) and isolated (its long twin, 100 units,
+    closed at 80 at bar 3): under every policy one step, 8,000 USD of closed notional and
+    the twin's 1,000 of bad debt."""
+    from calibration.accounts import compare_policies
+
+    rows = compare_policies(_hedge_market(), make_model("tiered", FLAT_1PCT),
+                            [_hedge("c", None), _hedge("i", "isolated")],
+                            AccountConfig(holding_bars=3, latency_bars=0))
+    for row in rows:
+        assert row["liquidation_steps"] == 1, row
+        assert row["liquidated_notional_usd"] == pytest.approx(8000.0), row
+        assert row["bad_debt_usd"] == pytest.approx(1000.0), row
