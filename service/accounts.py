@@ -185,13 +185,15 @@ class AccountBacktestRequest(msgspec.Struct, frozen=True, kw_only=True,
     params: Annotated[dict[str, Any], _M(description="the family's parameters")] = {}
     accounts: Annotated[list[dict[str, Any]], _M(max_length=100_000, description=(
         "accounts: {id, entry (ISO time or epoch ms), collateral {asset: units}, positions "
-        "{instrument: signed USD notional}}, at most 100,000"))] | None = None
+        "{instrument: signed USD notional}, mode (optional: cross, isolated or portfolio; "
+        "absent: the request's mode)}, at most 100,000"))] | None = None
     population: Annotated[dict[str, Any] | None, _M(
-        description="a seeded population (PopulationSpec fields) instead of accounts")] = None
+        description="a seeded population (PopulationSpec fields, modes for a seeded mix of "
+                    "margin modes) instead of accounts")] = None
     mode: Annotated[Literal["cross", "isolated", "portfolio"], _M(
-        description="margin mode of every account")] = "cross"
+        description="margin mode of every account that names none")] = "cross"
     portfolio_model: Annotated[str | None, _M(description=(
-        "portfolio mode: the scenario model (grid, historical, or a preset such as "
+        "accounts in portfolio mode: the scenario model (grid, historical, or a preset such as "
         "deribit_pme_2024 or paradex)"))] = None
     portfolio_params: Annotated[dict[str, Any], _M(
         description="portfolio mode: the scenario model's parameters")] = {}

@@ -237,3 +237,57 @@ def test_run_account_backtest_reports_accounts_by_mode() -> None:
     assert report.accounts_by_mode["isolated"].bad_debt_usd == pytest.approx(1000.0)
     assert report.summary[0].bad_debt_usd == pytest.approx(1000.0)
     assert report.summary[0].accounts == 2
+
+
+def test_compare_policies_counts_each_account_under_its_mode() -> None:
+    """The hedge book in cross (never liquidated) and isolated (its long twin, 100 units,
+    closed at 80 at bar 3): under every policy one step, 8,000 USD of closed notional and
+    the twin's 1,000 of bad debt."""
+    from calibration.accounts import compare_policies
+
+    rows = compare_policies(_hedge_market(), make_model("tiered", FLAT_1PCT),
+                            [_hedge("c", None), _hedge("i", "isolated")],
+                            AccountConfig(holding_bars=3, latency_bars=0))
+    for row in rows:
+        assert row["liquidation_steps"] == 1, row
+        assert row["liquidated_notional_usd"] == pytest.approx(8000.0), row
+        assert row["bad_debt_usd"] == pytest.approx(1000.0), row
+
+
+def test_cli_accounts_with_their_own_modes(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """``marginlab accounts backtest --accounts FILE --json`` with a ``mode`` per account:
+    ``--mode`` is the default of the others, the JSON has each row's mode and
+    ``accounts_by_mode``; a portfolio account without ``--portfolio-model`` exits 2 saying
+    so."""
+    import pandas as pd
+
+    from calibration.cli import main
+
+    for name in ("AUSDT", "BUSDT"):
+        b = series(name, [FLAT] * 3 + [GAP80] * 3)
+        pd.DataFrame({"timestamp_ms": b.timestamp_ms, "open": b.open, "high": b.high,
+                      "low": b.low, "close": b.close}).to_csv(tmp_path / f"{name}.csv",
+                                                               index=False)
+    book = {"entry": T0 + 2 * MIN, "collateral": {"USDT": 2000},
+            "positions": {"AUSDT": 10_000, "BUSDT": -10_000}}
+    (tmp_path / "accounts.json").write_text(json.dumps(
+        [{"id": "c", **book}, {"id": "i", "mode": "isolated", **book}]))
+    (tmp_path / "pm.json").write_text(json.dumps([{"id": "p", "mode": "portfolio", **book}]))
+    monkeypatch.setenv("MARGINLAB_DATA_ROOT", str(tmp_path))
+    args = ["accounts", "backtest", "--data", "AUSDT=AUSDT.csv", "--data", "BUSDT=BUSDT.csv",
+            "--model", "tiered", "--params", json.dumps(FLAT_1PCT), "--liquidation",
+            '{"holding_bars": 3, "latency_bars": 0}', "--no-stress-windows"]
+    assert main([*args, "--accounts", "accounts.json", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [(r["id"], r["mode"], r["liquidated"]) for r in report["accounts"]] == [
+        ("c", "cross", False), ("i", "isolated", True)]
+    assert report["accounts_by_mode"]["isolated"]["bad_debt_usd"] == pytest.approx(1000.0)
+    assert report["accounts_by_mode"]["cross"]["saved_by_cross"] == 1
+    assert main([*args, "--accounts", "pm.json", "--json"]) == 2
+    assert "portfolio mode needs a portfolio model" in capsys.readouterr().err
+    assert main([*args, "--accounts", "pm.json", "--portfolio-model", "deribit_pme_2024",
+                 "--json"]) == 0
+    pm = json.loads(capsys.readouterr().out)
+    assert pm["accounts"][0]["mode"] == "portfolio"
+    assert pm["accounts"][0]["liquidated"] is True

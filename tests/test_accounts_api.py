@@ -201,3 +201,37 @@ def test_account_backtest_above_the_sync_limit_is_a_job(tmp_path: Path) -> None:
         assert bad.status_code == 422
         assert bad.json()["field"] == "liquidation.holding_bars"
         assert c.get("/v1/account-backtests/" + "0" * 32).status_code == 404
+
+
+def test_account_backtest_modes_per_account_over_http(client: TestClient[Any],
+                                                       tmp_path: Path) -> None:
+    """Accounts naming their own mode over HTTP: each row says its mode, ``accounts_by_mode``
+    gives the per-mode figures summing to the overall ones, and a bad mode is a
+    problem+json naming its path."""
+    (tmp_path / "a.csv").write_bytes(bars_csv(600, seed=1))
+    (tmp_path / "b.csv").write_bytes(bars_csv(600, seed=2))
+    from tests.api_helpers import START_MS
+
+    accounts = [{"id": f"x{j}", "entry": START_MS + (50 + 10 * j) * 1_800_000,
+                 "collateral": {"USDT": 500}, "positions": {"AUSDT": 10_000, "BUSDT": -8_000},
+                 **({"mode": "isolated"} if j % 2 else {})} for j in range(20)]
+    body = {"data": [{"instrument": "AUSDT", "ref": "a.csv"},
+                     {"instrument": "BUSDT", "ref": "b.csv"}],
+            "model": "tiered", "params": {"base_mmr": 0.02, "tier_growth": 1.0,
+                                          "bracket_caps_usd": []},
+            "accounts": accounts, "liquidation": {"holding_bars": 200}, "stress_windows": []}
+    r = client.post("/v1/account-backtests", json=body)
+    assert r.status_code == 200, r.text
+    report = r.json()
+    assert [a["mode"] for a in report["accounts"]] == ["cross", "isolated"] * 10
+    by_mode = report["accounts_by_mode"]
+    assert set(by_mode) == {"cross", "isolated"}
+    assert by_mode["cross"]["liquidated_accounts"] > 0
+    assert by_mode["isolated"]["liquidated_accounts"] > 0
+    for key in ("accounts", "liquidated_accounts", "bad_debt_usd"):
+        assert report["summary"][0][key] == pytest.approx(
+            by_mode["cross"][key] + by_mode["isolated"][key])
+    bad = client.post("/v1/account-backtests", json={**body, "accounts": [
+        {**accounts[0], "mode": "hybrid"}]})
+    assert bad.status_code in (400, 422)
+    assert bad.json()["field"] == "accounts[0].mode"

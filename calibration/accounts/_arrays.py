@@ -17,7 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from calibration._errors import InvalidParameters
-from calibration.accounts._book import Account
+from calibration.accounts._book import MARGIN_MODES, Account
 from calibration.accounts._market import STABLE_ASSETS
 
 
@@ -34,6 +34,8 @@ class AccountBook(Sequence[Account]):
         notional_usd: signed entry notional per instrument, USD, ``(A, k)``.
         usd: stable collateral (USDT, USDC, USD at 1), USD, ``(A,)``.
         col_units: units of each non-stable collateral asset, ``(A, m)``.
+        mode_index: each account's own margin mode as its index in ``MARGIN_MODES``, -1
+            for none (the run's), ``(A,)``.
     """
 
     accounts: tuple[Account, ...]
@@ -43,6 +45,7 @@ class AccountBook(Sequence[Account]):
     notional_usd: NDArray[np.float64]
     usd: NDArray[np.float64]
     col_units: NDArray[np.float64]
+    mode_index: NDArray[np.int8]
 
     @classmethod
     def from_accounts(cls, accounts: Sequence[Account],
@@ -82,9 +85,17 @@ class AccountBook(Sequence[Account]):
                     usd[j] += amount
                 else:
                     col_units[j, col_index[key]] += amount
+        for acc in accounts:
+            if acc.mode is not None and acc.mode not in MARGIN_MODES:
+                raise InvalidParameters(f"account {acc.id!r}: mode must be one of "
+                                        f"{', '.join(MARGIN_MODES)}, got {acc.mode!r}",
+                                        field="accounts.mode")
         entry = np.fromiter((a.entry_ms for a in accounts), dtype=np.int64, count=n_acc)
+        mode_index = np.fromiter((-1 if a.mode is None else MARGIN_MODES.index(a.mode)
+                                  for a in accounts), dtype=np.int8, count=n_acc)
         return cls(accounts=accounts, instruments=names, collateral_assets=tuple(assets),
-                   entry_ms=entry, notional_usd=notional, usd=usd, col_units=col_units)
+                   entry_ms=entry, notional_usd=notional, usd=usd, col_units=col_units,
+                   mode_index=mode_index)
 
     def take(self, rows: NDArray[np.int64] | Sequence[int]) -> AccountBook:
         """The accounts at ``rows`` (indices, in that order), arrays sliced (same columns)."""
@@ -93,11 +104,11 @@ class AccountBook(Sequence[Account]):
             accounts=tuple(self.accounts[int(i)] for i in idx), instruments=self.instruments,
             collateral_assets=self.collateral_assets, entry_ms=self.entry_ms[idx],
             notional_usd=self.notional_usd[idx], usd=self.usd[idx],
-            col_units=self.col_units[idx])
+            col_units=self.col_units[idx], mode_index=self.mode_index[idx])
 
     def modes(self) -> set[str | None]:
         """The accounts' own margin modes (None: the run's)."""
-        return {a.mode for a in self.accounts}
+        return {None if c < 0 else MARGIN_MODES[c] for c in np.unique(self.mode_index).tolist()}
 
     def __len__(self) -> int:
         return len(self.accounts)

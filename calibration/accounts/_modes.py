@@ -80,7 +80,8 @@ def simulate_mixed(market: Market, model: MarginModel | Mapping[str, MarginModel
                 portfolio=portfolio if mode == "portfolio" else None,
                 mechanics_kernel=mechanics_kernel, fast_start=fast_start)
         except InsufficientData as exc:
-            skipped.update({a.id: f"{exc}" for a in sub})
+            why = str(exc).removeprefix("no account could open: ")
+            skipped.update({a.id: why for a in sub})
             continue
         skipped.update(result.skipped)
         position = {id(a): j for j, a in zip(idx, sub, strict=True)}

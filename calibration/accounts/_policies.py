@@ -44,14 +44,12 @@ def compare_policies(
         r = simulate_accounts(market, model, accounts, cfg, mechanics_kernel=True,
                               portfolio=portfolio)
         s = r.summary()
-        if cfg.mode == "isolated":
-            notional = float(r.twin_closed_usd.sum())
-            fee = float(r.twin_fee_usd.sum())
-            steps = int((r.twin_trigger_bar >= 0).sum())
-        else:
-            notional = float(r.leg_closed_usd.sum())
-            fee = float(r.fee_usd.sum())
-            steps = int(r.steps.sum())
+        # Each account under its own mode: isolated ones through their twins.
+        pooled = np.array([m != "isolated" for m in r.modes()], dtype=bool)
+        legs = pooled[r.position_account]
+        notional = float(r.leg_closed_usd[legs].sum()) + float(r.twin_closed_usd[~legs].sum())
+        fee = float(r.fee_usd[pooled].sum()) + float(r.twin_fee_usd[~legs].sum())
+        steps = int(r.steps[pooled].sum()) + int((r.twin_trigger_bar[~legs] >= 0).sum())
         rows.append({
             "policy": policy,
             "liquidated_accounts": s["liquidated_accounts"],
