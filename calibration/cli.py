@@ -335,15 +335,11 @@ def _print_policies(args: argparse.Namespace, market: Any, params: dict[str, Any
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    import time
-
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from calibration.calibrate import create_or_load_study, prepare, run_worker, summarize
-    from calibration.parallel import start_helpers, wait_helpers
+    from calibration.calibrate import TrialCallback, check_workers, prepare, run_calibration
     from calibration.spec import decode_spec
-    from calibration.storage import Coordination
 
     root = os.environ.get("MARGINLAB_DATA_ROOT", os.getcwd())
     try:
@@ -352,37 +348,27 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         raise InvalidParameters(f"cannot read spec {args.spec!r}: {exc.strerror}",
                                 field="spec") from None
     spec = decode_spec(raw)
-    if args.workers < 1:
-        raise InvalidParameters("--workers must be at least 1", field="workers")
-    if args.workers > 1 and args.storage == "memory":
-        raise InvalidParameters("--workers > 1 needs a shared storage (a journal file, "
-                                "redis:// or postgresql://), not memory", field="storage")
+    check_workers(args.workers, args.storage)
     err = Console(stderr=True)
-    prepared = prepare(spec, root)
+    prepared = prepare(spec, root)  # kept for the HTML report's evidence
     _quiet_optuna()
-    with Coordination(args.storage) as coordination:
-        study = create_or_load_study(spec, prepared, coordination, args.study)
-        deadline = time.time() + spec.timeout_seconds if spec.timeout_seconds else None
-        helpers = start_helpers(args.workers - 1, storage_url=args.storage,
-                                study_name=study.study_name, prepared=prepared, root=root,
-                                deadline=deadline)
-        show = err.is_terminal and not args.quiet
-        with Progress(
-            TextColumn("trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.description}"), console=err, disable=not show, transient=True,
-        ) as bar:
-            task = bar.add_task("", total=spec.n_trials)
+    show = err.is_terminal and not args.quiet
+    with Progress(
+        TextColumn("trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description}"), console=err, disable=not show, transient=True,
+    ) as bar:
+        task = bar.add_task("", total=spec.n_trials)
 
-            def on_trial(done: int, total: int | None, best: dict[str, Any] | None) -> None:
-                bar.update(task, completed=done, description=progress_best_text(best))
+        def on_trial(done: int, total: int | None, best: dict[str, Any] | None) -> None:
+            bar.update(task, completed=done, description=progress_best_text(best))
 
-            try:
-                # The callback scans the study: only pay for it when someone watches.
-                run_worker(study, prepared, coordination, n_trials=spec.n_trials,
-                           deadline=deadline, on_trial=on_trial if show else None)
-            finally:
-                wait_helpers(helpers)  # a failed helper is logged (warning) there
-        result = summarize(study, prepared, args.storage)
+        def watch(_study: object) -> TrialCallback | None:
+            # The callback scans the study: only pay for it when someone watches.
+            return on_trial if show else None
+
+        result = run_calibration(spec, root=root, storage=args.storage, study=args.study,
+                                 prepared=prepared, workers=args.workers, watch=watch)
+    assert result is not None  # no stop signal: the run ends with a result
     if args.report:
         from calibration.html_report import render_calibration_report
 
@@ -399,10 +385,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    import time
-
-    from calibration.calibrate import StudyMismatch, load_study, prepare, run_worker
-    from calibration.storage import Coordination
+    from calibration.calibrate import join_calibration
 
     root = os.environ.get("MARGINLAB_DATA_ROOT", os.getcwd())
     if args.study is None:
@@ -411,17 +394,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
                                 "service's: marginlab worker, installed with the service)",
                                 field="study")
     _quiet_optuna()
-    with Coordination(args.storage) as coordination:
-        study, spec = load_study(args.study, coordination, worker=args.worker_index)
-        prepared = prepare(spec, root)
-        if study.user_attrs.get("fingerprints") != prepared.fingerprints:
-            raise StudyMismatch(
-                f"the data under {root!r} differ from the data study {args.study!r} was "
-                "created with (fingerprints do not match)")
-        # The spec's time budget runs on this worker's clock (as for the service's jobs).
-        deadline = time.time() + spec.timeout_seconds if spec.timeout_seconds else None
-        ran = run_worker(study, prepared, coordination, n_trials=spec.n_trials,
-                         deadline=deadline)
+    ran = join_calibration(args.study, storage=args.storage, root=root,
+                           worker=args.worker_index)
     if not args.quiet:
         print(f"worker finished: ran {ran} trials of study {args.study}", file=sys.stderr)
     return 0
