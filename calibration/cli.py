@@ -469,8 +469,12 @@ def progress_best_text(best: dict[str, Any] | None) -> str:
     if best is None:
         return "best: no feasible trial yet"
     where = "" if best.get("within_risk_appetite", True) else " (none within appetite)"
-    return (f"best{where}: trial {best['trial']}, IM {100 * best['capital_cost']:.2f}% of "
-            f"notional, {best['insolvency_bps']:.2f} bps")
+    if "capital_cost" in best and "insolvency_bps" in best:
+        return (f"best{where}: trial {best['trial']}, IM {100 * best['capital_cost']:.2f}% of "
+                f"notional, {best['insolvency_bps']:.2f} bps")
+    named = best.get("objectives", {})
+    return f"best{where}: trial {best['trial']}, " + ", ".join(
+        f"{name} {value:.4g}" for name, value in named.items())
 
 
 def _quiet_optuna() -> None:

@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-import numpy as np
 from optuna.trial import FrozenTrial
 
-from calibration._bars import BarSeries
+from calibration.calibrate._objectives import (
+    DEFAULT_OBJECTIVES,
+    METRICS,
+    Backtested,
+    metric_bounds,
+    objective_names,
+)
 from calibration.calibrate._prepare import Prepared
 from calibration.coverage import coverage_backtest
 from calibration.liquidation import shared_insurance_fund, simulate_liquidations
-from calibration.models import MarginModel, make_model
+from calibration.models import make_model
 from calibration.publishing import guardrail_constraint
 from calibration.report import CoverageMetrics, LiquidationMetrics
 from calibration.stats import binomial_cdf
 
-OBJECTIVE_NAMES = ("capital_cost", "insolvency_bps")
+#: The default objectives (a spec names others in ``objectives.minimize``).
+OBJECTIVE_NAMES = DEFAULT_OBJECTIVES
 #: Traffic-light red threshold of the Basel binomial CDF.
 _RED = 0.9999
 
@@ -30,18 +36,25 @@ class Evaluation:
     """One parameter set backtested.
 
     Attributes:
-        objectives: ``(capital_cost, insolvency_bps)``, both minimised.
+        objectives: the spec's objectives' values, in ``names``' order (each in its
+            metric's units; ``(capital_cost, insolvency_bps)`` by default).
         constraints: name → value, feasible when ≤ 0.
         coverage: instrument → coverage metrics (whole span first, then windows).
         liquidation: instrument → liquidation metrics (same order).
         pruned: why the liquidation simulation was skipped, if it was.
+        names: the objectives' names (``objective_names(spec)``).
     """
 
-    objectives: tuple[float, float]
+    objectives: tuple[float, ...]
     constraints: dict[str, float]
     coverage: dict[str, list[CoverageMetrics]]
     liquidation: dict[str, list[LiquidationMetrics]]
     pruned: str | None = None
+    names: tuple[str, ...] = OBJECTIVE_NAMES
+
+    def objective(self, name: str) -> float:
+        """One objective's value by name (``capital_cost``)."""
+        return self.objectives[self.names.index(name)]
 
     @property
     def feasible(self) -> bool:
@@ -51,7 +64,7 @@ class Evaluation:
     def summary(self) -> dict[str, Any]:
         """JSON-ready metrics (stored on the trial, shown in results)."""
         summary: dict[str, Any] = msgspec.to_builtins({
-            "objectives": dict(zip(OBJECTIVE_NAMES, self.objectives, strict=True)),
+            "objectives": dict(zip(self.names, self.objectives, strict=True)),
             "constraints": self.constraints,
             "coverage": self.coverage,
             "liquidation": self.liquidation,
@@ -99,23 +112,6 @@ def trial_metrics(trial: FrozenTrial) -> dict[str, Any] | None:
     return decoded
 
 
-def _capital_cost(model: MarginModel, bars_list: Sequence[BarSeries],
-                  notionals: Sequence[float]) -> float:
-    """Notional-weighted mean IM rate over the bars with a margin, averaged over
-    instruments (fraction of notional)."""
-    weights = np.asarray(notionals, dtype=np.float64)
-    weights = weights / weights.sum()
-    per_instrument = []
-    for bars in bars_list:
-        if model.notional_dependent:
-            rates = [model.margin_rates(bars, notional_usd=float(n)) for n in notionals]
-        else:
-            rates = [model.margin_rates(bars)] * len(notionals)
-        means = [float(np.nanmean(r.im_rate[r.first_valid_bar:])) for r in rates]
-        per_instrument.append(float(np.dot(weights, means)))
-    return float(np.mean(per_instrument))
-
-
 def evaluate(
     prepared: Prepared,
     params: Mapping[str, Any],
@@ -152,11 +148,11 @@ def evaluate(
                 worst = max(worst, c.kupiec_alpha - s.kupiec_pvalue_one_sided)
         constraints["kupiec"] = worst
     if c.no_red_in_stress_windows and prepared.stress_windows:
-        names = {w.name for w in prepared.stress_windows}
+        stress_names = {w.name for w in prepared.stress_windows}
         worst = -_RED
         for metrics in coverage.values():
             for m in metrics:
-                if m.window not in names:
+                if m.window not in stress_names:
                     continue
                 for s in (m.long, m.short):
                     if s.observations:
@@ -164,24 +160,28 @@ def evaluate(
                         worst = max(worst, f - _RED)
         # Scaled so that "one breach too many" is of order one.
         constraints["traffic_light_red"] = worst * 1e4
-    if c.max_procyclicality is not None:
-        ratios = [m[0].max_increase_ratio or 1.0 for m in coverage.values()]
-        constraints["procyclicality"] = max(ratios) - c.max_procyclicality
+    bounds = metric_bounds(spec)
+    partial = Backtested(prepared, model, bars_list, coverage, {})
+    for name, bound in bounds.items():
+        if not METRICS[name].needs_liquidation:
+            metric = METRICS[name]
+            constraints[name] = metric.oriented(metric.compute(partial)) - metric.oriented(bound)
     if spec.published is not None and spec.published.max_change:
         # Publishing's own rule on effective parameters (the trial's horizon included), so
         # a recommendation inside this constraint is inside the publish guardrails too.
         constraints["guardrail"] = guardrail_constraint(
             spec.model, spec.published.params, model.get_params(),
             spec.published.max_change, bar_seconds=prepared.horizon.bar_seconds)
+    names = objective_names(spec)
     hopeless = prune_hopeless and not full and any(s.traffic_light == "red" for s in sides)
     liquidation: dict[str, list[LiquidationMetrics]] = {}
     if hopeless:
-        if c.max_premature_share is not None:
-            constraints["premature_share"] = 1.0
-        return Evaluation((math.inf, math.inf), constraints, coverage, liquidation,
-                          pruned="coverage red over the whole in-sample span")
-    opened = bad_debt = 0.0
-    liquidated = premature = 0
+        for name in bounds:
+            if METRICS[name].needs_liquidation:
+                constraints[name] = 1.0
+        return Evaluation(tuple(math.inf for _ in names), constraints, coverage, liquidation,
+                          pruned="coverage red over the whole in-sample span",
+                          names=names)
     results = [simulate_liquidations(b, model, prepared.liquidation) for b in bars_list]
     # The instruments of a spec share the venue's one insurance fund (domain.md §4).
     fund = shared_insurance_fund(results)
@@ -191,18 +191,10 @@ def evaluate(
         liq_metrics += [result.metrics(w.name, w.start_ms, w.end_ms, fund) for w in windows
                         if w.start_ms <= int(ts[-1]) and w.end_ms > int(ts[0])]
         liquidation[b.instrument] = liq_metrics
-        head = liq_metrics[0]
-        opened += head.notional_opened_usd
-        bad_debt += head.bad_debt_usd
-        liquidated += head.liquidations
-        premature += head.premature_liquidations
-    if c.max_premature_share is not None:
-        share = premature / liquidated if liquidated else 0.0
-        constraints["premature_share"] = share - c.max_premature_share
-    if spec.objectives.insolvency == "bad_debt_bps":
-        insolvency = bad_debt / opened * 1e4 if opened else 0.0
-    else:
-        per_obs = [(s.breach_rate or 0.0) * (s.mean_uncovered_loss or 0.0) for s in sides]
-        insolvency = float(np.mean(per_obs)) * 1e4
-    capital = _capital_cost(model, bars_list, prepared.liquidation.notionals_usd)
-    return Evaluation((capital, insolvency), constraints, coverage, liquidation)
+    done = Backtested(prepared, model, bars_list, coverage, liquidation)
+    for name, bound in bounds.items():
+        if METRICS[name].needs_liquidation:
+            metric = METRICS[name]
+            constraints[name] = metric.oriented(metric.compute(done)) - metric.oriented(bound)
+    objectives = tuple(METRICS[name].compute(done) for name in names)
+    return Evaluation(objectives, constraints, coverage, liquidation, names=names)

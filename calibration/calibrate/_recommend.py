@@ -11,48 +11,74 @@ from optuna.trial import FrozenTrial, TrialState
 
 from calibration._version import ENGINE_VERSION
 from calibration.calibrate import _evaluate
-from calibration.calibrate._evaluate import trial_metrics
+from calibration.calibrate._evaluate import OBJECTIVE_NAMES, trial_metrics
+from calibration.calibrate._objectives import METRICS, appetite_objective, objective_names
 from calibration.calibrate._prepare import Prepared
 from calibration.calibrate._study import _params_of
 from calibration.spec import CalibrationSpec, spec_hash
 
 
-def recommended_trial(front: Sequence[FrozenTrial],
-                      risk_appetite_bps: float | None) -> tuple[FrozenTrial | None, bool]:
-    """The recommendation among feasible Pareto trials (domain.md §5), and whether it is
-    within the risk appetite.
+def recommended_trial(front: Sequence[FrozenTrial], risk_appetite_bps: float | None, *,
+                      objectives: Sequence[str] = OBJECTIVE_NAMES,
+                      appetite_on: str | None = "insolvency_bps",
+                      ) -> tuple[FrozenTrial | None, bool]:
+    """The recommendation among feasible Pareto trials (domain.md §5; issue 14), and whether
+    it is within the risk appetite.
 
-    The cheapest (capital cost, then insolvency) trial whose insolvency, bps, is at most
-    ``risk_appetite_bps`` (any, when ``None``); when none is, the one with the least
-    insolvency. ``(None, False)`` for an empty front. ``summarize`` and the progress
-    displays both choose by this, so "best so far" is what the result would recommend.
+    The cheapest trial (the first objective, ties by the others in order) whose
+    ``appetite_on`` objective is within ``risk_appetite_bps`` (in that objective's units;
+    any trial when either is ``None``); when none is, the one with the least of that
+    objective (ties by the others). ``(None, False)`` for an empty front. ``summarize`` and
+    the progress displays both choose by this, so "best so far" is what the result would
+    recommend. ``objectives`` are the trials' values' names, in order.
     """
-    ordered = sorted(front, key=lambda t: (t.values[0], t.values[1]))
-    for t in ordered:
-        if risk_appetite_bps is None or t.values[1] <= risk_appetite_bps:
-            return t, True
+    metrics = [METRICS[n] for n in objectives]
+
+    def rank(t: FrozenTrial) -> tuple[float, ...]:
+        return tuple(m.oriented(v) for m, v in zip(metrics, t.values, strict=True))
+
+    ordered = sorted(front, key=rank)
     if not ordered:
         return None, False
-    return min(ordered, key=lambda t: t.values[1]), False
+    if risk_appetite_bps is None or appetite_on is None or appetite_on not in objectives:
+        return ordered[0], True
+    at = list(objectives).index(appetite_on)
+    limit = metrics[at].oriented(risk_appetite_bps)
+    for t in ordered:
+        if rank(t)[at] <= limit:
+            return t, True
+    return min(ordered, key=lambda t: rank(t)[at]), False
+
+
+def _objective_record(names: Sequence[str], values: Sequence[float]) -> dict[str, Any]:
+    """``objectives`` by name, and the default two by their own keys when present (what
+    progress displays and older readers look up)."""
+    named = dict(zip(names, (float(v) for v in values), strict=True))
+    record: dict[str, Any] = {k: named[k] for k in OBJECTIVE_NAMES if k in named}
+    record["objectives"] = named
+    return record
 
 
 def best_feasible(study: optuna.Study,
                   risk_appetite_bps: float | Literal["study"] | None = "study",
                   ) -> dict[str, Any] | None:
     """What the recommendation would be if the study stopped now (for progress displays):
-    ``{"trial", "capital_cost", "insolvency_bps", "within_risk_appetite"}``, or ``None``
-    while no trial is feasible.
+    ``{"trial", "capital_cost", "insolvency_bps", "objectives", "within_risk_appetite"}``
+    (the first two when they are objectives), or ``None`` while no trial is feasible.
 
     ``risk_appetite_bps`` defaults to the appetite of the spec stored on the study.
     """
+    stored = study.user_attrs.get("spec") or {}
     if isinstance(risk_appetite_bps, str):  # "study"
-        stored = study.user_attrs.get("spec") or {}
         risk_appetite_bps = stored.get("risk_appetite_bps")
-    best, within = recommended_trial(study.best_trials, risk_appetite_bps)
+    names = tuple(study.metric_names or OBJECTIVE_NAMES)
+    appetite_on = (stored.get("objectives") or {}).get("appetite_on") or "insolvency_bps"
+    best, within = recommended_trial(study.best_trials, risk_appetite_bps, objectives=names,
+                                     appetite_on=appetite_on)
     if best is None or best.values is None:
         return None
-    return {"trial": best.number, "capital_cost": best.values[0],
-            "insolvency_bps": best.values[1], "within_risk_appetite": within}
+    return {"trial": best.number, **_objective_record(names, best.values),
+            "within_risk_appetite": within}
 
 
 class ParetoPoint(msgspec.Struct, frozen=True, kw_only=True):
@@ -61,14 +87,18 @@ class ParetoPoint(msgspec.Struct, frozen=True, kw_only=True):
     Attributes:
         trial: Optuna trial number.
         params: the trial's parameters, each in its own units.
-        capital_cost: notional-weighted mean IM rate (fraction of notional).
-        insolvency_bps: the insolvency objective (bps of notional).
+        capital_cost: notional-weighted mean IM rate (fraction of notional); null when
+            it is not an objective.
+        insolvency_bps: the insolvency objective (bps of notional); null when it is not an
+            objective.
+        objectives: every objective by name, each in its metric's units.
     """
 
     trial: int
     params: dict[str, Any]
-    capital_cost: float
-    insolvency_bps: float
+    capital_cost: float | None
+    insolvency_bps: float | None
+    objectives: dict[str, float] = {}
 
 
 class Recommendation(msgspec.Struct, frozen=True, kw_only=True):
@@ -170,19 +200,36 @@ def summarize(study: optuna.Study, prepared: Prepared, storage_url: str) -> Cali
     spec = prepared.spec
     trials = study.get_trials(deepcopy=False)
     counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
-    front = sorted(study.best_trials, key=lambda t: (t.values[0], t.values[1]))
+    names = objective_names(spec)
+    appetite_on = appetite_objective(spec)
+    chosen, within = recommended_trial(study.best_trials, spec.risk_appetite_bps,
+                                       objectives=names, appetite_on=appetite_on)
+    metrics = [METRICS[n] for n in names]
+    front = sorted(study.best_trials, key=lambda t: tuple(
+        m.oriented(v) for m, v in zip(metrics, t.values, strict=True)))
     space = prepared.space
-    pareto = [ParetoPoint(trial=t.number, params=_params_of(t, space), capital_cost=t.values[0],
-                          insolvency_bps=t.values[1]) for t in front]
+    pareto = []
+    for t in front:
+        named = dict(zip(names, (float(v) for v in t.values), strict=True))
+        pareto.append(ParetoPoint(trial=t.number, params=_params_of(t, space),
+                                  capital_cost=named.get("capital_cost"),
+                                  insolvency_bps=named.get("insolvency_bps"),
+                                  objectives=named))
     appetite = spec.risk_appetite_bps
     explanation = ""
-    chosen, within = recommended_trial(front, appetite)
+    cheapest = "cheapest" if names[0] == "capital_cost" else f"least {names[0]}"
     if chosen is not None and within:
-        explanation = ("cheapest feasible Pareto point" +
-                       ("" if appetite is None else f" with insolvency ≤ {appetite:g} bps"))
+        bound = ""
+        if appetite is not None and appetite_on is not None:
+            bound = (" with insolvency" if appetite_on == "insolvency_bps"
+                     else f" with {appetite_on}") + f" ≤ {appetite:g}"
+            bound += " bps" if appetite_on == "insolvency_bps" else ""
+        explanation = f"{cheapest} feasible Pareto point" + bound
     elif chosen is not None:
-        explanation = (f"no feasible point is within the risk appetite of {appetite:g} bps; "
-                       "this is the feasible point with the least insolvency")
+        least = "insolvency" if appetite_on == "insolvency_bps" else appetite_on
+        unit = " bps" if appetite_on == "insolvency_bps" else ""
+        explanation = (f"no feasible point is within the risk appetite of {appetite:g}{unit}; "
+                       f"this is the feasible point with the least {least}")
     else:
         scored = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
                   and t.constraints]
@@ -237,8 +284,11 @@ def _recommend(trial: FrozenTrial, prepared: Prepared, explanation: str) -> Reco
         binding = [k for k, v in constraints.items() if v > -BINDING_TOLERANCE]
     else:
         binding = [k for k, v in constraints.items() if v > 0]
-    capital, insolvency = in_sample_eval.objectives
+    names = in_sample_eval.names
+    objectives = dict(zip(names, in_sample_eval.objectives, strict=True))
+    capital = objectives.get("capital_cost")
     appetite = spec.risk_appetite_bps
+    appetite_on = appetite_objective(spec)
     fold_names = [f.name for f in prepared.folds]
     oos: dict[str, Any] = {}
     for inst, metrics in full_eval.coverage.items():
@@ -256,7 +306,7 @@ def _recommend(trial: FrozenTrial, prepared: Prepared, explanation: str) -> Reco
                 change[name] = {"published": float(old), "recommended": float(new),
                                 "change": float(new) - float(old)}
     notes = []
-    if capital > 0.5:
+    if capital is not None and capital > 0.5:
         notes.append(f"implies leverage below 2x: mean IM {capital:.1%} of notional "
                      f"(at most {1 / capital:.2f}x)")
     capped = sum(m.capped_bars for ms in in_sample_eval.coverage.values() for m in ms[:1])
@@ -265,8 +315,10 @@ def _recommend(trial: FrozenTrial, prepared: Prepared, explanation: str) -> Reco
                      "max_rate")
     return Recommendation(
         trial=trial.number, params=params, feasible=feasible, notes=notes,
-        within_risk_appetite=appetite is None or insolvency <= appetite,
-        objectives={"capital_cost": capital, "insolvency_bps": insolvency},
+        within_risk_appetite=(appetite is None or appetite_on is None or METRICS[
+            appetite_on].oriented(objectives[appetite_on]) <= METRICS[appetite_on].oriented(
+                appetite)),
+        objectives=objectives,
         constraints=constraints, binding_constraints=binding,
         in_sample=in_sample_eval.summary(), out_of_sample=oos,
         change_vs_published=change, explanation=explanation,

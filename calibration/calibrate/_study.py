@@ -13,7 +13,7 @@ from optuna.trial import FrozenTrial
 
 from calibration._errors import InvalidParameters, MarginlabError
 from calibration._version import ENGINE_VERSION
-from calibration.calibrate._evaluate import OBJECTIVE_NAMES
+from calibration.calibrate._objectives import METRICS, objective_names
 from calibration.calibrate._prepare import Prepared
 from calibration.spec import (
     CalibrationSpec,
@@ -96,7 +96,8 @@ def create_or_load_study(
     with coordination.slot_lock(name):
         study = optuna.create_study(
             storage=coordination.storage, study_name=name, load_if_exists=True,
-            directions=["minimize", "minimize"], sampler=make_sampler(spec),
+            directions=[METRICS[n].direction for n in objective_names(spec)],
+            sampler=make_sampler(spec),
         )
         attrs = study.user_attrs
         if "spec_hash" in attrs:
@@ -107,7 +108,7 @@ def create_or_load_study(
             return study
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names(list(OBJECTIVE_NAMES))
+            study.set_metric_names(list(objective_names(spec)))
         study.set_user_attr("spec", msgspec.to_builtins(spec))
         study.set_user_attr("spec_hash", digest)
         study.set_user_attr("fingerprints", prepared.fingerprints)
