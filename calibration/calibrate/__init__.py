@@ -3,6 +3,8 @@
 domain.md §5. The run flows down these modules, none importing one above it:
 
 - ``_prepare``: ``prepare`` loads and splits the spec's data once per process (``Prepared``).
+- ``_objectives``: the registry of metrics a spec minimises or bounds (``METRICS``,
+  ``register``).
 - ``_evaluate``: ``evaluate`` backtests one parameter set (coverage + liquidation) and
   returns the objectives, the constraint values and the evidence (``Evaluation``).
 - ``_study``: the study of a spec (``create_or_load_study``, ``load_study``, the sampler).
@@ -22,6 +24,15 @@ from calibration.calibrate._evaluate import (
     evaluate,
     trial_metrics,
     violation,
+)
+from calibration.calibrate._objectives import (
+    METRICS,
+    Backtested,
+    Metric,
+    appetite_objective,
+    metric_bounds,
+    objective_names,
+    register,
 )
 from calibration.calibrate._prepare import Prepared, cut, load_data_ref, prepare
 from calibration.calibrate._recommend import (
@@ -51,17 +62,21 @@ from calibration.calibrate._workers import TrialCallback, run_worker
 
 __all__ = [
     "BINDING_TOLERANCE",
+    "METRICS",
     "METRICS_ATTR",
     "OBJECTIVE_NAMES",
     "VIOLATION_KEY",
+    "Backtested",
     "CalibrationResult",
     "Evaluation",
+    "Metric",
     "ParetoPoint",
     "Prepared",
     "Recommendation",
     "StudyMismatch",
     "StudyWatcher",
     "TrialCallback",
+    "appetite_objective",
     "best_feasible",
     "calibrate",
     "check_workers",
@@ -72,8 +87,11 @@ __all__ = [
     "load_data_ref",
     "load_study",
     "make_sampler",
+    "metric_bounds",
+    "objective_names",
     "prepare",
     "recommended_trial",
+    "register",
     "run_calibration",
     "run_worker",
     "study_name",
