@@ -401,6 +401,81 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_result(ref: str, field: str, storage: str, root: str) -> tuple[Any, Any]:
+    """A calibration result and its spec (``None`` from a file) from ``ref``: a result JSON
+    file (``--json``'s output), or else a study id in ``storage`` (summarized here)."""
+    import msgspec
+
+    from calibration.calibrate import CalibrationResult, load_study, prepare, summarize
+    from calibration.storage import Coordination
+
+    path = Path(ref)
+    if path.is_file():
+        try:
+            return msgspec.json.decode(path.read_bytes(), type=CalibrationResult), None
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise InvalidParameters(f"{field}: {ref!r} is not a calibration result: {exc}",
+                                    field=field) from None
+    with Coordination(storage) as coordination:
+        try:
+            study, spec = load_study(ref, coordination)
+        except InvalidParameters as exc:
+            raise InvalidParameters(f"{field}: {ref!r} is neither a result file nor a study "
+                                    f"({exc})", field=field) from None
+        return summarize(study, prepare(spec, root), storage), spec
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from calibration.calibrate import compare_results, prepare
+    from calibration.spec import decode_spec
+
+    root = os.environ.get("MARGINLAB_DATA_ROOT", os.getcwd())
+    _quiet_optuna()
+    a, spec_a = _load_result(args.a, "a", args.storage, root)
+    b, spec_b = _load_result(args.b, "b", args.storage, root)
+    spec = spec_a or spec_b
+    if args.spec:
+        try:
+            spec = decode_spec(Path(args.spec).read_bytes())
+        except OSError as exc:
+            raise InvalidParameters(f"cannot read spec {args.spec!r}: {exc.strerror}",
+                                    field="spec") from None
+    published = _json_object(args.published, "published") if args.published else None
+    prepared = prepare(spec, root) if spec is not None else None
+    comparison = compare_results(a, b, prepared=prepared, published=published)
+    if args.json:
+        sys.stdout.buffer.write(msgspec.json.encode(comparison) + b"\n")
+        return 0
+    print(f"a: {comparison.a.study} (trial {comparison.a.trial}, "
+          f"{'feasible' if comparison.a.feasible else 'NOT feasible'})")
+    print(f"b: {comparison.b.study} (trial {comparison.b.trial}, "
+          f"{'feasible' if comparison.b.feasible else 'NOT feasible'})")
+    if not comparison.same_data:
+        print("note: the two results ran on different data")
+
+    def cell(value: Any) -> str:
+        return "–" if value is None else (f"{value:.6g}" if isinstance(value, float)
+                                          else str(value))
+
+    print(f"{'':<24}{'a':>14}{'b':>14}{'published':>14}")
+    for title, rows in (("parameters", comparison.params),
+                        ("objectives (in-sample)", comparison.objectives)):
+        print(title)
+        for name, row in rows.items():
+            print(f"  {name:<22}{cell(row['a']):>14}{cell(row['b']):>14}"
+                  f"{cell(row['published']):>14}")
+    print("bad debt per window, bps (a / b / published)")
+    for window, per_inst in comparison.windows.items():
+        for inst, sides in per_inst.items():
+            values = " / ".join(cell((sides.get(k) or {}).get("bad_debt_bps"))
+                                for k in ("a", "b", "published"))
+            print(f"  {window} {inst}: {values}")
+    print(f"recommended: {comparison.recommended or 'none'} ({comparison.explanation})")
+    return 0
+
+
 def _cmd_data_fetch(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -641,6 +716,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also write a self-contained HTML report (charts and tables)")
     cal.add_argument("--quiet", action="store_true", help="no progress bar")
     cal.set_defaults(func=_cmd_calibrate)
+
+    cmp_ = sub.add_parser(
+        "compare", help="two calibration results side by side, against the published "
+                        "parameters replayed over the same history",
+        description="A and B are result files (calibrate --json) or study ids in --storage. "
+                    "The published parameters (the spec's, or --published) are replayed over "
+                    "the data of A's spec (a study's own, or --spec).",
+    )
+    cmp_.add_argument("a", help="the first result: a result JSON file or a study id")
+    cmp_.add_argument("b", help="the second result: a result JSON file or a study id")
+    cmp_.add_argument("--storage", default=DEFAULT_STORAGE,
+                      help="the study storage of study ids (default: %(default)s)")
+    cmp_.add_argument("--spec", help="the spec whose data the published parameters are "
+                                     "replayed over (default: the first study's)")
+    cmp_.add_argument("--published", metavar="JSON",
+                      help="the parameters in force, JSON or @file (default: the spec's)")
+    cmp_.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    cmp_.set_defaults(func=_cmd_compare)
 
     wk = sub.add_parser(
         "worker", help="join a running calibration study and add trials to it",

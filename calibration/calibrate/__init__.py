@@ -11,11 +11,19 @@ domain.md §5. The run flows down these modules, none importing one above it:
 - ``_recommend``: ``summarize`` reads the Pareto front and picks the recommendation.
 - ``_workers``: ``run_worker`` adds trials to a study until the requested count is reached
   (any number of workers, processes or machines, may do so at once).
+- ``_compare``: two results side by side against the published parameters replayed.
 - ``_run``: the one run sequence, ``run_calibration`` (and ``join_calibration`` for a worker
   joining a study), which the library's ``calibrate``, ``marginlab calibrate`` /
   ``marginlab worker`` and the service's jobs all call.
 """
 
+from calibration.calibrate._compare import (
+    ComparedSide,
+    Comparison,
+    PublishedReplay,
+    compare_results,
+    replay_published,
+)
 from calibration.calibrate._evaluate import (
     METRICS_ATTR,
     OBJECTIVE_NAMES,
@@ -68,10 +76,13 @@ __all__ = [
     "VIOLATION_KEY",
     "Backtested",
     "CalibrationResult",
+    "ComparedSide",
+    "Comparison",
     "Evaluation",
     "Metric",
     "ParetoPoint",
     "Prepared",
+    "PublishedReplay",
     "Recommendation",
     "StudyMismatch",
     "StudyWatcher",
@@ -80,6 +91,7 @@ __all__ = [
     "best_feasible",
     "calibrate",
     "check_workers",
+    "compare_results",
     "create_or_load_study",
     "cut",
     "evaluate",
@@ -92,6 +104,7 @@ __all__ = [
     "prepare",
     "recommended_trial",
     "register",
+    "replay_published",
     "run_calibration",
     "run_worker",
     "study_name",
