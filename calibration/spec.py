@@ -146,6 +146,9 @@ class ConstraintsSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         no_red_in_stress_windows: the traffic light is not red on any stress window.
         max_premature_share: premature liquidations / liquidations at most this.
         max_procyclicality: the largest 30-day margin increase ratio at most this.
+        no_red_light_in_any_regime: the traffic light is not red in any volatility regime
+            (``calibration.calibrate._regimes``), on any instrument and side; the constraint
+            is ``red_light_in_regime``.
         max: metric name → its ceiling, in the metric's units (any registered metric:
             ``liquidations_at_risk``, ``contagion``, ...); the constraint is named after
             the metric. ``premature_share`` and ``procyclicality`` may be bounded here or
@@ -161,6 +164,9 @@ class ConstraintsSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
                                 "null: off")] | None = 0.6
     max_procyclicality: Annotated[float, msgspec.Meta(
         ge=1, description="largest 30-day margin increase (ratio, >= 1); null: off")] | None = None
+    no_red_light_in_any_regime: Annotated[bool, msgspec.Meta(
+        description="no red traffic light in any volatility regime (terciles of trailing "
+                    "one-day realised volatility, domain.md §11)")] = False
     max: Annotated[dict[MetricName, float], msgspec.Meta(
         max_length=16, description="registered metric → ceiling, in the metric's units "
                                    "(constraint named after the metric); null: "

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 from optuna.trial import FrozenTrial
 
+from calibration._bars import BarSeries
 from calibration.calibrate._objectives import (
     DEFAULT_OBJECTIVES,
     METRICS,
@@ -18,9 +19,10 @@ from calibration.calibrate._objectives import (
     objective_names,
 )
 from calibration.calibrate._prepare import Prepared
+from calibration.calibrate._regimes import regime_evidence, worst_red_margin
 from calibration.coverage import coverage_backtest
 from calibration.liquidation import shared_insurance_fund, simulate_liquidations
-from calibration.models import make_model
+from calibration.models import MarginModel, make_model
 from calibration.publishing import guardrail_constraint
 from calibration.report import CoverageMetrics, LiquidationMetrics
 from calibration.stats import binomial_cdf
@@ -43,6 +45,8 @@ class Evaluation:
         liquidation: instrument → liquidation metrics (same order).
         pruned: why the liquidation simulation was skipped, if it was.
         names: the objectives' names (``objective_names(spec)``).
+        regimes: instrument → evidence per volatility regime (``regime_evidence``), on
+            full evaluations only.
     """
 
     objectives: tuple[float, ...]
@@ -51,6 +55,7 @@ class Evaluation:
     liquidation: dict[str, list[LiquidationMetrics]]
     pruned: str | None = None
     names: tuple[str, ...] = OBJECTIVE_NAMES
+    regimes: dict[str, Any] = field(default_factory=dict)
 
     def objective(self, name: str) -> float:
         """One objective's value by name (``capital_cost``)."""
@@ -160,6 +165,13 @@ def evaluate(
                         worst = max(worst, f - _RED)
         # Scaled so that "one breach too many" is of order one.
         constraints["traffic_light_red"] = worst * 1e4
+    if c.no_red_light_in_any_regime:
+        # Coverage only: the trial's regime evidence without the liquidation replay.
+        worst = -1.0
+        for b in bars_list:
+            evidence = _regimes_of(prepared, model, b, coverage[b.instrument])
+            worst = max(worst, worst_red_margin(evidence))
+        constraints["red_light_in_regime"] = worst * 1e4
     bounds = metric_bounds(spec)
     partial = Backtested(prepared, model, bars_list, coverage, {})
     for name, bound in bounds.items():
@@ -191,10 +203,28 @@ def evaluate(
         liq_metrics += [result.metrics(w.name, w.start_ms, w.end_ms, fund) for w in windows
                         if w.start_ms <= int(ts[-1]) and w.end_ms > int(ts[0])]
         liquidation[b.instrument] = liq_metrics
+    regimes: dict[str, Any] = {}
+    if full:
+        for b, result in zip(bars_list, results, strict=True):
+            table = result.position_table()
+            regimes[b.instrument] = _regimes_of(prepared, model, b, coverage[b.instrument],
+                                                table.trigger_bar, table.bad_debt_usd)
     done = Backtested(prepared, model, bars_list, coverage, liquidation)
     for name, bound in bounds.items():
         if METRICS[name].needs_liquidation:
             metric = METRICS[name]
             constraints[name] = metric.oriented(metric.compute(done)) - metric.oriented(bound)
     objectives = tuple(METRICS[name].compute(done) for name in names)
-    return Evaluation(objectives, constraints, coverage, liquidation, names=names)
+    return Evaluation(objectives, constraints, coverage, liquidation, names=names,
+                      regimes=regimes)
+
+
+def _regimes_of(prepared: Prepared, model: MarginModel, bars: BarSeries,
+                coverage: Sequence[CoverageMetrics], trigger_bar: Any = None,
+                bad_debt_usd: Any = None) -> dict[str, Any]:
+    """``regime_evidence`` of one instrument: the tested (maintenance) margin, the coverage
+    test's expected breach rate, a one-day volatility window."""
+    rates = model.margin_rates(bars)
+    return regime_evidence(bars, rates.mm_rate, prepared.horizon.bars,
+                           coverage[0].long.expected_breach_rate,
+                           prepared.liquidation.adv_window_bars, trigger_bar, bad_debt_usd)

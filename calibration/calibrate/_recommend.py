@@ -125,6 +125,12 @@ class Recommendation(msgspec.Struct, frozen=True, kw_only=True):
             (parameter units); null without published parameters.
         explanation: one sentence on why this trial.
         notes: warnings an operator must read.
+        regimes: instrument → evidence per volatility regime over the whole span
+            (domain.md §11): per ``calm``/``normal``/``turbulent`` tercile of trailing
+            one-day volatility its bars, coverage per side (observations, breaches,
+            breach rate, traffic light), liquidations triggered and their bad debt (USD),
+            and the correlation between volatility and margin calls (liquidation triggers
+            per bar).
     """
 
     trial: int
@@ -139,6 +145,7 @@ class Recommendation(msgspec.Struct, frozen=True, kw_only=True):
     change_vs_published: dict[str, dict[str, float]] | None
     explanation: str
     notes: list[str] = []
+    regimes: dict[str, Any] = {}
 
 
 class CalibrationResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -321,5 +328,5 @@ def _recommend(trial: FrozenTrial, prepared: Prepared, explanation: str) -> Reco
         objectives=objectives,
         constraints=constraints, binding_constraints=binding,
         in_sample=in_sample_eval.summary(), out_of_sample=oos,
-        change_vs_published=change, explanation=explanation,
+        change_vs_published=change, explanation=explanation, regimes=full_eval.regimes,
     )
