@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python -m bench.bench_progress
+    python -m bench.bench_progress [--mode embedded|redis]
 
 1. A calibration of ``N_TRIALS`` trials, once alone and once with 30 Server-Sent-Events
    clients and 30 status pollers (every 0.2 s); meanwhile ``/healthz`` is probed every 20 ms.
@@ -13,7 +13,9 @@ Run from the repository root::
 
 from __future__ import annotations
 
+import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
@@ -32,21 +34,64 @@ from tests.api_helpers import bars_csv, calibration_spec
 N_TRIALS = 300
 N_BARS = 1500
 READERS = 30
+#: Nice value of the reader processes (see ``read_crowd``).
+CROWD_NICE = 5
 FINAL = ("succeeded", "failed", "cancelled")
 
 
-def start(root: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start(root: Path, mode: str) -> tuple[list[subprocess.Popen[bytes]], str]:
+    """The service on ``root``: one embedded server, or (``redis``) a Redis server of its
+    own without persistence, the API and one ``marginlab worker`` (one copy per job)."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("REDIS_URL", "MARGINLAB_API_KEYS", "MARGINLAB_STORAGE")}
     env.update(MARGINLAB_DATA_ROOT=str(root), MARGINLAB_STATE_DIR=str(root / "state"),
-               MARGINLAB_RATE_LIMIT_PER_MINUTE="0")
+               MARGINLAB_RATE_LIMIT_PER_MINUTE="0", MARGINLAB_WORKERS_PER_JOB="1")
+    procs: list[subprocess.Popen[bytes]] = []
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    if mode == "redis":
+        redis_port = free_port()
+        procs.append(subprocess.Popen(["redis-server", "--port", str(redis_port), "--save",
+                                       "", "--appendonly", "no"], **quiet))
+        env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
+        time.sleep(0.5)
+        procs.append(subprocess.Popen([sys.executable, "-m", "service.cli", "worker"],
+                                      env=env, **quiet))
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port",
-                             str(port)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    procs.append(subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port",
+                                   str(port)], env=env, **quiet))
     base = f"http://127.0.0.1:{port}"
     wait_up(base + "/healthz")
-    return proc, base
+    return procs, base
+
+
+def read_crowd(base: str, job_ids: Any) -> None:
+    """``READERS`` event-stream clients and ``READERS`` status pollers of the job whose id
+    arrives on ``job_ids``, to its end."""
+    # Clients are other machines in a deployment: here they share the server's two cores,
+    # so they yield them to the server when both want one (their request rate is reported).
+    os.nice(CROWD_NICE)
+    job_id = job_ids.get()
+    counts = {"status_reads": 0, "events": 0}
+
+    def sse() -> None:
+        with httpx.Client(base_url=base, timeout=300) as c, \
+                c.stream("GET", f"/v1/calibrations/{job_id}/events") as s:
+            for line in s.iter_lines():
+                counts["events"] += line.startswith("data:")
+
+    def poll() -> None:
+        with httpx.Client(base_url=base, timeout=300) as c:
+            while c.get(f"/v1/calibrations/{job_id}").json()["state"] not in FINAL:
+                counts["status_reads"] += 1
+                time.sleep(0.2)
+
+    threads = [threading.Thread(target=sse) for _ in range(READERS)]
+    threads += [threading.Thread(target=poll) for _ in range(READERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    job_ids.put({"cpu_s": round(time.process_time(), 2), **counts})
 
 
 def run(base: str, seed: int, readers: bool, n_trials: int = N_TRIALS) -> dict[str, Any]:
@@ -64,39 +109,37 @@ def run(base: str, seed: int, readers: bool, n_trials: int = N_TRIALS) -> dict[s
                 health.append(time.perf_counter() - t0)
                 stop.wait(0.02)
 
-    def sse(job_id: str) -> None:
-        with httpx.Client(base_url=base, timeout=300) as c, \
-                c.stream("GET", f"/v1/calibrations/{job_id}/events") as s:
-            for _ in s.iter_lines():
-                pass
-
-    def poll(job_id: str) -> None:
-        with httpx.Client(base_url=base, timeout=300) as c:
-            while c.get(f"/v1/calibrations/{job_id}").json()["state"] not in FINAL:
-                time.sleep(0.2)
-
+    crowd = None
+    if readers:
+        # In a process of their own: sixty client threads in this one would hold the GIL
+        # the probe's timing needs, and measure the client instead of the server. Started
+        # (imports done) before the job, which it learns through a queue.
+        ctx = multiprocessing.get_context("spawn")
+        job_ids = ctx.Queue()
+        crowd = ctx.Process(target=read_crowd, args=(base, job_ids))
+        crowd.start()
+        time.sleep(3.0)
     prober = threading.Thread(target=probe)
     prober.start()
     t0 = time.perf_counter()
     job = http.post("/v1/calibrations",
                     json=calibration_spec(ref, n_trials=n_trials, seed=seed)).json()
-    threads = []
-    if readers:
-        threads = [threading.Thread(target=sse, args=(job["id"],)) for _ in range(READERS)]
-        threads += [threading.Thread(target=poll, args=(job["id"],)) for _ in range(READERS)]
-        for t in threads:
-            t.start()
+    if crowd is not None:
+        job_ids.put(job["id"])
     while (status := http.get(f"/v1/calibrations/{job['id']}").json())["state"] not in FINAL:
         time.sleep(0.05)
     wall = time.perf_counter() - t0
-    for t in threads:
-        t.join()
+    crowd_cpu = None
+    if crowd is not None:
+        crowd.join(timeout=300)
+        crowd_cpu = job_ids.get(timeout=10)
     stop.set()
     prober.join()
     qs = statistics.quantiles(health, n=100)
-    return {"readers": 2 * READERS if readers else 0, "state": status["state"],
+    return {"clients": 2 * READERS if readers else 0, "state": status["state"],
             "trials_done": status["progress"]["trials_done"], "wall_s": round(wall, 2),
             "healthz_p50_ms": round(qs[49] * 1000, 2), "healthz_p99_ms": round(qs[98] * 1000, 2),
+            "readers": crowd_cpu,
             "job": job}
 
 
@@ -119,21 +162,26 @@ def status_read_ms(base: str, job: dict[str, Any], root: Path, size_mb: int
             "median_ms": round(statistics.median(times) * 1000, 3)}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=("embedded", "redis"), default="embedded")
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        proc, base = start(root)
+        procs, base = start(root, args.mode)
         try:
             alone = run(base, 51, readers=False)
             crowded = run(base, 52, readers=True)
             small = run(base, 53, readers=False, n_trials=20)["job"]
             sizes = {f"{mb}MB": status_read_ms(base, small, root, mb) for mb in (1, 50)}
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            for proc in reversed(procs):
+                proc.terminate()
+                proc.wait(timeout=30)
     for r in (alone, crowded):
         r.pop("job")
-    report = {"without_readers": alone, "with_readers": crowded,
+    report = {"mode": args.mode, "load_average_1min": round(os.getloadavg()[0], 2),
+              "without_readers": alone, "with_readers": crowded,
               "wall_ratio": round(crowded["wall_s"] / alone["wall_s"], 3),
               "status_read": sizes}
     print(json.dumps(report, indent=2))

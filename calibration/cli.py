@@ -251,9 +251,9 @@ def _cmd_accounts_backtest(args: argparse.Namespace) -> int:
     if args.mode == "portfolio" and not args.portfolio_model:
         raise InvalidParameters("--mode portfolio needs --portfolio-model (grid, historical, "
                                 "deribit_pme_2024 or paradex)", field="portfolio_model")
-    if args.mode != "portfolio" and (args.portfolio_model or portfolio_params is not None):
-        raise InvalidParameters("--portfolio-model and --portfolio-params go with --mode "
-                                "portfolio", field="portfolio_model")
+    if portfolio_params is not None and not args.portfolio_model:
+        raise InvalidParameters("--portfolio-params goes with --portfolio-model",
+                                field="portfolio_model")
     market = Market.from_series(_load_datasets(args, root))
     fields = _json_object(args.liquidation, "liquidation") if args.liquidation else {}
     if args.policy:
@@ -317,7 +317,15 @@ def _print_policies(args: argparse.Namespace, market: Any, params: dict[str, Any
 
     margin = make_model(args.model, params)
     horizon = resolve_horizon({"params.horizon_bars": margin.horizon}, market.bar_seconds)
-    rows = compare_policies(market, margin.with_horizon(horizon.bars), accounts, config)
+    portfolio = None
+    if args.portfolio_model:
+        from calibration.models import make_portfolio_model
+
+        portfolio = make_portfolio_model(args.portfolio_model, _json_object(
+            args.portfolio_params, "portfolio_params") if args.portfolio_params else None
+        ).with_horizon(horizon.bars)
+    rows = compare_policies(market, margin.with_horizon(horizon.bars), accounts, config,
+                            portfolio=portfolio)
     if args.json:
         import msgspec
 
@@ -656,10 +664,11 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--params", default="{}", metavar="JSON",
                     help="hyperparameters as a JSON object, or @file.json")
     ab.add_argument("--mode", choices=("isolated", "cross", "portfolio"), default="cross",
-                    help="margin mode of every account (default: cross)")
+                    help="margin mode of every account that names none (default: cross)")
     ab.add_argument("--portfolio-model", metavar="NAME",
-                    help="with --mode portfolio: the requirement's scenario model, a family "
-                         "(grid, historical) or a published preset (deribit_pme_2024, paradex)")
+                    help="for accounts in portfolio mode: the requirement's scenario model, a "
+                         "family (grid, historical) or a published preset (deribit_pme_2024, "
+                         "paradex)")
     ab.add_argument("--portfolio-params", metavar="JSON",
                     help="the portfolio model's hyperparameters as a JSON object, or @file.json")
     ab.add_argument("--liquidation", metavar="JSON",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -34,7 +36,7 @@ from calibration.windows import DEFAULT_STRESS_WINDOWS, StressWindow
 from service import examples
 from service.auth import requires
 from service.errors import COMMON, PayloadTooLarge, problem_responses
-from service.jobs import now_iso
+from service.jobs import MAX_REQUEUES, now_iso
 from service.recommendations import load_published
 from service.schemas import PublishedParameters
 from service.settings import Settings
@@ -194,6 +196,14 @@ class AccountBacktestRequest(msgspec.Struct, frozen=True, kw_only=True,
         "haircuts, upnl_weight"))] = {}
     stress_windows: Annotated[list[StressWindowSpec] | None, _M(
         description="named windows (null: the domain's crash episodes)")] = None
+    frontier: Annotated[list[Annotated[float, _M(gt=0)] | None], _M(
+        min_length=1, max_length=32, description=(
+            "the throughput-insolvency frontier's capacities (null: no limit), e.g. "
+            "[1, 2, 5, 10, null]: the report's frontier then has one row per capacity (the "
+            "same path replayed at each)"))] | None = None
+    frontier_kind: Annotated[Literal["accounts", "notional"], _M(description=(
+        "what the frontier's capacities limit: accounts starting a close-out per bar, or "
+        "USD notional of close-outs started per bar"))] = "accounts"
 
 
 #: Largest account backtest run as a job, bars summed over the instruments (above
@@ -242,6 +252,8 @@ def _prepare(body: AccountBacktestRequest, settings: Settings
     population = (PopulationSpec.from_mapping(body.population)
                   if body.population is not None else None)
     make_model(body.model, body.params)  # refused now, not as a failed job
+    frontier = (None if body.frontier is None else
+                [math.inf if c is None else float(c) for c in body.frontier])
     windows = (DEFAULT_STRESS_WINDOWS if body.stress_windows is None else
                tuple(StressWindow.from_dates(w.name, w.start, w.end)
                      for w in body.stress_windows))
@@ -251,18 +263,133 @@ def _prepare(body: AccountBacktestRequest, settings: Settings
                                          population=population, config=config,
                                          stress_windows=windows,
                                          portfolio_model=body.portfolio_model,
-                                         portfolio_params=body.portfolio_params or None)
+                                         portfolio_params=body.portfolio_params or None,
+                                         frontier=frontier,
+                                         frontier_kind=body.frontier_kind)
         return report
 
     return run, total
 
 
+class _StoredRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """What a job needs to run again after its process stopped: the request, and how many
+    times a process began running it."""
+
+    request: AccountBacktestRequest
+    starts: int = 0
+
+
+#: A job's lease: the process running (or queueing) it renews ``accountleases/<id>`` every
+#: ``_LEASE_EVERY_S``; a lease older than ``_LEASE_TTL_S`` means that process is gone
+#: (Redis mode; in embedded mode the one process's own start says so).
+_LEASE_TTL_S = 20
+_LEASE_EVERY_S = 5.0
+#: This process, as a lease names it.
+_OWNER = uuid.uuid4().hex
+
+
+async def _hold_lease(svc: State, job_id: str) -> None:
+    while True:
+        try:
+            await svc.put("accountleases", job_id, _OWNER, expires_in=_LEASE_TTL_S)
+        except Exception as exc:  # the store away for a moment: the next renewal tries again
+            log.warning("account backtest %s: lease not renewed (%s)", job_id,
+                        type(exc).__name__)
+        await asyncio.sleep(_LEASE_EVERY_S)
+
+
+def _spawn(app_state: Any, svc: State, job: AccountBacktestJob,
+           run: Callable[[], AccountBacktestReport]) -> None:
+    """Queue ``job`` in this process (one job at a time per process)."""
+    slots = getattr(app_state, "account_job_slots", None)
+    if slots is None:
+        slots = app_state.account_job_slots = asyncio.Semaphore(1)
+    task = asyncio.create_task(_run_job(svc, job, run, slots))
+    _TASKS.add(task)  # a task nobody holds may be collected before it ends
+    task.add_done_callback(_TASKS.discard)
+
+
+async def _fail(svc: State, job: AccountBacktestJob, reason: str) -> None:
+    await svc.put("accountjobs", job.id, msgspec.structs.replace(
+        job, state="failed", error=reason, finished_at=now_iso()), expires_in=_JOB_TTL_S)
+    await svc.drop_active(job.id, "accountjobs")
+    await svc.delete("accountspecs", job.id)
+
+
+async def resume_account_jobs(app_state: Any, svc: State, *, embedded: bool) -> list[str]:
+    """Queue again, in this process, every account backtest job left ``queued`` or
+    ``running`` by a process that stopped; returns their ids.
+
+    The active set (``State.add_active(kind="accountjobs")``, as calibrations use it) names
+    the jobs not ended. In embedded mode, at start, every one of them belonged to the process
+    before; in Redis mode, one whose lease has lapsed (its API process died, or Redis lost
+    the lease) is taken over, under a lock shared by the processes. A job is failed, with a
+    reason, when its request was not kept, when it no longer validates (data deleted, ...),
+    or when processes began running it more than ``MAX_REQUEUES`` times (it may be what
+    kills them)."""
+    settings: Settings = app_state.settings
+    resumed: list[str] = []
+    async with svc.lock("account-jobs-resume"):
+        for job_id in await svc.active_ids("accountjobs"):
+            job = await svc.get("accountjobs", job_id, AccountBacktestJob)
+            if job is None or job.state in ("succeeded", "failed"):
+                await svc.drop_active(job_id, "accountjobs")
+                continue
+            if not embedded and await svc.stores["accountleases"].exists(job_id):
+                continue  # a live process has it
+            stored = await svc.get("accountspecs", job_id, _StoredRequest)
+            reason = None
+            run: Callable[[], AccountBacktestReport] | None = None
+            if stored is None:
+                reason = ("its server process stopped (a restart or a crash) and its request "
+                          "was not kept; submit it again")
+            elif stored.starts > MAX_REQUEUES:
+                reason = (f"its server process stopped (a restart or a crash) {stored.starts} "
+                          "times while running it; submit it again, with fewer accounts or a "
+                          "shorter range if it repeats")
+            else:
+                try:
+                    run, _ = await anyio.to_thread.run_sync(_prepare, stored.request,
+                                                            settings)
+                except MarginlabError as exc:
+                    reason = f"could not be resumed after its server process stopped: {exc}"
+            if run is None:
+                log.warning("account backtest %s failed at resumption: %s", job_id, reason)
+                await _fail(svc, job, reason or "could not be resumed")
+                continue
+            log.warning("resuming account backtest %s, interrupted by a restart", job_id)
+            job = msgspec.structs.replace(job, state="queued", started_at=None)
+            await svc.put("accountjobs", job.id, job, expires_in=_JOB_TTL_S)
+            await svc.put("accountleases", job.id, _OWNER, expires_in=_LEASE_TTL_S)
+            _spawn(app_state, svc, job, run)
+            resumed.append(job_id)
+    return resumed
+
+
 async def _run_job(svc: State, job: AccountBacktestJob, run: Callable[[], AccountBacktestReport],
                    slots: asyncio.Semaphore) -> None:
     """Run one job after the ones before it (one at a time per process: the replay uses a
-    core, and the API must stay responsive), recording each state."""
+    core, and the API must stay responsive), recording each state, holding its lease until
+    it ends; an ended job leaves the active set."""
+    lease = asyncio.create_task(_hold_lease(svc, job.id))
+    try:
+        await _run_held(svc, job, run, slots)
+        await svc.drop_active(job.id, "accountjobs")
+        await svc.delete("accountspecs", job.id)
+    finally:
+        lease.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await lease
+
+
+async def _run_held(svc: State, job: AccountBacktestJob,
+                    run: Callable[[], AccountBacktestReport], slots: asyncio.Semaphore) -> None:
     ttl = _JOB_TTL_S
     async with slots:
+        stored = await svc.get("accountspecs", job.id, _StoredRequest)
+        if stored is not None:  # counted before it runs: a run that kills its process counts
+            await svc.put("accountspecs", job.id, msgspec.structs.replace(
+                stored, starts=stored.starts + 1), expires_in=ttl)
         job = msgspec.structs.replace(job, state="running", started_at=now_iso())
         await svc.put("accountjobs", job.id, job, expires_in=ttl)
         try:
@@ -317,6 +444,7 @@ class AccountController(Controller):
                       "healthy-leg liquidations, accounts saved by cross, overall and per "
                       "stress window, and every account's outcome. Validated before "
                       "anything runs. Up to MARGINLAB_MAX_SYNC_BARS bars (all instruments) "
+                      "(times the replays a `frontier` asks for, one per capacity, plus one) "
                       "the report is the answer (200); above, a job (202, its status at "
                       "`status_url` and in Location); above "
                       f"{MAX_JOB_BARS:,} bars refused with 413.",
@@ -329,19 +457,21 @@ class AccountController(Controller):
                                ) -> Response[AccountBacktestReport | AccountBacktestJob]:
         settings: Settings = request.app.state.settings
         run, total = await anyio.to_thread.run_sync(_prepare, data, settings)
-        if total <= settings.max_sync_bars:
+        # A frontier replays the path once per capacity besides the run itself.
+        replays = 1 + (len(data.frontier) if data.frontier else 0)
+        if total * replays <= settings.max_sync_bars:
             report = await anyio.to_thread.run_sync(run)
             return Response(report, status_code=200)
         job_id = uuid.uuid4().hex
         job = AccountBacktestJob(id=job_id, state="queued", created_at=now_iso(),
                                  status_url=f"/v1/account-backtests/{job_id}")
         await svc.put("accountjobs", job.id, job, expires_in=_JOB_TTL_S)
-        slots = getattr(request.app.state, "account_job_slots", None)
-        if slots is None:
-            slots = request.app.state.account_job_slots = asyncio.Semaphore(1)
-        task = asyncio.create_task(_run_job(svc, job, run, slots))
-        _TASKS.add(task)  # a task nobody holds may be collected before it ends
-        task.add_done_callback(_TASKS.discard)
+        # Kept so that a job whose process stops is run again (``resume_account_jobs``).
+        await svc.put("accountspecs", job.id, _StoredRequest(request=data),
+                      expires_in=_JOB_TTL_S)
+        await svc.put("accountleases", job.id, _OWNER, expires_in=_LEASE_TTL_S)
+        await svc.add_active(job.id, "accountjobs")
+        _spawn(request.app.state, svc, job, run)
         return Response(job, status_code=202, headers={"Location": job.status_url})
 
     @get("/account-backtests/{job_id:str}", guards=[requires("reader")],

@@ -318,9 +318,13 @@ _index_lock = asyncio.Lock()
 
 async def _remember(request: Request[Any, Any, Any], svc: Svc, job_id: str) -> None:
     """Add a calibration to the listing's index (atomically in Redis, under a lock in the
-    one embedded process)."""
+    one embedded process); in Redis mode also in the durable table (``listing`` rows,
+    written once, in creation order), so a Redis restarted without persistence loses no
+    calibration from the listing."""
     redis = getattr(request.app.state, "redis", None)
     if redis is not None:
+        if svc.durable is not None:
+            await anyio.to_thread.run_sync(svc.durable.set, _LISTING, job_id, b"", None)
         # The Redis store and this list share the server: RPUSH + LTRIM cannot lose an id to
         # a concurrent request of another API process.
         await redis.rpush(INDEX_KEY, job_id)
@@ -332,12 +336,17 @@ async def _remember(request: Request[Any, Any, Any], svc: Svc, job_id: str) -> N
 
 
 INDEX_KEY = "marginlab:calibration-index"
+#: Namespace of the listing's rows in the durable table (Redis mode).
+_LISTING = "listing"
 
 
 async def _listed(request: Request[Any, Any, Any], svc: Svc) -> list[str]:
-    """Calibration ids, oldest first."""
+    """Calibration ids, oldest first (the newest ``MAX_LISTED``)."""
     redis = getattr(request.app.state, "redis", None)
     if redis is not None:
+        if svc.durable is not None:  # the truth; Redis's list may have been lost
+            ids = await anyio.to_thread.run_sync(svc.durable.keys, _LISTING)
+            return ids[-MAX_LISTED:]
         # A retried RPUSH may have landed twice: keep each id once, at its first place.
         return list(dict.fromkeys(i.decode() for i in await redis.lrange(INDEX_KEY, 0, -1)))
     return await svc.get("jobs", _INDEX, list[str]) or []

@@ -9,8 +9,10 @@ keeps the trial count exact, so more workers finish sooner and a dead worker's s
 picked up by the others (its running trial is reaped and retried). A job whose workers all
 died is re-enqueued by ``requeue_orphans``.
 
-Without Redis (embedded mode) an in-process runner executes jobs one at a time in a thread;
-numba kernels release the GIL, so the API stays responsive.
+Without Redis (embedded mode) ``LocalRunner`` executes jobs one at a time in a child process
+of the API (``service.embedded_worker``), through the same file-backed job records a queue
+worker uses through Redis: readers of progress never compete with a running study for the
+API process's GIL.
 
 Every job ends ``succeeded``, ``failed`` (with a reason a user can act on) or ``cancelled``:
 
@@ -32,12 +34,17 @@ job (which rejoins the study's finished trials) rather than joining or reporting
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import msgspec
 
@@ -343,7 +350,16 @@ def rq_execute(job_id: str) -> str:
 
 
 class LocalRunner:
-    """Embedded mode: runs queued jobs one at a time in a background thread."""
+    """Embedded mode: runs queued jobs one at a time, in a child process by default.
+
+    With ``embedded_runner="process"`` a long-lived child (``service.embedded_worker``,
+    started with the first job) runs each calibration, so the API process only serves
+    requests: a study's Python work (the sampler, journal appends) never holds the API's
+    GIL. A child that dies mid-job (killed, out of memory) fails that job with a reason and
+    is started afresh for the next one; a stop of the service stops the child, and the job
+    it was running stays active and is resumed at the next start. ``"thread"`` runs jobs
+    in a thread of this process instead.
+    """
 
     def __init__(self, settings: Settings, access: JobAccess) -> None:
         self.settings = settings
@@ -352,6 +368,8 @@ class LocalRunner:
         self._wake = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="marginlab-jobs", daemon=True)
+        self._child: subprocess.Popen[bytes] | None = None
+        self._replies: IO[str] | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -360,6 +378,21 @@ class LocalRunner:
         with self._wake:
             self._stop = True
             self._wake.notify_all()
+            child = self._child
+        if child is None:
+            return
+        if child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        self._thread.join(timeout=5)  # it reads the child's replies: let it see the end
+        for pipe in (child.stdin, self._replies):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
 
     def submit(self, job_id: str) -> None:
         with self._wake:
@@ -378,11 +411,60 @@ class LocalRunner:
                     return
                 job_id = self._queue.pop(0)
             try:
-                execute_calibration(job_id, self.settings, self.access)
+                if self.settings.embedded_runner == "thread":
+                    execute_calibration(job_id, self.settings, self.access)
+                else:
+                    self._run_in_child(job_id)
             except Exception as exc:  # the job could not even record its failure
                 log.exception("calibration %s: runner error", job_id)
                 with contextlib.suppress(Exception):  # the loop goes on in any case
                     self.access.fail(job_id, unexpected_error(job_id, exc))
+
+    def _ensure_child(self) -> tuple[subprocess.Popen[bytes], IO[str]]:
+        if self._child is not None and self._replies is not None \
+                and self._child.poll() is None:
+            return self._child, self._replies
+        for pipe in (None if self._child is None else self._child.stdin, self._replies):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+        read_fd, write_fd = os.pipe()
+        try:
+            child = subprocess.Popen(
+                [sys.executable, "-m", "service.embedded_worker", str(write_fd)],
+                stdin=subprocess.PIPE, pass_fds=(write_fd,))
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        assert child.stdin is not None
+        child.stdin.write(json.dumps(dataclasses.asdict(self.settings)).encode() + b"\n")
+        child.stdin.flush()
+        with self._wake:
+            self._child, self._replies = child, os.fdopen(read_fd, "r")
+        if self._stop:  # stopped while it started
+            child.terminate()
+        return child, self._replies
+
+    def _run_in_child(self, job_id: str) -> None:
+        child, replies = self._ensure_child()
+        assert child.stdin is not None
+        try:
+            child.stdin.write(job_id.encode() + b"\n")
+            child.stdin.flush()
+        except OSError:  # died since: read its end below
+            pass
+        answer = replies.readline()
+        if answer.strip():
+            return  # the child recorded the job's end itself
+        code = child.wait()
+        if self._stop:
+            return  # the service stops: the job stays active and resumes at the next start
+        cause = (f"killed by signal {-code}" if code < 0 else f"exit status {code}")
+        self.access.fail(job_id, f"the calibration process died ({cause}; e.g. out of "
+                         "memory or killed); submit the request again to resume from the "
+                         "trials finished so far")
 
     async def resume_active(self, state: State) -> list[str]:
         """Queue again every job that was queued or running when the service stopped

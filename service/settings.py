@@ -60,6 +60,16 @@ class Settings:
     job_timeout_s: int = 24 * 3600
     audit_db: str | None = None
     guardrails_json: str | None = None
+    #: Embedded mode: ``process`` runs calibrations in a child process of the API
+    #: (``service.embedded_worker``), so reads never compete with a running study for the
+    #: API's GIL; ``thread`` runs them in a thread of the API process (debugging, tests that
+    #: patch the job code).
+    embedded_runner: str = "process"
+
+    def __post_init__(self) -> None:
+        if self.embedded_runner not in ("process", "thread"):
+            raise ValueError("MARGINLAB_EMBEDDED_RUNNER must be 'process' or 'thread', not "
+                             f"{self.embedded_runner!r}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -89,6 +99,7 @@ class Settings:
             job_timeout_s=num("MARGINLAB_JOB_TIMEOUT_S", 24 * 3600),
             audit_db=env.get("MARGINLAB_AUDIT_DB") or None,
             guardrails_json=env.get("MARGINLAB_GUARDRAILS") or None,
+            embedded_runner=env.get("MARGINLAB_EMBEDDED_RUNNER") or "process",
         )
 
     @property

@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 import anyio
 import msgspec
 from litestar.di import NamedDependency
-from litestar.stores.base import Store
+from litestar.stores.base import StorageObject, Store
 from litestar.stores.file import FileStore
 from litestar.stores.redis import RedisStore
 from sqlalchemy import (
@@ -55,11 +55,14 @@ from service.settings import Settings
 T = TypeVar("T")
 
 NAMESPACES = ("jobs", "results", "datasets", "published", "dedup", "index", "progress",
-              "accountjobs")
+              "accountjobs", "accountspecs", "accountleases")
 #: Namespaces written through to the durable table in Redis mode.
-DURABLE_NAMESPACES = ("jobs", "results", "dedup", "accountjobs")
+DURABLE_NAMESPACES = ("jobs", "results", "dedup", "accountjobs", "accountspecs")
 #: Redis set of active job ids (Redis mode; a cache of the durable table's ``active`` rows).
 ACTIVE_KEY = "marginlab:active-jobs"
+#: Kinds of job with an active set of their own: calibrations (``jobs``) and account
+#: backtests (``accountjobs``).
+JOB_KINDS = ("jobs", "accountjobs")
 
 
 def jobs_db_url(settings: Settings) -> str:
@@ -217,6 +220,55 @@ class WriteThroughStore(Store):
         return await anyio.to_thread.run_sync(self.table.remaining_s, self.namespace, key)
 
 
+class StateFileStore(FileStore):
+    """Litestar's ``FileStore``, reading and writing in the calling thread.
+
+    State entries are a few hundred bytes on a local disk: reading one takes microseconds,
+    while the worker-thread hop ``FileStore`` makes per file operation waits for the GIL
+    (up to the 5 ms switch interval) whenever another thread holds it, which under sixty
+    concurrent readers put tens of milliseconds on every request of the event loop, even
+    ``/healthz``. Writes stay atomic (a temporary file renamed over the entry).
+    """
+
+    def with_namespace(self, namespace: str) -> StateFileStore:
+        if not namespace.isalnum():
+            raise ValueError(f"Invalid namespace: {namespace!r}")
+        return StateFileStore(self.path / namespace)
+
+    async def set(self, key: str, value: str | bytes, expires_in: int | timedelta | None = None
+                  ) -> None:
+        Path(self.path).mkdir(parents=True, exist_ok=True)
+        raw = value.encode("utf-8") if isinstance(value, str) else value
+        self._write_sync(self._path_from_key(key), StorageObject.new(data=raw,
+                                                                      expires_in=expires_in))
+
+    async def get(self, key: str, renew_for: int | timedelta | None = None) -> bytes | None:
+        path = Path(self._path_from_key(key))
+        try:
+            stored = StorageObject.from_bytes(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        if stored.expired:
+            path.unlink(missing_ok=True)
+            return None
+        if renew_for and stored.expires_at:
+            await self.set(key, stored.data, expires_in=renew_for)
+        return stored.data
+
+    async def delete(self, key: str) -> None:
+        Path(self._path_from_key(key)).unlink(missing_ok=True)
+
+    async def exists(self, key: str) -> bool:
+        return await self.get(key) is not None
+
+    async def expires_in(self, key: str) -> int | None:
+        try:
+            stored = StorageObject.from_bytes(Path(self._path_from_key(key)).read_bytes())
+        except FileNotFoundError:
+            return None
+        return None if stored.expires_at is None else stored.expires_in
+
+
 def make_root_store(settings: Settings) -> Store:
     """The root store of the service's state for these settings."""
     if settings.redis_url:
@@ -225,7 +277,7 @@ def make_root_store(settings: Settings) -> Store:
         client = Redis.from_url(settings.redis_url, socket_connect_timeout=2,
                                 socket_timeout=5)
         return RedisStore(client, namespace="marginlab", handle_client_shutdown=True)
-    return FileStore(Path(settings.state_dir).resolve() / "store", create_directories=True)
+    return StateFileStore(Path(settings.state_dir).resolve() / "store", create_directories=True)
 
 
 def make_state(settings: Settings) -> State:
@@ -274,41 +326,52 @@ class State:
     async def delete(self, namespace: str, key: str) -> None:
         await self.stores[namespace].delete(key)
 
-    def _active_dir(self) -> Path:
+    @staticmethod
+    def _active_names(kind: str) -> tuple[str, str, str]:
+        """(directory, durable namespace, Redis set) of the active set of ``kind``."""
+        assert kind in JOB_KINDS
+        if kind == "jobs":  # the calibrations' names, as before account jobs had a set
+            return "active-jobs", "active", ACTIVE_KEY
+        return f"active-{kind}", f"active-{kind}", f"{ACTIVE_KEY}:{kind}"
+
+    def _active_dir(self, kind: str = "jobs") -> Path:
         assert isinstance(self.root, FileStore)
-        path = Path(self.root.path) / "active-jobs"
+        path = Path(self.root.path) / self._active_names(kind)[0]
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    async def add_active(self, job_id: str) -> None:
-        """Remember a queued or running job (until ``drop_active``)."""
+    async def add_active(self, job_id: str, kind: str = "jobs") -> None:
+        """Remember a queued or running job of ``kind`` (until ``drop_active``)."""
+        _, table, key = self._active_names(kind)
         if isinstance(self.root, RedisStore):
             if self.durable is not None:
-                await anyio.to_thread.run_sync(self.durable.set, "active", job_id, b"", None)
+                await anyio.to_thread.run_sync(self.durable.set, table, job_id, b"", None)
             with contextlib.suppress(*_cache_errors()):
-                await self.root._redis.sadd(ACTIVE_KEY, job_id)
+                await self.root._redis.sadd(key, job_id)
         else:
-            (self._active_dir() / job_id).touch()
+            (self._active_dir(kind) / job_id).touch()
 
-    async def drop_active(self, job_id: str) -> None:
+    async def drop_active(self, job_id: str, kind: str = "jobs") -> None:
         """Forget a job that ended."""
+        _, table, key = self._active_names(kind)
         if isinstance(self.root, RedisStore):
             if self.durable is not None:
-                await anyio.to_thread.run_sync(self.durable.delete, "active", job_id)
+                await anyio.to_thread.run_sync(self.durable.delete, table, job_id)
             with contextlib.suppress(*_cache_errors()):
-                await self.root._redis.srem(ACTIVE_KEY, job_id)
+                await self.root._redis.srem(key, job_id)
         else:
-            (self._active_dir() / job_id).unlink(missing_ok=True)
+            (self._active_dir(kind) / job_id).unlink(missing_ok=True)
 
-    async def active_ids(self) -> list[str]:
-        """Ids of the jobs remembered as active, oldest first where known."""
+    async def active_ids(self, kind: str = "jobs") -> list[str]:
+        """Ids of the jobs of ``kind`` remembered as active, oldest first where known."""
+        _, table, key = self._active_names(kind)
         if self.durable is not None:  # the truth; the Redis set may have been lost
-            return await anyio.to_thread.run_sync(self.durable.keys, "active")
+            return await anyio.to_thread.run_sync(self.durable.keys, table)
         if isinstance(self.root, RedisStore):
-            members = await self.root._redis.smembers(ACTIVE_KEY)
+            members = await self.root._redis.smembers(key)
             return sorted(m.decode() if isinstance(m, bytes) else m for m in members)
         found = []
-        for path in self._active_dir().iterdir():
+        for path in self._active_dir(kind).iterdir():
             try:
                 found.append((path.stat().st_mtime, path.name))
             except FileNotFoundError:  # dropped meanwhile

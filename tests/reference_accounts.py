@@ -160,10 +160,16 @@ def replay_mech(
     bid_depth: Mapping[str, Sequence[float]] | None = None,
     ask_depth: Mapping[str, Sequence[float]] | None = None,
     backlog: list[int] | None = None,
+    portfolio_mm: Callable[[dict[str, float], int], float] | None = None,
 ) -> list[MechOutcome]:
     """Every account through the bars under the mechanics (one population, one cascade),
     and the engine's capacity: each bar, the accounts asking for a step are sorted and the
-    first ones served, the rest wait (``backlog`` gets their count per bar)."""
+    first ones served, the rest wait (``backlog`` gets their count per bar).
+
+    With ``portfolio_mm`` (domain.md §8) an account's requirement is ``portfolio_mm(exposure,
+    bar)`` of what it still holds (USD per instrument: the units left plus the collateral the
+    instrument prices, at the bar's marks), and ``largest_requirement_first`` ranks a
+    position by ``portfolio_mm`` of that position alone."""
     import math
 
     st = settings
@@ -210,6 +216,7 @@ def replay_mech(
         acc = s["acc"]
         e = acc.entry
         upnl = realised = funding = mm = 0.0
+        exposure: dict[str, float] = {}
         for inst in instruments:
             q = s["rem"][inst]
             if q == 0:
@@ -222,11 +229,15 @@ def replay_mech(
             if q - d:
                 upnl += (q - d) * (p - c0)
                 mm += mm_usd(inst, abs(q - d) * p, t)
+                exposure[inst] = exposure.get(inst, 0.0) + (q - d) * p
             funding += q * (fcum(inst, t) - fcum(inst, s["anchor"][inst]))
         equity = s["cash"] + (upnl if upnl <= 0 else st.upnl_weight * upnl) + realised - funding
         for inst, u in acc.collateral.items():
             if u:
                 equity += u * mark(inst, t, s["net"])
+                exposure[inst] = exposure.get(inst, 0.0) + u * mark(inst, t, s["net"])
+        if portfolio_mm is not None:
+            mm = portfolio_mm(exposure, t)
         return equity, mm
 
     def plan(s: dict, t: int, last: bool) -> dict[str, float]:
@@ -235,8 +246,13 @@ def replay_mech(
         if st.policy == "close_all" or last:
             return {i: rem[i] for i in open_legs}
         if st.policy == "largest_requirement_first":
-            ranked = sorted(open_legs, key=lambda i: (-mm_usd(i, abs(rem[i]) * mark(
-                i, t, s["net"]), t), instruments.index(i)))
+            def requirement(i: str) -> float:
+                value = rem[i] * mark(i, t, s["net"])
+                if portfolio_mm is not None:
+                    return portfolio_mm({i: value}, t)
+                return mm_usd(i, abs(value), t)
+
+            ranked = sorted(open_legs, key=lambda i: (-requirement(i), instruments.index(i)))
             closing: dict[str, float] = {}
             for inst in ranked:
                 closing[inst] = rem[inst]

@@ -163,11 +163,12 @@ def test_capacity_settings_are_validated_naming_the_field() -> None:
                        ({"max_liquidations_per_bar": 1.5}, "max_liquidations_per_bar"),
                        ({"max_liquidation_notional_per_bar": -1},
                         "max_liquidation_notional_per_bar"),
-                       ({"queue_order": "random"}, "queue_order"),
-                       ({"mode": "portfolio", "max_liquidations_per_bar": 3}, "policy")):
+                       ({"queue_order": "random"}, "queue_order")):
         with pytest.raises(InvalidParameters) as info:
             AccountConfig.from_mapping(raw)
         assert info.value.field == f"liquidation.{field}"
+    assert AccountConfig.from_mapping({"mode": "portfolio",
+                                       "max_liquidations_per_bar": 3}).capacity_limited
     with pytest.raises(InvalidParameters) as info:
         parse_capacities("1,x")
     assert info.value.field == "frontier"
@@ -439,3 +440,56 @@ def test_notional_frontier_by_hand() -> None:
     with pytest.raises(InvalidParameters) as info:
         capacity_frontier(_three_market(), ONE_PCT, _three_accounts(), capacities=(1.5,))
     assert info.value.field == "capacities"
+
+
+def test_frontier_over_http_and_in_the_html_report(tmp_path: Path) -> None:
+    """``frontier`` in ``POST /v1/account-backtests``: on the three-account case the rows are
+    the hand-computed 1,470 / 520 / 100 USD of ``test_cli_frontier_in_the_json_report``
+    (capacities 1, 2, no limit), the report says what the capacities limit, the HTML
+    report draws the frontier and tabulates it, and a capacity of 0 is refused naming
+    its place."""
+    from litestar.testing import TestClient
+
+    from calibration.accounts import render_account_report, run_account_backtest
+    from service.app import create_app
+    from service.settings import Settings
+
+    for b in _three_market().bars:
+        pd.DataFrame({"timestamp_ms": b.timestamp_ms, "open": b.open, "high": b.high,
+                      "low": b.low, "close": b.close}).to_csv(tmp_path / f"{b.instrument}.csv",
+                                                               index=False)
+    body = {"data": [{"instrument": "AUSDT", "ref": "AUSDT.csv"}],
+            "model": "tiered", "params": FLAT_1PCT,
+            "accounts": [{"id": a.id, "entry": T0 + 2 * MIN, "collateral": a.collateral,
+                          "positions": a.positions} for a in _three_accounts()],
+            "liquidation": {"holding_bars": 2, "latency_bars": 0},
+            "stress_windows": [], "frontier": [1, 2, None]}
+    settings_ = Settings(state_dir=str(tmp_path / ".state"), data_root=str(tmp_path))
+    with TestClient(create_app(settings_)) as c:
+        ok = c.post("/v1/account-backtests", json=body)
+        zero = c.post("/v1/account-backtests", json={**body, "frontier": [1, 0]})
+        kind = c.post("/v1/account-backtests", json={**body, "frontier_kind": "positions"})
+    assert ok.status_code == 200, ok.text
+    report = ok.json()
+    assert [r["capacity"] for r in report["frontier"]] == [1, 2, None]
+    assert [r["bad_debt_usd"] for r in report["frontier"]] == pytest.approx(
+        [1_470.0, 520.0, 100.0])
+    assert report["frontier_kind"] == "accounts"
+    assert zero.status_code == 400
+    assert zero.json()["field"] == "frontier[1]"
+    assert kind.status_code == 400
+    assert kind.json()["field"] == "frontier_kind"
+
+    market = _three_market()
+    lib, result = run_account_backtest(
+        market, "tiered", FLAT_1PCT, accounts=_three_accounts(),
+        config=AccountConfig(holding_bars=2, latency_bars=0), stress_windows=(),
+        frontier=[1, 2, math.inf])
+    assert [r["bad_debt_usd"] for r in lib.frontier or []] == pytest.approx(
+        [r["bad_debt_usd"] for r in report["frontier"]])
+    page = render_account_report(lib, result)
+    assert "id='chart-frontier'" in page
+    assert "Throughput–insolvency frontier" in page
+    table = page[page.index("<table id='frontier'>"):]
+    for shown in ("1,470", "520", "no limit"):
+        assert shown in table

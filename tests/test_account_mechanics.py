@@ -26,9 +26,10 @@ from calibration.accounts import (
 )
 from calibration.data import load_funding, with_funding
 from calibration.liquidation import ExplicitPosition, LiquidationConfig, simulate_liquidations
-from calibration.models import TieredMargin
+from calibration.models import PortfolioMarginModel, TieredMargin, make_portfolio_model
 from tests import reference_accounts as ref
 from tests import reference_models as ref_models
+from tests import reference_portfolio as ref_pf
 from tests.test_accounts import FLAT, FLAT_1PCT, LUNA_30M, MIN, T0, _books, series
 
 ONE_PCT = TieredMargin(**FLAT_1PCT)
@@ -253,9 +254,12 @@ def _adv_depth(bars: BarSeries, window: int, fraction: float) -> list[float]:
 
 
 def _check_mech(market: Market, accounts: list[Account], cfg: AccountConfig, params: dict,
-                funding: bool) -> list[ref.MechOutcome]:
+                funding: bool, *, portfolio: PortfolioMarginModel | None = None,
+                portfolio_mm: Callable[[dict[str, float], int], float] | None = None,
+                ) -> list[ref.MechOutcome]:
     model = make_model("tiered", params)
-    result = simulate_accounts(market, model, accounts, cfg, mechanics_kernel=True)
+    result = simulate_accounts(market, model, accounts, cfg, mechanics_kernel=True,
+                               portfolio=portfolio)
     prices = {b.instrument: {"low": b.low.tolist(), "high": b.high.tolist(),
                              "close": b.close.tolist()} for b in market.bars}
     caps = list(params["bracket_caps_usd"])
@@ -296,7 +300,7 @@ def _check_mech(market: Market, accounts: list[Account], cfg: AccountConfig, par
     outs = ref.replay_mech(prices, market.instruments, {i: underlying_of(i)
                                                          for i in market.instruments},
                            mm, books, settings, funding_cum=fcum, bid_depth=depth,
-                           ask_depth=depth)
+                           ask_depth=depth, portfolio_mm=portfolio_mm)
     names = market.instruments
     for j, out in enumerate(outs):
         assert result.trigger_bar[j] == (-1 if out.trigger is None else out.trigger), j
@@ -414,16 +418,17 @@ def test_isolated_accounts_equal_section_4_with_funding_impact_and_cascade(
 
 
 def test_settings_are_validated_naming_the_field() -> None:
-    """Unknown policies, fractions out of range, mechanics in portfolio mode are refused."""
+    """Unknown policies and fractions out of range are refused; mechanics in portfolio mode
+    are accepted."""
     for raw, field in (({"policy": "fastest"}, "liquidation.policy"),
                        ({"partial_fraction": 0}, "liquidation.partial_fraction"),
                        ({"cooldown_bars": 0}, "liquidation.cooldown_bars"),
                        ({"funding": 1}, "liquidation.funding"),
-                       ({"impact_coef": -1}, "liquidation.impact_coef"),
-                       ({"mode": "portfolio", "cascade": True}, "liquidation.policy")):
+                       ({"impact_coef": -1}, "liquidation.impact_coef")):
         with pytest.raises(InvalidParameters) as info:
             AccountConfig.from_mapping(raw)
         assert info.value.field == field
+    assert AccountConfig.from_mapping({"mode": "portfolio", "cascade": True}).cascade
 
 
 def test_cli_policy_and_compare_policies(tmp_path: Path, capsys: pytest.CaptureFixture[str],
@@ -456,3 +461,105 @@ def test_cli_policy_and_compare_policies(tmp_path: Path, capsys: pytest.CaptureF
     assert table["least_loss"] == "close_all"
     assert main([*args, "--compare-policies"]) == 0
     assert "least bad debt: close_all" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# Mechanics under a portfolio requirement (domain.md §8 with §4/§10's mechanics)
+
+PM_HIST = {"window_bars": 60, "warmup_bars": 100, "horizon_bars": 2, "confidence": 0.95}
+
+
+@pytest.mark.data
+@pytest.mark.parametrize(("policy", "capacity"), [(p, None) for p in POLICIES]
+                         + [("close_all", 1), ("partial", 2)])
+def test_portfolio_mechanics_match_brute_force_through_luna(
+        shared_data: Path, data_file: Callable[[str], str], policy: str,
+        capacity: int | None) -> None:
+    """Real BTC/ETH/SOL 30-minute bars through 2022-05 in portfolio mode (historical ES over
+    60 joint scenarios): every policy with spread, ADV impact, fees and the shared cascade
+    (and a capacity of 1 or 2 close-outs a bar) equals the plain loop whose requirement is
+    the plain sort of the scenario losses of what the account still holds; the cascade is
+    not vacuous there either."""
+    for r in LUNA_30M:
+        data_file(r)
+    market = _luna_market_data(shared_data)
+    model = make_portfolio_model("historical", PM_HIST)
+    books = _books(market, seed=9)
+    hist = ref_pf.Historical({b.instrument: b.close.tolist() for b in market.bars},
+                             window=60, confidence=0.95, decay=0.97, horizon=2, warmup=100)
+    cfg = AccountConfig(mode="portfolio", holding_bars=96, latency_bars=1,
+                        spread_rate=0.0005, impact_coef=0.01, liquidation_fee_rate=0.005,
+                        cascade=True, cascade_kappa=50.0, adv_window_bars=48, policy=policy,
+                        partial_fraction=0.4, cooldown_bars=2,
+                        max_liquidations_per_bar=capacity)
+    outs = _check_mech(market, books, cfg, LUNA_TIERS, funding=False, portfolio=model,
+                       portfolio_mm=lambda x, t: 0.8 * hist.im(x, t))
+    if capacity is not None:
+        assert any(o.wait_bars > 0 for o in outs)  # the queue binds
+    tiered = make_model("tiered", LUNA_TIERS)
+    plain = simulate_accounts(market, tiered, books, dataclasses.replace(cfg, cascade=False),
+                              portfolio=model)
+    moved = simulate_accounts(market, tiered, books, cfg, portfolio=model)
+    assert not np.array_equal(plain.closeout_equity_usd, moved.closeout_equity_usd,
+                              equal_nan=True)
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("policy", ["close_all", "largest_requirement_first", "partial"])
+def test_portfolio_mechanics_with_funding_on_2025_10_10_perps(
+        shared_data: Path, data_file: Callable[[str], str], policy: str) -> None:
+    """BTC and ETH USD-M perpetuals, 5-minute, through 2025-10-10, with 8h funding, in
+    portfolio mode under a volatility-scaled grid (5 points a factor, an extended −30% move at
+    half weight): funding, impact, fees and the cascade equal the plain loop whose requirement
+    is the enumerated grid."""
+    import math
+
+    for r in (*PERP_5M, *FUNDING_8H):
+        data_file(r)
+    market = _perp_market(shared_data)
+    params = {"vol_scaled": True, "warmup_bars": 100, "horizon_bars": 2, "points": 5,
+              "min_price_range": 0.02, "extended_moves": [-0.3], "extended_weights": [0.5]}
+    model = make_portfolio_model("grid", params)
+    asset_of = {i: underlying_of(i) for i in market.instruments}
+    sigma = {b.instrument: [math.sqrt(v) for v in ref_models.ewma_variance(
+        b.close.tolist(), 0.97, 100)] for b in market.bars}
+    z = 2.3263478740408408 * math.sqrt(2)
+
+    def portfolio_mm(exposure: dict[str, float], t: int) -> float:
+        ranges = {asset_of[i]: max(0.02, z * sigma[i][t]) for i in market.instruments}
+        return 0.8 * ref_pf.grid_im(exposure, asset_of, ranges, points=5,
+                                    extended=[(-0.3, 0.5)])
+
+    books = _perp_books(market, seed=5)
+    cfg = AccountConfig(mode="portfolio", holding_bars=288, latency_bars=1,
+                        spread_rate=0.0005, impact_coef=0.01, liquidation_fee_rate=0.005,
+                        cascade=True, cascade_kappa=2.0, funding=True, policy=policy,
+                        cooldown_bars=3)
+    _check_mech(market, books, cfg, PERP_TIERS, funding=True, portfolio=model,
+                portfolio_mm=portfolio_mm)
+
+
+@pytest.mark.data
+def test_portfolio_default_settings_through_the_mechanics_kernel_are_the_core(
+        shared_data: Path, data_file: Callable[[str], str]) -> None:
+    """Portfolio mode with spread and fees only: the mechanics kernel gives the portfolio
+    core kernel's triggers, close-out equity, fees and legs bit for bit."""
+    for r in LUNA_30M:
+        data_file(r)
+    market = _luna_market_data(shared_data)
+    model = make_portfolio_model("historical", PM_HIST)
+    books = _books(market, seed=4)
+    tiered = make_model("tiered", LUNA_TIERS)
+    for latency in (0, 1):
+        cfg = AccountConfig(mode="portfolio", holding_bars=96, latency_bars=latency,
+                            spread_rate=0.0005, liquidation_fee_rate=0.005)
+        core = simulate_accounts(market, tiered, books, cfg, portfolio=model)
+        mech = simulate_accounts(market, tiered, books, cfg, portfolio=model,
+                                 mechanics_kernel=True)
+        for name in ("trigger_bar", "closeout_equity_usd", "bad_debt_usd", "fee_usd",
+                     "leg_pnl_usd", "twin_trigger_bar", "twin_bad_debt_usd"):
+            np.testing.assert_array_equal(getattr(mech, name), getattr(core, name),
+                                          err_msg=name)
+        hit = core.trigger_bar >= 0  # the core leaves no close-out bar for the others
+        np.testing.assert_array_equal(mech.closeout_bar[hit], core.closeout_bar[hit])
+        assert hit.any()

@@ -327,7 +327,7 @@ def test_cli_accounts_backtest_json(tmp_path: Path, capsys: pytest.CaptureFixtur
         "accounts": 1, "liquidated_accounts": 0, "liquidated_positions": 0,
         "bad_debt_usd": 0.0, "healthy_leg_liquidations": 0, "saved_by_cross": 1}
     assert report["accounts"] == [{"id": "hedge", "liquidated": False, "trigger_time": None,
-                                   "bad_debt_usd": 0.0}]
+                                   "bad_debt_usd": 0.0, "mode": "cross"}]
     assert main([*args[:-1], "--mode", "isolated", "--json"]) == 0
     isolated = json.loads(capsys.readouterr().out)
     assert isolated["summary"][0]["bad_debt_usd"] == pytest.approx(1000.0)
@@ -425,3 +425,39 @@ def test_requirements_now_tiered_and_ewma() -> None:
     with pytest.raises(InvalidParameters) as info:
         requirements_now(ewma, np.array([1.0]))
     assert info.value.field == "data"
+
+
+@pytest.mark.data
+def test_account_book_replays_as_its_accounts(shared_data: Path,
+                                              data_file: Callable[[str], str]) -> None:
+    """An ``AccountBook`` (the accounts as arrays, built once) replays bit for bit as its
+    accounts do, whole and split by index (as forked processes take their halves)."""
+    import dataclasses
+
+    from calibration.accounts import AccountBook
+
+    for r in LUNA_30M:
+        data_file(r)
+    market = _luna_market(shared_data)
+    books = _books(market, seed=21)
+    model = make_model("tiered", {"base_mmr": 0.02, "tier_growth": 1.5,
+                                  "bracket_caps_usd": [50_000, 250_000]})
+    cfg = AccountConfig(holding_bars=96, latency_bars=1, spread_rate=0.001)
+    arrays = AccountBook.from_accounts(books, market.instruments)
+    assert len(arrays) == len(books)
+    assert list(arrays) == books
+    for run_cfg in (cfg, dataclasses.replace(cfg, policy="partial")):
+        for rows in (list(range(len(books))), list(range(1, len(books), 2))):
+            plain = simulate_accounts(market, model, [books[i] for i in rows], run_cfg)
+            fast = simulate_accounts(market, model, arrays.take(rows), run_cfg)
+            assert [a.id for a in fast.accounts] == [a.id for a in plain.accounts]
+            for name in ("trigger_bar", "closeout_equity_usd", "bad_debt_usd", "fee_usd",
+                         "twin_trigger_bar", "twin_bad_debt_usd", "leg_pnl_usd",
+                         "position_account", "position_notional_usd"):
+                np.testing.assert_array_equal(getattr(fast, name), getattr(plain, name),
+                                              err_msg=name)
+            assert fast.summary() == plain.summary()
+    with pytest.raises(InvalidParameters) as info:
+        AccountBook.from_accounts([Account(id="x", entry_ms=0, collateral={},
+                                           positions={"NOPE": 1.0})], market.instruments)
+    assert info.value.field == "accounts.positions"

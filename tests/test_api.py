@@ -639,11 +639,14 @@ def test_rate_limit_is_per_key(make_client: Callable[..., Client]) -> None:
 
 
 def test_job_dying_outside_marginlab_error_fails_with_a_reason_and_is_not_joined(
-        client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+        make_client: Callable[..., Client], monkeypatch: pytest.MonkeyPatch) -> None:
     """An error of no MarginlabError type inside a job (what ``seed: 2**64`` raised inside
     Optuna) ends it ``failed`` with a reason naming the error's type but not its message;
-    an identical request then starts a new job, which runs to the end."""
+    an identical request then starts a new job, which runs to the end. (Jobs in a thread of
+    this process, so that the patch reaches them.)"""
     import service.jobs
+
+    client = make_client(embedded_runner="thread")
 
     real = service.jobs.run_calibration
     calls: list[int] = []

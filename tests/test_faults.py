@@ -284,6 +284,64 @@ def test_embedded_service_sigkilled_mid_calibration_resumes_on_restart(
     assert "resuming calibration" in service.tail(200)
 
 
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        for child in children(todo.pop()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _calibration_processes(pid: int) -> list[int]:
+    """The embedded calibration processes (``service.embedded_worker``) under ``pid``."""
+    out = []
+    for child in _descendants(pid):
+        with contextlib.suppress(OSError):
+            if b"service.embedded_worker" in Path(f"/proc/{child}/cmdline").read_bytes():
+                out.append(child)
+    return out
+
+
+def test_embedded_calibration_runs_in_its_own_process_whose_death_fails_only_its_job(
+        service: EmbeddedService) -> None:
+    """Embedded calibrations run in a child process of the API, not in its threads: SIGKILL
+    that process mid-calibration (as the OOM killer picks the biggest process) and the API
+    stays up, the job ends ``failed`` naming the dead process, and an identical request
+    runs on a fresh calibration process, resuming the finished trials, to ``n_trials``. A
+    server SIGKILLed leaves no calibration process behind."""
+    n_trials = 200
+    service.start()
+    assert service.proc is not None
+    ref = service.upload(bars_csv(N_BARS, seed=35))["ref"]
+    spec = calibration_spec(ref, n_trials=n_trials, seed=35)
+    job = service.submit(spec)
+    wait_trials(service, job["id"], 5)
+    workers = _calibration_processes(service.proc.pid)
+    assert len(workers) == 1, workers
+    os.kill(workers[0], signal.SIGKILL)
+
+    failed = wait_final(service, job["id"], 60)
+    assert failed["state"] == "failed"
+    assert "calibration process died (killed by signal 9" in failed["error"]
+    assert "submit the request again" in failed["error"]
+    assert service.http.get("/healthz").status_code == 200
+
+    again = service.submit(spec)
+    assert again["id"] != job["id"]
+    done = wait_final(service, again["id"], 180)
+    assert done["state"] == "succeeded", (done, service.tail())
+    assert done["progress"]["trials_done"] == n_trials
+    assert done["progress"]["running"] == 0
+    fresh = _calibration_processes(service.proc.pid)
+    assert len(fresh) == 1
+    assert fresh != workers
+
+    service.kill()
+    wait_for(lambda: all(not Path(f"/proc/{pid}").exists() for pid in fresh),
+             timeout_s=10, every_s=0.1, what="the orphaned calibration process to exit")
+
+
 # --- Redis mode: dead workers, rq's time limit ---------------------------------------------------
 
 
@@ -361,16 +419,30 @@ def test_job_past_rqs_time_limit_fails_naming_the_limit(own_redis: RedisServer,
 # --- Redis restarted without persistence --------------------------------------------------------
 
 
+@pytest.fixture(params=["journal", "postgresql"])
+def study_storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The deployment's study storage: a journal file (job records in the audit SQLite
+    database) or a PostgreSQL database of the test's own (job records in its
+    ``marginlab_state`` table)."""
+    if request.param == "journal":
+        yield f"journal:{tmp_path / 'studies.log'}"
+        return
+    from tests.test_storage import fresh_postgres_db
+
+    with fresh_postgres_db() as url:
+        yield url
+
+
 def test_redis_restarted_without_persistence_mid_calibration_loses_no_job(
-        own_redis: RedisServer, tmp_path: Path) -> None:
+        own_redis: RedisServer, tmp_path: Path, study_storage: str) -> None:
     """Restart the deployment's Redis (no persistence: every key and queue entry is gone)
     mid-calibration: the job's id answers throughout (its record is durable in the SQL
     table, Redis only caches it), the reconciler queues it again, it ends ``succeeded``
     with exactly ``n_trials`` trials in its study and none RUNNING, and the identical
-    request afterwards is answered from the result (on main: 404, the study stopped)."""
+    request afterwards is answered from the result (on main: 404, the study stopped).
+    With PostgreSQL study storage the records live in that database."""
     n_trials = 200
-    journal = tmp_path / "studies.log"
-    app = Deployment(tmp_path, own_redis.url, f"journal:{journal}",
+    app = Deployment(tmp_path, own_redis.url, study_storage,
                      MARGINLAB_WORKERS_PER_JOB="1")
     answers: list[int] = []
     stop = threading.Event()
@@ -402,11 +474,18 @@ def test_redis_restarted_without_persistence_mid_calibration_loses_no_job(
         assert done["state"] == "succeeded", (done, app.tail())
         assert done["progress"]["trials_done"] == n_trials
         assert done["progress"]["running"] == 0
-        with Coordination(f"journal:{journal}") as coordination:
+        with Coordination(study_storage) as coordination:
             study = optuna.load_study(study_name=job["study"], storage=coordination.storage)
             trials = study.get_trials(deepcopy=False)
         assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) \
             == n_trials
+        if study_storage.startswith("postgresql"):  # the records are in that database
+            import psycopg
+
+            with psycopg.connect(study_storage) as conn:
+                rows = conn.execute("SELECT namespace FROM marginlab_state WHERE key = %s",
+                                    (job["id"],)).fetchall()
+            assert ("jobs",) in rows
         assert not [t for t in trials if t.state == TrialState.RUNNING]
         # Its id answered throughout: the record came from the SQL table while Redis was
         # down or empty.
@@ -415,6 +494,9 @@ def test_redis_restarted_without_persistence_mid_calibration_loses_no_job(
         # Either the reconciler queued it again ("queued again" in the log), or the work
         # horse that had it in hand finished it (the queue entry was gone, not the running
         # job): both end with the exact count above, which is the contract.
+
+        listed = app.http.get("/v1/calibrations").json()  # the listing survived too
+        assert [item["id"] for item in listed["items"]] == [job["id"]]
 
         again = app.http.post("/v1/calibrations", json=spec)
         assert again.status_code == 200, again.text

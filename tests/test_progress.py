@@ -153,3 +153,42 @@ def test_thirty_event_streams_and_pollers_see_the_same_final_state(tmp_path: Pat
             == n_trials
     finally:
         app.stop()
+
+
+def test_state_file_store_never_hops_to_a_worker_thread(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedded state store reads and writes in the event loop's thread (a hop to a
+    worker thread waits for the GIL under load), and keeps FileStore's semantics: values
+    round-trip, expire, renew, and a write replaces the entry whole."""
+    import anyio.to_thread
+
+    from service.state import StateFileStore
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a worker-thread hop")
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", refuse)
+    store = StateFileStore(tmp_path / "store", create_directories=True).with_namespace("jobs")
+    assert isinstance(store, StateFileStore)
+
+    async def scenario() -> None:
+        assert await store.get("a") is None
+        await store.set("a", b"1" * 300)
+        await store.set("a", "2")
+        assert await store.get("a") == b"2"
+        await store.set("short", b"x", expires_in=1)
+        assert await store.get("short", renew_for=60) == b"x"
+        assert 30 < (await store.expires_in("short") or 0) <= 60  # renewed
+        await store.set("gone", b"x", expires_in=-1)
+        assert await store.get("gone") is None
+
+    asyncio.run(scenario())
+    # "a" and "short" remain: the expired entry was removed, no temporary file is left
+    assert len(list((tmp_path / "store" / "jobs").iterdir())) == 2
+
+
+def test_embedded_runner_setting_is_checked() -> None:
+    assert Settings.from_env({"MARGINLAB_EMBEDDED_RUNNER": "thread"}).embedded_runner == "thread"
+    assert Settings.from_env({}).embedded_runner == "process"
+    with pytest.raises(ValueError, match="MARGINLAB_EMBEDDED_RUNNER must be 'process' or"):
+        Settings(embedded_runner="fork")

@@ -206,7 +206,7 @@ def test_publish_with_the_store_down_succeeds_and_reads_answer_from_the_audit(
         client: TestClient[Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """The audit row commits, the store write fails: 201 all the same, GET answers the new
     version from the audit trail while the store is down, and the next read repairs it."""
-    from litestar.stores.file import FileStore
+    from service.state import StateFileStore as FileStore
 
     assert _publish(client, params={"decay": 0.97}).status_code == 201
     assert client.get("/v1/recommendations/BTC").json()["version"] == 1
@@ -248,7 +248,7 @@ def test_embedded_reads_are_cached_and_see_other_processes_writes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Embedded mode serves repeated GETs from memory (no store read), and a publish by
     another app on the same state directory shows at once (the store file changed)."""
-    from litestar.stores.file import FileStore
+    from service.state import StateFileStore as FileStore
 
     reads = 0
     real_get = FileStore.get

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -215,6 +216,43 @@ def test_two_workers_share_a_study_exactly(url: str, data_root: Path, spec: Cali
     trials = _trials(url, name)
     _assert_study_exact(trials, N_TRIALS)
     assert sum(ran) == len(trials)  # every trial was run by one of the two workers
+
+
+@pytest.mark.slow
+def test_workers_on_separate_machines_share_one_postgresql_study(
+        postgres_db: str, data_root: Path, spec: CalibrationSpec, prepared: Prepared,
+        procs: list[subprocess.Popen[str]], tmp_path: Path) -> None:
+    """How a calibration spreads over machines: each machine has its own copy of the data
+    under its own data root and runs ``marginlab worker --study NAME --storage URL`` against
+    one PostgreSQL study. Two such workers (separate data roots) fill it to exactly
+    ``n_trials``; a third whose data differ from the study's (a changed file under the same
+    name) is refused before running a trial, naming the mismatch."""
+    name = _new_study(spec, prepared, postgres_db)
+    roots = []
+    for machine in ("machine-a", "machine-b"):
+        root = tmp_path / machine
+        root.mkdir()
+        shutil.copy(data_root / "bars.parquet", root / "bars.parquet")
+        roots.append(root)
+    workers = [_start_worker(procs, root, postgres_db, name, i)
+               for i, root in enumerate(roots, start=1)]
+    results = [_finish(w) for w in workers]
+    assert [code for code, _ in results] == [0, 0], results
+    ran = [_ran(err) for _, err in results]
+    trials = _trials(postgres_db, name)
+    _assert_study_exact(trials, N_TRIALS)
+    assert sum(ran) == len(trials)
+    assert all(r >= 1 for r in ran), ran
+
+    changed = tmp_path / "machine-c"
+    changed.mkdir()
+    frame = walk_frame(N_BARS, seed=20240801)
+    frame.loc[frame.index[-1], ["open", "high", "low", "close"]] *= 1.01
+    frame.to_parquet(changed / "bars.parquet", index=False)
+    code, err = _finish(_start_worker(procs, changed, postgres_db, name, 3))
+    assert code != 0
+    assert "differ from the data study" in err
+    assert len(_trials(postgres_db, name)) == len(trials)
 
 
 # --------------------------------------------------------------------------- SIGKILL

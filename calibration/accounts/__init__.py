@@ -5,6 +5,7 @@ The flow: ``Market`` (k instruments on one clock) → ``Account`` books (explici
 contagion) → ``AccountResult`` figures and ``run_account_backtest``'s report.
 """
 
+from calibration.accounts._arrays import AccountBook
 from calibration.accounts._book import (
     MARGIN_MODES,
     Account,
@@ -62,6 +63,7 @@ __all__ = [
     "STABLE_ASSETS",
     "Account",
     "AccountBacktestReport",
+    "AccountBook",
     "AccountConfig",
     "AccountFigures",
     "AccountResult",

@@ -34,12 +34,15 @@ class Account:
         collateral: asset → units (``USDT``/``USDC``/``USD`` at a price of 1; other assets
             priced by the market's instrument on that asset).
         positions: instrument → signed notional at entry, USD (> 0 long, < 0 short).
+        mode: the account's margin mode (``isolated``, ``cross`` or ``portfolio``); None:
+            the run's (``AccountConfig.mode``, the CLI's ``--mode``).
     """
 
     id: str
     entry_ms: int
     collateral: Mapping[str, float]
     positions: Mapping[str, float]
+    mode: str | None = None
 
 
 def _entry_ms(value: Any, where: str) -> int:
@@ -75,9 +78,19 @@ def _amounts(value: Any, where: str) -> dict[str, float]:
     return out
 
 
+def _mode(value: Any, where: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or value not in MARGIN_MODES:
+        raise InvalidParameters(f"{where} must be one of {', '.join(MARGIN_MODES)}, got "
+                                f"{value!r}", field=where)
+    return value
+
+
 def accounts_from_records(records: Sequence[Any]) -> list[Account]:
     """Accounts from ``[{"id", "entry" (ISO or epoch ms), "collateral": {asset: units},
-    "positions": {instrument: signed USD notional}}, ...]``.
+    "positions": {instrument: signed USD notional}, "mode" (optional: isolated, cross or
+    portfolio; absent or null: the run's)}, ...]``.
 
     Raises:
         InvalidParameters: a malformed record; ``field`` is its path (``accounts[3].entry``).
@@ -90,7 +103,7 @@ def accounts_from_records(records: Sequence[Any]) -> list[Account]:
         where = f"accounts[{k}]"
         if not isinstance(rec, Mapping):
             raise InvalidParameters(f"{where} must be an object", field=where)
-        extra = set(rec) - {"id", "entry", "collateral", "positions"}
+        extra = set(rec) - {"id", "entry", "collateral", "positions", "mode"}
         if extra:
             raise InvalidParameters(f"{where}: unknown key {sorted(extra)[0]!r}",
                                     field=f"{where}.{sorted(extra)[0]}")
@@ -109,14 +122,16 @@ def accounts_from_records(records: Sequence[Any]) -> list[Account]:
             raise InvalidParameters(f"{where}: collateral must not be negative",
                                     field=f"{where}.collateral")
         out.append(Account(id=ident, entry_ms=_entry_ms(rec["entry"], f"{where}.entry"),
-                           collateral=collateral, positions=positions))
+                           collateral=collateral, positions=positions,
+                           mode=_mode(rec.get("mode"), f"{where}.mode")))
     return out
 
 
 def load_accounts(text: str) -> list[Account]:
     """Accounts from JSON (a list of records, see ``accounts_from_records``) or CSV in long
     form ``id,entry,kind,name,amount`` (``kind`` = ``collateral`` (units) or ``position``
-    (signed USD notional)), one row per balance or position.
+    (signed USD notional)), one row per balance or position, with an optional ``mode``
+    column (the account's margin mode; empty: the run's; every row of an account the same).
 
     Raises:
         InvalidParameters: malformed input, naming the record or row.
@@ -148,11 +163,15 @@ def load_accounts(text: str) -> list[Account]:
         except (TypeError, ValueError):
             raise InvalidParameters(f"{where}: amount is not a number",
                                     field=f"accounts[{row_no}].amount") from None
+        mode = (row.get("mode") or "").strip() or None
         rec = grouped.setdefault(row["id"], {"id": row["id"], "entry": row["entry"],
-                                             "collateral": {}, "positions": {}})
+                                             "collateral": {}, "positions": {}, "mode": mode})
         if rec["entry"] != row["entry"]:
             raise InvalidParameters(f"{where}: account {row['id']!r} has two entry times",
                                     field=f"accounts[{row_no}].entry")
+        if rec["mode"] != mode:
+            raise InvalidParameters(f"{where}: account {row['id']!r} has two modes",
+                                    field=f"accounts[{row_no}].mode")
         bucket = rec["collateral" if kind == "collateral" else "positions"]
         bucket[row["name"]] = bucket.get(row["name"], 0.0) + amount
     for rec in grouped.values():
@@ -177,6 +196,11 @@ class PopulationSpec:
     ``collateral_weights`` (asset → weight; non-stable assets converted to units at the entry
     close of the instrument on that asset).
 
+    ``modes`` (mode → weight; None, the default: every account in the run's mode) draws each
+    account's margin mode, e.g. ``{"cross": 0.7, "isolated": 0.3}``, from a generator of its
+    own (seeded by ``seed``), after the books: the same seed gives the same books with or
+    without a mode mix.
+
     Attributes:
         seed: the generator's seed: the same spec and market give the same accounts.
         entry_every_bars, accounts_per_entry: entry cadence, bars, and accounts per entry.
@@ -184,6 +208,7 @@ class PopulationSpec:
         leverage: (low, high) gross notional / collateral value at entry.
         book_weights: book kind → weight.
         collateral_weights: asset → weight of the collateral value.
+        modes: margin mode → weight, or None (module docstring above).
     """
 
     seed: int = 0
@@ -194,6 +219,7 @@ class PopulationSpec:
     book_weights: Mapping[str, float] = field(
         default_factory=lambda: {"directional": 0.5, "hedged": 0.3, "basket": 0.2})
     collateral_weights: Mapping[str, float] = field(default_factory=lambda: {"USDT": 1.0})
+    modes: Mapping[str, float] | None = None
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> PopulationSpec:
@@ -233,8 +259,10 @@ class PopulationSpec:
             low, high = getattr(self, name)
             if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high):
                 raise bad(name, "must be [low, high] with 0 < low <= high")
-        for name in ("book_weights", "collateral_weights"):
+        for name in ("book_weights", "collateral_weights", "modes"):
             weights = getattr(self, name)
+            if name == "modes" and weights is None:
+                continue
             if not isinstance(weights, Mapping) or not weights or any(
                     not isinstance(v, int | float) or v < 0 for v in weights.values()) or sum(
                     weights.values()) <= 0:
@@ -242,6 +270,10 @@ class PopulationSpec:
         unknown = set(self.book_weights) - {"directional", "hedged", "basket"}
         if unknown:
             raise bad("book_weights", f"has an unknown book {sorted(unknown)[0]!r}")
+        unknown = set(self.modes or ()) - set(MARGIN_MODES)
+        if unknown:
+            raise bad("modes", f"has an unknown mode {sorted(unknown)[0]!r} (known: "
+                      f"{', '.join(MARGIN_MODES)})")
 
 
 def generate_population(spec: PopulationSpec, *, instruments: Sequence[str],
@@ -304,4 +336,13 @@ def generate_population(spec: PopulationSpec, *, instruments: Sequence[str],
                     collateral[asset] = value * w / price
             out.append(Account(id=f"a{e}-{j}", entry_ms=int(timestamp_ms[e]),
                                collateral=collateral, positions=positions))
+    if spec.modes is not None:
+        # A generator of its own, so a mode mix leaves the books of the seed unchanged.
+        names = [m for m in MARGIN_MODES if spec.modes.get(m, 0) > 0]
+        mode_w = np.array([spec.modes[m] for m in names], dtype=np.float64)
+        picks = np.random.default_rng([spec.seed, 1]).choice(
+            len(names), size=len(out), p=mode_w / mode_w.sum())
+        out = [Account(id=a.id, entry_ms=a.entry_ms, collateral=a.collateral,
+                       positions=a.positions, mode=names[int(c)])
+               for a, c in zip(out, picks, strict=True)]
     return out

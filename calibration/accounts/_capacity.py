@@ -14,7 +14,7 @@ from calibration._errors import InvalidParameters
 from calibration.accounts._book import Account
 from calibration.accounts._engine import AccountConfig, AccountResult, simulate_accounts
 from calibration.accounts._market import Market
-from calibration.models import MarginModel
+from calibration.models import MarginModel, PortfolioMarginModel
 
 #: What a frontier's capacities limit: accounts (steps) per bar, or USD notional per bar.
 FRONTIER_KINDS: tuple[str, ...] = ("accounts", "notional")
@@ -81,6 +81,7 @@ def capacity_frontier(
     *,
     capacities: Sequence[float] = (1, 2, 5, 10, math.inf),
     kind: str = "accounts",
+    portfolio: PortfolioMarginModel | None = None,
 ) -> list[dict[str, Any]]:
     """Replay ``accounts`` once per capacity, every other setting of ``config`` kept, and
     return one row per capacity (in ``capacities`` order; ``inf``: no limit):
@@ -105,7 +106,8 @@ def capacity_frontier(
     if not capacities:
         raise InvalidParameters("give at least one capacity", field="capacities")
     config = _unlimited(config or AccountConfig())
-    base = simulate_accounts(market, model, accounts, config, mechanics_kernel=True)
+    base = simulate_accounts(market, model, accounts, config, mechanics_kernel=True,
+                             portfolio=portfolio)
     base_bad = float(_headline(base)[3].sum())
     rows = []
     for c in capacities:
@@ -125,7 +127,8 @@ def capacity_frontier(
             else:
                 limit = float(c)
                 run = dataclasses.replace(config, max_liquidation_notional_per_bar=limit)
-            r = simulate_accounts(market, model, accounts, run, mechanics_kernel=True)
+            r = simulate_accounts(market, model, accounts, run, mechanics_kernel=True,
+                                  portfolio=portfolio)
         trig, wait, backlog, bad, closed = _headline(r)
         waits = wait[trig >= 0]
         steps = int((r.twin_trigger_bar >= 0).sum()) if r.mode == "isolated" else int(

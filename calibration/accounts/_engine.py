@@ -23,6 +23,11 @@ adverse-extreme prices (``calibration.accounts._kernel_portfolio``). Everything 
 trigger, close-out, fees, haircuts) is the cross rule; the isolated twins keep the
 per-instrument models, so contagion figures compare portfolio with isolated. The pooled
 figures (``bad_debt_cross_usd``, ``trigger_bar``) are then the portfolio accounts'.
+The mechanics below run in portfolio mode too, with every "MM" of their rules (the trigger
+test, a step's *restored* estimate, the capacity queue's equity / MM) the portfolio
+requirement of what the account still holds, at the same marks; ``largest_requirement_first``
+ranks a position by the portfolio requirement of that position alone. The close-out is the
+mechanics' (fills, slippage, funding, fee, cascade volume) unchanged.
 
 Isolated mode replays each position as an account of its own (its *isolated twin*), holding a
 share of each of the account's collateral assets pro rata to the positions' entry IM
@@ -116,6 +121,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from calibration._errors import DataError, InsufficientData, InvalidParameters
+from calibration.accounts._arrays import AccountBook
 from calibration.accounts._book import MARGIN_MODES, Account
 from calibration.accounts._haircuts import HaircutSchedule
 from calibration.accounts._kernel import (
@@ -131,13 +137,15 @@ from calibration.accounts._kernel_mech import (
     Mechanics,
     MechOutputs,
     empty_mech_outputs,
+    no_scenarios,
     replay_mech,
 )
 from calibration.accounts._kernel_portfolio import replay_portfolio
-from calibration.accounts._market import STABLE_ASSETS, Market, underlying_of
+from calibration.accounts._market import Market, underlying_of
 from calibration.horizon import resolve_horizon
 from calibration.liquidation._kernels import trailing_mean
 from calibration.models import MarginModel, PortfolioMarginModel, TieredMargin
+from calibration.models._portfolio_kernel import ScenarioArrays
 from calibration.windows import StressWindow
 
 FloatArray = NDArray[np.float64]
@@ -294,9 +302,6 @@ class AccountConfig:
         if self.queue_order not in QUEUE_ORDERS:
             raise bad("queue_order", f"must be one of {', '.join(QUEUE_ORDERS)}, got "
                       f"{self.queue_order!r}")
-        if self.mode == "portfolio" and self.mechanics:
-            raise bad("policy", "funding, impact, cascade, capacity and policies other than "
-                      "close_all are not supported in portfolio mode yet")
         for asset, schedule in self.haircuts.items():
             if not isinstance(schedule, HaircutSchedule):
                 raise bad(f"haircuts.{asset}", "must be a haircut schedule")
@@ -427,7 +432,10 @@ class AccountResult:
         leg_pnl_usd: each position's PnL at its account's close-out prices (0 if the
             account was not liquidated), ``(P,)``.
         mode: the mode the headline figures are for (``cross``, ``portfolio`` or
-            ``isolated``).
+            ``isolated``; ``mixed`` when accounts have modes of their own, then
+            ``account_mode`` says each account's).
+        account_mode: with ``mode="mixed"``, each account's mode, ``(A,)``; empty
+            otherwise (every account in ``mode``).
         timestamp_ms: the market's bar times.
         instruments: the market's instruments.
         insurance_fund_usd: the fund's start level, USD.
@@ -467,6 +475,11 @@ class AccountResult:
     twin_queued_bar: IntArray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     twin_wait_bars: IntArray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     twin_backlog: IntArray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    account_mode: tuple[str, ...] = ()
+
+    def modes(self) -> tuple[str, ...]:
+        """Each account's margin mode, ``(A,)``."""
+        return self.account_mode or (self.mode,) * len(self.accounts)
 
     def healthy_legs(self) -> NDArray[np.bool_]:
         """Per position: closed with its liquidated account, while its twin never triggered or
@@ -480,13 +493,31 @@ class AccountResult:
                 ) -> dict[str, Any]:
         """The ``accounts`` figures over accounts whose entry bar lies in ``[start, end)``
         (all when both are None): counts, bad debt under the headline mode and the other,
-        and contagion."""
+        and contagion. With accounts of mixed modes, the sum of ``summary_by_mode`` (every
+        figure is a count or a sum over accounts, each under its own mode)."""
+        if self.account_mode:
+            parts = list(self.summary_by_mode(start_ms, end_ms).values())
+            return {key: sum(p[key] for p in parts) for key in parts[0]}
+        return self._summary(self._entered(start_ms, end_ms), self.mode != "isolated")
+
+    def summary_by_mode(self, start_ms: int | None = None, end_ms: int | None = None
+                        ) -> dict[str, dict[str, Any]]:
+        """``summary`` per margin mode of the accounts (each mode present in the run)."""
+        keep = self._entered(start_ms, end_ms)
+        modes = np.array(self.modes(), dtype=object)
+        return {m: self._summary(keep & (modes == m), m != "isolated")
+                for m in MARGIN_MODES if (modes == m).any()}
+
+    def _entered(self, start_ms: int | None, end_ms: int | None) -> NDArray[np.bool_]:
         ts = self.timestamp_ms[self.entry_bar] if self.entry_bar.size else self.entry_bar
         keep = np.ones(self.entry_bar.shape[0], dtype=bool)
         if start_ms is not None:
             keep &= ts >= start_ms
         if end_ms is not None:
             keep &= ts < end_ms
+        return keep
+
+    def _summary(self, keep: NDArray[np.bool_], headline_cross: bool) -> dict[str, Any]:
         pos_keep = keep[self.position_account] if keep.size else keep
         liquidated = keep & (self.trigger_bar >= 0)
         healthy = self.healthy_legs() & pos_keep
@@ -500,7 +531,6 @@ class AccountResult:
         legs_closed = (self.trigger_bar[self.position_account] >= 0
                        if self.leg_liquidated.size == 0 else self.leg_liquidated)
         positions_in_liquidated = int((pos_keep & legs_closed).sum())
-        headline_cross = self.mode != "isolated"
         return {
             "accounts": int(keep.sum()),
             "positions": int(pos_keep.sum()),
@@ -520,15 +550,15 @@ class AccountResult:
     def fund_path(self) -> list[tuple[int, float]]:
         """The venue's one fund under the headline mode: ``(bar, level after that bar's
         close-outs)`` for every bar with a close-out, from ``insurance_fund_usd``."""
-        if self.mode != "isolated":
-            bars, bad, fee = self.closeout_bar, self.bad_debt_usd, self.fee_usd
-            hit = self.trigger_bar >= 0
-        else:
-            bars, bad, fee = self.twin_closeout_bar, self.twin_bad_debt_usd, self.twin_fee_usd
-            hit = self.twin_trigger_bar >= 0
+        pooled = np.array([m != "isolated" for m in self.modes()], dtype=bool)
         moves: dict[int, float] = {}
-        for b, d, f in zip(bars[hit], bad[hit], fee[hit], strict=True):
-            moves[int(b)] = moves.get(int(b), 0.0) + float(f) - float(d)
+        for bars, bad, fee, hit in (
+                (self.closeout_bar, self.bad_debt_usd, self.fee_usd,
+                 (self.trigger_bar >= 0) & pooled),
+                (self.twin_closeout_bar, self.twin_bad_debt_usd, self.twin_fee_usd,
+                 (self.twin_trigger_bar >= 0) & ~pooled[self.position_account])):
+            for b, d, f in zip(bars[hit], bad[hit], fee[hit], strict=True):
+                moves[int(b)] = moves.get(int(b), 0.0) + float(f) - float(d)
         level = float(self.insurance_fund_usd)
         out = []
         for b in sorted(moves):
@@ -563,7 +593,8 @@ def simulate_accounts(
         market: the aligned instruments.
         model: one margin model for every instrument, or one per instrument name (the
             requirement in cross and isolated mode; the isolated twins' in every mode).
-        accounts: the accounts (explicit or from ``generate_population``).
+        accounts: the accounts (explicit or from ``generate_population``), or an
+            ``AccountBook`` of them (their arrays built once, e.g. before a fork).
         config: mode, holding, latency, fees and the fund.
         portfolio: the portfolio margin model of ``mode="portfolio"`` (required there, and
             only there).
@@ -580,6 +611,15 @@ def simulate_accounts(
     """
     config = config or AccountConfig()
     config.validate()
+    # The accounts as arrays (built here unless given so, ``AccountBook``).
+    arrays = AccountBook.from_accounts(accounts, market.instruments)
+    modes = {m or config.mode for m in arrays.modes()}
+    if modes != {config.mode}:
+        # Accounts of their own mode: each mode's accounts replayed as a run of that mode.
+        from calibration.accounts._modes import simulate_mixed
+
+        return simulate_mixed(market, model, accounts, config, portfolio=portfolio,
+                              mechanics_kernel=mechanics_kernel, fast_start=fast_start)
     if (config.mode == "portfolio") != (portfolio is not None):
         raise InvalidParameters(
             "mode portfolio needs a portfolio margin model, and only it takes one",
@@ -595,52 +635,30 @@ def simulate_accounts(
     ts = market.timestamp_ms
     n, k = len(market), len(names)
     close = sched.mm.close
-    collateral_assets: list[str] = []
-    for acc in accounts:
-        for asset in acc.collateral:
-            key = asset.upper()
-            if key not in STABLE_ASSETS and key not in collateral_assets:
-                collateral_assets.append(key)
+    collateral_assets = list(arrays.collateral_assets)
     col_inst = np.array([market.pricing_instrument(a) for a in collateral_assets],
                         dtype=np.int64)
     col_asset = np.array([assets_sorted.index(underlying_of(names[i])) for i in col_inst],
                          dtype=np.int64)
     # Bulk preparation: one searchsorted for every entry, dense (A, k) units.
-    entry_ms = np.fromiter((a.entry_ms for a in accounts), dtype=np.int64, count=len(accounts))
-    e_all = np.searchsorted(ts, entry_ms, side="right") - 1
+    e_all = np.searchsorted(ts, arrays.entry_ms, side="right") - 1
     skipped: dict[str, str] = {}
-    keep = np.ones(len(accounts), dtype=bool)
     late = (e_all < 0) | (e_all < first_valid) | (e_all + 1 >= n)
+    keep = ~late
     for out in (int(v) for v in np.flatnonzero(late)):
         e = int(e_all[out])
-        skipped[accounts[out].id] = (
+        skipped[arrays.accounts[out].id] = (
             "entry before the data" if e < 0 else "no bar after the entry"
             if e + 1 >= n else "entry inside the margin models' warm-up")
-        keep[out] = False
-    opened = [a for a, ok in zip(accounts, keep, strict=True) if ok]
+    opened = (arrays.accounts if not late.any() else
+              tuple(a for a, ok in zip(arrays.accounts, keep, strict=True) if ok))
     if not opened:
         raise InsufficientData("no account could open: " + "; ".join(
             sorted({v for v in skipped.values()})))
     entry = e_all[keep].astype(np.int64)
-    index = {name: i for i, name in enumerate(names)}
-    col_index = {a: c for c, a in enumerate(collateral_assets)}
-    notional = np.zeros((len(opened), k))
-    usd = np.zeros(len(opened))
-    col_units = np.zeros((len(opened), len(collateral_assets)))
-    for j, acc in enumerate(opened):
-        for name, value in acc.positions.items():
-            i = index.get(name)
-            if i is None:
-                raise InvalidParameters(f"account {acc.id!r}: instrument {name!r} is not in "
-                                        f"the market ({', '.join(names)})",
-                                        field="accounts.positions")
-            notional[j, i] += value
-        for asset, amount in acc.collateral.items():
-            key = asset.upper()
-            if key in STABLE_ASSETS:
-                usd[j] += amount
-            else:
-                col_units[j, col_index[key]] += amount
+    notional = arrays.notional_usd[keep]
+    usd = arrays.usd[keep]
+    col_units = arrays.col_units[keep]
     entry_close = close[:, entry].T  # (A, k)
     units = notional / entry_close
     pa, pi = (v.astype(np.int64) for v in np.nonzero(units))
@@ -655,10 +673,8 @@ def simulate_accounts(
     book = BookArrays(entry=entry, units=units, usd=usd, col_units=col_units,
                       col_inst=col_inst, col_asset=col_asset)
     rules = _collateral_rules(collateral_assets, config)
-    if mechanics_kernel and config.mode == "portfolio":
-        raise InvalidParameters("the mechanics kernel does not run portfolio mode yet",
-                                field="mode")
-    mech = _mechanics(market, config) if config.mechanics or mechanics_kernel else None
+    mech = (_mechanics(market, config, scenarios) if config.mechanics or mechanics_kernel
+            else None)
     if mech is not None:
         mout = _run_mech(sched.mm, book, rules, mech, len(assets_sorted), config, fast_start)
         trig, eq, legs, fee = mout.trigger, mout.closeout_equity, mout.leg_pnl, mout.fee
@@ -683,7 +699,9 @@ def simulate_accounts(
                        col_asset=col_asset)
     extra: dict[str, Any] = {}
     if mech is not None:
-        t_out = _run_mech(sched.mm, twins, rules, mech, len(assets_sorted), config, fast_start)
+        # The twins keep the per-instrument models in every mode.
+        t_out = _run_mech(sched.mm, twins, rules, mech._replace(portfolio=False),
+                          len(assets_sorted), config, fast_start)
         t_trig, t_eq, t_fee = t_out.trigger, t_out.closeout_equity, t_out.fee
         bad = mout.bad_debt
         t_bad = t_out.bad_debt
@@ -727,7 +745,7 @@ def _run_mech(mm: MarketArrays, book: BookArrays, rules: CollateralRules, mech: 
     walked, from that bar, in (entry, index) order (close in memory, the queue's tie order)."""
     n_acc, k = book.units.shape
     n = mm.close.shape[1]
-    if not fast_start or config.cascade or config.funding:
+    if not fast_start or config.cascade or config.funding or mech.portfolio:
         out = empty_mech_outputs(n_acc, k, n)
         replay_mech(mm, book, rules, mech, n_assets, config.holding_bars, config.latency_bars,
                     out, np.zeros(0, dtype=np.int64))
@@ -752,8 +770,10 @@ def _run_mech(mm: MarketArrays, book: BookArrays, rules: CollateralRules, mech: 
     return out
 
 
-def _mechanics(market: Market, config: AccountConfig) -> Mechanics:
-    """The per-instrument funding and depth series the mechanics kernel reads."""
+def _mechanics(market: Market, config: AccountConfig,
+               scenarios: ScenarioArrays | None = None) -> Mechanics:
+    """The per-instrument funding and depth series the mechanics kernel reads, and the
+    portfolio requirement's scenarios in portfolio mode."""
     k, n = len(market.instruments), len(market)
     funding = np.zeros((k, n))
     bid = np.zeros((k, n))
@@ -791,7 +811,9 @@ def _mechanics(market: Market, config: AccountConfig) -> Mechanics:
                               else int(config.max_liquidations_per_bar)),
         max_notional_per_bar=(np.inf if config.max_liquidation_notional_per_bar is None
                               else float(config.max_liquidation_notional_per_bar)),
-        queue_order=QUEUE_ORDERS.index(config.queue_order))
+        queue_order=QUEUE_ORDERS.index(config.queue_order),
+        portfolio=scenarios is not None,
+        scenarios=scenarios if scenarios is not None else no_scenarios())
 
 
 def _collateral_rules(assets: Sequence[str], config: AccountConfig) -> CollateralRules:

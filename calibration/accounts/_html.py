@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 from datetime import UTC, datetime
+from typing import Any
 
 import matplotlib
 
@@ -190,6 +191,62 @@ def render_account_report(report: AccountBacktestReport, result: AccountResult) 
         return _render(report, result)
 
 
+def _capacity_label(row: dict[str, Any], kind: str) -> str:
+    if row["capacity"] is None:
+        return "no limit"
+    if kind == "notional":
+        return f"{_usd(float(row['capacity']))} USD/bar"
+    return f"{float(row['capacity']):g}/bar"
+
+
+def _frontier_kind(report: AccountBacktestReport) -> str:
+    return str(report.frontier_kind or "accounts")
+
+
+def _frontier_chart(report: AccountBacktestReport) -> str:
+    rows = report.frontier or []
+    kind = _frontier_kind(report)
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    x = np.arange(len(rows))
+    debt = [float(r["bad_debt_usd"]) for r in rows]
+    ax.plot(x, debt, marker="o", color=_ISOLATED, lw=1.4, label="bad debt (USD)")
+    for i, d in enumerate(debt):
+        ax.annotate(_usd(d), (i, d), ha="center", va="bottom", fontsize=7,
+                    xytext=(0, 4), textcoords="offset points")
+    if any("adl_volume_usd" in r for r in rows):
+        adl = [float(r.get("adl_volume_usd", 0.0)) for r in rows]
+        ax.plot(x, adl, marker="s", color="#6a1b9a", lw=1.0, ls="--",
+                label="auto-deleveraged notional (USD)")
+    ax.set_xticks(x, [_capacity_label(r, kind) for r in rows])
+    unit = "accounts starting a close-out per bar" if kind == "accounts" else \
+        "USD notional of close-outs started per bar"
+    ax.set_xlabel(f"liquidation-engine capacity ({unit})")
+    ax.set_ylabel("USD")
+    ax.margins(y=0.2)
+    ax.set_title("Throughput–insolvency frontier: bad debt left by the same path at each "
+                 "capacity (USD)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _svg(fig)
+
+
+def _frontier_table(report: AccountBacktestReport) -> str:
+    kind = _frontier_kind(report)
+    head = ("<tr><th>capacity</th><th>per minute</th><th>bad debt (USD)</th>"
+            "<th>added by waiting (USD)</th><th>liquidated accounts</th>"
+            "<th>peak backlog (accounts)</th><th>mean / max wait (bars)</th></tr>")
+    body = []
+    for r in report.frontier or []:
+        per_minute = "—" if r.get("per_minute") is None else f"{float(r['per_minute']):,.3g}"
+        body.append(
+            f"<tr><td>{html.escape(_capacity_label(r, kind))}</td><td>{per_minute}</td>"
+            f"<td>{_usd(float(r['bad_debt_usd']))}</td>"
+            f"<td>{_usd(float(r['bad_debt_added_usd']))}</td>"
+            f"<td>{int(r['liquidated_accounts']):,}</td><td>{int(r['peak_backlog']):,}</td>"
+            f"<td>{float(r['mean_wait_bars']):.2f} / {int(r['max_wait_bars'])}</td></tr>")
+    return "<table id='frontier'>" + head + "".join(body) + "</table>"
+
+
 def _render(report: AccountBacktestReport, result: AccountResult) -> str:
     pooled = "portfolio" if report.mode == "portfolio" else "cross"
     figures = list(report.summary)
@@ -230,6 +287,13 @@ def _render(report: AccountBacktestReport, result: AccountResult) -> str:
         "<h2>Insurance fund</h2><div class='chart' id='chart-fund'>" + _fund_chart(result)
         + "</div>",
     ]
+    if report.frontier:
+        parts += [
+            "<h2>Throughput–insolvency frontier</h2><p>The same accounts and path replayed "
+            "once per liquidation-engine capacity, every other setting kept; waiting "
+            "accounts are marked every bar and close at the prices of the bar that serves "
+            "them.</p><div class='chart' id='chart-frontier'>" + _frontier_chart(report)
+            + "</div>", _frontier_table(report)]
     style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
              "padding:3px 8px;font-size:13px}td{text-align:right}td:first-child{text-align:"

@@ -25,6 +25,7 @@ from calibration.accounts._kernel import (
     _haircut_usd,
     _mm_usd,
 )
+from calibration.models._portfolio_kernel import ScenarioArrays, im_usd
 
 NDArrayBool = NDArray[np.bool_]
 
@@ -60,6 +61,9 @@ class Mechanics(NamedTuple):
     max_accounts_per_bar: int  # close-out steps started per bar at most; -1: no limit
     max_notional_per_bar: float  # USD; inf: no limit
     queue_order: int  # index in QUEUE_ORDERS
+    # Portfolio mode (domain.md §8): MM = mm_factor · IM of the scenarios; else unused.
+    portfolio: bool
+    scenarios: ScenarioArrays
 
 
 class MechOutputs(NamedTuple):
@@ -79,6 +83,44 @@ class MechOutputs(NamedTuple):
     backlog: IntArray  # (n,) accounts left waiting after each bar's service
     started: IntArray  # (n,) close-out steps started in each bar
     started_usd: FloatArray  # (n,) their notional at the bar's marks, USD
+
+
+def no_scenarios() -> ScenarioArrays:
+    """The ``Mechanics.scenarios`` of a run without a portfolio requirement (never read)."""
+    empty2 = np.zeros((0, 0))
+    return ScenarioArrays(
+        kind=0, factor_of=np.zeros(0, dtype=np.int64), n_factors=0, scan_range=empty2,
+        credit=np.zeros(0), span=False, ext_move=np.zeros(0), ext_weight=np.zeros(0),
+        min_delta_rate=0.0, hedged_delta_rate=0.0, z=empty2, sigma=empty2, window=0, tail=1,
+        use_es=True, mm_factor=0.0, first_valid=0)
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def _work_buffer(sc: ScenarioArrays) -> FloatArray:  # pragma: no cover - jit
+    """``_portfolio_kernel.work_buffer`` inside the jit: im_usd's scratch space."""
+    return np.zeros(3 * sc.n_factors + max(sc.window, 1))
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def _portfolio_mm(
+    m: MarketArrays, book: BookArrays, sc: ScenarioArrays, low: FloatArray, high: FloatArray,
+    j: int, t: int, left: FloatArray, net: FloatArray,
+) -> float:  # pragma: no cover - jit
+    """``mm_factor · IM_t`` of account j holding ``left`` units (shape (k,)) and its
+    collateral, both at bar t's marks (the exposures of ``_kernel_portfolio``, in its
+    order of operations)."""
+    k = left.shape[0]
+    x = np.zeros(k)
+    for i in range(k):
+        if left[i] != 0.0:
+            x[i] += left[i] * _mark(low, high, i, t, net[m.inst_asset[i]] >= 0.0)
+    for c in range(book.col_inst.shape[0]):
+        u = book.col_units[j, c]
+        if u == 0.0:
+            continue
+        ci = book.col_inst[c]
+        x[ci] += u * _mark(low, high, ci, t, net[book.col_asset[c]] >= 0.0)
+    return float(sc.mm_factor * im_usd(sc, x, t, _work_buffer(sc)))
 
 
 def empty_mech_outputs(n_accounts: int, k: int, n_bars: int = 0) -> MechOutputs:
@@ -156,6 +198,8 @@ def _estimate(
         ci = book.col_inst[c]
         p = _mark(low, high, ci, t, net[book.col_asset[c]] >= 0.0)
         eq += _haircut_usd(rules, c, u * p)
+    if mech.portfolio:
+        mm = _portfolio_mm(m, book, mech.scenarios, low, high, j, t, rem - delta, net)
     return eq, mm
 
 
@@ -174,12 +218,20 @@ def _plan(
             delta[i] = rem[i]
         return
     if mech.policy == 1:
-        # Largest MM first (ties: lower instrument index), until restored.
+        # Largest MM first (ties: lower instrument index), until restored; in portfolio
+        # mode a position's MM is its own scenario requirement (the position alone).
         mms = np.full(k, -1.0)
+        alone = np.zeros(k)
         for i in range(k):
             if rem[i] != 0.0:
                 p = _mark(low, high, i, t, net[m.inst_asset[i]] >= 0.0)
-                mms[i] = _mm_usd(m, i, abs(rem[i]) * p, t)
+                if mech.portfolio:
+                    alone[i] = rem[i] * p
+                    mms[i] = mech.scenarios.mm_factor * im_usd(
+                        mech.scenarios, alone, t, _work_buffer(mech.scenarios))
+                    alone[i] = 0.0
+                else:
+                    mms[i] = _mm_usd(m, i, abs(rem[i]) * p, t)
         for _ in range(k):
             best = -1
             for i in range(k):

@@ -12,7 +12,7 @@ from calibration.accounts._book import Account
 from calibration.accounts._engine import AccountConfig, simulate_accounts
 from calibration.accounts._kernel_mech import POLICIES
 from calibration.accounts._market import Market
-from calibration.models import MarginModel
+from calibration.models import MarginModel, PortfolioMarginModel
 
 
 def compare_policies(
@@ -22,6 +22,7 @@ def compare_policies(
     config: AccountConfig | None = None,
     *,
     policies: Sequence[str] = POLICIES,
+    portfolio: PortfolioMarginModel | None = None,
 ) -> list[dict[str, Any]]:
     """Replay ``accounts`` once per liquidation policy, every other setting of ``config``
     kept, and return one row per policy (in ``policies`` order):
@@ -40,7 +41,8 @@ def compare_policies(
     rows = []
     for policy in policies:
         cfg = dataclasses.replace(config, policy=policy)
-        r = simulate_accounts(market, model, accounts, cfg, mechanics_kernel=True)
+        r = simulate_accounts(market, model, accounts, cfg, mechanics_kernel=True,
+                              portfolio=portfolio)
         s = r.summary()
         if cfg.mode == "isolated":
             notional = float(r.twin_closed_usd.sum())

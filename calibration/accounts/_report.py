@@ -60,16 +60,18 @@ class AccountRow(msgspec.Struct, frozen=True, kw_only=True):
 
     Attributes:
         id: the account's identifier.
-        liquidated: whether it was liquidated under the run's mode.
+        liquidated: whether it was liquidated under its mode.
         trigger_time: open time (UTC ISO 8601) of its trigger bar; null if never liquidated
             (isolated mode: its first twin's).
-        bad_debt_usd: its bad debt under the run's mode, USD.
+        bad_debt_usd: its bad debt under its mode, USD.
+        mode: its margin mode (its own, else the run's).
     """
 
     id: str
     liquidated: bool
     trigger_time: str | None
     bad_debt_usd: float
+    mode: str = "cross"
 
 
 class AccountBacktestReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -81,7 +83,8 @@ class AccountBacktestReport(msgspec.Struct, frozen=True, kw_only=True):
 
     Attributes:
         engine_version: version of the engine's numbers.
-        mode: ``cross``, ``isolated`` or ``portfolio``.
+        mode: ``cross``, ``isolated`` or ``portfolio``: the run's, for accounts that name
+            none.
         model: the margin model family of every instrument (in ``portfolio`` mode it sizes
             the isolated twins).
         params: its parameters, defaults filled in (rates as fractions of notional).
@@ -95,6 +98,8 @@ class AccountBacktestReport(msgspec.Struct, frozen=True, kw_only=True):
             the fund in USD, haircut schedules, the weight of unrealised profit).
         adverse_extremes: how prices are read within a bar (the conservative reading).
         summary: the account figures overall, then per stress window.
+        accounts_by_mode: margin mode → the overall figures of its accounts (each mode
+            present; they sum to ``summary[0]``).
         accounts: every opened account's outcome.
         skipped: account id → why it was not opened.
         insurance_fund_min_usd: the venue fund's lowest level, USD.
@@ -108,6 +113,8 @@ class AccountBacktestReport(msgspec.Struct, frozen=True, kw_only=True):
             limit, USD).
         frontier: when asked, the throughput–insolvency frontier: one row per capacity
             (``calibration.accounts.capacity_frontier``).
+        frontier_kind: what the frontier's capacities limit: ``accounts`` (close-outs
+            started per bar) or ``notional`` (USD of close-outs started per bar).
     """
 
     engine_version: str
@@ -129,8 +136,10 @@ class AccountBacktestReport(msgspec.Struct, frozen=True, kw_only=True):
     insurance_fund_exhausted_at: str | None
     portfolio_model: str | None = None
     portfolio_params: dict[str, Any] | None = None
+    accounts_by_mode: dict[str, AccountFigures] | None = None
     queue: dict[str, Any] | None = None
     frontier: list[dict[str, Any]] | None = None
+    frontier_kind: str | None = None
 
 
 def run_account_backtest(
@@ -170,9 +179,13 @@ def run_account_backtest(
     horizon = resolve_horizon({"params.horizon_bars": margin.horizon}, market.bar_seconds)
     margin = margin.with_horizon(horizon.bars)
     portfolio: PortfolioMarginModel | None = None
-    if config.mode == "portfolio":
+    wants_portfolio = config.mode == "portfolio" or (
+        accounts is not None and any(a.mode == "portfolio" for a in accounts)) or (
+        population is not None and population.modes is not None
+        and population.modes.get("portfolio", 0) > 0)
+    if wants_portfolio:
         if portfolio_model is None:
-            raise InvalidParameters("mode portfolio needs a portfolio model (grid, historical "
+            raise InvalidParameters("portfolio mode needs a portfolio model (grid, historical "
                                     "or a preset)", field="portfolio_model")
         portfolio = make_portfolio_model(portfolio_model, portfolio_params)
         if portfolio.horizon not in (None, horizon.bars):
@@ -182,7 +195,8 @@ def run_account_backtest(
                 field="portfolio_params.horizon_bars")
         portfolio = portfolio.with_horizon(horizon.bars)
     elif portfolio_model is not None or portfolio_params is not None:
-        raise InvalidParameters("a portfolio model is used only with mode portfolio",
+        raise InvalidParameters("a portfolio model is used only by accounts in portfolio "
+                                "mode",
                                 field="portfolio_model")
     if population is not None:
         first = _first_margin_bar(market, margin)
@@ -201,7 +215,7 @@ def run_account_backtest(
             market, margin, accounts,
             dataclasses.replace(config, max_liquidations_per_bar=None,
                                 max_liquidation_notional_per_bar=None),
-            mechanics_kernel=True)
+            mechanics_kernel=True, portfolio=portfolio)
         queue = queue_figures(result, unlimited)
         # Bars are the library's unit; the report speaks times.
         ts_ = market.timestamp_ms
@@ -209,12 +223,14 @@ def run_account_backtest(
         queue["peak_backlog_at"] = (iso_utc(int(ts_[queue["peak_backlog_bar"]]))
                                     if queue["peak_backlog_bar"] >= 0 else None)
     frontier_rows = (capacity_frontier(market, margin, accounts, config,
-                                       capacities=frontier, kind=frontier_kind)
+                                       capacities=frontier, kind=frontier_kind,
+                                       portfolio=portfolio)
                      if frontier is not None else None)
     ts = market.timestamp_ms
     rows = []
+    modes = result.modes()
     for j, acc in enumerate(result.accounts):
-        if config.mode != "isolated":
+        if modes[j] != "isolated":
             hit = int(result.trigger_bar[j])
             bad = float(result.bad_debt_usd[j])
         else:
@@ -225,7 +241,7 @@ def run_account_backtest(
             bad = float(result.twin_bad_debt_usd[mine].sum())
         rows.append(AccountRow(id=acc.id, liquidated=hit >= 0,
                                trigger_time=iso_utc(int(ts[hit])) if hit >= 0 else None,
-                               bad_debt_usd=bad))
+                               bad_debt_usd=bad, mode=modes[j]))
     summary = [AccountFigures(window="all", **result.summary())]
     for w in stress_windows:
         if w.start_ms <= int(ts[-1]) and w.end_ms > int(ts[0]):
@@ -253,6 +269,9 @@ def run_account_backtest(
                            for k, v in portfolio.get_params().items()}
                           if portfolio is not None else None),
         queue=queue, frontier=frontier_rows,
+        frontier_kind=frontier_kind if frontier_rows is not None else None,
+        accounts_by_mode={m: AccountFigures(window="all", **f)
+                          for m, f in result.summary_by_mode().items()},
     )
     return report, result
 
