@@ -5,6 +5,7 @@ domain.md §5. The run flows down these modules, none importing one above it:
 - ``_prepare``: ``prepare`` loads and splits the spec's data once per process (``Prepared``).
 - ``_objectives``: the registry of metrics a spec minimises or bounds (``METRICS``,
   ``register``).
+- ``_regimes``: evidence per volatility regime (domain.md §11).
 - ``_evaluate``: ``evaluate`` backtests one parameter set (coverage + liquidation) and
   returns the objectives, the constraint values and the evidence (``Evaluation``).
 - ``_study``: the study of a spec (``create_or_load_study``, ``load_study``, the sampler).
