@@ -233,7 +233,7 @@ def _pareto_table(result: CalibrationResult) -> tuple[_Titled, str | None]:
             table.add_section()
         mark = "*" if p.trial == recommended else ""
         table.add_row(f"{rank}", f"{p.trial}{mark}", _pct(p.capital_cost, 3),
-                      f"{p.insolvency_bps:.3f}",
+                      _num(p.insolvency_bps, ".3f"),
                       escape(", ".join(f"{n}={_fmt_param(p.params.get(n), 4)}"
                                        for n in varying)) or "–")
     same = None
@@ -277,9 +277,14 @@ def print_calibration(result: CalibrationResult, console: Console) -> None:
                        "–" if change is None else f"{change['change']:+.6g}")
     params.print(console)
     console.print(
-        f"capital cost (mean IM): {_pct(rec.objectives['capital_cost'], 3)}% of notional; "
-        f"insolvency: {rec.objectives['insolvency_bps']:.3f} bps"
+        f"capital cost (mean IM): {_pct(rec.objectives.get('capital_cost'), 3)}% of notional; "
+        f"insolvency: {_num(rec.objectives.get('insolvency_bps'), '.3f')} bps"
     )
+    others = {k: v for k, v in rec.objectives.items()
+              if k not in ("capital_cost", "insolvency_bps")}
+    if others:
+        console.print("other objectives: " + "; ".join(f"{k} {v:.6g}" for k, v in others.items()),
+                      markup=False, highlight=False)
     if rec.constraints:
         console.print(
             "constraints (≤ 0 holds): "

@@ -362,15 +362,11 @@ def _print_policies(args: argparse.Namespace, market: Any, params: dict[str, Any
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    import time
-
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from calibration.calibrate import create_or_load_study, prepare, run_worker, summarize
-    from calibration.parallel import start_helpers, wait_helpers
+    from calibration.calibrate import TrialCallback, check_workers, prepare, run_calibration
     from calibration.spec import decode_spec
-    from calibration.storage import Coordination
 
     root = os.environ.get("MARGINLAB_DATA_ROOT", os.getcwd())
     try:
@@ -379,37 +375,27 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         raise InvalidParameters(f"cannot read spec {args.spec!r}: {exc.strerror}",
                                 field="spec") from None
     spec = decode_spec(raw)
-    if args.workers < 1:
-        raise InvalidParameters("--workers must be at least 1", field="workers")
-    if args.workers > 1 and args.storage == "memory":
-        raise InvalidParameters("--workers > 1 needs a shared storage (a journal file, "
-                                "redis:// or postgresql://), not memory", field="storage")
+    check_workers(args.workers, args.storage)
     err = Console(stderr=True)
-    prepared = prepare(spec, root)
+    prepared = prepare(spec, root)  # kept for the HTML report's evidence
     _quiet_optuna()
-    with Coordination(args.storage) as coordination:
-        study = create_or_load_study(spec, prepared, coordination, args.study)
-        deadline = time.time() + spec.timeout_seconds if spec.timeout_seconds else None
-        helpers = start_helpers(args.workers - 1, storage_url=args.storage,
-                                study_name=study.study_name, prepared=prepared, root=root,
-                                deadline=deadline)
-        show = err.is_terminal and not args.quiet
-        with Progress(
-            TextColumn("trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.description}"), console=err, disable=not show, transient=True,
-        ) as bar:
-            task = bar.add_task("", total=spec.n_trials)
+    show = err.is_terminal and not args.quiet
+    with Progress(
+        TextColumn("trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description}"), console=err, disable=not show, transient=True,
+    ) as bar:
+        task = bar.add_task("", total=spec.n_trials)
 
-            def on_trial(done: int, total: int | None, best: dict[str, Any] | None) -> None:
-                bar.update(task, completed=done, description=progress_best_text(best))
+        def on_trial(done: int, total: int | None, best: dict[str, Any] | None) -> None:
+            bar.update(task, completed=done, description=progress_best_text(best))
 
-            try:
-                # The callback scans the study: only pay for it when someone watches.
-                run_worker(study, prepared, coordination, n_trials=spec.n_trials,
-                           deadline=deadline, on_trial=on_trial if show else None)
-            finally:
-                wait_helpers(helpers)  # a failed helper is logged (warning) there
-        result = summarize(study, prepared, args.storage)
+        def watch(_study: object) -> TrialCallback | None:
+            # The callback scans the study: only pay for it when someone watches.
+            return on_trial if show else None
+
+        result = run_calibration(spec, root=root, storage=args.storage, study=args.study,
+                                 prepared=prepared, workers=args.workers, watch=watch)
+    assert result is not None  # no stop signal: the run ends with a result
     if args.report:
         from calibration.html_report import render_calibration_report
 
@@ -426,10 +412,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    import time
-
-    from calibration.calibrate import StudyMismatch, load_study, prepare, run_worker
-    from calibration.storage import Coordination
+    from calibration.calibrate import join_calibration
 
     root = os.environ.get("MARGINLAB_DATA_ROOT", os.getcwd())
     if args.study is None:
@@ -438,19 +421,85 @@ def _cmd_worker(args: argparse.Namespace) -> int:
                                 "service's: marginlab worker, installed with the service)",
                                 field="study")
     _quiet_optuna()
-    with Coordination(args.storage) as coordination:
-        study, spec = load_study(args.study, coordination, worker=args.worker_index)
-        prepared = prepare(spec, root)
-        if study.user_attrs.get("fingerprints") != prepared.fingerprints:
-            raise StudyMismatch(
-                f"the data under {root!r} differ from the data study {args.study!r} was "
-                "created with (fingerprints do not match)")
-        # The spec's time budget runs on this worker's clock (as for the service's jobs).
-        deadline = time.time() + spec.timeout_seconds if spec.timeout_seconds else None
-        ran = run_worker(study, prepared, coordination, n_trials=spec.n_trials,
-                         deadline=deadline)
+    ran = join_calibration(args.study, storage=args.storage, root=root,
+                           worker=args.worker_index)
     if not args.quiet:
         print(f"worker finished: ran {ran} trials of study {args.study}", file=sys.stderr)
+    return 0
+
+
+def _load_result(ref: str, field: str, storage: str, root: str) -> tuple[Any, Any]:
+    """A calibration result and its spec (``None`` from a file) from ``ref``: a result JSON
+    file (``--json``'s output), or else a study id in ``storage`` (summarized here)."""
+    import msgspec
+
+    from calibration.calibrate import CalibrationResult, load_study, prepare, summarize
+    from calibration.storage import Coordination
+
+    path = Path(ref)
+    if path.is_file():
+        try:
+            return msgspec.json.decode(path.read_bytes(), type=CalibrationResult), None
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise InvalidParameters(f"{field}: {ref!r} is not a calibration result: {exc}",
+                                    field=field) from None
+    with Coordination(storage) as coordination:
+        try:
+            study, spec = load_study(ref, coordination)
+        except InvalidParameters as exc:
+            raise InvalidParameters(f"{field}: {ref!r} is neither a result file nor a study "
+                                    f"({exc})", field=field) from None
+        return summarize(study, prepare(spec, root), storage), spec
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from calibration.calibrate import compare_results, prepare
+    from calibration.spec import decode_spec
+
+    root = os.environ.get("MARGINLAB_DATA_ROOT", os.getcwd())
+    _quiet_optuna()
+    a, spec_a = _load_result(args.a, "a", args.storage, root)
+    b, spec_b = _load_result(args.b, "b", args.storage, root)
+    spec = spec_a or spec_b
+    if args.spec:
+        try:
+            spec = decode_spec(Path(args.spec).read_bytes())
+        except OSError as exc:
+            raise InvalidParameters(f"cannot read spec {args.spec!r}: {exc.strerror}",
+                                    field="spec") from None
+    published = _json_object(args.published, "published") if args.published else None
+    prepared = prepare(spec, root) if spec is not None else None
+    comparison = compare_results(a, b, prepared=prepared, published=published)
+    if args.json:
+        sys.stdout.buffer.write(msgspec.json.encode(comparison) + b"\n")
+        return 0
+    print(f"a: {comparison.a.study} (trial {comparison.a.trial}, "
+          f"{'feasible' if comparison.a.feasible else 'NOT feasible'})")
+    print(f"b: {comparison.b.study} (trial {comparison.b.trial}, "
+          f"{'feasible' if comparison.b.feasible else 'NOT feasible'})")
+    if not comparison.same_data:
+        print("note: the two results ran on different data")
+
+    def cell(value: Any) -> str:
+        return "–" if value is None else (f"{value:.6g}" if isinstance(value, float)
+                                          else str(value))
+
+    print(f"{'':<24}{'a':>14}{'b':>14}{'published':>14}")
+    for title, rows in (("parameters", comparison.params),
+                        ("objectives (in-sample)", comparison.objectives)):
+        print(title)
+        for name, row in rows.items():
+            print(f"  {name:<22}{cell(row['a']):>14}{cell(row['b']):>14}"
+                  f"{cell(row['published']):>14}")
+    print("bad debt per window, bps (a / b / published)")
+    for window, per_inst in comparison.windows.items():
+        for inst, sides in per_inst.items():
+            values = " / ".join(cell((sides.get(k) or {}).get("bad_debt_bps"))
+                                for k in ("a", "b", "published"))
+            print(f"  {window} {inst}: {values}")
+    print(f"recommended: {comparison.recommended or 'none'} ({comparison.explanation})")
     return 0
 
 
@@ -522,8 +571,12 @@ def progress_best_text(best: dict[str, Any] | None) -> str:
     if best is None:
         return "best: no feasible trial yet"
     where = "" if best.get("within_risk_appetite", True) else " (none within appetite)"
-    return (f"best{where}: trial {best['trial']}, IM {100 * best['capital_cost']:.2f}% of "
-            f"notional, {best['insolvency_bps']:.2f} bps")
+    if "capital_cost" in best and "insolvency_bps" in best:
+        return (f"best{where}: trial {best['trial']}, IM {100 * best['capital_cost']:.2f}% of "
+                f"notional, {best['insolvency_bps']:.2f} bps")
+    named = best.get("objectives", {})
+    return f"best{where}: trial {best['trial']}, " + ", ".join(
+        f"{name} {value:.4g}" for name, value in named.items())
 
 
 def _quiet_optuna() -> None:
@@ -707,6 +760,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also write a self-contained HTML report (charts and tables)")
     cal.add_argument("--quiet", action="store_true", help="no progress bar")
     cal.set_defaults(func=_cmd_calibrate)
+
+    cmp_ = sub.add_parser(
+        "compare", help="two calibration results side by side, against the published "
+                        "parameters replayed over the same history",
+        description="A and B are result files (calibrate --json) or study ids in --storage. "
+                    "The published parameters (the spec's, or --published) are replayed over "
+                    "the data of A's spec (a study's own, or --spec).",
+    )
+    cmp_.add_argument("a", help="the first result: a result JSON file or a study id")
+    cmp_.add_argument("b", help="the second result: a result JSON file or a study id")
+    cmp_.add_argument("--storage", default=DEFAULT_STORAGE,
+                      help="the study storage of study ids (default: %(default)s)")
+    cmp_.add_argument("--spec", help="the spec whose data the published parameters are "
+                                     "replayed over (default: the first study's)")
+    cmp_.add_argument("--published", metavar="JSON",
+                      help="the parameters in force, JSON or @file (default: the spec's)")
+    cmp_.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    cmp_.set_defaults(func=_cmd_compare)
 
     wk = sub.add_parser(
         "worker", help="join a running calibration study and add trials to it",

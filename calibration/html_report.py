@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.patches import Patch
 
-from calibration.calibrate import CalibrationResult, Prepared
+from calibration.calibrate import CalibrationResult, Prepared, Recommendation
 from calibration.horizon import format_duration
 from calibration.models import make_model
 from calibration.report import CoverageMetrics, LiquidationMetrics
@@ -46,14 +46,29 @@ def _svg(fig: Any) -> str:
     return text[text.index("<svg"):]
 
 
+def _objectives_text(rec: Recommendation) -> str:
+    """The recommendation's objectives in words, each in its unit."""
+    parts = []
+    for name, value in rec.objectives.items():
+        if name == "capital_cost":
+            parts.append(f"Capital cost (mean IM) {100 * value:.3f}% of notional")
+        elif name == "insolvency_bps":
+            parts.append(f"insolvency {value:.3f} bps")
+        else:
+            parts.append(f"{name} {value:.6g}")
+    return ", ".join(parts)
+
+
 def _pareto_chart(result: CalibrationResult) -> str:
     fig, ax = plt.subplots(figsize=(7, 4))
-    front = result.pareto_front
+    # The chart is of the default two objectives; other objectives are in the tables.
+    front = [(p.capital_cost, p.insolvency_bps) for p in result.pareto_front
+             if p.capital_cost is not None and p.insolvency_bps is not None]
     if front:
-        ax.plot([100 * p.capital_cost for p in front], [p.insolvency_bps for p in front],
+        ax.plot([100 * c for c, _ in front], [i for _, i in front],
                 "o-", color="#1565c0", label="Pareto front (feasible)")
     rec = result.recommendation
-    if rec is not None:
+    if rec is not None and {"capital_cost", "insolvency_bps"} <= set(rec.objectives):
         ax.plot([100 * rec.objectives["capital_cost"]], [rec.objectives["insolvency_bps"]],
                 marker="*", markersize=18, color="#c62828", linestyle="none",
                 label=f"recommendation (trial {rec.trial})")
@@ -295,9 +310,8 @@ def _render(result: CalibrationResult, prepared: Prepared) -> str:
         status = "feasible" if rec.feasible else "NOT feasible"
         parts.append(f"<h2>Recommendation (trial {rec.trial}): "
                      f"<span class='{'ok' if rec.feasible else 'bad'}'>{status}</span></h2>"
-                     f"<p>{html.escape(rec.explanation)}. Capital cost (mean IM) "
-                     f"{100 * rec.objectives['capital_cost']:.3f}% of notional, insolvency "
-                     f"{rec.objectives['insolvency_bps']:.3f} bps. Binding constraints: "
+                     f"<p>{html.escape(rec.explanation)}. {html.escape(_objectives_text(rec))}"
+                     ". Binding constraints: "
                      f"{html.escape(', '.join(rec.binding_constraints) or 'none')}.</p>"
                      + "".join(f"<p class='bad'>{html.escape(n)}</p>" for n in rec.notes))
         rows = []

@@ -53,16 +53,13 @@ class Helper:
         return int(self._process.wait())
 
 
-def _forked_worker(storage_url: str, study_name: str, prepared: Prepared, index: int,
-                   deadline: float | None) -> None:
-    from calibration.calibrate import load_study, run_worker
-    from calibration.storage import Coordination
+def _forked_worker(storage_url: str, study_name: str, prepared: Prepared,
+                   root: str | os.PathLike[str], index: int, deadline: float | None) -> None:
+    from calibration.calibrate import join_calibration
 
     try:
-        with Coordination(storage_url) as coordination:
-            study, spec = load_study(study_name, coordination, worker=index)
-            run_worker(study, prepared, coordination, n_trials=spec.n_trials,
-                       deadline=deadline)
+        join_calibration(study_name, storage=storage_url, root=root, worker=index,
+                         prepared=prepared, deadline=deadline)
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: no traceback
         sys.exit(130)
 
@@ -95,7 +92,7 @@ def start_helpers(count: int, *, storage_url: str, study_name: str, prepared: Pr
         for index in range(1, count + 1):
             process = context.Process(
                 target=_forked_worker, name=f"marginlab-worker-{index}",
-                args=(storage_url, study_name, prepared, index, deadline))
+                args=(storage_url, study_name, prepared, root, index, deadline))
             process.start()
             helpers.append(Helper(index, "fork", process))
         return helpers

@@ -101,17 +101,36 @@ class ParamSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
         description="a fixed value instead of a range, in the parameter's units")] = None
 
 
-class ObjectivesSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Two objectives, minimised together (domain.md §5).
+#: A registered metric's name (``calibration.calibrate.METRICS``: ``capital_cost``, ...).
+MetricName = Annotated[str, msgspec.Meta(min_length=1, max_length=64,
+                                         pattern=r"^[a-z][a-z0-9_]*$")]
 
-    ``capital_cost`` is always the notional-weighted mean IM rate; ``insolvency`` is
-    ``bad_debt_bps`` (bad debt per notional opened, bps) or ``uncovered_es_bps`` (mean
-    uncovered loss per observation beyond the margin, both sides, bps of notional).
+
+class ObjectivesSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The objectives, minimised together (domain.md §5; issue 14).
+
+    ``minimize`` names any registered metrics (``calibration.calibrate.METRICS``:
+    ``capital_cost``, ``insolvency_bps``, ``liquidations_at_risk``, ``premature_share``,
+    ``procyclicality``, ``contagion``); the first is what "cheapest" ranks by, ties by the
+    others in order. Default: ``capital_cost`` (the notional-weighted mean IM rate) and
+    ``insolvency_bps``, whose measure ``insolvency`` chooses: ``bad_debt_bps`` (bad debt
+    per notional opened, bps) or ``uncovered_es_bps`` (mean uncovered loss per observation
+    beyond the margin, both sides, bps of notional). ``appetite_on`` is the objective
+    ``risk_appetite_bps`` bounds (default ``insolvency_bps``), in that objective's units.
     """
 
     insolvency: Annotated[Literal["bad_debt_bps", "uncovered_es_bps"], msgspec.Meta(
         description="the insolvency objective: bad debt per notional opened (bps) or mean "
                     "uncovered loss beyond the margin (bps of notional)")] = "bad_debt_bps"
+    minimize: Annotated[list[MetricName], msgspec.Meta(
+        min_length=1, max_length=6,
+        description="registered metrics minimised together, the first ranking 'cheapest' "
+                    "(capital_cost, insolvency_bps, liquidations_at_risk, premature_share, "
+                    "procyclicality, contagion); null: capital_cost and "
+                    "insolvency_bps")] | None = None
+    appetite_on: Annotated[MetricName, msgspec.Meta(
+        description="the objective risk_appetite_bps bounds, in its units; null: "
+                    "insolvency_bps")] | None = None
 
 
 class ConstraintsSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -127,6 +146,13 @@ class ConstraintsSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         no_red_in_stress_windows: the traffic light is not red on any stress window.
         max_premature_share: premature liquidations / liquidations at most this.
         max_procyclicality: the largest 30-day margin increase ratio at most this.
+        no_red_light_in_any_regime: the traffic light is not red in any volatility regime
+            (``calibration.calibrate._regimes``), on any instrument and side; the constraint
+            is ``red_light_in_regime``.
+        max: metric name → its ceiling, in the metric's units (any registered metric:
+            ``liquidations_at_risk``, ``contagion``, ...); the constraint is named after
+            the metric. ``premature_share`` and ``procyclicality`` may be bounded here or
+            by the two fields above, not both.
     """
 
     kupiec_alpha: Annotated[float, msgspec.Meta(
@@ -138,6 +164,13 @@ class ConstraintsSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
                                 "null: off")] | None = 0.6
     max_procyclicality: Annotated[float, msgspec.Meta(
         ge=1, description="largest 30-day margin increase (ratio, >= 1); null: off")] | None = None
+    no_red_light_in_any_regime: Annotated[bool, msgspec.Meta(
+        description="no red traffic light in any volatility regime (terciles of trailing "
+                    "one-day realised volatility, domain.md §11)")] = False
+    max: Annotated[dict[MetricName, float], msgspec.Meta(
+        max_length=16, description="registered metric → ceiling, in the metric's units "
+                                   "(constraint named after the metric); null: "
+                                   "none")] | None = None
 
 
 class PublishedSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -369,6 +402,12 @@ def validate_spec(spec: CalibrationSpec) -> None:
             StressWindow.from_dates(w.name, w.start, w.end)
         except InvalidParameters as exc:
             raise _bad(str(exc), f"stress_windows[{i}]") from None
+    for name, bound in (spec.constraints.max or {}).items():
+        if not math.isfinite(bound):
+            raise _bad(f"the bound on {name} must be finite", f"constraints.max.{name}")
+    from calibration.calibrate._objectives import validate_metrics  # registry needs spec
+
+    validate_metrics(spec)
     liquidation_config(spec.liquidation)
 
 
@@ -381,9 +420,25 @@ def liquidation_config(fields: Mapping[str, Any], field: str = "liquidation") ->
         raise _bad(str(exc), f"{field}.{exc.field}" if exc.field else field) from None
 
 
+#: Fields added after studies and caches were keyed by the hash, with their defaults: left
+#: out of the canonical form at those defaults, so a spec that does not use them keeps its
+#: hash (and resumes its study, hits its cache).
+_LATER_FIELDS: dict[str, dict[str, Any]] = {
+    "objectives": {"minimize": None, "appetite_on": None},
+    "constraints": {"max": None, "no_red_light_in_any_regime": False},
+}
+
+
 def spec_hash(spec: CalibrationSpec) -> str:
     """sha256 of the spec's canonical JSON (sorted keys): the same spec, the same hash."""
-    canonical = msgspec.json.encode(msgspec.to_builtins(spec), order="sorted")
+    builtins = msgspec.to_builtins(spec)
+    for section, defaults in _LATER_FIELDS.items():
+        part = builtins.get(section)
+        if isinstance(part, dict):
+            for name, default in defaults.items():
+                if name in part and part[name] == default:
+                    del part[name]
+    canonical = msgspec.json.encode(builtins, order="sorted")
     return hashlib.sha256(canonical).hexdigest()
 
 

@@ -22,7 +22,9 @@ from calibration._errors import InvalidParameters
 from calibration._version import ENGINE_VERSION
 from calibration.calibrate import (
     CalibrationResult,
+    Comparison,
     Prepared,
+    compare_results,
     prepare,
     study_name,
 )
@@ -227,6 +229,32 @@ class CalibrationController(Controller):
                                               result)
         return Response(page, media_type="text/html")
 
+    @get("/{job_id:str}/compare/{other_id:str}", guards=[requires("reader")],
+         summary="Two finished calibrations side by side, against the published parameters",
+         description=(
+             "Parameters, objectives and per-window evidence of both recommendations, and the "
+             "published parameters (those of the first calibration's spec) replayed over "
+             "the first calibration's history; `recommended` applies the calibration's rule "
+             "to the three."
+         ), responses=problem_responses(*COMMON, 404))
+    async def compare(self, request: Request[Any, Any, Any], svc: Svc, job_id: JobId,
+                      other_id: Annotated[str, Parameter(
+                          description="the second calibration's id", min_length=1,
+                          max_length=64, pattern=r"^[0-9A-Za-z_-]+$")]) -> Comparison:
+        results = []
+        for an_id in (job_id, other_id):
+            job = await _job(svc, an_id)
+            raw = await svc.stores["results"].get(job.cache_key)
+            if raw is None:
+                raise NotFoundException(f"calibration {an_id} has no result ({job.state})")
+            results.append(msgspec.json.decode(raw, type=CalibrationResult))
+        spec_raw = await svc.stores["jobs"].get(f"{job_id}:spec") or b""
+        settings: Settings = request.app.state.settings
+        first, second = results
+        comparison: Comparison = await anyio.to_thread.run_sync(
+            _compare, settings, spec_raw, first, second)
+        return comparison
+
     @get("/{job_id:str}/result", guards=[requires("reader")],
          summary="Pareto front, recommendation and evidence of a finished calibration",
          responses=problem_responses(*COMMON, 404))
@@ -243,6 +271,14 @@ class CalibrationController(Controller):
         # The study storage's URL may carry a password and a server path: never sent out.
         return msgspec.structs.replace(result, storage=redact(
             result.storage, data_root=settings.data_root, state_dir=settings.state_dir))
+
+
+def _compare(settings: Settings, spec_raw: bytes, a: CalibrationResult,
+             b: CalibrationResult) -> Comparison:
+    from calibration.spec import decode_spec
+
+    prepared = prepare(decode_spec(spec_raw), settings.data_root) if spec_raw else None
+    return compare_results(a, b, prepared=prepared)
 
 
 def _hub(request: Request[Any, Any, Any], svc: State) -> ProgressHub:

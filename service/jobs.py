@@ -49,13 +49,7 @@ from typing import IO, Any, Literal
 import msgspec
 
 from calibration._errors import MarginlabError
-from calibration.calibrate import (
-    best_feasible,
-    create_or_load_study,
-    prepare,
-    run_worker,
-    summarize,
-)
+from calibration.calibrate import best_feasible, prepare, run_calibration
 from calibration.spec import decode_spec
 from calibration.storage import Coordination
 from service.schemas import CalibrationJob, Progress
@@ -205,20 +199,19 @@ def execute_calibration(job_id: str, settings: Settings,
         prepared = prepare(spec, settings.data_root)
         access.update(job_id, state="running", started_at=job.started_at or now_iso())
         storage_url = settings.study_storage_url(job.study)
-        with Coordination(storage_url) as coordination:
-            study = create_or_load_study(spec, prepared, coordination, job.study)
+
+        def watch(study: Any) -> ProgressWriter:
+            nonlocal writer
             writer = ProgressWriter(access, job_id, study, spec.n_trials,
                                     spec.risk_appetite_bps)
-            deadline = (time.time() + spec.timeout_seconds) if spec.timeout_seconds else None
-            try:
-                run_worker(study, prepared, coordination, n_trials=spec.n_trials,
-                           deadline=deadline, on_trial=writer,
-                           should_stop=lambda: access.cancelled(job_id))
-            finally:
-                progress = final()
-            if access.cancelled(job_id):
-                return "cancelled"
-            result = summarize(study, prepared, storage_url)
+            return writer
+
+        result = run_calibration(spec, root=settings.data_root, storage=storage_url,
+                                 study=job.study, prepared=prepared, watch=watch,
+                                 should_stop=lambda: access.cancelled(job_id))
+        progress = final()
+        if result is None:
+            return "cancelled"
         access.save_result(job.cache_key, msgspec.json.encode(result), settings.result_ttl_s,
                            list(prepared.fingerprints.values()))
         access.update(job_id, state="succeeded", finished_at=now_iso(), progress=progress)

@@ -648,16 +648,16 @@ def test_job_dying_outside_marginlab_error_fails_with_a_reason_and_is_not_joined
 
     client = make_client(embedded_runner="thread")
 
-    real = service.jobs.run_worker
+    real = service.jobs.run_calibration
     calls: list[int] = []
 
-    def overflow_once(*args: Any, **kwargs: Any) -> int:
+    def overflow_once(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
         if len(calls) == 1:
             raise OverflowError("Python int too large to convert to C long /srv/secret")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(service.jobs, "run_worker", overflow_once)
+    monkeypatch.setattr(service.jobs, "run_calibration", overflow_once)
     ref = uploaded(client)["ref"]
     spec = calibration_spec(ref, n_trials=3, seed=21)
     first = client.post("/v1/calibrations", json=spec).json()
@@ -712,7 +712,7 @@ def test_queue_jobs_leave_lost_connections_to_rq_and_fail_on_anything_else(
 
     access = JobAccess(settings)
     asyncio.run(seed("lost"))
-    monkeypatch.setattr(service.jobs, "run_worker", boom(ConnectionError("reset by peer")))
+    monkeypatch.setattr(service.jobs, "run_calibration", boom(ConnectionError("reset by peer")))
     with pytest.raises(ConnectionError):
         execute_calibration("lost", settings, access, retry_transient=True)
     assert access.get("lost").state == "running"  # type: ignore[union-attr]
@@ -722,7 +722,7 @@ def test_queue_jobs_leave_lost_connections_to_rq_and_fail_on_anything_else(
     assert "ConnectionError" in access.get("lost").error  # type: ignore[union-attr,operator]
 
     asyncio.run(seed("broken"))
-    monkeypatch.setattr(service.jobs, "run_worker", boom(ZeroDivisionError("x")))
+    monkeypatch.setattr(service.jobs, "run_calibration", boom(ZeroDivisionError("x")))
     assert execute_calibration("broken", settings, access, retry_transient=True) == "failed"
     job = access.get("broken")
     assert job is not None

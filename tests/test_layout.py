@@ -80,7 +80,7 @@ def test_service_cli_keeps_every_command_and_flag() -> None:
 
     library = _commands(core.build_parser())
     full = _commands(cli.build_parser())
-    assert set(library) == {"backtest", "accounts", "calibrate", "worker", "data"}
+    assert set(library) == {"backtest", "accounts", "calibrate", "compare", "worker", "data"}
     assert set(full) == set(library) | {"serve", "recalibrate", "apikey"}
     for name, flags in SERVICE_FLAGS.items():
         assert full[name] == flags, name

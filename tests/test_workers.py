@@ -417,16 +417,17 @@ FORK_SCRIPT = """
 import json, os, sys
 from pathlib import Path
 import calibration.calibrate as cal
+import calibration.calibrate._evaluate as evaluation
 from calibration.parallel import can_fork
 from calibration.spec import decode_spec
 
 root, url, name, pids = Path(sys.argv[1]), sys.argv[2], sys.argv[3], Path(sys.argv[4])
-real = cal.evaluate
+real = evaluation.evaluate
 def logged(*args, **kwargs):
     with pids.open("a") as handle:
         handle.write(f"{os.getpid()}\\n")
     return real(*args, **kwargs)
-cal.evaluate = logged
+evaluation.evaluate = logged  # where workers look it up
 assert can_fork()
 print(os.getpid(), flush=True)
 spec = decode_spec((root / "spec.json").read_bytes())

@@ -1,0 +1,140 @@
+"""A worker: adds trials to a study until it has its count (any number at once)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import optuna
+from optuna.trial import TrialState
+
+from calibration.calibrate import _evaluate
+from calibration.calibrate._evaluate import METRICS_ATTR, VIOLATION_KEY, violation
+from calibration.calibrate._prepare import Prepared
+from calibration.calibrate._recommend import best_feasible
+from calibration.calibrate._study import _suggest
+from calibration.storage import Coordination
+
+log = logging.getLogger("marginlab.calibrate")
+
+
+def _finished(study: optuna.Study) -> int:
+    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+               for t in study.get_trials(deepcopy=False))
+
+
+#: Called after each trial this worker finishes: ``(finished, total_or_None, best)``.
+TrialCallback = Callable[[int, int | None, dict[str, Any] | None], None]
+
+
+def run_worker(
+    study: optuna.Study,
+    prepared: Prepared,
+    coordination: Coordination,
+    *,
+    n_trials: int | None,
+    deadline: float | None = None,
+    on_trial: TrialCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    poll_s: float = 0.2,
+) -> int:
+    """Add trials to ``study`` until ``n_trials`` are finished (COMPLETE or PRUNED) or the
+    deadline passes; returns how many this worker ran.
+
+    Several workers may run this on one study at once: asking for a trial happens under the
+    storage's slot lock and counts WAITING and RUNNING trials, so the total never exceeds
+    ``n_trials``. A RUNNING trial whose worker stopped beating is failed and its parameters
+    enqueued again (``Coordination.reap_stale_trials``); a worker with nothing to ask waits
+    for such retries until every trial is finished.
+    """
+    return _run_trials(study, prepared, coordination, n_trials=n_trials, deadline=deadline,
+                       on_trial=on_trial, should_stop=should_stop, poll_s=poll_s)
+
+
+def _run_trials(
+    study: optuna.Study,
+    prepared: Prepared,
+    coordination: Coordination,
+    *,
+    n_trials: int | None,
+    deadline: float | None,
+    on_trial: TrialCallback | None,
+    should_stop: Callable[[], bool] | None,
+    poll_s: float,
+) -> int:
+    space = prepared.space
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    ran = 0
+    # Waiting for other workers' last trials: start short (they usually end within one
+    # trial's time, and this worker's exit, then the summary, wait on it) and back off to
+    # ``poll_s`` (each poll counts the study's trials in the storage).
+    wait_s = min(0.01, poll_s)
+    while True:
+        if should_stop is not None and should_stop():
+            return ran
+        with coordination.slot_lock(study.study_name):
+            coordination.reap_stale_trials(study)
+            trials = study.get_trials(deepcopy=False)
+            waiting = any(t.state == TrialState.WAITING for t in trials)
+            active = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING,
+                                     TrialState.WAITING) for t in trials)
+            expired = deadline is not None and time.time() >= deadline
+            room = n_trials is None or active < n_trials
+            trial = None
+            if waiting or (room and not expired):
+                with warnings.catch_warnings():
+                    # RDB storages: Optuna warns that its heartbeat is meant for optimize();
+                    # here the trial beats through ``coordination.heartbeat`` instead.
+                    warnings.filterwarnings("ignore", "Heartbeat of storage is supposed",
+                                            UserWarning)
+                    trial = study.ask()
+        if trial is None:
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if expired or not running:
+                return ran
+            time.sleep(wait_s)
+            wait_s = min(2 * wait_s, poll_s)
+            continue
+        with coordination.heartbeat(trial._trial_id):
+            try:
+                params = _suggest(trial, space)
+                result = _evaluate.evaluate(prepared, params)
+                if result.constraints:
+                    trial.set_constraint(VIOLATION_KEY, violation(result.constraints))
+                # One attribute for the evidence: every storage write is a journal append
+                # (with fsync); the full parameter set is trial.params plus the spec's fixed
+                # values. The worker's identity rides in the same write: the result counts
+                # the workers that ran trials, which changes what a seed reproduces (§5).
+                summary = result.summary()
+                summary["worker"] = worker
+                trial.set_user_attr(METRICS_ATTR, msgspec.json.encode(summary).decode())
+                if result.pruned:
+                    study.tell(trial, state=TrialState.PRUNED)
+                else:
+                    study.tell(trial, list(result.objectives))
+            except BaseException:
+                # Whatever stops this worker mid-trial (an error, a job time limit raised
+                # into it, a KeyboardInterrupt) leaves no trial RUNNING behind it.
+                _fail_if_running(study, trial)
+                raise
+        ran += 1
+        if on_trial is not None:
+            on_trial(_finished(study), n_trials,
+                     best_feasible(study, prepared.spec.risk_appetite_bps))
+
+
+def _fail_if_running(study: optuna.Study, trial: optuna.Trial) -> None:
+    """Mark ``trial`` FAIL unless it already finished (best effort: the storage may be the
+    reason the worker stops)."""
+    try:
+        state = study._storage.get_trial(trial._trial_id).state
+        if state == TrialState.RUNNING:
+            study.tell(trial, state=TrialState.FAIL)
+    except Exception as exc:  # the original error is what the caller raises
+        log.warning("could not fail trial %s after an interruption: %s", trial.number, exc)
