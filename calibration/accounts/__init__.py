@@ -26,6 +26,11 @@ from calibration.accounts._engine import (
     simulate_accounts,
     windows_summary,
 )
+from calibration.accounts._grid_calibration import (
+    FoldCoverage,
+    GridCalibration,
+    calibrate_portfolio_grid,
+)
 from calibration.accounts._haircut_calibration import (
     HaircutTierCalibration,
     calibrate_haircut_tiers,
@@ -76,6 +81,8 @@ __all__ = [
     "AccountResult",
     "AccountRow",
     "BreachAttribution",
+    "FoldCoverage",
+    "GridCalibration",
     "HaircutCoverage",
     "HaircutTierCalibration",
     "Market",
@@ -87,6 +94,7 @@ __all__ = [
     "accounts_from_records",
     "basket_book",
     "calibrate_haircut_tiers",
+    "calibrate_portfolio_grid",
     "capacity_frontier",
     "carry_book",
     "compare_policies",
