@@ -20,6 +20,7 @@ from calibration import _kernels
 from calibration._bars import BarSeries, FloatArray
 from calibration._errors import InsufficientData, InvalidParameters
 from calibration.horizon import Horizon, resolve_horizon
+from calibration.margins import MarginSeries
 from calibration.models import DEFAULT_NOTIONAL_USD, MarginModel, MarginRates
 from calibration.report import CoverageMetrics, SideCoverage
 from calibration.stats import (
@@ -183,6 +184,7 @@ def coverage_backtest(
     stress_windows: Sequence[StressWindow] = (),
     *,
     rates: MarginRates | None = None,
+    margins: MarginSeries | None = None,
 ) -> list[CoverageMetrics]:
     """Run the coverage backtest of ``model`` on ``bars``.
 
@@ -196,9 +198,12 @@ def coverage_backtest(
         config: observation settings (horizon, level, overlap, tested margin).
         stress_windows: named windows to report separately.
         rates: precomputed rates of ``model`` at ``config.notional_usd`` (saves recomputing).
+        margins: the model's shared margin series on ``bars`` (``calibration.margins``):
+            its rates at ``config.notional_usd`` are used, computed there if not yet.
 
     Raises:
         InsufficientData: no bar has both a margin and a full horizon ahead.
+        InvalidParameters: ``margins`` belongs to another model or other bars.
     """
     config = config or CoverageConfig()
     horizon, level = config.resolve(model, bars.bar_seconds)
@@ -209,6 +214,9 @@ def coverage_backtest(
         raise InsufficientData(
             f"horizon of {horizon} bars is longer than the {n} bars of {bars.instrument!r}"
         )
+    if rates is None and margins is not None:
+        margins.check(bars, model)
+        rates = margins.rates(config.notional_usd)
     rates = rates or model.margin_rates(bars, notional_usd=config.notional_usd)
     start = rates.first_valid_bar
     stop = n - horizon
