@@ -641,7 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "window, the worst accounts, the insurance fund) to FILE")
     ab.set_defaults(func=_cmd_accounts_backtest, align=False)
 
-    from calibration.storage import DEFAULT_STORAGE
+    from calibration._defaults import DEFAULT_STORAGE
 
     cal = sub.add_parser(
         "calibrate",
