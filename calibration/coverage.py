@@ -153,11 +153,22 @@ def _metrics(
 ) -> CoverageMetrics:
     lo, hi, step = span
     out = _kernels.coverage_stats(tested, losses[0], losses[1], lo, hi, step, im_per_tested)
+    increase = _kernels.max_increase_ratio(tested, losses[0], lo, hi, step, trail, _BLOCK_BARS)
+    capped_bars = int(capped[lo:hi:step].sum()) if capped is not None and hi > lo else 0
+    return assemble_metrics(name, out, float(increase), p, bounds, capped_bars)
+
+
+def assemble_metrics(
+    name: str, out: FloatArray, increase: float, p: float, bounds: tuple[int, int],
+    capped_bars: int,
+) -> CoverageMetrics:
+    """One window's metrics from the ``coverage_stats`` counts ``out`` (its layout), the
+    largest margin increase ratio, the expected breach rate ``p``, the window's bounds (epoch
+    ms) and the number of observation bars whose rate was capped."""
     width = len(_kernels.SIDE_FIELDS)
     shared = dict(zip(_kernels.SHARED_FIELDS, out[_kernels.SHARED_OFFSET :], strict=True))
     sum_margin = float(shared["sum_margin"])
     n = int(out[0])
-    increase = _kernels.max_increase_ratio(tested, losses[0], lo, hi, step, trail, _BLOCK_BARS)
     long_counts = np.r_[out[:width], sum_margin]
     short_counts = np.r_[out[width : 2 * width], sum_margin]
     mean_im = float(shared["sum_im"] / n) if n else None
@@ -173,8 +184,43 @@ def _metrics(
         max_leverage=1.0 / mean_im if mean_im else None,
         peak_to_trough=float(shared["max_margin"] / trough) if n and trough > 0 else None,
         max_increase_ratio=float(increase) if n and np.isfinite(increase) else None,
-        capped_bars=int(capped[lo:hi:step].sum()) if capped is not None and hi > lo else 0,
+        capped_bars=capped_bars,
     )
+
+
+def observation_spans(
+    bars: BarSeries, horizon: int, start: int, stop: int, step: int,
+    stress_windows: Sequence[StressWindow],
+) -> list[tuple[str, tuple[int, int, int], tuple[int, int]]]:
+    """The observation grids of a coverage backtest: ``(name, (lo, hi, step), (start_ms,
+    end_ms))`` for the whole series (``"all"``) then each stress window overlapping it.
+
+    ``start`` is the first bar with a margin, ``stop`` the first bar without a full horizon
+    ahead; observations are bars ``lo, lo + step, ... < hi``.
+    """
+    ts = bars.timestamp_ms
+    out = [("all", (start, stop, step), (int(ts[0]), int(ts[-1])))]
+    bar_ms = int(bars.bar_seconds) * 1000
+    for w in windows_overlapping(stress_windows, int(ts[0]), int(ts[-1])):
+        # An observation t belongs to a window when its loss interval, bars t+1..t+h,
+        # overlaps it (domain.md §3): on daily bars a crash day's loss is the observation of
+        # the day before. Bars [first_in, after) are those whose period [open, open + bar)
+        # meets [start, end); t qualifies when t+h >= first_in and t+1 < after.
+        first_in = int(np.searchsorted(ts, w.start_ms - bar_ms, side="right"))
+        after = int(np.searchsorted(ts, w.end_ms, side="left"))
+        lo = max(0, first_in - horizon)
+        hi = max(lo, after - 1)
+        # Keep the non-overlapping grid anchored at the first observation.
+        first = max(lo, start)
+        if step > 1:
+            first = start + -(-(first - start) // step) * step
+        out.append((w.name, (first, min(hi, stop), step), (w.start_ms, w.end_ms)))
+    return out
+
+
+def trail_bars(config: CoverageConfig, bar_seconds: int) -> int:
+    """The procyclicality window in bars: bar t and the D days before it."""
+    return max(1, round(config.procyclicality_days * 86_400 / bar_seconds)) + 1
 
 
 def coverage_backtest(
@@ -228,29 +274,9 @@ def coverage_backtest(
     tested = rates.mm_rate if config.margin == "mm" else rates.im_rate
     losses = bars.forward_losses(horizon)
     step = 1 if config.overlapping else horizon
-    # The trailing window holds bar t and the D days before it.
-    trail = max(1, round(config.procyclicality_days * 86_400 / bars.bar_seconds)) + 1
+    trail = trail_bars(config, bars.bar_seconds)
     p = 1.0 - level
-    ts = bars.timestamp_ms
     im = rates.im_to_mm if config.margin == "mm" else 1.0
-    out = [_metrics("all", tested, im, losses, (start, stop, step), trail, p,
-                    (int(ts[0]), int(ts[-1])), rates.capped)]
-    bar_ms = int(bars.bar_seconds) * 1000
-    for w in windows_overlapping(stress_windows, int(ts[0]), int(ts[-1])):
-        # An observation t belongs to a window when its loss interval, bars t+1..t+h,
-        # overlaps it (domain.md §3): on daily bars a crash day's loss is the observation of
-        # the day before. Bars [first_in, after) are those whose period [open, open + bar)
-        # meets [start, end); t qualifies when t+h >= first_in and t+1 < after.
-        first_in = int(np.searchsorted(ts, w.start_ms - bar_ms, side="right"))
-        after = int(np.searchsorted(ts, w.end_ms, side="left"))
-        lo = max(0, first_in - horizon)
-        hi = max(lo, after - 1)
-        # Keep the non-overlapping grid anchored at the first observation.
-        first = max(lo, start)
-        if step > 1:
-            first = start + -(-(first - start) // step) * step
-        out.append(
-            _metrics(w.name, tested, im, losses, (first, min(hi, stop), step), trail, p,
-                     (w.start_ms, w.end_ms), rates.capped)
-        )
-    return out
+    return [_metrics(name, tested, im, losses, span, trail, p, bounds, rates.capped)
+            for name, span, bounds in observation_spans(bars, horizon, start, stop, step,
+                                                        stress_windows)]
