@@ -46,6 +46,55 @@ def _tested_rate(var: float, floor: float, scale: float, mult: float, cap: float
 
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def _accumulate_all(
+    fr: FloatArray, gr: IntArray, m_now: FloatArray, capped_now: IntArray, xl: float,
+    xs: float, cap_from: FloatArray, im_per_tested: FloatArray,
+) -> None:  # pragma: no cover - jit
+    """One bar observed by every set (margins and losses all known): the accumulation of
+    ``ewma_coverage_batch``'s loop without branches, so the sets run in vector lanes. A
+    non-breach adds 0.0 (exact) and leaves the extremes as they were."""
+    k_sets = m_now.shape[0]
+    for k in range(k_sets):
+        m = m_now[k]
+        gr[10, k] += capped_now[k]
+        fr[13, k] = m if m > fr[13, k] else fr[13, k]
+        n_obs = fr[0, k] + 1.0
+        fr[0, k] = n_obs
+        fr[1, k] += m
+        fr[2, k] = m if m < fr[2, k] else fr[2, k]
+        fr[3, k] = m if m > fr[3, k] else fr[3, k]
+        mx = m if m > 1.0 else 1.0
+        fr[4, k] += m * im_per_tested[k] - mx if m > cap_from[k] else 0.0
+        okl = xl > m
+        oks = xs > m
+        ul = xl - m
+        us = xs - m
+        fr[5, k] += 1.0 if okl else 0.0
+        fr[6, k] += ul if okl else 0.0
+        fr[8, k] += xl if okl else 0.0
+        fr[7, k] = ul if okl & (ul > fr[7, k]) else fr[7, k]
+        fr[9, k] += 1.0 if oks else 0.0
+        fr[10, k] += us if oks else 0.0
+        fr[12, k] += xs if oks else 0.0
+        fr[11, k] = us if oks & (us > fr[11, k]) else fr[11, k]
+        bl = 1 if okl else 0
+        bs = 1 if oks else 0
+        pl = gr[6, k]
+        ps = gr[7, k]
+        gr[2, k] += pl & bl
+        gr[0, k] += (1 - pl) & bl
+        gr[1, k] += pl & (1 - bl)
+        gr[5, k] += ps & bs
+        gr[3, k] += (1 - ps) & bs
+        gr[4, k] += ps & (1 - bs)
+        first = n_obs == 1.0
+        gr[8, k] = bl if first else gr[8, k]
+        gr[9, k] = bs if first else gr[9, k]
+        gr[6, k] = bl
+        gr[7, k] = bs
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
 def ewma_coverage_batch(
     returns: FloatArray,
     squared_returns: FloatArray,
@@ -92,61 +141,101 @@ def ewma_coverage_batch(
     seed = np.zeros(k_sets)
     for k in range(k_sets):
         seed[k] = _seed_variance(returns, warm[k])
-    # Accumulators per (set, span), named as in coverage_stats.
-    nobs = np.zeros((k_sets, r_spans))
-    sum_m = np.zeros((k_sets, r_spans))
-    min_m = np.full((k_sets, r_spans), np.inf)
-    max_m = np.full((k_sets, r_spans), -np.inf)
-    im_excess = np.zeros((k_sets, r_spans))
-    acc = np.zeros((k_sets, r_spans, 8))  # l_x l_su l_mu l_sl s_x s_su s_mu s_sl
-    trans = np.zeros((k_sets, r_spans, 10), dtype=np.int64)
-    # trans: l_01 l_10 l_11 s_01 s_10 s_11 prev_l prev_s first_bl first_bs
-    capped_count = np.zeros((k_sets, r_spans), dtype=np.int64)
+    # Accumulators per (span, field, set), set last so the loops over sets are contiguous.
+    # f: nobs sum_m min_m max_m im_excess l_x l_su l_mu l_sl s_x s_su s_mu s_sl bmax
+    f = np.zeros((r_spans, 14, k_sets))
+    f[:, 2] = np.inf
+    f[:, 3] = -np.inf
+    f[:, 13] = -np.inf
+    # g: l_01 l_10 l_11 s_01 s_10 s_11 prev_l prev_s first_bl first_bs capped
+    g = np.zeros((r_spans, 11, k_sets), dtype=np.int64)
     block_min = np.full((k_sets, n_blocks), np.inf)
     block_max = np.full((k_sets, r_spans, n_blocks), -np.inf)
     block_var = np.zeros((k_sets, n_blocks))
+    bmin_now = np.full(k_sets, np.inf)
     t_first = n
     t_last = 0
+    last_warm = 0
     for k in range(k_sets):
         t_first = min(t_first, warm[k])
+        last_warm = max(last_warm, warm[k])
         for r in range(r_spans):
             t_last = max(t_last, spans[k, r, 1])
     span_lo = np.empty(r_spans, dtype=np.int64)
     span_hi = np.empty(r_spans, dtype=np.int64)
+    # [all_lo, all_hi): every set observes bar t of span r (step 1): the fast path.
+    all_lo = np.empty(r_spans, dtype=np.int64)
+    all_hi = np.empty(r_spans, dtype=np.int64)
     for r in range(r_spans):
         span_lo[r] = n
         span_hi[r] = 0
+        all_lo[r] = 0
+        all_hi[r] = n
         for k in range(k_sets):
             if spans[k, r, 1] > spans[k, r, 0]:
                 span_lo[r] = min(span_lo[r], spans[k, r, 0])
                 span_hi[r] = max(span_hi[r], spans[k, r, 1])
+            all_lo[r] = max(all_lo[r], spans[k, r, 0])
+            all_hi[r] = min(all_hi[r], spans[k, r, 1])
+            if spans[k, r, 2] != 1:
+                all_hi[r] = 0
     m_now = np.empty(k_sets)
-    capped_now = np.zeros(k_sets, dtype=np.bool_)
+    capped_now = np.zeros(k_sets, dtype=np.int64)
+    j_now = t_first // block
     for t in range(t_first, t_last):
         j = t // block
+        if j != j_now:
+            for k in range(k_sets):
+                block_min[k, j_now] = bmin_now[k]
+                bmin_now[k] = np.inf
+                for r in range(r_spans):
+                    block_max[k, r, j_now] = f[r, 13, k]
+                    f[r, 13, k] = -np.inf
+            j_now = j
         if t % block == 0:
             for k in range(k_sets):
                 block_var[k, j] = var[k]
         r2 = squared_returns[t]
-        for k in range(k_sets):
-            if t > warm[k]:
+        if t > last_warm:
+            # Every set is past its warm-up: no branch, the sets side by side.
+            for k in range(k_sets):
                 v = decay[k] * var[k] + one_minus[k] * r2
-            elif t == warm[k]:
-                v = seed[k]
-            else:
-                m_now[k] = np.nan
-                capped_now[k] = False
-                continue
-            var[k] = v
-            m, c = _tested_rate(v, floor[k], scale[k], mult[k], cap[k], im_to_mm[k], tested)
-            m_now[k] = m
-            capped_now[k] = c
-            if m < block_min[k, j]:
-                block_min[k, j] = m
+                var[k] = v
+                sd = scale[k] * math.sqrt(v)
+                raw = (sd if sd > floor[k] else floor[k]) * mult[k]
+                c = raw > cap[k]
+                m = cap[k] if c else raw
+                if tested == TEST_IM:
+                    a_im = m * im_to_mm[k]
+                    b_im = m if m > cap[k] else cap[k]
+                    m = a_im if a_im < b_im else b_im
+                m_now[k] = m
+                capped_now[k] = 1 if c else 0
+                bmin_now[k] = m if m < bmin_now[k] else bmin_now[k]
+        else:
+            for k in range(k_sets):
+                if t > warm[k]:
+                    v = decay[k] * var[k] + one_minus[k] * r2
+                elif t == warm[k]:
+                    v = seed[k]
+                else:
+                    m_now[k] = np.nan
+                    capped_now[k] = 0
+                    continue
+                var[k] = v
+                m, c = _tested_rate(v, floor[k], scale[k], mult[k], cap[k], im_to_mm[k],
+                                    tested)
+                m_now[k] = m
+                capped_now[k] = 1 if c else 0
+                if m < bmin_now[k]:
+                    bmin_now[k] = m
         xl = long_loss[t]
         xs = short_loss[t]
         for r in range(r_spans):
             if t < span_lo[r] or t >= span_hi[r]:
+                continue
+            if all_lo[r] <= t < all_hi[r] and t > last_warm and not math.isnan(xl + xs):
+                _accumulate_all(f[r], g[r], m_now, capped_now, xl, xs, cap_from, im_per_tested)
                 continue
             for k in range(k_sets):
                 lo = spans[k, r, 0]
@@ -155,72 +244,74 @@ def ewma_coverage_batch(
                 step = spans[k, r, 2]
                 if step > 1 and (t - lo) % step:
                     continue
-                if capped_now[k]:
-                    capped_count[k, r] += 1
+                g[r, 10, k] += capped_now[k]
                 m = m_now[k]
                 if math.isnan(m + xl + xs):
                     continue
-                if m > block_max[k, r, j]:
-                    block_max[k, r, j] = m
-                nobs[k, r] += 1.0
-                sum_m[k, r] += m
-                if m < min_m[k, r]:
-                    min_m[k, r] = m
-                if m > max_m[k, r]:
-                    max_m[k, r] = m
+                if m > f[r, 13, k]:
+                    f[r, 13, k] = m
+                f[r, 0, k] += 1.0
+                f[r, 1, k] += m
+                if m < f[r, 2, k]:
+                    f[r, 2, k] = m
+                if m > f[r, 3, k]:
+                    f[r, 3, k] = m
                 if m > cap_from[k]:
-                    im_excess[k, r] += m * im_per_tested[k] - max(m, 1.0)
+                    f[r, 4, k] += m * im_per_tested[k] - max(m, 1.0)
                 bl = 1 if xl > m else 0
                 bs = 1 if xs > m else 0
                 if bl:
                     ul = xl - m
-                    acc[k, r, 0] += 1.0
-                    acc[k, r, 1] += ul
-                    acc[k, r, 3] += xl
-                    if ul > acc[k, r, 2]:
-                        acc[k, r, 2] = ul
+                    f[r, 5, k] += 1.0
+                    f[r, 6, k] += ul
+                    f[r, 8, k] += xl
+                    if ul > f[r, 7, k]:
+                        f[r, 7, k] = ul
                 if bs:
                     us = xs - m
-                    acc[k, r, 4] += 1.0
-                    acc[k, r, 5] += us
-                    acc[k, r, 7] += xs
-                    if us > acc[k, r, 6]:
-                        acc[k, r, 6] = us
-                prev_l = trans[k, r, 6]
-                prev_s = trans[k, r, 7]
-                if bl | bs | prev_l | prev_s:
-                    trans[k, r, 2] += prev_l & bl
-                    trans[k, r, 0] += (1 - prev_l) & bl
-                    trans[k, r, 1] += prev_l & (1 - bl)
-                    trans[k, r, 5] += prev_s & bs
-                    trans[k, r, 3] += (1 - prev_s) & bs
-                    trans[k, r, 4] += prev_s & (1 - bs)
-                    if nobs[k, r] == 1.0:
-                        trans[k, r, 8] = bl
-                        trans[k, r, 9] = bs
-                trans[k, r, 6] = bl
-                trans[k, r, 7] = bs
+                    f[r, 9, k] += 1.0
+                    f[r, 10, k] += us
+                    f[r, 12, k] += xs
+                    if us > f[r, 11, k]:
+                        f[r, 11, k] = us
+                pl = g[r, 6, k]
+                ps = g[r, 7, k]
+                g[r, 2, k] += pl & bl
+                g[r, 0, k] += (1 - pl) & bl
+                g[r, 1, k] += pl & (1 - bl)
+                g[r, 5, k] += ps & bs
+                g[r, 3, k] += (1 - ps) & bs
+                g[r, 4, k] += ps & (1 - bs)
+                if f[r, 0, k] == 1.0:
+                    g[r, 8, k] = bl
+                    g[r, 9, k] = bs
+                g[r, 6, k] = bl
+                g[r, 7, k] = bs
+    for k in range(k_sets):
+        block_min[k, j_now] = bmin_now[k]
+        for r in range(r_spans):
+            block_max[k, r, j_now] = f[r, 13, k]
+    capped_count = g[:, 10].T.copy()
     stats = np.zeros((k_sets, r_spans, SHARED_OFFSET + 4))
     for k in range(k_sets):
         for r in range(r_spans):
-            n_obs = nobs[k, r]
+            n_obs = f[r, 0, k]
             pairs = max(n_obs - 1.0, 0.0)
-            l_01 = trans[k, r, 0] - trans[k, r, 8]
-            s_01 = trans[k, r, 3] - trans[k, r, 9]
-            l_10, l_11 = trans[k, r, 1], trans[k, r, 2]
-            s_10, s_11 = trans[k, r, 4], trans[k, r, 5]
-            a = acc[k, r]
-            side_l = (n_obs, a[0], a[1], a[2], a[3], pairs - l_01 - l_10 - l_11,
-                      float(l_01), float(l_10), float(l_11))
-            side_s = (n_obs, a[4], a[5], a[6], a[7], pairs - s_01 - s_10 - s_11,
-                      float(s_01), float(s_10), float(s_11))
-            for f in range(9):
-                stats[k, r, f] = side_l[f]
-                stats[k, r, 9 + f] = side_s[f]
-            stats[k, r, SHARED_OFFSET] = sum_m[k, r]
-            stats[k, r, SHARED_OFFSET + 1] = min_m[k, r]
-            stats[k, r, SHARED_OFFSET + 2] = max_m[k, r]
-            stats[k, r, SHARED_OFFSET + 3] = sum_m[k, r] * im_per_tested[k] - im_excess[k, r]
+            l_01 = g[r, 0, k] - g[r, 8, k]
+            s_01 = g[r, 3, k] - g[r, 9, k]
+            l_10, l_11 = g[r, 1, k], g[r, 2, k]
+            s_10, s_11 = g[r, 4, k], g[r, 5, k]
+            side_l = (n_obs, f[r, 5, k], f[r, 6, k], f[r, 7, k], f[r, 8, k],
+                      pairs - l_01 - l_10 - l_11, float(l_01), float(l_10), float(l_11))
+            side_s = (n_obs, f[r, 9, k], f[r, 10, k], f[r, 11, k], f[r, 12, k],
+                      pairs - s_01 - s_10 - s_11, float(s_01), float(s_10), float(s_11))
+            for q in range(9):
+                stats[k, r, q] = side_l[q]
+                stats[k, r, 9 + q] = side_s[q]
+            stats[k, r, SHARED_OFFSET] = f[r, 1, k]
+            stats[k, r, SHARED_OFFSET + 1] = f[r, 2, k]
+            stats[k, r, SHARED_OFFSET + 2] = f[r, 3, k]
+            stats[k, r, SHARED_OFFSET + 3] = f[r, 1, k] * im_per_tested[k] - f[r, 4, k]
     return stats, capped_count, block_min, block_max, block_var
 
 
