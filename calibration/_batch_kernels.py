@@ -46,52 +46,80 @@ def _tested_rate(var: float, floor: float, scale: float, mult: float, cap: float
 
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
-def _accumulate_all(
-    fr: FloatArray, gr: IntArray, m_now: FloatArray, capped_now: IntArray, xl: float,
-    xs: float, cap_from: FloatArray, im_per_tested: FloatArray,
+def _chunk_stats(
+    rates: FloatArray, capped: IntArray, c0: int, long_loss: FloatArray,
+    short_loss: FloatArray, a: int, b: int, step: int, f: FloatArray, g: IntArray, k: int,
+    cap_from: float, im_to_mm: float, block_max: FloatArray, j: int,
 ) -> None:  # pragma: no cover - jit
-    """One bar observed by every set (margins and losses all known): the accumulation of
-    ``ewma_coverage_batch``'s loop without branches, so the sets run in vector lanes. A
-    non-breach adds 0.0 (exact) and leaves the extremes as they were."""
-    k_sets = m_now.shape[0]
-    for k in range(k_sets):
-        m = m_now[k]
-        gr[10, k] += capped_now[k]
-        fr[13, k] = m if m > fr[13, k] else fr[13, k]
-        n_obs = fr[0, k] + 1.0
-        fr[0, k] = n_obs
-        fr[1, k] += m
-        fr[2, k] = m if m < fr[2, k] else fr[2, k]
-        fr[3, k] = m if m > fr[3, k] else fr[3, k]
-        mx = m if m > 1.0 else 1.0
-        fr[4, k] += m * im_per_tested[k] - mx if m > cap_from[k] else 0.0
-        okl = xl > m
-        oks = xs > m
-        ul = xl - m
-        us = xs - m
-        fr[5, k] += 1.0 if okl else 0.0
-        fr[6, k] += ul if okl else 0.0
-        fr[8, k] += xl if okl else 0.0
-        fr[7, k] = ul if okl & (ul > fr[7, k]) else fr[7, k]
-        fr[9, k] += 1.0 if oks else 0.0
-        fr[10, k] += us if oks else 0.0
-        fr[12, k] += xs if oks else 0.0
-        fr[11, k] = us if oks & (us > fr[11, k]) else fr[11, k]
-        bl = 1 if okl else 0
-        bs = 1 if oks else 0
-        pl = gr[6, k]
-        ps = gr[7, k]
-        gr[2, k] += pl & bl
-        gr[0, k] += (1 - pl) & bl
-        gr[1, k] += pl & (1 - bl)
-        gr[5, k] += ps & bs
-        gr[3, k] += (1 - ps) & bs
-        gr[4, k] += ps & (1 - bs)
-        first = n_obs == 1.0
-        gr[8, k] = bl if first else gr[8, k]
-        gr[9, k] = bs if first else gr[9, k]
-        gr[6, k] = bl
-        gr[7, k] = bs
+    """``coverage_stats``' loop over observations ``a, a + step, ... < b`` of one set, its
+    accumulators carried in ``f[:, k]`` and ``g[:, k]`` from chunk to chunk (the additions in
+    the same order, so the sums are the same to the bit); ``rates[t - c0]`` is bar t's rate."""
+    nobs = f[0, k]
+    sum_m = f[1, k]
+    min_m = f[2, k]
+    max_m = f[3, k]
+    im_excess = f[4, k]
+    l_x, l_su, l_mu, l_sl = f[5, k], f[6, k], f[7, k], f[8, k]
+    s_x, s_su, s_mu, s_sl = f[9, k], f[10, k], f[11, k], f[12, k]
+    l_01, l_10, l_11 = g[0, k], g[1, k], g[2, k]
+    s_01, s_10, s_11 = g[3, k], g[4, k], g[5, k]
+    prev_long, prev_short = g[6, k], g[7, k]
+    first_bl, first_bs = g[8, k], g[9, k]
+    n_capped = g[10, k]
+    top = block_max[j]
+    for t in range(a, b, step):
+        m = rates[t - c0]
+        n_capped += capped[t - c0]
+        xl = long_loss[t]
+        xs = short_loss[t]
+        if math.isnan(m + xl + xs):
+            continue
+        if m > top:
+            top = m
+        nobs += 1.0
+        sum_m += m
+        if m < min_m:
+            min_m = m
+        if m > max_m:
+            max_m = m
+        if m > cap_from:
+            im_excess += m * im_to_mm - max(m, 1.0)
+        bl = 1 if xl > m else 0
+        bs = 1 if xs > m else 0
+        if bl:
+            ul = xl - m
+            l_x += 1.0
+            l_su += ul
+            l_sl += xl
+            if ul > l_mu:
+                l_mu = ul
+        if bs:
+            us = xs - m
+            s_x += 1.0
+            s_su += us
+            s_sl += xs
+            if us > s_mu:
+                s_mu = us
+        if bl | bs | prev_long | prev_short:
+            l_11 += prev_long & bl
+            l_01 += (1 - prev_long) & bl
+            l_10 += prev_long & (1 - bl)
+            s_11 += prev_short & bs
+            s_01 += (1 - prev_short) & bs
+            s_10 += prev_short & (1 - bs)
+            if nobs == 1.0:
+                first_bl = bl
+                first_bs = bs
+        prev_long = bl
+        prev_short = bs
+    f[0, k], f[1, k], f[2, k], f[3, k], f[4, k] = nobs, sum_m, min_m, max_m, im_excess
+    f[5, k], f[6, k], f[7, k], f[8, k] = l_x, l_su, l_mu, l_sl
+    f[9, k], f[10, k], f[11, k], f[12, k] = s_x, s_su, s_mu, s_sl
+    g[0, k], g[1, k], g[2, k] = l_01, l_10, l_11
+    g[3, k], g[4, k], g[5, k] = s_01, s_10, s_11
+    g[6, k], g[7, k], g[8, k], g[9, k] = prev_long, prev_short, first_bl, first_bs
+    g[10, k] = n_capped
+    block_max[j] = top
 
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
@@ -141,18 +169,16 @@ def ewma_coverage_batch(
     seed = np.zeros(k_sets)
     for k in range(k_sets):
         seed[k] = _seed_variance(returns, warm[k])
-    # Accumulators per (span, field, set), set last so the loops over sets are contiguous.
-    # f: nobs sum_m min_m max_m im_excess l_x l_su l_mu l_sl s_x s_su s_mu s_sl bmax
-    f = np.zeros((r_spans, 14, k_sets))
+    # Accumulators per (span, field, set), named in coverage_stats' order:
+    # f: nobs sum_m min_m max_m im_excess l_x l_su l_mu l_sl s_x s_su s_mu s_sl
+    f = np.zeros((r_spans, 13, k_sets))
     f[:, 2] = np.inf
     f[:, 3] = -np.inf
-    f[:, 13] = -np.inf
     # g: l_01 l_10 l_11 s_01 s_10 s_11 prev_l prev_s first_bl first_bs capped
     g = np.zeros((r_spans, 11, k_sets), dtype=np.int64)
     block_min = np.full((k_sets, n_blocks), np.inf)
     block_max = np.full((k_sets, r_spans, n_blocks), -np.inf)
     block_var = np.zeros((k_sets, n_blocks))
-    bmin_now = np.full(k_sets, np.inf)
     t_first = n
     t_last = 0
     last_warm = 0
@@ -161,137 +187,73 @@ def ewma_coverage_batch(
         last_warm = max(last_warm, warm[k])
         for r in range(r_spans):
             t_last = max(t_last, spans[k, r, 1])
-    span_lo = np.empty(r_spans, dtype=np.int64)
-    span_hi = np.empty(r_spans, dtype=np.int64)
-    # [all_lo, all_hi): every set observes bar t of span r (step 1): the fast path.
-    all_lo = np.empty(r_spans, dtype=np.int64)
-    all_hi = np.empty(r_spans, dtype=np.int64)
-    for r in range(r_spans):
-        span_lo[r] = n
-        span_hi[r] = 0
-        all_lo[r] = 0
-        all_hi[r] = n
-        for k in range(k_sets):
-            if spans[k, r, 1] > spans[k, r, 0]:
-                span_lo[r] = min(span_lo[r], spans[k, r, 0])
-                span_hi[r] = max(span_hi[r], spans[k, r, 1])
-            all_lo[r] = max(all_lo[r], spans[k, r, 0])
-            all_hi[r] = min(all_hi[r], spans[k, r, 1])
-            if spans[k, r, 2] != 1:
-                all_hi[r] = 0
+    # Chunks of `chunk` bars (a divisor of `block`): first every set's rates over the chunk,
+    # the K recursions side by side; then, per set, coverage_stats' own loop over the
+    # chunk with its accumulators in registers (the rates read back from cache).
+    chunk = 256 if block % 256 == 0 else block
+    # Rows padded off a power of two: rows 2 KiB apart map to the same few L1 sets.
+    rates = np.empty((k_sets, chunk + 8))
+    capped_now = np.zeros((k_sets, chunk + 8), dtype=np.int64)
     m_now = np.empty(k_sets)
-    capped_now = np.zeros(k_sets, dtype=np.int64)
-    j_now = t_first // block
-    for t in range(t_first, t_last):
-        j = t // block
-        if j != j_now:
-            for k in range(k_sets):
-                block_min[k, j_now] = bmin_now[k]
-                bmin_now[k] = np.inf
-                for r in range(r_spans):
-                    block_max[k, r, j_now] = f[r, 13, k]
-                    f[r, 13, k] = -np.inf
-            j_now = j
-        if t % block == 0:
+    c_now = np.zeros(k_sets, dtype=np.bool_)
+    for c0 in range((t_first // chunk) * chunk, t_last, chunk):
+        c1 = min(c0 + chunk, t_last)
+        j = c0 // block
+        if c0 % block == 0:
             for k in range(k_sets):
                 block_var[k, j] = var[k]
-        r2 = squared_returns[t]
-        if t > last_warm:
-            # Every set is past its warm-up: no branch, the sets side by side.
-            for k in range(k_sets):
-                v = decay[k] * var[k] + one_minus[k] * r2
-                var[k] = v
-                sd = scale[k] * math.sqrt(v)
-                raw = (sd if sd > floor[k] else floor[k]) * mult[k]
-                c = raw > cap[k]
-                m = cap[k] if c else raw
-                if tested == TEST_IM:
-                    a_im = m * im_to_mm[k]
-                    b_im = m if m > cap[k] else cap[k]
-                    m = a_im if a_im < b_im else b_im
-                m_now[k] = m
-                capped_now[k] = 1 if c else 0
-                bmin_now[k] = m if m < bmin_now[k] else bmin_now[k]
-        else:
-            for k in range(k_sets):
-                if t > warm[k]:
+        for t in range(max(c0, t_first), c1):
+            i = t - c0
+            r2 = squared_returns[t]
+            if t > last_warm:
+                # Every set is past its warm-up: no branch, the sets side by side.
+                for k in range(k_sets):
                     v = decay[k] * var[k] + one_minus[k] * r2
-                elif t == warm[k]:
-                    v = seed[k]
-                else:
-                    m_now[k] = np.nan
-                    capped_now[k] = 0
-                    continue
-                var[k] = v
-                m, c = _tested_rate(v, floor[k], scale[k], mult[k], cap[k], im_to_mm[k],
-                                    tested)
-                m_now[k] = m
-                capped_now[k] = 1 if c else 0
-                if m < bmin_now[k]:
-                    bmin_now[k] = m
-        xl = long_loss[t]
-        xs = short_loss[t]
-        for r in range(r_spans):
-            if t < span_lo[r] or t >= span_hi[r]:
-                continue
-            if all_lo[r] <= t < all_hi[r] and t > last_warm and not math.isnan(xl + xs):
-                _accumulate_all(f[r], g[r], m_now, capped_now, xl, xs, cap_from, im_per_tested)
-                continue
+                    var[k] = v
+                    sd = scale[k] * math.sqrt(v)
+                    raw = (sd if sd > floor[k] else floor[k]) * mult[k]
+                    c = raw > cap[k]
+                    m = cap[k] if c else raw
+                    if tested == TEST_IM:
+                        a_im = m * im_to_mm[k]
+                        b_im = m if m > cap[k] else cap[k]
+                        m = a_im if a_im < b_im else b_im
+                    m_now[k] = m
+                    c_now[k] = c
+            else:
+                for k in range(k_sets):
+                    if t > warm[k]:
+                        v = decay[k] * var[k] + one_minus[k] * r2
+                    elif t == warm[k]:
+                        v = seed[k]
+                    else:
+                        m_now[k] = np.nan
+                        c_now[k] = False
+                        continue
+                    var[k] = v
+                    m_now[k], c_now[k] = _tested_rate(v, floor[k], scale[k], mult[k], cap[k],
+                                                      im_to_mm[k], tested)
             for k in range(k_sets):
-                lo = spans[k, r, 0]
-                if t < lo or t >= spans[k, r, 1]:
-                    continue
-                step = spans[k, r, 2]
-                if step > 1 and (t - lo) % step:
-                    continue
-                g[r, 10, k] += capped_now[k]
-                m = m_now[k]
-                if math.isnan(m + xl + xs):
-                    continue
-                if m > f[r, 13, k]:
-                    f[r, 13, k] = m
-                f[r, 0, k] += 1.0
-                f[r, 1, k] += m
-                if m < f[r, 2, k]:
-                    f[r, 2, k] = m
-                if m > f[r, 3, k]:
-                    f[r, 3, k] = m
-                if m > cap_from[k]:
-                    f[r, 4, k] += m * im_per_tested[k] - max(m, 1.0)
-                bl = 1 if xl > m else 0
-                bs = 1 if xs > m else 0
-                if bl:
-                    ul = xl - m
-                    f[r, 5, k] += 1.0
-                    f[r, 6, k] += ul
-                    f[r, 8, k] += xl
-                    if ul > f[r, 7, k]:
-                        f[r, 7, k] = ul
-                if bs:
-                    us = xs - m
-                    f[r, 9, k] += 1.0
-                    f[r, 10, k] += us
-                    f[r, 12, k] += xs
-                    if us > f[r, 11, k]:
-                        f[r, 11, k] = us
-                pl = g[r, 6, k]
-                ps = g[r, 7, k]
-                g[r, 2, k] += pl & bl
-                g[r, 0, k] += (1 - pl) & bl
-                g[r, 1, k] += pl & (1 - bl)
-                g[r, 5, k] += ps & bs
-                g[r, 3, k] += (1 - ps) & bs
-                g[r, 4, k] += ps & (1 - bs)
-                if f[r, 0, k] == 1.0:
-                    g[r, 8, k] = bl
-                    g[r, 9, k] = bs
-                g[r, 6, k] = bl
-                g[r, 7, k] = bs
-    for k in range(k_sets):
-        block_min[k, j_now] = bmin_now[k]
+                rates[k, i] = m_now[k]
+                capped_now[k, i] = 1 if c_now[k] else 0
+        for k in range(k_sets):
+            lowest = block_min[k, j]
+            for t in range(max(c0, t_first), c1):
+                m = rates[k, t - c0]
+                if m < lowest:  # NaN compares false
+                    lowest = m
+            block_min[k, j] = lowest
         for r in range(r_spans):
-            block_max[k, r, j_now] = f[r, 13, k]
-    capped_count = g[:, 10].T.copy()
+            for k in range(k_sets):
+                lo, hi, step = spans[k, r, 0], spans[k, r, 1], spans[k, r, 2]
+                a = max(c0, lo)
+                b = min(c1, hi)
+                if step > 1 and (a - lo) % step:
+                    a += step - (a - lo) % step
+                if a >= b:
+                    continue
+                _chunk_stats(rates[k], capped_now[k], c0, long_loss, short_loss, a, b, step,
+                             f[r], g[r], k, cap_from[k], im_per_tested[k], block_max[k, r], j)
     stats = np.zeros((k_sets, r_spans, SHARED_OFFSET + 4))
     for k in range(k_sets):
         for r in range(r_spans):
@@ -312,6 +274,7 @@ def ewma_coverage_batch(
             stats[k, r, SHARED_OFFSET + 1] = f[r, 2, k]
             stats[k, r, SHARED_OFFSET + 2] = f[r, 3, k]
             stats[k, r, SHARED_OFFSET + 3] = f[r, 1, k] * im_per_tested[k] - f[r, 4, k]
+    capped_count = g[:, 10].T.copy()
     return stats, capped_count, block_min, block_max, block_var
 
 
