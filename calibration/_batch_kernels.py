@@ -53,7 +53,8 @@ def _chunk_stats(
 ) -> None:  # pragma: no cover - jit
     """``coverage_stats``' loop over observations ``a, a + step, ... < b`` of one set, its
     accumulators carried in ``f[:, k]`` and ``g[:, k]`` from chunk to chunk (the additions in
-    the same order, so the sums are the same to the bit); ``rates[t - c0]`` is bar t's rate."""
+    the same order, so the sums are the same to the bit); ``rates[t - c0, k]`` is bar t's
+    rate."""
     nobs = f[0, k]
     sum_m = f[1, k]
     min_m = f[2, k]
@@ -68,8 +69,8 @@ def _chunk_stats(
     n_capped = g[10, k]
     top = block_max[j]
     for t in range(a, b, step):
-        m = rates[t - c0]
-        n_capped += capped[t - c0]
+        m = rates[t - c0, k]
+        n_capped += capped[t - c0, k]
         xl = long_loss[t]
         xs = short_loss[t]
         if math.isnan(m + xl + xs):
@@ -191,9 +192,10 @@ def ewma_coverage_batch(
     # the K recursions side by side; then, per set, coverage_stats' own loop over the
     # chunk with its accumulators in registers (the rates read back from cache).
     chunk = 256 if block % 256 == 0 else block
-    # Rows padded off a power of two: rows 2 KiB apart map to the same few L1 sets.
-    rates = np.empty((k_sets, chunk + 8))
-    capped_now = np.zeros((k_sets, chunk + 8), dtype=np.int64)
+    # Bar-major, sets contiguous (the recursions store side by side); rows padded by one
+    # so that walking one set's column does not land on a few L1 sets.
+    rates = np.empty((chunk, k_sets + 1))
+    capped_now = np.zeros((chunk, k_sets + 1), dtype=np.int64)
     m_now = np.empty(k_sets)
     c_now = np.zeros(k_sets, dtype=np.bool_)
     for c0 in range((t_first // chunk) * chunk, t_last, chunk):
@@ -234,12 +236,12 @@ def ewma_coverage_batch(
                     m_now[k], c_now[k] = _tested_rate(v, floor[k], scale[k], mult[k], cap[k],
                                                       im_to_mm[k], tested)
             for k in range(k_sets):
-                rates[k, i] = m_now[k]
-                capped_now[k, i] = 1 if c_now[k] else 0
+                rates[i, k] = m_now[k]
+                capped_now[i, k] = 1 if c_now[k] else 0
         for k in range(k_sets):
             lowest = block_min[k, j]
             for t in range(max(c0, t_first), c1):
-                m = rates[k, t - c0]
+                m = rates[t - c0, k]
                 if m < lowest:  # NaN compares false
                     lowest = m
             block_min[k, j] = lowest
@@ -252,7 +254,7 @@ def ewma_coverage_batch(
                     a += step - (a - lo) % step
                 if a >= b:
                     continue
-                _chunk_stats(rates[k], capped_now[k], c0, long_loss, short_loss, a, b, step,
+                _chunk_stats(rates, capped_now, c0, long_loss, short_loss, a, b, step,
                              f[r], g[r], k, cap_from[k], im_per_tested[k], block_max[k, r], j)
     stats = np.zeros((k_sets, r_spans, SHARED_OFFSET + 4))
     for k in range(k_sets):
