@@ -133,3 +133,16 @@ def test_bad_sets_are_refused_naming_the_field() -> None:
     with pytest.raises(InsufficientData):
         evaluate_coverage_batch(bars, "ewma", [{"warmup_bars": 499}],
                                 config=CoverageConfig(horizon_bars=5))
+
+
+def test_image_warm_up_bars_are_valid_ohlc_and_run_every_family() -> None:
+    """The build-time warm-up's synthetic bars are consistent OHLC past every default
+    warm-up, and the warm-up (every family, liquidations, the batch kernel) completes."""
+    from calibration._warmup import WARMUP_BARS, synthetic_bars, warm_up
+
+    bars = synthetic_bars()
+    assert len(bars) == WARMUP_BARS
+    assert (bars.low > 0).all()
+    assert (bars.low <= np.minimum(bars.open, bars.close)).all()
+    assert (bars.high >= np.maximum(bars.open, bars.close)).all()
+    assert warm_up() > 0.0
