@@ -47,7 +47,7 @@ def _tested_rate(var: float, floor: float, scale: float, mult: float, cap: float
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
 def _chunk_stats(
-    rates: FloatArray, capped: IntArray, c0: int, long_loss: FloatArray,
+    rates: FloatArray, c0: int, long_loss: FloatArray,
     short_loss: FloatArray, a: int, b: int, step: int, f: FloatArray, g: IntArray, k: int,
     cap_from: float, im_to_mm: float, block_max: FloatArray, j: int,
 ) -> None:  # pragma: no cover - jit
@@ -66,11 +66,10 @@ def _chunk_stats(
     s_01, s_10, s_11 = g[3, k], g[4, k], g[5, k]
     prev_long, prev_short = g[6, k], g[7, k]
     first_bl, first_bs = g[8, k], g[9, k]
-    n_capped = g[10, k]
     top = block_max[j]
-    for t in range(a, b, step):
-        m = rates[t - c0, k]
-        n_capped += capped[t - c0, k]
+    for i in range(a - c0, b - c0, step):
+        t = i + c0
+        m = rates[i, k]
         xl = long_loss[t]
         xs = short_loss[t]
         if math.isnan(m + xl + xs):
@@ -119,7 +118,6 @@ def _chunk_stats(
     g[0, k], g[1, k], g[2, k] = l_01, l_10, l_11
     g[3, k], g[4, k], g[5, k] = s_01, s_10, s_11
     g[6, k], g[7, k], g[8, k], g[9, k] = prev_long, prev_short, first_bl, first_bs
-    g[10, k] = n_capped
     block_max[j] = top
 
 
@@ -198,9 +196,11 @@ def ewma_coverage_batch(
     capped_now = np.zeros((chunk, k_sets + 1), dtype=np.int64)
     m_now = np.empty(k_sets)
     c_now = np.zeros(k_sets, dtype=np.bool_)
+    any_capped = np.zeros(k_sets, dtype=np.bool_)
     for c0 in range((t_first // chunk) * chunk, t_last, chunk):
         c1 = min(c0 + chunk, t_last)
         j = c0 // block
+        any_capped[:] = False
         if c0 % block == 0:
             for k in range(k_sets):
                 block_var[k, j] = var[k]
@@ -238,6 +238,7 @@ def ewma_coverage_batch(
             for k in range(k_sets):
                 rates[i, k] = m_now[k]
                 capped_now[i, k] = 1 if c_now[k] else 0
+                any_capped[k] |= c_now[k]
         for k in range(k_sets):
             lowest = block_min[k, j]
             for t in range(max(c0, t_first), c1):
@@ -254,7 +255,11 @@ def ewma_coverage_batch(
                     a += step - (a - lo) % step
                 if a >= b:
                     continue
-                _chunk_stats(rates, capped_now, c0, long_loss, short_loss, a, b, step,
+                if any_capped[k]:
+                    # Capped bars are counted on the grid whatever their losses.
+                    for i in range(a - c0, b - c0, step):
+                        g[r, 10, k] += capped_now[i, k]
+                _chunk_stats(rates, c0, long_loss, short_loss, a, b, step,
                              f[r], g[r], k, cap_from[k], im_per_tested[k], block_max[k, r], j)
     stats = np.zeros((k_sets, r_spans, SHARED_OFFSET + 4))
     for k in range(k_sets):
