@@ -36,7 +36,7 @@ from calibration.batch import evaluate_coverage_batch
 
 N_BARS = 525_600
 HORIZON = 60
-REPEATS = 3
+REPEATS = 5
 BATCH_SIZES = (1, 8, 64)
 
 
