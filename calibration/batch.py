@@ -27,7 +27,7 @@ from scipy.special import ndtri
 
 from calibration import _batch_kernels as _bk
 from calibration._bars import BarSeries
-from calibration._errors import InsufficientData
+from calibration._errors import InsufficientData, InvalidParameters
 from calibration.coverage import (
     _BLOCK_BARS,
     CoverageConfig,
@@ -98,6 +98,11 @@ def _ewma_batch(
 ) -> list[list[CoverageMetrics]]:
     """The EWMA sets of one horizon through the batch kernels."""
     n = len(bars)
+    notional = config.notional_usd
+    if not (math.isfinite(notional) and notional > 0):
+        # As MarginModel.margin_rates refuses it for one set.
+        raise InvalidParameters(f"notional_usd must be positive, got {notional!r}",
+                                field="notional_usd")
     if horizon >= n:
         raise InsufficientData(
             f"horizon of {horizon} bars is longer than the {n} bars of {bars.instrument!r}"

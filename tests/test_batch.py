@@ -130,6 +130,10 @@ def test_bad_sets_are_refused_naming_the_field() -> None:
         evaluate_coverage_batch(bars, "ewma", [{"decay": 0.9}, {"decay": 1.5}],
                                 config=CoverageConfig(horizon_bars=5))
     assert info.value.field == "decay"
+    with pytest.raises(InvalidParameters) as info:
+        evaluate_coverage_batch(bars, "ewma", [{"decay": 0.9}],
+                                config=CoverageConfig(horizon_bars=5, notional_usd=-1.0))
+    assert info.value.field == "notional_usd"
     with pytest.raises(InsufficientData):
         evaluate_coverage_batch(bars, "ewma", [{"warmup_bars": 499}],
                                 config=CoverageConfig(horizon_bars=5))
