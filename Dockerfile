@@ -24,6 +24,13 @@ ENV MARGINLAB_DATA_ROOT=/data \
     MARGINLAB_STATE_DIR=/state \
     NUMBA_CACHE_DIR=/home/marginlab/.cache/numba \
     PYTHONUNBUFFERED=1
+# Compile the numba kernels now (tiny backtests on synthetic bars, every family, the
+# liquidations and the batch kernel) so the cache ships in the image: the first backtest of
+# a container loads them instead of compiling for seconds. The cache is keyed on the CPU;
+# on a host whose CPU differs, numba compiles once more into the same directory, which is
+# left writable for any user the container runs as.
+RUN mkdir -p "$NUMBA_CACHE_DIR" && python -m calibration._warmup \
+    && chmod -R a+rwX /home/marginlab/.cache
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=3s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz')"
 CMD ["marginlab", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -118,7 +118,9 @@ class BarSeries:
         if key not in self._cache:
             r = np.empty(len(self), dtype=np.float64)
             r[0] = np.nan
-            np.log(self.close[1:] / self.close[:-1], out=r[1:])
+            # In place: a temporary ratio array would be one more n-sized first touch.
+            np.divide(self.close[1:], self.close[:-1], out=r[1:])
+            np.log(r[1:], out=r[1:])
             self._cache[key] = r
         return self._cache[key]
 
@@ -139,10 +141,10 @@ class BarSeries:
         """
         key = ("forward_losses", horizon_bars)
         if key not in self._cache:
-            long_loss, short_loss = _kernels.forward_losses(
+            # One (2, n) array written once by the kernel, cached per horizon.
+            self._cache[key] = _kernels.forward_losses_pair(
                 self.low, self.high, self.close, horizon_bars
             )
-            self._cache[key] = np.stack([long_loss, short_loss])
         pair = self._cache[key]
         return pair[0], pair[1]
 

@@ -22,21 +22,29 @@ _JIT: dict[str, Any] = {"nogil": True, "cache": True}
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
 def _forward_losses(
     low: FloatArray, high: FloatArray, close: FloatArray, horizon: int
-) -> tuple[FloatArray, FloatArray]:  # pragma: no cover - jit
-    """``1 - min(low[t+1..t+h]) / close[t]`` and ``max(high[t+1..t+h]) / close[t] - 1``.
+) -> FloatArray:  # pragma: no cover - jit
+    """``1 - min(low[t+1..t+h]) / close[t]`` (row 0) and ``max(high[t+1..t+h]) / close[t] - 1``
+    (row 1), shape ``(2, n)``, NaN for the last ``h`` bars.
 
     van Herk / Gil-Werman over blocks of ``h`` bars: for a window starting at s in block j,
     the minimum is min(suffix minimum of block j from s, prefix minimum of block j+1 up to
     s+h-1), so each bar costs two comparisons whatever h. The suffix minima live in a
-    block-sized buffer and the prefix minimum in a register: no n-sized temporaries, whose
-    first-touch page faults cost more than the arithmetic on these machines.
+    block-sized buffer and the prefix minimum in a register. The output is written once:
+    every bar with a full horizon is set by the loop, so only the last ``h`` are filled with
+    NaN (a NaN pre-fill of the whole output, then a copy into one array, cost as much as
+    the loop on a fresh series: first-touch page faults on two extra n-sized arrays).
     """
     n = close.shape[0]
-    long_loss = np.full(n, np.nan)
-    short_loss = np.full(n, np.nan)
+    out = np.empty((2, n))
+    long_loss = out[0]
+    short_loss = out[1]
     w = horizon
     if w <= 0 or w >= n:
-        return long_loss, short_loss
+        out[:, :] = np.nan
+        return out
+    for t in range(n - w, n):
+        long_loss[t] = np.nan
+        short_loss[t] = np.nan
     lo_buf = np.empty(w)
     hi_buf = np.empty(w)
     # Windows start at s = t + 1 for t = 0 .. n - w - 1, i.e. s = 1 .. n - w.
@@ -69,15 +77,24 @@ def _forward_losses(
             b = hi_buf[s - j0]
             long_loss[s - 1] = 1.0 - (a if a < run_lo else run_lo) / close[s - 1]
             short_loss[s - 1] = (b if b > run_hi else run_hi) / close[s - 1] - 1.0
-    return long_loss, short_loss
+    return out
+
+
+def forward_losses_pair(
+    low: FloatArray, high: FloatArray, close: FloatArray, horizon_bars: int
+) -> FloatArray:
+    """Long (row 0) and short (row 1) losses over the next ``horizon_bars`` bars, fractions
+    of notional, shape ``(2, n)``; NaN for the last ``horizon_bars`` bars."""
+    result: FloatArray = _forward_losses(low, high, close, horizon_bars)
+    return result
 
 
 def forward_losses(
     low: FloatArray, high: FloatArray, close: FloatArray, horizon_bars: int
 ) -> tuple[FloatArray, FloatArray]:
     """Long and short losses over the next ``horizon_bars`` bars (fractions of notional)."""
-    result: tuple[FloatArray, FloatArray] = _forward_losses(low, high, close, horizon_bars)
-    return result
+    pair = forward_losses_pair(low, high, close, horizon_bars)
+    return pair[0], pair[1]
 
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]

@@ -17,6 +17,7 @@ from calibration.liquidation import (
     shared_insurance_fund,
     simulate_liquidations,
 )
+from calibration.margins import MarginSeries
 from calibration.models import LiquidityAddon, make_model
 from calibration.report import BacktestReport, DatasetInfo, InstrumentReport, RepairInfo
 from calibration.windows import DEFAULT_STRESS_WINDOWS, StressWindow
@@ -101,12 +102,16 @@ def run_backtest(
     coverages = []
     results: list[LiquidationResult] = []
     for bars in datasets:
-        coverages.append(coverage_backtest(bars, margin_model, coverage, stress_windows))
+        # One margin series per instrument, shared by the coverage test and the liquidations.
+        margins = MarginSeries(margin_model, bars)
+        coverages.append(coverage_backtest(bars, margin_model, coverage, stress_windows,
+                                           margins=margins))
         done += 1
         if progress:
             progress(done, total, f"{bars.instrument}: coverage")
         if liquidation is not None:
-            results.append(simulate_liquidations(bars, margin_model, liquidation))
+            results.append(simulate_liquidations(bars, margin_model, liquidation,
+                                                 margins=margins))
             done += 1
             if progress:
                 progress(done, total, f"{bars.instrument}: liquidations")

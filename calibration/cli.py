@@ -738,7 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="further accounts backtest arguments")
     ar.set_defaults(func=_cmd_accounts_replay)
 
-    from calibration.storage import DEFAULT_STORAGE
+    from calibration._defaults import DEFAULT_STORAGE
 
     cal = sub.add_parser(
         "calibrate",

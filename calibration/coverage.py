@@ -20,6 +20,7 @@ from calibration import _kernels
 from calibration._bars import BarSeries, FloatArray
 from calibration._errors import InsufficientData, InvalidParameters
 from calibration.horizon import Horizon, resolve_horizon
+from calibration.margins import MarginSeries
 from calibration.models import DEFAULT_NOTIONAL_USD, MarginModel, MarginRates
 from calibration.report import CoverageMetrics, SideCoverage
 from calibration.stats import (
@@ -152,11 +153,22 @@ def _metrics(
 ) -> CoverageMetrics:
     lo, hi, step = span
     out = _kernels.coverage_stats(tested, losses[0], losses[1], lo, hi, step, im_per_tested)
+    increase = _kernels.max_increase_ratio(tested, losses[0], lo, hi, step, trail, _BLOCK_BARS)
+    capped_bars = int(capped[lo:hi:step].sum()) if capped is not None and hi > lo else 0
+    return assemble_metrics(name, out, float(increase), p, bounds, capped_bars)
+
+
+def assemble_metrics(
+    name: str, out: FloatArray, increase: float, p: float, bounds: tuple[int, int],
+    capped_bars: int,
+) -> CoverageMetrics:
+    """One window's metrics from the ``coverage_stats`` counts ``out`` (its layout), the
+    largest margin increase ratio, the expected breach rate ``p``, the window's bounds (epoch
+    ms) and the number of observation bars whose rate was capped."""
     width = len(_kernels.SIDE_FIELDS)
     shared = dict(zip(_kernels.SHARED_FIELDS, out[_kernels.SHARED_OFFSET :], strict=True))
     sum_margin = float(shared["sum_margin"])
     n = int(out[0])
-    increase = _kernels.max_increase_ratio(tested, losses[0], lo, hi, step, trail, _BLOCK_BARS)
     long_counts = np.r_[out[:width], sum_margin]
     short_counts = np.r_[out[width : 2 * width], sum_margin]
     mean_im = float(shared["sum_im"] / n) if n else None
@@ -172,61 +184,22 @@ def _metrics(
         max_leverage=1.0 / mean_im if mean_im else None,
         peak_to_trough=float(shared["max_margin"] / trough) if n and trough > 0 else None,
         max_increase_ratio=float(increase) if n and np.isfinite(increase) else None,
-        capped_bars=int(capped[lo:hi:step].sum()) if capped is not None and hi > lo else 0,
+        capped_bars=capped_bars,
     )
 
 
-def coverage_backtest(
-    bars: BarSeries,
-    model: MarginModel,
-    config: CoverageConfig | None = None,
-    stress_windows: Sequence[StressWindow] = (),
-    *,
-    rates: MarginRates | None = None,
-) -> list[CoverageMetrics]:
-    """Run the coverage backtest of ``model`` on ``bars``.
+def observation_spans(
+    bars: BarSeries, horizon: int, start: int, stop: int, step: int,
+    stress_windows: Sequence[StressWindow],
+) -> list[tuple[str, tuple[int, int, int], tuple[int, int]]]:
+    """The observation grids of a coverage backtest: ``(name, (lo, hi, step), (start_ms,
+    end_ms))`` for the whole series (``"all"``) then each stress window overlapping it.
 
-    Returns the metrics over the whole series (``window="all"``) first, then one entry per
-    stress window that overlaps the series. An observation counts in a window when its loss
-    interval (t, t+h] overlaps the window, not when its margin bar t lies inside it.
-
-    Args:
-        bars: the instrument's bars.
-        model: the margin model.
-        config: observation settings (horizon, level, overlap, tested margin).
-        stress_windows: named windows to report separately.
-        rates: precomputed rates of ``model`` at ``config.notional_usd`` (saves recomputing).
-
-    Raises:
-        InsufficientData: no bar has both a margin and a full horizon ahead.
+    ``start`` is the first bar with a margin, ``stop`` the first bar without a full horizon
+    ahead; observations are bars ``lo, lo + step, ... < hi``.
     """
-    config = config or CoverageConfig()
-    horizon, level = config.resolve(model, bars.bar_seconds)
-    # The margin is sized for the horizon it is tested over (domain.md §2).
-    model = model.with_horizon(horizon)
-    n = len(bars)
-    if horizon >= n:
-        raise InsufficientData(
-            f"horizon of {horizon} bars is longer than the {n} bars of {bars.instrument!r}"
-        )
-    rates = rates or model.margin_rates(bars, notional_usd=config.notional_usd)
-    start = rates.first_valid_bar
-    stop = n - horizon
-    if start >= stop:
-        raise InsufficientData(
-            f"{bars.instrument!r}: {n} bars leave no observation after a warm-up of {start} "
-            f"bars and a horizon of {horizon}"
-        )
-    tested = rates.mm_rate if config.margin == "mm" else rates.im_rate
-    losses = bars.forward_losses(horizon)
-    step = 1 if config.overlapping else horizon
-    # The trailing window holds bar t and the D days before it.
-    trail = max(1, round(config.procyclicality_days * 86_400 / bars.bar_seconds)) + 1
-    p = 1.0 - level
     ts = bars.timestamp_ms
-    im = rates.im_to_mm if config.margin == "mm" else 1.0
-    out = [_metrics("all", tested, im, losses, (start, stop, step), trail, p,
-                    (int(ts[0]), int(ts[-1])), rates.capped)]
+    out = [("all", (start, stop, step), (int(ts[0]), int(ts[-1])))]
     bar_ms = int(bars.bar_seconds) * 1000
     for w in windows_overlapping(stress_windows, int(ts[0]), int(ts[-1])):
         # An observation t belongs to a window when its loss interval, bars t+1..t+h,
@@ -241,8 +214,69 @@ def coverage_backtest(
         first = max(lo, start)
         if step > 1:
             first = start + -(-(first - start) // step) * step
-        out.append(
-            _metrics(w.name, tested, im, losses, (first, min(hi, stop), step), trail, p,
-                     (w.start_ms, w.end_ms), rates.capped)
-        )
+        out.append((w.name, (first, min(hi, stop), step), (w.start_ms, w.end_ms)))
     return out
+
+
+def trail_bars(config: CoverageConfig, bar_seconds: int) -> int:
+    """The procyclicality window in bars: bar t and the D days before it."""
+    return max(1, round(config.procyclicality_days * 86_400 / bar_seconds)) + 1
+
+
+def coverage_backtest(
+    bars: BarSeries,
+    model: MarginModel,
+    config: CoverageConfig | None = None,
+    stress_windows: Sequence[StressWindow] = (),
+    *,
+    rates: MarginRates | None = None,
+    margins: MarginSeries | None = None,
+) -> list[CoverageMetrics]:
+    """Run the coverage backtest of ``model`` on ``bars``.
+
+    Returns the metrics over the whole series (``window="all"``) first, then one entry per
+    stress window that overlaps the series. An observation counts in a window when its loss
+    interval (t, t+h] overlaps the window, not when its margin bar t lies inside it.
+
+    Args:
+        bars: the instrument's bars.
+        model: the margin model.
+        config: observation settings (horizon, level, overlap, tested margin).
+        stress_windows: named windows to report separately.
+        rates: precomputed rates of ``model`` at ``config.notional_usd`` (saves recomputing).
+        margins: the model's shared margin series on ``bars`` (``calibration.margins``):
+            its rates at ``config.notional_usd`` are used, computed there if not yet.
+
+    Raises:
+        InsufficientData: no bar has both a margin and a full horizon ahead.
+        InvalidParameters: ``margins`` belongs to another model or other bars.
+    """
+    config = config or CoverageConfig()
+    horizon, level = config.resolve(model, bars.bar_seconds)
+    # The margin is sized for the horizon it is tested over (domain.md §2).
+    model = model.with_horizon(horizon)
+    n = len(bars)
+    if horizon >= n:
+        raise InsufficientData(
+            f"horizon of {horizon} bars is longer than the {n} bars of {bars.instrument!r}"
+        )
+    if rates is None and margins is not None:
+        margins.check(bars, model)
+        rates = margins.rates(config.notional_usd)
+    rates = rates or model.margin_rates(bars, notional_usd=config.notional_usd)
+    start = rates.first_valid_bar
+    stop = n - horizon
+    if start >= stop:
+        raise InsufficientData(
+            f"{bars.instrument!r}: {n} bars leave no observation after a warm-up of {start} "
+            f"bars and a horizon of {horizon}"
+        )
+    tested = rates.mm_rate if config.margin == "mm" else rates.im_rate
+    losses = bars.forward_losses(horizon)
+    step = 1 if config.overlapping else horizon
+    trail = trail_bars(config, bars.bar_seconds)
+    p = 1.0 - level
+    im = rates.im_to_mm if config.margin == "mm" else 1.0
+    return [_metrics(name, tested, im, losses, span, trail, p, bounds, rates.capped)
+            for name, span, bounds in observation_spans(bars, horizon, start, stop, step,
+                                                        stress_windows)]

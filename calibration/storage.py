@@ -47,6 +47,7 @@ from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
 from optuna.storages.journal._storage import JournalOperation
 from optuna.trial import FrozenTrial, TrialState
 
+from calibration._defaults import DEFAULT_STORAGE as _DEFAULT_STORAGE
 from calibration._errors import InvalidParameters, MarginlabError
 
 log = logging.getLogger("marginlab.storage")
@@ -62,7 +63,7 @@ STALE_AFTER_S = 10.0
 #: How often a trial whose worker died is retried with the same parameters.
 MAX_RETRY = 3
 
-DEFAULT_STORAGE = "journal:marginlab-studies.log"
+DEFAULT_STORAGE = _DEFAULT_STORAGE
 
 
 def _kind(url: str) -> tuple[str, str]:

@@ -25,6 +25,7 @@ from calibration.liquidation._results import (
     _SideData,
     closeout_settings,
 )
+from calibration.margins import MarginSeries
 from calibration.models import MarginModel, MarginRates
 
 
@@ -68,12 +69,18 @@ def _extreme_blocks(bars: BarSeries, sign: int) -> tuple[FloatArray, FloatArray]
 
 
 def simulate_liquidations(
-    bars: BarSeries, model: MarginModel, config: LiquidationConfig | None = None
+    bars: BarSeries,
+    model: MarginModel,
+    config: LiquidationConfig | None = None,
+    *,
+    margins: MarginSeries | None = None,
 ) -> LiquidationResult:
     """Replay a population of positions through ``bars`` under ``model`` (domain.md §4).
 
     See ``calibration.liquidation`` for every convention. MM and IM rates come from
-    ``model.margin_rates`` once per notional when ``model.notional_dependent``, else once.
+    ``model.margin_rates`` once per notional when ``model.notional_dependent``, else once;
+    with ``margins`` (``calibration.margins.MarginSeries`` of ``model`` on ``bars``) they are
+    taken from that shared series instead, computed there only if not yet.
 
     Raises:
         InvalidParameters: a bad setting (``field`` names it) or an explicit position whose
@@ -83,6 +90,8 @@ def simulate_liquidations(
     """
     config = config if config is not None else LiquidationConfig()
     config.validate()
+    if margins is not None:
+        margins.check(bars, model)
     n = len(bars)
     close = np.ascontiguousarray(bars.close, dtype=np.float64)
     low = np.ascontiguousarray(bars.low, dtype=np.float64)
@@ -103,10 +112,11 @@ def simulate_liquidations(
         for value in notionals.tolist():
             if value not in by_value:
                 by_value[value] = len(rates)
-                rates.append(model.margin_rates(bars, notional_usd=value))
+                rates.append(margins.rates(value) if margins is not None
+                             else model.margin_rates(bars, notional_usd=value))
         series_of = np.asarray([by_value[v] for v in notionals.tolist()], dtype=np.int64)
     else:
-        rates.append(model.margin_rates(bars))
+        rates.append(margins.rates() if margins is not None else model.margin_rates(bars))
         series_of = np.zeros(notionals.shape[0], dtype=np.int64)
     first_valid = max(r.first_valid_bar for r in rates)
     mm_series = [np.ascontiguousarray(r.mm_rate, dtype=np.float64) for r in rates]

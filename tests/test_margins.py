@@ -1,0 +1,102 @@
+"""One margin series per model and instrument: computed once, shared by every consumer."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import msgspec
+import numpy as np
+import pytest
+
+from calibration import (
+    CoverageConfig,
+    InvalidParameters,
+    LiquidationConfig,
+    coverage_backtest,
+    run_backtest,
+    simulate_liquidations,
+)
+from calibration.margins import MarginSeries, capital_cost
+from calibration.models import EwmaMargin, MarginModel, TieredMargin, make_model
+from calibration.windows import DEFAULT_STRESS_WINDOWS
+from tests.conftest import make_bars, random_walk
+
+LIQUIDATION = LiquidationConfig(leverages=(5.0, 20.0), notionals_usd=(1_000, 100_000),
+                                entry_every_bars=97)
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Counts ``margin_rates`` calls per instrument, wrapping the real method."""
+    counter: Counter[str] = Counter()
+    real = MarginModel.margin_rates
+
+    def counting(self, bars, *, notional_usd=10_000.0):  # type: ignore[no-untyped-def]
+        counter[bars.instrument] += 1
+        return real(self, bars, notional_usd=notional_usd)
+
+    monkeypatch.setattr(MarginModel, "margin_rates", counting)
+    return counter
+
+
+def _two_instruments() -> list:  # type: ignore[type-arg]
+    return [make_bars(random_walk(3000, seed=s), seed=s, instrument=name)
+            for s, name in ((1, "AAA"), (2, "BBB"))]
+
+
+def test_backtest_computes_the_margin_once_per_instrument(calls: Counter[str]) -> None:
+    """run_backtest (coverage + liquidations) calls the EWMA margin model once per instrument."""
+    run_backtest(_two_instruments(), "ewma", {"warmup_bars": 200, "horizon_bars": 10},
+                 liquidation=LIQUIDATION)
+    assert calls == {"AAA": 1, "BBB": 1}
+
+
+def test_notional_dependent_model_once_per_notional(calls: Counter[str]) -> None:
+    """A tiered model is evaluated once per distinct notional: the coverage notional (10k)
+    and the grid's two, not once per consumer."""
+    run_backtest(_two_instruments(), "tiered", {}, liquidation=LIQUIDATION)
+    assert calls == {"AAA": 3, "BBB": 3}
+
+
+def test_one_evaluation_through_the_library_calls_the_model_once(calls: Counter[str]) -> None:
+    """Coverage, liquidations and capital cost of one trial share one series per instrument,
+    and give exactly what each computes on its own."""
+    datasets = _two_instruments()
+    model = EwmaMargin(warmup_bars=200, horizon_bars=10)
+    config = CoverageConfig(horizon_bars=10)
+    margins = [MarginSeries(model, b) for b in datasets]
+    shared = [
+        (coverage_backtest(b, model, config, DEFAULT_STRESS_WINDOWS, margins=m),
+         simulate_liquidations(b, model, LIQUIDATION, margins=m).metrics("all", None, None))
+        for b, m in zip(datasets, margins, strict=True)
+    ]
+    cost = capital_cost(margins, LIQUIDATION.notionals_usd)
+    assert calls == {"AAA": 1, "BBB": 1}
+    alone = [
+        (coverage_backtest(b, model, config, DEFAULT_STRESS_WINDOWS),
+         simulate_liquidations(b, model, LIQUIDATION).metrics("all", None, None))
+        for b in datasets
+    ]
+    assert msgspec.json.encode(shared) == msgspec.json.encode(alone)
+    # The capital cost by hand: the mean IM rate (2 x MM) over the bars with a margin.
+    by_hand = np.mean([np.mean(2.0 * model.margin_rates(b).mm_rate[200:]) for b in datasets])
+    assert cost == pytest.approx(by_hand, rel=1e-12)
+
+
+def test_capital_cost_weights_each_notional_by_hand() -> None:
+    """Two brackets, IM 2% and 5%: sizes 1k and 100k weigh (1k * 2% + 100k * 5%) / 101k."""
+    model = TieredMargin(mmr_schedule=(0.01, 0.02), imr_schedule=(0.02, 0.05),
+                         bracket_caps_usd=(50_000,))
+    bars = make_bars(random_walk(500, seed=3))
+    cost = capital_cost([MarginSeries(model, bars)], (1_000, 100_000))
+    assert cost == pytest.approx((1_000 * 0.02 + 100_000 * 0.05) / 101_000, rel=1e-12)
+
+
+def test_a_series_of_another_model_is_refused() -> None:
+    """Handing the coverage test the margins of other parameters names the argument."""
+    bars = make_bars(random_walk(1000, seed=4))
+    margins = MarginSeries(make_model("ewma", {"decay": 0.9, "warmup_bars": 100}), bars)
+    other = make_model("ewma", {"decay": 0.95, "warmup_bars": 100})
+    with pytest.raises(InvalidParameters) as info:
+        coverage_backtest(bars, other, CoverageConfig(horizon_bars=5), margins=margins)
+    assert info.value.field == "margins"
