@@ -22,7 +22,8 @@ from calibration.calibrate._prepare import Prepared
 from calibration.calibrate._regimes import regime_evidence, worst_red_margin
 from calibration.coverage import coverage_backtest
 from calibration.liquidation import shared_insurance_fund, simulate_liquidations
-from calibration.models import MarginModel, make_model
+from calibration.margins import MarginSeries
+from calibration.models import make_model
 from calibration.publishing import guardrail_constraint
 from calibration.report import CoverageMetrics, LiquidationMetrics
 from calibration.stats import binomial_cdf
@@ -138,7 +139,11 @@ def evaluate(
     model = make_model(spec.model, params).with_horizon(prepared.horizon.bars)
     bars_list = prepared.full if full else prepared.in_sample
     windows = prepared.stress_windows + (prepared.folds if full else ())
-    coverage = {b.instrument: coverage_backtest(b, model, prepared.coverage, windows)
+    # One margin series per instrument for every consumer: coverage, liquidations, capital
+    # cost and the regime evidence read the same rates, computed once.
+    margins = {b.instrument: MarginSeries(model, b) for b in bars_list}
+    coverage = {b.instrument: coverage_backtest(b, model, prepared.coverage, windows,
+                                                margins=margins[b.instrument])
                 for b in bars_list}
     constraints: dict[str, float] = {}
     c = spec.constraints
@@ -169,11 +174,11 @@ def evaluate(
         # Coverage only: the trial's regime evidence without the liquidation replay.
         worst = -1.0
         for b in bars_list:
-            evidence = _regimes_of(prepared, model, b, coverage[b.instrument])
+            evidence = _regimes_of(prepared, margins[b.instrument], b, coverage[b.instrument])
             worst = max(worst, worst_red_margin(evidence))
         constraints["red_light_in_regime"] = worst * 1e4
     bounds = metric_bounds(spec)
-    partial = Backtested(prepared, model, bars_list, coverage, {})
+    partial = Backtested(prepared, model, bars_list, coverage, {}, margins)
     for name, bound in bounds.items():
         if not METRICS[name].needs_liquidation:
             metric = METRICS[name]
@@ -194,7 +199,8 @@ def evaluate(
         return Evaluation(tuple(math.inf for _ in names), constraints, coverage, liquidation,
                           pruned="coverage red over the whole in-sample span",
                           names=names)
-    results = [simulate_liquidations(b, model, prepared.liquidation) for b in bars_list]
+    results = [simulate_liquidations(b, model, prepared.liquidation,
+                                     margins=margins[b.instrument]) for b in bars_list]
     # The instruments of a spec share the venue's one insurance fund (domain.md §4).
     fund = shared_insurance_fund(results)
     for b, result in zip(bars_list, results, strict=True):
@@ -207,9 +213,10 @@ def evaluate(
     if full:
         for b, result in zip(bars_list, results, strict=True):
             table = result.position_table()
-            regimes[b.instrument] = _regimes_of(prepared, model, b, coverage[b.instrument],
-                                                table.trigger_bar, table.bad_debt_usd)
-    done = Backtested(prepared, model, bars_list, coverage, liquidation)
+            regimes[b.instrument] = _regimes_of(prepared, margins[b.instrument], b,
+                                                coverage[b.instrument], table.trigger_bar,
+                                                table.bad_debt_usd)
+    done = Backtested(prepared, model, bars_list, coverage, liquidation, margins)
     for name, bound in bounds.items():
         if METRICS[name].needs_liquidation:
             metric = METRICS[name]
@@ -219,12 +226,12 @@ def evaluate(
                       regimes=regimes)
 
 
-def _regimes_of(prepared: Prepared, model: MarginModel, bars: BarSeries,
+def _regimes_of(prepared: Prepared, margins: MarginSeries, bars: BarSeries,
                 coverage: Sequence[CoverageMetrics], trigger_bar: Any = None,
                 bad_debt_usd: Any = None) -> dict[str, Any]:
     """``regime_evidence`` of one instrument: the tested (maintenance) margin, the coverage
     test's expected breach rate, a one-day volatility window."""
-    rates = model.margin_rates(bars)
+    rates = margins.rates()
     return regime_evidence(bars, rates.mm_rate, prepared.horizon.bars,
                            coverage[0].long.expected_breach_rate,
                            prepared.liquidation.adv_window_bars, trigger_bar, bad_debt_usd)

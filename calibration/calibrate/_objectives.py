@@ -12,6 +12,7 @@ in a stress window, the publishing guardrails) stay in ``_evaluate``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -20,6 +21,8 @@ import numpy as np
 
 from calibration._bars import BarSeries
 from calibration._errors import InvalidParameters
+from calibration.margins import MarginSeries
+from calibration.margins import capital_cost as margin_capital_cost
 from calibration.models import MarginModel
 from calibration.report import CoverageMetrics, LiquidationMetrics
 from calibration.spec import CalibrationSpec
@@ -39,6 +42,8 @@ class Backtested:
         coverage: instrument → coverage metrics (whole span first, then windows).
         liquidation: instrument → liquidation metrics (whole span first, then windows);
             empty for metrics that do not need the simulation.
+        margins: instrument → the trial's one margin series (``calibration.margins``), the
+            very rates the coverage test and the liquidation replay used; empty: computed.
     """
 
     prepared: Prepared
@@ -46,6 +51,7 @@ class Backtested:
     bars: tuple[BarSeries, ...]
     coverage: Mapping[str, Sequence[CoverageMetrics]]
     liquidation: Mapping[str, Sequence[LiquidationMetrics]]
+    margins: Mapping[str, MarginSeries] = dataclasses.field(default_factory=dict)
 
     def liquidation_totals(self) -> tuple[float, float, int, int, int]:
         """Over the instruments' whole-span figures: ``(notional_opened_usd,
@@ -100,6 +106,9 @@ def _capital_cost(b: Backtested) -> float:
     """Notional-weighted mean IM rate over the bars with a margin, averaged over
     instruments (fraction of notional)."""
     notionals = b.prepared.liquidation.notionals_usd
+    if b.margins:  # the series the other consumers used: nothing computed again
+        return margin_capital_cost([b.margins[bars.instrument] for bars in b.bars],
+                                   notionals)
     weights = np.asarray(notionals, dtype=np.float64)
     weights = weights / weights.sum()
     per_instrument = []
