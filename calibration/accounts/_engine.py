@@ -116,6 +116,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from calibration._errors import DataError, InsufficientData, InvalidParameters
+from calibration.accounts._adl import AdlLedger, auto_deleverage
 from calibration.accounts._book import MARGIN_MODES, Account
 from calibration.accounts._haircuts import HaircutSchedule
 from calibration.accounts._kernel import (
@@ -183,6 +184,8 @@ class AccountConfig:
             the bar (units × the bar's marks) is below this, USD (None: no limit).
         queue_order: ``most_undercollateralised`` (lowest equity / MM served first) or
             ``first_come`` (earliest bar in the queue first); ties: entry order.
+        adl: auto-deleveraging once the fund is exhausted (``calibration.accounts._adl``):
+            the result's ``adl`` ledger; off by default.
     """
 
     mode: str = "cross"
@@ -206,6 +209,7 @@ class AccountConfig:
     max_liquidations_per_bar: int | None = None
     max_liquidation_notional_per_bar: float | None = None
     queue_order: str = "most_undercollateralised"
+    adl: bool = False
 
     @property
     def capacity_limited(self) -> bool:
@@ -218,7 +222,7 @@ class AccountConfig:
     def mechanics(self) -> bool:
         """Whether any mechanism beyond the core (fees and spread aside) is on."""
         return (self.funding or self.impact_coef > 0 or self.cascade
-                or self.policy != "close_all" or self.capacity_limited)
+                or self.policy != "close_all" or self.capacity_limited or self.adl)
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any], **defaults: Any) -> AccountConfig:
@@ -262,7 +266,7 @@ class AccountConfig:
             raise bad("insurance_fund_usd", "must be a finite number >= 0")
         if not (isinstance(self.upnl_weight, int | float) and 0 <= self.upnl_weight <= 1):
             raise bad("upnl_weight", "must be in [0, 1]")
-        for name in ("funding", "cascade"):
+        for name in ("funding", "cascade", "adl"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false")
         checks = (("impact_coef", 0.0, 100.0, False), ("impact_exponent", 0.0, 3.0, True),
@@ -431,6 +435,8 @@ class AccountResult:
         timestamp_ms: the market's bar times.
         instruments: the market's instruments.
         insurance_fund_usd: the fund's start level, USD.
+        adl: with ``AccountConfig.adl``, the auto-deleveraging ledger of the headline
+            population (accounts; isolated: the twins, ``AdlFill.account`` a position index).
     """
 
     accounts: tuple[Account, ...]
@@ -467,6 +473,7 @@ class AccountResult:
     twin_queued_bar: IntArray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     twin_wait_bars: IntArray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     twin_backlog: IntArray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    adl: AdlLedger | None = None
 
     def healthy_legs(self) -> NDArray[np.bool_]:
         """Per position: closed with its liquidated account, while its twin never triggered or
@@ -519,7 +526,10 @@ class AccountResult:
 
     def fund_path(self) -> list[tuple[int, float]]:
         """The venue's one fund under the headline mode: ``(bar, level after that bar's
-        close-outs)`` for every bar with a close-out, from ``insurance_fund_usd``."""
+        close-outs)`` for every bar with a close-out, from ``insurance_fund_usd`` (with ADL,
+        the shortfall the counterparties absorbed is not the fund's)."""
+        if self.adl is not None:
+            return list(self.adl.fund_path)
         if self.mode != "isolated":
             bars, bad, fee = self.closeout_bar, self.bad_debt_usd, self.fee_usd
             hit = self.trigger_bar >= 0
@@ -707,6 +717,16 @@ def simulate_accounts(
         closeout_bar = np.minimum(trig + config.latency_bars, n - 1)
         t_closeout_bar = np.minimum(t_trig + config.latency_bars, n - 1)
     leg_pnl = legs[pa, pi]
+    if config.adl:
+        isolated = config.mode == "isolated"
+        pop, pop_out = (twins, t_out) if isolated else (book, mout)
+        extra["adl"] = auto_deleverage(
+            close=close, entry_bar=pop.entry, units=pop.units, usd=pop.usd,
+            col_units=pop.col_units, col_inst=pop.col_inst, holding_bars=config.holding_bars,
+            trigger_bar=pop_out.trigger, closeout_bar=pop_out.closeout_bar,
+            bad_debt_usd=pop_out.bad_debt, fee_usd=pop_out.fee, leg_pnl_usd=pop_out.leg_pnl,
+            leg_closed_usd=pop_out.leg_closed_usd,
+            insurance_fund_usd=float(config.insurance_fund_usd))
     return AccountResult(
         accounts=tuple(opened), skipped=skipped, entry_bar=book.entry, trigger_bar=trig,
         closeout_equity_usd=eq, bad_debt_usd=bad, fee_usd=fee, position_account=pa,

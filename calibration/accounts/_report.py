@@ -108,6 +108,12 @@ class AccountBacktestReport(msgspec.Struct, frozen=True, kw_only=True):
             limit, USD).
         frontier: when asked, the throughput–insolvency frontier: one row per capacity
             (``calibration.accounts.capacity_frontier``).
+        adl: with ``liquidation.adl``, the auto-deleveraging once the fund is exhausted
+            (``calibration.accounts._adl``): ``adl_volume_usd`` (Σ units × bankruptcy price),
+            ``adl_absorbed_usd``, ``adl_uncovered_usd`` (USD), ``per_account`` (id →
+            absorbed USD, for every account that absorbed) and ``fills`` (``account``,
+            ``bankrupt`` ids, ``time`` UTC ISO 8601, ``instrument``, ``units`` given up,
+            signed, ``price_usd`` the bankruptcy price, ``absorbed_usd``).
     """
 
     engine_version: str
@@ -131,6 +137,7 @@ class AccountBacktestReport(msgspec.Struct, frozen=True, kw_only=True):
     portfolio_params: dict[str, Any] | None = None
     queue: dict[str, Any] | None = None
     frontier: list[dict[str, Any]] | None = None
+    adl: dict[str, Any] | None = None
 
 
 def run_account_backtest(
@@ -252,9 +259,35 @@ def run_account_backtest(
         portfolio_params=({k: list(v) if isinstance(v, tuple) else v
                            for k, v in portfolio.get_params().items()}
                           if portfolio is not None else None),
-        queue=queue, frontier=frontier_rows,
+        queue=queue, frontier=frontier_rows, adl=_adl_figures(result),
     )
     return report, result
+
+
+def _adl_figures(result: AccountResult) -> dict[str, Any] | None:
+    """The report's ``adl`` block (ids and times instead of indices and bars)."""
+    ledger = result.adl
+    if ledger is None:
+        return None
+    if result.mode == "isolated":
+        ids = [result.accounts[int(a)].id for a in result.position_account]
+    else:
+        ids = [a.id for a in result.accounts]
+    ts = result.timestamp_ms
+    per: dict[str, float] = {}
+    for f in ledger.fills:
+        per[ids[f.account]] = per.get(ids[f.account], 0.0) + f.absorbed_usd
+    return {
+        "adl_volume_usd": ledger.adl_volume_usd,
+        "adl_absorbed_usd": ledger.adl_absorbed_usd,
+        "adl_uncovered_usd": ledger.adl_uncovered_usd,
+        "adl_fills": len(ledger.fills),
+        "per_account": per,
+        "fills": [{"account": ids[f.account], "bankrupt": ids[f.bankrupt],
+                   "time": iso_utc(int(ts[f.bar])), "instrument": result.instruments[f.instrument],
+                   "units": f.units, "price_usd": f.price_usd, "absorbed_usd": f.absorbed_usd}
+                  for f in ledger.fills],
+    }
 
 
 def _first_margin_bar(market: Market, model: MarginModel) -> int:

@@ -1,0 +1,103 @@
+"""Venue mechanics of the liquidation engine (domain.md §10, venues.md): auto-deleveraging,
+the backstop vault, partial liquidation, close factors and dust, per-block limits, presets,
+keepers and oracles; each by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from calibration.accounts import Account, AccountConfig, Market, simulate_accounts
+from calibration.models import TieredMargin
+from tests.test_account_mechanics import _bars
+from tests.test_accounts import FLAT_1PCT, MIN, T0
+
+ONE_PCT = TieredMargin(**FLAT_1PCT)
+pytestmark = pytest.mark.filterwarnings("error")
+
+# --- auto-deleveraging: four accounts by hand ----------------------------------------------
+#
+# Instrument A closes 110, 105, 100 (bars 0..2), then gaps to 80 (bars 3, 4); every bar flat.
+# X: long 10,000 USD at bar 2 (100 units at 100), 500 USDT. Bar 3: equity 500 − 2,000 =
+#    −1,500 <= MM: closed at 80 (latency 0), leg PnL −2,000, bad debt D = 1,500.
+# Fund 500: it pays 500; shortfall S = 1,000. ADL takes x = 100 × 1,000 / 1,500 = 66.67
+#    units at the bankruptcy price 80 + 1,000 / 66.67 = 95 (15 USD per unit).
+# Counterparties (shorts, ranked at bar 2's close, 100):
+#    B short 3,300 at bar 0 (−30 units at 110), 1,000 USDT: uPnL 300, rate 300/3,300 =
+#      0.0909; equity 1,300, gross 3,000, leverage 2.308; score 0.2098.
+#    C short 2,100 at bar 1 (−20 units at 105), 100 USDT: uPnL 100, rate 0.0476; equity 200,
+#      gross 2,000, leverage 10; score 0.4762 -> first.
+#    D short 1,000 at bar 2 (−10 units at 100): no profit at the previous mark: not ranked.
+# Fills: C 20 units (absorbs 300), B 30 units (450); 16.67 units (250) left uncovered:
+#    the fund ends at −250 (−1,000 without ADL). ADL volume 50 × 95 = 4,750.
+
+ADL_ROWS = [(110.0,) * 4, (105.0,) * 4, (100.0,) * 4, (80.0,) * 4, (80.0,) * 4]
+
+
+def _adl_market() -> Market:
+    return Market.from_series([_bars("AUSDT", ADL_ROWS)])
+
+
+def _adl_accounts() -> list[Account]:
+    return [
+        Account(id="X", entry_ms=T0 + 2 * MIN, collateral={"USDT": 500.0},
+                positions={"AUSDT": 10_000.0}),
+        Account(id="B", entry_ms=T0, collateral={"USDT": 1_000.0},
+                positions={"AUSDT": -3_300.0}),
+        Account(id="C", entry_ms=T0 + MIN, collateral={"USDT": 100.0},
+                positions={"AUSDT": -2_100.0}),
+        Account(id="D", entry_ms=T0 + 2 * MIN, collateral={"USDT": 1_000.0},
+                positions={"AUSDT": -1_000.0}),
+    ]
+
+
+def _adl_run(**cfg: object):  # type: ignore[no-untyped-def]
+    base = {"holding_bars": 4, "latency_bars": 0, "insurance_fund_usd": 500.0}
+    return simulate_accounts(_adl_market(), ONE_PCT, _adl_accounts(),
+                             AccountConfig(**{**base, **cfg}))  # type: ignore[arg-type]
+
+
+def test_adl_four_accounts_by_hand() -> None:
+    """The shortfall beyond the fund goes to the opposite side by PnL rate × leverage."""
+    r = _adl_run(adl=True)
+    assert r.bad_debt_usd.tolist() == pytest.approx([1_500.0, 0.0, 0.0, 0.0])
+    ledger = r.adl
+    assert ledger is not None
+    got = [(r.accounts[f.account].id, r.accounts[f.bankrupt].id, f.bar, f.units, f.price_usd,
+            f.absorbed_usd) for f in ledger.fills]
+    assert got == [("C", "X", 3, pytest.approx(-20.0), pytest.approx(95.0),
+                    pytest.approx(300.0)),
+                   ("B", "X", 3, pytest.approx(-30.0), pytest.approx(95.0),
+                    pytest.approx(450.0))]
+    assert ledger.adl_volume_usd == pytest.approx(4_750.0)
+    assert ledger.adl_absorbed_usd == pytest.approx(750.0)
+    assert ledger.adl_uncovered_usd == pytest.approx(250.0)
+    assert r.fund_path() == [(3, pytest.approx(-250.0))]
+    assert ledger.absorbed_per_account(4).tolist() == pytest.approx([0.0, 450.0, 300.0, 0.0])
+
+
+def test_adl_off_leaves_the_fund_to_pay() -> None:
+    """Without ADL the fund pays the whole bad debt; a fund large enough needs no ADL."""
+    off = _adl_run()
+    assert off.adl is None
+    assert off.fund_path() == [(3, pytest.approx(-1_000.0))]
+    rich = _adl_run(adl=True, insurance_fund_usd=2_000.0)
+    assert rich.adl is not None
+    assert rich.adl.fills == ()
+    assert rich.fund_path() == [(3, pytest.approx(500.0))]
+
+
+def test_adl_volume_in_the_frontier_and_the_report() -> None:
+    """The frontier rows carry the ADL volume; the report names who absorbed what."""
+    from calibration.accounts import capacity_frontier, run_account_backtest
+
+    cfg = AccountConfig(holding_bars=4, latency_bars=0, insurance_fund_usd=500.0, adl=True)
+    rows = capacity_frontier(_adl_market(), ONE_PCT, _adl_accounts(), cfg,
+                             capacities=(1, float("inf")))
+    # One bankrupt account: capacity 1 serves it in the same bar, so the same ADL.
+    assert [r["adl_volume_usd"] for r in rows] == pytest.approx([4_750.0, 4_750.0])
+    report, _ = run_account_backtest(
+        _adl_market(), "tiered", FLAT_1PCT, accounts=_adl_accounts(), config=cfg)
+    assert report.adl is not None
+    assert report.adl["per_account"] == pytest.approx({"C": 300.0, "B": 450.0})
+    assert [f["account"] for f in report.adl["fills"]] == ["C", "B"]
+    assert report.insurance_fund_min_usd == pytest.approx(-250.0)
