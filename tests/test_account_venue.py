@@ -101,3 +101,62 @@ def test_adl_volume_in_the_frontier_and_the_report() -> None:
     assert report.adl["per_account"] == pytest.approx({"C": 300.0, "B": 450.0})
     assert [f["account"] for f in report.adl["fills"]] == ["C", "B"]
     assert report.insurance_fund_min_usd == pytest.approx(-250.0)
+
+
+# --- the backstop vault by hand ------------------------------------------------------------
+#
+# A at 100 until bar 2, low 95 at bar 3. Three accounts long 10,000 USD (100 units) at bar 2's
+# close, 1% MM, latency 0, liquidation fee 0.5%. At bar 3 (MM 95):
+#   X 400 USDT: equity −100 (< 2/3 × 95 = 63.33): the vault takes it; its PnL −100.
+#   Y 550 USDT: equity 50 (< 63.33): taken; vault PnL +50.
+#   Z 580 USDT: equity 80: closed by the engine at 95, fee min(0.5% × 9,500, 80) = 47.5,
+#     close-out equity 32.5.
+# Vault PnL −50; no bad debt for the fund (without the vault: X's 100).
+
+BACKSTOP_ROWS = [(100.0,) * 4] * 3 + [(100.0, 100.0, 95.0, 95.0)] * 3
+
+
+def _three() -> tuple[Market, list[Account]]:
+    market = Market.from_series([_bars("AUSDT", BACKSTOP_ROWS)])
+    accounts = [Account(id=a, entry_ms=T0 + 2 * MIN, collateral={"USDT": c},
+                        positions={"AUSDT": 10_000.0})
+                for a, c in (("X", 400.0), ("Y", 550.0), ("Z", 580.0))]
+    return market, accounts
+
+
+def test_backstop_vault_takes_over_below_two_thirds_of_mm() -> None:
+    """Accounts below the threshold go to the vault with their margin; the rest close."""
+    market, accounts = _three()
+    cfg = AccountConfig(holding_bars=2, latency_bars=0, liquidation_fee_rate=0.005,
+                        backstop_threshold=2 / 3)
+    r = simulate_accounts(market, ONE_PCT, accounts, cfg)
+    assert r.backstop_taken.tolist() == [True, True, False]
+    assert r.backstop_pnl_usd.tolist() == pytest.approx([-100.0, 50.0, 0.0])
+    assert r.bad_debt_usd.tolist() == pytest.approx([0.0, 0.0, 0.0])
+    assert r.fee_usd.tolist() == pytest.approx([0.0, 0.0, 47.5])
+    assert r.closeout_equity_usd.tolist() == pytest.approx([0.0, 0.0, 32.5])
+    assert r.backstop_path() == [(3, pytest.approx(-50.0))]
+    off = simulate_accounts(market, ONE_PCT, accounts,
+                            AccountConfig(holding_bars=2, latency_bars=0,
+                                          liquidation_fee_rate=0.005))
+    assert off.bad_debt_usd.tolist() == pytest.approx([100.0, 0.0, 0.0])
+
+
+def test_partial_closes_whole_at_or_below_the_notional_threshold() -> None:
+    """``partial`` with 20% steps on X (100 units, 95 from bar 3 on): threshold 0, 20 units at
+    bars 3 and 4, the rest (60) at bar 5, the data's last; 9,000: one step of 20 (9,500 open
+    > 9,000), then 80 × 95 = 7,600 <= 9,000 closes whole: two steps; 9,500: one step."""
+    market, accounts = _three()
+    base = {"holding_bars": 2, "latency_bars": 0, "policy": "partial",
+            "partial_fraction": 0.2}
+    above = simulate_accounts(market, ONE_PCT, accounts[:1],
+                              AccountConfig(**base, partial_min_notional_usd=9_000.0))
+    assert above.steps.tolist() == [2]
+    assert above.leg_closed_usd.tolist() == pytest.approx([1_900.0 + 7_600.0])
+    always = simulate_accounts(market, ONE_PCT, accounts[:1], AccountConfig(**base))
+    assert always.steps.tolist() == [3]
+    whole = simulate_accounts(market, ONE_PCT, accounts[:1],
+                              AccountConfig(**base, partial_min_notional_usd=9_500.0))
+    assert whole.steps.tolist() == [1]
+    assert whole.leg_closed_usd.tolist() == pytest.approx([9_500.0])
+    assert whole.bad_debt_usd.tolist() == pytest.approx([100.0])

@@ -186,6 +186,14 @@ class AccountConfig:
             ``first_come`` (earliest bar in the queue first); ties: entry order.
         adl: auto-deleveraging once the fund is exhausted (``calibration.accounts._adl``):
             the result's ``adl`` ledger; off by default.
+        backstop_threshold: the backstop vault takes over an account whose equity at a
+            close-out step's marks is below this fraction of its MM (Hyperliquid: 2/3,
+            venues.md HL1): every position and the collateral, closed out as the engine
+            would; the vault keeps that close-out's equity (``backstop_pnl_usd``), the
+            account ends at 0 and the fund takes neither fee nor bad debt. None: off.
+        partial_min_notional_usd: ``partial``: an account whose open notional at the step's
+            marks is at most this closes whole in one step (Hyperliquid: partial only above
+            100,000 USDC, venues.md HL2), USD; 0: always partial.
     """
 
     mode: str = "cross"
@@ -210,6 +218,8 @@ class AccountConfig:
     max_liquidation_notional_per_bar: float | None = None
     queue_order: str = "most_undercollateralised"
     adl: bool = False
+    backstop_threshold: float | None = None
+    partial_min_notional_usd: float = 0.0
 
     @property
     def capacity_limited(self) -> bool:
@@ -222,7 +232,8 @@ class AccountConfig:
     def mechanics(self) -> bool:
         """Whether any mechanism beyond the core (fees and spread aside) is on."""
         return (self.funding or self.impact_coef > 0 or self.cascade
-                or self.policy != "close_all" or self.capacity_limited or self.adl)
+                or self.policy != "close_all" or self.capacity_limited or self.adl
+                or self.backstop_threshold is not None)
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any], **defaults: Any) -> AccountConfig:
@@ -295,6 +306,14 @@ class AccountConfig:
                                     or not isinstance(cap_usd, int | float)
                                     or math.isnan(cap_usd) or cap_usd <= 0):
             raise bad("max_liquidation_notional_per_bar", "must be null or a number > 0")
+        bt = self.backstop_threshold
+        if bt is not None and (isinstance(bt, bool) or not isinstance(bt, int | float)
+                               or not 0 < bt <= 1):
+            raise bad("backstop_threshold", "must be null or in (0, 1]")
+        pmin = self.partial_min_notional_usd
+        if (isinstance(pmin, bool) or not isinstance(pmin, int | float)
+                or not math.isfinite(pmin) or pmin < 0):
+            raise bad("partial_min_notional_usd", "must be a finite number >= 0")
         if self.queue_order not in QUEUE_ORDERS:
             raise bad("queue_order", f"must be one of {', '.join(QUEUE_ORDERS)}, got "
                       f"{self.queue_order!r}")
@@ -435,6 +454,9 @@ class AccountResult:
         timestamp_ms: the market's bar times.
         instruments: the market's instruments.
         insurance_fund_usd: the fund's start level, USD.
+        backstop_taken, backstop_pnl_usd: with mechanics on, whether the backstop vault took
+            each account over and the vault's PnL on it (its close-out equity), USD, ``(A,)``
+            (twins: ``twin_backstop_taken``, ``twin_backstop_pnl_usd``, ``(P,)``).
         adl: with ``AccountConfig.adl``, the auto-deleveraging ledger of the headline
             population (accounts; isolated: the twins, ``AdlFill.account`` a position index).
     """
@@ -474,6 +496,32 @@ class AccountResult:
     twin_wait_bars: IntArray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     twin_backlog: IntArray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     adl: AdlLedger | None = None
+    backstop_taken: NDArray[np.bool_] = field(
+        default_factory=lambda: np.zeros(0, dtype=np.bool_))
+    backstop_pnl_usd: FloatArray = field(default_factory=lambda: np.zeros(0))
+    twin_backstop_taken: NDArray[np.bool_] = field(
+        default_factory=lambda: np.zeros(0, dtype=np.bool_))
+    twin_backstop_pnl_usd: FloatArray = field(default_factory=lambda: np.zeros(0))
+
+    def backstop_path(self) -> list[tuple[int, float]]:
+        """The backstop vault's cumulative PnL under the headline mode: ``(bar, PnL so far)``
+        at every close-out bar of an account it took over, USD (empty without takeovers)."""
+        if self.mode == "isolated":
+            taken, pnl, bars = (self.twin_backstop_taken, self.twin_backstop_pnl_usd,
+                                self.twin_closeout_bar)
+        else:
+            taken, pnl, bars = self.backstop_taken, self.backstop_pnl_usd, self.closeout_bar
+        if taken.size == 0:
+            return []
+        moves: dict[int, float] = {}
+        for b, v in zip(bars[taken], pnl[taken], strict=True):
+            moves[int(b)] = moves.get(int(b), 0.0) + float(v)
+        total = 0.0
+        out = []
+        for b in sorted(moves):
+            total += moves[b]
+            out.append((b, total))
+        return out
 
     def healthy_legs(self) -> NDArray[np.bool_]:
         """Per position: closed with its liquidated account, while its twin never triggered or
@@ -705,7 +753,10 @@ def simulate_accounts(
                  "wait_bars": mout.wait_bars, "backlog": mout.backlog,
                  "started": mout.started, "started_usd": mout.started_usd,
                  "twin_queued_bar": t_out.queued_bar, "twin_wait_bars": t_out.wait_bars,
-                 "twin_backlog": t_out.backlog}
+                 "twin_backlog": t_out.backlog,
+                 "backstop_taken": mout.backstop == 1, "backstop_pnl_usd": mout.backstop_pnl,
+                 "twin_backstop_taken": t_out.backstop == 1,
+                 "twin_backstop_pnl_usd": t_out.backstop_pnl}
     else:
         t_trig, _t_eq, _t_legs, t_fee = empty_outputs(pa.shape[0], k)
         t_eq = _t_eq
@@ -811,7 +862,10 @@ def _mechanics(market: Market, config: AccountConfig) -> Mechanics:
                               else int(config.max_liquidations_per_bar)),
         max_notional_per_bar=(np.inf if config.max_liquidation_notional_per_bar is None
                               else float(config.max_liquidation_notional_per_bar)),
-        queue_order=QUEUE_ORDERS.index(config.queue_order))
+        queue_order=QUEUE_ORDERS.index(config.queue_order),
+        backstop_threshold=(0.0 if config.backstop_threshold is None
+                            else float(config.backstop_threshold)),
+        partial_min_notional_usd=float(config.partial_min_notional_usd))
 
 
 def _collateral_rules(assets: Sequence[str], config: AccountConfig) -> CollateralRules:

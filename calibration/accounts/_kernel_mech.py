@@ -60,6 +60,8 @@ class Mechanics(NamedTuple):
     max_accounts_per_bar: int  # close-out steps started per bar at most; -1: no limit
     max_notional_per_bar: float  # USD; inf: no limit
     queue_order: int  # index in QUEUE_ORDERS
+    backstop_threshold: float  # vault takes over below this fraction of MM; 0: off
+    partial_min_notional_usd: float  # partial: an account at or below this closes whole
 
 
 class MechOutputs(NamedTuple):
@@ -79,6 +81,8 @@ class MechOutputs(NamedTuple):
     backlog: IntArray  # (n,) accounts left waiting after each bar's service
     started: IntArray  # (n,) close-out steps started in each bar
     started_usd: FloatArray  # (n,) their notional at the bar's marks, USD
+    backstop: IntArray  # (A,) 1 when the backstop vault took the account over
+    backstop_pnl: FloatArray  # (A,) the vault's PnL on it (its close-out equity), USD
 
 
 def empty_mech_outputs(n_accounts: int, k: int, n_bars: int = 0) -> MechOutputs:
@@ -93,7 +97,8 @@ def empty_mech_outputs(n_accounts: int, k: int, n_bars: int = 0) -> MechOutputs:
         queued_bar=np.full(n_accounts, -1, dtype=np.int64),
         wait_bars=np.zeros(n_accounts, dtype=np.int64),
         backlog=np.zeros(n_bars, dtype=np.int64), started=np.zeros(n_bars, dtype=np.int64),
-        started_usd=np.zeros(n_bars))
+        started_usd=np.zeros(n_bars), backstop=np.zeros(n_accounts, dtype=np.int64),
+        backstop_pnl=np.zeros(n_accounts))
 
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
@@ -196,6 +201,12 @@ def _plan(
         return
     if mech.policy == 2:
         final = steps_done + 1 >= mech.partial_steps
+        if not final and mech.partial_min_notional_usd > 0.0:
+            usd = 0.0
+            for i in range(k):
+                if rem[i] != 0.0:
+                    usd += abs(rem[i]) * _mark(low, high, i, t, net[m.inst_asset[i]] >= 0.0)
+            final = usd <= mech.partial_min_notional_usd
         for i in range(k):
             if rem[i] != 0.0:
                 delta[i] = rem[i] if final else book.units[j, i] * mech.partial_fraction
@@ -478,8 +489,21 @@ def _start_step(
     last_bar = t == n - 1
     if out.trigger[j] < 0:
         out.trigger[j] = t
-    _plan(m, book, rules, mech, low, high, j, t, cash[j], rem[j], anchor[j], net[j],
-          out.steps[j], last_bar, delta)
+    taken = False
+    if mech.backstop_threshold > 0.0:
+        for i in range(k):
+            delta[i] = 0.0
+        eq0, mm0 = _estimate(m, book, rules, mech, low, high, j, t, cash[j], rem[j], delta,
+                             anchor[j], net[j])
+        taken = eq0 < mech.backstop_threshold * mm0
+    if taken:
+        # The vault takes every position and the collateral (venues.md HL1).
+        out.backstop[j] = 1
+        for i in range(k):
+            delta[i] = rem[j, i]
+    else:
+        _plan(m, book, rules, mech, low, high, j, t, cash[j], rem[j], anchor[j], net[j],
+              out.steps[j], last_bar, delta)
     final = True
     usd = 0.0
     for i in range(k):
@@ -583,6 +607,15 @@ def _settle(
                 eq += u * _mark(low, high, book.col_inst[cc], t,
                                 net[book.col_asset[cc]] >= 0.0)
     paid = min(mech.fee_rate * gross, eq) if eq > 0.0 else 0.0
+    if out.backstop[j] == 1:
+        # The vault holds the book: its close-out is the vault's PnL, the account ends at 0,
+        # no fee and no bad debt for the fund.
+        out.backstop_pnl[j] = eq
+        cash[j] = 0.0
+        out.closeout_equity[j] = 0.0
+        out.closeout_bar[j] = end
+        pend_bar[j] = -1
+        return
     out.fee[j] += paid
     c -= paid
     cash[j] = c

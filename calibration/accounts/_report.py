@@ -114,6 +114,9 @@ class AccountBacktestReport(msgspec.Struct, frozen=True, kw_only=True):
             absorbed USD, for every account that absorbed) and ``fills`` (``account``,
             ``bankrupt`` ids, ``time`` UTC ISO 8601, ``instrument``, ``units`` given up,
             signed, ``price_usd`` the bankruptcy price, ``absorbed_usd``).
+        backstop: with ``liquidation.backstop_threshold``, the backstop vault: ``accounts``
+            taken over (count), ``backstop_pnl_usd`` (its total PnL on them, USD) and
+            ``path`` (``[time UTC ISO 8601, cumulative PnL USD]`` per close-out bar).
     """
 
     engine_version: str
@@ -138,6 +141,7 @@ class AccountBacktestReport(msgspec.Struct, frozen=True, kw_only=True):
     queue: dict[str, Any] | None = None
     frontier: list[dict[str, Any]] | None = None
     adl: dict[str, Any] | None = None
+    backstop: dict[str, Any] | None = None
 
 
 def run_account_backtest(
@@ -260,8 +264,19 @@ def run_account_backtest(
                            for k, v in portfolio.get_params().items()}
                           if portfolio is not None else None),
         queue=queue, frontier=frontier_rows, adl=_adl_figures(result),
+        backstop=_backstop_figures(result) if config.backstop_threshold is not None else None,
     )
     return report, result
+
+
+def _backstop_figures(result: AccountResult) -> dict[str, Any]:
+    """The report's ``backstop`` block."""
+    isolated = result.mode == "isolated"
+    taken = result.twin_backstop_taken if isolated else result.backstop_taken
+    pnl = result.twin_backstop_pnl_usd if isolated else result.backstop_pnl_usd
+    ts = result.timestamp_ms
+    return {"accounts": int(taken.sum()), "backstop_pnl_usd": float(pnl[taken].sum()),
+            "path": [[iso_utc(int(ts[b])), v] for b, v in result.backstop_path()]}
 
 
 def _adl_figures(result: AccountResult) -> dict[str, Any] | None:
