@@ -4,6 +4,9 @@ keepers and oracles; each by hand."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
 
 from calibration.accounts import Account, AccountConfig, Market, simulate_accounts
@@ -160,3 +163,100 @@ def test_partial_closes_whole_at_or_below_the_notional_threshold() -> None:
     assert whole.steps.tolist() == [1]
     assert whole.leg_closed_usd.tolist() == pytest.approx([9_500.0])
     assert whole.bad_debt_usd.tolist() == pytest.approx([100.0])
+
+
+def test_aave_close_factor_full_ratio_and_leftover_by_hand() -> None:
+    """Close factor 50% (``partial``): X (equity/MM −1.05 <= 0.5) closes whole; Y (50/95 =
+    0.53) closes 50 units at 95, leaving cash 300 and 50 units: equity 50 > MM 47.5, restored,
+    so it stops there (4,750 closed); with a 5,000 USD minimum leftover (4,750 would be left)
+    Y closes whole."""
+    market, accounts = _three()
+    base = {"holding_bars": 2, "latency_bars": 0, "policy": "partial", "partial_fraction": 0.5,
+            "partial_full_ratio": 0.5}
+    r = simulate_accounts(market, ONE_PCT, accounts[:2], AccountConfig(**base))
+    assert r.steps.tolist() == [1, 1]
+    assert r.leg_closed_usd.tolist() == pytest.approx([9_500.0, 4_750.0])
+    assert r.bad_debt_usd.tolist() == pytest.approx([100.0, 0.0])
+    dust = simulate_accounts(market, ONE_PCT, accounts[1:2],
+                             AccountConfig(**base, partial_min_leftover_usd=5_000.0))
+    assert dust.leg_closed_usd.tolist() == pytest.approx([9_500.0])
+
+
+def test_per_block_limit_by_hand() -> None:
+    """dYdX-style 1 liquidation per block with 30 s blocks on 1-minute bars: 2 per bar. The
+    capacity test's three accounts (X −1.05, Y 0.53, Z 0.84 at bar 3): X and Y at 95 (−100,
+    +50), Z waits to bar 4 at 90 (580 − 1,000 = −420): bad debt 520."""
+    from tests.test_account_capacity import _three_accounts, _three_market
+
+    cfg = AccountConfig(holding_bars=2, latency_bars=0, max_liquidations_per_block=1,
+                        block_seconds=30.0)
+    assert cfg.capacity_limited
+    r = simulate_accounts(_three_market(), ONE_PCT, _three_accounts(), cfg)
+    assert r.trigger_bar.tolist() == [3, 3, 4]
+    assert r.bad_debt_usd.tolist() == pytest.approx([100.0, 0.0, 420.0])
+    tighter = simulate_accounts(_three_market(), ONE_PCT, _three_accounts(),
+                                dataclasses.replace(cfg, max_liquidations_per_bar=1))
+    assert tighter.trigger_bar.tolist() == [3, 4, 5]
+
+
+def test_new_fields_are_validated_naming_the_field() -> None:
+    """Out-of-range venue settings are refused with ``liquidation.<name>``."""
+    from calibration import InvalidParameters
+
+    for name, value in (("backstop_threshold", 1.5), ("partial_min_notional_usd", -1.0),
+                        ("partial_full_ratio", float("nan")), ("block_seconds", 0.0),
+                        ("max_liquidations_per_block", 0), ("adl", 1),
+                        ("partial_min_leftover_usd", float("inf"))):
+        with pytest.raises(InvalidParameters) as err:
+            AccountConfig.from_mapping({name: value})
+        assert err.value.field == f"liquidation.{name}"
+
+
+# --- presets ------------------------------------------------------------------------------
+
+def test_presets_apply_their_fields_and_explicit_keys_override() -> None:
+    """``preset`` expands to the venue's fields (venues.md numbers); explicit keys win."""
+    from calibration import InvalidParameters
+    from calibration.accounts import VENUE_PRESETS
+
+    assert set(VENUE_PRESETS) == {"binance", "hyperliquid", "dydx_v4", "aave_v3"}
+    hl = AccountConfig.from_mapping({"preset": "hyperliquid"})
+    assert (hl.policy, hl.partial_fraction, hl.partial_min_notional_usd) == (
+        "partial", 0.2, 100_000.0)
+    assert hl.backstop_threshold == pytest.approx(2 / 3)
+    assert hl.adl
+    dy = AccountConfig.from_mapping({"preset": "dydx_v4", "max_liquidations_per_block": 10})
+    assert (dy.max_liquidations_per_block, dy.liquidation_fee_rate) == (10, 0.005)
+    aave = AccountConfig.from_mapping({"preset": "aave_v3"})
+    assert (aave.partial_fraction, aave.partial_full_ratio, aave.partial_min_notional_usd,
+            aave.partial_min_leftover_usd) == (0.5, 0.95, 2_000.0, 1_000.0)
+    assert all(source.startswith("venues.md") for _, source in VENUE_PRESETS.values())
+    with pytest.raises(InvalidParameters) as err:
+        AccountConfig.from_mapping({"preset": "ftx"})
+    assert err.value.field == "liquidation.preset"
+
+
+_ALL_OFF = {"policy": "close_all", "adl": False, "backstop_threshold": None,
+            "max_liquidations_per_block": None, "max_liquidations_per_bar": None,
+            "max_liquidation_notional_per_bar": None, "liquidation_fee_rate": 0.0,
+            "partial_min_notional_usd": 0.0, "partial_full_ratio": None,
+            "partial_min_leftover_usd": 0.0}
+
+
+@pytest.mark.parametrize("preset", ["binance", "hyperliquid", "dydx_v4", "aave_v3"])
+def test_every_preset_with_its_switches_off_is_the_account_engine_bit_for_bit(
+        preset: str) -> None:
+    """Infinite capacity and every switch off: the mechanics kernel under any preset gives
+    the core engine's arrays exactly."""
+    from tests.test_account_capacity import _three_accounts, _three_market
+
+    base = {"holding_bars": 2, "latency_bars": 1}
+    for market, accounts in ((_three_market(), _three_accounts()),
+                             (_adl_market(), _adl_accounts())):
+        cfg = AccountConfig.from_mapping({"preset": preset, **_ALL_OFF, **base})
+        got = simulate_accounts(market, ONE_PCT, accounts, cfg, mechanics_kernel=True)
+        core = simulate_accounts(market, ONE_PCT, accounts, AccountConfig(**base))
+        for name in ("trigger_bar", "closeout_equity_usd", "bad_debt_usd", "fee_usd",
+                     "leg_pnl_usd", "twin_trigger_bar", "twin_bad_debt_usd"):
+            np.testing.assert_array_equal(getattr(got, name), getattr(core, name),
+                                          err_msg=name)

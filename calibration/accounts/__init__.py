@@ -5,6 +5,7 @@ The flow: ``Market`` (k instruments on one clock) → ``Account`` books (explici
 contagion) → ``AccountResult`` figures and ``run_account_backtest``'s report.
 """
 
+from calibration.accounts._adl import AdlFill, AdlLedger
 from calibration.accounts._book import (
     MARGIN_MODES,
     Account,
@@ -44,6 +45,7 @@ from calibration.accounts._report import (
     run_account_backtest,
 )
 from calibration.accounts._requirements import Requirement, requirements_now
+from calibration.accounts._venue_presets import VENUE_PRESETS
 
 
 def render_account_report(report: AccountBacktestReport, result: AccountResult) -> str:
@@ -60,12 +62,15 @@ __all__ = [
     "POLICIES",
     "QUEUE_ORDERS",
     "STABLE_ASSETS",
+    "VENUE_PRESETS",
     "Account",
     "AccountBacktestReport",
     "AccountConfig",
     "AccountFigures",
     "AccountResult",
     "AccountRow",
+    "AdlFill",
+    "AdlLedger",
     "BreachAttribution",
     "Market",
     "PopulationSpec",

@@ -70,7 +70,8 @@ def queue_figures(result: AccountResult, unlimited: AccountResult | None = None
 
 def _unlimited(config: AccountConfig) -> AccountConfig:
     return dataclasses.replace(config, max_liquidations_per_bar=None,
-                               max_liquidation_notional_per_bar=None)
+                               max_liquidation_notional_per_bar=None,
+                               max_liquidations_per_block=None)
 
 
 def capacity_frontier(

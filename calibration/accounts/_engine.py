@@ -191,6 +191,15 @@ class AccountConfig:
             venues.md HL1): every position and the collateral, closed out as the engine
             would; the vault keeps that close-out's equity (``backstop_pnl_usd``), the
             account ends at 0 and the fund takes neither fee nor bad debt. None: off.
+        partial_full_ratio: ``partial``: a step whose marks put equity at or below this
+            fraction of MM closes whole (Aave v3: health factor <= 0.95, venues.md AV1; the
+            engine's equity / MM stands for the health factor). None: off.
+        partial_min_leftover_usd: ``partial``: a step that would leave less than this open
+            (USD at the step's marks) closes whole (Aave v3.3: leftover >= 1,000, AV2); 0: off.
+        max_liquidations_per_block, block_seconds: a per-block limit (dYdX v4: 50
+            liquidations per block, venues.md DY3): the engine starts at most
+            ``max_liquidations_per_block × floor(bar_seconds / block_seconds)`` steps per bar
+            (with ``max_liquidations_per_bar`` too, the tighter). None: no limit.
         partial_min_notional_usd: ``partial``: an account whose open notional at the step's
             marks is at most this closes whole in one step (Hyperliquid: partial only above
             100,000 USDC, venues.md HL2), USD; 0: always partial.
@@ -220,11 +229,16 @@ class AccountConfig:
     adl: bool = False
     backstop_threshold: float | None = None
     partial_min_notional_usd: float = 0.0
+    partial_full_ratio: float | None = None
+    partial_min_leftover_usd: float = 0.0
+    max_liquidations_per_block: int | None = None
+    block_seconds: float = 1.0
 
     @property
     def capacity_limited(self) -> bool:
         """Whether the engine's capacity can bind (domain.md §10)."""
         return (self.max_liquidations_per_bar is not None
+                or self.max_liquidations_per_block is not None
                 or (self.max_liquidation_notional_per_bar is not None
                     and math.isfinite(self.max_liquidation_notional_per_bar)))
 
@@ -238,10 +252,20 @@ class AccountConfig:
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any], **defaults: Any) -> AccountConfig:
         """From JSON-like fields over ``defaults``; unknown or malformed fields are refused
-        with ``field`` = ``liquidation.<name>``."""
+        with ``field`` = ``liquidation.<name>``. ``preset`` names a venue's configuration
+        (``calibration.accounts.VENUE_PRESETS``); the other keys override its fields."""
         if not isinstance(raw, Mapping):
             raise InvalidParameters("liquidation must be an object", field="liquidation")
         known = set(cls.__dataclass_fields__)
+        if "preset" in raw:
+            from calibration.accounts._venue_presets import preset_fields
+
+            try:
+                preset = preset_fields(raw["preset"])
+            except ValueError as exc:
+                raise InvalidParameters(f"liquidation.preset: {exc}",
+                                        field="liquidation.preset") from None
+            raw = {**preset, **{k: v for k, v in raw.items() if k != "preset"}}
         for key in raw:
             if key not in known:
                 raise InvalidParameters(f"liquidation: unknown field {key!r} (known: "
@@ -310,10 +334,25 @@ class AccountConfig:
         if bt is not None and (isinstance(bt, bool) or not isinstance(bt, int | float)
                                or not 0 < bt <= 1):
             raise bad("backstop_threshold", "must be null or in (0, 1]")
-        pmin = self.partial_min_notional_usd
-        if (isinstance(pmin, bool) or not isinstance(pmin, int | float)
-                or not math.isfinite(pmin) or pmin < 0):
-            raise bad("partial_min_notional_usd", "must be a finite number >= 0")
+        for name in ("partial_min_notional_usd", "partial_min_leftover_usd"):
+            pmin = getattr(self, name)
+            if (isinstance(pmin, bool) or not isinstance(pmin, int | float)
+                    or not math.isfinite(pmin) or pmin < 0):
+                raise bad(name, "must be a finite number >= 0")
+        pfr = self.partial_full_ratio
+        if pfr is not None and (isinstance(pfr, bool) or not isinstance(pfr, int | float)
+                                or not math.isfinite(pfr)):
+            raise bad("partial_full_ratio", "must be null or a finite number")
+        per_block = self.max_liquidations_per_block
+        if per_block is not None and (isinstance(per_block, bool)
+                                      or not isinstance(per_block, int)
+                                      or not 1 <= per_block <= 10**9):
+            raise bad("max_liquidations_per_block", "must be null or a whole number in "
+                      "[1, 1000000000]")
+        bs = self.block_seconds
+        if (isinstance(bs, bool) or not isinstance(bs, int | float) or not math.isfinite(bs)
+                or not 0.001 <= bs <= 86_400):
+            raise bad("block_seconds", "must be in [0.001, 86400]")
         if self.queue_order not in QUEUE_ORDERS:
             raise bad("queue_order", f"must be one of {', '.join(QUEUE_ORDERS)}, got "
                       f"{self.queue_order!r}")
@@ -858,14 +897,29 @@ def _mechanics(market: Market, config: AccountConfig) -> Mechanics:
         cascade_kappa=float(config.cascade_kappa), policy=POLICIES.index(config.policy),
         partial_fraction=float(config.partial_fraction), partial_steps=max(1, steps),
         cooldown_bars=int(config.cooldown_bars),
-        max_accounts_per_bar=(-1 if config.max_liquidations_per_bar is None
-                              else int(config.max_liquidations_per_bar)),
+        max_accounts_per_bar=_accounts_per_bar(config, market.bar_seconds),
         max_notional_per_bar=(np.inf if config.max_liquidation_notional_per_bar is None
                               else float(config.max_liquidation_notional_per_bar)),
         queue_order=QUEUE_ORDERS.index(config.queue_order),
         backstop_threshold=(0.0 if config.backstop_threshold is None
                             else float(config.backstop_threshold)),
-        partial_min_notional_usd=float(config.partial_min_notional_usd))
+        partial_min_notional_usd=float(config.partial_min_notional_usd),
+        partial_full_ratio=(-np.inf if config.partial_full_ratio is None
+                            else float(config.partial_full_ratio)),
+        partial_min_leftover_usd=float(config.partial_min_leftover_usd),
+        blocks_per_bar=max(1, int(market.bar_seconds // config.block_seconds)))
+
+
+def _accounts_per_bar(config: AccountConfig, bar_seconds: int) -> int:
+    """The engine's step starts per bar (-1: no limit): ``max_liquidations_per_bar`` and
+    ``max_liquidations_per_block`` × the blocks in a bar, the tighter."""
+    caps = []
+    if config.max_liquidations_per_bar is not None:
+        caps.append(int(config.max_liquidations_per_bar))
+    if config.max_liquidations_per_block is not None:
+        blocks = max(1, int(bar_seconds // config.block_seconds))
+        caps.append(int(config.max_liquidations_per_block) * blocks)
+    return min(caps) if caps else -1
 
 
 def _collateral_rules(assets: Sequence[str], config: AccountConfig) -> CollateralRules:

@@ -62,6 +62,9 @@ class Mechanics(NamedTuple):
     queue_order: int  # index in QUEUE_ORDERS
     backstop_threshold: float  # vault takes over below this fraction of MM; 0: off
     partial_min_notional_usd: float  # partial: an account at or below this closes whole
+    partial_full_ratio: float  # partial: equity / MM at or below this closes whole; -inf: off
+    partial_min_leftover_usd: float  # partial: a step leaving less open closes whole
+    blocks_per_bar: int  # blocks in one bar (the per-block limit's multiplier)
 
 
 class MechOutputs(NamedTuple):
@@ -207,6 +210,17 @@ def _plan(
                 if rem[i] != 0.0:
                     usd += abs(rem[i]) * _mark(low, high, i, t, net[m.inst_asset[i]] >= 0.0)
             final = usd <= mech.partial_min_notional_usd
+        if not final and mech.partial_full_ratio > -np.inf:
+            eq, mm = _estimate(m, book, rules, mech, low, high, j, t, cash, rem, delta,
+                               anchor, net)
+            final = eq <= mech.partial_full_ratio * mm
+        if not final and mech.partial_min_leftover_usd > 0.0:
+            left = 0.0
+            for i in range(k):
+                if rem[i] != 0.0:
+                    q = rem[i] - book.units[j, i] * mech.partial_fraction
+                    left += abs(q) * _mark(low, high, i, t, net[m.inst_asset[i]] >= 0.0)
+            final = left < mech.partial_min_leftover_usd
         for i in range(k):
             if rem[i] != 0.0:
                 delta[i] = rem[i] if final else book.units[j, i] * mech.partial_fraction

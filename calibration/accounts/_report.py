@@ -211,7 +211,8 @@ def run_account_backtest(
         unlimited = simulate_accounts(
             market, margin, accounts,
             dataclasses.replace(config, max_liquidations_per_bar=None,
-                                max_liquidation_notional_per_bar=None),
+                                max_liquidation_notional_per_bar=None,
+                                max_liquidations_per_block=None),
             mechanics_kernel=True)
         queue = queue_figures(result, unlimited)
         # Bars are the library's unit; the report speaks times.
