@@ -260,3 +260,71 @@ def test_every_preset_with_its_switches_off_is_the_account_engine_bit_for_bit(
                      "leg_pnl_usd", "twin_trigger_bar", "twin_bad_debt_usd"):
             np.testing.assert_array_equal(getattr(got, name), getattr(core, name),
                                           err_msg=name)
+
+
+# --- keepers and oracles by hand ------------------------------------------------------------
+#
+# The capacity test's market: A at 100 to bar 2, lows 95 (bar 3), 90 (bar 4), 85 (bars 5..7),
+# closes the same. Long accounts opened at bar 2 (1% MM, latency 0, spread 0.2%):
+#   S: 1,000 USD (10 units), 40 USDT. Bar 3: equity −10 <= MM 9.5. A keeper with a 5% bonus
+#      and 60 USD gas earns (0.05 − 0.002) × 950 − 60 = −14.4: it declines (bars 4..6 too:
+#      the bonus only shrinks with the price); the data's last bar (7) closes it at 85:
+#      40 + 10 × (85 − 100) − 0.002 × 850 = −111.7 bad debt (−11.9 at bar 3 without gas).
+#   Y: 10,000 USD (100 units), 550 USDT. Bar 3: equity 50 <= 95; the keeper earns 0.048 ×
+#      9,500 − 60 = 396: it liquidates at 95: 550 − 500 − 19 = 31 left, all of it the
+#      keeper's bonus (min(5% × 9,500, 31)): close-out equity 0.
+
+
+def _keeper_accounts() -> list[Account]:
+    return [Account(id="S", entry_ms=T0 + 2 * MIN, collateral={"USDT": 40.0},
+                    positions={"AUSDT": 1_000.0}),
+            Account(id="Y", entry_ms=T0 + 2 * MIN, collateral={"USDT": 550.0},
+                    positions={"AUSDT": 10_000.0})]
+
+
+def _keeper_run(**cfg: object):  # type: ignore[no-untyped-def]
+    from tests.test_account_capacity import _three_market
+
+    base = {"holding_bars": 2, "latency_bars": 0, "spread_rate": 0.002}
+    return simulate_accounts(_three_market(), ONE_PCT, _keeper_accounts(),
+                             AccountConfig(**{**base, **cfg}))  # type: ignore[arg-type]
+
+
+def test_a_keeper_declines_an_unprofitable_liquidation() -> None:
+    """bonus − slippage − gas <= 0: no keeper acts, the account waits and loses more."""
+    r = _keeper_run(keeper_bonus_rate=0.05, keeper_gas_usd=60.0)
+    assert r.trigger_bar.tolist() == [7, 3]
+    assert r.keeper_declined.tolist() == [4, 0]
+    assert r.bad_debt_usd.tolist() == pytest.approx([111.7, 0.0])
+    assert r.keeper_bonus_usd.tolist() == pytest.approx([0.0, 31.0])
+    assert r.closeout_equity_usd.tolist() == pytest.approx([-111.7, 0.0])
+    free = _keeper_run(keeper_bonus_rate=0.05, keeper_gas_usd=0.0)
+    assert free.trigger_bar.tolist() == [3, 3]
+    assert free.bad_debt_usd.tolist() == pytest.approx([11.9, 0.0])
+
+
+def test_gas_spike_window_and_keeper_latency() -> None:
+    """Gas 1 USD × 60 inside the window (the market's day, 2020-09-13): S declined as at 60
+    USD (bad debt 111.7); the window on another day leaves gas at 1, and S closes at bar 3
+    (0.048 × 950 − 1 > 0; bad debt 11.9). A keeper latency of one bar moves Y's close-out to
+    bar 4 at 90: 550 − 1,000 − 0.002 × 9,000 = −468."""
+    gas = {"keeper_bonus_rate": 0.05, "keeper_gas_usd": 1.0, "gas_multiplier": 60.0}
+    spike = _keeper_run(**gas, gas_window="spike=2020-09-13")
+    assert spike.bad_debt_usd.tolist() == pytest.approx([111.7, 0.0])
+    calm = _keeper_run(**gas, gas_window="spike=2020-09-14")
+    assert calm.trigger_bar.tolist() == [3, 3]
+    assert calm.bad_debt_usd.tolist() == pytest.approx([11.9, 0.0])
+    late = _keeper_run(keeper_bonus_rate=0.05, keeper_latency_bars=1)
+    assert late.trigger_bar.tolist() == [4, 4]
+    assert late.bad_debt_usd.tolist()[1] == pytest.approx(468.0)
+
+
+def test_the_margin_check_sees_the_oracle() -> None:
+    """Heartbeat 2 bars: the check reads 100 at bars 3 and 4 (published at bar 2), so Y is
+    never liquidated in its holding window; a 5% deviation publishes 95 at bar 3, so bar 4's
+    check (equity 50 <= 95) triggers and the fill is the market's 90: bad debt 450 + 18."""
+    lag = _keeper_run(oracle_heartbeat_bars=2)
+    assert lag.trigger_bar.tolist()[1] == -1
+    dev = _keeper_run(oracle_heartbeat_bars=2, oracle_deviation_rate=0.05)
+    assert dev.trigger_bar.tolist()[1] == 4
+    assert dev.bad_debt_usd.tolist()[1] == pytest.approx(468.0)

@@ -200,6 +200,21 @@ class AccountConfig:
             liquidations per block, venues.md DY3): the engine starts at most
             ``max_liquidations_per_block × floor(bar_seconds / block_seconds)`` steps per bar
             (with ``max_liquidations_per_bar`` too, the tighter). None: no limit.
+        keeper_bonus_rate: DeFi keepers (None: the engine liquidates by itself): a step
+            happens only when ``keeper_bonus_rate × N − slippage × N − gas > 0`` for the keeper
+            (N the step's notional at the marks); otherwise the account waits to the next bar
+            (``keeper_declined``). The account pays the bonus out of what is left after the
+            fee (Aave: liquidation bonus, venues.md AV4; Maker: chip/tip, MK2).
+        keeper_gas_usd, gas_multiplier, gas_window: a keeper's gas cost of one liquidation,
+            USD, times ``gas_multiplier`` inside ``gas_window`` (``NAME=FROM..TO`` as
+            ``--stress-window``; Black Thursday's gas spike, venues.md M1).
+        keeper_latency_bars: bars an account has been waiting liquidatable before a keeper
+            acts.
+        oracle_heartbeat_bars, oracle_deviation_rate: the margin check sees an oracle instead
+            of the bar's extremes: it publishes the close at a bar when ``heartbeat`` bars
+            have passed since its last update or the close moved at least ``deviation_rate``
+            from it, and bar t's check reads what was published by bar t − 1 (Maker's OSM:
+            one hour late, venues.md M1). None: off. Fills stay at the market's prices.
         partial_min_notional_usd: ``partial``: an account whose open notional at the step's
             marks is at most this closes whole in one step (Hyperliquid: partial only above
             100,000 USDC, venues.md HL2), USD; 0: always partial.
@@ -233,6 +248,13 @@ class AccountConfig:
     partial_min_leftover_usd: float = 0.0
     max_liquidations_per_block: int | None = None
     block_seconds: float = 1.0
+    keeper_bonus_rate: float | None = None
+    keeper_gas_usd: float = 0.0
+    gas_multiplier: float = 1.0
+    gas_window: str | None = None
+    keeper_latency_bars: int = 0
+    oracle_heartbeat_bars: int | None = None
+    oracle_deviation_rate: float = 0.0
 
     @property
     def capacity_limited(self) -> bool:
@@ -247,7 +269,8 @@ class AccountConfig:
         """Whether any mechanism beyond the core (fees and spread aside) is on."""
         return (self.funding or self.impact_coef > 0 or self.cascade
                 or self.policy != "close_all" or self.capacity_limited or self.adl
-                or self.backstop_threshold is not None)
+                or self.backstop_threshold is not None or self.keeper_bonus_rate is not None
+                or self.oracle_heartbeat_bars is not None or self.oracle_deviation_rate > 0)
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any], **defaults: Any) -> AccountConfig:
@@ -349,6 +372,33 @@ class AccountConfig:
                                       or not 1 <= per_block <= 10**9):
             raise bad("max_liquidations_per_block", "must be null or a whole number in "
                       "[1, 1000000000]")
+        kb = self.keeper_bonus_rate
+        if kb is not None and (isinstance(kb, bool) or not isinstance(kb, int | float)
+                               or not 0 <= kb < 1):
+            raise bad("keeper_bonus_rate", "must be null or in [0, 1)")
+        for name in ("keeper_gas_usd", "gas_multiplier"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not (
+                    math.isfinite(v) and v >= 0):
+                raise bad(name, "must be a finite number >= 0")
+        if self.gas_window is not None:
+            if not isinstance(self.gas_window, str):
+                raise bad("gas_window", "must be NAME=FROM..TO")
+            try:
+                StressWindow.parse(self.gas_window)
+            except ValueError as exc:
+                raise bad("gas_window", f"must be NAME=FROM..TO ({exc})") from None
+        kl = self.keeper_latency_bars
+        if isinstance(kl, bool) or not isinstance(kl, int) or not 0 <= kl <= 10**7:
+            raise bad("keeper_latency_bars", "must be a whole number in [0, 10000000]")
+        hb = self.oracle_heartbeat_bars
+        if hb is not None and (isinstance(hb, bool) or not isinstance(hb, int)
+                               or not 1 <= hb <= 10**7):
+            raise bad("oracle_heartbeat_bars", "must be null or a whole number in "
+                      "[1, 10000000]")
+        dev = self.oracle_deviation_rate
+        if isinstance(dev, bool) or not isinstance(dev, int | float) or not 0 <= dev < 1:
+            raise bad("oracle_deviation_rate", "must be in [0, 1)")
         bs = self.block_seconds
         if (isinstance(bs, bool) or not isinstance(bs, int | float) or not math.isfinite(bs)
                 or not 0.001 <= bs <= 86_400):
@@ -496,6 +546,8 @@ class AccountResult:
         backstop_taken, backstop_pnl_usd: with mechanics on, whether the backstop vault took
             each account over and the vault's PnL on it (its close-out equity), USD, ``(A,)``
             (twins: ``twin_backstop_taken``, ``twin_backstop_pnl_usd``, ``(P,)``).
+        keeper_declined, keeper_bonus_usd: with mechanics on, the bars keepers declined each
+            account's step and the bonus it paid them, USD, ``(A,)``.
         adl: with ``AccountConfig.adl``, the auto-deleveraging ledger of the headline
             population (accounts; isolated: the twins, ``AdlFill.account`` a position index).
     """
@@ -541,6 +593,8 @@ class AccountResult:
     twin_backstop_taken: NDArray[np.bool_] = field(
         default_factory=lambda: np.zeros(0, dtype=np.bool_))
     twin_backstop_pnl_usd: FloatArray = field(default_factory=lambda: np.zeros(0))
+    keeper_declined: IntArray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    keeper_bonus_usd: FloatArray = field(default_factory=lambda: np.zeros(0))
 
     def backstop_path(self) -> list[tuple[int, float]]:
         """The backstop vault's cumulative PnL under the headline mode: ``(bar, PnL so far)``
@@ -795,7 +849,8 @@ def simulate_accounts(
                  "twin_backlog": t_out.backlog,
                  "backstop_taken": mout.backstop == 1, "backstop_pnl_usd": mout.backstop_pnl,
                  "twin_backstop_taken": t_out.backstop == 1,
-                 "twin_backstop_pnl_usd": t_out.backstop_pnl}
+                 "twin_backstop_pnl_usd": t_out.backstop_pnl,
+                 "keeper_declined": mout.keeper_declined, "keeper_bonus_usd": mout.keeper_bonus}
     else:
         t_trig, _t_eq, _t_legs, t_fee = empty_outputs(pa.shape[0], k)
         t_eq = _t_eq
@@ -837,7 +892,8 @@ def _run_mech(mm: MarketArrays, book: BookArrays, rules: CollateralRules, mech: 
     walked, from that bar, in (entry, index) order (close in memory, the queue's tie order)."""
     n_acc, k = book.units.shape
     n = mm.close.shape[1]
-    if not fast_start or config.cascade or config.funding:
+    oracle = config.oracle_heartbeat_bars is not None or config.oracle_deviation_rate > 0
+    if not fast_start or config.cascade or config.funding or oracle:
         out = empty_mech_outputs(n_acc, k, n)
         replay_mech(mm, book, rules, mech, n_assets, config.holding_bars, config.latency_bars,
                     out, np.zeros(0, dtype=np.int64))
@@ -907,7 +963,46 @@ def _mechanics(market: Market, config: AccountConfig) -> Mechanics:
         partial_full_ratio=(-np.inf if config.partial_full_ratio is None
                             else float(config.partial_full_ratio)),
         partial_min_leftover_usd=float(config.partial_min_leftover_usd),
-        blocks_per_bar=max(1, int(market.bar_seconds // config.block_seconds)))
+        blocks_per_bar=max(1, int(market.bar_seconds // config.block_seconds)),
+        keeper_bonus_rate=(-1.0 if config.keeper_bonus_rate is None
+                           else float(config.keeper_bonus_rate)),
+        keeper_gas_usd=_gas_series(market, config),
+        keeper_latency_bars=int(config.keeper_latency_bars),
+        oracle=config.oracle_heartbeat_bars is not None or config.oracle_deviation_rate > 0,
+        oracle_price=_oracle_prices(market.matrix("close"), config))
+
+
+def _gas_series(market: Market, config: AccountConfig) -> FloatArray:
+    """A keeper's gas cost of one liquidation per bar, USD, shape ``(n,)``."""
+    gas = np.full(len(market), float(config.keeper_gas_usd))
+    if config.gas_window is not None:
+        w = StressWindow.parse(config.gas_window)
+        ts = market.timestamp_ms
+        gas[(ts >= w.start_ms) & (ts < w.end_ms)] *= float(config.gas_multiplier)
+    return gas
+
+
+def _oracle_prices(close: FloatArray, config: AccountConfig) -> FloatArray:
+    """The price the margin check reads at each bar, ``(k, n)``: the close published at the
+    oracle's last update strictly before the bar (heartbeat or deviation; module "Mechanics").
+    Bar 0 reads its own close (nothing was published before)."""
+    heartbeat = config.oracle_heartbeat_bars
+    dev = float(config.oracle_deviation_rate)
+    if heartbeat is None and dev <= 0:
+        return np.zeros((0, 0))
+    k, n = close.shape
+    out = np.empty((k, n))
+    for i in range(k):
+        last = close[i, 0]
+        last_t = 0
+        out[i, 0] = last
+        for t in range(1, n):
+            out[i, t] = last
+            c = close[i, t]
+            if ((heartbeat is not None and t - last_t >= heartbeat)
+                    or (dev > 0 and abs(c / last - 1.0) >= dev)):
+                last, last_t = c, t
+    return out
 
 
 def _accounts_per_bar(config: AccountConfig, bar_seconds: int) -> int:
