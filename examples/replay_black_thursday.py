@@ -13,9 +13,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from calibration import load_bars  # noqa: E402
-from calibration.accounts import AccountConfig, Market, simulate_accounts  # noqa: E402
-from tests.test_account_venue import (  # noqa: E402
+from calibration import load_bars
+from calibration.accounts import AccountConfig, Market, simulate_accounts
+from tests.test_account_venue import (
     BT_BASE,
     BT_END,
     BT_KEEPERS,

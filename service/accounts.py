@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -194,6 +195,29 @@ class AccountBacktestRequest(msgspec.Struct, frozen=True, kw_only=True,
         "haircuts, upnl_weight"))] = {}
     stress_windows: Annotated[list[StressWindowSpec] | None, _M(
         description="named windows (null: the domain's crash episodes)")] = None
+    frontier: Annotated[list[float | None], _M(max_length=64, description=(
+        "capacities of the throughput-insolvency frontier (liquidations per bar, or USD per "
+        "bar with frontier_kind notional; null: no limit), e.g. [1, 2, 5, 10, null]"))
+                        ] | None = None
+    frontier_kind: Annotated[Literal["accounts", "notional"], _M(
+        description="what the frontier's capacities limit")] = "accounts"
+
+
+def _capacities(raw: list[float | None] | None, kind: str) -> list[float] | None:
+    """The frontier's capacities (null: no limit), refused naming ``frontier[i]``."""
+    if raw is None:
+        return None
+    if not raw:
+        raise InvalidParameters("frontier: give at least one capacity", field="frontier")
+    out = []
+    for i, c in enumerate(raw):
+        value = math.inf if c is None else float(c)
+        if math.isnan(value) or value <= 0 or (
+                kind == "accounts" and math.isfinite(value) and value != int(value)):
+            raise InvalidParameters(f"frontier[{i}]: a capacity must be > 0 (whole for "
+                                    f"accounts) or null, got {c!r}", field=f"frontier[{i}]")
+        out.append(value)
+    return out
 
 
 #: Largest account backtest run as a job, bars summed over the instruments (above
@@ -242,6 +266,7 @@ def _prepare(body: AccountBacktestRequest, settings: Settings
     population = (PopulationSpec.from_mapping(body.population)
                   if body.population is not None else None)
     make_model(body.model, body.params)  # refused now, not as a failed job
+    frontier = _capacities(body.frontier, body.frontier_kind)
     windows = (DEFAULT_STRESS_WINDOWS if body.stress_windows is None else
                tuple(StressWindow.from_dates(w.name, w.start, w.end)
                      for w in body.stress_windows))
@@ -251,7 +276,8 @@ def _prepare(body: AccountBacktestRequest, settings: Settings
                                          population=population, config=config,
                                          stress_windows=windows,
                                          portfolio_model=body.portfolio_model,
-                                         portfolio_params=body.portfolio_params or None)
+                                         portfolio_params=body.portfolio_params or None,
+                                         frontier=frontier, frontier_kind=body.frontier_kind)
         return report
 
     return run, total

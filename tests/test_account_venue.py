@@ -395,3 +395,36 @@ def test_black_thursday_mechanism_in_kind(shared_data) -> None:  # type: ignore[
     in_spike = (spike.keeper_declined > 0) & (ts[asked] < BT_SPIKE_END)
     assert in_spike.any()
     assert ((0.128 * units[in_spike] * low[asked[in_spike]] - 200.0) <= 0.0).all()
+
+
+def test_frontier_over_http(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``frontier`` in POST /v1/account-backtests adds the rows (the unlimited row's bad debt
+    is the plain run's); a bad capacity is problem+json naming ``frontier[i]``."""
+    from litestar.testing import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+    from tests.api_helpers import bars_csv
+
+    (tmp_path / "a.csv").write_bytes(bars_csv(600, seed=1))
+    body = {"data": [{"instrument": "AUSDT", "ref": "a.csv"}],
+            "model": "tiered", "params": {"base_mmr": 0.02, "tier_growth": 1.0,
+                                          "bracket_caps_usd": []},
+            "population": {"seed": 3, "entry_every_bars": 4, "accounts_per_entry": 30,
+                           "leverage": [20, 60]},
+            "stress_windows": [], "liquidation": {"holding_bars": 48, "adl": True}}
+    settings_ = Settings(state_dir=str(tmp_path / ".state"), data_root=str(tmp_path),
+                         guardrails_json='{"min_interval_s": 0}')
+    with TestClient(create_app(settings_)) as c:
+        ok = c.post("/v1/account-backtests", json={**body, "frontier": [1, None]})
+        bad = c.post("/v1/account-backtests", json={**body, "frontier": [1, 0]})
+        frac = c.post("/v1/account-backtests", json={**body, "frontier": [1.5]})
+    assert ok.status_code == 200, ok.text
+    rows = ok.json()["frontier"]
+    assert [r["capacity"] for r in rows] == [1, None]
+    assert rows[1]["bad_debt_usd"] == pytest.approx(ok.json()["summary"][0]["bad_debt_usd"])
+    assert all("adl_volume_usd" in r for r in rows)
+    for resp, where in ((bad, "frontier[1]"), (frac, "frontier[0]")):
+        assert resp.status_code in (400, 422)
+        assert resp.headers["content-type"].startswith("application/problem+json")
+        assert resp.json()["field"] == where
