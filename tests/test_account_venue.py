@@ -428,3 +428,19 @@ def test_frontier_over_http(tmp_path) -> None:  # type: ignore[no-untyped-def]
         assert resp.status_code in (400, 422)
         assert resp.headers["content-type"].startswith("application/problem+json")
         assert resp.json()["field"] == where
+
+
+def test_frontier_chart_in_the_html_report() -> None:
+    """The HTML report draws the frontier when the report has one, one tick per capacity."""
+    from calibration.accounts import render_account_report, run_account_backtest
+
+    cfg = AccountConfig(holding_bars=4, latency_bars=0, insurance_fund_usd=500.0, adl=True)
+    report, result = run_account_backtest(
+        _adl_market(), "tiered", FLAT_1PCT, accounts=_adl_accounts(), config=cfg,
+        frontier=[1, 2, float("inf")])
+    page = render_account_report(report, result)
+    assert "id='chart-frontier'" in page
+    assert "no limit" in page
+    plain, plain_result = run_account_backtest(
+        _adl_market(), "tiered", FLAT_1PCT, accounts=_adl_accounts(), config=cfg)
+    assert "chart-frontier" not in render_account_report(plain, plain_result)
