@@ -308,6 +308,24 @@ def _cmd_accounts_backtest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_accounts_replay(args: argparse.Namespace) -> int:
+    from calibration.accounts._replays import replay_event
+
+    root = Path(os.environ.get("MARGINLAB_DATA_ROOT", os.getcwd()))
+    rows = replay_event(args.event, root)
+    if args.json:
+        import msgspec
+
+        sys.stdout.buffer.write(msgspec.json.encode(rows) + b"\n")
+        return 0
+    print(f"{'scenario':<40}{'liquidated':>11}{'declines':>10}{'bankrupt':>10}"
+          f"{'bad debt USD':>14}")
+    for r in rows:
+        print(f"{r['scenario']:<40}{r['liquidated_accounts']:>11}{r['keeper_declines']:>10}"
+              f"{r['bankrupt_accounts']:>10}{r['bad_debt_usd']:>14,.0f}")
+    return 0
+
+
 def _print_policies(args: argparse.Namespace, market: Any, params: dict[str, Any],
                     accounts: list[Any], config: Any) -> int:
     """``--compare-policies``: one row per liquidation policy for the same accounts."""
@@ -640,6 +658,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also write the HTML report (charts of bad debt and contagion per "
                          "window, the worst accounts, the insurance fund) to FILE")
     ab.set_defaults(func=_cmd_accounts_backtest, align=False)
+
+    rp = ac_sub.add_parser(
+        "replay", help="replay a real stress event with the venue mechanics (one command)",
+        description=("Replay a real stress event from the data under MARGINLAB_DATA_ROOT: "
+                     "2020-03-12 (Black Thursday in kind: hourly ETH, Maker-like vaults, the "
+                     "engine alone, keepers behind a one-hour oracle, and a gas spike)."))
+    rp.add_argument("event", choices=("2020-03-12",), help="the event")
+    rp.add_argument("--json", action="store_true", help="print the rows as JSON")
+    rp.set_defaults(func=_cmd_accounts_replay, align=False)
 
     from calibration.storage import DEFAULT_STORAGE
 

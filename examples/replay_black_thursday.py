@@ -1,6 +1,5 @@
-"""Replay 2020-03-12 (Black Thursday) on hourly Binance ETH/USDT with Maker-like vaults: the
-engine alone, keepers at normal gas behind a one-hour oracle, and keepers with gas ×100 on the
-12th (venues.md M1). Prints liquidations, keeper declines and bad debt per scenario.
+"""Replay 2020-03-12 (Black Thursday) in kind: the same as ``marginlab accounts replay
+2020-03-12`` (``calibration.accounts._replays``), printed as a table.
 
     MARGINLAB_DATA_ROOT=../shared/data .venv/bin/python examples/replay_black_thursday.py
 """
@@ -8,42 +7,17 @@ engine alone, keepers at normal gas behind a one-hour oracle, and keepers with g
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from calibration import load_bars
-from calibration.accounts import AccountConfig, Market, simulate_accounts
-from tests.test_account_venue import (
-    BT_BASE,
-    BT_END,
-    BT_KEEPERS,
-    BT_MM,
-    BT_START,
-    black_thursday_vaults,
-)
+from calibration.accounts._replays import replay_event
 
 
 def main() -> int:
     root = Path(os.environ.get("MARGINLAB_DATA_ROOT", "../shared/data"))
-    bars = load_bars("binance_spot_1h_2017_2021/ETHUSDT_1h.csv", root=root,
-                     start_ms=BT_START, end_ms=BT_END)
-    market = Market.from_series([bars])
-    vaults = black_thursday_vaults()
-    scenarios = {
-        "engine alone": AccountConfig(**BT_BASE),
-        "keepers, normal gas, 1h oracle": AccountConfig(
-            **BT_BASE, **{**BT_KEEPERS, "gas_window": None}),
-        "keepers, gas x100 on 03-12, 1h oracle": AccountConfig(**BT_BASE, **BT_KEEPERS),
-    }
-    print(f"{'scenario':<40}{'liquidated':>11}{'declines':>10}{'bankrupt':>10}"
-          f"{'bad debt USD':>14}")
-    for name, cfg in scenarios.items():
-        r = simulate_accounts(market, BT_MM, vaults, cfg)
-        print(f"{name:<40}{int((r.trigger_bar >= 0).sum()):>11}"
-              f"{int(r.keeper_declined.sum()):>10}{int((r.bad_debt_usd > 0).sum()):>10}"
-              f"{r.bad_debt_usd.sum():>14,.0f}")
+    for row in replay_event("2020-03-12", root):
+        print(f"{row['scenario']:<40} liquidated {row['liquidated_accounts']:>4}  declines "
+              f"{row['keeper_declines']:>5}  bankrupt {row['bankrupt_accounts']:>3}  bad debt "
+              f"{row['bad_debt_usd']:>10,.0f} USD")
     return 0
 
 

@@ -5,6 +5,7 @@ keepers and oracles; each by hand."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -331,33 +332,7 @@ def test_the_margin_check_sees_the_oracle() -> None:
 
 
 # --- Black Thursday in kind (2020-03-12, hourly ETH) -----------------------------------------
-
-BT_START, BT_END = 1_583_798_400_000, 1_584_316_800_000  # 2020-03-10 .. 03-16 UTC
-BT_ENTRY = 1_583_971_200_000  # 2020-03-12 00:00 UTC
-BT_SPIKE_END = 1_584_057_600_000  # 2020-03-13 00:00 UTC
-
-
-def black_thursday_vaults(seed: int = 7, n: int = 400) -> list[Account]:
-    """Maker-like vaults: long ETH (the collateral) against USDT (the debt) at collateral
-    ratios 152%..220%, 300 to 300,000 USD, opened at 2020-03-12 00:00 UTC."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for a in range(n):
-        notional = float(np.exp(rng.uniform(np.log(300), np.log(300_000))))
-        ratio = float(rng.uniform(1.52, 2.2))
-        out.append(Account(id=f"vault{a}", entry_ms=BT_ENTRY,
-                           collateral={"USDT": notional * (1 - 1 / ratio)},
-                           positions={"ETHUSDT": notional}))
-    return out
-
-
-#: Liquidated below 150% collateral: MM = 1/3 of the collateral's value.
-BT_MM = TieredMargin(base_mmr=1 / 3, tier_growth=1.0, bracket_caps_usd=[])
-BT_BASE = {"holding_bars": 96, "latency_bars": 1, "spread_rate": 0.002}
-BT_KEEPERS = {"keeper_bonus_rate": 0.13, "keeper_gas_usd": 2.0, "gas_multiplier": 100.0,
-              "gas_window": "black_thursday=2020-03-12", "oracle_heartbeat_bars": 1}
+# The population and scenarios: calibration.accounts._replays (its module docstring).
 
 
 def test_black_thursday_mechanism_in_kind(shared_data) -> None:  # type: ignore[no-untyped-def]
@@ -366,18 +341,22 @@ def test_black_thursday_mechanism_in_kind(shared_data) -> None:  # type: ignore[
     keepers decline the small vaults (bonus 13% − slippage on their notional below the gas),
     which wait into the 13th and close underwater: bad debt only there (Maker's zero bids,
     venues.md M1)."""
-    import numpy as np
+    from calibration.accounts._replays import (
+        BT_BASE,
+        BT_KEEPERS,
+        BT_MM_PARAMS,
+        BT_SPIKE_END_MS,
+        black_thursday_market,
+        black_thursday_vaults,
+    )
 
-    from calibration import load_bars
-
-    bars = load_bars("binance_spot_1h_2017_2021/ETHUSDT_1h.csv", root=shared_data,
-                     start_ms=BT_START, end_ms=BT_END)
-    market = Market.from_series([bars])
+    market = black_thursday_market(shared_data)
     vaults = black_thursday_vaults()
-    engine = simulate_accounts(market, BT_MM, vaults, AccountConfig(**BT_BASE))
-    calm = simulate_accounts(market, BT_MM, vaults, AccountConfig(
-        **BT_BASE, **{**BT_KEEPERS, "gas_window": None}))
-    spike = simulate_accounts(market, BT_MM, vaults, AccountConfig(**BT_BASE, **BT_KEEPERS))
+    mm = TieredMargin(**BT_MM_PARAMS)  # type: ignore[arg-type]
+    engine = simulate_accounts(market, mm, vaults, BT_BASE)
+    calm = simulate_accounts(market, mm, vaults,
+                             dataclasses.replace(BT_KEEPERS, gas_window=None))
+    spike = simulate_accounts(market, mm, vaults, BT_KEEPERS)
     assert engine.bad_debt_usd.sum() == 0.0
     assert calm.bad_debt_usd.sum() == 0.0
     assert calm.keeper_declined.sum() == 0
@@ -386,13 +365,13 @@ def test_black_thursday_mechanism_in_kind(shared_data) -> None:  # type: ignore[
     low = market.matrix("low")[0]
     bankrupt = np.flatnonzero(spike.bad_debt_usd > 0)
     assert (spike.keeper_declined[bankrupt] > 0).all()
-    assert (ts[spike.trigger_bar[bankrupt]] >= BT_SPIKE_END).all()
+    assert (ts[spike.trigger_bar[bankrupt]] >= BT_SPIKE_END_MS).all()
     # The keeper's rule by hand at each declined vault's first ask inside the spike:
     # (0.13 − 0.002) × units × low − 2 × 100 <= 0.
     units = np.array([v.positions["ETHUSDT"] for v in vaults]) / market.matrix("close")[
         0, spike.entry_bar]
     asked = spike.queued_bar
-    in_spike = (spike.keeper_declined > 0) & (ts[asked] < BT_SPIKE_END)
+    in_spike = (spike.keeper_declined > 0) & (ts[asked] < BT_SPIKE_END_MS)
     assert in_spike.any()
     assert ((0.128 * units[in_spike] * low[asked[in_spike]] - 200.0) <= 0.0).all()
 
@@ -444,3 +423,18 @@ def test_frontier_chart_in_the_html_report() -> None:
     plain, plain_result = run_account_backtest(
         _adl_market(), "tiered", FLAT_1PCT, accounts=_adl_accounts(), config=cfg)
     assert "chart-frontier" not in render_account_report(plain, plain_result)
+
+
+def test_cli_replay_prints_the_event(shared_data, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """``marginlab accounts replay 2020-03-12 --json``: three scenarios, bad debt only with
+    the gas spike (the mechanism test above pins why)."""
+    from calibration.cli import main
+
+    monkeypatch.setenv("MARGINLAB_DATA_ROOT", str(shared_data))
+    assert main(["accounts", "replay", "2020-03-12", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["scenario"] for r in rows] == [
+        "engine alone", "keepers, normal gas, 1h oracle",
+        "keepers, gas x100 on 03-12, 1h oracle"]
+    assert [r["bad_debt_usd"] > 0 for r in rows] == [False, False, True]
+    assert rows[2]["keeper_declines"] > 0
