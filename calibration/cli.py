@@ -318,11 +318,11 @@ def _cmd_accounts_replay(args: argparse.Namespace) -> int:
 
         sys.stdout.buffer.write(msgspec.json.encode(rows) + b"\n")
         return 0
-    print(f"{'scenario':<40}{'liquidated':>11}{'declines':>10}{'bankrupt':>10}"
-          f"{'bad debt USD':>14}")
+    cols = [c for c in rows[0] if c != "scenario"]
+    print(f"{'scenario':<40}" + "".join(f"{c:>20}" for c in cols))
     for r in rows:
-        print(f"{r['scenario']:<40}{r['liquidated_accounts']:>11}{r['keeper_declines']:>10}"
-              f"{r['bankrupt_accounts']:>10}{r['bad_debt_usd']:>14,.0f}")
+        print(f"{r['scenario']:<40}" + "".join(
+            f"{r[c]:>20,.0f}" if isinstance(r[c], float) else f"{r[c]:>20,}" for c in cols))
     return 0
 
 
@@ -663,8 +663,10 @@ def build_parser() -> argparse.ArgumentParser:
         "replay", help="replay a real stress event with the venue mechanics (one command)",
         description=("Replay a real stress event from the data under MARGINLAB_DATA_ROOT: "
                      "2020-03-12 (Black Thursday in kind: hourly ETH, Maker-like vaults, the "
-                     "engine alone, keepers behind a one-hour oracle, and a gas spike)."))
-    rp.add_argument("event", choices=("2020-03-12",), help="the event")
+                     "engine alone, keepers behind a one-hour oracle, and a gas spike); "
+                     "2025-10-10 (BTCUSDT perpetual 5m with Binance's ±1% book-depth bands "
+                     "driving the impact: the engine, the hyperliquid and dydx_v4 presets)."))
+    rp.add_argument("event", choices=("2020-03-12", "2025-10-10"), help="the event")
     rp.add_argument("--json", action="store_true", help="print the rows as JSON")
     rp.set_defaults(func=_cmd_accounts_replay, align=False)
 

@@ -438,3 +438,26 @@ def test_cli_replay_prints_the_event(shared_data, capsys, monkeypatch) -> None: 
         "keepers, gas x100 on 03-12, 1h oracle"]
     assert [r["bad_debt_usd"] > 0 for r in rows] == [False, False, True]
     assert rows[2]["keeper_declines"] > 0
+
+
+def test_replay_2025_10_10_with_depth_bands(shared_data) -> None:  # type: ignore[no-untyped-def]
+    """The 2025-10-10 replay: the depth the impact divides by is the ±1% book band where a
+    fresh snapshot exists and the ADV estimate elsewhere (never NaN, which would read as zero
+    depth: 100% slippage); the hyperliquid preset moves the loss from the fund to the vault;
+    one liquidation per 300 s block queues accounts and, the fund exhausted, deleverages."""
+    from calibration.accounts._engine import _mechanics
+    from calibration.accounts._replays import oct10_market, replay_event
+
+    market = oct10_market(shared_data)
+    band = np.asarray(market.bars[0].bid_depth_usd, dtype=np.float64)
+    assert np.isnan(band[0])  # the bar opens at 00:00:00, the first snapshot is at 00:00:07
+    mech = _mechanics(market, AccountConfig(impact_coef=0.01))
+    assert np.isfinite(mech.bid_depth).all()
+    fresh = ~np.isnan(band)
+    np.testing.assert_array_equal(mech.bid_depth[0][fresh], band[fresh])
+    engine, hl, dydx = replay_event("2025-10-10", shared_data)
+    assert engine["bad_debt_usd"] > 1_000_000.0  # more than the fund
+    assert hl["backstop_pnl_usd"] < 0.0
+    assert hl["bad_debt_usd"] < engine["bad_debt_usd"]
+    assert dydx["peak_backlog"] > 0
+    assert dydx["adl_volume_usd"] > 0.0

@@ -929,11 +929,20 @@ def _mechanics(market: Market, config: AccountConfig) -> Mechanics:
         if config.funding and bars.funding_rate is not None:
             funding[i] = np.cumsum(np.asarray(bars.funding_rate, dtype=np.float64)
                                    * bars.close)
+        traded = bars.traded_usd()
         if bars.bid_depth_usd is not None and bars.ask_depth_usd is not None:
             bid[i] = bars.bid_depth_usd
             ask[i] = bars.ask_depth_usd
+            stale = np.isnan(bid[i]) | np.isnan(ask[i])
+            if stale.any() and traded is not None:
+                # A bar with no fresh snapshot reads the ADV depth (data.with_depth's rule).
+                adv = trailing_mean(np.ascontiguousarray(traded, dtype=np.float64),
+                                    int(config.adv_window_bars),
+                                    86_400.0 / bars.bar_seconds
+                                    * float(config.depth_fraction_of_adv))
+                bid[i] = np.where(np.isnan(bid[i]), adv, bid[i])
+                ask[i] = np.where(np.isnan(ask[i]), adv, ask[i])
             continue
-        traded = bars.traded_usd()
         if traded is None:
             if needs_depth:
                 raise DataError(f"market impact and cascades need order-book depth or volume; "

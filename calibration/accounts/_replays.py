@@ -6,6 +6,12 @@ collateral) against USDT (the debt) at collateral ratios 152%..220% and 300..300
 opened at 2020-03-12 00:00 UTC, liquidated below 150% (MM = 1/3 of the collateral's value),
 replayed three ways: the engine alone; keepers (13% bonus, the Maker penalty) paying 2 USD of
 gas behind a one-hour oracle (the OSM); the same with gas × 100 on the 12th.
+
+``2025-10-10``: the BTCUSDT perpetual's 5-minute bars of the day (PROVENANCE.md #11) with
+Binance's ±1% bookDepth bands (#12) as the depth every close-out's impact divides by; a seeded
+population of directional books (10k..20M USD, 5..40x, 0.5% MM) replayed by the engine alone,
+under the ``hyperliquid`` preset (partial 20%, backstop at 2/3 MM, ADL) and under ``dydx_v4``
+with one liquidation per 300 s block (a binding throughput).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from calibration.accounts._engine import AccountConfig, simulate_accounts
 from calibration.accounts._market import Market
 
 #: The events ``replay_event`` knows.
-REPLAY_EVENTS: tuple[str, ...] = ("2020-03-12",)
+REPLAY_EVENTS: tuple[str, ...] = ("2020-03-12", "2025-10-10")
 
 BT_START_MS, BT_END_MS = 1_583_798_400_000, 1_584_316_800_000  # 2020-03-10 .. 03-16 UTC
 BT_ENTRY_MS = 1_583_971_200_000  # 2020-03-12 00:00 UTC
@@ -57,13 +63,17 @@ def black_thursday_market(root: Path) -> Market:
 
 
 def replay_event(event: str, root: Path) -> list[dict[str, Any]]:
-    """One row per scenario of ``event``: ``scenario``, ``liquidated_accounts``,
-    ``keeper_declines`` (account-bars), ``bankrupt_accounts``, ``bad_debt_usd``."""
+    """One row per scenario of ``event``: ``scenario``, ``liquidated_accounts``, and for
+    2020-03-12 ``keeper_declines`` (account-bars), ``bankrupt_accounts``, ``bad_debt_usd``;
+    for 2025-10-10 ``bad_debt_usd``, ``adl_volume_usd``, ``backstop_pnl_usd``,
+    ``peak_backlog``."""
     from calibration.models import TieredMargin
 
     if event not in REPLAY_EVENTS:
         raise InvalidParameters(f"unknown event {event!r} (known: {', '.join(REPLAY_EVENTS)})",
                                 field="event")
+    if event == "2025-10-10":
+        return _oct10_rows(root)
     market = black_thursday_market(root)
     vaults = black_thursday_vaults()
     model = TieredMargin(**BT_MM_PARAMS)  # type: ignore[arg-type]
@@ -79,4 +89,57 @@ def replay_event(event: str, root: Path) -> list[dict[str, Any]]:
                      "keeper_declines": int(r.keeper_declined.sum()),
                      "bankrupt_accounts": int((r.bad_debt_usd > 0).sum()),
                      "bad_debt_usd": float(r.bad_debt_usd.sum())})
+    return rows
+
+
+OCT10_START_MS, OCT10_END_MS = 1_760_054_400_000, 1_760_140_800_000  # 2025-10-10 UTC
+OCT10_BARS = "binance_usdm_perp_5m_2025_10/BTCUSDT_perp_5m.csv"
+OCT10_DEPTH = "btc_2025_10_10_crash_microstructure/BTCUSDT-bookDepth-2025-10-10.csv"
+
+
+def oct10_market(root: Path) -> Market:
+    """BTCUSDT perpetual 5-minute bars of 2025-10-10 with the ±1% bookDepth bands as the
+    close-outs' depth (bars without a fresh snapshot: the ADV estimate)."""
+    from calibration import load_bars
+    from calibration.data import load_book_depth, with_depth
+
+    bars = load_bars(OCT10_BARS, root=root, start_ms=OCT10_START_MS, end_ms=OCT10_END_MS)
+    return Market.from_series([with_depth(bars, load_book_depth(OCT10_DEPTH, root=root))])
+
+
+def _oct10_rows(root: Path) -> list[dict[str, Any]]:
+    from calibration.accounts._book import PopulationSpec, generate_population
+    from calibration.accounts._venue_presets import preset_fields
+    from calibration.models import TieredMargin
+
+    market = oct10_market(root)
+    model = TieredMargin(base_mmr=0.005, tier_growth=1.0, bracket_caps_usd=[])
+    accounts = generate_population(
+        PopulationSpec(seed=10, entry_every_bars=12, accounts_per_entry=50,
+                       notional_usd=(10_000.0, 20_000_000.0), leverage=(5.0, 40.0)),
+        instruments=market.instruments, timestamp_ms=market.timestamp_ms,
+        close=market.matrix("close"), first_bar=0)
+    base = AccountConfig(holding_bars=288, latency_bars=1, impact_coef=0.01,
+                         insurance_fund_usd=1_000_000.0)
+    scenarios = {
+        "engine alone, depth-band impact": base,
+        "hyperliquid preset": AccountConfig.from_mapping(
+            {**preset_fields("hyperliquid")}, **{
+                k: getattr(base, k) for k in ("holding_bars", "latency_bars", "impact_coef",
+                                              "insurance_fund_usd")}),
+        "dydx_v4 preset, 1 per block of 300 s": AccountConfig.from_mapping(
+            {**preset_fields("dydx_v4"), "max_liquidations_per_block": 1,
+             "block_seconds": 300.0}, **{
+                k: getattr(base, k) for k in ("holding_bars", "latency_bars", "impact_coef",
+                                              "insurance_fund_usd")}),
+    }
+    rows = []
+    for name, cfg in scenarios.items():
+        r = simulate_accounts(market, model, accounts, cfg)
+        rows.append({"scenario": name, "liquidated_accounts": int((r.trigger_bar >= 0).sum()),
+                     "bad_debt_usd": float(r.bad_debt_usd.sum()),
+                     "adl_volume_usd": r.adl.adl_volume_usd if r.adl is not None else 0.0,
+                     "backstop_pnl_usd": float(r.backstop_pnl_usd.sum())
+                     if r.backstop_pnl_usd.size else 0.0,
+                     "peak_backlog": int(r.backlog.max()) if r.backlog.size else 0})
     return rows
