@@ -665,8 +665,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "2020-03-12 (Black Thursday in kind: hourly ETH, Maker-like vaults, the "
                      "engine alone, keepers behind a one-hour oracle, and a gas spike); "
                      "2025-10-10 (BTCUSDT perpetual 5m with Binance's ±1% book-depth bands "
-                     "driving the impact: the engine, the hyperliquid and dydx_v4 presets)."))
-    rp.add_argument("event", choices=("2020-03-12", "2025-10-10"), help="the event")
+                     "driving the impact: the engine, the hyperliquid and dydx_v4 presets); "
+                     "luna-2022-05 (LUNA 1m: the engine, hyperliquid and aave_v3)."))
+    rp.add_argument("event", choices=("2020-03-12", "2025-10-10", "luna-2022-05"),
+                    help="the event")
     rp.add_argument("--json", action="store_true", help="print the rows as JSON")
     rp.set_defaults(func=_cmd_accounts_replay, align=False)
 

@@ -461,3 +461,19 @@ def test_replay_2025_10_10_with_depth_bands(shared_data) -> None:  # type: ignor
     assert hl["bad_debt_usd"] < engine["bad_debt_usd"]
     assert dydx["peak_backlog"] > 0
     assert dydx["adl_volume_usd"] > 0.0
+
+
+def test_replay_luna_2022_05(shared_data, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """``marginlab accounts replay luna-2022-05``: the same books under the engine, the
+    hyperliquid preset (the vault, not the fund, carries the collapse) and aave_v3 (no ADL, no
+    vault: the fund's bad debt stays)."""
+    from calibration.cli import main
+
+    monkeypatch.setenv("MARGINLAB_DATA_ROOT", str(shared_data))
+    assert main(["accounts", "replay", "luna-2022-05", "--json"]) == 0
+    engine, hl, aave = json.loads(capsys.readouterr().out)
+    assert engine["bad_debt_usd"] > 0.0
+    assert hl["backstop_pnl_usd"] < 0.0
+    assert hl["bad_debt_usd"] < engine["bad_debt_usd"]
+    assert aave["adl_volume_usd"] == 0.0
+    assert aave["backstop_pnl_usd"] == 0.0

@@ -12,6 +12,9 @@ Binance's ±1% bookDepth bands (#12) as the depth every close-out's impact divid
 population of directional books (10k..20M USD, 5..40x, 0.5% MM) replayed by the engine alone,
 under the ``hyperliquid`` preset (partial 20%, backstop at 2/3 MM, ADL) and under ``dydx_v4``
 with one liquidation per 300 s block (a binding throughput).
+
+``luna-2022-05``: LUNA/USDT 1-minute, 2022-05-08 .. 05-13 (``_luna_rows``), under the
+engine, the ``hyperliquid`` and the ``aave_v3`` presets.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from calibration.accounts._engine import AccountConfig, simulate_accounts
 from calibration.accounts._market import Market
 
 #: The events ``replay_event`` knows.
-REPLAY_EVENTS: tuple[str, ...] = ("2020-03-12", "2025-10-10")
+REPLAY_EVENTS: tuple[str, ...] = ("2020-03-12", "2025-10-10", "luna-2022-05")
 
 BT_START_MS, BT_END_MS = 1_583_798_400_000, 1_584_316_800_000  # 2020-03-10 .. 03-16 UTC
 BT_ENTRY_MS = 1_583_971_200_000  # 2020-03-12 00:00 UTC
@@ -66,7 +69,7 @@ def replay_event(event: str, root: Path) -> list[dict[str, Any]]:
     """One row per scenario of ``event``: ``scenario``, ``liquidated_accounts``, and for
     2020-03-12 ``keeper_declines`` (account-bars), ``bankrupt_accounts``, ``bad_debt_usd``;
     for 2025-10-10 ``bad_debt_usd``, ``adl_volume_usd``, ``backstop_pnl_usd``,
-    ``peak_backlog``."""
+    ``peak_backlog``; for luna-2022-05 the same but the backlog (USD throughout)."""
     from calibration.models import TieredMargin
 
     if event not in REPLAY_EVENTS:
@@ -74,6 +77,8 @@ def replay_event(event: str, root: Path) -> list[dict[str, Any]]:
                                 field="event")
     if event == "2025-10-10":
         return _oct10_rows(root)
+    if event == "luna-2022-05":
+        return _luna_rows(root)
     market = black_thursday_market(root)
     vaults = black_thursday_vaults()
     model = TieredMargin(**BT_MM_PARAMS)  # type: ignore[arg-type]
@@ -142,4 +147,42 @@ def _oct10_rows(root: Path) -> list[dict[str, Any]]:
                      "backstop_pnl_usd": float(r.backstop_pnl_usd.sum())
                      if r.backstop_pnl_usd.size else 0.0,
                      "peak_backlog": int(r.backlog.max()) if r.backlog.size else 0})
+    return rows
+
+
+LUNA_START_MS, LUNA_END_MS = 1_651_968_000_000, 1_652_400_000_000  # 2022-05-08 .. 05-13 UTC
+LUNA_BARS = "binance_spot_luna_1m_2022_05/LUNAUSDT_1m_2022-05.csv"
+
+
+def _luna_rows(root: Path) -> list[dict[str, Any]]:
+    """LUNA/USDT 1-minute 2022-05-08 .. 05-13 (before Binance's halt, PROVENANCE.md #3):
+    directional books (1k..2M USD, 2..10x, 2% MM), depth 1% of the trailing day's volume."""
+    from calibration import load_bars
+    from calibration.accounts._book import PopulationSpec, generate_population
+    from calibration.accounts._venue_presets import preset_fields
+    from calibration.models import TieredMargin
+
+    market = Market.from_series([load_bars(LUNA_BARS, root=root, start_ms=LUNA_START_MS,
+                                           end_ms=LUNA_END_MS)])
+    model = TieredMargin(base_mmr=0.02, tier_growth=1.0, bracket_caps_usd=[])
+    accounts = generate_population(
+        PopulationSpec(seed=5, entry_every_bars=60, accounts_per_entry=10,
+                       notional_usd=(1_000.0, 2_000_000.0), leverage=(2.0, 10.0)),
+        instruments=market.instruments, timestamp_ms=market.timestamp_ms,
+        close=market.matrix("close"), first_bar=0)
+    keep: dict[str, Any] = {"holding_bars": 1440, "latency_bars": 1, "impact_coef": 0.01,
+            "adv_window_bars": 1440, "insurance_fund_usd": 1_000_000.0}
+    scenarios = {
+        "engine alone, ADV impact": AccountConfig(**keep),
+        "hyperliquid preset": AccountConfig.from_mapping(preset_fields("hyperliquid"), **keep),
+        "aave_v3 preset": AccountConfig.from_mapping(preset_fields("aave_v3"), **keep),
+    }
+    rows = []
+    for name, cfg in scenarios.items():
+        r = simulate_accounts(market, model, accounts, cfg)
+        rows.append({"scenario": name, "liquidated_accounts": int((r.trigger_bar >= 0).sum()),
+                     "bad_debt_usd": float(r.bad_debt_usd.sum()),
+                     "adl_volume_usd": r.adl.adl_volume_usd if r.adl is not None else 0.0,
+                     "backstop_pnl_usd": float(r.backstop_pnl_usd.sum())
+                     if r.backstop_pnl_usd.size else 0.0})
     return rows
