@@ -629,7 +629,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the portfolio model's hyperparameters as a JSON object, or @file.json")
     ab.add_argument("--liquidation", metavar="JSON",
                     help="holding_bars, latency_bars, spread_rate, liquidation_fee_rate, "
-                         "insurance_fund_usd as JSON, or @file.json")
+                         "insurance_fund_usd, capacity, adl, backstop_threshold, partial_*, "
+                         "keeper_*, oracle_* (AccountConfig fields) as JSON, or @file.json; "
+                         "\"preset\": hyperliquid|dydx_v4|aave_v3|binance sets a venue's fields "
+                         "(explicit keys override)")
     ab.add_argument("--policy", choices=("close_all", "largest_requirement_first", "partial",
                                          "hedge_preserving"),
                     help="liquidation policy (default close_all; see AccountConfig.policy)")

@@ -477,3 +477,31 @@ def test_replay_luna_2022_05(shared_data, capsys, monkeypatch) -> None:  # type:
     assert hl["bad_debt_usd"] < engine["bad_debt_usd"]
     assert aave["adl_volume_usd"] == 0.0
     assert aave["backstop_pnl_usd"] == 0.0
+
+
+def test_cli_prints_adl_and_backstop(tmp_path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The text report names the ADL volume and the vault's PnL (the four-account case with
+    the hyperliquid preset's switches: X is taken by the vault, so no ADL is needed)."""
+    import pandas as pd
+
+    from calibration.cli import main
+
+    for b in _adl_market().bars:
+        pd.DataFrame({"timestamp_ms": b.timestamp_ms, "open": b.open, "high": b.high,
+                      "low": b.low, "close": b.close}).to_csv(tmp_path / "AUSDT.csv",
+                                                               index=False)
+    (tmp_path / "accounts.json").write_text(json.dumps([
+        {"id": a.id, "entry": a.entry_ms, "collateral": a.collateral,
+         "positions": a.positions} for a in _adl_accounts()]))
+    monkeypatch.setenv("MARGINLAB_DATA_ROOT", str(tmp_path))
+    args = ["accounts", "backtest", "--data", "AUSDT=AUSDT.csv", "--accounts", "accounts.json",
+            "--model", "tiered", "--params", json.dumps(FLAT_1PCT), "--no-stress-windows",
+            "--liquidation", json.dumps({"holding_bars": 4, "latency_bars": 0,
+                                         "insurance_fund_usd": 500.0, "adl": True})]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "auto-deleveraging: 2 fills" in out
+    assert main([*args[:-1], json.dumps({"preset": "hyperliquid", "holding_bars": 4,
+                                         "latency_bars": 0, "insurance_fund_usd": 500.0})]) == 0
+    out = capsys.readouterr().out
+    assert "backstop vault: 1 accounts taken over, PnL -1,500" in out
