@@ -365,9 +365,9 @@ def print_accounts(report: AccountBacktestReport, console: Console) -> None:
                       f"{_num(a['adl_absorbed_usd'])} USD by {len(a['per_account']):,} "
                       f"accounts, uncovered {_num(a['adl_uncovered_usd'])} USD")
     if report.backstop is not None:
-        b = report.backstop
-        console.print(f"backstop vault: {b['accounts']:,} accounts taken over, PnL "
-                      f"{_num(b['backstop_pnl_usd'])} USD")
+        vault = report.backstop
+        console.print(f"backstop vault: {vault['accounts']:,} accounts taken over, PnL "
+                      f"{_num(vault['backstop_pnl_usd'])} USD")
     if report.frontier:
         table = _Titled("throughput-insolvency frontier (capacity: close-out starts per bar)",
                         [("capacity", "right"), ("per minute", "right"),
