@@ -213,9 +213,11 @@ def _capacities(raw: list[float | None] | None, kind: str) -> list[float] | None
     for i, c in enumerate(raw):
         value = math.inf if c is None else float(c)
         if math.isnan(value) or value <= 0 or (
-                kind == "accounts" and math.isfinite(value) and value != int(value)):
-            raise InvalidParameters(f"frontier[{i}]: a capacity must be > 0 (whole for "
-                                    f"accounts) or null, got {c!r}", field=f"frontier[{i}]")
+                kind == "accounts" and math.isfinite(value)
+                and (value != int(value) or value > 10**9)):
+            raise InvalidParameters(
+                f"frontier[{i}]: a capacity must be > 0 (whole and at most 1e9 for accounts) "
+                f"or null, got {c!r}", field=f"frontier[{i}]")
         out.append(value)
     return out
 

@@ -398,12 +398,13 @@ def test_frontier_over_http(tmp_path) -> None:  # type: ignore[no-untyped-def]
         ok = c.post("/v1/account-backtests", json={**body, "frontier": [1, None]})
         bad = c.post("/v1/account-backtests", json={**body, "frontier": [1, 0]})
         frac = c.post("/v1/account-backtests", json={**body, "frontier": [1.5]})
+        huge = c.post("/v1/account-backtests", json={**body, "frontier": [1e12]})
     assert ok.status_code == 200, ok.text
     rows = ok.json()["frontier"]
     assert [r["capacity"] for r in rows] == [1, None]
     assert rows[1]["bad_debt_usd"] == pytest.approx(ok.json()["summary"][0]["bad_debt_usd"])
     assert all("adl_volume_usd" in r for r in rows)
-    for resp, where in ((bad, "frontier[1]"), (frac, "frontier[0]")):
+    for resp, where in ((bad, "frontier[1]"), (frac, "frontier[0]"), (huge, "frontier[0]")):
         assert resp.status_code in (400, 422)
         assert resp.headers["content-type"].startswith("application/problem+json")
         assert resp.json()["field"] == where
