@@ -363,6 +363,16 @@ def print_accounts(report: AccountBacktestReport, console: Console) -> None:
         console.print(f"liquidation queue: peak backlog {q['peak_backlog']:,} accounts, wait "
                       f"mean {q['mean_wait_bars']:.1f} / max {q['max_wait_bars']:,} bars, bad "
                       f"debt added by waiting {_num(q.get('bad_debt_added_usd'))} USD")
+    if report.adl is not None:
+        adl = report.adl
+        console.print(f"auto-deleveraging: {adl['adl_fills']:,} fills, volume "
+                      f"{_num(adl['adl_volume_usd'])} USD at bankruptcy prices, absorbed "
+                      f"{_num(adl['adl_absorbed_usd'])} USD by {len(adl['per_account']):,} "
+                      f"accounts, uncovered {_num(adl['adl_uncovered_usd'])} USD")
+    if report.backstop is not None:
+        vault = report.backstop
+        console.print(f"backstop vault: {vault['accounts']:,} accounts taken over, PnL "
+                      f"{_num(vault['backstop_pnl_usd'])} USD")
     if report.frontier:
         table = _Titled("throughput-insolvency frontier (capacity: close-out starts per bar)",
                         [("capacity", "right"), ("per minute", "right"),

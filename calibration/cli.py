@@ -233,25 +233,6 @@ def _cmd_backtest(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_accounts_replay(args: argparse.Namespace) -> int:
-    import shlex
-
-    from calibration.accounts import replay
-
-    chosen = replay(args.name)
-    rest = list(args.rest or [])
-    # After the name everything is passed on, except this command's own flag.
-    print_command = args.print_command or "--print-command" in rest
-    argv = chosen.arguments() + [a for a in rest if a != "--print-command"]
-    if print_command:
-        print("marginlab " + " ".join(shlex.quote(a) for a in argv))
-        return 0
-    print(f"replay {chosen.name}: {chosen.description}", file=sys.stderr)
-    nested = build_parser().parse_args(argv)
-    code: int = nested.func(nested)
-    return code
-
-
 def _cmd_accounts_backtest(args: argparse.Namespace) -> int:
     from calibration.accounts import (
         AccountConfig,
@@ -324,6 +305,24 @@ def _cmd_accounts_backtest(args: argparse.Namespace) -> int:
     from calibration._summary import print_accounts
 
     print_accounts(report, _stdout_console())
+    return 0
+
+
+def _cmd_accounts_replay(args: argparse.Namespace) -> int:
+    from calibration.accounts._replays import replay_event
+
+    root = Path(os.environ.get("MARGINLAB_DATA_ROOT", os.getcwd()))
+    rows = replay_event(args.event, root)
+    if args.json:
+        import msgspec
+
+        sys.stdout.buffer.write(msgspec.json.encode(rows) + b"\n")
+        return 0
+    cols = [c for c in rows[0] if c != "scenario"]
+    print(f"{'scenario':<40}" + "".join(f"{c:>20}" for c in cols))
+    for r in rows:
+        print(f"{r['scenario']:<40}" + "".join(
+            f"{r[c]:>20,.0f}" if isinstance(r[c], float) else f"{r[c]:>20,}" for c in cols))
     return 0
 
 
@@ -692,7 +691,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the portfolio model's hyperparameters as a JSON object, or @file.json")
     ab.add_argument("--liquidation", metavar="JSON",
                     help="holding_bars, latency_bars, spread_rate, liquidation_fee_rate, "
-                         "insurance_fund_usd as JSON, or @file.json")
+                         "insurance_fund_usd, capacity, adl, backstop_threshold, partial_*, "
+                         "keeper_*, oracle_* (AccountConfig fields) as JSON, or @file.json; "
+                         "\"preset\": hyperliquid|dydx_v4|aave_v3|binance sets a venue's fields "
+                         "(explicit keys override)")
     ab.add_argument("--policy", choices=("close_all", "largest_requirement_first", "partial",
                                          "hedge_preserving"),
                     help="liquidation policy (default close_all; see AccountConfig.policy)")
@@ -721,22 +723,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also write the HTML report (charts of bad debt and contagion per "
                          "window, the worst accounts, the insurance fund) to FILE")
     ab.set_defaults(func=_cmd_accounts_backtest, align=False)
-    ar = ac_sub.add_parser(
-        "replay", help="replay a real stress day (2025-10-10, 2020-03-12, luna-2022-05)",
-        description=(
-            "A real stress day as an account backtest with fixed, documented arguments "
-            "(calibration.accounts.REPLAYS) over the shared data set; set MARGINLAB_DATA_ROOT "
-            "to it (e.g. ../shared/data). Replays: 2025-10-10 (Binance BTC/ETH perpetuals, "
-            "order-book depth bands), 2020-03-12 (Black Thursday, hourly), luna-2022-05. "
-            "Arguments after the name (--json, --report FILE, --frontier ..., --policy ...) "
-            "go to accounts backtest."),
-    )
-    ar.add_argument("name", help="2025-10-10, 2020-03-12 or luna-2022-05")
-    ar.add_argument("--print-command", action="store_true",
-                    help="print the equivalent marginlab accounts backtest command and stop")
-    ar.add_argument("rest", nargs=argparse.REMAINDER,
-                    help="further accounts backtest arguments")
-    ar.set_defaults(func=_cmd_accounts_replay)
+
+    rp = ac_sub.add_parser(
+        "replay", help="replay a real stress event with the venue mechanics (one command)",
+        description=("Replay a real stress event from the data under MARGINLAB_DATA_ROOT: "
+                     "2020-03-12 (Black Thursday in kind: hourly ETH, Maker-like vaults, the "
+                     "engine alone, keepers behind a one-hour oracle, and a gas spike); "
+                     "2025-10-10 (BTCUSDT perpetual 5m with Binance's ±1% book-depth bands "
+                     "driving the impact: the engine, the hyperliquid and dydx_v4 presets); "
+                     "luna-2022-05 (LUNA 1m: the engine, hyperliquid and aave_v3)."))
+    rp.add_argument("event", choices=("2020-03-12", "2025-10-10", "luna-2022-05"),
+                    help="the event")
+    rp.add_argument("--json", action="store_true", help="print the rows as JSON")
+    rp.set_defaults(func=_cmd_accounts_replay, align=False)
 
     from calibration._defaults import DEFAULT_STORAGE
 

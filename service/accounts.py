@@ -202,14 +202,31 @@ class AccountBacktestRequest(msgspec.Struct, frozen=True, kw_only=True,
         "haircuts, upnl_weight"))] = {}
     stress_windows: Annotated[list[StressWindowSpec] | None, _M(
         description="named windows (null: the domain's crash episodes)")] = None
-    frontier: Annotated[list[Annotated[float, _M(gt=0)] | None], _M(
-        min_length=1, max_length=32, description=(
-            "the throughput-insolvency frontier's capacities (null: no limit), e.g. "
-            "[1, 2, 5, 10, null]: the report's frontier then has one row per capacity (the "
-            "same path replayed at each)"))] | None = None
-    frontier_kind: Annotated[Literal["accounts", "notional"], _M(description=(
-        "what the frontier's capacities limit: accounts starting a close-out per bar, or "
-        "USD notional of close-outs started per bar"))] = "accounts"
+    frontier: Annotated[list[float | None], _M(max_length=64, description=(
+        "capacities of the throughput-insolvency frontier (liquidations per bar, or USD per "
+        "bar with frontier_kind notional; null: no limit), e.g. [1, 2, 5, 10, null]"))
+                        ] | None = None
+    frontier_kind: Annotated[Literal["accounts", "notional"], _M(
+        description="what the frontier's capacities limit")] = "accounts"
+
+
+def _capacities(raw: list[float | None] | None, kind: str) -> list[float] | None:
+    """The frontier's capacities (null: no limit), refused naming ``frontier[i]``."""
+    if raw is None:
+        return None
+    if not raw:
+        raise InvalidParameters("frontier: give at least one capacity", field="frontier")
+    out = []
+    for i, c in enumerate(raw):
+        value = math.inf if c is None else float(c)
+        if math.isnan(value) or value <= 0 or (
+                kind == "accounts" and math.isfinite(value)
+                and (value != int(value) or value > 10**9)):
+            raise InvalidParameters(
+                f"frontier[{i}]: a capacity must be > 0 (whole and at most 1e9 for accounts) "
+                f"or null, got {c!r}", field=f"frontier[{i}]")
+        out.append(value)
+    return out
 
 
 #: Largest account backtest run as a job, bars summed over the instruments (above
@@ -258,8 +275,7 @@ def _prepare(body: AccountBacktestRequest, settings: Settings
     population = (PopulationSpec.from_mapping(body.population)
                   if body.population is not None else None)
     make_model(body.model, body.params)  # refused now, not as a failed job
-    frontier = (None if body.frontier is None else
-                [math.inf if c is None else float(c) for c in body.frontier])
+    frontier = _capacities(body.frontier, body.frontier_kind)
     windows = (DEFAULT_STRESS_WINDOWS if body.stress_windows is None else
                tuple(StressWindow.from_dates(w.name, w.start, w.end)
                      for w in body.stress_windows))
@@ -270,8 +286,7 @@ def _prepare(body: AccountBacktestRequest, settings: Settings
                                          stress_windows=windows,
                                          portfolio_model=body.portfolio_model,
                                          portfolio_params=body.portfolio_params or None,
-                                         frontier=frontier,
-                                         frontier_kind=body.frontier_kind)
+                                         frontier=frontier, frontier_kind=body.frontier_kind)
         return report
 
     return run, total

@@ -475,7 +475,7 @@ def test_frontier_over_http_and_in_the_html_report(tmp_path: Path) -> None:
     assert [r["bad_debt_usd"] for r in report["frontier"]] == pytest.approx(
         [1_470.0, 520.0, 100.0])
     assert report["frontier_kind"] == "accounts"
-    assert zero.status_code == 400
+    assert zero.status_code == 422
     assert zero.json()["field"] == "frontier[1]"
     assert kind.status_code == 400
     assert kind.json()["field"] == "frontier_kind"

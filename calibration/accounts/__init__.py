@@ -5,6 +5,7 @@ The flow: ``Market`` (k instruments on one clock) → ``Account`` books (explici
 contagion) → ``AccountResult`` figures and ``run_account_backtest``'s report.
 """
 
+from calibration.accounts._adl import AdlFill, AdlLedger
 from calibration.accounts._arrays import AccountBook
 from calibration.accounts._book import (
     MARGIN_MODES,
@@ -48,7 +49,6 @@ from calibration.accounts._portfolio_coverage import (
     long_short_book,
     portfolio_coverage,
 )
-from calibration.accounts._replays import REPLAYS, Replay, replay
 from calibration.accounts._report import (
     AccountBacktestReport,
     AccountFigures,
@@ -56,6 +56,7 @@ from calibration.accounts._report import (
     run_account_backtest,
 )
 from calibration.accounts._requirements import Requirement, requirements_now
+from calibration.accounts._venue_presets import VENUE_PRESETS
 
 
 def render_account_report(report: AccountBacktestReport, result: AccountResult) -> str:
@@ -73,6 +74,7 @@ __all__ = [
     "QUEUE_ORDERS",
     "REPLAYS",
     "STABLE_ASSETS",
+    "VENUE_PRESETS",
     "Account",
     "AccountBacktestReport",
     "AccountBook",
@@ -80,6 +82,8 @@ __all__ = [
     "AccountFigures",
     "AccountResult",
     "AccountRow",
+    "AdlFill",
+    "AdlLedger",
     "BreachAttribution",
     "FoldCoverage",
     "GridCalibration",

@@ -70,7 +70,8 @@ def queue_figures(result: AccountResult, unlimited: AccountResult | None = None
 
 def _unlimited(config: AccountConfig) -> AccountConfig:
     return dataclasses.replace(config, max_liquidations_per_bar=None,
-                               max_liquidation_notional_per_bar=None)
+                               max_liquidation_notional_per_bar=None,
+                               max_liquidations_per_block=None)
 
 
 def capacity_frontier(
@@ -92,7 +93,9 @@ def capacity_frontier(
     - ``bad_debt_usd``; ``bad_debt_added_usd`` against the run without a limit (USD);
     - ``liquidated_accounts`` (count), ``liquidated_notional_usd`` (units closed × fill price,
       USD), ``liquidation_steps`` (count);
-    - ``peak_backlog`` (accounts, count), ``mean_wait_bars``, ``max_wait_bars``.
+    - ``peak_backlog`` (accounts, count), ``mean_wait_bars``, ``max_wait_bars``;
+    - ``adl_volume_usd``: with ``config.adl``, the auto-deleveraged notional at bankruptcy
+      prices (USD; 0 without ADL), ``adl_absorbed_usd`` the shortfall the counterparties took.
 
     Every row runs the mechanics kernel (the unlimited one too), under ``config.mode``'s
     headline. More capacity never adds bad debt when the close-out prices only worsen while
@@ -144,6 +147,8 @@ def capacity_frontier(
             "peak_backlog": int(backlog.max()) if backlog.size else 0,
             "mean_wait_bars": float(waits.mean()) if waits.size else 0.0,
             "max_wait_bars": int(waits.max()) if waits.size else 0,
+            "adl_volume_usd": r.adl.adl_volume_usd if r.adl is not None else 0.0,
+            "adl_absorbed_usd": r.adl.adl_absorbed_usd if r.adl is not None else 0.0,
         })
     return rows
 

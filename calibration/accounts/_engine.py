@@ -121,6 +121,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from calibration._errors import DataError, InsufficientData, InvalidParameters
+from calibration.accounts._adl import AdlLedger, auto_deleverage
 from calibration.accounts._arrays import AccountBook
 from calibration.accounts._book import MARGIN_MODES, Account
 from calibration.accounts._haircuts import HaircutSchedule
@@ -191,6 +192,40 @@ class AccountConfig:
             the bar (units × the bar's marks) is below this, USD (None: no limit).
         queue_order: ``most_undercollateralised`` (lowest equity / MM served first) or
             ``first_come`` (earliest bar in the queue first); ties: entry order.
+        adl: auto-deleveraging once the fund is exhausted (``calibration.accounts._adl``):
+            the result's ``adl`` ledger; off by default.
+        backstop_threshold: the backstop vault takes over an account whose equity at a
+            close-out step's marks is below this fraction of its MM (Hyperliquid: 2/3,
+            venues.md HL1): every position and the collateral, closed out as the engine
+            would; the vault keeps that close-out's equity (``backstop_pnl_usd``), the
+            account ends at 0 and the fund takes neither fee nor bad debt. None: off.
+        partial_full_ratio: ``partial``: a step whose marks put equity at or below this
+            fraction of MM closes whole (Aave v3: health factor <= 0.95, venues.md AV1; the
+            engine's equity / MM stands for the health factor). None: off.
+        partial_min_leftover_usd: ``partial``: a step that would leave less than this open
+            (USD at the step's marks) closes whole (Aave v3.3: leftover >= 1,000, AV2); 0: off.
+        max_liquidations_per_block, block_seconds: a per-block limit (dYdX v4: 50
+            liquidations per block, venues.md DY3): the engine starts at most
+            ``max_liquidations_per_block × floor(bar_seconds / block_seconds)`` steps per bar
+            (with ``max_liquidations_per_bar`` too, the tighter). None: no limit.
+        keeper_bonus_rate: DeFi keepers (None: the engine liquidates by itself): a step
+            happens only when ``keeper_bonus_rate × N − slippage × N − gas > 0`` for the keeper
+            (N the step's notional at the marks); otherwise the account waits to the next bar
+            (``keeper_declined``). The account pays the bonus out of what is left after the
+            fee (Aave: liquidation bonus, venues.md AV4; Maker: chip/tip, MK2).
+        keeper_gas_usd, gas_multiplier, gas_window: a keeper's gas cost of one liquidation,
+            USD, times ``gas_multiplier`` inside ``gas_window`` (``NAME=FROM..TO`` as
+            ``--stress-window``; Black Thursday's gas spike, venues.md M1).
+        keeper_latency_bars: bars an account has been waiting liquidatable before a keeper
+            acts.
+        oracle_heartbeat_bars, oracle_deviation_rate: the margin check sees an oracle instead
+            of the bar's extremes: it publishes the close at a bar when ``heartbeat`` bars
+            have passed since its last update or the close moved at least ``deviation_rate``
+            from it, and bar t's check reads what was published by bar t − 1 (Maker's OSM:
+            one hour late, venues.md M1). None: off. Fills stay at the market's prices.
+        partial_min_notional_usd: ``partial``: an account whose open notional at the step's
+            marks is at most this closes whole in one step (Hyperliquid: partial only above
+            100,000 USDC, venues.md HL2), USD; 0: always partial.
     """
 
     mode: str = "cross"
@@ -214,11 +249,26 @@ class AccountConfig:
     max_liquidations_per_bar: int | None = None
     max_liquidation_notional_per_bar: float | None = None
     queue_order: str = "most_undercollateralised"
+    adl: bool = False
+    backstop_threshold: float | None = None
+    partial_min_notional_usd: float = 0.0
+    partial_full_ratio: float | None = None
+    partial_min_leftover_usd: float = 0.0
+    max_liquidations_per_block: int | None = None
+    block_seconds: float = 1.0
+    keeper_bonus_rate: float | None = None
+    keeper_gas_usd: float = 0.0
+    gas_multiplier: float = 1.0
+    gas_window: str | None = None
+    keeper_latency_bars: int = 0
+    oracle_heartbeat_bars: int | None = None
+    oracle_deviation_rate: float = 0.0
 
     @property
     def capacity_limited(self) -> bool:
         """Whether the engine's capacity can bind (domain.md §10)."""
         return (self.max_liquidations_per_bar is not None
+                or self.max_liquidations_per_block is not None
                 or (self.max_liquidation_notional_per_bar is not None
                     and math.isfinite(self.max_liquidation_notional_per_bar)))
 
@@ -226,15 +276,27 @@ class AccountConfig:
     def mechanics(self) -> bool:
         """Whether any mechanism beyond the core (fees and spread aside) is on."""
         return (self.funding or self.impact_coef > 0 or self.cascade
-                or self.policy != "close_all" or self.capacity_limited)
+                or self.policy != "close_all" or self.capacity_limited or self.adl
+                or self.backstop_threshold is not None or self.keeper_bonus_rate is not None
+                or self.oracle_heartbeat_bars is not None or self.oracle_deviation_rate > 0)
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any], **defaults: Any) -> AccountConfig:
         """From JSON-like fields over ``defaults``; unknown or malformed fields are refused
-        with ``field`` = ``liquidation.<name>``."""
+        with ``field`` = ``liquidation.<name>``. ``preset`` names a venue's configuration
+        (``calibration.accounts.VENUE_PRESETS``); the other keys override its fields."""
         if not isinstance(raw, Mapping):
             raise InvalidParameters("liquidation must be an object", field="liquidation")
         known = set(cls.__dataclass_fields__)
+        if "preset" in raw:
+            from calibration.accounts._venue_presets import preset_fields
+
+            try:
+                preset = preset_fields(raw["preset"])
+            except ValueError as exc:
+                raise InvalidParameters(f"liquidation.preset: {exc}",
+                                        field="liquidation.preset") from None
+            raw = {**preset, **{k: v for k, v in raw.items() if k != "preset"}}
         for key in raw:
             if key not in known:
                 raise InvalidParameters(f"liquidation: unknown field {key!r} (known: "
@@ -270,7 +332,7 @@ class AccountConfig:
             raise bad("insurance_fund_usd", "must be a finite number >= 0")
         if not (isinstance(self.upnl_weight, int | float) and 0 <= self.upnl_weight <= 1):
             raise bad("upnl_weight", "must be in [0, 1]")
-        for name in ("funding", "cascade"):
+        for name in ("funding", "cascade", "adl"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false")
         checks = (("impact_coef", 0.0, 100.0, False), ("impact_exponent", 0.0, 3.0, True),
@@ -299,6 +361,56 @@ class AccountConfig:
                                     or not isinstance(cap_usd, int | float)
                                     or math.isnan(cap_usd) or cap_usd <= 0):
             raise bad("max_liquidation_notional_per_bar", "must be null or a number > 0")
+        bt = self.backstop_threshold
+        if bt is not None and (isinstance(bt, bool) or not isinstance(bt, int | float)
+                               or not 0 < bt <= 1):
+            raise bad("backstop_threshold", "must be null or in (0, 1]")
+        for name in ("partial_min_notional_usd", "partial_min_leftover_usd"):
+            pmin = getattr(self, name)
+            if (isinstance(pmin, bool) or not isinstance(pmin, int | float)
+                    or not math.isfinite(pmin) or pmin < 0):
+                raise bad(name, "must be a finite number >= 0")
+        pfr = self.partial_full_ratio
+        if pfr is not None and (isinstance(pfr, bool) or not isinstance(pfr, int | float)
+                                or not math.isfinite(pfr)):
+            raise bad("partial_full_ratio", "must be null or a finite number")
+        per_block = self.max_liquidations_per_block
+        if per_block is not None and (isinstance(per_block, bool)
+                                      or not isinstance(per_block, int)
+                                      or not 1 <= per_block <= 10**9):
+            raise bad("max_liquidations_per_block", "must be null or a whole number in "
+                      "[1, 1000000000]")
+        kb = self.keeper_bonus_rate
+        if kb is not None and (isinstance(kb, bool) or not isinstance(kb, int | float)
+                               or not 0 <= kb < 1):
+            raise bad("keeper_bonus_rate", "must be null or in [0, 1)")
+        for name in ("keeper_gas_usd", "gas_multiplier"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not (
+                    math.isfinite(v) and v >= 0):
+                raise bad(name, "must be a finite number >= 0")
+        if self.gas_window is not None:
+            if not isinstance(self.gas_window, str):
+                raise bad("gas_window", "must be NAME=FROM..TO")
+            try:
+                StressWindow.parse(self.gas_window)
+            except ValueError as exc:
+                raise bad("gas_window", f"must be NAME=FROM..TO ({exc})") from None
+        kl = self.keeper_latency_bars
+        if isinstance(kl, bool) or not isinstance(kl, int) or not 0 <= kl <= 10**7:
+            raise bad("keeper_latency_bars", "must be a whole number in [0, 10000000]")
+        hb = self.oracle_heartbeat_bars
+        if hb is not None and (isinstance(hb, bool) or not isinstance(hb, int)
+                               or not 1 <= hb <= 10**7):
+            raise bad("oracle_heartbeat_bars", "must be null or a whole number in "
+                      "[1, 10000000]")
+        dev = self.oracle_deviation_rate
+        if isinstance(dev, bool) or not isinstance(dev, int | float) or not 0 <= dev < 1:
+            raise bad("oracle_deviation_rate", "must be in [0, 1)")
+        bs = self.block_seconds
+        if (isinstance(bs, bool) or not isinstance(bs, int | float) or not math.isfinite(bs)
+                or not 0.001 <= bs <= 86_400):
+            raise bad("block_seconds", "must be in [0.001, 86400]")
         if self.queue_order not in QUEUE_ORDERS:
             raise bad("queue_order", f"must be one of {', '.join(QUEUE_ORDERS)}, got "
                       f"{self.queue_order!r}")
@@ -439,6 +551,13 @@ class AccountResult:
         timestamp_ms: the market's bar times.
         instruments: the market's instruments.
         insurance_fund_usd: the fund's start level, USD.
+        backstop_taken, backstop_pnl_usd: with mechanics on, whether the backstop vault took
+            each account over and the vault's PnL on it (its close-out equity), USD, ``(A,)``
+            (twins: ``twin_backstop_taken``, ``twin_backstop_pnl_usd``, ``(P,)``).
+        keeper_declined, keeper_bonus_usd: with mechanics on, the bars keepers declined each
+            account's step and the bonus it paid them, USD, ``(A,)``.
+        adl: with ``AccountConfig.adl``, the auto-deleveraging ledger of the headline
+            population (accounts; isolated: the twins, ``AdlFill.account`` a position index).
     """
 
     accounts: tuple[Account, ...]
@@ -476,10 +595,39 @@ class AccountResult:
     twin_wait_bars: IntArray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     twin_backlog: IntArray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     account_mode: tuple[str, ...] = ()
+    adl: AdlLedger | None = None
+    backstop_taken: NDArray[np.bool_] = field(
+        default_factory=lambda: np.zeros(0, dtype=np.bool_))
+    backstop_pnl_usd: FloatArray = field(default_factory=lambda: np.zeros(0))
+    twin_backstop_taken: NDArray[np.bool_] = field(
+        default_factory=lambda: np.zeros(0, dtype=np.bool_))
+    twin_backstop_pnl_usd: FloatArray = field(default_factory=lambda: np.zeros(0))
+    keeper_declined: IntArray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    keeper_bonus_usd: FloatArray = field(default_factory=lambda: np.zeros(0))
 
     def modes(self) -> tuple[str, ...]:
         """Each account's margin mode, ``(A,)``."""
         return self.account_mode or (self.mode,) * len(self.accounts)
+
+    def backstop_path(self) -> list[tuple[int, float]]:
+        """The backstop vault's cumulative PnL under the headline mode: ``(bar, PnL so far)``
+        at every close-out bar of an account it took over, USD (empty without takeovers)."""
+        if self.mode == "isolated":
+            taken, pnl, bars = (self.twin_backstop_taken, self.twin_backstop_pnl_usd,
+                                self.twin_closeout_bar)
+        else:
+            taken, pnl, bars = self.backstop_taken, self.backstop_pnl_usd, self.closeout_bar
+        if taken.size == 0:
+            return []
+        moves: dict[int, float] = {}
+        for b, v in zip(bars[taken], pnl[taken], strict=True):
+            moves[int(b)] = moves.get(int(b), 0.0) + float(v)
+        total = 0.0
+        out = []
+        for b in sorted(moves):
+            total += moves[b]
+            out.append((b, total))
+        return out
 
     def healthy_legs(self) -> NDArray[np.bool_]:
         """Per position: closed with its liquidated account, while its twin never triggered or
@@ -549,7 +697,10 @@ class AccountResult:
 
     def fund_path(self) -> list[tuple[int, float]]:
         """The venue's one fund under the headline mode: ``(bar, level after that bar's
-        close-outs)`` for every bar with a close-out, from ``insurance_fund_usd``."""
+        close-outs)`` for every bar with a close-out, from ``insurance_fund_usd`` (with ADL,
+        the shortfall the counterparties absorbed is not the fund's)."""
+        if self.adl is not None:
+            return list(self.adl.fund_path)
         pooled = np.array([m != "isolated" for m in self.modes()], dtype=bool)
         moves: dict[int, float] = {}
         for bars, bad, fee, hit in (
@@ -713,7 +864,11 @@ def simulate_accounts(
                  "wait_bars": mout.wait_bars, "backlog": mout.backlog,
                  "started": mout.started, "started_usd": mout.started_usd,
                  "twin_queued_bar": t_out.queued_bar, "twin_wait_bars": t_out.wait_bars,
-                 "twin_backlog": t_out.backlog}
+                 "twin_backlog": t_out.backlog,
+                 "backstop_taken": mout.backstop == 1, "backstop_pnl_usd": mout.backstop_pnl,
+                 "twin_backstop_taken": t_out.backstop == 1,
+                 "twin_backstop_pnl_usd": t_out.backstop_pnl,
+                 "keeper_declined": mout.keeper_declined, "keeper_bonus_usd": mout.keeper_bonus}
     else:
         t_trig, _t_eq, _t_legs, t_fee = empty_outputs(pa.shape[0], k)
         t_eq = _t_eq
@@ -725,6 +880,16 @@ def simulate_accounts(
         closeout_bar = np.minimum(trig + config.latency_bars, n - 1)
         t_closeout_bar = np.minimum(t_trig + config.latency_bars, n - 1)
     leg_pnl = legs[pa, pi]
+    if config.adl:
+        isolated = config.mode == "isolated"
+        pop, pop_out = (twins, t_out) if isolated else (book, mout)
+        extra["adl"] = auto_deleverage(
+            close=close, entry_bar=pop.entry, units=pop.units, usd=pop.usd,
+            col_units=pop.col_units, col_inst=pop.col_inst, holding_bars=config.holding_bars,
+            trigger_bar=pop_out.trigger, closeout_bar=pop_out.closeout_bar,
+            bad_debt_usd=pop_out.bad_debt, fee_usd=pop_out.fee, leg_pnl_usd=pop_out.leg_pnl,
+            leg_closed_usd=pop_out.leg_closed_usd,
+            insurance_fund_usd=float(config.insurance_fund_usd))
     return AccountResult(
         accounts=tuple(opened), skipped=skipped, entry_bar=book.entry, trigger_bar=trig,
         closeout_equity_usd=eq, bad_debt_usd=bad, fee_usd=fee, position_account=pa,
@@ -745,7 +910,8 @@ def _run_mech(mm: MarketArrays, book: BookArrays, rules: CollateralRules, mech: 
     walked, from that bar, in (entry, index) order (close in memory, the queue's tie order)."""
     n_acc, k = book.units.shape
     n = mm.close.shape[1]
-    if not fast_start or config.cascade or config.funding or mech.portfolio:
+    oracle = config.oracle_heartbeat_bars is not None or config.oracle_deviation_rate > 0
+    if not fast_start or config.cascade or config.funding or mech.portfolio or oracle:
         out = empty_mech_outputs(n_acc, k, n)
         replay_mech(mm, book, rules, mech, n_assets, config.holding_bars, config.latency_bars,
                     out, np.zeros(0, dtype=np.int64))
@@ -818,13 +984,70 @@ def _mechanics(market: Market, config: AccountConfig,
         cascade_kappa=float(config.cascade_kappa), policy=POLICIES.index(config.policy),
         partial_fraction=float(config.partial_fraction), partial_steps=max(1, steps),
         cooldown_bars=int(config.cooldown_bars),
-        max_accounts_per_bar=(-1 if config.max_liquidations_per_bar is None
-                              else int(config.max_liquidations_per_bar)),
+        max_accounts_per_bar=_accounts_per_bar(config, market.bar_seconds),
         max_notional_per_bar=(np.inf if config.max_liquidation_notional_per_bar is None
                               else float(config.max_liquidation_notional_per_bar)),
         queue_order=QUEUE_ORDERS.index(config.queue_order),
         portfolio=scenarios is not None,
-        scenarios=scenarios if scenarios is not None else no_scenarios())
+        scenarios=scenarios if scenarios is not None else no_scenarios(),
+        backstop_threshold=(0.0 if config.backstop_threshold is None
+                            else float(config.backstop_threshold)),
+        partial_min_notional_usd=float(config.partial_min_notional_usd),
+        partial_full_ratio=(-np.inf if config.partial_full_ratio is None
+                            else float(config.partial_full_ratio)),
+        partial_min_leftover_usd=float(config.partial_min_leftover_usd),
+        blocks_per_bar=max(1, int(market.bar_seconds // config.block_seconds)),
+        keeper_bonus_rate=(-1.0 if config.keeper_bonus_rate is None
+                           else float(config.keeper_bonus_rate)),
+        keeper_gas_usd=_gas_series(market, config),
+        keeper_latency_bars=int(config.keeper_latency_bars),
+        oracle=config.oracle_heartbeat_bars is not None or config.oracle_deviation_rate > 0,
+        oracle_price=_oracle_prices(market.matrix("close"), config))
+
+
+def _gas_series(market: Market, config: AccountConfig) -> FloatArray:
+    """A keeper's gas cost of one liquidation per bar, USD, shape ``(n,)``."""
+    gas = np.full(len(market), float(config.keeper_gas_usd))
+    if config.gas_window is not None:
+        w = StressWindow.parse(config.gas_window)
+        ts = market.timestamp_ms
+        gas[(ts >= w.start_ms) & (ts < w.end_ms)] *= float(config.gas_multiplier)
+    return gas
+
+
+def _oracle_prices(close: FloatArray, config: AccountConfig) -> FloatArray:
+    """The price the margin check reads at each bar, ``(k, n)``: the close published at the
+    oracle's last update strictly before the bar (heartbeat or deviation; module "Mechanics").
+    Bar 0 reads its own close (nothing was published before)."""
+    heartbeat = config.oracle_heartbeat_bars
+    dev = float(config.oracle_deviation_rate)
+    if heartbeat is None and dev <= 0:
+        return np.zeros((0, 0))
+    k, n = close.shape
+    out = np.empty((k, n))
+    for i in range(k):
+        last = close[i, 0]
+        last_t = 0
+        out[i, 0] = last
+        for t in range(1, n):
+            out[i, t] = last
+            c = close[i, t]
+            if ((heartbeat is not None and t - last_t >= heartbeat)
+                    or (dev > 0 and abs(c / last - 1.0) >= dev)):
+                last, last_t = c, t
+    return out
+
+
+def _accounts_per_bar(config: AccountConfig, bar_seconds: int) -> int:
+    """The engine's step starts per bar (-1: no limit): ``max_liquidations_per_bar`` and
+    ``max_liquidations_per_block`` × the blocks in a bar, the tighter."""
+    caps = []
+    if config.max_liquidations_per_bar is not None:
+        caps.append(int(config.max_liquidations_per_bar))
+    if config.max_liquidations_per_block is not None:
+        blocks = max(1, int(bar_seconds // config.block_seconds))
+        caps.append(int(config.max_liquidations_per_block) * blocks)
+    return min(caps) if caps else -1
 
 
 def _collateral_rules(assets: Sequence[str], config: AccountConfig) -> CollateralRules:

@@ -140,6 +140,35 @@ def _fund_chart(result: AccountResult) -> str:
     return _svg(fig)
 
 
+def _frontier_chart(rows: list[dict[str, Any]], bar_seconds: int) -> str:
+    """Bad debt (and ADL volume, when any) per capacity: the throughput–insolvency frontier;
+    the unlimited row is drawn at the right edge, labelled "no limit"."""
+    finite = [float(r["capacity"]) for r in rows if r["capacity"] is not None]
+    edge = (max(finite) * 2.0) if finite else 1.0
+    xs = [float(r["capacity"]) if r["capacity"] is not None else edge
+          for r in rows]
+    order = np.argsort(xs, kind="stable")
+    x = np.array(xs)[order]
+    bad = np.array([float(rows[i]["bad_debt_usd"]) for i in order])
+    adl = np.array([float(rows[i].get("adl_volume_usd", 0.0)) for i in order])
+    fig, ax = plt.subplots(figsize=(11, 3.4))
+    ax.plot(x, bad, marker="o", color=_CROSS, lw=1.4, label="bad debt (USD)")
+    if adl.any():
+        ax.plot(x, adl, marker="s", color=_ISOLATED, lw=1.0, ls="--",
+                label="ADL volume at bankruptcy prices (USD)")
+    if len(x) > 1 and x.min() > 0:
+        ax.set_xscale("log")
+    ax.set_xticks(x)
+    ax.set_xticklabels(["no limit" if rows[i]["capacity"] is None else f"{xs[i]:g}"
+                        for i in order], fontsize=8)
+    ax.set_xlabel(f"capacity per bar of {format_duration(bar_seconds)}")
+    ax.set_ylabel("USD")
+    ax.set_title("Throughput–insolvency frontier: bad debt per engine capacity", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _svg(fig)
+
+
 def _figures_table(figures: list[AccountFigures], mode: str, pooled: str) -> str:
     rows = []
     for f in figures:
@@ -203,33 +232,6 @@ def _frontier_kind(report: AccountBacktestReport) -> str:
     return str(report.frontier_kind or "accounts")
 
 
-def _frontier_chart(report: AccountBacktestReport) -> str:
-    rows = report.frontier or []
-    kind = _frontier_kind(report)
-    fig, ax = plt.subplots(figsize=(9, 3.6))
-    x = np.arange(len(rows))
-    debt = [float(r["bad_debt_usd"]) for r in rows]
-    ax.plot(x, debt, marker="o", color=_ISOLATED, lw=1.4, label="bad debt (USD)")
-    for i, d in enumerate(debt):
-        ax.annotate(_usd(d), (i, d), ha="center", va="bottom", fontsize=7,
-                    xytext=(0, 4), textcoords="offset points")
-    if any("adl_volume_usd" in r for r in rows):
-        adl = [float(r.get("adl_volume_usd", 0.0)) for r in rows]
-        ax.plot(x, adl, marker="s", color="#6a1b9a", lw=1.0, ls="--",
-                label="auto-deleveraged notional (USD)")
-    ax.set_xticks(x, [_capacity_label(r, kind) for r in rows])
-    unit = "accounts starting a close-out per bar" if kind == "accounts" else \
-        "USD notional of close-outs started per bar"
-    ax.set_xlabel(f"liquidation-engine capacity ({unit})")
-    ax.set_ylabel("USD")
-    ax.margins(y=0.2)
-    ax.set_title("Throughput–insolvency frontier: bad debt left by the same path at each "
-                 "capacity (USD)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _svg(fig)
-
-
 def _frontier_table(report: AccountBacktestReport) -> str:
     kind = _frontier_kind(report)
     head = ("<tr><th>capacity</th><th>per minute</th><th>bad debt (USD)</th>"
@@ -288,12 +290,10 @@ def _render(report: AccountBacktestReport, result: AccountResult) -> str:
         + "</div>",
     ]
     if report.frontier:
-        parts += [
-            "<h2>Throughput–insolvency frontier</h2><p>The same accounts and path replayed "
-            "once per liquidation-engine capacity, every other setting kept; waiting "
-            "accounts are marked every bar and close at the prices of the bar that serves "
-            "them.</p><div class='chart' id='chart-frontier'>" + _frontier_chart(report)
-            + "</div>", _frontier_table(report)]
+        parts.append("<h2>Throughput–insolvency frontier</h2><div class='chart' "
+                     "id='chart-frontier'>"
+                     + _frontier_chart(report.frontier, report.bar_seconds) + "</div>")
+        parts.append(_frontier_table(report))
     style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
              "padding:3px 8px;font-size:13px}td{text-align:right}td:first-child{text-align:"

@@ -64,6 +64,16 @@ class Mechanics(NamedTuple):
     # Portfolio mode (domain.md §8): MM = mm_factor · IM of the scenarios; else unused.
     portfolio: bool
     scenarios: ScenarioArrays
+    backstop_threshold: float  # vault takes over below this fraction of MM; 0: off
+    partial_min_notional_usd: float  # partial: an account at or below this closes whole
+    partial_full_ratio: float  # partial: equity / MM at or below this closes whole; -inf: off
+    partial_min_leftover_usd: float  # partial: a step leaving less open closes whole
+    blocks_per_bar: int  # blocks in one bar (the per-block limit's multiplier)
+    keeper_bonus_rate: float  # keepers' bonus on the step's notional; -1: no keepers
+    keeper_gas_usd: FloatArray  # (n,) a keeper's gas cost of one liquidation per bar, USD
+    keeper_latency_bars: int  # bars an account waits liquidatable before a keeper acts
+    oracle: bool  # the trigger test reads oracle_price instead of the bar's extremes
+    oracle_price: FloatArray  # (k, n) the oracle's price (the close when it updated)
 
 
 class MechOutputs(NamedTuple):
@@ -83,6 +93,10 @@ class MechOutputs(NamedTuple):
     backlog: IntArray  # (n,) accounts left waiting after each bar's service
     started: IntArray  # (n,) close-out steps started in each bar
     started_usd: FloatArray  # (n,) their notional at the bar's marks, USD
+    backstop: IntArray  # (A,) 1 when the backstop vault took the account over
+    backstop_pnl: FloatArray  # (A,) the vault's PnL on it (its close-out equity), USD
+    keeper_declined: IntArray  # (A,) bars a keeper declined the account's step
+    keeper_bonus: FloatArray  # (A,) bonus the account paid the keepers, USD
 
 
 def no_scenarios() -> ScenarioArrays:
@@ -135,7 +149,10 @@ def empty_mech_outputs(n_accounts: int, k: int, n_bars: int = 0) -> MechOutputs:
         queued_bar=np.full(n_accounts, -1, dtype=np.int64),
         wait_bars=np.zeros(n_accounts, dtype=np.int64),
         backlog=np.zeros(n_bars, dtype=np.int64), started=np.zeros(n_bars, dtype=np.int64),
-        started_usd=np.zeros(n_bars))
+        started_usd=np.zeros(n_bars), backstop=np.zeros(n_accounts, dtype=np.int64),
+        backstop_pnl=np.zeros(n_accounts),
+        keeper_declined=np.zeros(n_accounts, dtype=np.int64),
+        keeper_bonus=np.zeros(n_accounts))
 
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
@@ -248,6 +265,23 @@ def _plan(
         return
     if mech.policy == 2:
         final = steps_done + 1 >= mech.partial_steps
+        if not final and mech.partial_min_notional_usd > 0.0:
+            usd = 0.0
+            for i in range(k):
+                if rem[i] != 0.0:
+                    usd += abs(rem[i]) * _mark(low, high, i, t, net[m.inst_asset[i]] >= 0.0)
+            final = usd <= mech.partial_min_notional_usd
+        if not final and mech.partial_full_ratio > -np.inf:
+            eq, mm = _estimate(m, book, rules, mech, low, high, j, t, cash, rem, delta,
+                               anchor, net)
+            final = eq <= mech.partial_full_ratio * mm
+        if not final and mech.partial_min_leftover_usd > 0.0:
+            left = 0.0
+            for i in range(k):
+                if rem[i] != 0.0:
+                    q = rem[i] - book.units[j, i] * mech.partial_fraction
+                    left += abs(q) * _mark(low, high, i, t, net[m.inst_asset[i]] >= 0.0)
+            final = left < mech.partial_min_leftover_usd
         for i in range(k):
             if rem[i] != 0.0:
                 delta[i] = rem[i] if final else book.units[j, i] * mech.partial_fraction
@@ -382,8 +416,13 @@ def replay_mech(
                 else:
                     for i in range(k):
                         delta[i] = 0.0
-                    eq, mm = _estimate(m, book, rules, mech, low, high, j, t, cash[j],
-                                       rem[j], delta, anchor[j], net[j])
+                    if mech.oracle:
+                        eq, mm = _estimate(m, book, rules, mech, mech.oracle_price,
+                                           mech.oracle_price, j, t, cash[j], rem[j], delta,
+                                           anchor[j], net[j])
+                    else:
+                        eq, mm = _estimate(m, book, rules, mech, low, high, j, t, cash[j],
+                                           rem[j], delta, anchor[j], net[j])
                 if eq > mm:
                     # Recovered (possibly while waiting): it leaves the queue.
                     in_liq[j] = False
@@ -429,6 +468,18 @@ def replay_mech(
                     out.wait_bars[j] += 1
                 out.backlog[t] += 1
                 continue
+            if mech.keeper_bonus_rate >= 0.0 and not last_bar and not _keeper_acts(
+                    m, book, rules, mech, low, high, j, t, cash[j], rem[j], anchor[j],
+                    net[j], out.steps[j], queued_since[j], delta):
+                # No keeper liquidates it this bar: it waits, as if the engine were full.
+                queued[j] = True
+                if queued_since[j] < 0:
+                    queued_since[j] = t
+                out.keeper_declined[j] += 1
+                if out.trigger[j] < 0:
+                    out.wait_bars[j] += 1
+                out.backlog[t] += 1
+                continue
             queued[j] = False
             queued_since[j] = -1
             n_started += 1
@@ -438,6 +489,30 @@ def replay_mech(
                                delta, out, n_col)
         out.started[t] = n_started
         out.started_usd[t] = usd
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def _keeper_acts(
+    m: MarketArrays, book: BookArrays, rules: CollateralRules, mech: Mechanics,
+    low: FloatArray, high: FloatArray, j: int, t: int, cash: float, rem: FloatArray,
+    anchor: IntArray, net: FloatArray, steps_done: int, since: int, delta: FloatArray,
+) -> bool:  # pragma: no cover - jit
+    """Whether a keeper takes account j's step at bar t: the account has been liquidatable
+    ``keeper_latency_bars`` bars, and the bonus on the step's notional at the marks less the
+    slippage of its fill and the bar's gas cost is positive."""
+    if since >= 0 and t - since < mech.keeper_latency_bars:
+        return False
+    _plan(m, book, rules, mech, low, high, j, t, cash, rem, anchor, net, steps_done, False,
+          delta)
+    profit = -mech.keeper_gas_usd[t]
+    for i in range(rem.shape[0]):
+        d = delta[i]
+        if d == 0.0:
+            continue
+        p = _mark(low, high, i, t, net[m.inst_asset[i]] >= 0.0)
+        profit += (mech.keeper_bonus_rate - _slip(mech, i, d, m.close[i, book.entry[j]], t)) \
+            * abs(d) * p
+    return bool(profit > 0.0)
 
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
@@ -530,8 +605,21 @@ def _start_step(
     last_bar = t == n - 1
     if out.trigger[j] < 0:
         out.trigger[j] = t
-    _plan(m, book, rules, mech, low, high, j, t, cash[j], rem[j], anchor[j], net[j],
-          out.steps[j], last_bar, delta)
+    taken = False
+    if mech.backstop_threshold > 0.0:
+        for i in range(k):
+            delta[i] = 0.0
+        eq0, mm0 = _estimate(m, book, rules, mech, low, high, j, t, cash[j], rem[j], delta,
+                             anchor[j], net[j])
+        taken = eq0 < mech.backstop_threshold * mm0
+    if taken:
+        # The vault takes every position and the collateral (venues.md HL1).
+        out.backstop[j] = 1
+        for i in range(k):
+            delta[i] = rem[j, i]
+    else:
+        _plan(m, book, rules, mech, low, high, j, t, cash[j], rem[j], anchor[j], net[j],
+              out.steps[j], last_bar, delta)
     final = True
     usd = 0.0
     for i in range(k):
@@ -635,6 +723,21 @@ def _settle(
                 eq += u * _mark(low, high, book.col_inst[cc], t,
                                 net[book.col_asset[cc]] >= 0.0)
     paid = min(mech.fee_rate * gross, eq) if eq > 0.0 else 0.0
+    if mech.keeper_bonus_rate > 0.0 and out.backstop[j] == 0 and eq - paid > 0.0:
+        # The keeper's bonus comes out of what is left after the fund's fee.
+        bonus = min(mech.keeper_bonus_rate * gross, eq - paid)
+        out.keeper_bonus[j] += bonus
+        eq -= bonus
+        c -= bonus
+    if out.backstop[j] == 1:
+        # The vault holds the book: its close-out is the vault's PnL, the account ends at 0,
+        # no fee and no bad debt for the fund.
+        out.backstop_pnl[j] = eq
+        cash[j] = 0.0
+        out.closeout_equity[j] = 0.0
+        out.closeout_bar[j] = end
+        pend_bar[j] = -1
+        return
     out.fee[j] += paid
     c -= paid
     cash[j] = c

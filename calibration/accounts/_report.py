@@ -115,6 +115,15 @@ class AccountBacktestReport(msgspec.Struct, frozen=True, kw_only=True):
             (``calibration.accounts.capacity_frontier``).
         frontier_kind: what the frontier's capacities limit: ``accounts`` (close-outs
             started per bar) or ``notional`` (USD of close-outs started per bar).
+        adl: with ``liquidation.adl``, the auto-deleveraging once the fund is exhausted
+            (``calibration.accounts._adl``): ``adl_volume_usd`` (Σ units × bankruptcy price),
+            ``adl_absorbed_usd``, ``adl_uncovered_usd`` (USD), ``per_account`` (id →
+            absorbed USD, for every account that absorbed) and ``fills`` (``account``,
+            ``bankrupt`` ids, ``time`` UTC ISO 8601, ``instrument``, ``units`` given up,
+            signed, ``price_usd`` the bankruptcy price, ``absorbed_usd``).
+        backstop: with ``liquidation.backstop_threshold``, the backstop vault: ``accounts``
+            taken over (count), ``backstop_pnl_usd`` (its total PnL on them, USD) and
+            ``path`` (``[time UTC ISO 8601, cumulative PnL USD]`` per close-out bar).
     """
 
     engine_version: str
@@ -140,6 +149,8 @@ class AccountBacktestReport(msgspec.Struct, frozen=True, kw_only=True):
     queue: dict[str, Any] | None = None
     frontier: list[dict[str, Any]] | None = None
     frontier_kind: str | None = None
+    adl: dict[str, Any] | None = None
+    backstop: dict[str, Any] | None = None
 
 
 def run_account_backtest(
@@ -214,7 +225,8 @@ def run_account_backtest(
         unlimited = simulate_accounts(
             market, margin, accounts,
             dataclasses.replace(config, max_liquidations_per_bar=None,
-                                max_liquidation_notional_per_bar=None),
+                                max_liquidation_notional_per_bar=None,
+                                max_liquidations_per_block=None),
             mechanics_kernel=True, portfolio=portfolio)
         queue = queue_figures(result, unlimited)
         # Bars are the library's unit; the report speaks times.
@@ -270,10 +282,48 @@ def run_account_backtest(
                           if portfolio is not None else None),
         queue=queue, frontier=frontier_rows,
         frontier_kind=frontier_kind if frontier_rows is not None else None,
+        adl=_adl_figures(result),
+        backstop=_backstop_figures(result) if config.backstop_threshold is not None else None,
         accounts_by_mode={m: AccountFigures(window="all", **f)
                           for m, f in result.summary_by_mode().items()},
     )
     return report, result
+
+
+def _backstop_figures(result: AccountResult) -> dict[str, Any]:
+    """The report's ``backstop`` block."""
+    isolated = result.mode == "isolated"
+    taken = result.twin_backstop_taken if isolated else result.backstop_taken
+    pnl = result.twin_backstop_pnl_usd if isolated else result.backstop_pnl_usd
+    ts = result.timestamp_ms
+    return {"accounts": int(taken.sum()), "backstop_pnl_usd": float(pnl[taken].sum()),
+            "path": [[iso_utc(int(ts[b])), v] for b, v in result.backstop_path()]}
+
+
+def _adl_figures(result: AccountResult) -> dict[str, Any] | None:
+    """The report's ``adl`` block (ids and times instead of indices and bars)."""
+    ledger = result.adl
+    if ledger is None:
+        return None
+    if result.mode == "isolated":
+        ids = [result.accounts[int(a)].id for a in result.position_account]
+    else:
+        ids = [a.id for a in result.accounts]
+    ts = result.timestamp_ms
+    per: dict[str, float] = {}
+    for f in ledger.fills:
+        per[ids[f.account]] = per.get(ids[f.account], 0.0) + f.absorbed_usd
+    return {
+        "adl_volume_usd": ledger.adl_volume_usd,
+        "adl_absorbed_usd": ledger.adl_absorbed_usd,
+        "adl_uncovered_usd": ledger.adl_uncovered_usd,
+        "adl_fills": len(ledger.fills),
+        "per_account": per,
+        "fills": [{"account": ids[f.account], "bankrupt": ids[f.bankrupt],
+                   "time": iso_utc(int(ts[f.bar])), "instrument": result.instruments[f.instrument],
+                   "units": f.units, "price_usd": f.price_usd, "absorbed_usd": f.absorbed_usd}
+                  for f in ledger.fills],
+    }
 
 
 def _first_margin_bar(market: Market, model: MarginModel) -> int:
