@@ -101,12 +101,23 @@ DEFAULT_RULES: dict[str, ChangeRule] = {
     "cooldown_bars": ChangeRule("relative", 0.5),
     "max_liquidations_per_bar": ChangeRule("relative", 0.5),
     "max_liquidation_notional_per_bar": ChangeRule("relative", 0.5),
+    # portfolio-margin scenario grids (model "portfolio_grid", domain.md §8); points, joint
+    # and vol_scaled have no rule: they may not change in an update
+    "price_range": ChangeRule("absolute", 0.02),
+    "min_price_range": ChangeRule("absolute", 0.01),
+    "extended_moves": ChangeRule("elementwise_absolute", 0.02),
+    "extended_weights": ChangeRule("elementwise_absolute", 0.1),
+    "offset_credit_cap": ChangeRule("absolute", 0.05),
+    "min_delta_rate": ChangeRule("absolute", 0.0025),
+    "hedged_delta_rate": ChangeRule("absolute", 0.0025),
+    "mm_factor": ChangeRule("absolute", 0.05),
 }
 
 #: Parameter sets published beside margin models, through the same guardrails and audit:
 #: a collateral asset's haircut schedule (``{"caps_usd": [...], "ratios": [...]}``, domain.md
-#: §9) and the liquidation engine's settings (scalar ``AccountConfig`` fields, §10).
-PUBLISHED_KINDS = ("haircuts", "liquidation_engine")
+#: §9), the liquidation engine's settings (scalar ``AccountConfig`` fields, §10) and a
+#: portfolio-margin scenario grid (``GridPortfolioMargin`` parameters, §8).
+PUBLISHED_KINDS = ("haircuts", "liquidation_engine", "portfolio_grid")
 
 #: The default limits alone (what ``MARGINLAB_GUARDRAILS``'s ``max_change`` overrides).
 DEFAULT_MAX_CHANGE: dict[str, float] = {n: r.limit for n, r in DEFAULT_RULES.items()}
@@ -268,6 +279,12 @@ def _effective_kind(kind: str, params: Mapping[str, Any]) -> dict[str, Any]:
     from calibration._errors import InvalidParameters
     from calibration.accounts import AccountConfig
 
+    if kind == "portfolio_grid":
+        from calibration.models import make_portfolio_model
+
+        grid = make_portfolio_model("grid", params).get_params()
+        return {name: [float(x) for x in value] if isinstance(value, list | tuple) else value
+                for name, value in grid.items()}
     if kind == "haircuts":
         unknown = set(params) - {"caps_usd", "ratios"}
         if unknown or "ratios" not in params:

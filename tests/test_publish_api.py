@@ -322,3 +322,32 @@ def test_haircut_schedules_and_engine_settings_publish_through_the_guardrails(
         {"id": "a", "positions": {"ENGINE": 5000}, "equity_usd": 1000}]})
     assert margin.status_code == 422
     assert "not as a margin model" in margin.json()["detail"]
+
+
+def test_portfolio_grid_publishes_through_the_guardrails(client: TestClient[Any]) -> None:
+    """A scenario grid publishes like model parameters: its scan range moves at most 2
+    points per update (0.15 -> 0.17 allowed, the boundary; 0.17 -> 0.20 refused, 1 point too
+    far), the number of
+    grid points may not change, and a parameter the grid does not have is refused."""
+    def post(params: dict[str, Any]) -> Any:
+        return client.post("/v1/recommendations/PM-GRID", json={
+            "model": "portfolio_grid", "reason": REASON, "params": params})
+
+    grid = {"price_range": 0.15, "points": 9, "offset_credit_cap": 0.5,
+            "extended_moves": [0.3], "extended_weights": [0.3]}
+    assert post(grid).status_code == 201
+    ok = post({**grid, "price_range": 0.17})
+    assert ok.status_code == 201, ok.text
+    far = post({**grid, "price_range": 0.20})
+    assert far.status_code == 422
+    v = far.json()["violations"][0]
+    assert (v["parameter"], v["rule"]) == ("price_range", "absolute")
+    assert v["actual"] == pytest.approx(0.03)  # from the published 0.17
+    assert v["excess"] == pytest.approx(0.01)
+    points = post({**grid, "price_range": 0.17, "points": 11})
+    assert points.status_code == 422
+    assert points.json()["violations"][0]["parameter"] == "points"
+    unknown = client.post("/v1/recommendations/PM-GRID2", json={
+        "model": "portfolio_grid", "reason": REASON, "params": {"scan": 0.1}})
+    assert unknown.status_code == 422
+    assert unknown.json()["field"] == "scan"
