@@ -391,8 +391,9 @@ class PublishRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
         calibration_id: publish this calibration's recommendation.
         params: publish these parameters, each in its own units (with ``model``).
         model: margin model family of ``params``, or ``haircuts`` (a collateral asset's
-            schedule ``{caps_usd, ratios}``) or ``liquidation_engine`` (the engine's scalar
-            settings), published under a key of their own with the same guardrails.
+            schedule ``{caps_usd, ratios}``), ``liquidation_engine`` (the engine's scalar
+            settings) or ``portfolio_grid`` (a scenario grid's parameters), each published
+            under a key of its own with the same guardrails.
         rollback_to_version: publish this past audit version again.
     """
 
