@@ -229,6 +229,11 @@ class CalibrationSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         timeout_seconds: stop starting trials after this long.
         seed: sampler seed; one worker with the same inputs gives the same result.
         sampler: ``auto``, ``tpe``, ``nsga2`` or ``random`` (see ``calibrate.make_sampler``).
+        batch_size: reproducible batches (``calibrate.propose_batch``): the sampler proposes
+            this many parameter sets at a time from the finished trials of earlier batches
+            only, and workers evaluate them in trial-number order, so the study, the front
+            and the recommendation are the same for 1, 2 or N workers; ``None``: every
+            worker asks the sampler for itself (faster, not reproducible in parallel).
     """
 
     data: Annotated[list[DataRefSpec], msgspec.Meta(
@@ -266,6 +271,10 @@ class CalibrationSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         ge=0, le=MAX_SEED, description="sampler seed (0 .. 2**32-1)")] = 0
     sampler: Annotated[Literal["auto", "tpe", "nsga2", "random"], msgspec.Meta(
         description="Optuna sampler")] = "auto"
+    batch_size: Annotated[int, msgspec.Meta(
+        ge=1, le=1000, description="reproducible batches: parameter sets proposed this many "
+                                   "at a time from earlier batches only, so the result is "
+                                   "the same for any number of workers (count)")] | None = None
 
 
 #: Default search ranges per family (public parameter names, domain.md §2). Parameters not
@@ -315,6 +324,10 @@ def validate_spec(spec: CalibrationSpec) -> None:
                    "model")
     if not spec.data:
         raise _bad("data needs at least one instrument", "data")
+    if spec.batch_size is not None and spec.sampler == "nsga2":
+        raise _bad("batch_size needs a sampler that proposes from the finished trials alone "
+                   "(tpe, random or auto); nsga2 keeps its generations in trial attributes "
+                   "the batches do not carry", "batch_size")
     if len(spec.data) > MAX_INSTRUMENTS:
         raise _bad(f"at most {MAX_INSTRUMENTS} instruments", "data")
     names = [d.instrument for d in spec.data]
@@ -432,6 +445,8 @@ _LATER_FIELDS: dict[str, dict[str, Any]] = {
 def spec_hash(spec: CalibrationSpec) -> str:
     """sha256 of the spec's canonical JSON (sorted keys): the same spec, the same hash."""
     builtins = msgspec.to_builtins(spec)
+    if builtins.get("batch_size") is None:  # added later: absent keeps the earlier hash
+        builtins.pop("batch_size", None)
     for section, defaults in _LATER_FIELDS.items():
         part = builtins.get(section)
         if isinstance(part, dict):

@@ -65,6 +65,7 @@ from calibration.calibrate._study import (
     create_or_load_study,
     load_study,
     make_sampler,
+    propose_batch,
     study_name,
 )
 from calibration.calibrate._workers import TrialCallback, run_worker
@@ -103,6 +104,7 @@ __all__ = [
     "metric_bounds",
     "objective_names",
     "prepare",
+    "propose_batch",
     "recommended_trial",
     "register",
     "replay_published",

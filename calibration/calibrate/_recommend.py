@@ -154,9 +154,10 @@ class CalibrationResult(msgspec.Struct, frozen=True, kw_only=True):
     ``horizon_bars`` is the close-out horizon every trial sized its margin for and tested
     over, in bars of ``bar_seconds``; ``horizon`` is the duration it spans. ``workers`` is
     how many worker processes ran the study's trials. ``reproducible`` says whether the
-    record alone (spec, data fingerprints, seed, engine) reproduces the result: only with one
-    worker, a trial count rather than a time budget, and no failed (retried) trial, since
-    several workers interleave their trials in an order no record fixes;
+    record alone (spec, data fingerprints, seed, engine) reproduces the result: with a trial
+    count rather than a time budget, no failed (retried) trial, and either one worker or
+    ``batch_size`` (reproducible batches) — without batches several workers interleave their
+    trials in an order no record fixes;
     ``reproducibility`` says why (not).
 
     Attributes:
@@ -269,6 +270,10 @@ def _reproducibility(trials: Sequence[FrozenTrial], spec: CalibrationSpec
             seen.add(metrics["worker"])
     workers = len(seen)
     failed = sum(t.state == TrialState.FAIL for t in trials)
+    if spec.batch_size is not None and spec.timeout_seconds is None and not failed:
+        return workers, True, (f"reproducible batches of {spec.batch_size}: each proposed from "
+                               "the earlier batches only, so any number of workers gives the "
+                               "same trials, front and recommendation")
     if workers > 1:
         return workers, False, (f"{workers} workers ran the trials: their order, and so what "
                                 "the sampler proposed, depends on timing")

@@ -9,7 +9,7 @@ from typing import Any
 
 import msgspec
 import optuna
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from calibration._errors import InvalidParameters, MarginlabError
 from calibration._version import ENGINE_VERSION
@@ -51,6 +51,43 @@ def make_sampler(spec: CalibrationSpec, *, worker: int = 0) -> optuna.samplers.B
         if choice == "nsga2":
             return optuna.samplers.NSGAIISampler(seed=seed, population_size=24)
     return optuna.samplers.RandomSampler(seed=seed)
+
+
+#: Seed step between batches (a prime, so batch seeds never repeat a worker's offset).
+BATCH_SEED_STEP = 104_729
+
+
+def propose_batch(study: optuna.Study, spec: CalibrationSpec,
+                  space: Mapping[str, ParamSpec], size: int) -> list[dict[str, Any]]:
+    """The next ``size`` parameter sets of a reproducible calibration (``batch_size``).
+
+    Called when no trial of the study is running or waiting, so the finished trials are
+    exactly those of the earlier batches. A fresh sampler, seeded from the spec's seed and
+    the number of trials so far, proposes the sets one after another on an in-memory copy of
+    those trials (TPE's constant liar keeps the sets of one batch apart), so the proposal
+    depends on nothing but the earlier batches' results: the same for any number of
+    workers, any machine, any storage. ``auto`` is TPE here.
+    """
+    trials = study.get_trials(deepcopy=False)
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED,
+                                                 TrialState.FAIL)]
+    seeded = msgspec.structs.replace(
+        spec, seed=(spec.seed + BATCH_SEED_STEP * len(trials)) % (2**32),
+        sampler="tpe" if spec.sampler == "auto" else spec.sampler)
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the scratch study is not news
+    try:
+        scratch = optuna.create_study(directions=study.directions,
+                                      sampler=make_sampler(seeded))
+    finally:
+        optuna.logging.set_verbosity(level)
+    scratch.add_trials(finished)
+    out = []
+    for _ in range(size):
+        proposal = scratch.ask()
+        _suggest(proposal, space)
+        out.append(dict(proposal.params))
+    return out
 
 
 def _suggest(trial: optuna.Trial, space: Mapping[str, ParamSpec]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from calibration.calibrate import _evaluate
 from calibration.calibrate._evaluate import METRICS_ATTR, VIOLATION_KEY, violation
 from calibration.calibrate._prepare import Prepared
 from calibration.calibrate._recommend import best_feasible
-from calibration.calibrate._study import _suggest
+from calibration.calibrate._study import _suggest, propose_batch
 from calibration.storage import Coordination
 
 log = logging.getLogger("marginlab.calibrate")
@@ -87,6 +87,17 @@ def _run_trials(
             expired = deadline is not None and time.time() >= deadline
             room = n_trials is None or active < n_trials
             trial = None
+            batch = prepared.spec.batch_size
+            if batch is not None and not waiting and room and not expired:
+                # Reproducible batches: the next batch is proposed only once every trial
+                # of the earlier ones has finished; until then this worker waits.
+                if any(t.state == TrialState.RUNNING for t in trials):
+                    room = False
+                else:
+                    size = batch if n_trials is None else min(batch, n_trials - active)
+                    for params in propose_batch(study, prepared.spec, space, size):
+                        study.enqueue_trial(params)
+                    waiting = True
             if waiting or (room and not expired):
                 with warnings.catch_warnings():
                     # RDB storages: Optuna warns that its heartbeat is meant for optimize();

@@ -1,0 +1,97 @@
+"""Reproducible parallel calibration (``batch_size``): the same spec with 1, 2 and 3 workers on
+one shared study storage gives the identical trials, Pareto front and recommendation."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from calibration._errors import InvalidParameters
+from calibration.spec import decode_spec, spec_hash, validate_spec
+from tests.conftest import walk_frame
+
+SCRIPT = """
+import json, sys
+from pathlib import Path
+import optuna
+import calibration.calibrate as cal
+from calibration.spec import decode_spec
+from calibration.storage import Coordination
+
+root, url, workers = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+spec = decode_spec((root / "spec.json").read_bytes())
+result = cal.calibrate(spec, root=root, storage=url, study="repro", workers=workers)
+with Coordination(url) as coordination:
+    study = optuna.load_study(study_name="repro", storage=coordination.storage)
+    trials = [[t.number, t.params, t.values, t.state.name] for t in study.get_trials()]
+out = {"trials": trials, "workers": result.workers, "reproducible": result.reproducible,
+       "why": result.reproducibility,
+       "front": [[p.params, p.objectives] for p in result.pareto_front],
+       "recommendation": None if (rec := result.recommendation) is None
+       else [rec.params, rec.trial, rec.objectives]}
+print(json.dumps(out))
+"""
+
+
+def _spec(batch_size: int | None) -> dict[str, Any]:
+    return {
+        "data": [{"instrument": "SYN", "ref": "bars.parquet"}],
+        "model": "ewma",
+        "search_space": {"decay": {"low": 0.9, "high": 0.99},
+                         "confidence": {"low": 0.99, "high": 0.999},
+                         "floor_rate": {"low": 0.005, "high": 0.05, "log": True},
+                         "apc_buffer": {"value": 0.5}, "horizon_bars": {"value": 4},
+                         "warmup_bars": {"value": 200}},
+        "stress_windows": [],
+        "liquidation": {"leverages": [5, 20], "notionals_usd": [10000]},
+        "n_trials": 18, "seed": 5, **({"batch_size": batch_size} if batch_size else {}),
+    }
+
+
+def _run(root: Path, tmp: Path, workers: int) -> dict[str, Any]:
+    url = f"journal:{tmp / f'studies-{workers}.log'}"
+    env = {**os.environ, "MARGINLAB_DATA_ROOT": str(root), "PYTHONWARNINGS": "error"}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(root), url, str(workers)],
+                          capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr
+    out: dict[str, Any] = json.loads(proc.stdout.splitlines()[-1])
+    return out
+
+
+@pytest.mark.slow
+def test_one_two_and_three_workers_give_the_same_calibration(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    root.mkdir()
+    walk_frame(4000, seed=11).to_parquet(root / "bars.parquet", index=False)
+    (root / "spec.json").write_text(json.dumps(_spec(batch_size=6)))
+    runs = {w: _run(root, tmp_path, w) for w in (1, 2, 3)}
+    one = runs[1]
+    assert len(one["trials"]) == 18
+    assert one["recommendation"] is not None
+    assert one["front"]
+    for workers in (2, 3):
+        other = runs[workers]
+        assert other["workers"] == workers  # every worker ran trials
+        assert other["trials"] == one["trials"]
+        assert other["front"] == one["front"]
+        assert other["recommendation"] == one["recommendation"]
+        assert other["reproducible"] is True
+        assert "reproducible batches of 6" in other["why"]
+
+
+def test_batch_size_keeps_old_spec_hashes_and_refuses_nsga2() -> None:
+    without = decode_spec(json.dumps(_spec(None)))
+    with_none = msgspec.structs.replace(without, batch_size=None)
+    assert spec_hash(without) == spec_hash(with_none)
+    assert spec_hash(decode_spec(json.dumps(_spec(6)))) != spec_hash(without)
+    with pytest.raises(InvalidParameters) as err:
+        decode_spec(json.dumps({**_spec(6), "sampler": "nsga2"}))
+    assert err.value.field == "batch_size"
+    validate_spec(decode_spec(json.dumps(_spec(6))))
