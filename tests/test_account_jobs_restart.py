@@ -124,8 +124,9 @@ def test_redis_mode_a_dead_api_process_job_is_taken_over(own_redis: RedisServer,
                  every_s=0.05, what="the job to run")
         kill_tree(victim.pid)
         victim.wait(timeout=10)
-        app.start_api()
         start = time.time()
+        app.move_api()  # another API process (not the dead one's port: see start_api)
+        app.start_api()
         done = _final(app.http, job, 240)
         assert done["state"] == "succeeded", done
         assert time.time() - start > 5  # it waited for the dead process's lease to lapse

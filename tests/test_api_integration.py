@@ -132,6 +132,13 @@ class Deployment:
         self.port = free_port()
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30)
 
+    def move_api(self) -> None:
+        """Serve the next ``start_api`` on a new port (another API process of the same
+        deployment, as a second machine would be), without waiting for the old one's."""
+        self.http.close()
+        self.port = free_port()
+        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30)
+
     def _spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         path = self.root / f"{name}.log"
         log = path.open("wb")
@@ -142,7 +149,12 @@ class Deployment:
         return proc
 
     def start_api(self) -> None:
-        """Start the HTTP server and wait until it answers."""
+        """Start the HTTP server and wait until it answers. A restart on the port of a
+        server just SIGKILLed first waits for the port to close (its worker process dies a
+        moment after the main one, and the kernel keeps a dead listener's connections for up
+        to a minute): ``serve`` refuses a port that cannot be bound."""
+        self.wait(lambda: _port_free(self.port), timeout_s=75,
+                  what=f"port {self.port} to close")
         self._spawn("api", "serve", "--port", str(self.port))
 
         def up() -> bool:
@@ -234,6 +246,18 @@ class Deployment:
             return status if status["state"] in states else None
 
         return self.wait(probe, timeout_s=timeout_s, what=f"job {job_id}")
+
+
+def _port_free(port: int) -> bool:
+    """Whether nothing listens on 127.0.0.1:``port`` (a plain bind, as ``serve`` checks)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def children(pid: int) -> list[int]:
