@@ -137,20 +137,35 @@ class ProgressWriter:
         if now - self._last < PROGRESS_EVERY_S:
             return
         self._last = now
-        with contextlib.suppress(Exception):  # progress is best effort; the job goes on
+        try:
             self.latest = study_progress(self.study, self.n_trials, best=best)
             self.access.set_progress(self.job_id, self.latest)
+        except Exception as exc:  # progress is best effort; the job goes on
+            _reraise_time_limit(exc)
 
     def final(self) -> Progress | None:
         """The study's progress now, without ETA (the worker stopped); also written."""
         try:
             self.latest = study_progress(self.study, self.n_trials, self.risk_appetite_bps,
                                          with_eta=False)
-        except Exception:  # the storage may be why the worker stops
+        except Exception as exc:  # the storage may be why the worker stops
+            _reraise_time_limit(exc)
             return self.latest
-        with contextlib.suppress(Exception):
+        try:
             self.access.set_progress(self.job_id, self.latest)
+        except Exception as exc:
+            _reraise_time_limit(exc)
         return self.latest
+
+
+def _reraise_time_limit(exc: BaseException) -> None:
+    """Raise rq's time limit again: it arrives as an exception inside whatever the job was
+    doing, and swallowed by a best-effort write it would let the job run on past its limit
+    (the flake of ``test_job_past_rqs_time_limit_fails_naming_the_limit``)."""
+    from rq.timeouts import JobTimeoutException
+
+    if isinstance(exc, JobTimeoutException):
+        raise exc
 
 
 def _transient(exc: BaseException) -> bool:

@@ -192,3 +192,32 @@ def test_embedded_runner_setting_is_checked() -> None:
     assert Settings.from_env({}).embedded_runner == "process"
     with pytest.raises(ValueError, match="MARGINLAB_EMBEDDED_RUNNER must be 'process' or"):
         Settings(embedded_runner="fork")
+
+
+def test_progress_writes_are_best_effort_but_never_swallow_rqs_time_limit() -> None:
+    """A failed progress write is ignored, the job goes on; rq's time limit, which arrives as
+    an exception inside whatever the job is doing, passes through a progress write (it was
+    swallowed there, and the job ran on past its limit)."""
+    from rq.timeouts import JobTimeoutException
+
+    from service.jobs import ProgressWriter
+
+    class Access:
+        def __init__(self, error: Exception) -> None:
+            self.error = error
+
+        def set_progress(self, job_id: str, progress: Any) -> None:
+            raise self.error
+
+    study = optuna.create_study()
+    for error, passes in ((ConnectionError("store away"), False),
+                          (JobTimeoutException("limit"), True)):
+        writer = ProgressWriter(Access(error), "job", study, 10, None)  # type: ignore[arg-type]
+        if passes:
+            with pytest.raises(JobTimeoutException):
+                writer(1, 10, None)
+            with pytest.raises(JobTimeoutException):
+                writer.final()
+        else:
+            writer(1, 10, None)
+            assert writer.final() is not None
