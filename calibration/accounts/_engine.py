@@ -142,9 +142,8 @@ from calibration.accounts._kernel_mech import (
     replay_mech,
 )
 from calibration.accounts._kernel_portfolio import replay_portfolio
-from calibration.accounts._market import Market, underlying_of
+from calibration.accounts._market import Market, underlying_of, volume_depth_usd
 from calibration.horizon import resolve_horizon
-from calibration.liquidation._kernels import trailing_mean
 from calibration.models import MarginModel, PortfolioMarginModel, TieredMargin
 from calibration.models._portfolio_kernel import ScenarioArrays
 from calibration.windows import StressWindow
@@ -949,10 +948,8 @@ def _mechanics(market: Market, config: AccountConfig,
         if config.funding and bars.funding_rate is not None:
             funding[i] = np.cumsum(np.asarray(bars.funding_rate, dtype=np.float64)
                                    * bars.close)
-        traded = bars.traded_usd()
-        from_volume = (None if traded is None else trailing_mean(
-            np.ascontiguousarray(traded, dtype=np.float64), int(config.adv_window_bars),
-            86_400.0 / bars.bar_seconds * float(config.depth_fraction_of_adv)))
+        from_volume = volume_depth_usd(bars, config.depth_fraction_of_adv,
+                                       config.adv_window_bars)
         if bars.bid_depth_usd is not None and bars.ask_depth_usd is not None:
             # Bars without a fresh snapshot (NaN: before the first, or stale) read the
             # volume-based depth, as domain.md §1 says consumers do.

@@ -30,7 +30,7 @@ import numpy as np
 from calibration._bars import BarSeries
 from calibration._errors import InvalidParameters
 from calibration.accounts._haircuts import HaircutSchedule
-from calibration.liquidation._kernels import trailing_mean
+from calibration.accounts._market import volume_depth_usd
 from calibration.stats import (
     chi2_pvalue,
     christoffersen_lr,
@@ -80,10 +80,7 @@ def _iso(ms: int) -> str:
 
 def _depth(bars: BarSeries, depth_fraction_of_adv: float, adv_window_bars: int
            ) -> np.ndarray:
-    traded = bars.traded_usd()
-    from_volume = (None if traded is None else trailing_mean(
-        np.ascontiguousarray(traded, dtype=np.float64), int(adv_window_bars),
-        86_400.0 / bars.bar_seconds * float(depth_fraction_of_adv)))
+    from_volume = volume_depth_usd(bars, depth_fraction_of_adv, adv_window_bars)
     if bars.bid_depth_usd is not None:
         book = np.asarray(bars.bid_depth_usd, dtype=np.float64)
         if from_volume is None:
@@ -91,7 +88,7 @@ def _depth(bars: BarSeries, depth_fraction_of_adv: float, adv_window_bars: int
         return np.where(np.isnan(book), from_volume, book)
     if from_volume is None:
         return np.full(len(bars), np.nan)
-    return np.asarray(from_volume, dtype=np.float64)
+    return from_volume
 
 
 def haircut_coverage(

@@ -129,3 +129,20 @@ class Market:
 
 #: Assets counted at a price of 1 USD.
 STABLE_ASSETS = frozenset({"USD", "USDT", "USDC", "BUSD", "DAI"})
+
+
+def volume_depth_usd(bars: BarSeries, depth_fraction_of_adv: float,
+                     adv_window_bars: int) -> NDArray[np.float64] | None:
+    """Depth estimated from volume, USD per bar ``(n,)``: ``depth_fraction_of_adv`` × the
+    trailing ``adv_window_bars`` mean traded USD per day; ``None`` without volume. What the
+    engine and the haircut coverage backtest read where the bars have no fresh order-book
+    snapshot."""
+    from calibration.liquidation._kernels import trailing_mean
+
+    traded = bars.traded_usd()
+    if traded is None:
+        return None
+    return np.asarray(trailing_mean(np.ascontiguousarray(traded, dtype=np.float64),
+                                    int(adv_window_bars),
+                                    86_400.0 / bars.bar_seconds * float(depth_fraction_of_adv)),
+                      dtype=np.float64)

@@ -138,16 +138,7 @@ def _oct10_rows(root: Path) -> list[dict[str, Any]]:
                 k: getattr(base, k) for k in ("holding_bars", "latency_bars", "impact_coef",
                                               "insurance_fund_usd")}),
     }
-    rows = []
-    for name, cfg in scenarios.items():
-        r = simulate_accounts(market, model, accounts, cfg)
-        rows.append({"scenario": name, "liquidated_accounts": int((r.trigger_bar >= 0).sum()),
-                     "bad_debt_usd": float(r.bad_debt_usd.sum()),
-                     "adl_volume_usd": r.adl.adl_volume_usd if r.adl is not None else 0.0,
-                     "backstop_pnl_usd": float(r.backstop_pnl_usd.sum())
-                     if r.backstop_pnl_usd.size else 0.0,
-                     "peak_backlog": int(r.backlog.max()) if r.backlog.size else 0})
-    return rows
+    return _venue_rows(market, model, accounts, scenarios, with_backlog=True)
 
 
 LUNA_START_MS, LUNA_END_MS = 1_651_968_000_000, 1_652_400_000_000  # 2022-05-08 .. 05-13 UTC
@@ -177,12 +168,24 @@ def _luna_rows(root: Path) -> list[dict[str, Any]]:
         "hyperliquid preset": AccountConfig.from_mapping(preset_fields("hyperliquid"), **keep),
         "aave_v3 preset": AccountConfig.from_mapping(preset_fields("aave_v3"), **keep),
     }
+    return _venue_rows(market, model, accounts, scenarios, with_backlog=False)
+
+
+def _venue_rows(market: Market, model: Any, accounts: list[Account],
+                scenarios: dict[str, AccountConfig], *, with_backlog: bool
+                ) -> list[dict[str, Any]]:
+    """One row per scenario: liquidated accounts, bad debt, ADL volume and the backstop's
+    PnL (USD), and the peak queue (accounts) when ``with_backlog``."""
     rows = []
     for name, cfg in scenarios.items():
         r = simulate_accounts(market, model, accounts, cfg)
-        rows.append({"scenario": name, "liquidated_accounts": int((r.trigger_bar >= 0).sum()),
-                     "bad_debt_usd": float(r.bad_debt_usd.sum()),
-                     "adl_volume_usd": r.adl.adl_volume_usd if r.adl is not None else 0.0,
-                     "backstop_pnl_usd": float(r.backstop_pnl_usd.sum())
-                     if r.backstop_pnl_usd.size else 0.0})
+        row: dict[str, Any] = {
+            "scenario": name, "liquidated_accounts": int((r.trigger_bar >= 0).sum()),
+            "bad_debt_usd": float(r.bad_debt_usd.sum()),
+            "adl_volume_usd": r.adl.adl_volume_usd if r.adl is not None else 0.0,
+            "backstop_pnl_usd": (float(r.backstop_pnl_usd.sum())
+                                 if r.backstop_pnl_usd.size else 0.0)}
+        if with_backlog:
+            row["peak_backlog"] = int(r.backlog.max()) if r.backlog.size else 0
+        rows.append(row)
     return rows
