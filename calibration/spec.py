@@ -50,6 +50,18 @@ Short = Annotated[str, msgspec.Meta(min_length=1, max_length=64,
 #: Parameter names of a family (``decay``, ``horizon_bars``).
 ParamName = Annotated[str, msgspec.Meta(min_length=1, max_length=64,
                                         pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+#: A search-space key: a model parameter (``decay``) or an account-level one, dotted
+#: (``engine.partial_fraction``, ``portfolio.offset_credit_cap``,
+#: ``portfolio.extended_weights[0]``, ``haircuts.BTC.ratios[1]``; ``calibrate._accounts``).
+SearchKey = Annotated[str, msgspec.Meta(
+    min_length=1, max_length=128,
+    pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+(\[[0-9]{1,3}\])?)*$",
+    description="a model parameter (`decay`) or a dotted account-level one "
+                "(`engine.partial_fraction`, `portfolio.offset_credit_cap`, "
+                "`haircuts.BTC.ratios[1]`)")]
+#: A collateral asset (``BTC``, ``USDT``).
+AssetName = Annotated[str, msgspec.Meta(min_length=1, max_length=16,
+                                        pattern=r"^[A-Za-z0-9]+$")]
 #: numpy's (so Optuna's) seed range: 0 .. 2**32 - 1.
 MAX_SEED = 2**32 - 1
 #: Out-of-sample folds: each is a full evaluation of the recommendation.
@@ -206,6 +218,120 @@ class StressWindowSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
         description="last UTC day (inclusive); null: the start day")] | None = None
 
 
+class HaircutTiersSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One collateral asset's haircut tiers (domain.md §9): bands capped at ``caps_usd`` with
+    their ``ratios`` given, or ratios derived from the asset's depth (``depth``: the
+    liquidity-adjusted rule's ``spread_rate``, ``impact_coef``, ``impact_exponent``,
+    ``confidence``; depth and volatility read from the in-sample bars). Either way the ratios
+    are made non-increasing (a running minimum: a larger holding never counts at a higher
+    ratio)."""
+
+    caps_usd: Annotated[list[float], msgspec.Meta(
+        max_length=16, description="upper bound of each band but the last, USD, "
+                                   "increasing; [] for one flat ratio")] = []
+    ratios: Annotated[list[float], msgspec.Meta(
+        max_length=17, description="value ratio of each band (len(caps_usd) + 1), fractions "
+                                   "in [0, 1]")] | None = None
+    depth: Annotated[dict[ParamName, float], msgspec.Meta(
+        max_length=8, description="liquidity-adjusted ratios from depth: spread_rate, "
+                                  "impact_coef, impact_exponent, confidence")] | None = None
+
+
+class HaircutCoverageSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Settings of the haircut coverage backtest (domain.md §9; ``accounts.haircut_coverage``).
+
+    ``holdings_usd`` default: each band cap and twice the last (one holding of 1M USD for a
+    flat ratio); ``liquidation_bars`` default: the close-out horizon."""
+
+    holdings_usd: Annotated[list[float], msgspec.Meta(
+        min_length=1, max_length=32, description="reference holdings, USD")] | None = None
+    liquidation_bars: Annotated[int, msgspec.Meta(
+        ge=1, le=MAX_HORIZON_BARS, description="bars to sell a holding; null: the close-out "
+                                               "horizon")] | None = None
+    expected_breach_rate: Annotated[float, msgspec.Meta(
+        gt=0, lt=1, description="p of the coverage statistics (fraction)")] = 0.01
+    spread_rate: Annotated[float, msgspec.Meta(
+        ge=0, lt=1, description="selling cost, fraction of value")] = 0.0005
+    impact_coef: Annotated[float, msgspec.Meta(
+        ge=0, description="impact coefficient (0: none)")] = 0.0
+    impact_exponent: Annotated[float, msgspec.Meta(gt=0, description="impact exponent")] = 0.5
+    depth_fraction_of_adv: Annotated[float, msgspec.Meta(
+        gt=0, le=1, description="depth as a fraction of ADV without order-book depth")] = 0.01
+    overlapping: Annotated[bool, msgspec.Meta(
+        description="every bar an observation (else every liquidation_bars-th)")] = True
+
+
+class BookSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A reference book of constant USD exposures (``PortfolioBook``)."""
+
+    name: WindowName
+    notional_usd: Annotated[dict[Instrument, float], msgspec.Meta(
+        min_length=1, max_length=MAX_INSTRUMENTS,
+        description="instrument → signed USD notional (> 0 long)")]
+    collateral_usd: Annotated[dict[AssetName, float], msgspec.Meta(
+        max_length=16, description="asset → USD value of collateral held in it")] = {}
+
+
+class PortfolioCoverageSpec(msgspec.Struct, frozen=True, kw_only=True,
+                            forbid_unknown_fields=True):
+    """Settings of the portfolio coverage backtest (domain.md §8;
+    ``accounts.portfolio_coverage``). ``books`` default: long the first instrument / short
+    the second, and an equal-weight basket, 1M USD each."""
+
+    books: Annotated[list[BookSpec], msgspec.Meta(
+        min_length=1, max_length=16, description="reference books")] | None = None
+    confidence: Annotated[float, msgspec.Meta(
+        gt=0.5, lt=1, description="coverage level tested; null: the model's (grid: "
+                                  "0.99)")] | None = None
+    step_bars: Annotated[int, msgspec.Meta(
+        ge=1, le=MAX_HORIZON_BARS, description="bars between observations (1: "
+                                               "overlapping)")] = 1
+    requirement: Annotated[Literal["im", "mm"], msgspec.Meta(
+        description="the requirement tested")] = "im"
+    loss_prices: Annotated[Literal["close", "adverse"], msgspec.Meta(
+        description="loss at the horizon's close or at each asset's adverse extreme")] = "close"
+
+
+class AccountsSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """An account population over the spec's market (domain.md §7–§10), what account-level
+    search-space keys and metrics are evaluated on (``calibration.calibrate._accounts``).
+
+    Attributes:
+        population: ``PopulationSpec`` fields of a seeded generator (``seed`` default: the
+            spec's; ``entry_every_bars``: the liquidation cohort cadence); null with ``file``.
+        file: accounts file relative to the data root (``load_accounts``: JSON or CSV).
+        mode: ``cross`` (per-instrument model rates pooled) or ``portfolio`` (a portfolio
+            margin model's requirement, domain.md §8).
+        engine: ``AccountConfig`` fields over the liquidation settings' holding and latency
+            (``preset`` names a venue's); ``mode`` and ``haircuts`` are set here instead.
+        portfolio_model: the portfolio family or preset of ``mode="portfolio"``.
+        portfolio: its fixed parameters.
+        haircuts: collateral asset → haircut tiers (the trigger test's collateral value).
+        haircut_coverage: the haircut coverage backtest's settings.
+        portfolio_coverage: the portfolio coverage backtest's settings.
+    """
+
+    population: Annotated[dict[ParamName, Any], msgspec.Meta(
+        description="PopulationSpec fields (seeded generator)")] | None = None
+    file: Annotated[Ref, msgspec.Meta(
+        description="accounts file (JSON or CSV) relative to the data root")] | None = None
+    mode: Annotated[Literal["cross", "portfolio"], msgspec.Meta(
+        description="pooled per-instrument rates, or a portfolio margin model")] = "cross"
+    engine: Annotated[dict[ParamName, Any], msgspec.Meta(
+        description="AccountConfig fields (liquidation engine, domain.md §10)")] = {}
+    portfolio_model: Annotated[Short, msgspec.Meta(
+        description="portfolio family or preset (`grid`, `historical`, "
+                    "`deribit_pme_2024`, `paradex`)")] = "grid"
+    portfolio: Annotated[dict[ParamName, Any], msgspec.Meta(
+        description="the portfolio model's fixed parameters")] = {}
+    haircuts: Annotated[dict[AssetName, HaircutTiersSpec], msgspec.Meta(
+        max_length=16, description="collateral asset → haircut tiers")] = {}
+    haircut_coverage: Annotated[HaircutCoverageSpec, msgspec.Meta(
+        description="haircut coverage backtest settings")] = HaircutCoverageSpec()
+    portfolio_coverage: Annotated[PortfolioCoverageSpec, msgspec.Meta(
+        description="portfolio coverage backtest settings")] = PortfolioCoverageSpec()
+
+
 class CalibrationSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Everything a calibration needs; its canonical JSON hash keys results and caches.
 
@@ -234,15 +360,19 @@ class CalibrationSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
             only, and workers evaluate them in trial-number order, so the study, the front
             and the recommendation are the same for 1, 2 or N workers; ``None``: every
             worker asks the sampler for itself (faster, not reproducible in parallel).
+        accounts: an account population over the market, for account-level search-space
+            keys (``engine.*``, ``portfolio.*``, ``haircuts.*``) and metrics; ``None``: none
+            (``contagion`` then uses a default seeded population).
     """
 
     data: Annotated[list[DataRefSpec], msgspec.Meta(
         min_length=1, max_length=MAX_INSTRUMENTS, description="one entry per instrument")]
     model: Annotated[str, msgspec.Meta(
         max_length=32, description="margin model family (`tiered`, `ewma`, `fhs`)")]
-    search_space: Annotated[dict[ParamName, ParamSpec], msgspec.Meta(
+    search_space: Annotated[dict[SearchKey, ParamSpec], msgspec.Meta(
         max_length=64, description="per parameter a range or a fixed value, over the "
-                                   "family's defaults")] = {}
+                                   "family's defaults; dotted keys address the accounts "
+                                   "section (`engine.*`, `portfolio.*`, `haircuts.*`)")] = {}
     objectives: Annotated[ObjectivesSpec, msgspec.Meta(
         description="the insolvency objective")] = ObjectivesSpec()
     constraints: Annotated[ConstraintsSpec, msgspec.Meta(
@@ -275,6 +405,8 @@ class CalibrationSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         ge=1, le=1000, description="reproducible batches: parameter sets proposed this many "
                                    "at a time from earlier batches only, so the result is "
                                    "the same for any number of workers (count)")] | None = None
+    accounts: Annotated[AccountsSpec, msgspec.Meta(
+        description="account population for account-level parameters and metrics")] | None = None
 
 
 #: Default search ranges per family (public parameter names, domain.md §2). Parameters not
@@ -336,10 +468,13 @@ def validate_spec(spec: CalibrationSpec) -> None:
     for i, d in enumerate(spec.data):
         repair_policy(d.repair, field=f"data[{i}].repair")
     known = [*FAMILIES[spec.model].param_names(), "addon_coef", "addon_exponent", "adv_window_bars"]
-    space = search_space(spec)
-    for name, p in space.items():
+    from calibration.calibrate._accounts import is_account_key, validate_accounts
+
+    full_space = search_space(spec)
+    space = {k: v for k, v in full_space.items() if not is_account_key(k)}
+    for name, p in full_space.items():
         field = f"search_space.{name}"
-        if name not in known:
+        if name not in known and not is_account_key(name):
             raise _bad(f"unknown parameter {name!r} for model {spec.model!r}", field)
         if p.value is not None:
             if p.low is not None or p.high is not None:
@@ -422,6 +557,7 @@ def validate_spec(spec: CalibrationSpec) -> None:
 
     validate_metrics(spec)
     liquidation_config(spec.liquidation)
+    validate_accounts(spec, full_space)
 
 
 def liquidation_config(fields: Mapping[str, Any], field: str = "liquidation") -> LiquidationConfig:
@@ -445,8 +581,9 @@ _LATER_FIELDS: dict[str, dict[str, Any]] = {
 def spec_hash(spec: CalibrationSpec) -> str:
     """sha256 of the spec's canonical JSON (sorted keys): the same spec, the same hash."""
     builtins = msgspec.to_builtins(spec)
-    if builtins.get("batch_size") is None:  # added later: absent keeps the earlier hash
-        builtins.pop("batch_size", None)
+    for later in ("batch_size", "accounts"):  # added later: absent keeps the earlier hash
+        if builtins.get(later) is None:
+            builtins.pop(later, None)
     for section, defaults in _LATER_FIELDS.items():
         part = builtins.get(section)
         if isinstance(part, dict):

@@ -11,6 +11,7 @@ import msgspec
 from optuna.trial import FrozenTrial
 
 from calibration._bars import BarSeries
+from calibration.calibrate._accounts import AccountEvaluation, split_params
 from calibration.calibrate._objectives import (
     DEFAULT_OBJECTIVES,
     METRICS,
@@ -48,6 +49,9 @@ class Evaluation:
         names: the objectives' names (``objective_names(spec)``).
         regimes: instrument → evidence per volatility regime (``regime_evidence``), on
             full evaluations only.
+        accounts: the account-level evidence (``AccountEvaluation.evidence``: the replay's
+            figures, haircut and portfolio coverage rows, whole span and each window), on
+            evaluations asked for evidence only.
     """
 
     objectives: tuple[float, ...]
@@ -57,6 +61,7 @@ class Evaluation:
     pruned: str | None = None
     names: tuple[str, ...] = OBJECTIVE_NAMES
     regimes: dict[str, Any] = field(default_factory=dict)
+    accounts: dict[str, Any] = field(default_factory=dict)
 
     def objective(self, name: str) -> float:
         """One objective's value by name (``capital_cost``)."""
@@ -76,6 +81,8 @@ class Evaluation:
             "liquidation": self.liquidation,
             "pruned": self.pruned,
         })
+        if self.accounts:  # only with an accounts section: older summaries unchanged
+            summary["accounts"] = msgspec.to_builtins(self.accounts)
         return summary
 
     def summary_json(self) -> str:
@@ -124,6 +131,7 @@ def evaluate(
     *,
     full: bool = False,
     prune_hopeless: bool = True,
+    evidence: bool | None = None,
 ) -> Evaluation:
     """Backtest one parameter set: objectives, constraints and metrics.
 
@@ -134,11 +142,19 @@ def evaluate(
             the recommendation) instead of the in-sample bars only (for trials).
         prune_hopeless: skip the liquidation simulation when the coverage test is red over
             the whole in-sample span (the margin misses far more than allowed everywhere).
+            Not with an accounts section: an account-level search may keep the model fixed.
+        evidence: add the account-level evidence (``Evaluation.accounts``); default: on
+            full evaluations.
     """
     spec = prepared.spec
-    model = make_model(spec.model, params).with_horizon(prepared.horizon.bars)
+    model_params, account_params = split_params(params)
+    model = make_model(spec.model, model_params).with_horizon(prepared.horizon.bars)
     bars_list = prepared.full if full else prepared.in_sample
     windows = prepared.stress_windows + (prepared.folds if full else ())
+    accounts = None
+    if prepared.accounts is not None:
+        accounts = AccountEvaluation(prepared.accounts, model, bars_list, account_params,
+                                     prepared.liquidation, prepared.horizon.bars, windows)
     # One margin series per instrument for every consumer: coverage, liquidations, capital
     # cost and the regime evidence read the same rates, computed once.
     margins = {b.instrument: MarginSeries(model, b) for b in bars_list}
@@ -174,11 +190,11 @@ def evaluate(
         # Coverage only: the trial's regime evidence without the liquidation replay.
         worst = -1.0
         for b in bars_list:
-            evidence = _regimes_of(prepared, margins[b.instrument], b, coverage[b.instrument])
-            worst = max(worst, worst_red_margin(evidence))
+            regime = _regimes_of(prepared, margins[b.instrument], b, coverage[b.instrument])
+            worst = max(worst, worst_red_margin(regime))
         constraints["red_light_in_regime"] = worst * 1e4
     bounds = metric_bounds(spec)
-    partial = Backtested(prepared, model, bars_list, coverage, {}, margins)
+    partial = Backtested(prepared, model, bars_list, coverage, {}, margins, accounts)
     for name, bound in bounds.items():
         if not METRICS[name].needs_liquidation:
             metric = METRICS[name]
@@ -190,8 +206,13 @@ def evaluate(
             spec.model, spec.published.params, model.get_params(),
             spec.published.max_change, bar_seconds=prepared.horizon.bar_seconds)
     names = objective_names(spec)
-    hopeless = prune_hopeless and not full and any(s.traffic_light == "red" for s in sides)
+    hopeless = (prune_hopeless and not full and spec.accounts is None
+                and any(s.traffic_light == "red" for s in sides))
     liquidation: dict[str, list[LiquidationMetrics]] = {}
+    account_evidence: dict[str, Any] = {}
+    if accounts is not None and spec.accounts is not None and (
+            full if evidence is None else evidence):
+        account_evidence = accounts.evidence()
     if hopeless:
         for name in bounds:
             if METRICS[name].needs_liquidation:
@@ -199,6 +220,12 @@ def evaluate(
         return Evaluation(tuple(math.inf for _ in names), constraints, coverage, liquidation,
                           pruned="coverage red over the whole in-sample span",
                           names=names)
+    if spec.accounts is not None and not full and not any(
+            METRICS[n].needs_liquidation for n in (*names, *bounds)):
+        # An account-level calibration that reads no position figure: no position replay.
+        done = Backtested(prepared, model, bars_list, coverage, {}, margins, accounts)
+        return Evaluation(tuple(METRICS[n].compute(done) for n in names), constraints,
+                          coverage, {}, names=names, accounts=account_evidence)
     results = [simulate_liquidations(b, model, prepared.liquidation,
                                      margins=margins[b.instrument]) for b in bars_list]
     # The instruments of a spec share the venue's one insurance fund (domain.md §4).
@@ -216,14 +243,14 @@ def evaluate(
             regimes[b.instrument] = _regimes_of(prepared, margins[b.instrument], b,
                                                 coverage[b.instrument], table.trigger_bar,
                                                 table.bad_debt_usd)
-    done = Backtested(prepared, model, bars_list, coverage, liquidation, margins)
+    done = Backtested(prepared, model, bars_list, coverage, liquidation, margins, accounts)
     for name, bound in bounds.items():
         if METRICS[name].needs_liquidation:
             metric = METRICS[name]
             constraints[name] = metric.oriented(metric.compute(done)) - metric.oriented(bound)
     objectives = tuple(METRICS[name].compute(done) for name in names)
     return Evaluation(objectives, constraints, coverage, liquidation, names=names,
-                      regimes=regimes)
+                      regimes=regimes, accounts=account_evidence)
 
 
 def _regimes_of(prepared: Prepared, margins: MarginSeries, bars: BarSeries,

@@ -28,6 +28,7 @@ from calibration.report import CoverageMetrics, LiquidationMetrics
 from calibration.spec import CalibrationSpec
 
 if TYPE_CHECKING:
+    from calibration.calibrate._accounts import AccountEvaluation
     from calibration.calibrate._prepare import Prepared
 
 
@@ -44,6 +45,9 @@ class Backtested:
             empty for metrics that do not need the simulation.
         margins: instrument → the trial's one margin series (``calibration.margins``), the
             very rates the coverage test and the liquidation replay used; empty: computed.
+        accounts: the trial's account evaluation (``calibrate._accounts``): one replay of
+            the population and the haircut / portfolio coverage backtests, shared by every
+            account metric; ``None`` without accounts.
     """
 
     prepared: Prepared
@@ -52,6 +56,7 @@ class Backtested:
     coverage: Mapping[str, Sequence[CoverageMetrics]]
     liquidation: Mapping[str, Sequence[LiquidationMetrics]]
     margins: Mapping[str, MarginSeries] = dataclasses.field(default_factory=dict)
+    accounts: AccountEvaluation | None = None
 
     def liquidation_totals(self) -> tuple[float, float, int, int, int]:
         """Over the instruments' whole-span figures: ``(notional_opened_usd,
@@ -153,27 +158,76 @@ def _procyclicality(b: Backtested) -> float:
 
 def _contagion(b: Backtested) -> float:
     """Healthy-leg liquidations (count, domain.md §7): positions closed with their cross
-    margin account although their isolated twin never triggered or triggered later, for a
-    seeded population of accounts on the span's instruments."""
-    from calibration.accounts import (
-        AccountConfig,
-        Market,
-        PopulationSpec,
-        generate_population,
-        simulate_accounts,
-    )
+    (or portfolio) margin account although their isolated twin never triggered or triggered
+    later, for the spec's account population (``accounts``; default: a seeded population
+    in cross mode on the span's instruments)."""
+    assert b.accounts is not None  # prepared whenever contagion is a metric
+    return float(b.accounts.replay.summary()["healthy_leg_liquidations"])
 
-    market = Market.from_series(b.bars)
-    liq = b.prepared.liquidation
-    population = PopulationSpec(seed=b.prepared.spec.seed, entry_every_bars=liq.entry_every_bars)
-    accounts = generate_population(population, instruments=market.instruments,
-                                   timestamp_ms=market.timestamp_ms,
-                                   close=market.matrix("close"),
-                                   first_bar=b.model.first_valid_bar())
-    config = AccountConfig(mode="cross", holding_bars=liq.holding_bars,
-                           latency_bars=liq.latency_bars)
-    result = simulate_accounts(market, b.model, accounts, config)
-    return float(result.summary()["healthy_leg_liquidations"])
+
+def _replay_totals(b: Backtested) -> dict[str, float]:
+    assert b.accounts is not None
+    summary: dict[str, float] = b.accounts.replay.summary()
+    return summary
+
+
+def _account_bad_debt_bps(b: Backtested) -> float:
+    """The accounts' bad debt per notional opened under the section's mode, bps."""
+    s = _replay_totals(b)
+    return s["bad_debt_usd"] / s["notional_opened_usd"] * 1e4 if s["notional_opened_usd"] \
+        else 0.0
+
+
+def _account_liquidation_rate(b: Backtested) -> float:
+    """Liquidated accounts per account opened (fraction)."""
+    s = _replay_totals(b)
+    return s["liquidated_accounts"] / s["accounts"] if s["accounts"] else 0.0
+
+
+def _haircut_coverage(b: Backtested) -> float:
+    """The haircut coverage backtest (domain.md §9) as one number: over every asset's
+    reference holdings, the most breaches beyond what a green traffic light allows at its
+    observations (count; ≤ 0: every holding green)."""
+    assert b.accounts is not None
+    return b.accounts.haircut_excess()
+
+
+def _portfolio_coverage(b: Backtested) -> float:
+    """The portfolio coverage backtest (domain.md §8) as one number: over the reference
+    books, the most breaches beyond a green traffic light (count; ≤ 0: every book green)."""
+    assert b.accounts is not None
+    return b.accounts.portfolio_excess()
+
+
+def _portfolio_capital_cost(b: Backtested) -> float:
+    """The portfolio requirement's mean per gross notional over the reference books'
+    observations, averaged over the books (fraction)."""
+    assert b.accounts is not None
+    return b.accounts.portfolio_capital()
+
+
+def _collateral_held_back(b: Backtested) -> float:
+    """Σ (V − H(V)) / Σ V over every asset's reference holdings (fraction of value)."""
+    assert b.accounts is not None
+    return b.accounts.held_back()
+
+
+def _needs_accounts(spec: CalibrationSpec) -> str | None:
+    if spec.accounts is None:
+        return "this metric needs an accounts section (accounts.population or accounts.file)"
+    return None
+
+
+def _needs_haircuts(spec: CalibrationSpec) -> str | None:
+    if spec.accounts is None or not spec.accounts.haircuts:
+        return "this metric needs haircut tiers (accounts.haircuts)"
+    return None
+
+
+def _needs_portfolio(spec: CalibrationSpec) -> str | None:
+    if spec.accounts is None or spec.accounts.mode != "portfolio":
+        return "this metric needs a portfolio margin model (accounts.mode 'portfolio')"
+    return None
 
 
 def _contagion_unavailable(spec: CalibrationSpec) -> str | None:
@@ -200,6 +254,27 @@ register(Metric("contagion", "healthy-leg liquidations (count)", "minimize",
                 "positions closed with their cross-margin account although alone they would "
                 "not have been (domain.md §7)", _contagion, needs_liquidation=False,
                 unavailable=_contagion_unavailable))
+register(Metric("account_bad_debt_bps", "bps of notional", "minimize",
+                "the account population's bad debt per notional opened (accounts.mode)",
+                _account_bad_debt_bps, needs_liquidation=False, unavailable=_needs_accounts))
+register(Metric("account_liquidation_rate", "fraction of accounts", "minimize",
+                "liquidated accounts per account opened", _account_liquidation_rate,
+                needs_liquidation=False, unavailable=_needs_accounts))
+register(Metric("haircut_coverage", "breaches beyond a green light (count)", "minimize",
+                "haircut coverage backtest (domain.md §9): most breaches beyond a green "
+                "traffic light over the reference holdings; bound it at 0",
+                _haircut_coverage, needs_liquidation=False, unavailable=_needs_haircuts))
+register(Metric("portfolio_coverage", "breaches beyond a green light (count)", "minimize",
+                "portfolio coverage backtest (domain.md §8): most breaches beyond a green "
+                "traffic light over the reference books; bound it at 0",
+                _portfolio_coverage, needs_liquidation=False, unavailable=_needs_portfolio))
+register(Metric("portfolio_capital_cost", "fraction of gross notional", "minimize",
+                "mean portfolio requirement per gross notional of the reference books",
+                _portfolio_capital_cost, needs_liquidation=False,
+                unavailable=_needs_portfolio))
+register(Metric("collateral_held_back", "fraction of collateral value", "minimize",
+                "collateral value the haircut tiers hold back over the reference holdings",
+                _collateral_held_back, needs_liquidation=False, unavailable=_needs_haircuts))
 
 #: The objectives of a spec that names none (domain.md §5).
 DEFAULT_OBJECTIVES = ("capital_cost", "insolvency_bps")

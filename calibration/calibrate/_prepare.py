@@ -17,6 +17,7 @@ from calibration._errors import (
     InsufficientData,
     InvalidParameters,
 )
+from calibration.calibrate._accounts import AccountSetup, is_account_key, prepare_accounts
 from calibration.coverage import CoverageConfig, iso_utc
 from calibration.data import (
     _subset,
@@ -108,6 +109,8 @@ class Prepared:
         horizon: the one close-out horizon of every trial (domain.md §2).
         space: the search space, with ``horizon_bars`` fixed to ``horizon`` for families
             that have one (what trials run with).
+        accounts: the account population and settings (``calibrate._accounts``), or
+            ``None`` when no metric or key needs accounts.
     """
 
     spec: CalibrationSpec
@@ -120,6 +123,7 @@ class Prepared:
     fingerprints: dict[str, str]
     horizon: Horizon
     space: dict[str, ParamSpec]
+    accounts: AccountSetup | None = None
 
     @property
     def coverage(self) -> CoverageConfig:
@@ -198,17 +202,21 @@ def prepare(spec: CalibrationSpec, root: str | os.PathLike[str]) -> Prepared:
             raise InsufficientData(
                 f"{b.instrument}: {len(b)} in-sample bars; the model's warm-up and horizon "
                 f"need more than {need}")
+    fingerprints = {b.instrument: b.fingerprint for b in full}
+    accounts = prepare_accounts(spec, root, in_sample, liquidation, close_out.bars,
+                                fingerprints)
     return Prepared(
         spec=spec, full=tuple(full), in_sample=in_sample, in_sample_end_ms=split,
         stress_windows=windows, folds=folds, liquidation=liquidation,
-        fingerprints={b.instrument: b.fingerprint for b in full},
-        horizon=close_out, space=space,
+        fingerprints=fingerprints, horizon=close_out, space=space, accounts=accounts,
     )
 
 
 def _fixed_or_low(spec: CalibrationSpec) -> dict[str, Any]:
     out = {}
     for name, p in search_space(spec).items():
+        if is_account_key(name):
+            continue
         value = p.value if p.value is not None else p.low
         out[name] = round(value) if p.integer and value is not None else value
     return out

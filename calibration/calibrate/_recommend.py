@@ -120,7 +120,8 @@ class Recommendation(msgspec.Struct, frozen=True, kw_only=True):
         constraints: each constraint's value (feasible when <= 0, in its own units).
         binding_constraints: constraints at or over their bound.
         in_sample: coverage and liquidation evidence on the in-sample span.
-        out_of_sample: the same per out-of-sample fold.
+        out_of_sample: the same per out-of-sample fold (with an accounts section, its
+            ``accounts`` evidence of the fold too: replay, haircut and portfolio coverage).
         change_vs_published: per parameter ``published``, ``recommended`` and ``change``
             (parameter units); null without published parameters.
         explanation: one sentence on why this trial.
@@ -288,7 +289,7 @@ def _reproducibility(trials: Sequence[FrozenTrial], spec: CalibrationSpec
 def _recommend(trial: FrozenTrial, prepared: Prepared, explanation: str) -> Recommendation:
     spec = prepared.spec
     params = _params_of(trial, prepared.space)
-    in_sample_eval = _evaluate.evaluate(prepared, params, prune_hopeless=False)
+    in_sample_eval = _evaluate.evaluate(prepared, params, prune_hopeless=False, evidence=True)
     full_eval = _evaluate.evaluate(prepared, params, full=True)
     constraints = in_sample_eval.constraints
     feasible = in_sample_eval.feasible
@@ -309,6 +310,14 @@ def _recommend(trial: FrozenTrial, prepared: Prepared, explanation: str) -> Reco
             if m.window in fold_names:
                 oos.setdefault(m.window, {})[inst] = msgspec.to_builtins(
                     {"coverage": m, "liquidation": liq.get(m.window)})
+    if full_eval.accounts:
+        # The account-level evidence of each fold: the rows of the whole-span evaluation
+        # whose window is the fold (accounts entered in it, observations meeting it).
+        for fold in fold_names:
+            oos.setdefault(fold, {})["accounts"] = {
+                part: [r for r in rows if r["window"] == fold]
+                for part, rows in full_eval.accounts.items()
+                if part in ("replay", "haircut_coverage", "portfolio_coverage")}
     change = None
     if spec.published is not None:
         change = {}
