@@ -346,6 +346,7 @@ def validate_accounts(spec: CalibrationSpec, space: Mapping[str, ParamSpec]) -> 
             for corner in (p.value,) if p.value is not None else (p.low, p.high):
                 _check_depth(parsed.name, corner, f"search_space.{key}")
     _check_brackets(a, space, keys)
+    haircut_schedules(a, {}, None, 1)  # the fixed tiers alone, before the corners
     for corner in ("low", "high"):
         values = {}
         for key in keys:
@@ -360,8 +361,13 @@ def validate_accounts(spec: CalibrationSpec, space: Mapping[str, ParamSpec]) -> 
                 portfolio_model(a, {k: v for k, v in values.items()
                                     if keys[k].kind == "portfolio"}, None)
         except InvalidParameters as exc:
-            raise InvalidParameters(f"search space {corner} end: {exc}",
-                                    field=exc.field or "search_space") from None
+            # Name the searched key when the refused field is one (``accounts.engine.X``
+            # from ``engine.X``), else the section's field.
+            field = exc.field or "search_space"
+            searched = field.removeprefix("accounts.")
+            if searched in keys:
+                field = f"search_space.{searched}"
+            raise InvalidParameters(f"search space {corner} end: {exc}", field=field) from None
 
 
 def _check_depth(name: str, value: Any, field: str) -> None:
