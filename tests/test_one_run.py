@@ -70,3 +70,93 @@ def test_library_cli_and_api_give_the_same_result(tmp_path: Path,
     assert len(library["pareto_front"]) >= 1
     assert _comparable(from_cli) == library
     assert _comparable(from_api) == library
+
+
+def _account_spec(btc: str, eth: str) -> dict[str, Any]:
+    """An account-level calibration on two uploaded series: the engine's partial fraction,
+    the portfolio grid's scan range and a BTC haircut band searched, on accounts from a file
+    under the data root, with both coverage backtests as constraints."""
+    return {
+        "data": [{"instrument": "BTCUSDT", "ref": btc}, {"instrument": "ETHUSDT", "ref": eth}],
+        "model": "ewma",
+        "search_space": {"warmup_bars": {"value": 200}, "horizon_bars": {"value": 4},
+                         "decay": {"value": 0.95}, "floor_rate": {"value": 0.02},
+                         "engine.partial_fraction": {"low": 0.2, "high": 1.0},
+                         "portfolio.price_range": {"low": 0.02, "high": 0.2},
+                         "haircuts.BTC.ratios[1]": {"low": 0.5, "high": 0.95}},
+        "accounts": {"file": "accounts.json", "mode": "portfolio",
+                     "engine": {"policy": "partial"}, "portfolio": {"warmup_bars": 200},
+                     "haircuts": {"BTC": {"caps_usd": [1e5], "ratios": [0.95, 0.9]}}},
+        "objectives": {"minimize": ["portfolio_capital_cost", "account_bad_debt_bps",
+                                    "collateral_held_back"]},
+        "constraints": {"kupiec_alpha": None, "no_red_in_stress_windows": False,
+                        "max_premature_share": None,
+                        "max": {"haircut_coverage": 0, "portfolio_coverage": 0}},
+        "stress_windows": [], "walk_forward": {"folds": 1}, "n_trials": 4, "seed": 2,
+    }
+
+
+def _accounts_file(start_ms: int, bar_ms: int) -> str:
+    """Twenty accounts, a pair trade or a BTC-collateralised long, one every 100 bars."""
+    records = []
+    for k in range(20):
+        entry = start_ms + (300 + 100 * k) * bar_ms
+        positions = ({"BTCUSDT": 40_000.0, "ETHUSDT": -40_000.0} if k % 2
+                     else {"ETHUSDT": 30_000.0})
+        records.append({"id": f"acct{k}", "entry": entry,
+                        "collateral": {"USDT": 2_000.0, "BTC": 20.0}, "positions": positions})
+    return json.dumps(records)
+
+
+def test_an_account_level_spec_gives_the_same_result_through_every_door(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same account-level spec (accounts from a file) through the library, the CLI and
+    ``POST /v1/calibrations``: the same recommendation, front and fingerprints (the accounts
+    file's among them); a bad account-level key is a 422 problem naming its path."""
+    from tests.api_helpers import START_MS
+
+    (tmp_path / "accounts.json").write_text(_accounts_file(START_MS, 1_800_000))
+    settings = Settings(state_dir=str(tmp_path / "state"), data_root=str(tmp_path))
+    with TestClient(create_app(settings)) as client:
+        refs = []
+        for name, seed in (("BTCUSDT", 1), ("ETHUSDT", 2)):
+            uploaded = client.post(f"/v1/datasets?instrument={name}",
+                                   content=bars_csv(N_BARS, seed=seed),
+                                   headers={"content-type": "text/csv"})
+            assert uploaded.status_code == 201, uploaded.text
+            refs.append(uploaded.json()["ref"])
+        spec_json = _account_spec(*refs)
+        bad = json.loads(json.dumps(spec_json))
+        bad["search_space"]["engine.nope"] = {"low": 0, "high": 1}
+        refused = client.post("/v1/calibrations", json=bad)
+        assert refused.status_code == 422, refused.text
+        assert refused.headers["content-type"].startswith("application/problem+json")
+        assert refused.json()["field"] == "search_space.engine.nope"
+        job = client.post("/v1/calibrations", json=spec_json).json()
+
+        def finished() -> dict[str, Any] | None:
+            body: dict[str, Any] = client.get(f"/v1/calibrations/{job['id']}").json()
+            return body if body["state"] in ("succeeded", "failed", "cancelled") else None
+
+        state = wait_for(finished, timeout_s=120, what="the API's calibration")
+        assert state["state"] == "succeeded", state
+        from_api = client.get(job["result_url"]).json()
+
+    spec = decode_spec(json.dumps(spec_json))
+    from_library = json.loads(msgspec.json.encode(calibrate(spec, root=tmp_path)))
+    (tmp_path / "spec.json").write_text(json.dumps(spec_json))
+    monkeypatch.setenv("MARGINLAB_DATA_ROOT", str(tmp_path))
+    capsys.readouterr()
+    code = main(["calibrate", "--spec", str(tmp_path / "spec.json"), "--storage", "memory",
+                 "--json", "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    library = _comparable(from_library)
+    assert "accounts:accounts.json" in library["data_fingerprints"]
+    rec = library["recommendation"]
+    assert rec is not None
+    assert {"haircut_coverage", "portfolio_coverage"} <= set(rec["constraints"])
+    assert rec["in_sample"]["accounts"]["replay"][0]["accounts"] > 0
+    assert _comparable(json.loads(out)) == library
+    assert _comparable(from_api) == library
