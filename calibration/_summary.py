@@ -306,10 +306,37 @@ def print_calibration(result: CalibrationResult, console: Console) -> None:
                             f"{cov['short']['breaches']:,}", _light(light),
                             _num(liq.get("bad_debt_bps"), ".3f"))
         oos.print(console)
+    if rec.accounts:
+        _print_account_evidence(rec.accounts, console)
     table, same = _pareto_table(result)
     table.print(console)
     if same:
         console.print(same)
+
+
+def _print_account_evidence(accounts: dict[str, Any], console: Console) -> None:
+    """The account-level evidence of a recommendation: per window of the whole span (the
+    stress windows and the folds) the replay's accounts, liquidations and bad debt, and the
+    worst traffic light of the haircut and portfolio coverage backtests."""
+    whole = accounts.get("whole_span") or {}
+    lights: dict[tuple[str, str], list[str]] = {}
+    for part in ("haircut_coverage", "portfolio_coverage"):
+        for row in whole.get(part, []):
+            lights.setdefault((part, row["window"]), []).append(row["traffic_light"])
+    table = _Titled(f"accounts ({escape(str(whole.get('mode', '')))} margin), whole span",
+                    [("window", "left"), ("accounts", "right"), ("liquidated", "right"),
+                     ("bad debt\nUSD", "right"), ("healthy\nlegs", "right"),
+                     ("haircut\nlight", "left"), ("portfolio\nlight", "left")])
+    for row in whole.get("replay", []):
+        w = row["window"]
+        cells = []
+        for part in ("haircut_coverage", "portfolio_coverage"):
+            got = lights.get((part, w))
+            cells.append(_light(worst_light(got)) if got else "–")
+        table.add_row(escape(w), f"{row['accounts']:,}", f"{row['liquidated_accounts']:,}",
+                      f"{row['bad_debt_usd']:,.0f}", f"{row['healthy_leg_liquidations']:,}",
+                      *cells)
+    table.print(console)
 
 
 #: Accounts shown in the worst-accounts table.

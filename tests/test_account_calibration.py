@@ -208,7 +208,7 @@ def test_a_capacity_search_recommends_the_trial_with_the_least_bad_debt(root: Pa
         min(by_capacity[c] for c in tried))
     windows = [row["window"] for row in rec.in_sample["accounts"]["replay"]]
     assert windows == ["all", "ftx_2022"]
-    fold = rec.out_of_sample["oos_fold_1"]["accounts"]["replay"]
+    fold = rec.accounts["out_of_sample"]["oos_fold_1"]["replay"]
     assert [row["window"] for row in fold] == ["oos_fold_1"]
     assert fold[0]["accounts"] > 0
 

@@ -120,8 +120,7 @@ class Recommendation(msgspec.Struct, frozen=True, kw_only=True):
         constraints: each constraint's value (feasible when <= 0, in its own units).
         binding_constraints: constraints at or over their bound.
         in_sample: coverage and liquidation evidence on the in-sample span.
-        out_of_sample: the same per out-of-sample fold (with an accounts section, its
-            ``accounts`` evidence of the fold too: replay, haircut and portfolio coverage).
+        out_of_sample: the same per out-of-sample fold.
         change_vs_published: per parameter ``published``, ``recommended`` and ``change``
             (parameter units); null without published parameters.
         explanation: one sentence on why this trial.
@@ -132,6 +131,11 @@ class Recommendation(msgspec.Struct, frozen=True, kw_only=True):
             breach rate, traffic light), liquidations triggered and their bad debt (USD),
             and the correlation between volatility and margin calls (liquidation triggers
             per bar).
+        accounts: with an accounts section, the account-level evidence of the whole span
+            (``whole_span``: the replay's figures, every haircut and portfolio coverage row,
+            overall, per stress window and per fold, and the parameters in force) and per
+            out-of-sample fold (``out_of_sample``); the in-sample evidence is
+            ``in_sample["accounts"]``.
     """
 
     trial: int
@@ -147,6 +151,7 @@ class Recommendation(msgspec.Struct, frozen=True, kw_only=True):
     explanation: str
     notes: list[str] = []
     regimes: dict[str, Any] = {}
+    accounts: dict[str, Any] = {}
 
 
 class CalibrationResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -310,14 +315,15 @@ def _recommend(trial: FrozenTrial, prepared: Prepared, explanation: str) -> Reco
             if m.window in fold_names:
                 oos.setdefault(m.window, {})[inst] = msgspec.to_builtins(
                     {"coverage": m, "liquidation": liq.get(m.window)})
+    accounts: dict[str, Any] = {}
     if full_eval.accounts:
         # The account-level evidence of each fold: the rows of the whole-span evaluation
         # whose window is the fold (accounts entered in it, observations meeting it).
-        for fold in fold_names:
-            oos.setdefault(fold, {})["accounts"] = {
-                part: [r for r in rows if r["window"] == fold]
-                for part, rows in full_eval.accounts.items()
-                if part in ("replay", "haircut_coverage", "portfolio_coverage")}
+        accounts = {"whole_span": full_eval.accounts, "out_of_sample": {
+            fold: {part: [r for r in rows if r["window"] == fold]
+                   for part, rows in full_eval.accounts.items()
+                   if part in ("replay", "haircut_coverage", "portfolio_coverage")}
+            for fold in fold_names}}
     change = None
     if spec.published is not None:
         change = {}
@@ -343,4 +349,5 @@ def _recommend(trial: FrozenTrial, prepared: Prepared, explanation: str) -> Reco
         constraints=constraints, binding_constraints=binding,
         in_sample=in_sample_eval.summary(), out_of_sample=oos,
         change_vs_published=change, explanation=explanation, regimes=full_eval.regimes,
+        accounts=accounts,
     )
