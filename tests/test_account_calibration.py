@@ -304,6 +304,17 @@ def test_bad_account_settings_are_refused_naming_the_field(patch: dict[str, Any]
     assert caught.value.field == field, str(caught.value)
 
 
+def test_a_population_too_large_is_refused_naming_the_field(root: Path) -> None:
+    """Two months of 30m bars with an entry every bar and 50 accounts each are ~140,000
+    accounts, above the run's bound of 100,000: refused before any trial, naming the
+    field."""
+    raw = raw_spec()
+    raw["accounts"]["population"] = {"entry_every_bars": 1, "accounts_per_entry": 50}
+    with pytest.raises(InvalidParameters) as caught:
+        prepare(decode_spec(json.dumps(raw)), root)
+    assert caught.value.field == "accounts.population.accounts_per_entry"
+
+
 def test_a_spec_without_accounts_keeps_its_hash() -> None:
     """This spec's hash as the engine before the accounts section (commit bcae0c6)
     computed it."""

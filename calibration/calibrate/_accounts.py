@@ -59,6 +59,11 @@ if TYPE_CHECKING:
 
 #: The parameters of tiers derived from depth (``liquidity_adjusted``) a spec may set.
 DEPTH_PARAMS = ("spread_rate", "impact_coef", "impact_exponent", "confidence")
+#: Accounts one run replays at most (a file's, or the generator's over the whole span): the
+#: account backtest API's bound, so one trial's replay stays within memory and minutes.
+MAX_ACCOUNTS = 100_000
+#: Largest accounts file read, bytes (checked before it is read).
+MAX_ACCOUNTS_FILE_BYTES = 64 * 2**20
 #: ``AccountConfig`` fields set by the section itself, not by ``accounts.engine``.
 _SET_HERE = ("mode", "haircuts")
 
@@ -427,7 +432,8 @@ class AccountSetup:
     liquidation_bars: int
 
 
-def prepare_accounts(spec: CalibrationSpec, root: Any, in_sample: Sequence[BarSeries],
+def prepare_accounts(spec: CalibrationSpec, root: Any, full: Sequence[BarSeries],
+                     in_sample: Sequence[BarSeries],
                      liquidation: LiquidationConfig, horizon_bars: int,
                      fingerprints: dict[str, str]) -> AccountSetup | None:
     """The spec's account setup (``None`` without a section, unless ``contagion`` is a
@@ -458,10 +464,14 @@ def prepare_accounts(spec: CalibrationSpec, root: Any, in_sample: Sequence[BarSe
         from calibration.data import resolve_ref
 
         try:
-            raw = resolve_ref(a.file, root).read_bytes()
+            path = resolve_ref(a.file, root)
         except DataReferenceError as exc:
             exc.field = "accounts.file"  # type: ignore[attr-defined]
             raise
+        if path.stat().st_size > MAX_ACCOUNTS_FILE_BYTES:
+            raise InvalidParameters(f"accounts.file is larger than {MAX_ACCOUNTS_FILE_BYTES} "
+                                    "bytes", field="accounts.file")
+        raw = path.read_bytes()
         fingerprints[f"accounts:{a.file}"] = hashlib.sha256(raw).hexdigest()
         try:
             accounts = tuple(load_accounts(raw.decode("utf-8", errors="replace")))
@@ -469,12 +479,22 @@ def prepare_accounts(spec: CalibrationSpec, root: Any, in_sample: Sequence[BarSe
             raise _remap(exc, "accounts.file") from None
         first = int(in_sample[0].timestamp_ms[0])
         end = int(in_sample[0].timestamp_ms[-1])
+        if len(accounts) > MAX_ACCOUNTS:
+            raise InvalidParameters(f"accounts.file has {len(accounts)} accounts; at most "
+                                    f"{MAX_ACCOUNTS}", field="accounts.file")
         if not any(first <= acc.entry_ms < end for acc in accounts):
             raise InsufficientData("accounts.file: no account opens inside the in-sample span")
     else:
         population = PopulationSpec.from_mapping(
             {"seed": spec.seed, "entry_every_bars": liquidation.entry_every_bars,
              **(a.population or {})})
+        n_bars = max(len(b) for b in full)
+        drawn = -(-n_bars // population.entry_every_bars) * population.accounts_per_entry
+        if drawn > MAX_ACCOUNTS:
+            raise InvalidParameters(
+                f"accounts.population draws about {drawn} accounts over the data; at most "
+                f"{MAX_ACCOUNTS} (fewer accounts_per_entry, or a larger entry_every_bars)",
+                field="accounts.population.accounts_per_entry")
     names = [b.instrument for b in in_sample]
     from calibration.accounts import underlying_of
 

@@ -203,7 +203,7 @@ def prepare(spec: CalibrationSpec, root: str | os.PathLike[str]) -> Prepared:
                 f"{b.instrument}: {len(b)} in-sample bars; the model's warm-up and horizon "
                 f"need more than {need}")
     fingerprints = {b.instrument: b.fingerprint for b in full}
-    accounts = prepare_accounts(spec, root, in_sample, liquidation, close_out.bars,
+    accounts = prepare_accounts(spec, root, full, in_sample, liquidation, close_out.bars,
                                 fingerprints)
     return Prepared(
         spec=spec, full=tuple(full), in_sample=in_sample, in_sample_end_ms=split,
