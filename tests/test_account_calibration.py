@@ -206,6 +206,8 @@ def test_a_capacity_search_recommends_the_trial_with_the_least_bad_debt(root: Pa
     assert rec.objectives["account_bad_debt_bps"] == pytest.approx(by_capacity[chosen])
     assert rec.objectives["account_bad_debt_bps"] == pytest.approx(
         min(by_capacity[c] for c in tried))
+    # Trials skip the position replay no metric reads; the evidence keeps it.
+    assert rec.in_sample["liquidation"]["BTCUSDT"][0]["positions"] > 0
     windows = [row["window"] for row in rec.in_sample["accounts"]["replay"]]
     assert windows == ["all", "ftx_2022"]
     fold = rec.accounts["out_of_sample"]["oos_fold_1"]["replay"]

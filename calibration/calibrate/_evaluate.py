@@ -210,8 +210,8 @@ def evaluate(
                 and any(s.traffic_light == "red" for s in sides))
     liquidation: dict[str, list[LiquidationMetrics]] = {}
     account_evidence: dict[str, Any] = {}
-    if accounts is not None and spec.accounts is not None and (
-            full if evidence is None else evidence):
+    want_evidence = full if evidence is None else evidence
+    if accounts is not None and spec.accounts is not None and want_evidence:
         account_evidence = accounts.evidence()
     if hopeless:
         for name in bounds:
@@ -220,9 +220,10 @@ def evaluate(
         return Evaluation(tuple(math.inf for _ in names), constraints, coverage, liquidation,
                           pruned="coverage red over the whole in-sample span",
                           names=names)
-    if spec.accounts is not None and not full and not any(
+    if spec.accounts is not None and not want_evidence and not any(
             METRICS[n].needs_liquidation for n in (*names, *bounds)):
-        # An account-level calibration that reads no position figure: no position replay.
+        # A trial of an account-level calibration that reads no position figure: no
+        # position replay (the recommendation's evidence still has it).
         done = Backtested(prepared, model, bars_list, coverage, {}, margins, accounts)
         return Evaluation(tuple(METRICS[n].compute(done) for n in names), constraints,
                           coverage, {}, names=names, accounts=account_evidence)
