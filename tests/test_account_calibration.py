@@ -63,7 +63,8 @@ def raw_spec(**overrides: Any) -> dict[str, Any]:
             "population": {"accounts_per_entry": 3,
                            "collateral_weights": {"USDT": 0.5, "BTC": 0.5}},
             "mode": "portfolio", "engine": {"policy": "partial"},
-            "portfolio": {"warmup_bars": 300},
+            "portfolio": {"warmup_bars": 300, "extended_moves": [0.3],
+                          "extended_weights": [0.2]},
             "haircuts": {"BTC": {"caps_usd": [1e6], "ratios": [0.95, 0.9]}},
         },
         "objectives": {"minimize": ["portfolio_capital_cost", "account_bad_debt_bps",
@@ -102,14 +103,14 @@ def test_account_metrics_are_the_engines_and_backtests_figures(root: Path) -> No
     prepared = prepare(spec, root)
     params = {**MODEL_PARAMS, "engine.partial_fraction": 0.4,
               "portfolio.price_range": 0.12, "portfolio.offset_credit_cap": 0.3,
-              "haircuts.BTC.ratios[1]": 0.8}
+              "portfolio.extended_weights[0]": 0.5, "haircuts.BTC.ratios[1]": 0.8}
     result = evaluate(prepared, params)
     bars = prepared.in_sample
     market = Market.from_series(bars)
     model = make_model("ewma", MODEL_PARAMS).with_horizon(2)
     schedule = tiered([1e6], [0.95, 0.8])
     grid = GridPortfolioMargin(warmup_bars=300, price_range=0.12, offset_credit_cap=0.3,
-                               horizon_bars=2)
+                               extended_moves=(0.3,), extended_weights=(0.5,), horizon_bars=2)
     accounts = generate_population(
         PopulationSpec(seed=5, entry_every_bars=48, accounts_per_entry=3,
                        collateral_weights={"USDT": 0.5, "BTC": 0.5}),
@@ -147,8 +148,9 @@ def test_account_metrics_are_the_engines_and_backtests_figures(root: Path) -> No
 def test_searched_ratios_are_made_non_increasing_and_depth_tiers_follow_the_formula(
         root: Path) -> None:
     """A searched ratio above the band before it counts at that band's ratio (a larger
-    holding never counts more); a flat tier derived from depth is 1 − (spread + impact +
-    z_q σ √h), since its one point is the depth itself (V / depth = 1)."""
+    holding never counts more) and a searched bracket replaces the fixed one; a flat tier
+    derived from depth is 1 − (spread + impact + z_q σ √h) with the searched impact, since
+    its one point is the depth itself (V / depth = 1)."""
     raw = raw_spec(objectives={"minimize": ["collateral_held_back"]},
                    constraints={**NO_RULES, "max": {"haircut_coverage": 1e9}})
     raw["accounts"]["mode"] = "cross"
@@ -157,13 +159,14 @@ def test_searched_ratios_are_made_non_increasing_and_depth_tiers_follow_the_form
         "BTC": {"caps_usd": [1e6], "ratios": [0.9, 0.9]},
         "ETH": {"depth": {"spread_rate": 0.001, "impact_coef": 0.02, "confidence": 0.99}}}
     prepared = prepare(decode_spec(json.dumps(raw)), root)
-    params = {**MODEL_PARAMS, "haircuts.BTC.ratios[1]": 0.97}
+    params = {**MODEL_PARAMS, "haircuts.BTC.ratios[1]": 0.97,
+              "haircuts.BTC.caps_usd[0]": 2.5e6, "haircuts.ETH.depth.impact_coef": 0.03}
     out = evaluate(prepared, params, evidence=True).accounts
-    assert out["haircuts"]["BTC"]["ratios"] == [0.9, 0.9]
+    assert out["haircuts"]["BTC"] == {"caps_usd": [2.5e6], "ratios": [0.9, 0.9]}
     eth = prepared.in_sample[1]
     sigma = float(np.std(np.diff(np.log(eth.close))))
     # h_liq = the close-out horizon, 2 bars.
-    expected = 1 - (0.001 + 0.02 + float(norm.ppf(0.99)) * sigma * math.sqrt(2))
+    expected = 1 - (0.001 + 0.03 + float(norm.ppf(0.99)) * sigma * math.sqrt(2))
     assert out["haircuts"]["ETH"]["ratios"] == [pytest.approx(expected)]
     assert out["haircuts"]["ETH"]["caps_usd"] == []
 
