@@ -2,6 +2,9 @@
 
 domain.md §5. The run flows down these modules, none importing one above it:
 
+- ``_accounts``: the spec's ``accounts`` section and its dotted search-space keys
+  (``engine.*``, ``portfolio.*``, ``haircuts.*``); ``AccountEvaluation``, one trial's account
+  replay and haircut / portfolio coverage backtests, which the account metrics read.
 - ``_prepare``: ``prepare`` loads and splits the spec's data once per process (``Prepared``).
 - ``_objectives``: the registry of metrics a spec minimises or bounds (``METRICS``,
   ``register``).
