@@ -126,6 +126,10 @@ def _parse(key: str, spec: CalibrationSpec) -> _Key:
             raise InvalidParameters(f"{key}: {m[1]!r} is not a parameter of portfolio model "
                                     f"{a.portfolio_model!r} (known: {', '.join(names)})",
                                     field=field)
+        if m[1] == "horizon_bars":
+            raise InvalidParameters(f"{key}: the portfolio model runs at the spec's one "
+                                    "close-out horizon (horizon / horizon_bars), not searched",
+                                    field=field)
         index = -1 if m[2] is None else int(m[2])
         current = base.get(m[1])
         if index >= 0:
@@ -326,6 +330,10 @@ def validate_accounts(spec: CalibrationSpec, space: Mapping[str, ParamSpec]) -> 
                                 "'portfolio'", field="accounts.portfolio")
     if a.mode == "portfolio":
         _portfolio_class(a.portfolio_model)
+        if "horizon_bars" in a.portfolio:
+            raise InvalidParameters("accounts.portfolio.horizon_bars: the portfolio model runs "
+                                    "at the spec's one close-out horizon (horizon / "
+                                    "horizon_bars)", field="accounts.portfolio.horizon_bars")
         for name in _portfolio_base(a):
             if name not in _portfolio_class(a.portfolio_model).param_names():
                 raise InvalidParameters(f"accounts.portfolio: unknown parameter {name!r}",
