@@ -17,18 +17,21 @@ order and was slower).
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from itertools import pairwise
 from typing import Any, TypeVar
 
 from calibration._errors import InvalidParameters
 from calibration.accounts._kernel import BookArrays
 
-# Blocks per thread and pass: enough that the last block's wait is short against a pass, few
-# enough that the dispatch (tens of µs of Python per call, with the GIL) stays negligible.
-BLOCKS_PER_WORKER = 16
-MIN_BLOCK_ROWS = 512
+# Blocks per thread and pass: enough that the last block (~1/64 of a pass) keeps the other
+# thread waiting only briefly, few enough that the dispatch (~6 µs of Python per kernel call,
+# with the GIL, measured) stays negligible.
+BLOCKS_PER_WORKER = 32
+MIN_BLOCK_ROWS = 256
 
 T = TypeVar("T")
 
@@ -58,44 +61,90 @@ def book_rows(book: BookArrays, lo: int, hi: int) -> BookArrays:
 
 class RowRunner:
     """Runs ``fn(lo, hi)`` over row blocks: inline with one worker (one call over every row,
-    exactly the one-thread replay), else on a pool of ``workers`` threads. Use as a context
-    manager; ``wait`` re-raises the first failure."""
+    exactly the one-thread replay), else from one queue by ``workers - 1`` threads of its own
+    and the calling thread, which takes blocks too once it waits (so ``workers`` threads run,
+    no more: the caller builds the twins while the pool replays the accounts, then helps).
+    Use as a context manager; ``wait`` re-raises the first failure (later blocks are then
+    skipped)."""
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
-        self._pool = ThreadPoolExecutor(workers) if workers > 1 else None
-        self._futures: list[Future[None]] = []
+        self._tasks: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._done = threading.Condition()
+        self._pending = 0
+        self._error: BaseException | None = None
+        self._threads = [threading.Thread(target=self._drain, name=f"marginlab-replay-{i}",
+                                          daemon=True) for i in range(workers - 1)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self, task: Callable[[], None]) -> None:
+        try:
+            if self._error is None:
+                task()
+        except BaseException as exc:  # handed to the waiting caller
+            with self._done:
+                self._error = self._error or exc
+        finally:
+            with self._done:
+                self._pending -= 1
+                if self._pending == 0:
+                    self._done.notify_all()
+
+    def _drain(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            self._run(task)
+
+    def _put(self, task: Callable[[], None]) -> None:
+        with self._done:
+            self._pending += 1
+        self._tasks.put(task)
 
     def submit(self, n_rows: int, fn: Callable[[int, int], None]) -> None:
         """Replay rows ``0 .. n_rows`` by ``fn`` (now with one worker, else queued)."""
-        if self._pool is None:
+        if self.workers == 1:
             fn(0, n_rows)
             return
         for lo, hi in row_blocks(n_rows, self.workers):
-            self._futures.append(self._pool.submit(fn, lo, hi))
+            self._put(partial(fn, lo, hi))
 
     def call(self, fn: Callable[..., T], *args: Any) -> Callable[[], T]:
-        """``fn(*args)``, now with one worker, else on the pool; returns what gives its
-        value (waiting for it)."""
-        if self._pool is None:
+        """``fn(*args)``, now with one worker, else queued; returns what gives its value
+        (waiting for every queued task)."""
+        if self.workers == 1:
             value = fn(*args)
             return lambda: value
-        future = self._pool.submit(fn, *args)
-        self._futures.append(future)  # type: ignore[arg-type]
-        return future.result
+        box: list[T] = []
+        self._put(lambda: box.append(fn(*args)))
+
+        def value_of() -> T:
+            self.wait()
+            return box[0]
+
+        return value_of
 
     def wait(self) -> None:
-        """Block until every submitted block is done."""
-        futures, self._futures = self._futures, []
-        for f in futures:
-            f.result()
+        """Take queued blocks on this thread until none is left, then wait for the rest."""
+        while True:
+            try:
+                task = self._tasks.get_nowait()
+            except queue.Empty:
+                break
+            assert task is not None  # the stop marks are queued on exit only
+            self._run(task)
+        with self._done:
+            while self._pending:
+                self._done.wait()
+            if self._error is not None:
+                raise self._error
 
     def __enter__(self) -> RowRunner:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._pool is not None:
-            if exc[0] is not None:
-                for f in self._futures:
-                    f.cancel()
-            self._pool.shutdown(wait=True)
+        if exc[0] is not None:
+            self._error = self._error or RuntimeError("the replay was abandoned")
+        for _ in self._threads:
+            self._tasks.put(None)
+        for t in self._threads:
+            t.join()
