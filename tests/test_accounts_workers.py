@@ -9,6 +9,7 @@ and a population large enough that both passes split into many blocks.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -103,3 +104,30 @@ def test_workers_must_be_a_whole_number(luna: Market) -> None:
         with pytest.raises(InvalidParameters) as info:
             simulate_accounts(luna, model, accounts[:5], workers=bad)  # type: ignore[arg-type]
         assert info.value.field == "workers"
+
+
+@pytest.mark.data
+def test_cli_workers_prints_the_same_report(shared_data: Path, data_file: Callable[[str], str],
+                                            capsys: pytest.CaptureFixture[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """``marginlab accounts backtest --workers 2``: the JSON report of ``--workers 1``, text
+    for text; ``--workers 0`` exits 2 naming the field."""
+    from calibration.cli import main
+
+    for r in LUNA_30M:
+        data_file(r)
+    monkeypatch.setenv("MARGINLAB_DATA_ROOT", str(shared_data))
+    args = ["accounts", "backtest", *(a for r in LUNA_30M
+                                      for a in ("--data", f"{r.split('/')[1][:7]}={r}")),
+            "--start", "2022-05-01", "--end", "2022-05-28",
+            "--population", '{"seed": 3, "entry_every_bars": 2, "accounts_per_entry": 2, '
+                            '"leverage": [5, 40]}',
+            "--model", "tiered", "--params", '{"base_mmr": 0.02, "tier_growth": 1.5}',
+            "--liquidation", '{"holding_bars": 96}', "--json"]
+    assert main([*args, "--workers", "1"]) == 0
+    one = capsys.readouterr().out
+    assert main([*args, "--workers", "2"]) == 0
+    assert capsys.readouterr().out == one
+    assert json.loads(one)["summary"][0]["liquidated_accounts"] > 0
+    assert main([*args, "--workers", "0"]) == 2
+    assert "workers" in capsys.readouterr().err
