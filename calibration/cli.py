@@ -286,7 +286,8 @@ def _cmd_accounts_backtest(args: argparse.Namespace) -> int:
                                           portfolio_model=args.portfolio_model,
                                           portfolio_params=portfolio_params,
                                           frontier=frontier,
-                                          frontier_kind=args.frontier_kind)
+                                          frontier_kind=args.frontier_kind,
+                                          workers=args.workers)
     if args.report:
         from calibration.accounts import render_account_report
 
@@ -707,6 +708,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "the throughput-insolvency frontier to the report")
     ab.add_argument("--frontier-kind", choices=("accounts", "notional"), default="accounts",
                     help="what --frontier's capacities limit (default: accounts per bar)")
+    ab.add_argument("--workers", type=int, default=1, metavar="N",
+                    help="threads replaying the accounts (default 1); the same figures for any "
+                         "N, bit for bit")
     ab.add_argument("--funding", action="append", metavar="NAME=REF", help=argparse.SUPPRESS)
     ab.add_argument("--depth", action="append", metavar="NAME=REF", help=argparse.SUPPRESS)
     ab.add_argument("--repair", metavar="DEFECT[,DEFECT]", help="opt-in repairs (as backtest)")

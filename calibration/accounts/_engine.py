@@ -143,6 +143,7 @@ from calibration.accounts._kernel_mech import (
 )
 from calibration.accounts._kernel_portfolio import replay_portfolio
 from calibration.accounts._market import Market, underlying_of, volume_depth_usd
+from calibration.accounts._split import RowRunner, book_rows, check_workers
 from calibration.horizon import resolve_horizon
 from calibration.models import MarginModel, PortfolioMarginModel, TieredMargin
 from calibration.models._portfolio_kernel import ScenarioArrays
@@ -736,6 +737,7 @@ def simulate_accounts(
     portfolio: PortfolioMarginModel | None = None,
     mechanics_kernel: bool = False,
     fast_start: bool = True,
+    workers: int = 1,
 ) -> AccountResult:
     """Replay ``accounts`` through ``market`` (see the module docstring).
 
@@ -753,6 +755,11 @@ def simulate_accounts(
         fast_start: without a cascade or funding, let the core kernel find each account's
             first trigger and the mechanics walk start there (the same figures, as the tests
             prove; False walks every account from its entry).
+        workers: threads replaying the accounts and their twins (``_split``: contiguous
+            blocks of rows on a pool, into one result): the same figures bit for bit as 1.
+            With the mechanics only the core kernel's first-trigger search splits (the
+            mechanics walk couples accounts through the queue and the cascade); the cross
+            and twin walks then run on two threads at once.
 
     Raises:
         InvalidParameters: an account names an instrument or asset the market lacks, or a
@@ -761,6 +768,7 @@ def simulate_accounts(
     """
     config = config or AccountConfig()
     config.validate()
+    check_workers(workers)
     # The accounts as arrays (built here unless given so, ``AccountBook``).
     arrays = AccountBook.from_accounts(accounts, market.instruments)
     modes = {m or config.mode for m in arrays.modes()}
@@ -769,7 +777,8 @@ def simulate_accounts(
         from calibration.accounts._modes import simulate_mixed
 
         return simulate_mixed(market, model, accounts, config, portfolio=portfolio,
-                              mechanics_kernel=mechanics_kernel, fast_start=fast_start)
+                              mechanics_kernel=mechanics_kernel, fast_start=fast_start,
+                              workers=workers)
     if (config.mode == "portfolio") != (portfolio is not None):
         raise InvalidParameters(
             "mode portfolio needs a portfolio margin model, and only it takes one",
@@ -811,47 +820,70 @@ def simulate_accounts(
     col_units = arrays.col_units[keep]
     entry_close = close[:, entry].T  # (A, k)
     units = notional / entry_close
-    pa, pi = (v.astype(np.int64) for v in np.nonzero(units))
-    gross = np.abs(units[pa, pi]) * entry_close[pa, pi]
-    im = np.empty(pa.shape[0])
-    for i in range(k):
-        mine = pi == i
-        b = np.searchsorted(sched.mm.caps[i], gross[mine], side="right")
-        im[mine] = np.minimum(sched.im_scale[i, entry[pa[mine]]] * sched.im_slope[i, b],
-                              1.0) * gross[mine]
-    p_notional = units[pa, pi] * entry_close[pa, pi]
     book = BookArrays(entry=entry, units=units, usd=usd, col_units=col_units,
                       col_inst=col_inst, col_asset=col_asset)
     rules = _collateral_rules(collateral_assets, config)
     mech = (_mechanics(market, config, scenarios) if config.mechanics or mechanics_kernel
             else None)
-    if mech is not None:
-        mout = _run_mech(sched.mm, book, rules, mech, len(assets_sorted), config, fast_start)
-        trig, eq, legs, fee = mout.trigger, mout.closeout_equity, mout.leg_pnl, mout.fee
-    else:
-        trig, eq, legs, fee = empty_outputs(len(opened), k)
-    if mech is None and scenarios is not None:
-        replay_portfolio(sched.mm, book, rules, scenarios, len(assets_sorted),
-                         config.holding_bars, config.latency_bars, float(config.spread_rate),
-                         float(config.liquidation_fee_rate), trig, eq, legs, fee)
-    elif mech is None:
-        replay(sched.mm, book, rules, len(assets_sorted), config.holding_bars,
-               config.latency_bars, float(config.spread_rate),
-               float(config.liquidation_fee_rate), trig, eq, legs, fee)
-    # Isolated twins: one position each, the account's collateral shared pro rata to IM.
-    im_total = np.zeros(len(opened))
-    np.add.at(im_total, pa, im)
-    share = np.where(im_total[pa] > 0, im / np.where(im_total[pa] > 0, im_total[pa], 1.0), 0.0)
-    twin_units = np.zeros((pa.shape[0], k))
-    twin_units[np.arange(pa.shape[0]), pi] = book.units[pa, pi]
-    twins = BookArrays(entry=book.entry[pa], units=twin_units, usd=book.usd[pa] * share,
-                       col_units=book.col_units[pa] * share[:, None], col_inst=col_inst,
-                       col_asset=col_asset)
+    n_assets = len(assets_sorted)
+    spread, fee_rate = float(config.spread_rate), float(config.liquidation_fee_rate)
+    with RowRunner(workers) as runner:
+        # The accounts' pass is queued first; the positions and twins, which only the twins'
+        # pass needs, are built meanwhile.
+        if mech is None:
+            trig, eq, legs, fee = empty_outputs(len(opened), k)
+
+            def cross_rows(lo: int, hi: int) -> None:
+                rows = book_rows(book, lo, hi)
+                if scenarios is not None:
+                    replay_portfolio(sched.mm, rows, rules, scenarios, n_assets,
+                                     config.holding_bars, config.latency_bars, spread,
+                                     fee_rate, trig[lo:hi], eq[lo:hi], legs[lo:hi], fee[lo:hi])
+                else:
+                    replay(sched.mm, rows, rules, n_assets, config.holding_bars,
+                           config.latency_bars, spread, fee_rate, trig[lo:hi], eq[lo:hi],
+                           legs[lo:hi], fee[lo:hi])
+
+            runner.submit(len(opened), cross_rows)
+        else:
+            # The accounts and the twins are separate populations (each its own queue and
+            # cascade): two walks, on two threads when there are.
+            mech_accounts = runner.call(_run_mech, sched.mm, book, rules, mech, n_assets,
+                                        config, fast_start)
+        pa, pi = (v.astype(np.int64) for v in np.nonzero(units))
+        n_pos = pa.shape[0]
+        gross = np.abs(units[pa, pi]) * entry_close[pa, pi]
+        im = _entry_im(sched, pi, gross, entry[pa])
+        p_notional = units[pa, pi] * entry_close[pa, pi]
+        # Isolated twins: one position each, the account's collateral shared pro rata to IM.
+        im_total = np.zeros(len(opened))
+        np.add.at(im_total, pa, im)
+        share = np.where(im_total[pa] > 0, im / np.where(im_total[pa] > 0, im_total[pa], 1.0),
+                         0.0)
+        twin_units = np.zeros((n_pos, k))
+        twin_units[np.arange(n_pos), pi] = book.units[pa, pi]
+        twins = BookArrays(entry=book.entry[pa], units=twin_units, usd=book.usd[pa] * share,
+                           col_units=book.col_units[pa] * share[:, None], col_inst=col_inst,
+                           col_asset=col_asset)
+        if mech is None:
+            t_trig, t_eq, t_legs, t_fee = empty_outputs(n_pos, k)
+
+            def twin_rows(lo: int, hi: int) -> None:
+                replay(sched.mm, book_rows(twins, lo, hi), rules, n_assets,
+                       config.holding_bars, config.latency_bars, spread, fee_rate,
+                       t_trig[lo:hi], t_eq[lo:hi], t_legs[lo:hi], t_fee[lo:hi])
+
+            runner.submit(n_pos, twin_rows)
+            runner.wait()
+        else:
+            # The twins keep the per-instrument models in every mode.
+            mech_twins = runner.call(_run_mech, sched.mm, twins, rules,
+                                     mech._replace(portfolio=False), n_assets, config,
+                                     fast_start)
+            mout, t_out = mech_accounts(), mech_twins()
+            trig, eq, legs, fee = mout.trigger, mout.closeout_equity, mout.leg_pnl, mout.fee
     extra: dict[str, Any] = {}
     if mech is not None:
-        # The twins keep the per-instrument models in every mode.
-        t_out = _run_mech(sched.mm, twins, rules, mech._replace(portfolio=False),
-                          len(assets_sorted), config, fast_start)
         t_trig, t_eq, t_fee = t_out.trigger, t_out.closeout_equity, t_out.fee
         bad = mout.bad_debt
         t_bad = t_out.bad_debt
@@ -869,11 +901,6 @@ def simulate_accounts(
                  "twin_backstop_pnl_usd": t_out.backstop_pnl,
                  "keeper_declined": mout.keeper_declined, "keeper_bonus_usd": mout.keeper_bonus}
     else:
-        t_trig, _t_eq, _t_legs, t_fee = empty_outputs(pa.shape[0], k)
-        t_eq = _t_eq
-        replay(sched.mm, twins, rules, len(assets_sorted), config.holding_bars,
-               config.latency_bars, float(config.spread_rate),
-               float(config.liquidation_fee_rate), t_trig, t_eq, _t_legs, t_fee)
         bad = np.where(trig >= 0, np.maximum(0.0, -eq), 0.0)
         t_bad = np.where(t_trig >= 0, np.maximum(0.0, -t_eq), 0.0)
         closeout_bar = np.minimum(trig + config.latency_bars, n - 1)
@@ -899,6 +926,19 @@ def simulate_accounts(
         closeout_bar=closeout_bar, twin_closeout_bar=t_closeout_bar, policy=config.policy,
         **extra,
     )
+
+
+def _entry_im(sched: _Schedules, inst: IntArray, gross: FloatArray,
+              entry: IntArray) -> FloatArray:
+    """Each position's IM at entry, USD, ``(P,)``: instrument ``inst`` at entry notional
+    ``gross`` (USD) opened at bar ``entry``. The bracket is ``searchsorted(caps, gross,
+    "right")`` (the caps at or below the notional, ``caps`` sorted and padded with inf),
+    counted for every position at once."""
+    caps = sched.mm.caps[inst]  # (P, B)
+    bracket = (caps <= gross[:, None]).sum(axis=1)
+    rate = sched.im_scale[inst, entry] * sched.im_slope[inst, bracket]
+    im: FloatArray = np.minimum(rate, 1.0) * gross
+    return im
 
 
 def _run_mech(mm: MarketArrays, book: BookArrays, rules: CollateralRules, mech: Mechanics,

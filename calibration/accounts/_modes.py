@@ -44,7 +44,7 @@ _PER_BAR = ("backlog", "started", "started_usd", "twin_backlog")
 def simulate_mixed(market: Market, model: MarginModel | Mapping[str, MarginModel],
                    accounts: Sequence[Account], config: AccountConfig, *,
                    portfolio: PortfolioMarginModel | None, mechanics_kernel: bool,
-                   fast_start: bool) -> AccountResult:
+                   fast_start: bool, workers: int = 1) -> AccountResult:
     """``simulate_accounts`` for accounts whose ``mode`` (None: ``config.mode``) differs
     (module docstring). ``portfolio`` is required when some account is in portfolio mode,
     and refused otherwise.
@@ -78,7 +78,7 @@ def simulate_mixed(market: Market, model: MarginModel | Mapping[str, MarginModel
             result = simulate_accounts(
                 market, model, sub, dataclasses.replace(config, mode=mode),
                 portfolio=portfolio if mode == "portfolio" else None,
-                mechanics_kernel=mechanics_kernel, fast_start=fast_start)
+                mechanics_kernel=mechanics_kernel, fast_start=fast_start, workers=workers)
         except InsufficientData as exc:
             why = str(exc).removeprefix("no account could open: ")
             skipped.update({a.id: why for a in sub})

@@ -166,6 +166,7 @@ def run_account_backtest(
     portfolio_params: Mapping[str, Any] | None = None,
     frontier: Sequence[float] | None = None,
     frontier_kind: str = "accounts",
+    workers: int = 1,
 ) -> tuple[AccountBacktestReport, AccountResult]:
     """Replay explicit ``accounts`` or a generated ``population`` through ``market`` under one
     margin model for every instrument, and report.
@@ -177,6 +178,8 @@ def run_account_backtest(
 
     With a capacity limit in ``config`` the report has the ``queue``; ``frontier`` (capacities,
     ``inf`` for none; ``frontier_kind`` ``accounts`` or ``notional``) adds the frontier rows.
+
+    ``workers``: threads for the replay (``simulate_accounts``): the same report for any.
 
     Raises:
         InvalidParameters, InsufficientData: see ``simulate_accounts``.
@@ -217,7 +220,8 @@ def run_account_backtest(
                                        timestamp_ms=market.timestamp_ms,
                                        close=market.matrix("close"), first_bar=first)
     assert accounts is not None
-    result = simulate_accounts(market, margin, accounts, config, portfolio=portfolio)
+    result = simulate_accounts(market, margin, accounts, config, portfolio=portfolio,
+                               workers=workers)
     queue = None
     if config.capacity_limited:
         import dataclasses
@@ -227,7 +231,7 @@ def run_account_backtest(
             dataclasses.replace(config, max_liquidations_per_bar=None,
                                 max_liquidation_notional_per_bar=None,
                                 max_liquidations_per_block=None),
-            mechanics_kernel=True, portfolio=portfolio)
+            mechanics_kernel=True, portfolio=portfolio, workers=workers)
         queue = queue_figures(result, unlimited)
         # Bars are the library's unit; the report speaks times.
         ts_ = market.timestamp_ms
