@@ -153,10 +153,8 @@ def _dense_chunk_stats(
     for i in range(size):
         xl = long_loss[c0 + i]
         xs = short_loss[c0 + i]
-        row = rates[i]
-        out = flags[i]
         for k in range(k_sets):
-            m = row[k]
+            m = rates[i, k]
             sum_m[k] += m
             lo_k = low[k]
             low[k] = m if m < lo_k else lo_k
@@ -165,19 +163,18 @@ def _dense_chunk_stats(
             e = im_excess[k]
             im_excess[k] = e + (m * im_to_mm[k] - (m if m > 1.0 else 1.0)) \
                 if m > cap_from[k] else e
-            out[k] = np.uint8((xl > m) | ((xs > m) << 1))
+            flags[i, k] = np.uint8((xl > m) | ((xs > m) << 1))
     counts[:, :] = 0
     for i in range(size):
-        out = flags[i]
         seen = np.uint8(0)
         for k in range(k_sets):
-            seen |= out[k]
+            seen |= flags[i, k]
         if seen == 0:
             continue
         xl = long_loss[c0 + i]
         xs = short_loss[c0 + i]
         for k in range(k_sets):
-            flag = out[k]
+            flag = flags[i, k]
             if flag == 0:
                 continue
             prev = flags[i - 1, k] if i > 0 else g[6, k] | (g[7, k] << 1)
@@ -324,8 +321,6 @@ def ewma_coverage_batch(
         for t in range(t_from, c1):
             i = t - c0
             r2 = squared_returns[t]
-            row = rates[i]
-            crow = capped_now[i]
             if t > last_warm:
                 # Every set is past its warm-up: no branch, the sets side by side.
                 for k in range(k_sets):
@@ -339,8 +334,8 @@ def ewma_coverage_batch(
                         a_im = m * im_to_mm[k]
                         b_im = m if m > cap[k] else cap[k]
                         m = a_im if a_im < b_im else b_im
-                    row[k] = m
-                    crow[k] = c
+                    rates[i, k] = m
+                    capped_now[i, k] = c
             else:
                 for k in range(k_sets):
                     if t > warm[k]:
@@ -348,25 +343,24 @@ def ewma_coverage_batch(
                     elif t == warm[k]:
                         v = seed[k]
                     else:
-                        row[k] = np.nan
-                        crow[k] = 0
+                        rates[i, k] = np.nan
+                        capped_now[i, k] = 0
                         continue
                     var[k] = v
                     m, c = _tested_rate(v, floor[k], scale[k], mult[k], cap[k], im_to_mm[k],
                                         tested)
-                    row[k] = m
-                    crow[k] = c
+                    rates[i, k] = m
+                    capped_now[i, k] = c
             for k in range(k_sets):
-                any_capped[k] |= crow[k] != 0
+                any_capped[k] |= capped_now[i, k] != 0
         # The block minima (NaN compares false), and whether the chunk holds a NaN.
         for k in range(k_sets):
             lowest[k] = block_min[k, j]
         has_nan = False
         for t in range(t_from, c1):
-            row = rates[t - c0]
             nan_row = math.isnan(long_loss[t] + short_loss[t])
             for k in range(k_sets):
-                m = row[k]
+                m = rates[t - c0, k]
                 lo_k = lowest[k]
                 lowest[k] = m if m < lo_k else lo_k
                 nan_row |= m != m
