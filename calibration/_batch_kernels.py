@@ -3,9 +3,12 @@
 Each kernel reproduces, operation for operation, what ``_kernels.ewma_rate`` (through
 ``MarginModel.margin_rates``' cap), ``_kernels.coverage_stats`` and
 ``_kernels.max_increase_ratio`` compute for one set, so the results are bit-for-bit those of
-``coverage_backtest``. The sets run side by side: bar t outer, set k inner, with every
-per-set quantity in arrays of length K, so the K variance recursions are independent chains
-the CPU overlaps (one set alone is bound by the latency of its recursion).
+``coverage_backtest``: every floating-point sum adds the same terms in the same order;
+counts, minima and maxima, exact however they are grouped, may be grouped otherwise (per
+chunk, per block). The sets run side by side: bar t outer, set k inner, with every per-set
+quantity in arrays of length K, so the K variance recursions are independent chains the CPU
+overlaps (one set alone is bound by the latency of its recursion) and the compares and sums
+of the breach statistics run in vector lanes across sets.
 """
 
 from __future__ import annotations
@@ -287,11 +290,14 @@ def ewma_coverage_batch(
         for r in range(r_spans):
             t_last = max(t_last, spans[k, r, 1])
     # Chunks of `chunk` bars (a divisor of `block`): first every set's rates over the chunk,
-    # the K recursions side by side; then, per set, coverage_stats' own loop over the
-    # chunk with its accumulators in registers (the rates read back from cache).
+    # the K recursions side by side; then the breach statistics of every span: across sets
+    # (``_dense_chunk_stats``) where the chunk lies inside every set's span and holds no
+    # NaN, else per set with coverage_stats' own loop (``_chunk_stats``: warm-up edges,
+    # stress-window edges, non-overlapping grids).
     chunk = 256 if block % 256 == 0 else block
-    # Bar-major, sets contiguous (the recursions store side by side); rows padded by one
-    # so that walking one set's column does not land on a few L1 sets.
+    # Bar-major, sets contiguous (the recursions and the dense statistics run across sets);
+    # rows padded by one so that walking one set's column (``_chunk_stats``) does not land
+    # on a few L1 sets.
     rates = np.empty((chunk, k_sets + 1))
     capped_now = np.zeros((chunk, k_sets + 1), dtype=np.int64)
     flags = np.zeros((chunk, k_sets), dtype=np.uint8)
@@ -525,7 +531,9 @@ def ewma_increase_batch(
 ) -> FloatArray:  # pragma: no cover - jit
     """``max_increase_ratio`` of every set and span, shape ``(K, R)``, from the block bounds
     of ``ewma_coverage_batch``: blocks are evaluated exactly (the rates regenerated from the
-    saved variance) in decreasing order of their bound until no bound can beat the best."""
+    saved variance) in decreasing order of their bound until no bound can beat the best.
+    With a trail of at least two blocks only the blocks at a window's two ends are
+    regenerated (``_exact_increase_from_blocks``), not the whole trail."""
     n = returns.shape[0]
     k_sets = params.shape[0]
     r_spans = spans.shape[1]
