@@ -3,9 +3,12 @@
 Each kernel reproduces, operation for operation, what ``_kernels.ewma_rate`` (through
 ``MarginModel.margin_rates``' cap), ``_kernels.coverage_stats`` and
 ``_kernels.max_increase_ratio`` compute for one set, so the results are bit-for-bit those of
-``coverage_backtest``. The sets run side by side: bar t outer, set k inner, with every
-per-set quantity in arrays of length K, so the K variance recursions are independent chains
-the CPU overlaps (one set alone is bound by the latency of its recursion).
+``coverage_backtest``: every floating-point sum adds the same terms in the same order;
+counts, minima and maxima, exact however they are grouped, may be grouped otherwise (per
+chunk, per block). The sets run side by side: bar t outer, set k inner, with every per-set
+quantity in arrays of length K, so the K variance recursions are independent chains the CPU
+overlaps (one set alone is bound by the latency of its recursion) and the compares and sums
+of the breach statistics run in vector lanes across sets.
 """
 
 from __future__ import annotations
@@ -122,6 +125,106 @@ def _chunk_stats(
 
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def _dense_chunk_stats(
+    rates: FloatArray, c0: int, c1: int, long_loss: FloatArray, short_loss: FloatArray,
+    f: FloatArray, g: IntArray, cap_from: FloatArray, im_to_mm: FloatArray,
+    block_max: FloatArray, r: int, j: int, flags: NDArray[np.uint8], scratch: FloatArray,
+    counts: IntArray,
+) -> None:  # pragma: no cover - jit
+    """``_chunk_stats`` of every set at once for a span observing every bar of
+    ``[c0, c1)``, none NaN (the caller checks): the same accumulators ``f`` (13, K) and
+    ``g`` (11, K), to the bit.
+
+    Bar-major with the sets innermost, so the compares and sums run in vector lanes
+    across sets: a first pass adds each set's rate to its sums (each set's additions in
+    bar order, as one at a time), keeps the chunk's smallest and largest rate per set and
+    stores each (bar, set)'s breach flags (bit 0 long, bit 1 short); breaches are rare, so
+    a second pass visits only bars with a flag. The Christoffersen counts follow from per-
+    chunk counts: with X breaches, C consecutive breach pairs (the previous observation's
+    flag carried in ``g``), the previous flag p entering and the last flag b leaving,
+    ``n11 += C``, ``n01 += X - C``, ``n10 += p + X - b - C``, as the scalar loop counts
+    them. ``scratch`` (2, K) and ``counts`` (4, K) are work space.
+    """
+    k_sets = f.shape[1]
+    size = c1 - c0
+    sum_m = f[1]
+    im_excess = f[4]
+    low = scratch[0]
+    high = scratch[1]
+    low[:] = np.inf
+    high[:] = -np.inf
+    for i in range(size):
+        xl = long_loss[c0 + i]
+        xs = short_loss[c0 + i]
+        for k in range(k_sets):
+            m = rates[i, k]
+            sum_m[k] += m
+            lo_k = low[k]
+            low[k] = m if m < lo_k else lo_k
+            hi_k = high[k]
+            high[k] = m if m > hi_k else hi_k
+            e = im_excess[k]
+            im_excess[k] = e + (m * im_to_mm[k] - (m if m > 1.0 else 1.0)) \
+                if m > cap_from[k] else e
+            flags[i, k] = np.uint8((xl > m) | ((xs > m) << 1))
+    counts[:, :] = 0
+    for i in range(size):
+        seen = np.uint8(0)
+        for k in range(k_sets):
+            seen |= flags[i, k]
+        if seen == 0:
+            continue
+        xl = long_loss[c0 + i]
+        xs = short_loss[c0 + i]
+        for k in range(k_sets):
+            flag = flags[i, k]
+            if flag == 0:
+                continue
+            prev = flags[i - 1, k] if i > 0 else g[6, k] | (g[7, k] << 1)
+            m = rates[i, k]
+            if flag & 1:
+                ul = xl - m
+                f[5, k] += 1.0
+                f[6, k] += ul
+                f[8, k] += xl
+                if ul > f[7, k]:
+                    f[7, k] = ul
+                counts[0, k] += 1
+                counts[1, k] += prev & 1
+            if flag & 2:
+                us = xs - m
+                f[9, k] += 1.0
+                f[10, k] += us
+                f[12, k] += xs
+                if us > f[11, k]:
+                    f[11, k] = us
+                counts[2, k] += 1
+                counts[3, k] += prev >> 1
+    top = block_max[:, r, j]
+    for k in range(k_sets):
+        first = flags[0, k]
+        last = flags[size - 1, k]
+        if f[0, k] == 0.0:
+            g[8, k] = first & 1
+            g[9, k] = first >> 1
+        for side in range(2):
+            x, c = counts[2 * side, k], counts[2 * side + 1, k]
+            p = g[6 + side, k]
+            b = (last >> side) & 1
+            g[3 * side, k] += x - c
+            g[3 * side + 1, k] += p + x - b - c
+            g[3 * side + 2, k] += c
+            g[6 + side, k] = b
+        f[0, k] += size
+        if low[k] < f[2, k]:
+            f[2, k] = low[k]
+        if high[k] > f[3, k]:
+            f[3, k] = high[k]
+        if high[k] > top[k]:
+            top[k] = high[k]
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
 def ewma_coverage_batch(
     returns: FloatArray,
     squared_returns: FloatArray,
@@ -187,16 +290,32 @@ def ewma_coverage_batch(
         for r in range(r_spans):
             t_last = max(t_last, spans[k, r, 1])
     # Chunks of `chunk` bars (a divisor of `block`): first every set's rates over the chunk,
-    # the K recursions side by side; then, per set, coverage_stats' own loop over the
-    # chunk with its accumulators in registers (the rates read back from cache).
+    # the K recursions side by side; then the breach statistics of every span: across sets
+    # (``_dense_chunk_stats``) where the chunk lies inside every set's span and holds no
+    # NaN, else per set with coverage_stats' own loop (``_chunk_stats``: warm-up edges,
+    # stress-window edges, non-overlapping grids).
     chunk = 256 if block % 256 == 0 else block
-    # Bar-major, sets contiguous (the recursions store side by side); rows padded by one
-    # so that walking one set's column does not land on a few L1 sets.
+    # Bar-major, sets contiguous (the recursions and the dense statistics run across sets);
+    # rows padded by one so that walking one set's column (``_chunk_stats``) does not land
+    # on a few L1 sets.
     rates = np.empty((chunk, k_sets + 1))
     capped_now = np.zeros((chunk, k_sets + 1), dtype=np.int64)
-    m_now = np.empty(k_sets)
-    c_now = np.zeros(k_sets, dtype=np.bool_)
+    flags = np.zeros((chunk, k_sets), dtype=np.uint8)
+    scratch = np.empty((2, k_sets))
+    counts = np.zeros((4, k_sets), dtype=np.int64)
+    lowest = np.empty(k_sets)
     any_capped = np.zeros(k_sets, dtype=np.bool_)
+    # Spans observing every bar (step 1) take the dense path where a whole chunk lies
+    # inside every set's span; the per-set loop serves the edges and sparse grids.
+    span_lo = np.zeros(r_spans, dtype=np.int64)
+    span_hi = np.full(r_spans, n, dtype=np.int64)
+    dense = np.zeros(r_spans, dtype=np.bool_)
+    for r in range(r_spans):
+        dense[r] = True
+        for k in range(k_sets):
+            span_lo[r] = max(span_lo[r], spans[k, r, 0])
+            span_hi[r] = min(span_hi[r], spans[k, r, 1])
+            dense[r] &= spans[k, r, 2] == 1
     for c0 in range((t_first // chunk) * chunk, t_last, chunk):
         c1 = min(c0 + chunk, t_last)
         j = c0 // block
@@ -204,7 +323,8 @@ def ewma_coverage_batch(
         if c0 % block == 0:
             for k in range(k_sets):
                 block_var[k, j] = var[k]
-        for t in range(max(c0, t_first), c1):
+        t_from = max(c0, t_first)
+        for t in range(t_from, c1):
             i = t - c0
             r2 = squared_returns[t]
             if t > last_warm:
@@ -220,8 +340,8 @@ def ewma_coverage_batch(
                         a_im = m * im_to_mm[k]
                         b_im = m if m > cap[k] else cap[k]
                         m = a_im if a_im < b_im else b_im
-                    m_now[k] = m
-                    c_now[k] = c
+                    rates[i, k] = m
+                    capped_now[i, k] = c
             else:
                 for k in range(k_sets):
                     if t > warm[k]:
@@ -229,24 +349,46 @@ def ewma_coverage_batch(
                     elif t == warm[k]:
                         v = seed[k]
                     else:
-                        m_now[k] = np.nan
-                        c_now[k] = False
+                        rates[i, k] = np.nan
+                        capped_now[i, k] = 0
                         continue
                     var[k] = v
-                    m_now[k], c_now[k] = _tested_rate(v, floor[k], scale[k], mult[k], cap[k],
-                                                      im_to_mm[k], tested)
+                    m, c = _tested_rate(v, floor[k], scale[k], mult[k], cap[k], im_to_mm[k],
+                                        tested)
+                    rates[i, k] = m
+                    capped_now[i, k] = c
             for k in range(k_sets):
-                rates[i, k] = m_now[k]
-                capped_now[i, k] = 1 if c_now[k] else 0
-                any_capped[k] |= c_now[k]
+                any_capped[k] |= capped_now[i, k] != 0
+        # The block minima (NaN compares false), and whether the chunk holds a NaN.
         for k in range(k_sets):
-            lowest = block_min[k, j]
-            for t in range(max(c0, t_first), c1):
+            lowest[k] = block_min[k, j]
+        has_nan = False
+        for t in range(t_from, c1):
+            nan_row = math.isnan(long_loss[t] + short_loss[t])
+            for k in range(k_sets):
                 m = rates[t - c0, k]
-                if m < lowest:  # NaN compares false
-                    lowest = m
-            block_min[k, j] = lowest
+                lo_k = lowest[k]
+                lowest[k] = m if m < lo_k else lo_k
+                nan_row |= m != m
+            has_nan |= nan_row
+        for k in range(k_sets):
+            block_min[k, j] = lowest[k]
         for r in range(r_spans):
+            for k in range(k_sets):
+                if any_capped[k]:
+                    lo, hi, step = spans[k, r, 0], spans[k, r, 1], spans[k, r, 2]
+                    a = max(c0, lo)
+                    b = min(c1, hi)
+                    if step > 1 and (a - lo) % step:
+                        a += step - (a - lo) % step
+                    # Capped bars are counted on the grid whatever their losses.
+                    for i in range(a - c0, b - c0, step):
+                        g[r, 10, k] += capped_now[i, k]
+            if dense[r] and not has_nan and span_lo[r] <= c0 and c1 <= span_hi[r]:
+                _dense_chunk_stats(rates, c0, c1, long_loss, short_loss, f[r], g[r],
+                                   cap_from, im_per_tested, block_max, r, j, flags,
+                                   scratch, counts)
+                continue
             for k in range(k_sets):
                 lo, hi, step = spans[k, r, 0], spans[k, r, 1], spans[k, r, 2]
                 a = max(c0, lo)
@@ -255,10 +397,6 @@ def ewma_coverage_batch(
                     a += step - (a - lo) % step
                 if a >= b:
                     continue
-                if any_capped[k]:
-                    # Capped bars are counted on the grid whatever their losses.
-                    for i in range(a - c0, b - c0, step):
-                        g[r, 10, k] += capped_now[i, k]
                 _chunk_stats(rates, c0, long_loss, short_loss, a, b, step,
                              f[r], g[r], k, cap_from[k], im_per_tested[k], block_max[k, r], j)
     stats = np.zeros((k_sets, r_spans, SHARED_OFFSET + 4))
@@ -311,6 +449,73 @@ def _regenerate(
 
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def _exact_increase_from_blocks(
+    margin: FloatArray, loss: FloatArray, block_min: FloatArray, lo: int, hi: int,
+    start: int, step: int, trail: int, block: int,
+) -> float:  # pragma: no cover - jit
+    """``_kernels._exact_increase`` over observations in ``[lo, hi)``, one block of
+    ``block`` bars, for ``trail >= 2 * block``: the window ``[t - trail + 1, t]`` of a bar
+    in block j is the tail of a head block q < j, the whole blocks q+1 .. j-1 (their
+    minima ``block_min``, NaN ignored as +inf) and block j up to t. ``margin`` need hold
+    the head blocks (those of ``lo - trail + 1`` and ``hi - trail``) and block j only. The
+    minimum is the same value whichever way it is grouped, so the ratios are those of
+    ``_exact_increase`` to the bit."""
+    j = lo // block
+    j0 = j * block
+    first = max(lo - trail + 1, 0)
+    q0 = first // block
+    q1 = max(hi - trail, 0) // block
+    h0 = q0 * block
+    size = (q1 + 1) * block - h0
+    # Suffix minima of each head block (NaN as +inf), restarting at block boundaries.
+    suffix = np.empty(size)
+    for i in range(size - 1, -1, -1):
+        v = margin[h0 + i]
+        v = np.inf if math.isnan(v) else v
+        if (i + 1) % block == 0 or v < suffix[i + 1]:
+            suffix[i] = v
+        else:
+            suffix[i] = suffix[i + 1]
+    # Minima of the whole blocks between each head block and block j.
+    mid0 = np.inf
+    for q in range(q0 + 1, j):
+        if block_min[q] < mid0:
+            mid0 = block_min[q]
+    mid1 = np.inf
+    for q in range(q1 + 1, j):
+        if block_min[q] < mid1:
+            mid1 = block_min[q]
+    t0 = lo
+    if t0 < start:
+        t0 = start
+    rem = (t0 - start) % step
+    if rem:
+        t0 += step - rem
+    best = 0.0
+    run = np.inf
+    for t in range(j0, hi):
+        v = margin[t]
+        v = np.inf if math.isnan(v) else v
+        if v < run:
+            run = v
+        if t < t0 or (t - t0) % step:
+            continue
+        if math.isnan(loss[t]) or math.isnan(margin[t]):
+            continue
+        w = max(t - trail + 1, 0)
+        low = suffix[w - h0]
+        mid = mid0 if w // block == q0 else mid1
+        if mid < low:
+            low = mid
+        if run < low:
+            low = run
+        ratio = margin[t] / low
+        if ratio > best:
+            best = ratio
+    return best
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
 def ewma_increase_batch(
     returns: FloatArray,
     squared_returns: FloatArray,
@@ -326,7 +531,9 @@ def ewma_increase_batch(
 ) -> FloatArray:  # pragma: no cover - jit
     """``max_increase_ratio`` of every set and span, shape ``(K, R)``, from the block bounds
     of ``ewma_coverage_batch``: blocks are evaluated exactly (the rates regenerated from the
-    saved variance) in decreasing order of their bound until no bound can beat the best."""
+    saved variance) in decreasing order of their bound until no bound can beat the best.
+    With a trail of at least two blocks only the blocks at a window's two ends are
+    regenerated (``_exact_increase_from_blocks``), not the whole trail."""
     n = returns.shape[0]
     k_sets = params.shape[0]
     r_spans = spans.shape[1]
@@ -356,9 +563,21 @@ def ewma_increase_batch(
                 b_lo = max(j * block, lo)
                 b_hi = min(j * block + block, hi)
                 first = max(b_lo - trail + 1, 0)
-                _regenerate(returns, squared_returns, params[k], tested, block_var[k], block,
-                            first, b_hi, buf)
-                ratio = _exact_increase(buf, long_loss, b_lo, b_hi, lo, step, trail)
+                if trail >= 2 * block:
+                    # Only the head blocks and block j bar by bar; the blocks between by
+                    # their minima.
+                    h0 = (first // block) * block
+                    h1 = (max(b_hi - trail, 0) // block + 1) * block
+                    _regenerate(returns, squared_returns, params[k], tested, block_var[k],
+                                block, h0, h1, buf)
+                    _regenerate(returns, squared_returns, params[k], tested, block_var[k],
+                                block, j * block, b_hi, buf)
+                    ratio = _exact_increase_from_blocks(buf, long_loss, block_min[k], b_lo,
+                                                        b_hi, lo, step, trail, block)
+                else:
+                    _regenerate(returns, squared_returns, params[k], tested, block_var[k],
+                                block, first, b_hi, buf)
+                    ratio = _exact_increase(buf, long_loss, b_lo, b_hi, lo, step, trail)
                 if ratio > best:
                     best = ratio
             out[k, r] = best

@@ -46,6 +46,7 @@ import numpy as np
 import pandas as pd
 
 from calibration._bars import BarSeries, Gap
+from calibration._defaults import BINANCE_BASE_URL, INTERVALS
 from calibration._errors import DataError, DataValidationError, InvalidParameters, MarginlabError
 from calibration._version import ENGINE_VERSION
 from calibration.data import bars_from_frame
@@ -69,12 +70,6 @@ __all__ = [
     "urllib_opener",
 ]
 
-BINANCE_BASE_URL = "https://data.binance.vision/data/"
-#: Bar intervals Binance archives that have a fixed length, in seconds.
-INTERVALS: dict[str, int] = {
-    "1m": 60, "3m": 180, "5m": 300, "15m": 900, "30m": 1800, "1h": 3600, "2h": 7200,
-    "4h": 14_400, "6h": 21_600, "8h": 28_800, "12h": 43_200, "1d": 86_400,
-}
 #: Market → its directory in the archive.
 MARKETS: dict[str, str] = {"spot": "spot", "um": "futures/um"}
 KLINE_COLUMNS = (

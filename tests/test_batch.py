@@ -59,14 +59,19 @@ def crash_bars(shared_data: Path, data_file: Callable[[str], str]) -> BarSeries:
 @pytest.mark.data
 @pytest.mark.parametrize("margin", ["mm", "im"])
 @pytest.mark.parametrize("overlapping", [True, False])
+@pytest.mark.parametrize("procyclicality_days", [2.0, 7.0])
 def test_random_sets_on_real_data_equal_one_at_a_time(
-    crash_bars: BarSeries, margin: str, overlapping: bool,
+    crash_bars: BarSeries, margin: str, overlapping: bool, procyclicality_days: float,
 ) -> None:
     """32 random EWMA sets in one batch give byte-identical metrics (every window, the
-    procyclicality search over several blocks) to 32 separate coverage backtests."""
+    procyclicality search over several blocks) to 32 separate coverage backtests. Every
+    bar observed (overlapping) takes the dense statistics across sets; a 7-day window
+    (10,081 bars, at least two 4,096-bar blocks) takes the search that reads the blocks
+    between a window's ends by their minima, a 2-day one the bar-by-bar search."""
     sets = _random_sets(32, seed=(margin == "im") * 2 + overlapping)
     config = CoverageConfig(horizon_bars=60, margin=margin,  # type: ignore[arg-type]
-                            overlapping=overlapping, procyclicality_days=2.0)
+                            overlapping=overlapping,
+                            procyclicality_days=procyclicality_days)
     batch = evaluate_coverage_batch(crash_bars, "ewma", sets, config=config,
                                     stress_windows=DEFAULT_STRESS_WINDOWS)
     assert [len(m) for m in batch] == [2] * len(sets)  # the whole month and 2021-05-19

@@ -642,3 +642,36 @@ def test_calibrate_summary_and_report_on_real_data(shared_data: Path, tmp_path: 
         assert f"all {n} Pareto trials" in flat
     cost = result["recommendation"]["objectives"]["capital_cost"]
     assert f"{100 * cost:.3f}% of notional" in flat
+
+
+#: Packages the backtest command has no use for: the optimiser, the service's web stack and
+#: queue, HTTP clients (``data fetch``), the terminal UI (stderr is not a terminal here).
+NOT_ON_THE_BACKTEST_PATH = ("optuna", "litestar", "granian", "redis", "rq", "sqlalchemy",
+                            "urllib.request", "http.client", "ssl", "rich", "matplotlib",
+                            "scipy.stats", "scipy.optimize")
+
+
+def test_backtest_imports_no_heavy_module(root: Path) -> None:
+    """``marginlab backtest --json`` in its own process imports none of the packages it does
+    not use (each one is start-up time: Optuna alone was ~0.2 s); the engine's own (numpy,
+    pandas, numba) it does, which shows the check sees the process's imports."""
+    ref = _write_bars(root)
+    code = (
+        "import sys\n"
+        "from service.cli import main\n"
+        f"code = main(['backtest', '--data', {ref!r}, '--model', 'ewma', '--params', "
+        f"{EWMA!r}, '--liquidation', {SMALL_LIQ!r}, '--json'])\n"
+        "sys.stdout.flush()\n"
+        "print('\\nMODULES', ' '.join(sorted(sys.modules)))\n"
+        "raise SystemExit(code)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, check=False, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    report, _, modules_line = result.stdout.rpartition("\nMODULES ")
+    assert json.loads(report)["instruments"]
+    modules = set(modules_line.split())
+    assert {"numpy", "pandas", "numba", "calibration.coverage"} <= modules
+    loaded = sorted(m for m in modules
+                    if any(m == bad or m.startswith(bad + ".") for bad in NOT_ON_THE_BACKTEST_PATH))
+    assert loaded == []
