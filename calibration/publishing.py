@@ -169,7 +169,8 @@ def steward_guardrails(guardrails: Guardrails) -> Guardrails:
 
 
 def is_defi(params: Mapping[str, Any] | None) -> bool:
-    """Whether engine settings name a DeFi preset (``"preset": "aave_v3"``)."""
+    """Whether a published set (engine settings, a haircut schedule, a portfolio grid)
+    names a DeFi preset (``"preset": "aave_v3"``)."""
     return params is not None and params.get("preset") in DEFI_PRESETS
 
 
@@ -307,23 +308,35 @@ def _effective_kind(kind: str, params: Mapping[str, Any]) -> dict[str, Any]:
     from calibration._errors import InvalidParameters
     from calibration.accounts import AccountConfig
 
+    if kind != "liquidation_engine":
+        # a grid or schedule may name the venue preset it was calibrated for (its DeFi
+        # steward caps then apply to it, and it may not change in an update)
+        preset = params.get("preset")
+        if preset is not None:
+            from calibration.accounts import VENUE_PRESETS
+
+            if preset not in VENUE_PRESETS:
+                raise InvalidParameters(f"unknown preset {preset!r} (known: "
+                                        f"{', '.join(sorted(VENUE_PRESETS))})",
+                                        field="params.preset")
+        params = {k: v for k, v in params.items() if k != "preset"}
     if kind == "portfolio_grid":
         from calibration.models import make_portfolio_model
 
         grid = make_portfolio_model("grid", params).get_params()
-        return {name: [float(x) for x in value] if isinstance(value, list | tuple) else value
-                for name, value in grid.items()}
+        return {**{name: [float(x) for x in value] if isinstance(value, list | tuple)
+                   else value for name, value in grid.items()}, "preset": preset}
     if kind == "haircuts":
         unknown = set(params) - {"caps_usd", "ratios"}
         if unknown or "ratios" not in params:
             raise InvalidParameters("a haircut schedule is {caps_usd: [USD, increasing], "
-                                    "ratios: [one more fraction in [0, 1]]}"
-                                    + (f"; unknown {sorted(unknown)}" if unknown else ""),
-                                    field="params")
+                                    "ratios: [one more fraction in [0, 1]], preset: optional "
+                                    "venue}" + (f"; unknown {sorted(unknown)}" if unknown
+                                                else ""), field="params")
         config = AccountConfig.from_mapping({"haircuts": {"ASSET": dict(params)}})
         schedule = config.haircuts["ASSET"]
         return {"caps_usd": [float(c) for c in schedule.caps_usd],
-                "ratios": [float(r) for r in schedule.ratios]}
+                "ratios": [float(r) for r in schedule.ratios], "preset": preset}
     for name, value in params.items():
         if isinstance(value, Mapping | list | tuple):
             raise InvalidParameters(f"liquidation_engine: {name} is not a single value "

@@ -43,6 +43,7 @@ from calibration._errors import InvalidParameters, MarginlabError
 from calibration.calibrate import CalibrationResult
 from calibration.calibrate._accounts import account_publications, split_params
 from calibration.publishing import (
+    PUBLISHED_KINDS,
     Violation,
     check_update,
     effective_params,
@@ -310,8 +311,7 @@ class RecommendationController(Controller):
             old = None if previous is None else previous.new_params
             since = None if previous is None else (now - previous.created_at).total_seconds()
             guardrails = settings.guardrails
-            if source.defi or (source.model == "liquidation_engine"
-                               and (is_defi(source.params) or is_defi(old))):
+            if source.model in PUBLISHED_KINDS and (is_defi(source.params) or is_defi(old)):
                 guardrails = steward_guardrails(guardrails)
             found = check_update(
                 old, source.params, guardrails=guardrails, seconds_since_previous=since,
@@ -471,8 +471,8 @@ def _to_published(record: UpdateRecord) -> PublishedParameters:
 class _Source:
     """What a publish request publishes: the family, parameters and their provenance;
     ``bar_seconds`` is the bar size of a calibration's data (``None`` when not known).
-    An account-level set of a calibration carries its ``key``, ``path`` (``engine``,
-    ``portfolio``, ``haircuts.<ASSET>``) and whether its spec names a DeFi preset."""
+    An account-level set of a calibration carries its ``key`` and ``path`` (``engine``,
+    ``portfolio``, ``haircuts.<ASSET>``)."""
 
     model: str
     params: dict[str, Any]
@@ -482,7 +482,6 @@ class _Source:
     bar_seconds: int | None = None
     key: str = ""
     path: str = ""
-    defi: bool = False
 
 
 async def _resolve(svc: State, audit: AuditLog, instrument: str,
@@ -528,7 +527,6 @@ async def _resolve_calibration(svc: State, instrument: str,
     out = [_Source(result.model, model_params, body.calibration_id, fingerprints, None,
                    result.bar_seconds)]
     publications = []
-    defi = False
     if account_params:
         spec_raw = await svc.stores["jobs"].get(f"{body.calibration_id}:spec")
         if spec_raw is None:
@@ -539,7 +537,6 @@ async def _resolve_calibration(svc: State, instrument: str,
         shown = ((rec.accounts or {}).get("whole_span") or {}).get("haircuts")
         publications = account_publications(spec, rec.params, bar_seconds=result.bar_seconds,
                                             horizon_bars=result.horizon_bars, schedules=shown)
-        defi = spec.accounts is not None and is_defi(spec.accounts.engine)
     paths = {p.path for p in publications}
     for path in sorted(set(body.publish_as or {}) - paths):
         raise InvalidParameters(f"publish_as.{path}: the recommendation publishes no such set "
@@ -558,7 +555,7 @@ async def _resolve_calibration(svc: State, instrument: str,
                                     field=where)
         keys[key] = p.path
         out.append(_Source(p.kind, p.params, body.calibration_id, fingerprints, None,
-                           result.bar_seconds, key=key, path=p.path, defi=defi))
+                           result.bar_seconds, key=key, path=p.path))
     return out
 
 

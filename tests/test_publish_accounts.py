@@ -166,7 +166,8 @@ def test_a_defi_preset_publishes_under_the_steward_caps(tmp_path: Path) -> None:
     a recommendation of a plain engine moves a band's ratio 0.5 points; the same move of an
     aave_v3 engine is refused by Aave's steward caps (venues.md §3: 0.25 points, 3 days
     apart), naming haircuts.BTC.ratios, and changes nothing. The preset is published with
-    the engine and may not be dropped or changed in an update."""
+    every set and may not be dropped or changed in an update, so an explicit update of the
+    key stays under the caps."""
     loose = '{"min_interval_s": 0, "max_change": {"ratios": 0.01}}'
     with _client(tmp_path, loose) as client:
         first = {**MODEL, "engine.partial_fraction": 0.4, "portfolio.price_range": 0.12,
@@ -190,6 +191,7 @@ def test_a_defi_preset_publishes_under_the_steward_caps(tmp_path: Path) -> None:
             assert found[("min_interval", "engine")]["limit"] == 3 * 86_400
             assert _params("DEFI.haircuts.BTC", client)["ratios"] == [0.95, 0.9]
             assert _params("DEFI.engine", client)["preset"] == "aave_v3"
+            assert _params("DEFI.haircuts.BTC", client)["preset"] == "aave_v3"
         # every DeFi set is refused (too soon); the model parameters of the request are not one
         assert {v["key"] for v in again.json()["violations"]} == {
             "DEFI.engine", "DEFI.portfolio", "DEFI.haircuts.BTC", "DEFI.haircuts.ETH"}
@@ -198,6 +200,13 @@ def test_a_defi_preset_publishes_under_the_steward_caps(tmp_path: Path) -> None:
             "params": {**_params("DEFI.engine", client), "preset": "hyperliquid"}})
         assert dropped.status_code == 422
         assert "preset" in {v["parameter"] for v in dropped.json()["violations"]}
+        # an explicit schedule for the key stays under the caps: the preset is part of it
+        explicit = client.post("/v1/recommendations/DEFI.haircuts.BTC", json={
+            "model": "haircuts", "reason": REASON,
+            "params": {"caps_usd": [1e6], "ratios": [0.95, 0.895], "preset": "aave_v3"}})
+        assert explicit.status_code == 422
+        assert {v["guardrail"] for v in explicit.json()["violations"]} == {
+            "min_interval", "max_change"}
 
 
 def test_an_update_published_together_is_one_transaction(tmp_path: Path) -> None:

@@ -233,8 +233,8 @@ class AccountPublication:
         kind: the publishing kind (``liquidation_engine``, ``portfolio_grid``,
             ``haircuts``; ``calibration.publishing.PUBLISHED_KINDS``).
         params: the whole set in force, in each parameter's units: every scalar engine
-            field (with the preset named, if any), the grid's parameters at the spec's
-            horizon, or the asset's ``{caps_usd, ratios}``.
+            field, the grid's parameters at the spec's horizon, or the asset's
+            ``{caps_usd, ratios}``; each with ``preset`` when ``accounts.engine`` names one.
     """
 
     path: str
@@ -274,8 +274,6 @@ def account_publications(spec: CalibrationSpec, params: Mapping[str, Any], *,
         config = engine_config(a, _liquidation_config(spec, bar_seconds), engine, {})
         fields = {name: getattr(config, name) for name in config.__dataclass_fields__
                   if isinstance(getattr(config, name), bool | int | float | str)}
-        if "preset" in a.engine:
-            fields = {"preset": a.engine["preset"], **fields}
         out.append(AccountPublication("engine", "liquidation_engine", fields))
     portfolio = {k: params[k] for k, p in keys.items() if p.kind == "portfolio"}
     if portfolio:
@@ -305,6 +303,11 @@ def account_publications(spec: CalibrationSpec, params: Mapping[str, Any], *,
             schedule = {"caps_usd": [float(c) for c in shown["caps_usd"]],
                         "ratios": [float(r) for r in shown["ratios"]]}
         out.append(AccountPublication(path, "haircuts", schedule))
+    if "preset" in a.engine:
+        # every set names the venue it was calibrated for: a DeFi venue's steward caps
+        # then stay with each key (the preset may not change in an update)
+        out = [dataclasses.replace(p, params={"preset": a.engine["preset"], **p.params})
+               for p in out]
     return out
 
 
