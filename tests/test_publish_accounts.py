@@ -150,9 +150,18 @@ def test_every_set_of_a_recommendation_publishes_or_none(client: TestClient[Any]
     assert _params("BTCUSDT.portfolio", client)["price_range"] == 0.12
 
     within = {**too_far, "engine.partial_fraction": 0.5}
-    ok = _publish(client, _calibration(client, within, eth_ratio=0.899), **rename)
+    job = _calibration(client, within, eth_ratio=0.899)
+    retry = {"Idempotency-Key": "update-2"}
+    ok = client.post("/v1/recommendations/BTCUSDT", headers=retry, json={
+        "calibration_id": job, "reason": REASON, **rename})
     assert ok.status_code == 201, ok.text
     assert ok.json()["version"] == 2
+    assert _versions(client, KEYS) == [2] * 5
+    # a retry gets the same answer, the other keys' versions included, and no new version
+    again = client.post("/v1/recommendations/BTCUSDT", headers=retry, json={
+        "calibration_id": job, "reason": REASON, **rename})
+    assert again.json() == ok.json()
+    assert ok.json()["published_with"] == {k: 2 for k in KEYS[1:]}
     assert _versions(client, KEYS) == [2] * 5
     assert _params("BTCUSDT.engine", client)["partial_fraction"] == 0.5
     assert _params("ETH-HAIRCUTS", client)["ratios"] == [0.899]
