@@ -275,7 +275,15 @@ class RecommendationController(Controller):
                       "no reason; a refused update changes nothing. Success means the update "
                       "is in the audit trail. With an `Idempotency-Key` header a retry of the "
                       "same request answers the same version (never a second one, never "
-                      "refused as too soon); the same key with another request is a 422.",
+                      "refused as too soon); the same key with another request is a 422. "
+                      "A calibration whose recommendation has account-level keys also "
+                      "publishes each set they map into (liquidation engine, portfolio grid, "
+                      "one haircut schedule per asset) under a key of its own "
+                      "(`<instrument>.engine`, `<instrument>.portfolio`, "
+                      "`<instrument>.haircuts.<ASSET>`, or `publish_as`), each under its "
+                      "kind's guardrails (Aave's steward caps for a DeFi preset), all in one "
+                      "audit transaction: one refusal, naming the field path, publishes "
+                      "none of them.",
           responses=problem_responses(*COMMON, 400, 422))
     async def publish_parameters(
         self, request: Request[Any, Any, Any], svc: Svc,
@@ -429,7 +437,8 @@ class PublishRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
     Attributes:
         reason: why, for the audit trail (text).
-        calibration_id: publish this calibration's recommendation.
+        calibration_id: publish this calibration's recommendation (its model parameters
+            here, its account-level sets each under its own key, together or not at all).
         params: publish these parameters, each in its own units (with ``model``).
         model: margin model family of ``params``, or ``haircuts`` (a collateral asset's
             schedule ``{caps_usd, ratios}``), ``liquidation_engine`` (the engine's scalar
