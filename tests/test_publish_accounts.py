@@ -168,6 +168,13 @@ def test_every_set_of_a_recommendation_publishes_or_none(client: TestClient[Any]
 
     unknown = _publish(client, _calibration(client, within), publish_as={"haircuts.SOL": "X"})
     assert (unknown.status_code, unknown.json()["field"]) == (422, "publish_as.haircuts.SOL")
+    long_key = {"publish_as": {"engine": "E" * 65}}
+    too_long = _publish(client, _calibration(client, within), **long_key)
+    assert too_long.status_code == 400  # the body's schema: a key is at most 64 characters
+    assert too_long.json()["field"].startswith("publish_as")
+    explicit = client.post("/v1/recommendations/BTCUSDT", json={
+        "model": "ewma", "params": MODEL, "reason": REASON, **rename})
+    assert (explicit.status_code, explicit.json()["field"]) == (422, "publish_as")
 
 
 def test_a_defi_preset_publishes_under_the_steward_caps(tmp_path: Path) -> None:
