@@ -119,6 +119,17 @@ DEFAULT_RULES: dict[str, ChangeRule] = {
 #: portfolio-margin scenario grid (``GridPortfolioMargin`` parameters, §8).
 PUBLISHED_KINDS = ("haircuts", "liquidation_engine", "portfolio_grid")
 
+#: Presets of on-chain venues (``calibration.accounts.VENUE_PRESETS``), whose parameters
+#: governance moves in small steps: their publications default to the steward caps below.
+DEFI_PRESETS = ("aave_v3", "dydx_v4", "hyperliquid")
+#: Aave's risk-steward caps (venues.md §3, AV5): updates at least 3 days apart; LTV and
+#: liquidation threshold 0.25 points absolute, liquidation bonus 0.5 points absolute. In the
+#: engine's terms: a haircut band's ratio (the share of value counted, as LTV/LT) and the
+#: liquidation fee (the liquidator's bonus, ``liquidation_fee_rate``), fractions.
+STEWARD_MAX_CHANGE: dict[str, float] = {"ratios": 0.0025, "liquidation_fee_rate": 0.005}
+#: The steward's shortest interval between two updates (s).
+STEWARD_MIN_INTERVAL_S = 3 * 86_400.0
+
 #: The default limits alone (what ``MARGINLAB_GUARDRAILS``'s ``max_change`` overrides).
 DEFAULT_MAX_CHANGE: dict[str, float] = {n: r.limit for n, r in DEFAULT_RULES.items()}
 
@@ -143,6 +154,24 @@ class Guardrails:
     def rule(self, name: str) -> ChangeRule:
         """The rule of ``name`` with this configuration's limit (an unknown name is fixed)."""
         return rule_for(name, self.max_change.get(name))
+
+
+def steward_guardrails(guardrails: Guardrails) -> Guardrails:
+    """``guardrails`` with the steward caps of DeFi presets over them: each capped limit the
+    tighter of the two, updates at least ``STEWARD_MIN_INTERVAL_S`` apart."""
+    limits = dict(guardrails.max_change)
+    for name, cap in STEWARD_MAX_CHANGE.items():
+        limits[name] = min(float(limits.get(name, DEFAULT_RULES[name].limit)), cap)
+    return Guardrails(max_change=limits,
+                      min_interval_s=max(guardrails.min_interval_s, STEWARD_MIN_INTERVAL_S),
+                      require_reason=guardrails.require_reason,
+                      min_reason_chars=guardrails.min_reason_chars)
+
+
+def is_defi(params: Mapping[str, Any] | None) -> bool:
+    """Whether a published set (engine settings, a haircut schedule, a portfolio grid)
+    names a DeFi preset (``"preset": "aave_v3"``)."""
+    return params is not None and params.get("preset") in DEFI_PRESETS
 
 
 def rule_for(name: str, limit: float | None = None) -> ChangeRule:
@@ -279,32 +308,48 @@ def _effective_kind(kind: str, params: Mapping[str, Any]) -> dict[str, Any]:
     from calibration._errors import InvalidParameters
     from calibration.accounts import AccountConfig
 
+    if kind != "liquidation_engine":
+        # a grid or schedule may name the venue preset it was calibrated for (its DeFi
+        # steward caps then apply to it, and it may not change in an update)
+        preset = params.get("preset")
+        if preset is not None:
+            from calibration.accounts import VENUE_PRESETS
+
+            if preset not in VENUE_PRESETS:
+                raise InvalidParameters(f"unknown preset {preset!r} (known: "
+                                        f"{', '.join(sorted(VENUE_PRESETS))})",
+                                        field="params.preset")
+        params = {k: v for k, v in params.items() if k != "preset"}
     if kind == "portfolio_grid":
         from calibration.models import make_portfolio_model
 
         grid = make_portfolio_model("grid", params).get_params()
-        return {name: [float(x) for x in value] if isinstance(value, list | tuple) else value
-                for name, value in grid.items()}
+        return {**{name: [float(x) for x in value] if isinstance(value, list | tuple)
+                   else value for name, value in grid.items()}, "preset": preset}
     if kind == "haircuts":
         unknown = set(params) - {"caps_usd", "ratios"}
         if unknown or "ratios" not in params:
             raise InvalidParameters("a haircut schedule is {caps_usd: [USD, increasing], "
-                                    "ratios: [one more fraction in [0, 1]]}"
-                                    + (f"; unknown {sorted(unknown)}" if unknown else ""),
-                                    field="params")
+                                    "ratios: [one more fraction in [0, 1]], preset: optional "
+                                    "venue}" + (f"; unknown {sorted(unknown)}" if unknown
+                                                else ""), field="params")
         config = AccountConfig.from_mapping({"haircuts": {"ASSET": dict(params)}})
         schedule = config.haircuts["ASSET"]
         return {"caps_usd": [float(c) for c in schedule.caps_usd],
-                "ratios": [float(r) for r in schedule.ratios]}
+                "ratios": [float(r) for r in schedule.ratios], "preset": preset}
     for name, value in params.items():
         if isinstance(value, Mapping | list | tuple):
             raise InvalidParameters(f"liquidation_engine: {name} is not a single value "
                                     "(publish haircut schedules as model haircuts, one "
                                     "collateral asset each)", field=f"params.{name}")
     config = AccountConfig.from_mapping(dict(params))
-    return {name: getattr(config, name) for name in config.__dataclass_fields__
-            if isinstance(getattr(config, name), bool | int | float | str)
-            or getattr(config, name) is None}
+    out = {name: getattr(config, name) for name in config.__dataclass_fields__
+           if isinstance(getattr(config, name), bool | int | float | str)
+           or getattr(config, name) is None}
+    # the venue preset named, if any: it may not change (nor be dropped) in an update, so
+    # a DeFi preset's steward caps stay in force for the key
+    out["preset"] = params.get("preset")
+    return out
 
 
 @dataclass(frozen=True)
@@ -319,6 +364,7 @@ class Violation:
         excess: ``actual - limit`` (how much too far, or too soon in seconds).
         message: one sentence for people.
         rule: the max-change rule's kind (``absolute``, ``relative``, ...), else ``None``.
+        key: the published key the violation is about (``None``: the request's own).
     """
 
     guardrail: str
@@ -328,6 +374,7 @@ class Violation:
     excess: float
     message: str
     rule: str | None = None
+    key: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form (for problem details; a change that cannot be measured has
@@ -337,7 +384,7 @@ class Violation:
 
         return {"guardrail": self.guardrail, "parameter": self.parameter, "limit": self.limit,
                 "actual": num(self.actual), "excess": num(self.excess),
-                "message": self.message, "rule": self.rule}
+                "message": self.message, "rule": self.rule, "key": self.key}
 
 
 def check_update(

@@ -186,13 +186,17 @@ class ConstraintsSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 
 
 class PublishedSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """The parameters in force, and how far one update may move each (absolute units)."""
+    """The parameters in force, and how far one update may move each (in the units of the
+    parameter's publishing rule, ``calibration.publishing.DEFAULT_RULES``). Keys are model
+    parameters or dotted account-level search keys (``engine.partial_fraction``,
+    ``haircuts.BTC.ratios[1]``), so the search keeps both inside the publish guardrails."""
 
-    params: Annotated[dict[ParamName, Any], msgspec.Meta(
-        max_length=64, description="parameters in force, in their own units")]
-    max_change: Annotated[dict[ParamName, float], msgspec.Meta(
-        max_length=64, description="largest change per update, absolute, in each "
-                                   "parameter's units")] = {}
+    params: Annotated[dict[SearchKey, Any], msgspec.Meta(
+        max_length=64, description="parameters in force, in their own units (model "
+                                   "parameters, or dotted account-level keys)")]
+    max_change: Annotated[dict[SearchKey, float], msgspec.Meta(
+        max_length=64, description="largest change per update, in the units of each "
+                                   "parameter's publishing rule")] = {}
 
 
 class WalkForwardSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -532,15 +536,17 @@ def validate_spec(spec: CalibrationSpec) -> None:
     if not 1 <= wf.folds <= MAX_FOLDS:
         raise _bad(f"folds must be in 1..{MAX_FOLDS}", "walk_forward.folds")
     if spec.published is not None:
+        # dotted (account-level) names are checked with the accounts section below
         for name in (*spec.published.params, *spec.published.max_change):
-            if name not in known:
+            if name not in known and not is_account_key(name):
                 raise _bad(f"published parameter {name!r} is not a {spec.model} parameter",
                            f"published.{name}")
         for name, step in spec.published.max_change.items():
             if not step >= 0:
                 raise _bad(f"max_change of {name} must be >= 0", f"published.max_change.{name}")
         try:
-            make_model(spec.model, dict(spec.published.params))
+            make_model(spec.model, {k: v for k, v in spec.published.params.items()
+                                    if not is_account_key(k)})
         except InvalidParameters as exc:
             raise _bad(f"published: {exc}", f"published.params.{exc.field}") from None
     if len(spec.stress_windows or ()) > MAX_WINDOWS:

@@ -171,8 +171,10 @@ class AuditLog:
         return str(row.request_hash), record
 
     def append(self, record: UpdateRecord, *, idempotency_key: str | None = None,
-               request_hash: str | None = None) -> None:
-        """Insert one update, and its idempotency key when given, in one transaction
+               request_hash: str | None = None,
+               together: tuple[UpdateRecord, ...] = ()) -> None:
+        """Insert one update (and those published ``together`` with it, each under its own
+        key), and its idempotency key when given, in one transaction: all rows or none
         (raises on a duplicate version or key: nothing is written then)."""
         with self.engine.begin() as conn:
             if idempotency_key is not None:
@@ -180,14 +182,29 @@ class AuditLog:
                     idempotency_key=idempotency_key, request_hash=request_hash or "",
                     instrument=record.instrument, version=record.version,
                     created_at=record.created_at))
-            conn.execute(insert(updates).values(
-                instrument=record.instrument, version=record.version, model=record.model,
-                previous_params=record.previous_params, new_params=record.new_params,
-                calibration_id=record.calibration_id,
-                data_fingerprints=record.data_fingerprints, actor=record.actor,
-                reason=record.reason, rollback_of=record.rollback_of,
-                created_at=record.created_at,
-            ))
+            for row in (record, *together):
+                conn.execute(insert(updates).values(
+                    instrument=row.instrument, version=row.version, model=row.model,
+                    previous_params=row.previous_params, new_params=row.new_params,
+                    calibration_id=row.calibration_id,
+                    data_fingerprints=row.data_fingerprints, actor=row.actor,
+                    reason=row.reason, rollback_of=row.rollback_of,
+                    created_at=row.created_at,
+                ))
+
+    def published_together(self, record: UpdateRecord) -> list[UpdateRecord]:
+        """The other updates of ``record``'s transaction (same moment, calibration and
+        actor; other keys)."""
+        if record.calibration_id is None:
+            return []
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(updates).where(
+                (updates.c.created_at == record.created_at)
+                & (updates.c.calibration_id == record.calibration_id)
+                & (updates.c.actor == record.actor)
+                & (updates.c.instrument != record.instrument))
+                .order_by(updates.c.instrument)).all()
+        return [self._record(r) for r in rows]
 
 
 def _json(value: Any) -> Any:

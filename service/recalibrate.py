@@ -76,7 +76,10 @@ def recalibrate_once(api: str, spec: dict[str, Any], instrument: str, *, key: st
         if exc.status != 404:
             raise
         current = None
-    if current is not None and current.get("params") == rec["params"]:
+    # a recommendation with account-level (dotted) keys publishes sets under other keys
+    # too: only the server can tell whether they changed
+    account_level = any("." in name for name in rec["params"])
+    if not account_level and current is not None and current.get("params") == rec["params"]:
         log(f"{instrument}: the recommendation equals the published parameters; unchanged")
         return outcome
     reason = f"scheduled recalibration {job_id[:8]} (trial {rec['trial']})"
@@ -84,8 +87,11 @@ def recalibrate_once(api: str, spec: dict[str, Any], instrument: str, *, key: st
     try:
         _, published = _call(api, "POST", f"/v1/recommendations/{instrument}", key, body)
     except ApiError as exc:
-        if (exc.status != 422 or not exc.body.get("violations") or not clamp
-                or current is None):
+        violations = exc.body.get("violations") or []
+        # --clamp steps the model's parameters only: a refused account-level set (a
+        # violation with its own key) is reported, not clamped
+        if (exc.status != 422 or not violations or not clamp or current is None
+                or any(v.get("key") for v in violations)):
             log(f"not published: {exc}")
             outcome["refused"] = exc.body.get("violations") or str(exc)
             return outcome
@@ -95,7 +101,9 @@ def recalibrate_once(api: str, spec: dict[str, Any], instrument: str, *, key: st
         limits = {v["parameter"]: v["limit"] for v in exc.body["violations"]
                   if v["guardrail"] == "max_change"}
         dropped = [v["parameter"] for v in exc.body["violations"] if v["guardrail"] == "dropped"]
-        params = clamp_to_guardrails(current["params"], rec["params"],
+        # the model's parameters alone (a clamped update publishes no account-level set)
+        model_params = {k: v for k, v in rec["params"].items() if "." not in k}
+        params = clamp_to_guardrails(current["params"], model_params,
                                      Guardrails(max_change=limits), model=result["model"],
                                      parameters=[*limits, *dropped],
                                      bar_seconds=result.get("bar_seconds"))

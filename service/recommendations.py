@@ -17,9 +17,12 @@ size) and one ``stat`` per request tells whether any process has written it sinc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -38,13 +41,21 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from calibration._errors import InvalidParameters, MarginlabError
 from calibration.calibrate import CalibrationResult
-from calibration.publishing import Violation, check_update, effective_params
-from calibration.spec import INSTRUMENT_PATTERN
+from calibration.calibrate._accounts import account_publications, split_params
+from calibration.publishing import (
+    PUBLISHED_KINDS,
+    Violation,
+    check_update,
+    effective_params,
+    is_defi,
+    steward_guardrails,
+)
+from calibration.spec import INSTRUMENT_PATTERN, CalibrationSpec
 from service import examples
 from service.audit import AuditLog, UpdateRecord
 from service.auth import check_role, principal_of, requires
 from service.errors import COMMON, ServiceUnavailable, problem_responses
-from service.schemas import CalibrationJob, PublishedParameters
+from service.schemas import CalibrationJob, PublishedParameters, PublishResult
 from service.state import State, Svc
 
 log = logging.getLogger("marginlab.service")
@@ -264,7 +275,15 @@ class RecommendationController(Controller):
                       "no reason; a refused update changes nothing. Success means the update "
                       "is in the audit trail. With an `Idempotency-Key` header a retry of the "
                       "same request answers the same version (never a second one, never "
-                      "refused as too soon); the same key with another request is a 422.",
+                      "refused as too soon); the same key with another request is a 422. "
+                      "A calibration whose recommendation has account-level keys also "
+                      "publishes each set they map into (liquidation engine, portfolio grid, "
+                      "one haircut schedule per asset) under a key of its own "
+                      "(`<instrument>.engine`, `<instrument>.portfolio`, "
+                      "`<instrument>.haircuts.<ASSET>`, or `publish_as`), each under its "
+                      "kind's guardrails (Aave's steward caps for a DeFi preset), all in one "
+                      "audit transaction: one refusal, naming the field path, publishes "
+                      "none of them.",
           responses=problem_responses(*COMMON, 400, 422))
     async def publish_parameters(
         self, request: Request[Any, Any, Any], svc: Svc,
@@ -276,7 +295,7 @@ class RecommendationController(Controller):
             name="Idempotency-Key", required=False, max_length=MAX_IDEMPOTENCY_KEY,
             description="a client-chosen unique string (e.g. a UUID) per intended update; "
                         "a retry with the same key and body gets the first answer")] = None,
-    ) -> PublishedParameters:
+    ) -> PublishResult:
         settings = request.app.state.settings
         audit: AuditLog = request.app.state.audit
         digest = _request_hash(instrument, data)
@@ -287,29 +306,43 @@ class RecommendationController(Controller):
             replay = await _replay(request.app.state, idempotency_key, digest)
             if replay is not None:
                 return replay
-        source = await _resolve(svc, audit, instrument, data)
-        previous = await anyio.to_thread.run_sync(audit.latest, instrument)
+        sources = await _resolve(svc, audit, instrument, data)
         now = datetime.now(UTC)
-        since = None if previous is None else (now - previous.created_at).total_seconds()
-        violations = check_update(
-            None if previous is None else previous.new_params, source.params,
-            guardrails=settings.guardrails, seconds_since_previous=since, reason=data.reason,
-            model=source.model, previous_model=None if previous is None else previous.model,
-            bar_seconds=source.bar_seconds)
+        principal = principal_of(request)
+        violations: list[Violation] = []
+        records: list[UpdateRecord] = []
+        # Every set of the request is checked against its own key's latest update, with its
+        # kind's guardrails; one violation anywhere refuses them all (nothing is written).
+        for i, source in enumerate(sources):
+            key = source.key or instrument
+            previous = await anyio.to_thread.run_sync(audit.latest, key)
+            old = None if previous is None else previous.new_params
+            since = None if previous is None else (now - previous.created_at).total_seconds()
+            guardrails = settings.guardrails
+            if source.model in PUBLISHED_KINDS and (is_defi(source.params) or is_defi(old)):
+                guardrails = steward_guardrails(guardrails)
+            found = check_update(
+                old, source.params, guardrails=guardrails, seconds_since_previous=since,
+                reason=data.reason, model=source.model,
+                previous_model=None if previous is None else previous.model,
+                bar_seconds=source.bar_seconds)
+            if i > 0:  # the reason is the request's, checked once; fields carry the path
+                found = [_at(v, source.path, key) for v in found if v.guardrail != "reason"]
+            violations += found
+            records.append(UpdateRecord(
+                instrument=key, version=1 if previous is None else previous.version + 1,
+                model=source.model, previous_params=old,
+                new_params=source.params, calibration_id=source.calibration_id,
+                data_fingerprints=source.fingerprints, actor=principal.name,
+                reason=data.reason.strip(), rollback_of=source.rollback_of, created_at=now,
+            ))
         if violations:
             raise GuardrailViolation(violations)
-        principal = principal_of(request)
-        record = UpdateRecord(
-            instrument=instrument, version=1 if previous is None else previous.version + 1,
-            model=source.model,
-            previous_params=None if previous is None else previous.new_params,
-            new_params=source.params, calibration_id=source.calibration_id,
-            data_fingerprints=source.fingerprints, actor=principal.name,
-            reason=data.reason.strip(), rollback_of=source.rollback_of, created_at=now,
-        )
+        record, together = records[0], tuple(records[1:])
         try:
             await anyio.to_thread.run_sync(lambda: audit.append(
-                record, idempotency_key=idempotency_key, request_hash=digest))
+                record, idempotency_key=idempotency_key, request_hash=digest,
+                together=together))
         except IntegrityError:
             if idempotency_key is not None:  # the same request, sent twice at once
                 replay = await _replay(request.app.state, idempotency_key, digest)
@@ -317,9 +350,9 @@ class RecommendationController(Controller):
                     return replay
             raise InvalidParameters("another update of this instrument was published at the "
                                     "same moment; retry", field="instrument") from None
-        value = _to_published(record)
-        await _write_cache(request.app.state, value)
-        return value
+        for row in records:
+            await _write_cache(request.app.state, _to_published(row))
+        return _result(record, together)
 
     @get("/{instrument:str}/history", guards=[requires("reader")],
          summary="Every published update of an instrument, newest first",
@@ -349,7 +382,20 @@ async def _write_cache(app_state: AppState, value: PublishedParameters) -> None:
     app_state.published_cache.drop(value.instrument)
 
 
-async def _replay(app_state: AppState, key: str, digest: str) -> PublishedParameters | None:
+def _at(violation: Violation, path: str, key: str) -> Violation:
+    """A violation of an account-level set, its parameter named by the full path
+    (``haircuts.BTC.ratios``; the set's path for a guardrail on the whole update)."""
+    name = f"{path}.{violation.parameter}" if violation.parameter else path
+    return dataclasses.replace(violation, parameter=name, key=key,
+                               message=f"{path} (published as {key}): {violation.message}")
+
+
+def _result(record: UpdateRecord, together: Sequence[UpdateRecord]) -> PublishResult:
+    return PublishResult(**msgspec.structs.asdict(_to_published(record)),
+                         published_with={r.instrument: r.version for r in together})
+
+
+async def _replay(app_state: AppState, key: str, digest: str) -> PublishResult | None:
     """The answer already given to an idempotency key (``None``: the key is new).
 
     Raises:
@@ -364,19 +410,22 @@ async def _replay(app_state: AppState, key: str, digest: str) -> PublishedParame
             f"Idempotency-Key was already used for another request (it published "
             f"{record.instrument} version {record.version}); use a new key for a new update",
             field="Idempotency-Key")
-    value = _to_published(record)
-    raw = None
-    with contextlib.suppress(*CACHE_ERRORS):
-        raw = await app_state.service_state.stores["published"].get(record.instrument)
-    if _version(raw) < record.version:
-        await _write_cache(app_state, value)  # the first attempt may not have reached it
-    return value
+    together = await anyio.to_thread.run_sync(app_state.audit.published_together, record)
+    for row in (record, *together):
+        raw = None
+        with contextlib.suppress(*CACHE_ERRORS):
+            raw = await app_state.service_state.stores["published"].get(row.instrument)
+        if _version(raw) < row.version:  # the first attempt may not have reached it
+            await _write_cache(app_state, _to_published(row))
+    return _result(record, together)
 
 
 def _request_hash(instrument: str, body: PublishRequest) -> str:
     """sha256 of the request's canonical JSON (instrument and body, keys sorted)."""
-    canonical = msgspec.json.encode({"instrument": instrument, **msgspec.to_builtins(body)},
-                                    order="sorted")
+    fields = msgspec.to_builtins(body)
+    if fields.get("publish_as") is None:  # a request without it hashes as it always did
+        fields.pop("publish_as", None)
+    canonical = msgspec.json.encode({"instrument": instrument, **fields}, order="sorted")
     return hashlib.sha256(canonical).hexdigest()
 
 
@@ -388,13 +437,17 @@ class PublishRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
     Attributes:
         reason: why, for the audit trail (text).
-        calibration_id: publish this calibration's recommendation.
+        calibration_id: publish this calibration's recommendation (its model parameters
+            here, its account-level sets each under its own key, together or not at all).
         params: publish these parameters, each in its own units (with ``model``).
         model: margin model family of ``params``, or ``haircuts`` (a collateral asset's
             schedule ``{caps_usd, ratios}``), ``liquidation_engine`` (the engine's scalar
             settings) or ``portfolio_grid`` (a scenario grid's parameters), each published
             under a key of its own with the same guardrails.
         rollback_to_version: publish this past audit version again.
+        publish_as: for a calibration with account-level keys: set (``engine``,
+            ``portfolio``, ``haircuts.<ASSET>``) → the key it publishes under (default
+            ``<instrument>.<set>``, e.g. ``BTCUSDT.haircuts.BTC``).
     """
 
     reason: str
@@ -402,6 +455,8 @@ class PublishRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     params: dict[str, Any] | None = None
     model: str | None = None
     rollback_to_version: int | None = None
+    publish_as: dict[str, Annotated[str, msgspec.Meta(
+        min_length=1, max_length=64, pattern=INSTRUMENT_PATTERN)]] | None = None
 
 
 class GuardrailViolation(MarginlabError):
@@ -424,7 +479,9 @@ def _to_published(record: UpdateRecord) -> PublishedParameters:
 @dataclass(frozen=True)
 class _Source:
     """What a publish request publishes: the family, parameters and their provenance;
-    ``bar_seconds`` is the bar size of a calibration's data (``None`` when not known)."""
+    ``bar_seconds`` is the bar size of a calibration's data (``None`` when not known).
+    An account-level set of a calibration carries its ``key`` and ``path`` (``engine``,
+    ``portfolio``, ``haircuts.<ASSET>``)."""
 
     model: str
     params: dict[str, Any]
@@ -432,35 +489,87 @@ class _Source:
     fingerprints: dict[str, str] = field(default_factory=dict)
     rollback_of: int | None = None
     bar_seconds: int | None = None
+    key: str = ""
+    path: str = ""
 
 
 async def _resolve(svc: State, audit: AuditLog, instrument: str,
-                   body: PublishRequest) -> _Source:
-    """What a publish request publishes."""
+                   body: PublishRequest) -> list[_Source]:
+    """What a publish request publishes: the instrument's set first, then a calibration's
+    account-level sets."""
     sources = [body.calibration_id is not None, body.params is not None,
                body.rollback_to_version is not None]
     if sum(sources) != 1:
         raise InvalidParameters("give exactly one of calibration_id, params and "
                                 "rollback_to_version", field="calibration_id")
-    if body.calibration_id is not None:
-        job = await svc.get("jobs", body.calibration_id, CalibrationJob)
-        if job is None:
-            raise InvalidParameters(f"no calibration {body.calibration_id!r}",
-                                    field="calibration_id")
-        raw = await svc.stores["results"].get(job.cache_key)
-        if raw is None:
-            raise InvalidParameters(f"calibration {body.calibration_id} has no result "
-                                    f"({job.state})", field="calibration_id")
-        result = msgspec.json.decode(raw, type=CalibrationResult)
-        rec = result.recommendation
-        if rec is None or not rec.feasible:
-            raise InvalidParameters("the calibration's recommendation is not feasible; "
-                                    "publish explicit params to override", field="calibration_id")
-        if instrument not in result.data_fingerprints:
-            raise InvalidParameters(f"calibration {body.calibration_id} did not cover "
-                                    f"{instrument!r}", field="calibration_id")
-        return _Source(result.model, dict(rec.params), body.calibration_id,
-                       dict(result.data_fingerprints), None, result.bar_seconds)
+    if body.publish_as is not None and body.calibration_id is None:
+        raise InvalidParameters("publish_as names the keys of a calibration's account-level "
+                                "sets; it needs calibration_id", field="publish_as")
+    if body.calibration_id is None:
+        return [await _resolve_one(audit, instrument, body)]
+    return await _resolve_calibration(svc, instrument, body)
+
+
+async def _resolve_calibration(svc: State, instrument: str,
+                               body: PublishRequest) -> list[_Source]:
+    """A calibration's recommendation: its model parameters under ``instrument``, and one
+    set per account-level kind its dotted keys map into (``account_publications``)."""
+    assert body.calibration_id is not None
+    job = await svc.get("jobs", body.calibration_id, CalibrationJob)
+    if job is None:
+        raise InvalidParameters(f"no calibration {body.calibration_id!r}",
+                                field="calibration_id")
+    raw = await svc.stores["results"].get(job.cache_key)
+    if raw is None:
+        raise InvalidParameters(f"calibration {body.calibration_id} has no result "
+                                f"({job.state})", field="calibration_id")
+    result = msgspec.json.decode(raw, type=CalibrationResult)
+    rec = result.recommendation
+    if rec is None or not rec.feasible:
+        raise InvalidParameters("the calibration's recommendation is not feasible; "
+                                "publish explicit params to override", field="calibration_id")
+    if instrument not in result.data_fingerprints:
+        raise InvalidParameters(f"calibration {body.calibration_id} did not cover "
+                                f"{instrument!r}", field="calibration_id")
+    model_params, account_params = split_params(rec.params)
+    fingerprints = dict(result.data_fingerprints)
+    out = [_Source(result.model, model_params, body.calibration_id, fingerprints, None,
+                   result.bar_seconds)]
+    publications = []
+    if account_params:
+        spec_raw = await svc.stores["jobs"].get(f"{body.calibration_id}:spec")
+        if spec_raw is None:
+            raise InvalidParameters(f"calibration {body.calibration_id} has account-level "
+                                    "parameters and its spec is gone; publish each set as "
+                                    "explicit params", field="calibration_id")
+        spec = msgspec.json.decode(spec_raw, type=CalibrationSpec)
+        shown = ((rec.accounts or {}).get("whole_span") or {}).get("haircuts")
+        publications = account_publications(spec, rec.params, bar_seconds=result.bar_seconds,
+                                            horizon_bars=result.horizon_bars, schedules=shown)
+    paths = {p.path for p in publications}
+    for path in sorted(set(body.publish_as or {}) - paths):
+        raise InvalidParameters(f"publish_as.{path}: the recommendation publishes no such set "
+                                f"(it has: {', '.join(sorted(paths)) or 'none'})",
+                                field=f"publish_as.{path}")
+    keys = {instrument: "instrument"}
+    for p in publications:
+        key = (body.publish_as or {}).get(p.path) or f"{instrument}.{p.path}"
+        where = f"publish_as.{p.path}"
+        if len(key) > 64 or not re.fullmatch(INSTRUMENT_PATTERN, key):
+            raise InvalidParameters(f"{where}: the key {key!r} is not a valid name (at most "
+                                    "64 letters, digits, `_ . -`); give a shorter one",
+                                    field=where)
+        if key in keys:
+            raise InvalidParameters(f"{where}: {key!r} is also the key of {keys[key]}",
+                                    field=where)
+        keys[key] = p.path
+        out.append(_Source(p.kind, p.params, body.calibration_id, fingerprints, None,
+                           result.bar_seconds, key=key, path=p.path))
+    return out
+
+
+async def _resolve_one(audit: AuditLog, instrument: str, body: PublishRequest) -> _Source:
+    """Explicit parameters, or a past version (rollback)."""
     if body.params is not None:
         if body.model is None:
             raise InvalidParameters("params need a model", field="model")

@@ -159,6 +159,15 @@ class PublishedParameters(msgspec.Struct, frozen=True, kw_only=True):
         description="instrument → sha256 of the bars the calibration used (hex)")] = {}
 
 
+class PublishResult(PublishedParameters, frozen=True, kw_only=True):
+    """A publish's answer: the update of the instrument, and what was published with it."""
+
+    published_with: Annotated[dict[str, int], _M(
+        description="key → audit version of each account-level set of the recommendation "
+                    "published in the same update (liquidation engine, portfolio grid, "
+                    "haircut schedules); empty for a model alone")] = {}
+
+
 InstrumentPath = Annotated[Instrument, msgspec.Meta(description="instrument name")]
 
 

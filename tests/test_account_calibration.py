@@ -304,6 +304,13 @@ SECTION = {"population": {}, "haircuts": {"BTC": {"caps_usd": [1e6, 2e6],
     ({"accounts": {}, "objectives": {"minimize": ["portfolio_capital_cost"]}},
      "objectives.minimize[0]"),
     ({"objectives": {"minimize": ["account_bad_debt_bps"]}}, "objectives.minimize[0]"),
+    ({"accounts": SECTION, "published": {"params": {"engine.nope": 1}}},
+     "published.params.engine.nope"),
+    ({"accounts": SECTION,
+      "published": {"params": {}, "max_change": {"engine.partial_fraction": 0.1}}},
+     "published.max_change.engine.partial_fraction"),
+    ({"published": {"params": {"haircuts.BTC.ratios[0]": 0.9}}},
+     "published.params.haircuts.BTC.ratios[0]"),
 ])
 def test_bad_account_settings_are_refused_naming_the_field(patch: dict[str, Any],
                                                            field: str) -> None:
@@ -338,3 +345,69 @@ def test_a_spec_without_accounts_keeps_its_hash() -> None:
         "53b614918b278749d79c4e7a88e8b8c41fced9b7a658ba89c192704d491acd28")
     with_section = msgspec.json.encode({**raw, "accounts": {}})
     assert spec_hash(decode_spec(with_section)) != spec_hash(decode_spec(json.dumps(raw)))
+
+
+def _cross_spec(**overrides: Any) -> dict[str, Any]:
+    """Cross mode, the BTC haircut and the engine's partial fraction searched, bad debt
+    and collateral held back as objectives (no portfolio model)."""
+    raw = raw_spec(objectives={"minimize": ["account_bad_debt_bps", "collateral_held_back"]},
+                   constraints={**NO_RULES, "max": {"haircut_coverage": 1e9}}, **overrides)
+    raw["accounts"]["mode"] = "cross"
+    del raw["accounts"]["portfolio"]
+    raw["search_space"]["engine.partial_fraction"] = {"low": 0.1, "high": 0.9}
+    raw["search_space"]["haircuts.BTC.ratios[1]"] = {"low": 0.5, "high": 1.0}
+    return raw
+
+
+def test_account_level_guardrails_constrain_the_search(root: Path) -> None:
+    """Published account-level values and their max changes make the guardrail constraint
+    (as for model parameters): from partial fraction 0.3 with 0.05 allowed, 0.4 is 0.05 too
+    far, scaled (0.1 − 0.05) / 0.05 = 1; the BTC band's ratio 0.9 → 0.97 counts as 0.95
+    (the band before), 0.05 of 0.1 allowed: −0.5; the worst of the two is the constraint.
+    0.33 is inside (−0.4)."""
+    published = {"params": {"engine.partial_fraction": 0.3, "haircuts.BTC.ratios[1]": 0.9},
+                 "max_change": {"engine.partial_fraction": 0.05,
+                                "haircuts.BTC.ratios[1]": 0.1}}
+    prepared = prepare(decode_spec(json.dumps(_cross_spec(published=published))), root)
+    far = evaluate(prepared, {**MODEL_PARAMS, "engine.partial_fraction": 0.4,
+                              "haircuts.BTC.ratios[1]": 0.97})
+    assert far.constraints["guardrail"] == pytest.approx(1.0)
+    near = evaluate(prepared, {**MODEL_PARAMS, "engine.partial_fraction": 0.33,
+                               "haircuts.BTC.ratios[1]": 0.97})
+    assert near.constraints["guardrail"] == pytest.approx(-0.4)
+
+    # a search (the published values its first trial) recommends only what may be published
+    spec = decode_spec(json.dumps(_cross_spec(published=published, n_trials=4,
+                                              sampler="random")))
+    rec = calibrate(spec, root=root).recommendation
+    assert rec is not None
+    assert rec.feasible
+    assert abs(rec.params["engine.partial_fraction"] - 0.3) <= 0.05 + 1e-9
+    assert min(0.95, rec.params["haircuts.BTC.ratios[1]"]) - 0.9 <= 0.1 + 1e-9
+
+
+def test_the_population_is_drawn_once_per_span(root: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trials on one prepared run draw the generated population once and reuse it; each
+    trial's figures are those of a run prepared afresh for it alone."""
+    import calibration.accounts as accounts_pkg
+
+    spec = decode_spec(json.dumps(_cross_spec()))
+    draws = []
+    real = accounts_pkg.generate_population
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        draws.append(kwargs.get("first_bar"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(accounts_pkg, "generate_population", counted)
+    trials = [{**MODEL_PARAMS, "engine.partial_fraction": f, "haircuts.BTC.ratios[1]": r}
+              for f, r in ((0.2, 0.8), (0.6, 0.9), (0.9, 0.6))]
+    prepared = prepare(spec, root)
+    shared = [evaluate(prepared, t) for t in trials]
+    assert len(draws) == 1
+    for trial, result in zip(trials, shared, strict=True):
+        alone = evaluate(prepare(spec, root), trial)
+        assert result.objectives == alone.objectives
+        assert result.constraints == alone.constraints
+    assert len(draws) == 1 + len(trials)

@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from calibration.accounts._haircuts import HaircutSchedule
     from calibration.liquidation import LiquidationConfig
     from calibration.models import MarginModel, PortfolioMarginModel
+    from calibration.publishing import ChangeRule
 
 #: The parameters of tiers derived from depth (``liquidity_adjusted``) a spec may set.
 DEPTH_PARAMS = ("spread_rate", "impact_coef", "impact_exponent", "confidence")
@@ -103,9 +104,10 @@ class _Key:
     index: int = -1
 
 
-def _parse(key: str, spec: CalibrationSpec) -> _Key:
-    """The key's meaning, or ``InvalidParameters`` naming ``search_space.<key>``."""
-    field = f"search_space.{key}"
+def _parse(key: str, spec: CalibrationSpec, field: str | None = None) -> _Key:
+    """The key's meaning, or ``InvalidParameters`` naming ``field`` (default
+    ``search_space.<key>``)."""
+    field = field or f"search_space.{key}"
     a = spec.accounts
     if a is None:
         raise InvalidParameters(f"{key}: account-level keys need an accounts section "
@@ -201,6 +203,112 @@ def split_params(params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, A
     """``(model parameters, account-level parameters)`` of one trial."""
     model = {k: v for k, v in params.items() if not is_account_key(k)}
     return model, {k: v for k, v in params.items() if is_account_key(k)}
+
+
+# --------------------------------------------------------------------------- publishing
+
+
+def key_rule(key: str, spec: CalibrationSpec, limit: float | None = None) -> ChangeRule:
+    """The publishing rule of one account-level key: its parameter's rule in the kind it
+    publishes as (``engine.partial_fraction`` → ``partial_fraction``,
+    ``haircuts.BTC.ratios[1]`` → ``ratios``), an element of a list moving as the list's
+    elements do (``elementwise_absolute`` → ``absolute``); ``limit`` replaces the default."""
+    from calibration.publishing import ChangeRule, rule_for
+
+    rule = rule_for(_parse(key, spec).name, limit)
+    if rule.kind == "elementwise_absolute":
+        return ChangeRule("absolute", rule.limit)
+    if rule.kind == "elementwise_relative":
+        return ChangeRule("relative", rule.limit)
+    return rule
+
+
+@dataclass(frozen=True)
+class AccountPublication:
+    """One parameter set an account-level recommendation publishes (issue 14 item 4).
+
+    Attributes:
+        path: what its search keys start with: ``engine``, ``portfolio`` or
+            ``haircuts.<ASSET>``; a guardrail refusal names ``<path>.<parameter>``.
+        kind: the publishing kind (``liquidation_engine``, ``portfolio_grid``,
+            ``haircuts``; ``calibration.publishing.PUBLISHED_KINDS``).
+        params: the whole set in force, in each parameter's units: every scalar engine
+            field, the grid's parameters at the spec's horizon, or the asset's
+            ``{caps_usd, ratios}``; each with ``preset`` when ``accounts.engine`` names one.
+    """
+
+    path: str
+    kind: str
+    params: dict[str, Any]
+
+
+def account_publications(spec: CalibrationSpec, params: Mapping[str, Any], *,
+                         bar_seconds: int, horizon_bars: int,
+                         schedules: Mapping[str, Mapping[str, Any]] | None = None,
+                         ) -> list[AccountPublication]:
+    """What a recommendation's account-level keys publish: the engine settings when an
+    ``engine.*`` key is there, the portfolio grid for ``portfolio.*``, one haircut schedule
+    per asset with a ``haircuts.<ASSET>.*`` key; each the whole set the trial ran with.
+
+    Args:
+        spec: the calibration's spec.
+        params: the recommendation's parameters (model ones are ignored).
+        bar_seconds: the data's bar size (s), for the engine's holding and latency.
+        horizon_bars: the run's close-out horizon (the portfolio model's).
+        schedules: asset (upper case) → ``{caps_usd, ratios}`` the recommendation's evidence
+            shows; needed for tiers derived from depth.
+
+    Raises:
+        InvalidParameters: a set that cannot be published (a portfolio model that is not a
+            scenario grid; depth-derived tiers without their schedule), naming the field.
+    """
+    from calibration.calibrate._prepare import _liquidation_config
+
+    keys = {k: _parse(k, spec) for k in params if is_account_key(k)}
+    a = spec.accounts
+    if not keys or a is None:
+        return []
+    out = []
+    engine = {p.name: params[k] for k, p in keys.items() if p.kind == "engine"}
+    if engine:
+        config = engine_config(a, _liquidation_config(spec, bar_seconds), engine, {})
+        fields = {name: getattr(config, name) for name in config.__dataclass_fields__
+                  if isinstance(getattr(config, name), bool | int | float | str)}
+        out.append(AccountPublication("engine", "liquidation_engine", fields))
+    portfolio = {k: params[k] for k, p in keys.items() if p.kind == "portfolio"}
+    if portfolio:
+        from calibration.models import GridPortfolioMargin
+
+        if _portfolio_class(a.portfolio_model) is not GridPortfolioMargin:
+            raise InvalidParameters(
+                f"portfolio: a {a.portfolio_model!r} portfolio model is not publishable "
+                "(portfolio_grid publishes scenario grids)", field="accounts.portfolio_model")
+        grid = portfolio_model(a, portfolio, horizon_bars).get_params()
+        out.append(AccountPublication("portfolio", "portfolio_grid", {
+            n: [float(x) for x in v] if isinstance(v, list | tuple) else v
+            for n, v in grid.items()}))
+    for asset in sorted({p.asset for p in keys.values() if p.asset}):
+        path = f"haircuts.{asset}"
+        if a.haircuts[asset].ratios is not None:
+            values = {k: params[k] for k, p in keys.items() if p.asset == asset}
+            built = haircut_schedules(a, values, None, 1)[asset.upper()]
+            schedule = {"caps_usd": [float(c) for c in built.caps_usd],
+                        "ratios": [float(r) for r in built.ratios]}
+        else:
+            shown = (schedules or {}).get(asset.upper())
+            if shown is None:
+                raise InvalidParameters(f"{path}: tiers derived from depth need the "
+                                        "recommendation's evidence (its schedule)",
+                                        field=f"accounts.{path}.depth")
+            schedule = {"caps_usd": [float(c) for c in shown["caps_usd"]],
+                        "ratios": [float(r) for r in shown["ratios"]]}
+        out.append(AccountPublication(path, "haircuts", schedule))
+    if "preset" in a.engine:
+        # every set names the venue it was calibrated for: a DeFi venue's steward caps
+        # then stay with each key (the preset may not change in an update)
+        out = [dataclasses.replace(p, params={"preset": a.engine["preset"], **p.params})
+               for p in out]
+    return out
 
 
 # --------------------------------------------------------------------------- building
@@ -312,6 +420,16 @@ def validate_accounts(spec: CalibrationSpec, space: Mapping[str, ParamSpec]) -> 
     (``accounts.engine.partial_fraction``, ``search_space.haircuts.BTC.ratios[3]``), before
     any data is read."""
     keys = {k: _parse(k, spec) for k in account_keys(space)}
+    if spec.published is not None:
+        for part in ("params", "max_change"):
+            for key in getattr(spec.published, part):
+                if is_account_key(key):
+                    _parse(key, spec, f"published.{part}.{key}")
+        for key in spec.published.max_change:
+            if is_account_key(key) and key not in spec.published.params:
+                raise InvalidParameters(f"published.max_change.{key}: give its value in "
+                                        f"force in published.params", field=
+                                        f"published.max_change.{key}")
     a = spec.accounts
     if a is None:
         return
@@ -430,6 +548,8 @@ class AccountSetup:
             standard deviation of one-bar log returns), for tiers derived from depth.
         books: the portfolio coverage backtest's reference books.
         liquidation_bars: the haircut coverage backtest's ``h``.
+        populations: the generated accounts per span and first bar, drawn on first use
+            and reused by every later trial (``population_for``).
     """
 
     section: AccountsSpec
@@ -438,6 +558,29 @@ class AccountSetup:
     liquidity: dict[str, tuple[float, float]]
     books: tuple[PortfolioBook, ...]
     liquidation_bars: int
+    populations: dict[tuple[Any, ...], tuple[Account, ...]] = dataclasses.field(
+        default_factory=dict, compare=False, repr=False)
+
+    def population_for(self, market: Market, first_bar: int) -> tuple[Account, ...]:
+        """The accounts replayed on ``market`` (the file's, or the generator's drawn once
+        per span and first bar: the draw depends on nothing else, so reusing it gives every
+        trial the same accounts it would draw itself)."""
+        if self.accounts is not None:
+            return self.accounts
+        from calibration.accounts import generate_population
+
+        assert self.population is not None
+        ts = market.timestamp_ms
+        key = (tuple(market.instruments), int(ts.shape[0]), int(ts[0]), int(ts[-1]),
+               int(first_bar))
+        found = self.populations.get(key)
+        if found is None:
+            if len(self.populations) >= 16:  # a searched warm-up: keep the memo bounded
+                self.populations.clear()
+            found = self.populations[key] = tuple(generate_population(
+                self.population, instruments=market.instruments, timestamp_ms=ts,
+                close=market.matrix("close"), first_bar=first_bar))
+        return found
 
 
 def prepare_accounts(spec: CalibrationSpec, root: Any, full: Sequence[BarSeries],
@@ -614,18 +757,10 @@ class AccountEvaluation:
     @cached_property
     def replay(self) -> AccountResult:
         """The population replayed once (with its isolated twins)."""
-        from calibration.accounts import generate_population, simulate_accounts
+        from calibration.accounts import simulate_accounts
 
         market = self.market
-        if self.setup.accounts is not None:
-            accounts = list(self.setup.accounts)
-        else:
-            assert self.setup.population is not None
-            accounts = generate_population(self.setup.population,
-                                           instruments=market.instruments,
-                                           timestamp_ms=market.timestamp_ms,
-                                           close=market.matrix("close"),
-                                           first_bar=self.model.first_valid_bar())
+        accounts = list(self.setup.population_for(market, self.model.first_valid_bar()))
         return simulate_accounts(market, self.model, accounts, self.config,
                                  portfolio=self.portfolio)
 
@@ -667,6 +802,37 @@ class AccountEvaluation:
                                           requirement=pc.requirement,
                                           loss_prices=pc.loss_prices))
                 for book in self.setup.books]
+
+    def value_of(self, key: str, spec: CalibrationSpec) -> Any:
+        """The value in force for an account-level key in this trial: the engine field, the
+        schedule's bracket or ratio (after the running minimum), the depth parameter, the
+        portfolio parameter (or its element)."""
+        parsed = _parse(key, spec)
+        if parsed.kind == "engine":
+            return getattr(self.config, parsed.name)
+        if parsed.kind in ("caps_usd", "ratios"):
+            schedule = self.schedules[parsed.asset.upper()]
+            return float(getattr(schedule, parsed.kind)[parsed.index])
+        if parsed.kind == "depth":
+            tiers = self.setup.section.haircuts[parsed.asset]
+            return self.values.get(key, (tiers.depth or {}).get(parsed.name))
+        assert self.portfolio is not None
+        value = self.portfolio.get_params()[parsed.name]
+        return value if parsed.index < 0 else float(value[parsed.index])
+
+    def guardrail(self, spec: CalibrationSpec, published: Mapping[str, Any],
+                  max_change: Mapping[str, float]) -> float:
+        """The worst ``Move.scaled`` of the account-level keys of ``max_change``, from the
+        value in ``published`` to this trial's (≤ 0: every move allowed). Each key moves
+        under its publishing rule (``ratios[i]`` as the schedule's ratios, one element)."""
+        from calibration.publishing import measure_change
+
+        worst = -1.0
+        for key, limit in max_change.items():
+            move = measure_change(published[key], self.value_of(key, spec),
+                                  key_rule(key, spec, limit))
+            worst = max(worst, move.scaled)
+        return worst
 
     # -- metrics ------------------------------------------------------------------------
 
@@ -766,9 +932,12 @@ def _portfolio_windows(market: Market, book: PortfolioBook, cov: PortfolioCovera
 
 __all__ = [
     "AccountEvaluation",
+    "AccountPublication",
     "AccountSetup",
     "account_keys",
+    "account_publications",
     "is_account_key",
+    "key_rule",
     "prepare_accounts",
     "split_params",
     "validate_accounts",

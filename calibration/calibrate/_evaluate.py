@@ -202,9 +202,17 @@ def evaluate(
     if spec.published is not None and spec.published.max_change:
         # Publishing's own rule on effective parameters (the trial's horizon included), so
         # a recommendation inside this constraint is inside the publish guardrails too.
-        constraints["guardrail"] = guardrail_constraint(
-            spec.model, spec.published.params, model.get_params(),
-            spec.published.max_change, bar_seconds=prepared.horizon.bar_seconds)
+        published, _ = split_params(spec.published.params)
+        model_steps, account_steps = split_params(spec.published.max_change)
+        worst = -1.0
+        if model_steps:
+            worst = guardrail_constraint(spec.model, published, model.get_params(),
+                                         model_steps, bar_seconds=prepared.horizon.bar_seconds)
+        if account_steps and accounts is not None:
+            # each account-level key under its kind's publishing rule, from the value in
+            # force to the trial's (the schedule's ratio after its running minimum)
+            worst = max(worst, accounts.guardrail(spec, spec.published.params, account_steps))
+        constraints["guardrail"] = worst
     names = objective_names(spec)
     hopeless = (prune_hopeless and not full and spec.accounts is None
                 and any(s.traffic_light == "red" for s in sides))
