@@ -8,7 +8,8 @@ number's header or label states its unit. The JSON keeps rates as fractions of n
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import textwrap
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from rich import box
@@ -206,6 +207,36 @@ def pareto_rows(front: Sequence[ParetoPoint], recommended: int | None,
     return rows, len(front) > limit
 
 
+def _stacked(name: str, unit: str, width: int = 12) -> str:
+    """A narrow header: the metric's name and unit folded at ``width`` characters."""
+    return "\n".join(textwrap.wrap(name.replace("_", " "), width) + textwrap.wrap(unit, width))
+
+
+def _objective_columns(
+        result: CalibrationResult) -> list[tuple[str, str, Callable[[float | None], str]]]:
+    """The front's objectives as ``(name, header, format)``, in the spec's order: the two
+    defaults under their usual headers, any other under its name and its metric's unit
+    (fractions shown as %)."""
+    from calibration.calibrate._objectives import METRICS
+
+    front = result.pareto_front
+    names = list(front[0].objectives) if front and front[0].objectives else [
+        "capital_cost", "insolvency_bps"]
+    columns: list[tuple[str, str, Callable[[float | None], str]]] = []
+    for name in names:
+        unit = METRICS[name].unit if name in METRICS else ""
+        if name == "capital_cost":
+            columns.append((name, "mean IM\n% of notional", lambda v: _pct(v, 3)))
+        elif name == "insolvency_bps":
+            columns.append((name, "insolvency\nbps", lambda v: _num(v, ".3f")))
+        elif unit.startswith("fraction of "):
+            columns.append((name, _stacked(name, f"% of {unit.removeprefix('fraction of ')}"),
+                            lambda v: _pct(v, 3)))
+        else:
+            columns.append((name, _stacked(name, unit), lambda v: _num(v, ".4g")))
+    return columns
+
+
 def _pareto_table(result: CalibrationResult) -> tuple[_Titled, str | None]:
     front = result.pareto_front
     rec = result.recommendation
@@ -223,8 +254,9 @@ def _pareto_table(result: CalibrationResult) -> tuple[_Titled, str | None]:
             title += f", and the recommendation (rank {rows[-1][0]})"
     else:
         title = f"Pareto front: all {len(front)} Pareto trials, cheapest first"
+    objectives = _objective_columns(result)
     table = _Titled(title, [("rank", "right"), ("trial", "right"),
-                           ("mean IM\n% of notional", "right"), ("insolvency\nbps", "right"),
+                           *[(header, "right") for _, header, _ in objectives],
                            ("parameters that differ between the points", "left")],
                    caption="* the recommendation" if recommended is not None and front
                    else None)
@@ -232,8 +264,9 @@ def _pareto_table(result: CalibrationResult) -> tuple[_Titled, str | None]:
         if i and rank != rows[i - 1][0] + 1:
             table.add_section()
         mark = "*" if p.trial == recommended else ""
-        table.add_row(f"{rank}", f"{p.trial}{mark}", _pct(p.capital_cost, 3),
-                      _num(p.insolvency_bps, ".3f"),
+        table.add_row(f"{rank}", f"{p.trial}{mark}",
+                      *[show(p.objectives.get(name, getattr(p, name, None)))
+                        for name, _, show in objectives],
                       escape(", ".join(f"{n}={_fmt_param(p.params.get(n), 4)}"
                                        for n in varying)) or "–")
     same = None
@@ -276,15 +309,20 @@ def print_calibration(result: CalibrationResult, console: Console) -> None:
                        "–" if change is None else f"{change['published']:.6g}",
                        "–" if change is None else f"{change['change']:+.6g}")
     params.print(console)
-    console.print(
-        f"capital cost (mean IM): {_pct(rec.objectives.get('capital_cost'), 3)}% of notional; "
-        f"insolvency: {_num(rec.objectives.get('insolvency_bps'), '.3f')} bps"
-    )
+    defaults = [f"capital cost (mean IM): {_pct(rec.objectives['capital_cost'], 3)}% of "
+                "notional"] if "capital_cost" in rec.objectives else []
+    if "insolvency_bps" in rec.objectives:
+        defaults.append(f"insolvency: {_num(rec.objectives['insolvency_bps'], '.3f')} bps")
+    if defaults:
+        console.print("; ".join(defaults))
     others = {k: v for k, v in rec.objectives.items()
               if k not in ("capital_cost", "insolvency_bps")}
     if others:
-        console.print("other objectives: " + "; ".join(f"{k} {v:.6g}" for k, v in others.items()),
-                      markup=False, highlight=False)
+        from calibration.calibrate._objectives import METRICS
+
+        console.print(("other objectives: " if defaults else "objectives: ") + "; ".join(
+            f"{k} {v:.6g}" + (f" ({METRICS[k].unit})" if k in METRICS else "")
+            for k, v in others.items()), markup=False, highlight=False)
     if rec.constraints:
         console.print(
             "constraints (≤ 0 holds): "

@@ -276,3 +276,28 @@ def test_three_objective_front_covers_an_exhaustive_grid(root: Path) -> None:
     assert rec.within_risk_appetite
     binding = [k for k, v in rec.constraints.items() if v > -0.05]
     assert rec.binding_constraints == binding
+
+
+def test_pareto_table_shows_the_specs_own_objectives_with_their_units() -> None:
+    """A front of other objectives than the two defaults is shown under their names and
+    units (fractions as %), not as empty capital-cost / insolvency columns."""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from calibration._summary import _pareto_table
+    from calibration.calibrate._recommend import ParetoPoint
+
+    point = ParetoPoint(trial=3, params={"x": 1.0}, capital_cost=None, insolvency_bps=None,
+                        objectives={"portfolio_capital_cost": 0.0216486,
+                                    "account_bad_debt_bps": 9.7129})
+    result = SimpleNamespace(pareto_front=[point], recommendation=SimpleNamespace(trial=3))
+    table, _ = _pareto_table(result)  # type: ignore[arg-type]
+    out = io.StringIO()
+    table.print(Console(file=out, width=80))
+    text = out.getvalue()
+    assert "portfolio" in text and "% of gross" in text and "bps of" in text
+    assert "mean IM" not in text
+    row = next(line for line in text.splitlines() if "3*" in line)
+    assert row.split()[2:4] == ["2.165", "9.713"]
