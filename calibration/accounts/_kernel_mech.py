@@ -365,6 +365,18 @@ def replay_mech(
     if mech.policy == 2:
         gap = max(gap, mech.cooldown_bars)
     limited = mech.max_accounts_per_bar >= 0 or mech.max_notional_per_bar < np.inf
+    # The fast test's arrays as locals (``_eq_mm``: no reference counting in the loop).
+    f_low, f_high, f_close, f_asset = m.low, m.high, m.close, m.inst_asset
+    f_scale, f_caps, f_slope, f_offset, f_cap = m.mm_scale, m.caps, m.mm_slope, m.mm_offset, \
+        m.cap_rate
+    f_entry, f_col, f_col_inst, f_col_asset = book.entry, book.col_units, book.col_inst, \
+        book.col_asset
+    f_hc_caps, f_hc_slope, f_hc_offset = rules.hc_caps, rules.hc_slope, rules.hc_offset
+    f_upnl_w = rules.upnl_weight
+    o_queued_bar, o_trigger, o_wait, o_backlog = out.queued_bar, out.trigger, out.wait_bars, \
+        out.backlog
+    o_declined, o_started, o_started_usd, o_steps = out.keeper_declined, out.started, \
+        out.started_usd, out.steps
     for t in range(n):
         if mech.cascade and t > 0:
             for i in range(k):
@@ -388,7 +400,7 @@ def replay_mech(
         keep = 0
         for a_idx in range(n_active):
             j = active[a_idx]
-            e = book.entry[j]
+            e = f_entry[j]
             if pend_bar[j] >= 0 and pend_end[j] == t:
                 _settle(m, book, mech, low, high, j, t, rem[j], cash, anchor[j], pend_bar,
                         pend_delta[j], pend_net[j], pend_final, out, n_col)
@@ -412,7 +424,10 @@ def replay_mech(
             key = -np.inf
             if not forced:
                 if fast:
-                    eq, mm = _eq_mm(m, book, rules, j, t, cash[j], rem, net)
+                    eq, mm = _eq_mm(f_low, f_high, f_close, f_asset, f_scale, f_caps, f_slope,
+                                    f_offset, f_cap, f_entry, f_col, f_col_inst, f_col_asset,
+                                    f_hc_caps, f_hc_slope, f_hc_offset, f_upnl_w, j, t,
+                                    cash[j], rem, net)
                 else:
                     for i in range(k):
                         delta[i] = 0.0
@@ -430,16 +445,19 @@ def replay_mech(
                     queued_since[j] = -1
                     if fast:
                         # Its marks no longer depend on anyone: jump to its next trigger.
-                        nf = _next_fail(m, book, rules, j, t + 1,
-                                        min(e + holding_bars, n - 1), cash[j], rem, net)
+                        nf = _next_fail(f_low, f_high, f_close, f_asset, f_scale, f_caps,
+                                        f_slope, f_offset, f_cap, f_entry, f_col, f_col_inst,
+                                        f_col_asset, f_hc_caps, f_hc_slope, f_hc_offset,
+                                        f_upnl_w, j, t + 1, min(e + holding_bars, n - 1),
+                                        cash[j], rem, net)
                         next_test[j] = nf if nf >= 0 else n + 1
                         if nf < 0:
                             keep -= 1  # nothing more can happen to it
                     continue
                 if mm > 0.0:
                     key = eq / mm
-            if out.queued_bar[j] < 0:
-                out.queued_bar[j] = t
+            if o_queued_bar[j] < 0:
+                o_queued_bar[j] = t
             if queued_since[j] < 0:
                 queued_since[j] = t
             if mech.queue_order == 1:
@@ -464,21 +482,21 @@ def replay_mech(
                     (mech.max_accounts_per_bar >= 0 and n_started >= mech.max_accounts_per_bar)
                     or usd >= mech.max_notional_per_bar):
                 queued[j] = True
-                if out.trigger[j] < 0:
-                    out.wait_bars[j] += 1
-                out.backlog[t] += 1
+                if o_trigger[j] < 0:
+                    o_wait[j] += 1
+                o_backlog[t] += 1
                 continue
             if mech.keeper_bonus_rate >= 0.0 and not last_bar and not _keeper_acts(
                     m, book, rules, mech, low, high, j, t, cash[j], rem[j], anchor[j],
-                    net[j], out.steps[j], queued_since[j], delta):
+                    net[j], o_steps[j], queued_since[j], delta):
                 # No keeper liquidates it this bar: it waits, as if the engine were full.
                 queued[j] = True
                 if queued_since[j] < 0:
                     queued_since[j] = t
-                out.keeper_declined[j] += 1
-                if out.trigger[j] < 0:
-                    out.wait_bars[j] += 1
-                out.backlog[t] += 1
+                o_declined[j] += 1
+                if o_trigger[j] < 0:
+                    o_wait[j] += 1
+                o_backlog[t] += 1
                 continue
             queued[j] = False
             queued_since[j] = -1
@@ -487,8 +505,8 @@ def replay_mech(
                                cash, rem, anchor, net, in_liq, next_test, done, pend_bar,
                                pend_end, pend_delta, pend_net, pend_final, q_long, q_short,
                                delta, out, n_col)
-        out.started[t] = n_started
-        out.started_usd[t] = usd
+        o_started[t] = n_started
+        o_started_usd[t] = usd
 
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
@@ -544,15 +562,21 @@ def _queue_order(entry: IntArray, cand: IntArray, key: FloatArray, n_cand: int, 
         rank[pos] = x
 
 
-@nb.njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
 def _eq_mm(
-    m: MarketArrays, book: BookArrays, rules: CollateralRules, j: int, t: int, cash: float,
-    rem: FloatArray, net: FloatArray,
+    low: FloatArray, high: FloatArray, close: FloatArray, inst_asset: IntArray,
+    mm_scale: FloatArray, caps: FloatArray, mm_slope: FloatArray, mm_offset: FloatArray,
+    cap_rate: FloatArray, entry: IntArray, col_units: FloatArray, col_inst: IntArray,
+    col_asset: IntArray, hc_caps: FloatArray, hc_slope: FloatArray, hc_offset: FloatArray,
+    upnl_weight: float, j: int, t: int, cash: float, rem: FloatArray, net: FloatArray,
 ) -> tuple[float, float]:  # pragma: no cover - jit
     """``_estimate`` for account j (rows of ``rem`` (A, k) and ``net`` (A, assets)) with
-    nothing closed and no funding, in the same order of operations (so the same bits),
-    without its per-call set-up: the fast walk's trigger test."""
-    e = book.entry[j]
+    nothing closed and no funding, in the same order of operations (so the same bits: the
+    bracket and band searches are ``_mm_usd``'s and ``_haircut_usd``'s), on plain arrays
+    the fast walk's trigger test. Plain arrays, hoisted out of their NamedTuples once per
+    walk: numba reference-counts an array read out of a tuple inside a loop (an atomic
+    increment and decrement each time), which was about half of the queue's cost."""
+    e = entry[j]
     eq = cash
     upnl = 0.0
     mm = 0.0
@@ -560,29 +584,46 @@ def _eq_mm(
         q = rem[j, i]
         if q == 0.0:
             continue
-        p = m.low[i, t] if net[j, m.inst_asset[i]] >= 0.0 else m.high[i, t]
-        upnl += q * (p - m.close[i, e])
-        mm += _mm_usd(m, i, abs(q) * p, t)
-    eq += upnl if upnl <= 0.0 else rules.upnl_weight * upnl
-    for c in range(book.col_inst.shape[0]):
-        u = book.col_units[j, c]
+        p = low[i, t] if net[j, inst_asset[i]] >= 0.0 else high[i, t]
+        upnl += q * (p - close[i, e])
+        notional = abs(q) * p
+        b = 0
+        while notional >= caps[i, b]:
+            b += 1
+        value = mm_scale[i, t] * (notional * mm_slope[i, b] - mm_offset[i, b])
+        mm += min(value, cap_rate[i] * notional)
+    eq += upnl if upnl <= 0.0 else upnl_weight * upnl
+    for c in range(col_inst.shape[0]):
+        u = col_units[j, c]
         if u == 0.0:
             continue
-        ci = book.col_inst[c]
-        p = m.low[ci, t] if net[j, book.col_asset[c]] >= 0.0 else m.high[ci, t]
-        eq += _haircut_usd(rules, c, u * p)
+        ci = col_inst[c]
+        p = low[ci, t] if net[j, col_asset[c]] >= 0.0 else high[ci, t]
+        value = u * p
+        if value > 0.0:
+            b = 0
+            while value >= hc_caps[c, b]:
+                b += 1
+            value = hc_slope[c, b] * value + hc_offset[c, b]
+        eq += value
     return eq, mm
 
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
 def _next_fail(
-    m: MarketArrays, book: BookArrays, rules: CollateralRules, j: int, t0: int, t1: int,
-    cash: float, rem: FloatArray, net: FloatArray,
+    low: FloatArray, high: FloatArray, close: FloatArray, inst_asset: IntArray,
+    mm_scale: FloatArray, caps: FloatArray, mm_slope: FloatArray, mm_offset: FloatArray,
+    cap_rate: FloatArray, entry: IntArray, col_units: FloatArray, col_inst: IntArray,
+    col_asset: IntArray, hc_caps: FloatArray, hc_slope: FloatArray, hc_offset: FloatArray,
+    upnl_weight: float, j: int, t0: int, t1: int, cash: float, rem: FloatArray,
+    net: FloatArray,
 ) -> int:  # pragma: no cover - jit
     """The first bar in t0..t1 where account j (no step pending, no funding, no cascade) has
     equity <= MM at the bar's marks, -1 if none (``rem``, ``net``: every account's rows)."""
     for t in range(t0, t1 + 1):
-        eq, mm = _eq_mm(m, book, rules, j, t, cash, rem, net)  # rem, net: (A, ·)
+        eq, mm = _eq_mm(low, high, close, inst_asset, mm_scale, caps, mm_slope, mm_offset,
+                        cap_rate, entry, col_units, col_inst, col_asset, hc_caps, hc_slope,
+                        hc_offset, upnl_weight, j, t, cash, rem, net)
         if eq <= mm:
             return t
     return -1
