@@ -641,6 +641,7 @@ def _start_step(
     """Start account j's close-out step at bar t (plan, cascade volume, pending fill) and
     return its notional at bar t's marks, USD."""
     k = rem.shape[1]
+    inst_asset, close = m.inst_asset, m.close  # locals: no reference count per loop read
     n_assets = net.shape[1]
     e = book.entry[j]
     last_bar = t == n - 1
@@ -669,8 +670,8 @@ def _start_step(
             final = False
         if d == 0.0:
             continue
-        usd += abs(d) * _mark(low, high, i, t, net[j, m.inst_asset[i]] >= 0.0)
-        c0 = m.close[i, e]
+        usd += abs(d) * _mark(low, high, i, t, net[j, inst_asset[i]] >= 0.0)
+        c0 = close[i, e]
         if d > 0.0:
             q_long[i, t] += d * c0
         else:
@@ -691,7 +692,7 @@ def _start_step(
     # The account's exposure after the step decides its later adverse sides.
     for i in range(k):
         if delta[i] != 0.0:
-            net[j, m.inst_asset[i]] -= delta[i]
+            net[j, inst_asset[i]] -= delta[i]
     if pend_end[j] == t:
         _settle(m, book, mech, low, high, j, t, rem[j], cash, anchor[j], pend_bar,
                 pend_delta[j], pend_net[j], pend_final, out, n_col)
@@ -709,6 +710,10 @@ def _settle(
     """Fill a pending step of account j: the closed units at the worst price of bars
     ``t .. end`` for the account's side at the step, less slippage; funding to t; the
     collateral sold with the last position; the fee capped at the equity after the step."""
+    # Arrays read in the loops as locals (numba reference-counts each read out of a tuple).
+    inst_asset, close, funding_cum = m.inst_asset, m.close, mech.funding_cum
+    leg_pnl, leg_closed = out.leg_pnl, out.leg_closed_usd
+    col_units, col_inst, col_asset = book.col_units, book.col_inst, book.col_asset
     t = pend_bar[j]
     k = rem.shape[0]
     e = book.entry[j]
@@ -718,31 +723,31 @@ def _settle(
         d = delta[i]
         if d == 0.0:
             continue
-        long_asset = net[m.inst_asset[i]] >= 0.0
+        long_asset = net[inst_asset[i]] >= 0.0
         p = _mark(low, high, i, t, long_asset)
         for s in range(t + 1, end + 1):
             p = min(p, low[i, s]) if long_asset else max(p, high[i, s])
-        c0 = m.close[i, e]
-        fund = d * (mech.funding_cum[i, t] - mech.funding_cum[i, anchor[i]])
+        c0 = close[i, e]
+        fund = d * (funding_cum[i, t] - funding_cum[i, anchor[i]])
         pnl = d * (p - c0) - _slip(mech, i, d, c0, t) * abs(d) * p
         if fund != 0.0:
             pnl -= fund
             # funding of the units left open is settled too, so they restart from bar t
-            left_fund = (rem[i] - d) * (mech.funding_cum[i, t] - mech.funding_cum[i, anchor[i]])
+            left_fund = (rem[i] - d) * (funding_cum[i, t] - funding_cum[i, anchor[i]])
             c -= left_fund
         anchor[i] = t
-        out.leg_pnl[j, i] += pnl
-        out.leg_closed_usd[j, i] += abs(d) * p
+        leg_pnl[j, i] += pnl
+        leg_closed[j, i] += abs(d) * p
         gross += abs(d) * p
         c += pnl
         rem[i] = 0.0 if d == rem[i] else rem[i] - d
     if pend_final[j]:
         for cc in range(n_col):
-            u = book.col_units[j, cc]
+            u = col_units[j, cc]
             if u == 0.0:
                 continue
-            ci = book.col_inst[cc]
-            long_asset = net[book.col_asset[cc]] >= 0.0
+            ci = col_inst[cc]
+            long_asset = net[col_asset[cc]] >= 0.0
             p = _mark(low, high, ci, t, long_asset)
             for s in range(t + 1, end + 1):
                 p = min(p, low[ci, s]) if long_asset else max(p, high[ci, s])
@@ -756,13 +761,13 @@ def _settle(
             q = rem[i]
             if q == 0.0:
                 continue
-            p = _mark(low, high, i, t, net[m.inst_asset[i]] >= 0.0)
-            eq += q * (p - m.close[i, e])
+            p = _mark(low, high, i, t, net[inst_asset[i]] >= 0.0)
+            eq += q * (p - close[i, e])
         for cc in range(n_col):
-            u = book.col_units[j, cc]
+            u = col_units[j, cc]
             if u != 0.0:
-                eq += u * _mark(low, high, book.col_inst[cc], t,
-                                net[book.col_asset[cc]] >= 0.0)
+                eq += u * _mark(low, high, col_inst[cc], t,
+                                net[col_asset[cc]] >= 0.0)
     paid = min(mech.fee_rate * gross, eq) if eq > 0.0 else 0.0
     if mech.keeper_bonus_rate > 0.0 and out.backstop[j] == 0 and eq - paid > 0.0:
         # The keeper's bonus comes out of what is left after the fund's fee.
