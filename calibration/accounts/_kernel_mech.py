@@ -402,8 +402,8 @@ def replay_mech(
             j = active[a_idx]
             e = f_entry[j]
             if pend_bar[j] >= 0 and pend_end[j] == t:
-                _settle(m, book, mech, low, high, j, t, rem[j], cash, anchor[j], pend_bar,
-                        pend_delta[j], pend_net[j], pend_final, out, n_col)
+                _settle(m, book, mech, low, high, j, t, rem, cash, anchor, pend_bar, pend_delta,
+                        pend_net, pend_final, out, n_col)
                 if pend_final[j]:
                     done[j] = True
             if done[j]:
@@ -694,8 +694,8 @@ def _start_step(
         if delta[i] != 0.0:
             net[j, inst_asset[i]] -= delta[i]
     if pend_end[j] == t:
-        _settle(m, book, mech, low, high, j, t, rem[j], cash, anchor[j], pend_bar,
-                pend_delta[j], pend_net[j], pend_final, out, n_col)
+        _settle(m, book, mech, low, high, j, t, rem, cash, anchor, pend_bar, pend_delta,
+                pend_net, pend_final, out, n_col)
         if final:
             done[j] = True
     return usd
@@ -709,45 +709,47 @@ def _settle(
 ) -> None:  # pragma: no cover - jit
     """Fill a pending step of account j: the closed units at the worst price of bars
     ``t .. end`` for the account's side at the step, less slippage; funding to t; the
-    collateral sold with the last position; the fee capped at the equity after the step."""
+    collateral sold with the last position; the fee capped at the equity after the step.
+    ``rem``, ``anchor``, ``delta`` (the pending units), ``net`` (the exposure at the step):
+    every account's rows, read at row j (a row view per call is a reference count)."""
     # Arrays read in the loops as locals (numba reference-counts each read out of a tuple).
     inst_asset, close, funding_cum = m.inst_asset, m.close, mech.funding_cum
     leg_pnl, leg_closed = out.leg_pnl, out.leg_closed_usd
     col_units, col_inst, col_asset = book.col_units, book.col_inst, book.col_asset
     t = pend_bar[j]
-    k = rem.shape[0]
+    k = rem.shape[1]
     e = book.entry[j]
     c = cash[j]
     gross = 0.0
     for i in range(k):
-        d = delta[i]
+        d = delta[j, i]
         if d == 0.0:
             continue
-        long_asset = net[inst_asset[i]] >= 0.0
+        long_asset = net[j, inst_asset[i]] >= 0.0
         p = _mark(low, high, i, t, long_asset)
         for s in range(t + 1, end + 1):
             p = min(p, low[i, s]) if long_asset else max(p, high[i, s])
         c0 = close[i, e]
-        fund = d * (funding_cum[i, t] - funding_cum[i, anchor[i]])
+        fund = d * (funding_cum[i, t] - funding_cum[i, anchor[j, i]])
         pnl = d * (p - c0) - _slip(mech, i, d, c0, t) * abs(d) * p
         if fund != 0.0:
             pnl -= fund
             # funding of the units left open is settled too, so they restart from bar t
-            left_fund = (rem[i] - d) * (funding_cum[i, t] - funding_cum[i, anchor[i]])
+            left_fund = (rem[j, i] - d) * (funding_cum[i, t] - funding_cum[i, anchor[j, i]])
             c -= left_fund
-        anchor[i] = t
+        anchor[j, i] = t
         leg_pnl[j, i] += pnl
         leg_closed[j, i] += abs(d) * p
         gross += abs(d) * p
         c += pnl
-        rem[i] = 0.0 if d == rem[i] else rem[i] - d
+        rem[j, i] = 0.0 if d == rem[j, i] else rem[j, i] - d
     if pend_final[j]:
         for cc in range(n_col):
             u = col_units[j, cc]
             if u == 0.0:
                 continue
             ci = col_inst[cc]
-            long_asset = net[col_asset[cc]] >= 0.0
+            long_asset = net[j, col_asset[cc]] >= 0.0
             p = _mark(low, high, ci, t, long_asset)
             for s in range(t + 1, end + 1):
                 p = min(p, low[ci, s]) if long_asset else max(p, high[ci, s])
@@ -758,16 +760,16 @@ def _settle(
         # Equity after the step: what is left open at the step's marks, collateral at market.
         eq = c
         for i in range(k):
-            q = rem[i]
+            q = rem[j, i]
             if q == 0.0:
                 continue
-            p = _mark(low, high, i, t, net[inst_asset[i]] >= 0.0)
+            p = _mark(low, high, i, t, net[j, inst_asset[i]] >= 0.0)
             eq += q * (p - close[i, e])
         for cc in range(n_col):
             u = col_units[j, cc]
             if u != 0.0:
                 eq += u * _mark(low, high, col_inst[cc], t,
-                                net[col_asset[cc]] >= 0.0)
+                                net[j, col_asset[cc]] >= 0.0)
     paid = min(mech.fee_rate * gross, eq) if eq > 0.0 else 0.0
     if mech.keeper_bonus_rate > 0.0 and out.backstop[j] == 0 and eq - paid > 0.0:
         # The keeper's bonus comes out of what is left after the fund's fee.
