@@ -424,10 +424,38 @@ def replay_mech(
             key = -np.inf
             if not forced:
                 if fast:
-                    eq, mm = _eq_mm(f_low, f_high, f_close, f_asset, f_scale, f_caps, f_slope,
-                                    f_offset, f_cap, f_entry, f_col, f_col_inst, f_col_asset,
-                                    f_hc_caps, f_hc_slope, f_hc_offset, f_upnl_w, j, t,
-                                    cash[j], rem, net)
+                    # ``_next_fail``'s test, written out: a call per waiting account and bar
+                    # would reference-count each of its array arguments (twice); same order
+                    # of operations, so the same bits.
+                    eq = cash[j]
+                    upnl = 0.0
+                    mm = 0.0
+                    for i in range(k):
+                        q = rem[j, i]
+                        if q == 0.0:
+                            continue
+                        p = f_low[i, t] if net[j, f_asset[i]] >= 0.0 else f_high[i, t]
+                        upnl += q * (p - f_close[i, e])
+                        notional = abs(q) * p
+                        b = 0
+                        while notional >= f_caps[i, b]:
+                            b += 1
+                        value = f_scale[i, t] * (notional * f_slope[i, b] - f_offset[i, b])
+                        mm += min(value, f_cap[i] * notional)
+                    eq += upnl if upnl <= 0.0 else f_upnl_w * upnl
+                    for c in range(n_col):
+                        u = f_col[j, c]
+                        if u == 0.0:
+                            continue
+                        ci = f_col_inst[c]
+                        p = f_low[ci, t] if net[j, f_col_asset[c]] >= 0.0 else f_high[ci, t]
+                        value = u * p
+                        if value > 0.0:
+                            b = 0
+                            while value >= f_hc_caps[c, b]:
+                                b += 1
+                            value = f_hc_slope[c, b] * value + f_hc_offset[c, b]
+                        eq += value
                 else:
                     for i in range(k):
                         delta[i] = 0.0
@@ -563,53 +591,6 @@ def _queue_order(entry: IntArray, cand: IntArray, key: FloatArray, n_cand: int, 
 
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
-def _eq_mm(
-    low: FloatArray, high: FloatArray, close: FloatArray, inst_asset: IntArray,
-    mm_scale: FloatArray, caps: FloatArray, mm_slope: FloatArray, mm_offset: FloatArray,
-    cap_rate: FloatArray, entry: IntArray, col_units: FloatArray, col_inst: IntArray,
-    col_asset: IntArray, hc_caps: FloatArray, hc_slope: FloatArray, hc_offset: FloatArray,
-    upnl_weight: float, j: int, t: int, cash: float, rem: FloatArray, net: FloatArray,
-) -> tuple[float, float]:  # pragma: no cover - jit
-    """``_estimate`` for account j (rows of ``rem`` (A, k) and ``net`` (A, assets)) with
-    nothing closed and no funding, in the same order of operations (so the same bits: the
-    bracket and band searches are ``_mm_usd``'s and ``_haircut_usd``'s), on plain arrays
-    the fast walk's trigger test. Plain arrays, hoisted out of their NamedTuples once per
-    walk: numba reference-counts an array read out of a tuple inside a loop (an atomic
-    increment and decrement each time), which was about half of the queue's cost."""
-    e = entry[j]
-    eq = cash
-    upnl = 0.0
-    mm = 0.0
-    for i in range(rem.shape[1]):
-        q = rem[j, i]
-        if q == 0.0:
-            continue
-        p = low[i, t] if net[j, inst_asset[i]] >= 0.0 else high[i, t]
-        upnl += q * (p - close[i, e])
-        notional = abs(q) * p
-        b = 0
-        while notional >= caps[i, b]:
-            b += 1
-        value = mm_scale[i, t] * (notional * mm_slope[i, b] - mm_offset[i, b])
-        mm += min(value, cap_rate[i] * notional)
-    eq += upnl if upnl <= 0.0 else upnl_weight * upnl
-    for c in range(col_inst.shape[0]):
-        u = col_units[j, c]
-        if u == 0.0:
-            continue
-        ci = col_inst[c]
-        p = low[ci, t] if net[j, col_asset[c]] >= 0.0 else high[ci, t]
-        value = u * p
-        if value > 0.0:
-            b = 0
-            while value >= hc_caps[c, b]:
-                b += 1
-            value = hc_slope[c, b] * value + hc_offset[c, b]
-        eq += value
-    return eq, mm
-
-
-@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
 def _next_fail(
     low: FloatArray, high: FloatArray, close: FloatArray, inst_asset: IntArray,
     mm_scale: FloatArray, caps: FloatArray, mm_slope: FloatArray, mm_offset: FloatArray,
@@ -619,11 +600,46 @@ def _next_fail(
     net: FloatArray,
 ) -> int:  # pragma: no cover - jit
     """The first bar in t0..t1 where account j (no step pending, no funding, no cascade) has
-    equity <= MM at the bar's marks, -1 if none (``rem``, ``net``: every account's rows)."""
+    equity <= MM at the bar's marks, -1 if none (``rem``, ``net``: every account's rows).
+
+    The test is ``_estimate``'s with nothing closed and no funding, in the same order of
+    operations (so the same bits; the bracket and band searches are ``_mm_usd``'s and
+    ``_haircut_usd``'s), on plain arrays hoisted out of their NamedTuples once per walk and
+    written out rather than called: numba reference-counts an array read out of a tuple in a
+    loop, and every array argument of a call, an atomic increment and decrement each, which
+    was most of the queue's cost. ``replay_mech`` has the same test written out for the
+    waiting accounts."""
+    e = entry[j]
     for t in range(t0, t1 + 1):
-        eq, mm = _eq_mm(low, high, close, inst_asset, mm_scale, caps, mm_slope, mm_offset,
-                        cap_rate, entry, col_units, col_inst, col_asset, hc_caps, hc_slope,
-                        hc_offset, upnl_weight, j, t, cash, rem, net)
+        eq = cash
+        upnl = 0.0
+        mm = 0.0
+        for i in range(rem.shape[1]):
+            q = rem[j, i]
+            if q == 0.0:
+                continue
+            p = low[i, t] if net[j, inst_asset[i]] >= 0.0 else high[i, t]
+            upnl += q * (p - close[i, e])
+            notional = abs(q) * p
+            b = 0
+            while notional >= caps[i, b]:
+                b += 1
+            value = mm_scale[i, t] * (notional * mm_slope[i, b] - mm_offset[i, b])
+            mm += min(value, cap_rate[i] * notional)
+        eq += upnl if upnl <= 0.0 else upnl_weight * upnl
+        for c in range(col_inst.shape[0]):
+            u = col_units[j, c]
+            if u == 0.0:
+                continue
+            ci = col_inst[c]
+            p = low[ci, t] if net[j, col_asset[c]] >= 0.0 else high[ci, t]
+            value = u * p
+            if value > 0.0:
+                b = 0
+                while value >= hc_caps[c, b]:
+                    b += 1
+                value = hc_slope[c, b] * value + hc_offset[c, b]
+            eq += value
         if eq <= mm:
             return t
     return -1
@@ -657,6 +673,11 @@ def _start_step(
     if taken:
         # The vault takes every position and the collateral (venues.md HL1).
         out.backstop[j] = 1
+        for i in range(k):
+            delta[i] = rem[j, i]
+    elif mech.policy == 0 or last_bar:
+        # ``_plan``'s first case, without the call (each call reference-counts every array
+        # of its NamedTuple arguments: most of a close-out's cost in the queue's walk).
         for i in range(k):
             delta[i] = rem[j, i]
     else:
@@ -731,7 +752,10 @@ def _settle(
             p = min(p, low[i, s]) if long_asset else max(p, high[i, s])
         c0 = close[i, e]
         fund = d * (funding_cum[i, t] - funding_cum[i, anchor[j, i]])
-        pnl = d * (p - c0) - _slip(mech, i, d, c0, t) * abs(d) * p
+        # Without impact the slippage is the spread (``_slip`` without its call).
+        slip = min(1.0, mech.spread_rate) if mech.impact_coef <= 0.0 else _slip(mech, i, d,
+                                                                                c0, t)
+        pnl = d * (p - c0) - slip * abs(d) * p
         if fund != 0.0:
             pnl -= fund
             # funding of the units left open is settled too, so they restart from bar t
