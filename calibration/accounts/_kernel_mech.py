@@ -365,6 +365,18 @@ def replay_mech(
     if mech.policy == 2:
         gap = max(gap, mech.cooldown_bars)
     limited = mech.max_accounts_per_bar >= 0 or mech.max_notional_per_bar < np.inf
+    # The fast test's arrays as locals (``_eq_mm``: no reference counting in the loop).
+    f_low, f_high, f_close, f_asset = m.low, m.high, m.close, m.inst_asset
+    f_scale, f_caps, f_slope, f_offset, f_cap = m.mm_scale, m.caps, m.mm_slope, m.mm_offset, \
+        m.cap_rate
+    f_entry, f_col, f_col_inst, f_col_asset = book.entry, book.col_units, book.col_inst, \
+        book.col_asset
+    f_hc_caps, f_hc_slope, f_hc_offset = rules.hc_caps, rules.hc_slope, rules.hc_offset
+    f_upnl_w = rules.upnl_weight
+    o_queued_bar, o_trigger, o_wait, o_backlog = out.queued_bar, out.trigger, out.wait_bars, \
+        out.backlog
+    o_declined, o_started, o_started_usd, o_steps = out.keeper_declined, out.started, \
+        out.started_usd, out.steps
     for t in range(n):
         if mech.cascade and t > 0:
             for i in range(k):
@@ -388,10 +400,10 @@ def replay_mech(
         keep = 0
         for a_idx in range(n_active):
             j = active[a_idx]
-            e = book.entry[j]
+            e = f_entry[j]
             if pend_bar[j] >= 0 and pend_end[j] == t:
-                _settle(m, book, mech, low, high, j, t, rem[j], cash, anchor[j], pend_bar,
-                        pend_delta[j], pend_net[j], pend_final, out, n_col)
+                _settle(m, book, mech, low, high, j, t, rem, cash, anchor, pend_bar, pend_delta,
+                        pend_net, pend_final, out, n_col)
                 if pend_final[j]:
                     done[j] = True
             if done[j]:
@@ -412,7 +424,38 @@ def replay_mech(
             key = -np.inf
             if not forced:
                 if fast:
-                    eq, mm = _eq_mm(m, book, rules, j, t, cash[j], rem, net)
+                    # ``_next_fail``'s test, written out: a call per waiting account and bar
+                    # would reference-count each of its array arguments (twice); same order
+                    # of operations, so the same bits.
+                    eq = cash[j]
+                    upnl = 0.0
+                    mm = 0.0
+                    for i in range(k):
+                        q = rem[j, i]
+                        if q == 0.0:
+                            continue
+                        p = f_low[i, t] if net[j, f_asset[i]] >= 0.0 else f_high[i, t]
+                        upnl += q * (p - f_close[i, e])
+                        notional = abs(q) * p
+                        b = 0
+                        while notional >= f_caps[i, b]:
+                            b += 1
+                        value = f_scale[i, t] * (notional * f_slope[i, b] - f_offset[i, b])
+                        mm += min(value, f_cap[i] * notional)
+                    eq += upnl if upnl <= 0.0 else f_upnl_w * upnl
+                    for c in range(n_col):
+                        u = f_col[j, c]
+                        if u == 0.0:
+                            continue
+                        ci = f_col_inst[c]
+                        p = f_low[ci, t] if net[j, f_col_asset[c]] >= 0.0 else f_high[ci, t]
+                        value = u * p
+                        if value > 0.0:
+                            b = 0
+                            while value >= f_hc_caps[c, b]:
+                                b += 1
+                            value = f_hc_slope[c, b] * value + f_hc_offset[c, b]
+                        eq += value
                 else:
                     for i in range(k):
                         delta[i] = 0.0
@@ -430,16 +473,19 @@ def replay_mech(
                     queued_since[j] = -1
                     if fast:
                         # Its marks no longer depend on anyone: jump to its next trigger.
-                        nf = _next_fail(m, book, rules, j, t + 1,
-                                        min(e + holding_bars, n - 1), cash[j], rem, net)
+                        nf = _next_fail(f_low, f_high, f_close, f_asset, f_scale, f_caps,
+                                        f_slope, f_offset, f_cap, f_entry, f_col, f_col_inst,
+                                        f_col_asset, f_hc_caps, f_hc_slope, f_hc_offset,
+                                        f_upnl_w, j, t + 1, min(e + holding_bars, n - 1),
+                                        cash[j], rem, net)
                         next_test[j] = nf if nf >= 0 else n + 1
                         if nf < 0:
                             keep -= 1  # nothing more can happen to it
                     continue
                 if mm > 0.0:
                     key = eq / mm
-            if out.queued_bar[j] < 0:
-                out.queued_bar[j] = t
+            if o_queued_bar[j] < 0:
+                o_queued_bar[j] = t
             if queued_since[j] < 0:
                 queued_since[j] = t
             if mech.queue_order == 1:
@@ -464,21 +510,21 @@ def replay_mech(
                     (mech.max_accounts_per_bar >= 0 and n_started >= mech.max_accounts_per_bar)
                     or usd >= mech.max_notional_per_bar):
                 queued[j] = True
-                if out.trigger[j] < 0:
-                    out.wait_bars[j] += 1
-                out.backlog[t] += 1
+                if o_trigger[j] < 0:
+                    o_wait[j] += 1
+                o_backlog[t] += 1
                 continue
             if mech.keeper_bonus_rate >= 0.0 and not last_bar and not _keeper_acts(
                     m, book, rules, mech, low, high, j, t, cash[j], rem[j], anchor[j],
-                    net[j], out.steps[j], queued_since[j], delta):
+                    net[j], o_steps[j], queued_since[j], delta):
                 # No keeper liquidates it this bar: it waits, as if the engine were full.
                 queued[j] = True
                 if queued_since[j] < 0:
                     queued_since[j] = t
-                out.keeper_declined[j] += 1
-                if out.trigger[j] < 0:
-                    out.wait_bars[j] += 1
-                out.backlog[t] += 1
+                o_declined[j] += 1
+                if o_trigger[j] < 0:
+                    o_wait[j] += 1
+                o_backlog[t] += 1
                 continue
             queued[j] = False
             queued_since[j] = -1
@@ -487,8 +533,8 @@ def replay_mech(
                                cash, rem, anchor, net, in_liq, next_test, done, pend_bar,
                                pend_end, pend_delta, pend_net, pend_final, q_long, q_short,
                                delta, out, n_col)
-        out.started[t] = n_started
-        out.started_usd[t] = usd
+        o_started[t] = n_started
+        o_started_usd[t] = usd
 
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
@@ -544,45 +590,56 @@ def _queue_order(entry: IntArray, cand: IntArray, key: FloatArray, n_cand: int, 
         rank[pos] = x
 
 
-@nb.njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
-def _eq_mm(
-    m: MarketArrays, book: BookArrays, rules: CollateralRules, j: int, t: int, cash: float,
-    rem: FloatArray, net: FloatArray,
-) -> tuple[float, float]:  # pragma: no cover - jit
-    """``_estimate`` for account j (rows of ``rem`` (A, k) and ``net`` (A, assets)) with
-    nothing closed and no funding, in the same order of operations (so the same bits),
-    without its per-call set-up: the fast walk's trigger test."""
-    e = book.entry[j]
-    eq = cash
-    upnl = 0.0
-    mm = 0.0
-    for i in range(rem.shape[1]):
-        q = rem[j, i]
-        if q == 0.0:
-            continue
-        p = m.low[i, t] if net[j, m.inst_asset[i]] >= 0.0 else m.high[i, t]
-        upnl += q * (p - m.close[i, e])
-        mm += _mm_usd(m, i, abs(q) * p, t)
-    eq += upnl if upnl <= 0.0 else rules.upnl_weight * upnl
-    for c in range(book.col_inst.shape[0]):
-        u = book.col_units[j, c]
-        if u == 0.0:
-            continue
-        ci = book.col_inst[c]
-        p = m.low[ci, t] if net[j, book.col_asset[c]] >= 0.0 else m.high[ci, t]
-        eq += _haircut_usd(rules, c, u * p)
-    return eq, mm
-
-
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
 def _next_fail(
-    m: MarketArrays, book: BookArrays, rules: CollateralRules, j: int, t0: int, t1: int,
-    cash: float, rem: FloatArray, net: FloatArray,
+    low: FloatArray, high: FloatArray, close: FloatArray, inst_asset: IntArray,
+    mm_scale: FloatArray, caps: FloatArray, mm_slope: FloatArray, mm_offset: FloatArray,
+    cap_rate: FloatArray, entry: IntArray, col_units: FloatArray, col_inst: IntArray,
+    col_asset: IntArray, hc_caps: FloatArray, hc_slope: FloatArray, hc_offset: FloatArray,
+    upnl_weight: float, j: int, t0: int, t1: int, cash: float, rem: FloatArray,
+    net: FloatArray,
 ) -> int:  # pragma: no cover - jit
     """The first bar in t0..t1 where account j (no step pending, no funding, no cascade) has
-    equity <= MM at the bar's marks, -1 if none (``rem``, ``net``: every account's rows)."""
+    equity <= MM at the bar's marks, -1 if none (``rem``, ``net``: every account's rows).
+
+    The test is ``_estimate``'s with nothing closed and no funding, in the same order of
+    operations (so the same bits; the bracket and band searches are ``_mm_usd``'s and
+    ``_haircut_usd``'s), on plain arrays hoisted out of their NamedTuples once per walk and
+    written out rather than called: numba reference-counts an array read out of a tuple in a
+    loop, and every array argument of a call, an atomic increment and decrement each, which
+    was most of the queue's cost. ``replay_mech`` has the same test written out for the
+    waiting accounts."""
+    e = entry[j]
     for t in range(t0, t1 + 1):
-        eq, mm = _eq_mm(m, book, rules, j, t, cash, rem, net)  # rem, net: (A, ·)
+        eq = cash
+        upnl = 0.0
+        mm = 0.0
+        for i in range(rem.shape[1]):
+            q = rem[j, i]
+            if q == 0.0:
+                continue
+            p = low[i, t] if net[j, inst_asset[i]] >= 0.0 else high[i, t]
+            upnl += q * (p - close[i, e])
+            notional = abs(q) * p
+            b = 0
+            while notional >= caps[i, b]:
+                b += 1
+            value = mm_scale[i, t] * (notional * mm_slope[i, b] - mm_offset[i, b])
+            mm += min(value, cap_rate[i] * notional)
+        eq += upnl if upnl <= 0.0 else upnl_weight * upnl
+        for c in range(col_inst.shape[0]):
+            u = col_units[j, c]
+            if u == 0.0:
+                continue
+            ci = col_inst[c]
+            p = low[ci, t] if net[j, col_asset[c]] >= 0.0 else high[ci, t]
+            value = u * p
+            if value > 0.0:
+                b = 0
+                while value >= hc_caps[c, b]:
+                    b += 1
+                value = hc_slope[c, b] * value + hc_offset[c, b]
+            eq += value
         if eq <= mm:
             return t
     return -1
@@ -600,6 +657,7 @@ def _start_step(
     """Start account j's close-out step at bar t (plan, cascade volume, pending fill) and
     return its notional at bar t's marks, USD."""
     k = rem.shape[1]
+    inst_asset, close = m.inst_asset, m.close  # locals: no reference count per loop read
     n_assets = net.shape[1]
     e = book.entry[j]
     last_bar = t == n - 1
@@ -617,6 +675,11 @@ def _start_step(
         out.backstop[j] = 1
         for i in range(k):
             delta[i] = rem[j, i]
+    elif mech.policy == 0 or last_bar:
+        # ``_plan``'s first case, without the call (each call reference-counts every array
+        # of its NamedTuple arguments: most of a close-out's cost in the queue's walk).
+        for i in range(k):
+            delta[i] = rem[j, i]
     else:
         _plan(m, book, rules, mech, low, high, j, t, cash[j], rem[j], anchor[j], net[j],
               out.steps[j], last_bar, delta)
@@ -628,8 +691,8 @@ def _start_step(
             final = False
         if d == 0.0:
             continue
-        usd += abs(d) * _mark(low, high, i, t, net[j, m.inst_asset[i]] >= 0.0)
-        c0 = m.close[i, e]
+        usd += abs(d) * _mark(low, high, i, t, net[j, inst_asset[i]] >= 0.0)
+        c0 = close[i, e]
         if d > 0.0:
             q_long[i, t] += d * c0
         else:
@@ -650,10 +713,10 @@ def _start_step(
     # The account's exposure after the step decides its later adverse sides.
     for i in range(k):
         if delta[i] != 0.0:
-            net[j, m.inst_asset[i]] -= delta[i]
+            net[j, inst_asset[i]] -= delta[i]
     if pend_end[j] == t:
-        _settle(m, book, mech, low, high, j, t, rem[j], cash, anchor[j], pend_bar,
-                pend_delta[j], pend_net[j], pend_final, out, n_col)
+        _settle(m, book, mech, low, high, j, t, rem, cash, anchor, pend_bar, pend_delta,
+                pend_net, pend_final, out, n_col)
         if final:
             done[j] = True
     return usd
@@ -667,41 +730,50 @@ def _settle(
 ) -> None:  # pragma: no cover - jit
     """Fill a pending step of account j: the closed units at the worst price of bars
     ``t .. end`` for the account's side at the step, less slippage; funding to t; the
-    collateral sold with the last position; the fee capped at the equity after the step."""
+    collateral sold with the last position; the fee capped at the equity after the step.
+    ``rem``, ``anchor``, ``delta`` (the pending units), ``net`` (the exposure at the step):
+    every account's rows, read at row j (a row view per call is a reference count)."""
+    # Arrays read in the loops as locals (numba reference-counts each read out of a tuple).
+    inst_asset, close, funding_cum = m.inst_asset, m.close, mech.funding_cum
+    leg_pnl, leg_closed = out.leg_pnl, out.leg_closed_usd
+    col_units, col_inst, col_asset = book.col_units, book.col_inst, book.col_asset
     t = pend_bar[j]
-    k = rem.shape[0]
+    k = rem.shape[1]
     e = book.entry[j]
     c = cash[j]
     gross = 0.0
     for i in range(k):
-        d = delta[i]
+        d = delta[j, i]
         if d == 0.0:
             continue
-        long_asset = net[m.inst_asset[i]] >= 0.0
+        long_asset = net[j, inst_asset[i]] >= 0.0
         p = _mark(low, high, i, t, long_asset)
         for s in range(t + 1, end + 1):
             p = min(p, low[i, s]) if long_asset else max(p, high[i, s])
-        c0 = m.close[i, e]
-        fund = d * (mech.funding_cum[i, t] - mech.funding_cum[i, anchor[i]])
-        pnl = d * (p - c0) - _slip(mech, i, d, c0, t) * abs(d) * p
+        c0 = close[i, e]
+        fund = d * (funding_cum[i, t] - funding_cum[i, anchor[j, i]])
+        # Without impact the slippage is the spread (``_slip`` without its call).
+        slip = min(1.0, mech.spread_rate) if mech.impact_coef <= 0.0 else _slip(mech, i, d,
+                                                                                c0, t)
+        pnl = d * (p - c0) - slip * abs(d) * p
         if fund != 0.0:
             pnl -= fund
             # funding of the units left open is settled too, so they restart from bar t
-            left_fund = (rem[i] - d) * (mech.funding_cum[i, t] - mech.funding_cum[i, anchor[i]])
+            left_fund = (rem[j, i] - d) * (funding_cum[i, t] - funding_cum[i, anchor[j, i]])
             c -= left_fund
-        anchor[i] = t
-        out.leg_pnl[j, i] += pnl
-        out.leg_closed_usd[j, i] += abs(d) * p
+        anchor[j, i] = t
+        leg_pnl[j, i] += pnl
+        leg_closed[j, i] += abs(d) * p
         gross += abs(d) * p
         c += pnl
-        rem[i] = 0.0 if d == rem[i] else rem[i] - d
+        rem[j, i] = 0.0 if d == rem[j, i] else rem[j, i] - d
     if pend_final[j]:
         for cc in range(n_col):
-            u = book.col_units[j, cc]
+            u = col_units[j, cc]
             if u == 0.0:
                 continue
-            ci = book.col_inst[cc]
-            long_asset = net[book.col_asset[cc]] >= 0.0
+            ci = col_inst[cc]
+            long_asset = net[j, col_asset[cc]] >= 0.0
             p = _mark(low, high, ci, t, long_asset)
             for s in range(t + 1, end + 1):
                 p = min(p, low[ci, s]) if long_asset else max(p, high[ci, s])
@@ -712,16 +784,16 @@ def _settle(
         # Equity after the step: what is left open at the step's marks, collateral at market.
         eq = c
         for i in range(k):
-            q = rem[i]
+            q = rem[j, i]
             if q == 0.0:
                 continue
-            p = _mark(low, high, i, t, net[m.inst_asset[i]] >= 0.0)
-            eq += q * (p - m.close[i, e])
+            p = _mark(low, high, i, t, net[j, inst_asset[i]] >= 0.0)
+            eq += q * (p - close[i, e])
         for cc in range(n_col):
-            u = book.col_units[j, cc]
+            u = col_units[j, cc]
             if u != 0.0:
-                eq += u * _mark(low, high, book.col_inst[cc], t,
-                                net[book.col_asset[cc]] >= 0.0)
+                eq += u * _mark(low, high, col_inst[cc], t,
+                                net[j, col_asset[cc]] >= 0.0)
     paid = min(mech.fee_rate * gross, eq) if eq > 0.0 else 0.0
     if mech.keeper_bonus_rate > 0.0 and out.backstop[j] == 0 and eq - paid > 0.0:
         # The keeper's bonus comes out of what is left after the fund's fee.
