@@ -297,7 +297,9 @@ def test_pareto_table_shows_the_specs_own_objectives_with_their_units() -> None:
     out = io.StringIO()
     table.print(Console(file=out, width=80))
     text = out.getvalue()
-    assert "portfolio" in text and "% of gross" in text and "bps of" in text
+    assert "portfolio" in text
+    assert "% of gross" in text
+    assert "bps of" in text
     assert "mean IM" not in text
     row = next(line for line in text.splitlines() if "3*" in line)
     assert row.split()[2:4] == ["2.165", "9.713"]
