@@ -435,3 +435,50 @@ def fhs_rate(
             short_risk = math.exp(sig_t * win[window - tail_count]) - 1.0
         out[s] = max(long_risk, short_risk)
     return out
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def trailing_std(returns: FloatArray, window: int) -> FloatArray:  # pragma: no cover - jit
+    """Population standard deviation of ``returns[t - window : t]`` at every ``t`` in
+    ``[window, n]``, shape ``(n + 1,)`` for ``returns`` of shape ``(n,)``; NaN below ``window``.
+
+    O(n): each block of ``window`` outputs starts from a fresh two-pass mean and sum of squared
+    deviations, then slides (Welford's update for one value in, one out), so rounding cannot
+    build up beyond one window; a window far calmer than its block's first is summed afresh.
+    Agrees with the window-by-window two-pass std to ~1e-15 relative on real returns. Returns
+    must be finite (log returns of positive closes).
+    """
+    n = returns.shape[0]
+    out = np.full(n + 1, np.nan)
+    w = window
+    for b in range(w, n + 1, w):
+        mean = 0.0
+        for i in range(b - w, b):
+            mean += returns[i]
+        mean /= w
+        m2 = 0.0
+        for i in range(b - w, b):
+            d = returns[i] - mean
+            m2 += d * d
+        out[b] = math.sqrt(m2 / w)
+        # The sliding sum's rounding is of the order of the block's starting m2: a window
+        # whose m2 fell far below it (a market going flat) is summed afresh instead.
+        fresh_below = 1e-4 * m2
+        for t in range(b + 1, min(b + w, n + 1)):
+            x_in = returns[t - 1]
+            x_out = returns[t - 1 - w]
+            step = x_in - x_out
+            new_mean = mean + step / w
+            m2 += step * (x_in - new_mean + x_out - mean)
+            mean = new_mean
+            if m2 < fresh_below:
+                mean = 0.0
+                for i in range(t - w, t):
+                    mean += returns[i]
+                mean /= w
+                m2 = 0.0
+                for i in range(t - w, t):
+                    d = returns[i] - mean
+                    m2 += d * d
+            out[t] = math.sqrt(m2 / w)
+    return out

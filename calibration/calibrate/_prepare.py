@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
@@ -151,6 +151,26 @@ def prepare(spec: CalibrationSpec, root: str | os.PathLike[str]) -> Prepared:
     """
     validate_spec(spec)  # a spec built in Python has not been through decode_spec
     full = [load_data_ref(d, root, f"data[{i}]") for i, d in enumerate(spec.data)]
+    return prepare_bars(spec, full)
+
+
+def prepare_bars(spec: CalibrationSpec, full: Sequence[BarSeries]) -> Prepared:
+    """``prepare`` on bars already in memory, one series per ``spec.data`` entry in its order
+    (each series' ``instrument`` as the entry names it); the entries' references are not read.
+
+    Raises:
+        InvalidParameters, InsufficientData: as ``prepare``; also a series count or an
+            instrument name that does not match ``spec.data``.
+    """
+    validate_spec(spec)
+    full = list(full)
+    if len(full) != len(spec.data):
+        raise InvalidParameters(f"{len(full)} bar series for {len(spec.data)} data entries",
+                                field="data")
+    for i, (d, b) in enumerate(zip(spec.data, full, strict=True)):
+        if b.instrument != d.instrument:
+            raise InvalidParameters(f"series {i} is {b.instrument!r}, the entry names "
+                                    f"{d.instrument!r}", field=f"data[{i}].instrument")
     first = max(int(b.timestamp_ms[0]) for b in full)
     last = min(int(b.timestamp_ms[-1]) for b in full)
     if first >= last:
