@@ -68,10 +68,22 @@ class Profile:
     def __init__(self) -> None:
         self.total: collections.Counter[str] = collections.Counter()
         self._stack: list[list[float]] = []
+        self.muted = False
+        self.full = 0.0
 
     def wrap(self, label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def timed(*args: Any, **kwargs: Any) -> Any:
+            if self.muted:
+                return fn(*args, **kwargs)
+            if kwargs.get("full"):  # the recommendation's evidence, not a trial
+                self.muted = True
+                t0 = time.perf_counter()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    self.muted = False
+                    self.full += time.perf_counter() - t0
             frame = [0.0]  # time spent in nested labelled calls
             self._stack.append(frame)
             t0 = time.perf_counter()
@@ -87,6 +99,7 @@ class Profile:
 
     def reset(self) -> None:
         self.total.clear()
+        self.full = 0.0
 
 
 @contextmanager
@@ -208,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                 states = collections.Counter(t.state.name.lower()
                                              for t in study.get_trials(deepcopy=False))
             run: dict[str, Any] = {"wall": wall, "cpu": cpu, "profile": dict(profile.total),
+                                   "full": profile.full,
                                    "mine": len(mine), "states": dict(states),
                                    "pruned_mine": sum(t.state == TrialState.PRUNED
                                                       for t in mine),
@@ -242,12 +256,16 @@ def main(argv: list[str] | None = None) -> int:
         mine = max(run["mine"], 1)
         parts = dict(run["profile"])
         evaluate_total = sum(parts.values())
-        # Everything a trial costs outside evaluate(): ask/tell, storage, summary at the end.
-        parts["sampler + storage + orchestration"] = run["wall"] - evaluate_total
+        # Everything a trial costs outside evaluate(): ask, tell, storage, waiting; and the
+        # summary's reads (its two full evaluations are shown apart).
+        parts["sampler + storage + orchestration"] = (run["wall"] - evaluate_total
+                                                      - run["full"])
         per = ", ".join(f"{k} {v / mine * 1e3:.1f}" for k, v in sorted(
             parts.items(), key=lambda kv: -kv[1]))
         print(f"|   per trial of this process ({run['mine']} trials, {run['pruned_mine']} "
               f"pruned), ms | {per} |")
+        print(f"|   the recommendation's evidence (full-span evaluations), s | "
+              f"{run['full']:.2f} |")
         if "idle" in run:
             print(f"|   idle at batch ends (all workers), s / trial span, s | "
                   f"{run['idle']:.1f} / {run['span']:.1f} |")

@@ -482,3 +482,71 @@ def trailing_std(returns: FloatArray, window: int) -> FloatArray:  # pragma: no 
                     m2 += d * d
             out[t] = math.sqrt(m2 / w)
     return out
+
+
+@nb.njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
+def _im_value(mm: float, im_to_mm: float, max_rate: float) -> float:  # pragma: no cover
+    """``MarginRates.im_rate`` at one bar: ``min(mm * im_to_mm, max(mm, max_rate))``; 0 for a
+    NaN ``mm`` (as ``np.nanmean`` replaces it before summing)."""
+    if math.isnan(mm):
+        return 0.0
+    a = mm * im_to_mm
+    b = mm if mm > max_rate else max_rate
+    return a if a < b else b
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def _im_pairwise_sum(mm: FloatArray, lo: int, n: int, im_to_mm: float,
+                     max_rate: float) -> float:  # pragma: no cover - jit
+    """numpy's pairwise summation (``np.add.reduce`` on a contiguous float64 array: eight
+    accumulators over blocks of at most 128, halves split at a multiple of 8) of the IM
+    rates of ``mm[lo : lo + n]``, so the sum is numpy's to the bit."""
+    if n < 8:
+        res = 0.0
+        for i in range(lo, lo + n):
+            res += _im_value(mm[i], im_to_mm, max_rate)
+        return res
+    if n <= 128:
+        r0 = _im_value(mm[lo], im_to_mm, max_rate)
+        r1 = _im_value(mm[lo + 1], im_to_mm, max_rate)
+        r2 = _im_value(mm[lo + 2], im_to_mm, max_rate)
+        r3 = _im_value(mm[lo + 3], im_to_mm, max_rate)
+        r4 = _im_value(mm[lo + 4], im_to_mm, max_rate)
+        r5 = _im_value(mm[lo + 5], im_to_mm, max_rate)
+        r6 = _im_value(mm[lo + 6], im_to_mm, max_rate)
+        r7 = _im_value(mm[lo + 7], im_to_mm, max_rate)
+        i = 8
+        stop = n - n % 8
+        while i < stop:
+            j = lo + i
+            r0 += _im_value(mm[j], im_to_mm, max_rate)
+            r1 += _im_value(mm[j + 1], im_to_mm, max_rate)
+            r2 += _im_value(mm[j + 2], im_to_mm, max_rate)
+            r3 += _im_value(mm[j + 3], im_to_mm, max_rate)
+            r4 += _im_value(mm[j + 4], im_to_mm, max_rate)
+            r5 += _im_value(mm[j + 5], im_to_mm, max_rate)
+            r6 += _im_value(mm[j + 6], im_to_mm, max_rate)
+            r7 += _im_value(mm[j + 7], im_to_mm, max_rate)
+            i += 8
+        res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+        while i < n:
+            res += _im_value(mm[lo + i], im_to_mm, max_rate)
+            i += 1
+        return res
+    half = n // 2
+    half -= half % 8
+    return (_im_pairwise_sum(mm, lo, half, im_to_mm, max_rate)
+            + _im_pairwise_sum(mm, lo + half, n - half, im_to_mm, max_rate))
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def im_rate_sum(mm: FloatArray, first: int, im_to_mm: float,
+                max_rate: float) -> tuple[float, int]:  # pragma: no cover - jit
+    """Sum and count of the defined IM rates of ``mm[first:]`` without storing them: the sum
+    ``np.nansum(im_rate[first:])`` gives, bit for bit, and the bars with an MM rate."""
+    n = mm.shape[0] - first
+    count = 0
+    for i in range(first, mm.shape[0]):
+        if not math.isnan(mm[i]):
+            count += 1
+    return _im_pairwise_sum(mm, first, n, im_to_mm, max_rate), count

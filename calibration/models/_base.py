@@ -53,6 +53,15 @@ class MarginRates:
         )
         return result
 
+    def im_at(self, index: Any) -> Any:
+        """``im_rate[index]`` (an index array or one bar), computed at those bars only when
+        the full series has not been stored: the same operations per bar, so the same bits.
+        """
+        if "im_rate" in self.__dict__:  # the cached_property was computed
+            return self.im_rate[index]
+        mm = self.mm_rate[index]
+        return np.minimum(mm * self.im_to_mm, np.maximum(mm, self.max_rate))
+
     @property
     def capped_bars(self) -> int:
         """How many bars had their rate capped at ``max_rate``."""
