@@ -369,9 +369,11 @@ def ewma_rate(
     little, and the variance series is never stored.
     """
     n = returns.shape[0]
-    out = np.full(n, np.nan)
     if warmup_bars < 2 or warmup_bars >= n:
-        return out
+        return np.full(n, np.nan)
+    # Written once: NaN over the warm-up only (a full NaN pre-fill is one more pass).
+    out = np.empty(n)
+    out[:warmup_bars] = np.nan
     var = _seed_variance(returns, warmup_bars)
     out[warmup_bars] = max(floor_rate, scale * math.sqrt(var)) * multiplier
     one_minus = 1.0 - decay
@@ -488,11 +490,11 @@ def trailing_std(returns: FloatArray, window: int) -> FloatArray:  # pragma: no 
 def _im_value(mm: float, im_to_mm: float, max_rate: float) -> float:  # pragma: no cover
     """``MarginRates.im_rate`` at one bar: ``min(mm * im_to_mm, max(mm, max_rate))``; 0 for a
     NaN ``mm`` (as ``np.nanmean`` replaces it before summing)."""
-    if math.isnan(mm):
-        return 0.0
+    # Selects, no early return: the summing loops stay branch-free.
     a = mm * im_to_mm
     b = mm if mm > max_rate else max_rate
-    return a if a < b else b
+    im = a if a < b else b
+    return 0.0 if mm != mm else im
 
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
@@ -545,8 +547,17 @@ def im_rate_sum(mm: FloatArray, first: int, im_to_mm: float,
     """Sum and count of the defined IM rates of ``mm[first:]`` without storing them: the sum
     ``np.nansum(im_rate[first:])`` gives, bit for bit, and the bars with an MM rate."""
     n = mm.shape[0] - first
-    count = 0
+    count = 0.0  # a float count: a select per bar, no branch (exact below 2**53 bars)
     for i in range(first, mm.shape[0]):
-        if not math.isnan(mm[i]):
-            count += 1
-    return _im_pairwise_sum(mm, first, n, im_to_mm, max_rate), count
+        m = mm[i]
+        count += 1.0 if m == m else 0.0
+    return _im_pairwise_sum(mm, first, n, im_to_mm, max_rate), int(count)
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def any_above(x: FloatArray, bound: float) -> bool:  # pragma: no cover - jit
+    """Whether any element of ``x`` is above ``bound`` (NaN is not), without a mask array."""
+    for i in range(x.shape[0]):
+        if x[i] > bound:
+            return True
+    return False
