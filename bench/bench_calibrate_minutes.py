@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"|   idle at batch ends (all workers), s / trial span, s | "
                   f"{run['idle']:.1f} / {run['span']:.1f} |")
         rec = run["rec"]
-        print(f"|   recommendation | " + ("none" if rec is None else
+        print("|   recommendation | " + ("none" if rec is None else
               f"trial {rec.trial}, IM {100 * rec.objectives['capital_cost']:.2f}%, "
               f"{rec.objectives['insolvency_bps']:.3f} bps") + f" ({run['sampler']}) |")
     if 1 in runs and 2 in runs:

@@ -557,7 +557,7 @@ def im_rate_sum(mm: FloatArray, first: int, im_to_mm: float,
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
 def any_above(x: FloatArray, bound: float) -> bool:  # pragma: no cover - jit
     """Whether any element of ``x`` is above ``bound`` (NaN is not), without a mask array."""
-    for i in range(x.shape[0]):
+    for i in range(x.shape[0]):  # noqa: SIM110 - a generator does not compile in nopython
         if x[i] > bound:
             return True
     return False

@@ -85,12 +85,13 @@ def _ref_field(field: str) -> Iterator[None]:
 def cut(bars: BarSeries, start_ms: int | None, end_ms: int | None) -> BarSeries:
     """The bars with ``start_ms <= timestamp < end_ms`` (a new series with its own
     fingerprint)."""
-    keep = np.ones(len(bars), dtype=bool)
-    if start_ms is not None:
-        keep &= bars.timestamp_ms >= start_ms
-    if end_ms is not None:
-        keep &= bars.timestamp_ms < end_ms
-    return bars if keep.all() else _subset(bars, keep)
+    # Timestamps are strictly increasing, so the kept bars are one range: views of the
+    # full arrays, not copies (the in-sample split of five years of minutes is ~0.5 GB).
+    ts = bars.timestamp_ms
+    lo = 0 if start_ms is None else int(np.searchsorted(ts, start_ms, side="left"))
+    hi = len(bars) if end_ms is None else int(np.searchsorted(ts, end_ms, side="left"))
+    hi = max(lo, hi)
+    return bars if (lo, hi) == (0, len(bars)) else _subset(bars, slice(lo, hi))
 
 
 @dataclass(frozen=True)
