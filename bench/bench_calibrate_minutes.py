@@ -6,6 +6,7 @@ Run from the repository root (needs ../shared/data, or MARGINLAB_SHARED_DATA)::
     python -m bench.bench_calibrate_minutes                       # the issue's size
     python -m bench.bench_calibrate_minutes --trials 60 --years 0.5   # a quick run
     python -m bench.bench_calibrate_minutes --batch-size 24       # reproducible batches
+    python -m bench.bench_calibrate_minutes --years 1 --coverage-batch 12  # batch kernel?
 
 Data: five years of one-minute bars do not exist in the shared data. The four real
 one-minute files of ``bench._data.CALIBRATION_FILES`` (Binance spot BTC and ETH 2021-04/05,
@@ -46,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import numpy as np
 import optuna
 from optuna.trial import TrialState
 
@@ -138,9 +140,12 @@ def spec_dict(n_instruments: int, n_trials: int, batch_size: int | None) -> dict
     }
 
 
-def idle_at_batch_ends(storage: str, study_name: str, batch: int) -> tuple[float, float]:
+def idle_at_batch_ends(storage: str, study_name: str, batch: int
+                       ) -> tuple[float, float, float]:
     """Seconds workers sat idle waiting for a batch's last trial (summed over workers and
-    batches), and the span from first trial start to last trial end."""
+    batches), seconds from each batch's last trial end to the next batch's first start (the
+    proposal under the lock: every worker waits), and the span from first trial start to
+    last trial end."""
     with Coordination(storage) as coordination:
         study = optuna.load_study(study_name=study_name, storage=coordination.storage)
         trials = [t for t in study.get_trials(deepcopy=False)
@@ -148,10 +153,14 @@ def idle_at_batch_ends(storage: str, study_name: str, batch: int) -> tuple[float
     trials.sort(key=lambda t: t.number)
     first = min(t.datetime_start for t in trials)  # type: ignore[type-var]
     last = max(t.datetime_complete for t in trials)  # type: ignore[type-var]
-    idle = 0.0
+    idle = gaps = 0.0
     for b in range(0, len(trials), batch):
         group = trials[b:b + batch]
         end = max(t.datetime_complete for t in group)  # type: ignore[type-var]
+        following = trials[b + batch:b + 2 * batch]
+        if following:
+            start = min(t.datetime_start for t in following)  # type: ignore[type-var]
+            gaps += max(0.0, (start - end).total_seconds())
         per_worker: dict[str, Any] = {}
         for t in group:
             metrics = trial_metrics(t) or {}
@@ -160,7 +169,50 @@ def idle_at_batch_ends(storage: str, study_name: str, batch: int) -> tuple[float
             if w not in per_worker or done > per_worker[w]:  # type: ignore[operator]
                 per_worker[w] = done
         idle += sum((end - done).total_seconds() for done in per_worker.values())
-    return idle, (last - first).total_seconds()  # type: ignore[operator]
+    return idle, gaps, (last - first).total_seconds()  # type: ignore[operator]
+
+
+def coverage_batch_comparison(prepared: cal.Prepared, k_sets: int) -> None:
+    """Would ``evaluate_coverage_batch`` pay inside a trial? ``k_sets`` random sets' coverage on
+    every in-sample series with the stress windows: one at a time as ``evaluate`` runs it
+    (``MarginSeries`` + ``coverage_backtest``) against the batch kernel; checked identical,
+    then CPU time of each, twice, interleaved."""
+    from calibration.batch import evaluate_coverage_batch
+    from calibration.coverage import coverage_backtest
+    from calibration.margins import MarginSeries
+    from calibration.models import make_model
+
+    rng = np.random.default_rng(0)
+    sets = [{"decay": float(rng.uniform(0.9, 0.999)),
+             "confidence": float(rng.uniform(0.99, 0.999)),
+             "floor_rate": float(np.exp(rng.uniform(np.log(0.002), np.log(0.05)))),
+             "apc_buffer": float(rng.uniform(0.25, 1.0)),
+             "horizon_bars": prepared.horizon.bars} for _ in range(k_sets)]
+    config, windows = prepared.coverage, prepared.stress_windows
+
+    def one_at_a_time() -> list[Any]:
+        out = []
+        for p in sets:
+            model = make_model("ewma", p)
+            out.append([coverage_backtest(b, model, config, windows,
+                                          margins=MarginSeries(model, b))
+                        for b in prepared.in_sample])
+        return out
+
+    def batched() -> list[Any]:
+        per = [evaluate_coverage_batch(b, "ewma", sets, config=config, stress_windows=windows)
+               for b in prepared.in_sample]
+        return [[per[i][k] for i in range(len(per))] for k in range(k_sets)]
+
+    same = msgspec.json.encode(one_at_a_time()) == msgspec.json.encode(batched())
+    n = sum(len(b) for b in prepared.in_sample)
+    print(f"\ncoverage of {k_sets} sets on {n:,} in-sample bars with {len(windows)} stress "
+          f"windows; batch results identical to one at a time: {same}")
+    for name, fn in (("one at a time", one_at_a_time), ("batch kernel", batched)) * 2:
+        c0 = time.process_time()
+        fn()
+        dt = time.process_time() - c0
+        print(f"  {name}: {dt:.3f} s CPU, {dt / n / k_sets * 1e9:.2f} ns/bar/set")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instruments", type=int, default=5)
     parser.add_argument("--workers", default="1,2", help="worker counts, comma-separated")
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--coverage-batch", type=int, default=None, metavar="K",
+                        help="only compare K sets' coverage one at a time and batched")
     args = parser.parse_args(argv)
     root = Path(os.environ.get("MARGINLAB_SHARED_DATA", "../shared/data")).resolve()
     if not root.is_dir():
@@ -186,14 +240,18 @@ def main(argv: list[str] | None = None) -> int:
     prepared = cal.prepare_bars(spec, bars)
     del bars
     prepare_s = time.perf_counter() - t0
+    if args.coverage_batch:
+        coverage_batch_comparison(prepared, args.coverage_batch)
+        return 0
     in_sample = sum(len(b) for b in prepared.in_sample)
     t0 = time.perf_counter()
     warm = cal.evaluate(prepared, {"decay": 0.97, "confidence": 0.995, "floor_rate": 0.01,
                                    "apc_buffer": 0.5})
     warm_s = time.perf_counter() - t0
     t0 = time.perf_counter()
+    # Not pruned: the liquidation and capital-cost kernels are loaded too.
     cal.evaluate(prepared, {"decay": 0.98, "confidence": 0.995, "floor_rate": 0.01,
-                            "apc_buffer": 0.5})
+                            "apc_buffer": 0.5}, prune_hopeless=False)
     second_s = time.perf_counter() - t0
 
     runs: dict[int, dict[str, Any]] = {}
@@ -227,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                                                       for t in mine),
                                    "rec": result.recommendation, "sampler": result.sampler}
             if args.batch_size:
-                run["idle"], run["span"] = idle_at_batch_ends(storage, result.study,
-                                                              args.batch_size)
+                run["idle"], run["gaps"], run["span"] = idle_at_batch_ends(
+                    storage, result.study, args.batch_size)
             runs[workers] = run
     load_after = os.getloadavg()
     rss_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -248,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| tile + prepare, s | {prepare_s:.2f} |")
     print(f"| first evaluate() (features cached, kernels loaded), s | {warm_s:.3f} "
           f"(pruned: {warm.pruned is not None}) |")
-    print(f"| second evaluate(), s | {second_s:.3f} |")
+    print(f"| second evaluate() (not pruned), s | {second_s:.3f} |")
     for workers, run in runs.items():
         print(f"| {args.trials} trials, {workers} worker(s): wall s / CPU s | "
               f"{run['wall']:.1f} / {run['cpu']:.1f} |")
@@ -267,8 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"|   the recommendation's evidence (full-span evaluations), s | "
               f"{run['full']:.2f} |")
         if "idle" in run:
-            print(f"|   idle at batch ends (all workers), s / trial span, s | "
-                  f"{run['idle']:.1f} / {run['span']:.1f} |")
+            print(f"|   batch barrier: workers idle before a batch's last trial ends "
+                  f"(summed), s / between batches (proposal), s / trial span, s | "
+                  f"{run['idle']:.1f} / {run['gaps']:.1f} / {run['span']:.1f} |")
         rec = run["rec"]
         print("|   recommendation | " + ("none" if rec is None else
               f"trial {rec.trial}, IM {100 * rec.objectives['capital_cost']:.2f}%, "
