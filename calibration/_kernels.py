@@ -504,7 +504,7 @@ def _im_pairwise_sum(mm: FloatArray, lo: int, n: int, im_to_mm: float,
     accumulators over blocks of at most 128, halves split at a multiple of 8) of the IM
     rates of ``mm[lo : lo + n]``, so the sum is numpy's to the bit."""
     if n < 8:
-        res = 0.0
+        res: float = 0.0
         for i in range(lo, lo + n):
             res += _im_value(mm[i], im_to_mm, max_rate)
         return res
@@ -537,8 +537,9 @@ def _im_pairwise_sum(mm: FloatArray, lo: int, n: int, im_to_mm: float,
         return res
     half = n // 2
     half -= half % 8
-    return (_im_pairwise_sum(mm, lo, half, im_to_mm, max_rate)
-            + _im_pairwise_sum(mm, lo + half, n - half, im_to_mm, max_rate))
+    total: float = (_im_pairwise_sum(mm, lo, half, im_to_mm, max_rate)
+                    + _im_pairwise_sum(mm, lo + half, n - half, im_to_mm, max_rate))
+    return total
 
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
