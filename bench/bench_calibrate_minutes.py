@@ -7,6 +7,7 @@ Run from the repository root (needs ../shared/data, or MARGINLAB_SHARED_DATA)::
     python -m bench.bench_calibrate_minutes --trials 60 --years 0.5   # a quick run
     python -m bench.bench_calibrate_minutes --batch-size 24       # reproducible batches
     python -m bench.bench_calibrate_minutes --years 1 --coverage-batch 12  # batch kernel?
+    python -m bench.bench_calibrate_minutes --liquidation-split   # the replay's kernels
 
 Data: five years of one-minute bars do not exist in the shared data. The four real
 one-minute files of ``bench._data.CALIBRATION_FILES`` (Binance spot BTC and ETH 2021-04/05,
@@ -215,6 +216,51 @@ def coverage_batch_comparison(prepared: cal.Prepared, k_sets: int) -> None:
         print(f"  {name}: {dt:.3f} s CPU, {dt / n / k_sets * 1e9:.2f} ns/bar/set")
 
 
+def liquidation_split(prepared: cal.Prepared, repeats: int = 10) -> None:
+    """Where the liquidation replay of one complete trial goes: its kernels' wall time on the
+    first in-sample series (one EWMA set, margins computed beforehand), mean of ``repeats``."""
+    import calibration.liquidation._engine as engine
+    from calibration.liquidation import _kernels as lk
+    from calibration.liquidation import simulate_liquidations
+    from calibration.margins import MarginSeries
+    from calibration.models import make_model
+
+    bars = prepared.in_sample[0]
+    model = make_model("ewma", {"decay": 0.97, "confidence": 0.995, "floor_rate": 0.01,
+                                "apc_buffer": 0.5, "horizon_bars": prepared.horizon.bars})
+    margins = MarginSeries(model, bars)
+    margins.rates()
+    simulate_liquidations(bars, model, prepared.liquidation, margins=margins)
+    spent: collections.Counter[str] = collections.Counter()
+    names = ("block_minima", "first_passage", "outcomes", "fund_levels")
+
+    def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                spent[name] += time.perf_counter() - t0
+        return call
+
+    for name in names:
+        setattr(engine._lk, name, timed(name, getattr(lk, name)))
+    try:
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            result = simulate_liquidations(bars, model, prepared.liquidation, margins=margins)
+        total = (time.perf_counter() - t0) / repeats
+    finally:
+        for name in names:
+            setattr(engine._lk, name, getattr(lk, name))
+    print(f"\nliquidation replay of {bars.instrument} ({len(bars):,} in-sample bars, "
+          f"{result.positions_opened:,} positions, {result.liquidations:,} liquidated): "
+          f"{total * 1e3:.1f} ms, {total / len(bars) * 1e9:.1f} ns/bar")
+    for name in names:
+        share = spent[name] / repeats
+        print(f"  {name}: {share * 1e3:.2f} ms ({share / total:.0%})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=1000)
@@ -224,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--coverage-batch", type=int, default=None, metavar="K",
                         help="only compare K sets' coverage one at a time and batched")
+    parser.add_argument("--liquidation-split", action="store_true",
+                        help="only time the liquidation replay's kernels on one series")
     args = parser.parse_args(argv)
     root = Path(os.environ.get("MARGINLAB_SHARED_DATA", "../shared/data")).resolve()
     if not root.is_dir():
@@ -242,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     prepare_s = time.perf_counter() - t0
     if args.coverage_batch:
         coverage_batch_comparison(prepared, args.coverage_batch)
+        return 0
+    if args.liquidation_split:
+        liquidation_split(prepared)
         return 0
     in_sample = sum(len(b) for b in prepared.in_sample)
     t0 = time.perf_counter()
