@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     bars = tiled_instruments(root, n_bars, args.instruments)
     spec = decode_spec(msgspec.json.encode(spec_dict(args.instruments, args.trials,
                                                      args.batch_size)))
-    prepared = cal.prepare_bars(spec, bars)
+    prepared = cal.prepare_bars(spec, bars, root=root)
     del bars
     prepare_s = time.perf_counter() - t0
     if args.coverage_batch:

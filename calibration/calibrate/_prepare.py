@@ -152,12 +152,14 @@ def prepare(spec: CalibrationSpec, root: str | os.PathLike[str]) -> Prepared:
     """
     validate_spec(spec)  # a spec built in Python has not been through decode_spec
     full = [load_data_ref(d, root, f"data[{i}]") for i, d in enumerate(spec.data)]
-    return prepare_bars(spec, full)
+    return prepare_bars(spec, full, root=root)
 
 
-def prepare_bars(spec: CalibrationSpec, full: Sequence[BarSeries]) -> Prepared:
+def prepare_bars(spec: CalibrationSpec, full: Sequence[BarSeries], *,
+                 root: str | os.PathLike[str] = ".") -> Prepared:
     """``prepare`` on bars already in memory, one series per ``spec.data`` entry in its order
     (each series' ``instrument`` as the entry names it); the entries' references are not read.
+    ``root`` is where the other files a spec names (an account population's) are read from.
 
     Raises:
         InvalidParameters, InsufficientData: as ``prepare``; also a series count or an
