@@ -369,9 +369,11 @@ def ewma_rate(
     little, and the variance series is never stored.
     """
     n = returns.shape[0]
-    out = np.full(n, np.nan)
     if warmup_bars < 2 or warmup_bars >= n:
-        return out
+        return np.full(n, np.nan)
+    # Written once: NaN over the warm-up only (a full NaN pre-fill is one more pass).
+    out = np.empty(n)
+    out[:warmup_bars] = np.nan
     var = _seed_variance(returns, warmup_bars)
     out[warmup_bars] = max(floor_rate, scale * math.sqrt(var)) * multiplier
     one_minus = 1.0 - decay
@@ -435,3 +437,128 @@ def fhs_rate(
             short_risk = math.exp(sig_t * win[window - tail_count]) - 1.0
         out[s] = max(long_risk, short_risk)
     return out
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def trailing_std(returns: FloatArray, window: int) -> FloatArray:  # pragma: no cover - jit
+    """Population standard deviation of ``returns[t - window : t]`` at every ``t`` in
+    ``[window, n]``, shape ``(n + 1,)`` for ``returns`` of shape ``(n,)``; NaN below ``window``.
+
+    O(n): each block of ``window`` outputs starts from a fresh two-pass mean and sum of squared
+    deviations, then slides (Welford's update for one value in, one out), so rounding cannot
+    build up beyond one window; a window far calmer than its block's first is summed afresh.
+    Agrees with the window-by-window two-pass std to ~1e-15 relative on real returns. Returns
+    must be finite (log returns of positive closes).
+    """
+    n = returns.shape[0]
+    out = np.full(n + 1, np.nan)
+    w = window
+    for b in range(w, n + 1, w):
+        mean = 0.0
+        for i in range(b - w, b):
+            mean += returns[i]
+        mean /= w
+        m2 = 0.0
+        for i in range(b - w, b):
+            d = returns[i] - mean
+            m2 += d * d
+        out[b] = math.sqrt(m2 / w)
+        # The sliding sum's rounding is of the order of the block's starting m2: a window
+        # whose m2 fell far below it (a market going flat) is summed afresh instead.
+        fresh_below = 1e-4 * m2
+        for t in range(b + 1, min(b + w, n + 1)):
+            x_in = returns[t - 1]
+            x_out = returns[t - 1 - w]
+            step = x_in - x_out
+            new_mean = mean + step / w
+            m2 += step * (x_in - new_mean + x_out - mean)
+            mean = new_mean
+            if m2 < fresh_below:
+                mean = 0.0
+                for i in range(t - w, t):
+                    mean += returns[i]
+                mean /= w
+                m2 = 0.0
+                for i in range(t - w, t):
+                    d = returns[i] - mean
+                    m2 += d * d
+            out[t] = math.sqrt(m2 / w)
+    return out
+
+
+@nb.njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
+def _im_value(mm: float, im_to_mm: float, max_rate: float) -> float:  # pragma: no cover
+    """``MarginRates.im_rate`` at one bar: ``min(mm * im_to_mm, max(mm, max_rate))``; 0 for a
+    NaN ``mm`` (as ``np.nanmean`` replaces it before summing)."""
+    # Selects, no early return: the summing loops stay branch-free.
+    a = mm * im_to_mm
+    b = mm if mm > max_rate else max_rate
+    im = a if a < b else b
+    return 0.0 if mm != mm else im
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def _im_pairwise_sum(mm: FloatArray, lo: int, n: int, im_to_mm: float,
+                     max_rate: float) -> float:  # pragma: no cover - jit
+    """numpy's pairwise summation (``np.add.reduce`` on a contiguous float64 array: eight
+    accumulators over blocks of at most 128, halves split at a multiple of 8) of the IM
+    rates of ``mm[lo : lo + n]``, so the sum is numpy's to the bit."""
+    if n < 8:
+        res: float = 0.0
+        for i in range(lo, lo + n):
+            res += _im_value(mm[i], im_to_mm, max_rate)
+        return res
+    if n <= 128:
+        r0 = _im_value(mm[lo], im_to_mm, max_rate)
+        r1 = _im_value(mm[lo + 1], im_to_mm, max_rate)
+        r2 = _im_value(mm[lo + 2], im_to_mm, max_rate)
+        r3 = _im_value(mm[lo + 3], im_to_mm, max_rate)
+        r4 = _im_value(mm[lo + 4], im_to_mm, max_rate)
+        r5 = _im_value(mm[lo + 5], im_to_mm, max_rate)
+        r6 = _im_value(mm[lo + 6], im_to_mm, max_rate)
+        r7 = _im_value(mm[lo + 7], im_to_mm, max_rate)
+        i = 8
+        stop = n - n % 8
+        while i < stop:
+            j = lo + i
+            r0 += _im_value(mm[j], im_to_mm, max_rate)
+            r1 += _im_value(mm[j + 1], im_to_mm, max_rate)
+            r2 += _im_value(mm[j + 2], im_to_mm, max_rate)
+            r3 += _im_value(mm[j + 3], im_to_mm, max_rate)
+            r4 += _im_value(mm[j + 4], im_to_mm, max_rate)
+            r5 += _im_value(mm[j + 5], im_to_mm, max_rate)
+            r6 += _im_value(mm[j + 6], im_to_mm, max_rate)
+            r7 += _im_value(mm[j + 7], im_to_mm, max_rate)
+            i += 8
+        res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+        while i < n:
+            res += _im_value(mm[lo + i], im_to_mm, max_rate)
+            i += 1
+        return res
+    half = n // 2
+    half -= half % 8
+    total: float = (_im_pairwise_sum(mm, lo, half, im_to_mm, max_rate)
+                    + _im_pairwise_sum(mm, lo + half, n - half, im_to_mm, max_rate))
+    return total
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def im_rate_sum(mm: FloatArray, first: int, im_to_mm: float,
+                max_rate: float) -> tuple[float, int]:  # pragma: no cover - jit
+    """Sum and count of the defined IM rates of ``mm[first:]`` without storing them: the sum
+    ``np.nansum(im_rate[first:])`` gives, bit for bit, and the bars with an MM rate."""
+    n = mm.shape[0] - first
+    count = 0.0  # a float count: a select per bar, no branch (exact below 2**53 bars)
+    for i in range(first, mm.shape[0]):
+        m = mm[i]
+        count += 1.0 if m == m else 0.0
+    return _im_pairwise_sum(mm, first, n, im_to_mm, max_rate), int(count)
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def any_above(x: FloatArray, bound: float) -> bool:  # pragma: no cover - jit
+    """Whether any element of ``x`` is above ``bound`` (NaN is not), without a mask array."""
+    for i in range(x.shape[0]):  # noqa: SIM110 - a generator does not compile in nopython
+        if x[i] > bound:
+            return True
+    return False

@@ -923,7 +923,7 @@ def with_depth(
     return replace(result, fingerprint=series_fingerprint(result))
 
 
-def _subset(bars: BarSeries, keep: np.ndarray) -> BarSeries:
+def _subset(bars: BarSeries, keep: np.ndarray | slice) -> BarSeries:
     def pick(a: np.ndarray | None) -> np.ndarray | None:
         return None if a is None else a[keep]
 

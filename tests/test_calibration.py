@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import numpy as np
 import optuna
 import pytest
 from optuna.trial import FrozenTrial, TrialState
@@ -385,3 +386,32 @@ def test_recommendation_below_2x_leverage_says_so(root: Path) -> None:
     capital = result.recommendation.objectives["capital_cost"]
     assert capital == pytest.approx(0.6)
     assert any("leverage below 2x" in n and "1.67x" in n for n in result.recommendation.notes)
+
+
+def test_prepare_bars_is_prepare_on_bars_already_loaded(tmp_path: Path) -> None:
+    """``prepare_bars`` on the bars a spec's files hold gives what ``prepare`` gives from the
+    files (split, fingerprints, windows, horizon), the in-sample bars being views of the full
+    ones; a series that is not the entry's instrument is refused, naming the entry."""
+    from calibration.calibrate import prepare_bars
+    from calibration.data import load_bars
+    from tests.conftest import walk_frame
+
+    walk_frame(3000, seed=3).to_parquet(tmp_path / "a.parquet", index=False)
+    spec = decode_spec(json.dumps({
+        "data": [{"instrument": "A", "ref": "a.parquet"}], "model": "ewma",
+        "search_space": {"horizon_bars": {"value": 2}, "warmup_bars": {"value": 100}},
+        "n_trials": 5}))
+    from_files = prepare(spec, tmp_path)
+    bars = load_bars("a.parquet", root=tmp_path, instrument="A")
+    in_memory = prepare_bars(spec, [bars])
+    assert in_memory.fingerprints == from_files.fingerprints
+    assert in_memory.in_sample_end_ms == from_files.in_sample_end_ms
+    assert [b.fingerprint for b in in_memory.in_sample] == [
+        b.fingerprint for b in from_files.in_sample]
+    assert in_memory.folds == from_files.folds
+    assert in_memory.horizon == from_files.horizon
+    assert np.shares_memory(in_memory.in_sample[0].close, bars.close)  # a view, no copy
+    renamed = load_bars("a.parquet", root=tmp_path, instrument="B")
+    with pytest.raises(InvalidParameters) as info:
+        prepare_bars(spec, [renamed])
+    assert info.value.field == "data[0].instrument"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import msgspec
 import numpy as np
@@ -16,8 +17,8 @@ from calibration import (
     run_backtest,
     simulate_liquidations,
 )
-from calibration.margins import MarginSeries, capital_cost
-from calibration.models import EwmaMargin, MarginModel, TieredMargin, make_model
+from calibration.margins import MarginSeries, capital_cost, mean_im_rate
+from calibration.models import EwmaMargin, MarginModel, MarginRates, TieredMargin, make_model
 from calibration.windows import DEFAULT_STRESS_WINDOWS
 from tests.conftest import make_bars, random_walk
 
@@ -100,3 +101,40 @@ def test_a_series_of_another_model_is_refused() -> None:
     with pytest.raises(InvalidParameters) as info:
         coverage_backtest(bars, other, CoverageConfig(horizon_bars=5), margins=margins)
     assert info.value.field == "margins"
+
+
+@pytest.mark.parametrize("n_bars", [1, 7, 8, 129, 300, 4_097, 250_003])
+def test_mean_im_rate_is_numpys_nanmean_of_the_stored_im_series_to_the_bit(n_bars: int) -> None:
+    """The one-pass mean of the IM rates (never stored) equals ``np.nanmean`` of the stored
+    ``im_rate`` after the warm-up exactly: NaN bars skipped, rates above ``max_rate`` and IM
+    capped, every length around numpy's pairwise blocks (8, 128, halves)."""
+    rng = np.random.default_rng(n_bars)
+    first = n_bars // 5
+    mm = np.abs(rng.standard_normal(n_bars)) * 0.05
+    mm[:first] = np.nan
+    if n_bars > 20:
+        mm[rng.integers(first, n_bars, 3)] = np.nan
+        mm[rng.integers(first, n_bars, 3)] = 1.4  # above the cap
+    for im_to_mm, max_rate in ((2.0, 1.0), (2.7, 0.08)):
+        rates = MarginRates(mm_rate=mm, im_to_mm=im_to_mm, first_valid_bar=first,
+                            max_rate=max_rate)
+        expected = float(np.nanmean(rates.im_rate[first:]))
+        assert mean_im_rate(rates) == expected
+
+
+def test_capital_cost_of_an_ewma_on_real_minutes_is_the_stored_series_mean(
+        shared_data: Path) -> None:
+    """On a month of real BTC minutes, the capital cost over five notionals (one series: the
+    EWMA ignores size) is the notional-weighted ``np.nanmean`` of the stored IM series, to
+    the bit."""
+    from calibration.data import load_bars
+
+    bars = load_bars("binance_spot_btc_1m_2024_08/BTCUSDT_1m_2024-07-26_2024-08-25.csv",
+                     root=shared_data)
+    model = EwmaMargin(decay=0.97, horizon_bars=60, warmup_bars=1000, floor_rate=0.004)
+    notionals = (1_000, 10_000, 100_000, 1_000_000, 10_000_000)
+    rates = model.margin_rates(bars)
+    mean = float(np.nanmean(rates.im_rate[rates.first_valid_bar:]))
+    weights = np.asarray(notionals, dtype=np.float64) / sum(notionals)
+    assert capital_cost([MarginSeries(model, bars)], notionals) == float(
+        np.mean([float(np.dot(weights, [mean] * 5))]))

@@ -45,6 +45,27 @@ def test_trailing_volatility_and_terciles_by_hand() -> None:
     assert labels.tolist() == [-1, 0, 0, 1, 1, 2, 2]
 
 
+def test_trailing_volatility_on_a_month_of_minutes_equals_the_window_by_window_std(
+        shared_data: Path) -> None:
+    """On real one-minute closes with a one-day window, the sliding kernel gives numpy's
+    window-by-window population std (each window materialised) to 1e-10 (4e-15 away from the
+    flat end), and the same terciles; flat stretches (no return) give exactly 0."""
+    from calibration.data import load_bars
+
+    bars = load_bars("binance_spot_btc_1m_2024_08/BTCUSDT_1m_2024-07-26_2024-08-25.csv",
+                     root=shared_data)
+    close = np.r_[bars.close[:20_000], np.full(3000, bars.close[19_999])]
+    w = 1440
+    vol = trailing_volatility(close, w)
+    reference = np.full(close.shape[0], np.nan)
+    windows = np.lib.stride_tricks.sliding_window_view(np.diff(np.log(close)), w)
+    reference[w:] = windows.std(axis=1)
+    assert np.array_equal(np.isnan(vol), np.isnan(reference))
+    assert np.allclose(vol, reference, rtol=1e-10, atol=1e-18, equal_nan=True)
+    assert np.array_equal(classify(vol), classify(reference))
+    assert (vol[-(3000 - w):] == 0.0).all()
+
+
 def test_regime_coverage_counts_by_hand() -> None:
     """Per regime and side: the observations with a margin and a full horizon, and the
     breaches (loss above margin), counted in a loop over the bars."""

@@ -46,7 +46,7 @@ from calibration.calibrate._objectives import (
     objective_names,
     register,
 )
-from calibration.calibrate._prepare import Prepared, cut, load_data_ref, prepare
+from calibration.calibrate._prepare import Prepared, cut, load_data_ref, prepare, prepare_bars
 from calibration.calibrate._recommend import (
     BINDING_TOLERANCE,
     CalibrationResult,
@@ -107,6 +107,7 @@ __all__ = [
     "metric_bounds",
     "objective_names",
     "prepare",
+    "prepare_bars",
     "propose_batch",
     "recommended_trial",
     "register",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
@@ -85,12 +85,13 @@ def _ref_field(field: str) -> Iterator[None]:
 def cut(bars: BarSeries, start_ms: int | None, end_ms: int | None) -> BarSeries:
     """The bars with ``start_ms <= timestamp < end_ms`` (a new series with its own
     fingerprint)."""
-    keep = np.ones(len(bars), dtype=bool)
-    if start_ms is not None:
-        keep &= bars.timestamp_ms >= start_ms
-    if end_ms is not None:
-        keep &= bars.timestamp_ms < end_ms
-    return bars if keep.all() else _subset(bars, keep)
+    # Timestamps are strictly increasing, so the kept bars are one range: views of the
+    # full arrays, not copies (the in-sample split of five years of minutes is ~0.5 GB).
+    ts = bars.timestamp_ms
+    lo = 0 if start_ms is None else int(np.searchsorted(ts, start_ms, side="left"))
+    hi = len(bars) if end_ms is None else int(np.searchsorted(ts, end_ms, side="left"))
+    hi = max(lo, hi)
+    return bars if (lo, hi) == (0, len(bars)) else _subset(bars, slice(lo, hi))
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,28 @@ def prepare(spec: CalibrationSpec, root: str | os.PathLike[str]) -> Prepared:
     """
     validate_spec(spec)  # a spec built in Python has not been through decode_spec
     full = [load_data_ref(d, root, f"data[{i}]") for i, d in enumerate(spec.data)]
+    return prepare_bars(spec, full, root=root)
+
+
+def prepare_bars(spec: CalibrationSpec, full: Sequence[BarSeries], *,
+                 root: str | os.PathLike[str] = ".") -> Prepared:
+    """``prepare`` on bars already in memory, one series per ``spec.data`` entry in its order
+    (each series' ``instrument`` as the entry names it); the entries' references are not read.
+    ``root`` is where the other files a spec names (an account population's) are read from.
+
+    Raises:
+        InvalidParameters, InsufficientData: as ``prepare``; also a series count or an
+            instrument name that does not match ``spec.data``.
+    """
+    validate_spec(spec)
+    full = list(full)
+    if len(full) != len(spec.data):
+        raise InvalidParameters(f"{len(full)} bar series for {len(spec.data)} data entries",
+                                field="data")
+    for i, (d, b) in enumerate(zip(spec.data, full, strict=True)):
+        if b.instrument != d.instrument:
+            raise InvalidParameters(f"series {i} is {b.instrument!r}, the entry names "
+                                    f"{d.instrument!r}", field=f"data[{i}].instrument")
     first = max(int(b.timestamp_ms[0]) for b in full)
     last = min(int(b.timestamp_ms[-1]) for b in full)
     if first >= last:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from calibration import _kernels
 from calibration._bars import BarSeries
 from calibration.stats import binomial_cdf, traffic_light
 
@@ -32,11 +33,12 @@ _RED = 0.9999
 def trailing_volatility(close: NDArray[np.float64], window_bars: int) -> NDArray[np.float64]:
     """Per bar, the standard deviation (ddof 0) of the ``window_bars`` log returns ending at
     it, shape ``(n,)``; NaN before a full window."""
-    out = np.full(close.shape[0], np.nan)
     returns = np.diff(np.log(close))
-    if returns.shape[0] >= window_bars:
-        windows = np.lib.stride_tricks.sliding_window_view(returns, window_bars)
-        out[window_bars:] = windows.std(axis=1)
+    if returns.shape[0] < window_bars:
+        return np.full(close.shape[0], np.nan)
+    # A sliding O(n) kernel: numpy's std over a sliding_window_view materialised n x window
+    # values (30 GB for five years of minutes with a one-day window).
+    out: NDArray[np.float64] = _kernels.trailing_std(returns, int(window_bars))
     return out
 
 
@@ -107,7 +109,10 @@ def regime_evidence(bars: BarSeries, margin: NDArray[np.float64], horizon_bars: 
         ``{"window_bars", "regimes": {calm|normal|turbulent: {"bars", "long", "short",
         "liquidations", "bad_debt_usd"}}, "volatility_margin_call_correlation"}``.
     """
-    vol = trailing_volatility(bars.close, window_bars)
+    key = ("trailing_volatility", int(window_bars))  # parameter-free: once per series
+    if key not in bars._cache:
+        bars._cache[key] = trailing_volatility(bars.close, window_bars)
+    vol = bars._cache[key]
     labels = classify(vol)
     coverage = regime_coverage(labels, margin, side_losses(bars, horizon_bars),
                                expected_breach_rate)

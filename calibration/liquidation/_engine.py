@@ -16,6 +16,7 @@ from calibration.liquidation._population import (
     _grid_groups,
     _GridLayout,
     _Group,
+    _ImAt,
 )
 from calibration.liquidation._results import (
     LiquidationResult,
@@ -120,7 +121,7 @@ def simulate_liquidations(
         series_of = np.zeros(notionals.shape[0], dtype=np.int64)
     first_valid = max(r.first_valid_bar for r in rates)
     mm_series = [np.ascontiguousarray(r.mm_rate, dtype=np.float64) for r in rates]
-    im_series = [np.asarray(r.im_rate, dtype=np.float64) for r in rates]
+    im_series = [_ImAt(r) for r in rates]  # read at entry bars only
 
     if bars.funding_rate is not None:
         funding_cum = np.cumsum(np.asarray(bars.funding_rate, dtype=np.float64) * close)

@@ -547,11 +547,14 @@ def outcomes(
             # trigger bar counts: an extreme that ran through bankruptcy there made the
             # liquidation necessary, whatever the close did (domain.md §4). Reaching it within
             # TIE_TOLERANCE of the entry price counts, as for triggers.
-            reached = _find_first(
-                price, mm, funding_cum, is_long, True, q8, q64, t, end,
-                sign * bankrupt + TIE_TOLERANCE * ce,
-            )
-            premature = reached < 0 and sign * (close[end] - liq) > 0.0
+            # The close test first: when the close did not come back past liq the search
+            # for bankruptcy cannot make it premature, so it is skipped (same flag).
+            premature = sign * (close[end] - liq) > 0.0
+            if premature:
+                premature = _find_first(
+                    price, mm, funding_cum, is_long, True, q8, q64, t, end,
+                    sign * bankrupt + TIE_TOLERANCE * ce,
+                ) < 0
             # The close-out window is bars t .. t + latency, the trigger bar included: the
             # engine takes the position over during bar t, so the fill can be no better than
             # the worst price from there to the close-out (domain.md §4; latency 0: bar t's

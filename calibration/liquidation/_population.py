@@ -6,7 +6,9 @@ position (``PositionTable``'s order).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -15,6 +17,7 @@ from calibration._bars import BarSeries
 from calibration._errors import InvalidParameters
 from calibration.liquidation import _kernels as _lk
 from calibration.liquidation._config import ExplicitPosition, LiquidationConfig
+from calibration.models import MarginRates
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
@@ -93,7 +96,20 @@ def _effective_leverage(requested: FloatArray, im_at_entry: FloatArray) -> Float
         cap = np.where(im_at_entry > 0, 1.0 / im_at_entry, np.inf)
     return np.ascontiguousarray(np.minimum(requested[None, :], cap[:, None]))
 
-def _valid_at(bars_idx: IntArray, mm: list[FloatArray], im: list[FloatArray]) -> BoolArray:
+class _ImAt:
+    """One series' IM rates read at the bars asked for (``MarginRates.im_at``): the
+    population needs them at entry bars only, so the full IM series is never stored."""
+
+    __slots__ = ("rates",)
+
+    def __init__(self, rates: MarginRates) -> None:
+        self.rates = rates
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.rates.im_at(index)
+
+
+def _valid_at(bars_idx: IntArray, mm: list[FloatArray], im: Sequence[_ImAt]) -> BoolArray:
     ok = np.ones(bars_idx.shape[0], dtype=bool)
     for m, i in zip(mm, im, strict=True):
         ok &= np.isfinite(m[bars_idx]) & np.isfinite(i[bars_idx])
@@ -102,7 +118,7 @@ def _valid_at(bars_idx: IntArray, mm: list[FloatArray], im: list[FloatArray]) ->
 
 def _grid_groups(
     n: int, config: LiquidationConfig, notionals: FloatArray, series_of: IntArray,
-    mm: list[FloatArray], im: list[FloatArray], first_valid: int, side_signs: tuple[int, ...],
+    mm: list[FloatArray], im: Sequence[_ImAt], first_valid: int, side_signs: tuple[int, ...],
     close: FloatArray, funding_cum: FloatArray, groups: dict[int, list[_Group]], scale: float,
     dependent: bool,
 ) -> tuple[_GridLayout, IntArray, IntArray, FloatArray]:
@@ -149,7 +165,7 @@ def _grid_groups(
 
 def _explicit_groups(
     bars: BarSeries, positions: tuple[ExplicitPosition, ...], notionals: FloatArray,
-    series_of: IntArray, mm: list[FloatArray], im: list[FloatArray], first_valid: int,
+    series_of: IntArray, mm: list[FloatArray], im: Sequence[_ImAt], first_valid: int,
     close: FloatArray, funding_cum: FloatArray, groups: dict[int, list[_Group]], scale: float,
 ) -> tuple[_ExplicitLayout, IntArray, IntArray, FloatArray]:
     n = len(bars)

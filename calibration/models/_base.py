@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import numpy as np
 from numpy.typing import NDArray
 
+from calibration import _kernels
 from calibration._bars import BarSeries
 from calibration._errors import InsufficientData, InvalidParameters
 
@@ -52,6 +53,15 @@ class MarginRates:
             self.mm_rate * self.im_to_mm, np.maximum(self.mm_rate, self.max_rate)
         )
         return result
+
+    def im_at(self, index: Any) -> Any:
+        """``im_rate[index]`` (an index array or one bar), computed at those bars only when
+        the full series has not been stored: the same operations per bar, so the same bits.
+        """
+        if "im_rate" in self.__dict__:  # the cached_property was computed
+            return self.im_rate[index]
+        mm = self.mm_rate[index]
+        return np.minimum(mm * self.im_to_mm, np.maximum(mm, self.max_rate))
 
     @property
     def capped_bars(self) -> int:
@@ -200,12 +210,15 @@ class MarginModel(Hyperparameters, ABC):
                 f"the series {bars.instrument!r} has {len(bars)}"
             )
         cap = model.max_rate_cap()
+        # One pass without a mask array for the usual case, no bar above the cap.
+        if not _kernels.any_above(np.ascontiguousarray(raw, dtype=np.float64), float(cap)):
+            return MarginRates(mm_rate=raw, im_to_mm=model._im_to_mm(notional_usd),
+                               first_valid_bar=first, max_rate=cap, capped=None)
         with np.errstate(invalid="ignore"):
             capped = raw > cap
-        mm: FloatArray = np.minimum(raw, cap) if capped.any() else raw
+        mm: FloatArray = np.minimum(raw, cap)
         return MarginRates(mm_rate=mm, im_to_mm=model._im_to_mm(notional_usd),
-                           first_valid_bar=first, max_rate=cap,
-                           capped=capped if capped.any() else None)
+                           first_valid_bar=first, max_rate=cap, capped=capped)
 
     def max_rate_cap(self) -> float:
         """The cap on the rates, fraction of notional (``max_rate``; 1.0 without one)."""
