@@ -79,6 +79,52 @@ def test_adl_four_accounts_by_hand() -> None:
     assert ledger.absorbed_per_account(4).tolist() == pytest.approx([0.0, 450.0, 300.0, 0.0])
 
 
+# --- ADL feeds back: the four accounts over later bars, by hand ---------------------------
+#
+# The same accounts, holding 10 bars, fund 1,050; A then closes 80 (bar 4), 150 (bar 5),
+# 170 (bar 6). Bar 3: X's bad debt 1,500, the fund pays 1,050, shortfall S = 450: ADL takes
+# x = 100 × 450 / 1,500 = 30 units at 95 (15 USD per unit): C its 20 (absorbs 300), B 10 of
+# its 30 (150); the fund ends at 0.
+# From bar 4: C holds nothing, cash 100 + (−20)(95 − 105) = 300; B short 20 at 110, cash
+#    1,000 + (−10)(95 − 110) = 1,150; D unchanged (short 10 at 100, 1,000).
+# Bar 5 (150): C equity 300 > MM 0 (without feedback: 100 − 20 × 45 = −800, liquidated);
+#    B 1,150 − 20 × 40 = 350 > MM 30 (without: 1,000 − 30 × 40 = −200 <= 45, liquidated
+#    with bad debt 200); D 1,000 − 500 = 500 > 15.
+# Bar 6 (170): B 1,150 − 20 × 60 = −50 <= MM 34: closed at 170, bad debt 50, the fund (0)
+#    pays nothing and no long is left to deleverage: uncovered 50, the fund ends at −50.
+#    D 1,000 − 700 = 300 > 17.
+
+ADL_LATER_ROWS = [*ADL_ROWS, (150.0,) * 4, (170.0,) * 4]
+
+
+def _later(fast_start: bool):  # type: ignore[no-untyped-def]
+    return simulate_accounts(
+        Market.from_series([_bars("AUSDT", ADL_LATER_ROWS)]), ONE_PCT, _adl_accounts(),
+        AccountConfig(holding_bars=10, latency_bars=0, insurance_fund_usd=1_050.0, adl=True),
+        fast_start=fast_start)
+
+
+@pytest.mark.parametrize("fast_start", [True, False])
+def test_adl_fills_feed_back_into_the_later_bars_by_hand(fast_start: bool) -> None:
+    """A deleveraged account's later margin test and close-out follow what it still holds."""
+    r = _later(fast_start)
+    ledger = r.adl
+    assert ledger is not None
+    got = [(r.accounts[f.account].id, r.accounts[f.bankrupt].id, f.bar, f.units, f.price_usd,
+            f.pnl_usd) for f in ledger.fills]
+    assert got == [("C", "X", 3, pytest.approx(-20.0), pytest.approx(95.0),
+                    pytest.approx(200.0)),
+                   ("B", "X", 3, pytest.approx(-10.0), pytest.approx(95.0),
+                    pytest.approx(150.0))]
+    # C (flat from bar 4) never triggers; B triggers at bar 6 on its 20 units, not at bar 5.
+    assert r.trigger_bar.tolist() == [3, 6, -1, -1]
+    assert r.closeout_equity_usd[1] == pytest.approx(-50.0)
+    assert r.bad_debt_usd.tolist() == pytest.approx([1_500.0, 50.0, 0.0, 0.0])
+    assert ledger.adl_uncovered_usd == pytest.approx(50.0)
+    assert r.fund_path() == [(3, pytest.approx(0.0, abs=1e-9)), (6, pytest.approx(-50.0))]
+    assert ledger.pnl_per_account(4).tolist() == pytest.approx([0.0, 150.0, 200.0, 0.0])
+
+
 def test_adl_off_leaves_the_fund_to_pay() -> None:
     """Without ADL the fund pays the whole bad debt; a fund large enough needs no ADL."""
     off = _adl_run()
