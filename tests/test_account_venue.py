@@ -125,6 +125,18 @@ def test_adl_fills_feed_back_into_the_later_bars_by_hand(fast_start: bool) -> No
     assert ledger.pnl_per_account(4).tolist() == pytest.approx([0.0, 150.0, 200.0, 0.0])
 
 
+def test_adl_feedback_in_isolated_mode_follows_the_twins() -> None:
+    """Isolated mode deleverages the twins (one position each here: the accounts)."""
+    r = simulate_accounts(
+        Market.from_series([_bars("AUSDT", ADL_LATER_ROWS)]), ONE_PCT, _adl_accounts(),
+        AccountConfig(mode="isolated", holding_bars=10, latency_bars=0,
+                      insurance_fund_usd=1_050.0, adl=True))
+    assert r.adl is not None
+    assert [f.units for f in r.adl.fills] == pytest.approx([-20.0, -10.0])
+    assert r.twin_trigger_bar.tolist() == [3, 6, -1, -1]
+    assert r.twin_bad_debt_usd.tolist() == pytest.approx([1_500.0, 50.0, 0.0, 0.0])
+
+
 def _random_adl_case(seed: int) -> tuple[list[tuple[float, ...]], list[Account]]:
     """A crash then a rally (each bar's high and low around its close) and 16 accounts:
     small longs at 4..30x (the crash's bankrupts), large shorts at 2..8x (its winners, the
@@ -202,6 +214,8 @@ def test_adl_volume_in_the_frontier_and_the_report() -> None:
     assert report.adl is not None
     assert report.adl["per_account"] == pytest.approx({"C": 300.0, "B": 450.0})
     assert [f["account"] for f in report.adl["fills"]] == ["C", "B"]
+    # C short 20 from 105 and B short 30 from 110, both bought back at 95
+    assert [f["pnl_usd"] for f in report.adl["fills"]] == pytest.approx([200.0, 450.0])
     assert report.insurance_fund_min_usd == pytest.approx(-250.0)
 
 

@@ -195,7 +195,9 @@ class AccountConfig:
         queue_order: ``most_undercollateralised`` (lowest equity / MM served first) or
             ``first_come`` (earliest bar in the queue first); ties: entry order.
         adl: auto-deleveraging once the fund is exhausted (``calibration.accounts._adl``):
-            the result's ``adl`` ledger; off by default.
+            the result's ``adl`` ledger; a deleveraged account holds fewer units (and has the
+            fill's PnL in cash) from the bar after its fill, so its later test, close-out and
+            bad debt follow what it still holds; off by default.
         backstop_threshold: the backstop vault takes over an account whose equity at a
             close-out step's marks is below this fraction of its MM (Hyperliquid: 2/3,
             venues.md HL1): every position and the collateral, closed out as the engine
