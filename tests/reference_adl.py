@@ -25,6 +25,7 @@ class Acct:
     closeout_equity: float | None = None
     bad_debt: float = 0.0
     fee: float = 0.0
+    fill_price: float = 0.0  # the close-out's fill price
     fills: list[tuple[int, float, float]] = field(default_factory=list)  # (bar, units, price)
 
 
@@ -63,7 +64,7 @@ def replay_adl(low: Sequence[float], high: Sequence[float], close: Sequence[floa
             acc.closeout_equity = equity - fee
             acc.bad_debt = max(0.0, -(equity - fee))
             acc.closeout_bar = t
-            acc.fill_price = fill  # type: ignore[attr-defined]
+            acc.fill_price = fill
             closed_now.append(a)
         closed_now.sort()
         # The fund and the ADL of this bar's close-outs, in account order.
@@ -94,8 +95,7 @@ def replay_adl(low: Sequence[float], high: Sequence[float], close: Sequence[floa
                 continue
             x = abs(bank.units) * short / debt
             per_unit = short / x
-            price = (bank.fill_price + per_unit if bank.units > 0  # type: ignore[attr-defined]
-                     else bank.fill_price - per_unit)  # type: ignore[attr-defined]
+            price = bank.fill_price + per_unit if bank.units > 0 else bank.fill_price - per_unit
             ranked = sorted((c for c in scores
                              if c != j and (accounts[c].units > 0) != (bank.units > 0)),
                             key=lambda c: (-scores[c], c))
