@@ -79,6 +79,116 @@ def test_adl_four_accounts_by_hand() -> None:
     assert ledger.absorbed_per_account(4).tolist() == pytest.approx([0.0, 450.0, 300.0, 0.0])
 
 
+# --- ADL feeds back: the four accounts over later bars, by hand ---------------------------
+#
+# The same accounts, holding 10 bars, fund 1,050; A then closes 80 (bar 4), 150 (bar 5),
+# 170 (bar 6). Bar 3: X's bad debt 1,500, the fund pays 1,050, shortfall S = 450: ADL takes
+# x = 100 × 450 / 1,500 = 30 units at 95 (15 USD per unit): C its 20 (absorbs 300), B 10 of
+# its 30 (150); the fund ends at 0.
+# From bar 4: C holds nothing, cash 100 + (−20)(95 − 105) = 300; B short 20 at 110, cash
+#    1,000 + (−10)(95 − 110) = 1,150; D unchanged (short 10 at 100, 1,000).
+# Bar 5 (150): C equity 300 > MM 0 (without feedback: 100 − 20 × 45 = −800, liquidated);
+#    B 1,150 − 20 × 40 = 350 > MM 30 (without: 1,000 − 30 × 40 = −200 <= 45, liquidated
+#    with bad debt 200); D 1,000 − 500 = 500 > 15.
+# Bar 6 (170): B 1,150 − 20 × 60 = −50 <= MM 34: closed at 170, bad debt 50, the fund (0)
+#    pays nothing and no long is left to deleverage: uncovered 50, the fund ends at −50.
+#    D 1,000 − 700 = 300 > 17.
+
+ADL_LATER_ROWS = [*ADL_ROWS, (150.0,) * 4, (170.0,) * 4]
+
+
+def _later(fast_start: bool):  # type: ignore[no-untyped-def]
+    return simulate_accounts(
+        Market.from_series([_bars("AUSDT", ADL_LATER_ROWS)]), ONE_PCT, _adl_accounts(),
+        AccountConfig(holding_bars=10, latency_bars=0, insurance_fund_usd=1_050.0, adl=True),
+        fast_start=fast_start)
+
+
+@pytest.mark.parametrize("fast_start", [True, False])
+def test_adl_fills_feed_back_into_the_later_bars_by_hand(fast_start: bool) -> None:
+    """A deleveraged account's later margin test and close-out follow what it still holds."""
+    r = _later(fast_start)
+    ledger = r.adl
+    assert ledger is not None
+    got = [(r.accounts[f.account].id, r.accounts[f.bankrupt].id, f.bar, f.units, f.price_usd,
+            f.pnl_usd) for f in ledger.fills]
+    assert got == [("C", "X", 3, pytest.approx(-20.0), pytest.approx(95.0),
+                    pytest.approx(200.0)),
+                   ("B", "X", 3, pytest.approx(-10.0), pytest.approx(95.0),
+                    pytest.approx(150.0))]
+    # C (flat from bar 4) never triggers; B triggers at bar 6 on its 20 units, not at bar 5.
+    assert r.trigger_bar.tolist() == [3, 6, -1, -1]
+    assert r.closeout_equity_usd[1] == pytest.approx(-50.0)
+    assert r.bad_debt_usd.tolist() == pytest.approx([1_500.0, 50.0, 0.0, 0.0])
+    assert ledger.adl_uncovered_usd == pytest.approx(50.0)
+    assert r.fund_path() == [(3, pytest.approx(0.0, abs=1e-9)), (6, pytest.approx(-50.0))]
+    assert ledger.pnl_per_account(4).tolist() == pytest.approx([0.0, 150.0, 200.0, 0.0])
+
+
+def test_adl_feedback_in_isolated_mode_follows_the_twins() -> None:
+    """Isolated mode deleverages the twins (one position each here: the accounts)."""
+    r = simulate_accounts(
+        Market.from_series([_bars("AUSDT", ADL_LATER_ROWS)]), ONE_PCT, _adl_accounts(),
+        AccountConfig(mode="isolated", holding_bars=10, latency_bars=0,
+                      insurance_fund_usd=1_050.0, adl=True))
+    assert r.adl is not None
+    assert [f.units for f in r.adl.fills] == pytest.approx([-20.0, -10.0])
+    assert r.twin_trigger_bar.tolist() == [3, 6, -1, -1]
+    assert r.twin_bad_debt_usd.tolist() == pytest.approx([1_500.0, 50.0, 0.0, 0.0])
+
+
+def _random_adl_case(seed: int) -> tuple[list[tuple[float, ...]], list[Account]]:
+    """A crash then a rally (each bar's high and low around its close) and 16 accounts:
+    small longs at 4..30x (the crash's bankrupts), large shorts at 2..8x (its winners, the
+    rally's losers), entering over the first bars."""
+    rng = np.random.default_rng(seed)
+    closes = [100.0, 101.0, 102.0, 103.0, 104.0, 90.0, 72.0, 70.0, 85.0, 105.0, 125.0,
+              130.0, 110.0, 95.0, 96.0, 97.0]
+    rows = []
+    for c in closes:
+        c = c * float(rng.uniform(0.98, 1.02))
+        rows.append((c, c * float(rng.uniform(1.0, 1.03)), c * float(rng.uniform(0.97, 1.0)), c))
+    accounts = []
+    for a in range(16):
+        short = a % 3 == 0
+        notional = float(rng.uniform(5_000.0, 20_000.0) if short else rng.uniform(1_000.0,
+                                                                                5_000.0))
+        leverage = float(rng.uniform(2.0, 8.0) if short else rng.uniform(4.0, 30.0))
+        accounts.append(Account(
+            id=f"a{a}", entry_ms=T0 + int(rng.integers(0, 5)) * MIN,
+            collateral={"USDT": notional / leverage},
+            positions={"AUSDT": -notional if short else notional}))
+    return rows, accounts
+
+
+@pytest.mark.parametrize(("seed", "latency_bars"), [(6, 0), (6, 1), (8, 0), (2, 1)])
+def test_adl_feedback_matches_a_brute_force_walk(seed: int, latency_bars: int) -> None:
+    """The engine's fixed point against ``tests/reference_adl.py``'s in-walk ADL."""
+    from tests.reference_adl import Acct, replay_adl
+
+    rows, accounts = _random_adl_case(seed)
+    cfg = AccountConfig(holding_bars=12, latency_bars=latency_bars, insurance_fund_usd=200.0,
+                        liquidation_fee_rate=0.005, adl=True)
+    r = simulate_accounts(Market.from_series([_bars("AUSDT", rows)]), ONE_PCT, accounts, cfg)
+    close = [x[3] for x in rows]
+    ref = [Acct(entry=int(e), units=float(u), cash=float(a.collateral["USDT"]))
+           for e, u, a in zip(r.entry_bar, r.position_notional_usd / np.array(
+               [close[int(e)] for e in r.entry_bar]), r.accounts, strict=True)]
+    fills, fund = replay_adl([x[2] for x in rows], [x[1] for x in rows], close, ref,
+                             mm_rate=0.01, holding_bars=12, latency_bars=latency_bars,
+                             fee_rate=0.005, fund_usd=200.0)
+    assert r.adl is not None
+    assert len(fills) >= 2  # the case exercises ADL
+    # some deleveraged account keeps a reduced position (tested on it later)
+    assert any(ref[c].units != 0.0 for _, c, *_ in fills)
+    assert [(f.bar, f.account, f.bankrupt) for f in r.adl.fills] == [x[:3] for x in fills]
+    assert [f.units for f in r.adl.fills] == pytest.approx([x[3] for x in fills])
+    assert [f.price_usd for f in r.adl.fills] == pytest.approx([x[4] for x in fills])
+    assert r.trigger_bar.tolist() == [a.trigger for a in ref]
+    assert r.bad_debt_usd.tolist() == pytest.approx([a.bad_debt for a in ref])
+    assert r.fund_path()[-1][1] == pytest.approx(fund)
+
+
 def test_adl_off_leaves_the_fund_to_pay() -> None:
     """Without ADL the fund pays the whole bad debt; a fund large enough needs no ADL."""
     off = _adl_run()
@@ -104,6 +214,8 @@ def test_adl_volume_in_the_frontier_and_the_report() -> None:
     assert report.adl is not None
     assert report.adl["per_account"] == pytest.approx({"C": 300.0, "B": 450.0})
     assert [f["account"] for f in report.adl["fills"]] == ["C", "B"]
+    # C short 20 from 105 and B short 30 from 110, both bought back at 95
+    assert [f["pnl_usd"] for f in report.adl["fills"]] == pytest.approx([200.0, 450.0])
     assert report.insurance_fund_min_usd == pytest.approx(-250.0)
 
 

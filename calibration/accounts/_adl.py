@@ -23,9 +23,13 @@ The rule, over a replay's close-outs in bar order (a ledger on the replay's path
   fill of ``y`` units at ``P_i``, absorbing ``y · S_i / x_i`` USD of the shortfall; what no
   counterparty can take stays with the fund (which then goes below zero: *uncovered*).
 
-The ledger does not feed back into the replay: a counterparty keeps its full position for its
-own later marks and close-out (so its later figures are those without ADL), and one unit is
-never deleveraged twice.
+The ledger feeds back into the replay (``_engine``: the walk is run again with the fills
+until they reproduce themselves): from the bar after a fill the counterparty holds ``y``
+units fewer and has the fill's PnL ``y · (P_i − entry close)`` in cash (no fee, no
+slippage), so its later marks, margin test, close-out and bad debt are those of what it
+still holds. Here, the ranking at a later bar reads the same: held units (entry units less
+the account's earlier fills) and the earlier fills' PnL in equity; a bankrupt account that
+was deleveraged before closes its held units. One unit is never deleveraged twice.
 """
 
 from __future__ import annotations
@@ -43,7 +47,9 @@ IntArray = NDArray[np.int64]
 class AdlFill:
     """One ADL fill: ``account`` (index in the population) gives up ``units`` (signed, the
     units it held: > 0 a long closed) of instrument ``instrument`` (index) at bar ``bar`` at
-    ``price_usd`` (the bankruptcy price of ``bankrupt``'s leg), absorbing ``absorbed_usd``."""
+    ``price_usd`` (the bankruptcy price of ``bankrupt``'s leg), absorbing ``absorbed_usd``;
+    ``pnl_usd`` is the account's realised PnL on the fill, ``units × (price_usd − entry
+    close)``, USD (credited to its cash from bar ``bar + 1``)."""
 
     account: int
     bankrupt: int
@@ -52,6 +58,7 @@ class AdlFill:
     units: float
     price_usd: float
     absorbed_usd: float
+    pnl_usd: float = 0.0
 
     @property
     def notional_usd(self) -> float:
@@ -83,6 +90,13 @@ class AdlLedger:
         out = np.zeros(n_accounts)
         for f in self.fills:
             out[f.account] += f.absorbed_usd
+        return out
+
+    def pnl_per_account(self, n_accounts: int) -> FloatArray:
+        """Realised PnL of each account's ADL fills, USD, shape ``(A,)``."""
+        out = np.zeros(n_accounts)
+        for f in self.fills:
+            out[f.account] += f.pnl_usd
         return out
 
     def volume_per_account(self, n_accounts: int) -> FloatArray:
@@ -129,6 +143,8 @@ def auto_deleverage(
     k = close.shape[0]
     n_acc = units.shape[0]
     avail = np.abs(units).copy()
+    sign = np.sign(units)
+    realised = np.zeros(n_acc)  # the accounts' ADL PnL so far, USD
     entry_close = close[:, entry_bar].T if n_acc else np.zeros((0, k))
     hit = closeout_bar >= 0
     moves: dict[int, list[int]] = {}
@@ -153,11 +169,14 @@ def auto_deleverage(
             if short <= 0.0:
                 continue
             if scores is None:
-                scores = _scores(close, entry_close, entry_bar, units, usd, col_units,
-                                 col_inst, holding_bars, trigger_bar, b)
+                # Every fill of this bar's scores is at bar b: the ranking reads the fills
+                # before b (they apply from the bar after theirs).
+                scores = _scores(close, entry_close, entry_bar, sign * avail, usd + realised,
+                                 col_units, col_inst, holding_bars, trigger_bar, b)
+            held = sign[j] * avail[j]  # what the bankrupt account closed
             losses = np.maximum(0.0, -leg_pnl_usd[j])
             weights = losses if losses.sum() > 0.0 else leg_closed_usd[j]
-            legs = np.flatnonzero((units[j] != 0.0) & (weights > 0.0))
+            legs = np.flatnonzero((held != 0.0) & (weights > 0.0))
             if legs.size == 0:
                 fund -= short
                 uncovered_total += short
@@ -165,10 +184,10 @@ def auto_deleverage(
             total_w = float(weights[legs].sum())
             for i in (int(v) for v in legs):
                 share_usd = short * float(weights[i]) / total_w
-                x = abs(float(units[j, i])) * short / debt
-                fill_price = float(leg_closed_usd[j, i]) / abs(float(units[j, i]))
+                x = abs(float(held[i])) * short / debt
+                fill_price = float(leg_closed_usd[j, i]) / abs(float(held[i]))
                 per_unit = share_usd / x
-                price = fill_price + per_unit if units[j, i] > 0.0 else fill_price - per_unit
+                price = fill_price + per_unit if held[i] > 0.0 else fill_price - per_unit
                 left = x
                 side = -np.sign(units[j, i])
                 mine = np.flatnonzero((np.sign(units[:, i]) == side) & (avail[:, i] > 0.0)
@@ -183,9 +202,11 @@ def auto_deleverage(
                     left -= y
                     got = y * per_unit
                     absorbed_total += got
+                    pnl = float(side) * y * (price - float(entry_close[c, i]))
+                    realised[c] += pnl
                     fills.append(AdlFill(account=c, bankrupt=j, bar=b, instrument=i,
                                          units=float(side) * y, price_usd=price,
-                                         absorbed_usd=got))
+                                         absorbed_usd=got, pnl_usd=pnl))
                 if left > 0.0:
                     rest = left * per_unit
                     fund -= rest
@@ -201,7 +222,8 @@ def _scores(close: FloatArray, entry_close: FloatArray, entry_bar: IntArray, uni
             trigger_bar: IntArray, b: int) -> FloatArray:
     """``(A, k)``: PnL rate × leverage of every position at the close of bar ``b − 1`` (the
     previous mark), 0 where the account is not open and outside liquidation at bar b, or the
-    position or the account's equity is not in profit."""
+    position or the account's equity is not in profit. ``units``: the units held (after
+    earlier ADL fills); ``usd``: cash, the earlier fills' PnL included."""
     prev = max(0, b - 1)
     mark = close[:, prev]
     upnl = units * (mark[None, :] - entry_close)

@@ -137,7 +137,9 @@ from calibration.accounts._kernel_mech import (
     QUEUE_ORDERS,
     Mechanics,
     MechOutputs,
+    Reductions,
     empty_mech_outputs,
+    no_reductions,
     no_scenarios,
     replay_mech,
 )
@@ -193,7 +195,9 @@ class AccountConfig:
         queue_order: ``most_undercollateralised`` (lowest equity / MM served first) or
             ``first_come`` (earliest bar in the queue first); ties: entry order.
         adl: auto-deleveraging once the fund is exhausted (``calibration.accounts._adl``):
-            the result's ``adl`` ledger; off by default.
+            the result's ``adl`` ledger; a deleveraged account holds fewer units (and has the
+            fill's PnL in cash) from the bar after its fill, so its later test, close-out and
+            bad debt follow what it still holds; off by default.
         backstop_threshold: the backstop vault takes over an account whose equity at a
             close-out step's marks is below this fraction of its MM (Hyperliquid: 2/3,
             venues.md HL1): every position and the collateral, closed out as the engine
@@ -881,41 +885,41 @@ def simulate_accounts(
                                      mech._replace(portfolio=False), n_assets, config,
                                      fast_start)
             mout, t_out = mech_accounts(), mech_twins()
-            trig, eq, legs, fee = mout.trigger, mout.closeout_equity, mout.leg_pnl, mout.fee
     extra: dict[str, Any] = {}
+    if mech is not None and config.adl:
+        # ADL feeds back: the headline population is walked again with the ledger's fills
+        # until the fills reproduce themselves (``_adl_fixed_point``).
+        if config.mode == "isolated":
+            t_out, extra["adl"] = _adl_fixed_point(sched.mm, twins, rules,
+                                                   mech._replace(portfolio=False), n_assets,
+                                                   config, fast_start, t_out)
+        else:
+            mout, extra["adl"] = _adl_fixed_point(sched.mm, book, rules, mech, n_assets,
+                                                  config, fast_start, mout)
     if mech is not None:
+        trig, eq, legs, fee = mout.trigger, mout.closeout_equity, mout.leg_pnl, mout.fee
         t_trig, t_eq, t_fee = t_out.trigger, t_out.closeout_equity, t_out.fee
         bad = mout.bad_debt
         t_bad = t_out.bad_debt
         closeout_bar, t_closeout_bar = mout.closeout_bar, t_out.closeout_bar
-        extra = {"leg_liquidated": mout.leg_closed_usd[pa, pi] > 0,
-                 "leg_closed_usd": mout.leg_closed_usd[pa, pi],
-                 "twin_closed_usd": t_out.leg_closed_usd[np.arange(pa.shape[0]), pi],
-                 "steps": mout.steps, "queued_bar": mout.queued_bar,
-                 "wait_bars": mout.wait_bars, "backlog": mout.backlog,
-                 "started": mout.started, "started_usd": mout.started_usd,
-                 "twin_queued_bar": t_out.queued_bar, "twin_wait_bars": t_out.wait_bars,
-                 "twin_backlog": t_out.backlog,
-                 "backstop_taken": mout.backstop == 1, "backstop_pnl_usd": mout.backstop_pnl,
-                 "twin_backstop_taken": t_out.backstop == 1,
-                 "twin_backstop_pnl_usd": t_out.backstop_pnl,
-                 "keeper_declined": mout.keeper_declined, "keeper_bonus_usd": mout.keeper_bonus}
+        extra |= {"leg_liquidated": mout.leg_closed_usd[pa, pi] > 0,
+                  "leg_closed_usd": mout.leg_closed_usd[pa, pi],
+                  "twin_closed_usd": t_out.leg_closed_usd[np.arange(pa.shape[0]), pi],
+                  "steps": mout.steps, "queued_bar": mout.queued_bar,
+                  "wait_bars": mout.wait_bars, "backlog": mout.backlog,
+                  "started": mout.started, "started_usd": mout.started_usd,
+                  "twin_queued_bar": t_out.queued_bar, "twin_wait_bars": t_out.wait_bars,
+                  "twin_backlog": t_out.backlog,
+                  "backstop_taken": mout.backstop == 1, "backstop_pnl_usd": mout.backstop_pnl,
+                  "twin_backstop_taken": t_out.backstop == 1,
+                  "twin_backstop_pnl_usd": t_out.backstop_pnl,
+                  "keeper_declined": mout.keeper_declined, "keeper_bonus_usd": mout.keeper_bonus}
     else:
         bad = np.where(trig >= 0, np.maximum(0.0, -eq), 0.0)
         t_bad = np.where(t_trig >= 0, np.maximum(0.0, -t_eq), 0.0)
         closeout_bar = np.minimum(trig + config.latency_bars, n - 1)
         t_closeout_bar = np.minimum(t_trig + config.latency_bars, n - 1)
     leg_pnl = legs[pa, pi]
-    if config.adl:
-        isolated = config.mode == "isolated"
-        pop, pop_out = (twins, t_out) if isolated else (book, mout)
-        extra["adl"] = auto_deleverage(
-            close=close, entry_bar=pop.entry, units=pop.units, usd=pop.usd,
-            col_units=pop.col_units, col_inst=pop.col_inst, holding_bars=config.holding_bars,
-            trigger_bar=pop_out.trigger, closeout_bar=pop_out.closeout_bar,
-            bad_debt_usd=pop_out.bad_debt, fee_usd=pop_out.fee, leg_pnl_usd=pop_out.leg_pnl,
-            leg_closed_usd=pop_out.leg_closed_usd,
-            insurance_fund_usd=float(config.insurance_fund_usd))
     return AccountResult(
         accounts=tuple(opened), skipped=skipped, entry_bar=book.entry, trigger_bar=trig,
         closeout_equity_usd=eq, bad_debt_usd=bad, fee_usd=fee, position_account=pa,
@@ -941,31 +945,97 @@ def _entry_im(sched: _Schedules, inst: IntArray, gross: FloatArray,
     return im
 
 
+def _adl_ledger(mm: MarketArrays, pop: BookArrays, out: MechOutputs,
+                config: AccountConfig) -> AdlLedger:
+    """The ADL ledger of one walk of ``pop``."""
+    return auto_deleverage(
+        close=mm.close, entry_bar=pop.entry, units=pop.units, usd=pop.usd,
+        col_units=pop.col_units, col_inst=pop.col_inst, holding_bars=config.holding_bars,
+        trigger_bar=out.trigger, closeout_bar=out.closeout_bar, bad_debt_usd=out.bad_debt,
+        fee_usd=out.fee, leg_pnl_usd=out.leg_pnl, leg_closed_usd=out.leg_closed_usd,
+        insurance_fund_usd=float(config.insurance_fund_usd))
+
+
+def _adl_fixed_point(mm: MarketArrays, pop: BookArrays, rules: CollateralRules,
+                     mech: Mechanics, n_assets: int, config: AccountConfig, fast_start: bool,
+                     out: MechOutputs) -> tuple[MechOutputs, AdlLedger]:
+    """The walk of ``pop`` with its ADL fills fed back, and their ledger.
+
+    The ledger's fills at bar b depend on the walk up to b (close-outs, trigger bars) and on
+    its own fills before b; the walk up to b depends on the fills before b only (a fill
+    applies from the next bar). So from the walk without fills (``out``), walking again with
+    the last ledger's fills makes at least one more ADL bar right each time: the fills repeat
+    after at most one walk per ADL bar (plus the one that confirms them). Without ADL fills
+    there is no second walk: the figures are those without feedback bit for bit."""
+    ledger = _adl_ledger(mm, pop, out, config)
+    applied = no_reductions()
+    for _ in range(mm.close.shape[1] + 2):
+        red = _reductions(ledger)
+        if _same_reductions(red, applied):
+            return out, ledger
+        out = _run_mech(mm, pop, rules, mech, n_assets, config, fast_start, red)
+        applied = red
+        ledger = _adl_ledger(mm, pop, out, config)
+    raise RuntimeError("ADL feedback did not reach a fixed point")  # pragma: no cover
+
+
+def _reductions(ledger: AdlLedger) -> Reductions:
+    """The ledger's fills as the walk's ``Reductions`` (already in bar order)."""
+    f = ledger.fills
+    return Reductions(bar=np.array([x.bar for x in f], dtype=np.int64),
+                      account=np.array([x.account for x in f], dtype=np.int64),
+                      instrument=np.array([x.instrument for x in f], dtype=np.int64),
+                      units=np.array([x.units for x in f], dtype=np.float64),
+                      price=np.array([x.price_usd for x in f], dtype=np.float64))
+
+
+def _same_reductions(a: Reductions, b: Reductions) -> bool:
+    """Whether two sets of fills are the same, bit for bit."""
+    return all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
 def _run_mech(mm: MarketArrays, book: BookArrays, rules: CollateralRules, mech: Mechanics,
-              n_assets: int, config: AccountConfig, fast_start: bool) -> MechOutputs:
+              n_assets: int, config: AccountConfig, fast_start: bool,
+              red: Reductions | None = None) -> MechOutputs:
     """The mechanics walk over ``book``. Without a cascade (accounts meet only in the queue)
     or funding (the core's trigger test is then the mechanics'), and with ``fast_start``, the
     core kernel finds each account's first trigger, and only the accounts that trigger are
-    walked, from that bar, in (entry, index) order (close in memory, the queue's tie order)."""
+    walked, from that bar, in (entry, index) order (close in memory, the queue's tie order).
+
+    ``red``: ADL fills fed back (``Reductions``, account indices of ``book``); an account with
+    one joins the fast walk by the bar after its first fill at the latest."""
     n_acc, k = book.units.shape
     n = mm.close.shape[1]
+    red = red if red is not None else no_reductions()
     oracle = config.oracle_heartbeat_bars is not None or config.oracle_deviation_rate > 0
     if not fast_start or config.cascade or config.funding or mech.portfolio or oracle:
         out = empty_mech_outputs(n_acc, k, n)
         replay_mech(mm, book, rules, mech, n_assets, config.holding_bars, config.latency_bars,
-                    out, np.zeros(0, dtype=np.int64))
+                    out, np.zeros(0, dtype=np.int64), red)
         return out
     trig, eq, legs, fee = empty_outputs(n_acc, k)
     replay(mm, book, rules, n_assets, config.holding_bars, config.latency_bars, 0.0, 0.0,
            trig, eq, legs, fee)
+    if red.bar.shape[0]:
+        # Until its first ADL fill an account's path is the core's; from the bar after, it
+        # must be walked (its position changed).
+        first_red = np.full(n_acc, n + 1, dtype=np.int64)
+        np.minimum.at(first_red, red.account, red.bar + 1)
+        hit = first_red <= n
+        trig = np.where(hit, np.where(trig >= 0, np.minimum(trig, first_red), first_red),
+                        trig)
     sel = np.flatnonzero(trig >= 0)
     sel = sel[np.argsort(book.entry[sel], kind="stable")]
+    if red.bar.shape[0]:
+        where = np.full(n_acc, -1, dtype=np.int64)
+        where[sel] = np.arange(sel.shape[0])
+        red = red._replace(account=where[red.account])
     sub = BookArrays(entry=book.entry[sel], units=book.units[sel], usd=book.usd[sel],
                      col_units=book.col_units[sel], col_inst=book.col_inst,
                      col_asset=book.col_asset)
     sub_out = empty_mech_outputs(sel.shape[0], k, n)
     replay_mech(mm, sub, rules, mech, n_assets, config.holding_bars, config.latency_bars,
-                sub_out, trig[sel])
+                sub_out, trig[sel], red)
     out = empty_mech_outputs(n_acc, k, n)
     for name, value in sub_out._asdict().items():
         if name in ("backlog", "started", "started_usd"):

@@ -99,6 +99,27 @@ class MechOutputs(NamedTuple):
     keeper_bonus: FloatArray  # (A,) bonus the account paid the keepers, USD
 
 
+class Reductions(NamedTuple):
+    """ADL fills fed back into the walk (``calibration.accounts._adl``), ``(R,)`` each, in bar
+    order: account ``account`` gives up ``units`` (signed, the units it held) of instrument
+    ``instrument`` at ``price`` (USD) filled at bar ``bar``; from bar ``bar + 1`` it holds
+    ``units`` fewer and its cash has the fill's PnL ``units · (price − entry close)`` less
+    the funding those units owed to ``bar``."""
+
+    bar: IntArray
+    account: IntArray
+    instrument: IntArray
+    units: FloatArray
+    price: FloatArray
+
+
+def no_reductions() -> Reductions:
+    """No ADL fill to feed back (the walk as without ADL)."""
+    return Reductions(bar=np.zeros(0, dtype=np.int64), account=np.zeros(0, dtype=np.int64),
+                      instrument=np.zeros(0, dtype=np.int64), units=np.zeros(0),
+                      price=np.zeros(0))
+
+
 def no_scenarios() -> ScenarioArrays:
     """The ``Mechanics.scenarios`` of a run without a portfolio requirement (never read)."""
     empty2 = np.zeros((0, 0))
@@ -308,10 +329,16 @@ def _plan(
 def replay_mech(
     m: MarketArrays, book: BookArrays, rules: CollateralRules, mech: Mechanics,
     n_assets: int, holding_bars: int, latency_bars: int, out: MechOutputs,
-    first_ask: IntArray,
+    first_ask: IntArray, red: Reductions,
 ) -> None:  # pragma: no cover - jit
     """Fill ``out`` for every account of ``book`` (see ``_engine``'s "Mechanics" and
     "Capacity").
+
+    ``red``: ADL fills applied at the start of the bar after theirs (before that bar's
+    fills and tests), to an account open, outside liquidation and never stepped (what the
+    ADL's counterparties are; a fill that does not fit, as an iterate of ``_engine``'s fixed
+    point may hold, is skipped). An account with a fill ahead is not dropped as "nothing
+    more can happen to it" before that fill.
 
     ``first_ask`` (``(A,)``, or empty to walk every account from its entry): each account's
     first bar with equity <= MM (-1: none), as the core kernel finds it. Accounts then join
@@ -342,6 +369,17 @@ def replay_mech(
     pend_final = np.zeros(n_acc, dtype=np.bool_)
     join = book.entry.copy()
     fast = first_ask.shape[0] == n_acc
+    # ADL fills: ``next_red[j]`` the bar of account j's next fill not yet applied (n + 1:
+    # none), ``red_after[r]`` the bar of the same account's fill after r.
+    r_bar, r_acc, r_inst, r_units, r_price = red.bar, red.account, red.instrument, red.units, \
+        red.price
+    n_red = r_bar.shape[0]
+    next_red = np.full(n_acc, n + 1, dtype=np.int64)
+    red_after = np.empty(n_red, dtype=np.int64)
+    for r in range(n_red - 1, -1, -1):
+        red_after[r] = next_red[r_acc[r]]
+        next_red[r_acc[r]] = r_bar[r]
+    r_next = 0
     if fast:
         for j in range(n_acc):
             join[j] = first_ask[j] - 1 if first_ask[j] >= 0 else n
@@ -390,6 +428,25 @@ def replay_mech(
                     d = mech.ask_depth[i, t - 1]
                     move = mech.cascade_kappa * qs / d if d > 0.0 else np.inf
                     high[i, t] = m.high[i, t] * (1.0 + min(1.0, move))
+        while r_next < n_red and r_bar[r_next] < t:
+            # An ADL fill of bar t - 1: the counterparty holds fewer units from bar t on.
+            r = r_next
+            r_next += 1
+            j = r_acc[r]
+            next_red[j] = red_after[r]
+            i = r_inst[r]
+            y = r_units[r]
+            q = rem[j, i]
+            if (done[j] or pend_bar[j] >= 0 or in_liq[j] or o_steps[j] > 0 or q == 0.0
+                    or (q > 0.0) != (y > 0.0)):
+                continue
+            if abs(y) >= abs(q):
+                y = q
+            b = r_bar[r]
+            cash[j] += y * (r_price[r] - m.close[i, book.entry[j]]) - y * (
+                mech.funding_cum[i, b] - mech.funding_cum[i, anchor[j, i]])
+            rem[j, i] = 0.0 if y == q else q - y
+            net[j, m.inst_asset[i]] -= y
         while nxt < n_acc and join[order[nxt]] < t:
             active[n_active] = order[nxt]
             n_active += 1
@@ -473,13 +530,19 @@ def replay_mech(
                     queued_since[j] = -1
                     if fast:
                         # Its marks no longer depend on anyone: jump to its next trigger.
+                        # (up to its next ADL fill, after which its position changes)
+                        end = min(e + holding_bars, n - 1)
                         nf = _next_fail(f_low, f_high, f_close, f_asset, f_scale, f_caps,
                                         f_slope, f_offset, f_cap, f_entry, f_col, f_col_inst,
                                         f_col_asset, f_hc_caps, f_hc_slope, f_hc_offset,
-                                        f_upnl_w, j, t + 1, min(e + holding_bars, n - 1),
+                                        f_upnl_w, j, t + 1, min(end, next_red[j]),
                                         cash[j], rem, net)
-                        next_test[j] = nf if nf >= 0 else n + 1
-                        if nf < 0:
+                        if nf >= 0:
+                            next_test[j] = nf
+                        elif next_red[j] < end:
+                            next_test[j] = next_red[j] + 1
+                        else:
+                            next_test[j] = n + 1
                             keep -= 1  # nothing more can happen to it
                     continue
                 if mm > 0.0:

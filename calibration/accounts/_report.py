@@ -120,7 +120,9 @@ class AccountBacktestReport(msgspec.Struct, frozen=True, kw_only=True):
             ``adl_absorbed_usd``, ``adl_uncovered_usd`` (USD), ``per_account`` (id →
             absorbed USD, for every account that absorbed) and ``fills`` (``account``,
             ``bankrupt`` ids, ``time`` UTC ISO 8601, ``instrument``, ``units`` given up,
-            signed, ``price_usd`` the bankruptcy price, ``absorbed_usd``).
+            signed, ``price_usd`` the bankruptcy price, ``absorbed_usd``, ``pnl_usd`` the
+            account's realised PnL on the fill, units × (price − entry close), which the
+            replay credits to it from the next bar on).
         backstop: with ``liquidation.backstop_threshold``, the backstop vault: ``accounts``
             taken over (count), ``backstop_pnl_usd`` (its total PnL on them, USD) and
             ``path`` (``[time UTC ISO 8601, cumulative PnL USD]`` per close-out bar).
@@ -325,7 +327,8 @@ def _adl_figures(result: AccountResult) -> dict[str, Any] | None:
         "per_account": per,
         "fills": [{"account": ids[f.account], "bankrupt": ids[f.bankrupt],
                    "time": iso_utc(int(ts[f.bar])), "instrument": result.instruments[f.instrument],
-                   "units": f.units, "price_usd": f.price_usd, "absorbed_usd": f.absorbed_usd}
+                   "units": f.units, "price_usd": f.price_usd, "absorbed_usd": f.absorbed_usd,
+                   "pnl_usd": f.pnl_usd}
                   for f in ledger.fills],
     }
 
