@@ -301,22 +301,29 @@ class _StoredRequest(msgspec.Struct, frozen=True, kw_only=True):
 
 
 #: A job's lease: the process running (or queueing) it renews ``accountleases/<id>`` every
-#: ``_LEASE_EVERY_S``; a lease older than ``_LEASE_TTL_S`` means that process is gone
+#: ``Settings.job_heartbeat_s`` (h); a lease older than 4h means that process is gone
 #: (Redis mode; in embedded mode the one process's own start says so).
-_LEASE_TTL_S = 20
-_LEASE_EVERY_S = 5.0
+_LEASE_PERIODS = 4
+
+
+def _lease_ttl_s(settings: Settings) -> int:
+    """Lifetime of an account job's lease, seconds (20 by default)."""
+    return _LEASE_PERIODS * settings.job_heartbeat_s
+
+
 #: This process, as a lease names it.
 _OWNER = uuid.uuid4().hex
 
 
-async def _hold_lease(svc: State, job_id: str) -> None:
+async def _hold_lease(svc: State, job_id: str, settings: Settings) -> None:
     while True:
         try:
-            await svc.put("accountleases", job_id, _OWNER, expires_in=_LEASE_TTL_S)
+            await svc.put("accountleases", job_id, _OWNER,
+                          expires_in=_lease_ttl_s(settings))
         except Exception as exc:  # the store away for a moment: the next renewal tries again
             log.warning("account backtest %s: lease not renewed (%s)", job_id,
                         type(exc).__name__)
-        await asyncio.sleep(_LEASE_EVERY_S)
+        await asyncio.sleep(settings.job_heartbeat_s)
 
 
 def _spawn(app_state: Any, svc: State, job: AccountBacktestJob,
@@ -325,7 +332,7 @@ def _spawn(app_state: Any, svc: State, job: AccountBacktestJob,
     slots = getattr(app_state, "account_job_slots", None)
     if slots is None:
         slots = app_state.account_job_slots = asyncio.Semaphore(1)
-    task = asyncio.create_task(_run_job(svc, job, run, slots))
+    task = asyncio.create_task(_run_job(svc, job, run, slots, app_state.settings))
     _TASKS.add(task)  # a task nobody holds may be collected before it ends
     task.add_done_callback(_TASKS.discard)
 
@@ -381,18 +388,19 @@ async def resume_account_jobs(app_state: Any, svc: State, *, embedded: bool) -> 
             log.warning("resuming account backtest %s, interrupted by a restart", job_id)
             job = msgspec.structs.replace(job, state="queued", started_at=None)
             await svc.put("accountjobs", job.id, job, expires_in=_JOB_TTL_S)
-            await svc.put("accountleases", job.id, _OWNER, expires_in=_LEASE_TTL_S)
+            await svc.put("accountleases", job.id, _OWNER,
+                          expires_in=_lease_ttl_s(settings))
             _spawn(app_state, svc, job, run)
             resumed.append(job_id)
     return resumed
 
 
 async def _run_job(svc: State, job: AccountBacktestJob, run: Callable[[], AccountBacktestReport],
-                   slots: asyncio.Semaphore) -> None:
+                   slots: asyncio.Semaphore, settings: Settings) -> None:
     """Run one job after the ones before it (one at a time per process: the replay uses a
     core, and the API must stay responsive), recording each state, holding its lease until
     it ends; an ended job leaves the active set."""
-    lease = asyncio.create_task(_hold_lease(svc, job.id))
+    lease = asyncio.create_task(_hold_lease(svc, job.id, settings))
     try:
         await _run_held(svc, job, run, slots)
         await svc.drop_active(job.id, "accountjobs")
@@ -490,7 +498,7 @@ class AccountController(Controller):
         # Kept so that a job whose process stops is run again (``resume_account_jobs``).
         await svc.put("accountspecs", job.id, _StoredRequest(request=data),
                       expires_in=_JOB_TTL_S)
-        await svc.put("accountleases", job.id, _OWNER, expires_in=_LEASE_TTL_S)
+        await svc.put("accountleases", job.id, _OWNER, expires_in=_lease_ttl_s(settings))
         await svc.add_active(job.id, "accountjobs")
         _spawn(request.app.state, svc, job, run)
         return Response(job, status_code=202, headers={"Location": job.status_url})

@@ -175,13 +175,13 @@ async def _reconcile_jobs(settings: Settings) -> None:
     import anyio
     import redis
 
-    from service.jobs import CLEANUP_EVERY_S, reconcile_jobs
+    from service.jobs import reconcile_jobs
 
     connection = redis.Redis.from_url(settings.redis_url or "", socket_connect_timeout=2,
                                       socket_timeout=5)
     try:
         while True:
-            await asyncio.sleep(CLEANUP_EVERY_S)
+            await asyncio.sleep(settings.job_heartbeat_s)
             try:
                 await anyio.to_thread.run_sync(reconcile_jobs, settings, connection)
             except Exception as exc:  # Redis away: the next round tries again
@@ -192,15 +192,13 @@ async def _reconcile_jobs(settings: Settings) -> None:
 
 async def _resume_account_jobs(app: Litestar, state: State) -> None:
     """Redis mode: take over account backtest jobs whose API process died (their lease
-    lapsed), at start and every ``CLEANUP_EVERY_S``."""
-    from service.jobs import CLEANUP_EVERY_S
-
+    lapsed), at start and every ``MARGINLAB_JOB_HEARTBEAT_S``."""
     while True:
         try:
             await resume_account_jobs(app.state, state, embedded=False)
         except Exception as exc:  # Redis away: the next round tries again
             log.warning("resuming account backtests failed (%s)", type(exc).__name__)
-        await asyncio.sleep(CLEANUP_EVERY_S)
+        await asyncio.sleep(app.state.settings.job_heartbeat_s)
 
 
 async def _listen_published(app: Litestar, settings: Settings) -> None:

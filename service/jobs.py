@@ -22,7 +22,8 @@ Every job ends ``succeeded``, ``failed`` (with a reason a user can act on) or ``
   storage is left to rq, which retries the job;
 - a job whose queue copies are all dead (worker SIGKILLed or OOM-killed more often than rq
   retries, retries used up) is failed by ``reconcile_jobs``, which the API process and every
-  queue worker run every ``CLEANUP_EVERY_S``; it also fails the study's trials left RUNNING;
+  queue worker run every ``MARGINLAB_JOB_HEARTBEAT_S``; it also fails the study's trials left
+  RUNNING;
 - embedded mode resumes, at start, every job that was queued or running when the process
   stopped (``resume_active``): it rejoins its study, whose interrupted trial the reaper
   fails and retries.
@@ -64,13 +65,11 @@ log = logging.getLogger("marginlab.service")
 QUEUE_NAME = "marginlab"
 #: Most queue copies of one job looked at (``workers_per_job`` of any process).
 MAX_COPIES = 64
-#: How often a queue worker looks for jobs abandoned by dead workers.
-CLEANUP_EVERY_S = 5.0
-#: How often a queue worker renews the heartbeat of the job it runs (rq's default is 30 s),
-#: and how long after a missed renewal the job counts as abandoned (rq hard-codes 60 s): a
-#: killed worker's job is retried on another worker within about 20 s instead of 90 s.
-JOB_MONITORING_INTERVAL_S = 5
-HEARTBEAT_GRACE_S = 10
+#: Liveness (``Settings.job_heartbeat_s``, h = 5 s by default): a queue worker renews the
+#: heartbeat of the job it runs every h (rq's default is 30 s) and the job counts as
+#: abandoned 2h after a missed renewal (rq hard-codes 60 s), so a killed worker's job is
+#: retried on another worker within about 4h (20 s) instead of 90 s; the worker looks for
+#: abandoned jobs every h.
 #: Pause before a queue worker that lost Redis starts consuming again.
 RECONNECT_EVERY_S = 1.0
 
@@ -650,7 +649,7 @@ def run_queue_worker(settings: Settings, *, burst: bool = False) -> None:
         stop_requested = False
 
         def get_heartbeat_ttl(self, job: Any, working_time: float = 0.0) -> int:
-            return int(self.job_monitoring_interval) + HEARTBEAT_GRACE_S
+            return int(self.job_monitoring_interval) + 2 * settings.job_heartbeat_s
 
         def request_stop(self, signum: Any, frame: Any) -> None:
             self.stop_requested = True
@@ -665,7 +664,7 @@ def run_queue_worker(settings: Settings, *, burst: bool = False) -> None:
 
         sweeper_connection = redis.Redis.from_url(url)
         registry = StartedJobRegistry(QUEUE_NAME, connection=sweeper_connection)
-        while not stop.wait(CLEANUP_EVERY_S):
+        while not stop.wait(settings.job_heartbeat_s):
             with contextlib.suppress(Exception):
                 registry.cleanup()
             try:
@@ -681,7 +680,7 @@ def run_queue_worker(settings: Settings, *, burst: bool = False) -> None:
             lost: Exception | None = None
             try:
                 worker = QueueWorker([QUEUE_NAME], connection=connection,
-                                     job_monitoring_interval=JOB_MONITORING_INTERVAL_S)
+                                     job_monitoring_interval=settings.job_heartbeat_s)
                 worker.work(burst=burst, with_scheduler=False)
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
                 if burst:

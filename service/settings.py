@@ -17,8 +17,16 @@
 | ``MARGINLAB_WORKERS_PER_JOB`` | queue jobs (workers) per calibration with Redis | 2 |
 | ``MARGINLAB_JOB_RETRIES`` | times rq re-runs a queue job whose worker died | 3 |
 | ``MARGINLAB_JOB_TIMEOUT_S`` | time limit of one queue job (rq), seconds | 1 day |
+| ``MARGINLAB_JOB_HEARTBEAT_S`` | Redis mode's liveness period, seconds: below | 5 |
 | ``MARGINLAB_AUDIT_DB`` | SQLAlchemy URL of the publish audit trail | SQLite in the state dir |
 | ``MARGINLAB_GUARDRAILS`` | JSON ``max_change``, ``min_interval_s``, ``min_reason_chars`` | below |
+
+``MARGINLAB_JOB_HEARTBEAT_S`` (``h``) sets how fast Redis mode notices a dead process: a queue
+worker renews the heartbeat of the job it runs every ``h`` and the job counts as abandoned
+``3h`` after a missed renewal; workers and API processes sweep for abandoned jobs every
+``h``; an API process renews the lease of the account backtest it runs every ``h``, and a
+lease ``4h`` old is taken over. Shorter notices sooner; longer tolerates longer stalls (a
+process paused, Redis slow) without taking a live process's job for a dead one's.
 
 ``max_change`` overrides limits of ``calibration.publishing.DEFAULT_RULES`` (every parameter
 of every family has one; the rule's kind says whether the limit is absolute or relative).
@@ -58,6 +66,7 @@ class Settings:
     workers_per_job: int = 2
     job_retries: int = 3
     job_timeout_s: int = 24 * 3600
+    job_heartbeat_s: int = 5
     audit_db: str | None = None
     guardrails_json: str | None = None
     #: Embedded mode: ``process`` runs calibrations in a child process of the API
@@ -67,6 +76,9 @@ class Settings:
     embedded_runner: str = "process"
 
     def __post_init__(self) -> None:
+        if self.job_heartbeat_s < 1:
+            raise ValueError("MARGINLAB_JOB_HEARTBEAT_S must be at least 1 (seconds), not "
+                             f"{self.job_heartbeat_s}")
         if self.embedded_runner not in ("process", "thread"):
             raise ValueError("MARGINLAB_EMBEDDED_RUNNER must be 'process' or 'thread', not "
                              f"{self.embedded_runner!r}")
@@ -97,6 +109,7 @@ class Settings:
             workers_per_job=num("MARGINLAB_WORKERS_PER_JOB", 2),
             job_retries=num("MARGINLAB_JOB_RETRIES", 3),
             job_timeout_s=num("MARGINLAB_JOB_TIMEOUT_S", 24 * 3600),
+            job_heartbeat_s=num("MARGINLAB_JOB_HEARTBEAT_S", 5),
             audit_db=env.get("MARGINLAB_AUDIT_DB") or None,
             guardrails_json=env.get("MARGINLAB_GUARDRAILS") or None,
             embedded_runner=env.get("MARGINLAB_EMBEDDED_RUNNER") or "process",

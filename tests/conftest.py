@@ -96,3 +96,17 @@ def walk_frame(n: int, *, seed: int) -> pd.DataFrame:
     frame["low"] = frame[["open", "close"]].min(axis=1) * 0.999
     frame["volume"] = 50.0
     return frame[["timestamp_ms", "open", "high", "low", "close", "volume"]]
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the linters in the background when their tests will run (``tests/test_lint``)."""
+    if any(item.path.name == "test_lint.py" for item in session.items):
+        from tests.test_lint import start_linters
+
+        start_linters()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    from tests.test_lint import stop_linters
+
+    stop_linters()

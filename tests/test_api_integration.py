@@ -122,7 +122,10 @@ class Deployment:
     def __init__(self, root: Path, redis_url: str, storage_url: str, **env: str) -> None:
         self.root = root
         self.redis_url = redis_url
-        self.env = {**os.environ, "REDIS_URL": redis_url, "MARGINLAB_STORAGE": storage_url,
+        # A 2 s liveness period (default 5 s, see service.settings) notices a SIGKILLed
+        # process as it does by default, in 2/5 of the wait; the environment may override it.
+        self.env = {"MARGINLAB_JOB_HEARTBEAT_S": "2", **os.environ,
+                    "REDIS_URL": redis_url, "MARGINLAB_STORAGE": storage_url,
                     "MARGINLAB_DATA_ROOT": str(root), "MARGINLAB_STATE_DIR": str(root / "state"),
                     **env}
         self.env.pop("MARGINLAB_API_KEYS", None)

@@ -352,7 +352,9 @@ def test_sigkilled_worker_with_no_retries_left_fails_the_job_and_a_resubmit_succ
     the biggest process) with no rq retries left: the job ends ``failed`` with a reason
     naming the dead worker, its study keeps no RUNNING trial, and the identical request
     starts a new job that a new worker runs to the end."""
-    n_trials = 300
+    # Killed after 3 trials: the 97 left take a worker over a second, far longer than the
+    # kill follows the progress read, so the job cannot end first.
+    n_trials = 100
     app = Deployment(tmp_path, own_redis.url, f"journal:{tmp_path / 'studies.log'}",
                      MARGINLAB_JOB_RETRIES="0", MARGINLAB_WORKERS_PER_JOB="1")
     try:
