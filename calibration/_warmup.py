@@ -8,6 +8,7 @@ data files, no network); every family, the liquidation simulation and the batch 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -46,7 +47,30 @@ def warm_up() -> float:
         run_backtest([bars], family, params)
     evaluate_coverage_batch(bars, "ewma", [{"decay": 0.97}, {"decay": 0.99}],
                             config=CoverageConfig(horizon_bars=60))
+    _warm_up_accounts()
     return time.perf_counter() - t0
+
+
+def _warm_up_accounts() -> None:
+    """The account engine's kernels: the default cross walk and the mechanics walk with a
+    capacity limit (its queue), on two synthetic instruments and a few accounts. The
+    mechanics kernel alone takes tens of seconds to compile."""
+    from calibration.accounts import Account, AccountConfig, Market, simulate_accounts
+    from calibration.models import make_model
+
+    series = [dataclasses.replace(synthetic_bars(2_000, seed=k), instrument=name)
+              for k, name in enumerate(("AUSDT", "BUSDT"))]
+    market = Market.from_series(series)
+    start_ms = int(series[0].timestamp_ms[600])
+    accounts = [Account(id=f"a{k}", entry_ms=start_ms + 60_000 * k,
+                        collateral={"USDT": 400.0 + 50.0 * k},
+                        positions={"AUSDT": 10_000.0, "BUSDT": -5_000.0 * (k % 2)})
+                for k in range(6)]
+    model = make_model("ewma", {"warmup_bars": 500})
+    simulate_accounts(market, model, accounts, AccountConfig(holding_bars=200))
+    simulate_accounts(market, model, accounts,
+                      AccountConfig(holding_bars=200, max_liquidations_per_bar=1),
+                      mechanics_kernel=True)
 
 
 if __name__ == "__main__":  # pragma: no cover - the image build runs it
