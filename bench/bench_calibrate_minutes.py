@@ -111,6 +111,8 @@ def profiled(profile: Profile) -> Iterator[None]:
     patches: list[tuple[Any, str, Any]] = [
         (evaluation, "evaluate", "evaluate (rest)"),
         (evaluation, "coverage_backtest", "coverage statistics"),
+        # a claimed chunk's coverage in one pass (batch_size): counted with the statistics
+        (evaluation, "coverage_of_models", "coverage statistics"),
         (evaluation, "simulate_liquidations", "liquidation simulation"),
         (evaluation, "shared_insurance_fund", "liquidation simulation"),
         (LiquidationResult, "metrics", "liquidation simulation"),
