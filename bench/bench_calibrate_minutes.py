@@ -242,8 +242,7 @@ def trial_batch_comparison(prepared: cal.Prepared, k_sets: int) -> None:
     same = alone == claimed_together()
     pruned = sum('"pruned":null' not in s for s in alone)
     n = sum(len(b) for b in prepared.in_sample)
-    print(f"
-{k_sets} trials' evaluations ({pruned} pruned) on {n:,} in-sample bars; "
+    print(f"\n{k_sets} trials' evaluations ({pruned} pruned) on {n:,} in-sample bars; "
           f"claimed together identical to one at a time: {same}")
     for name, fn in (("one at a time", one_at_a_time),
                      ("claimed together", claimed_together)) * 2:
