@@ -85,8 +85,7 @@ def start_helpers(count: int, *, storage_url: str, study_name: str, prepared: Pr
         deadline: epoch seconds after which a forked helper asks for no new trial (a
             subprocess helper, like any ``marginlab worker``, starts the spec's
             ``timeout_seconds`` on its own clock).
-        claim_trials: a forked helper's ``run_worker(claim_trials=...)`` (a subprocess
-            helper claims one trial at a time).
+        claim_trials: each helper's ``run_worker(claim_trials=...)``.
     """
     if count <= 0:
         return []
@@ -104,7 +103,8 @@ def start_helpers(count: int, *, storage_url: str, study_name: str, prepared: Pr
     return [
         Helper(index, "subprocess", subprocess.Popen(
             [sys.executable, "-m", "calibration.cli", "worker", "--study", study_name,
-             "--storage", storage_url, "--worker-index", str(index), "--quiet"], env=env))
+             "--storage", storage_url, "--worker-index", str(index),
+             "--claim-trials", str(claim_trials), "--quiet"], env=env))
         for index in range(1, count + 1)
     ]
 
