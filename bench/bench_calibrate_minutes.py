@@ -7,6 +7,7 @@ Run from the repository root (needs ../shared/data, or MARGINLAB_SHARED_DATA)::
     python -m bench.bench_calibrate_minutes --trials 60 --years 0.5   # a quick run
     python -m bench.bench_calibrate_minutes --batch-size 24       # reproducible batches
     python -m bench.bench_calibrate_minutes --years 1 --coverage-batch 12  # batch kernel?
+    python -m bench.bench_calibrate_minutes --years 1 --trial-batch 12    # trials claimed together
     python -m bench.bench_calibrate_minutes --liquidation-split   # the replay's kernels
 
 Data: five years of one-minute bars do not exist in the shared data. The four real
@@ -111,6 +112,8 @@ def profiled(profile: Profile) -> Iterator[None]:
     patches: list[tuple[Any, str, Any]] = [
         (evaluation, "evaluate", "evaluate (rest)"),
         (evaluation, "coverage_backtest", "coverage statistics"),
+        # a claimed chunk's coverage in one pass (batch_size): counted with the statistics
+        (evaluation, "coverage_of_models", "coverage statistics"),
         (evaluation, "simulate_liquidations", "liquidation simulation"),
         (evaluation, "shared_insurance_fund", "liquidation simulation"),
         (LiquidationResult, "metrics", "liquidation simulation"),
@@ -216,6 +219,39 @@ def coverage_batch_comparison(prepared: cal.Prepared, k_sets: int) -> None:
         print(f"  {name}: {dt:.3f} s CPU, {dt / n / k_sets * 1e9:.2f} ns/bar/set")
 
 
+def trial_batch_comparison(prepared: cal.Prepared, k_sets: int) -> None:
+    """What a worker claiming ``k_sets`` trials of a batch pays: ``evaluate`` of each set alone
+    against ``batch_coverage`` of the sets then ``evaluate(coverage=...)`` of each (pruning,
+    liquidation, capital cost as in a trial); summaries checked identical, then CPU time of
+    each, twice, interleaved."""
+    rng = np.random.default_rng(0)
+    sets = [{"decay": float(rng.uniform(0.9, 0.999)),
+             "confidence": float(rng.uniform(0.99, 0.999)),
+             "floor_rate": float(np.exp(rng.uniform(np.log(0.002), np.log(0.05)))),
+             "apc_buffer": float(rng.uniform(0.25, 1.0))} for _ in range(k_sets)]
+
+    def one_at_a_time() -> list[str]:
+        return [evaluation.evaluate(prepared, p).summary_json() for p in sets]
+
+    def claimed_together() -> list[str]:
+        coverages = evaluation.batch_coverage(prepared, sets)
+        return [evaluation.evaluate(prepared, p, coverage=c).summary_json()
+                for p, c in zip(sets, coverages, strict=True)]
+
+    alone = one_at_a_time()
+    same = alone == claimed_together()
+    pruned = sum('"pruned":null' not in s for s in alone)
+    n = sum(len(b) for b in prepared.in_sample)
+    print(f"\n{k_sets} trials' evaluations ({pruned} pruned) on {n:,} in-sample bars; "
+          f"claimed together identical to one at a time: {same}")
+    for name, fn in (("one at a time", one_at_a_time),
+                     ("claimed together", claimed_together)) * 2:
+        c0 = time.process_time()
+        fn()
+        dt = time.process_time() - c0
+        print(f"  {name}: {dt:.3f} s CPU, {dt / k_sets * 1e3:.1f} ms per trial")
+
+
 def liquidation_split(prepared: cal.Prepared, repeats: int = 10) -> None:
     """Where the liquidation replay of one complete trial goes: its kernels' wall time on the
     first in-sample series (one EWMA set, margins computed beforehand), mean of ``repeats``."""
@@ -270,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--coverage-batch", type=int, default=None, metavar="K",
                         help="only compare K sets' coverage one at a time and batched")
+    parser.add_argument("--trial-batch", type=int, default=None, metavar="K",
+                        help="only compare K trials' evaluations alone and claimed together")
     parser.add_argument("--liquidation-split", action="store_true",
                         help="only time the liquidation replay's kernels on one series")
     args = parser.parse_args(argv)
@@ -293,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.liquidation_split:
         liquidation_split(prepared)
+        return 0
+    if args.trial_batch:
+        trial_batch_comparison(prepared, args.trial_batch)
         return 0
     in_sample = sum(len(b) for b in prepared.in_sample)
     t0 = time.perf_counter()

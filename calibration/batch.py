@@ -41,7 +41,7 @@ from calibration.models import EwmaMargin, MarginModel, make_model
 from calibration.report import CoverageMetrics
 from calibration.windows import StressWindow
 
-__all__ = ["BATCH_FAMILIES", "evaluate_coverage_batch"]
+__all__ = ["BATCH_FAMILIES", "coverage_of_models", "evaluate_coverage_batch"]
 
 #: Families evaluated by the batch kernel; the others fall back to one set at a time.
 BATCH_FAMILIES = ("ewma",)
@@ -75,8 +75,21 @@ def evaluate_coverage_batch(
         InvalidParameters: a set's hyperparameters are out of range (``field`` names it).
         InsufficientData: a set leaves no observation on ``bars``.
     """
-    config = config or CoverageConfig()
     models = [make_model(model_family, p) for p in param_sets]
+    return coverage_of_models(bars, models, config=config, stress_windows=stress_windows)
+
+
+def coverage_of_models(
+    bars: BarSeries,
+    models: Sequence[MarginModel],
+    *,
+    config: CoverageConfig | None = None,
+    stress_windows: Sequence[StressWindow] = (),
+) -> list[list[CoverageMetrics]]:
+    """``evaluate_coverage_batch`` of models already built (``make_model``, a horizon set
+    or not), as ``coverage_backtest(bars, model, config, stress_windows)`` of each: the
+    calibration's trials build theirs once for coverage, liquidations and capital cost."""
+    config = config or CoverageConfig()
     results: list[list[CoverageMetrics] | None] = [None] * len(models)
     groups: dict[int, list[int]] = {}
     for i, model in enumerate(models):

@@ -430,8 +430,10 @@ def _cmd_worker(args: argparse.Namespace) -> int:
                                 "service's: marginlab worker, installed with the service)",
                                 field="study")
     _quiet_optuna()
+    if args.claim_trials < 1:
+        raise InvalidParameters("--claim-trials must be at least 1", field="claim_trials")
     ran = join_calibration(args.study, storage=args.storage, root=root,
-                           worker=args.worker_index)
+                           worker=args.worker_index, claim_trials=args.claim_trials)
     if not args.quiet:
         print(f"worker finished: ran {ran} trials of study {args.study}", file=sys.stderr)
     return 0
@@ -816,6 +818,10 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--storage", default=DEFAULT_STORAGE, help="the study's storage URL")
     wk.add_argument("--worker-index", type=int, default=1,
                     help="offsets the sampler seed so workers explore differently")
+    wk.add_argument("--claim-trials", type=int, default=1, metavar="N",
+                    help="with batch_size: claim N of a batch's queued trials at once and "
+                         "compute their coverage in one pass (ceil(batch_size / workers); "
+                         "the results are the same for any N)")
     wk.add_argument("--quiet", action="store_true", help="no closing line")
     wk.set_defaults(func=_cmd_worker)
 

@@ -54,12 +54,13 @@ class Helper:
 
 
 def _forked_worker(storage_url: str, study_name: str, prepared: Prepared,
-                   root: str | os.PathLike[str], index: int, deadline: float | None) -> None:
+                   root: str | os.PathLike[str], index: int, deadline: float | None,
+                   claim_trials: int = 1) -> None:
     from calibration.calibrate import join_calibration
 
     try:
         join_calibration(study_name, storage=storage_url, root=root, worker=index,
-                         prepared=prepared, deadline=deadline)
+                         prepared=prepared, deadline=deadline, claim_trials=claim_trials)
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: no traceback
         sys.exit(130)
 
@@ -71,7 +72,8 @@ def can_fork() -> bool:
 
 
 def start_helpers(count: int, *, storage_url: str, study_name: str, prepared: Prepared,
-                  root: str | os.PathLike[str], deadline: float | None = None) -> list[Helper]:
+                  root: str | os.PathLike[str], deadline: float | None = None,
+                  claim_trials: int = 1) -> list[Helper]:
     """Start ``count`` helper workers on an existing study.
 
     Args:
@@ -83,6 +85,7 @@ def start_helpers(count: int, *, storage_url: str, study_name: str, prepared: Pr
         deadline: epoch seconds after which a forked helper asks for no new trial (a
             subprocess helper, like any ``marginlab worker``, starts the spec's
             ``timeout_seconds`` on its own clock).
+        claim_trials: each helper's ``run_worker(claim_trials=...)``.
     """
     if count <= 0:
         return []
@@ -92,7 +95,7 @@ def start_helpers(count: int, *, storage_url: str, study_name: str, prepared: Pr
         for index in range(1, count + 1):
             process = context.Process(
                 target=_forked_worker, name=f"marginlab-worker-{index}",
-                args=(storage_url, study_name, prepared, root, index, deadline))
+                args=(storage_url, study_name, prepared, root, index, deadline, claim_trials))
             process.start()
             helpers.append(Helper(index, "fork", process))
         return helpers
@@ -100,7 +103,8 @@ def start_helpers(count: int, *, storage_url: str, study_name: str, prepared: Pr
     return [
         Helper(index, "subprocess", subprocess.Popen(
             [sys.executable, "-m", "calibration.cli", "worker", "--study", study_name,
-             "--storage", storage_url, "--worker-index", str(index), "--quiet"], env=env))
+             "--storage", storage_url, "--worker-index", str(index),
+             "--claim-trials", str(claim_trials), "--quiet"], env=env))
         for index in range(1, count + 1)
     ]
 

@@ -95,3 +95,72 @@ def test_batch_size_keeps_old_spec_hashes_and_refuses_nsga2() -> None:
         decode_spec(json.dumps({**_spec(6), "sampler": "nsga2"}))
     assert err.value.field == "batch_size"
     validate_spec(decode_spec(json.dumps(_spec(6))))
+
+
+def _calibration_record(url: str, study: str, result: Any) -> dict[str, Any]:
+    """Everything a calibration produced but the workers' identities: each trial's number,
+    parameters, values, state, constraints and stored metrics; the front; the
+    recommendation."""
+    import optuna
+
+    from calibration.calibrate._evaluate import trial_metrics
+    from calibration.storage import Coordination
+
+    with Coordination(url) as coordination:
+        opt = optuna.load_study(study_name=study, storage=coordination.storage)
+        trials = []
+        for t in opt.get_trials():
+            metrics = trial_metrics(t) or {}
+            metrics.pop("worker")
+            trials.append([t.number, t.params, t.values, t.state.name,
+                           t.system_attrs.get("constraints"),
+                           msgspec.json.encode(metrics).decode()])
+    rec = result.recommendation
+    return {"trials": trials,
+            "front": [[p.params, p.objectives] for p in result.pareto_front],
+            "recommendation": None if rec is None else [rec.params, rec.trial, rec.objectives]}
+
+
+def test_batched_coverage_gives_the_trials_of_one_at_a_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker claiming several queued trials of a batch computes their coverage in one pass
+    (``batch_coverage``); the calibration is bit for bit the one of trials evaluated alone,
+    with one worker and with two."""
+    import calibration.calibrate as cal
+    import calibration.calibrate._evaluate as evaluation
+    from calibration.calibrate._study import create_or_load_study
+    from calibration.calibrate._workers import run_worker
+    from calibration.storage import Coordination
+
+    root = tmp_path / "data"
+    root.mkdir()
+    walk_frame(3000, seed=11).to_parquet(root / "bars.parquet", index=False)
+    spec = decode_spec(json.dumps({**_spec(batch_size=6), "n_trials": 12}))
+    prepared = cal.prepare(spec, root)
+    batched_sets: list[int] = []
+    original = evaluation.coverage_of_models
+
+    def counted(bars: Any, models: Any, **kwargs: Any) -> Any:
+        batched_sets.append(len(models))
+        return original(bars, models, **kwargs)
+
+    monkeypatch.setattr(evaluation, "coverage_of_models", counted)
+    runs = {}
+    for label, claim in (("alone", 1), ("claim 6", 6)):
+        url = f"journal:{tmp_path / f'{claim}.log'}"
+        with Coordination(url) as coordination:
+            study = create_or_load_study(spec, prepared, coordination, "b")
+            run_worker(study, prepared, coordination, n_trials=spec.n_trials, claim_trials=claim)
+        runs[label] = _calibration_record(url, "b", cal.summarize(study, prepared, url))
+        if label == "alone":
+            assert batched_sets == []  # one trial at a time: no batch
+    assert batched_sets == [6, 6]  # two batches of six, each in one pass
+    url = f"journal:{tmp_path / 'two.log'}"
+    two = cal.calibrate(spec, root=root, storage=url, study="b", prepared=prepared, workers=2)
+    runs["two workers, claim 3"] = _calibration_record(url, "b", two)
+    alone = runs["alone"]
+    assert len(alone["trials"]) == 12
+    assert {t[3] for t in alone["trials"]} <= {"COMPLETE", "PRUNED"}
+    assert alone["front"]
+    for label in ("claim 6", "two workers, claim 3"):
+        assert runs[label] == alone, label

@@ -11,6 +11,8 @@ import msgspec
 from optuna.trial import FrozenTrial
 
 from calibration._bars import BarSeries
+from calibration._errors import MarginlabError
+from calibration.batch import BATCH_FAMILIES, coverage_of_models
 from calibration.calibrate._accounts import AccountEvaluation, split_params
 from calibration.calibrate._objectives import (
     DEFAULT_OBJECTIVES,
@@ -24,7 +26,7 @@ from calibration.calibrate._regimes import regime_evidence, worst_red_margin
 from calibration.coverage import coverage_backtest
 from calibration.liquidation import shared_insurance_fund, simulate_liquidations
 from calibration.margins import MarginSeries
-from calibration.models import make_model
+from calibration.models import EwmaMargin, MarginModel, make_model
 from calibration.publishing import guardrail_constraint
 from calibration.report import CoverageMetrics, LiquidationMetrics
 from calibration.stats import binomial_cdf
@@ -132,6 +134,7 @@ def evaluate(
     full: bool = False,
     prune_hopeless: bool = True,
     evidence: bool | None = None,
+    coverage: Mapping[str, list[CoverageMetrics]] | None = None,
 ) -> Evaluation:
     """Backtest one parameter set: objectives, constraints and metrics.
 
@@ -145,10 +148,14 @@ def evaluate(
             Not with an accounts section: an account-level search may keep the model fixed.
         evidence: add the account-level evidence (``Evaluation.accounts``); default: on
             full evaluations.
+        coverage: this set's coverage metrics on the bars it is evaluated on, already
+            computed (``batch_coverage``: several trials' in one pass); default: computed
+            here. The margin series are then computed only if something reads them (the
+            liquidation replay of a trial that is not pruned, the capital cost).
     """
     spec = prepared.spec
-    model_params, account_params = split_params(params)
-    model = make_model(spec.model, model_params).with_horizon(prepared.horizon.bars)
+    _, account_params = split_params(params)
+    model = _model_of(prepared, params)
     bars_list = prepared.full if full else prepared.in_sample
     windows = prepared.stress_windows + (prepared.folds if full else ())
     accounts = None
@@ -158,9 +165,12 @@ def evaluate(
     # One margin series per instrument for every consumer: coverage, liquidations, capital
     # cost and the regime evidence read the same rates, computed once.
     margins = {b.instrument: MarginSeries(model, b) for b in bars_list}
-    coverage = {b.instrument: coverage_backtest(b, model, prepared.coverage, windows,
-                                                margins=margins[b.instrument])
-                for b in bars_list}
+    if coverage is None:
+        coverage = {b.instrument: coverage_backtest(b, model, prepared.coverage, windows,
+                                                    margins=margins[b.instrument])
+                    for b in bars_list}
+    else:
+        coverage = dict(coverage)
     constraints: dict[str, float] = {}
     c = spec.constraints
     overall = [(m[0].long, m[0].short) for m in coverage.values()]
@@ -260,6 +270,47 @@ def evaluate(
     objectives = tuple(METRICS[name].compute(done) for name in names)
     return Evaluation(objectives, constraints, coverage, liquidation, names=names,
                       regimes=regimes, accounts=account_evidence)
+
+
+def _model_of(prepared: Prepared, params: Mapping[str, Any]) -> MarginModel:
+    """The margin model of a trial's parameters, at the calibration's horizon."""
+    model_params, _ = split_params(params)
+    return make_model(prepared.spec.model, model_params).with_horizon(prepared.horizon.bars)
+
+
+def batch_coverage(prepared: Prepared, param_sets: Sequence[Mapping[str, Any]]
+                   ) -> list[dict[str, list[CoverageMetrics]] | None]:
+    """The in-sample coverage of several trials' parameter sets in one pass over each
+    series (``calibration.batch``), for ``evaluate(prepared, params, coverage=...)``.
+
+    Returns one entry per set, in order: instrument → ``coverage_backtest`` metrics (whole
+    span, then stress windows), bit for bit what ``evaluate`` computes itself; ``None`` for
+    a set left to ``evaluate``: a family without a batch kernel, a model the kernel does not
+    run (the liquidity add-on: its margin series is needed per notional anyway), fewer than
+    two batchable sets, or any set the batch refuses (bad parameters, too few bars), so that
+    each such set fails in its own trial with its own error, as it would one at a time.
+    """
+    out: list[dict[str, list[CoverageMetrics]] | None] = [None] * len(param_sets)
+    if prepared.spec.model not in BATCH_FAMILIES:
+        return out
+    try:
+        models = [_model_of(prepared, p) for p in param_sets]
+    except MarginlabError:
+        return out
+    members = [i for i, m in enumerate(models) if type(m) is EwmaMargin]
+    if len(members) < 2:
+        return out
+    try:
+        per_bars = [coverage_of_models(b, [models[i] for i in members],
+                                       config=prepared.coverage,
+                                       stress_windows=prepared.stress_windows)
+                    for b in prepared.in_sample]
+    except MarginlabError:
+        return out
+    for k, i in enumerate(members):
+        out[i] = {b.instrument: metrics[k]
+                  for b, metrics in zip(prepared.in_sample, per_bars, strict=True)}
+    return out
 
 
 def _regimes_of(prepared: Prepared, margins: MarginSeries, bars: BarSeries,

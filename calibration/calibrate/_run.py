@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -78,12 +79,16 @@ def run_calibration(
         opt_study = create_or_load_study(spec, prepared, coordination, study)
         on_trial = watch(opt_study) if watch is not None else None
         deadline = time.time() + spec.timeout_seconds if spec.timeout_seconds else None
+        # Each worker claims its share of a batch at once, whose coverage is computed in one
+        # pass (``run_worker``'s ``claim_trials``); results are the same for any share.
+        claim = math.ceil(spec.batch_size / workers) if spec.batch_size else 1
         helpers = start_helpers(workers - 1, storage_url=storage,
                                 study_name=opt_study.study_name, prepared=prepared,
-                                root=root, deadline=deadline)
+                                root=root, deadline=deadline, claim_trials=claim)
         try:
             run_worker(opt_study, prepared, coordination, n_trials=spec.n_trials,
-                       deadline=deadline, on_trial=on_trial, should_stop=should_stop)
+                       deadline=deadline, on_trial=on_trial, should_stop=should_stop,
+                       claim_trials=claim)
         finally:
             wait_helpers(helpers)  # a failed helper is logged (warning) there
         if should_stop is not None and should_stop():
@@ -130,6 +135,7 @@ def join_calibration(
     worker: int = 1,
     prepared: Prepared | None = None,
     deadline: float | Literal["spec"] | None = "spec",
+    claim_trials: int = 1,
 ) -> int:
     """Join an existing study as worker ``worker`` and add trials until it has its count
     (``marginlab worker --study``, and the helpers of ``run_calibration``); returns how many
@@ -144,6 +150,8 @@ def join_calibration(
             under ``root`` and checked against the study's fingerprints.
         deadline: epoch seconds after which no trial starts; ``"spec"``: the spec's time
             budget on this worker's clock (as for the service's jobs).
+        claim_trials: with ``batch_size``, queued trials claimed and evaluated together
+            (``run_worker``).
 
     Raises:
         StudyMismatch: the data under ``root`` differ from the data the study was created
@@ -160,4 +168,4 @@ def join_calibration(
         if deadline == "spec":
             deadline = time.time() + spec.timeout_seconds if spec.timeout_seconds else None
         return run_worker(opt_study, prepared, coordination, n_trials=spec.n_trials,
-                          deadline=deadline)
+                          deadline=deadline, claim_trials=claim_trials)

@@ -8,6 +8,7 @@ import socket
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import ExitStack
 from typing import Any
 
 import msgspec
@@ -43,6 +44,7 @@ def run_worker(
     on_trial: TrialCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
     poll_s: float = 0.2,
+    claim_trials: int = 1,
 ) -> int:
     """Add trials to ``study`` until ``n_trials`` are finished (COMPLETE or PRUNED) or the
     deadline passes; returns how many this worker ran.
@@ -52,9 +54,17 @@ def run_worker(
     ``n_trials``. A RUNNING trial whose worker stopped beating is failed and its parameters
     enqueued again (``Coordination.reap_stale_trials``); a worker with nothing to ask waits
     for such retries until every trial is finished.
+
+    ``claim_trials``: with ``batch_size``, how many of the batch's queued trials this worker
+    claims at once (under the same lock, so no two workers claim one trial). Their coverage
+    is computed together in one pass over each series (``batch_coverage``, the EWMA batch
+    kernel), then each trial is evaluated, told and reported on its own as when claimed
+    alone: the same values and attributes bit for bit. ``run_calibration`` claims
+    ``ceil(batch_size / workers)``; 1 (the default) is one trial at a time.
     """
     return _run_trials(study, prepared, coordination, n_trials=n_trials, deadline=deadline,
-                       on_trial=on_trial, should_stop=should_stop, poll_s=poll_s)
+                       on_trial=on_trial, should_stop=should_stop, poll_s=poll_s,
+                       claim_trials=claim_trials)
 
 
 def _run_trials(
@@ -67,6 +77,7 @@ def _run_trials(
     on_trial: TrialCallback | None,
     should_stop: Callable[[], bool] | None,
     poll_s: float,
+    claim_trials: int = 1,
 ) -> int:
     space = prepared.space
     worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -87,6 +98,8 @@ def _run_trials(
             expired = deadline is not None and time.time() >= deadline
             room = n_trials is None or active < n_trials
             trial = None
+            claimed: list[optuna.Trial] = []
+            queued = sum(t.state == TrialState.WAITING for t in trials)
             batch = prepared.spec.batch_size
             if batch is not None and not waiting and room and not expired:
                 # Reproducible batches: the next batch is proposed only once every trial
@@ -98,6 +111,7 @@ def _run_trials(
                     for params in propose_batch(study, prepared.spec, space, size):
                         study.enqueue_trial(params)
                     waiting = True
+                    queued = size
             if waiting or (room and not expired):
                 with warnings.catch_warnings():
                     # RDB storages: Optuna warns that its heartbeat is meant for optimize();
@@ -105,6 +119,12 @@ def _run_trials(
                     warnings.filterwarnings("ignore", "Heartbeat of storage is supposed",
                                             UserWarning)
                     trial = study.ask()
+                    claimed.append(trial)
+                    if batch is not None and waiting:
+                        # More of the batch's queued trials, in their order. Every ask
+                        # happens under this lock, so the count read above still holds.
+                        for _ in range(min(claim_trials, queued) - 1):
+                            claimed.append(study.ask())
         if trial is None:
             running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             if expired or not running:
@@ -112,32 +132,50 @@ def _run_trials(
             time.sleep(wait_s)
             wait_s = min(2 * wait_s, poll_s)
             continue
-        with coordination.heartbeat(trial._trial_id):
-            try:
-                params = _suggest(trial, space)
-                result = _evaluate.evaluate(prepared, params)
-                if result.constraints:
-                    trial.set_constraint(VIOLATION_KEY, violation(result.constraints))
-                # One attribute for the evidence: every storage write is a journal append
-                # (with fsync); the full parameter set is trial.params plus the spec's fixed
-                # values. The worker's identity rides in the same write: the result counts
-                # the workers that ran trials, which changes what a seed reproduces (§5).
-                summary = result.summary()
-                summary["worker"] = worker
-                trial.set_user_attr(METRICS_ATTR, msgspec.json.encode(summary).decode())
-                if result.pruned:
-                    study.tell(trial, state=TrialState.PRUNED)
-                else:
-                    study.tell(trial, list(result.objectives))
-            except BaseException:
-                # Whatever stops this worker mid-trial (an error, a job time limit raised
-                # into it, a KeyboardInterrupt) leaves no trial RUNNING behind it.
-                _fail_if_running(study, trial)
-                raise
-        ran += 1
-        if on_trial is not None:
-            on_trial(_finished(study), n_trials,
-                     best_feasible(study, prepared.spec.risk_appetite_bps))
+        beats = [ExitStack() for _ in claimed]
+        try:
+            for t, beat in zip(claimed, beats, strict=True):
+                beat.enter_context(coordination.heartbeat(t._trial_id))
+            chosen = [_suggest(t, space) for t in claimed]
+            # One trial: nothing to batch (and the one-set kernels are faster alone).
+            coverages = (_evaluate.batch_coverage(prepared, chosen) if len(claimed) > 1
+                         else [None])
+            for t, params, coverage, beat in zip(claimed, chosen, coverages, beats,
+                                                 strict=True):
+                _run_one(study, t, prepared, params, coverage, worker)
+                beat.close()  # no beat for a finished trial
+                ran += 1
+                if on_trial is not None:
+                    on_trial(_finished(study), n_trials,
+                             best_feasible(study, prepared.spec.risk_appetite_bps))
+        except BaseException:
+            # Whatever stops this worker mid-trial (an error, a job time limit raised
+            # into it, a KeyboardInterrupt) leaves no trial of its claim RUNNING behind it.
+            for t in claimed:
+                _fail_if_running(study, t)
+            raise
+        finally:
+            for beat in beats:
+                beat.close()
+
+
+def _run_one(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
+             params: dict[str, Any], coverage: dict[str, Any] | None, worker: str) -> None:
+    """Evaluate one claimed trial (its coverage given, or computed here) and tell it."""
+    result = _evaluate.evaluate(prepared, params, coverage=coverage)
+    if result.constraints:
+        trial.set_constraint(VIOLATION_KEY, violation(result.constraints))
+    # One attribute for the evidence: every storage write is a journal append (with
+    # fsync); the full parameter set is trial.params plus the spec's fixed values. The
+    # worker's identity rides in the same write: the result counts the workers that ran
+    # trials, which changes what a seed reproduces (§5).
+    summary = result.summary()
+    summary["worker"] = worker
+    trial.set_user_attr(METRICS_ATTR, msgspec.json.encode(summary).decode())
+    if result.pruned:
+        study.tell(trial, state=TrialState.PRUNED)
+    else:
+        study.tell(trial, list(result.objectives))
 
 
 def _fail_if_running(study: optuna.Study, trial: optuna.Trial) -> None:
