@@ -66,7 +66,8 @@ def _commands(parser: argparse.ArgumentParser) -> dict[str, list[str]]:
 #: The service commands' flags as they were when calibration/cli.py held them.
 SERVICE_FLAGS = {
     "serve": ["--host", "--port", "--workers"],
-    "worker": ["--burst", "--quiet", "--storage", "--study", "--worker-index"],
+    "worker": ["--burst", "--claim-trials", "--quiet", "--storage", "--study",
+               "--worker-index"],
     "recalibrate": ["--api", "--clamp", "--every", "--instrument", "--once", "--spec"],
     "apikey": ["--name", "--role"],
 }
