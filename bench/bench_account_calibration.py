@@ -47,12 +47,15 @@ def _cpu(prepared: Any, params: dict[str, Any]) -> float:
     return statistics.median(times)
 
 
+#: The account-level section both account benchmarks calibrate on.
+ACCOUNT_SECTION: dict[str, Any] = {
+    "population": {"accounts_per_entry": 5, "collateral_weights": {"USDT": 0.5, "BTC": 0.5}},
+    "mode": "portfolio", "engine": {"policy": "partial"}, "portfolio": {"warmup_bars": 300},
+    "haircuts": {"BTC": {"caps_usd": [1e6], "ratios": [0.98, 0.95]}}}
+
+
 def main() -> None:
-    section = {"population": {"accounts_per_entry": 5,
-                              "collateral_weights": {"USDT": 0.5, "BTC": 0.5}},
-               "mode": "portfolio", "engine": {"policy": "partial"},
-               "portfolio": {"warmup_bars": 300},
-               "haircuts": {"BTC": {"caps_usd": [1e6], "ratios": [0.98, 0.95]}}}
+    section = ACCOUNT_SECTION
     cases = {
         "model only (capital_cost, insolvency_bps)": (_spec(), PARAMS),
         "contagion alone (cross, default population)": (_spec(

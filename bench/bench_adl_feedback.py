@@ -19,24 +19,16 @@ import time
 from pathlib import Path
 
 import calibration.accounts._engine as engine
-from calibration.accounts._book import PopulationSpec, generate_population
 from calibration.accounts._engine import AccountConfig, simulate_accounts
-from calibration.accounts._replays import oct10_market
+from calibration.accounts._replays import oct10_book
 from calibration.accounts._venue_presets import preset_fields
-from calibration.models import TieredMargin
 
 REPEATS = 3
 
 
 def main() -> None:
     root = Path(os.environ.get("MARGINLAB_SHARED_DATA", "../shared/data"))
-    market = oct10_market(root)
-    model = TieredMargin(base_mmr=0.005, tier_growth=1.0, bracket_caps_usd=[])
-    accounts = generate_population(
-        PopulationSpec(seed=10, entry_every_bars=12, accounts_per_entry=50,
-                       notional_usd=(10_000.0, 20_000_000.0), leverage=(5.0, 40.0)),
-        instruments=market.instruments, timestamp_ms=market.timestamp_ms,
-        close=market.matrix("close"), first_bar=0)
+    market, model, accounts = oct10_book(root)
     on = AccountConfig.from_mapping(
         {**preset_fields("dydx_v4"), "max_liquidations_per_block": 1, "block_seconds": 300.0},
         holding_bars=288, latency_bars=1, impact_coef=0.01, insurance_fund_usd=1_000_000.0)

@@ -12,7 +12,7 @@ import os
 import statistics
 import time
 
-from bench.bench_account_calibration import PARAMS, RULES_OFF, _spec
+from bench.bench_account_calibration import ACCOUNT_SECTION, PARAMS, RULES_OFF, _spec
 from calibration.calibrate import evaluate, prepare
 
 ROOT = os.environ.get("MARGINLAB_DATA_ROOT", "../shared/data")
@@ -20,11 +20,7 @@ REPEATS = 7
 
 
 def main() -> None:
-    section = {"population": {"accounts_per_entry": 5,
-                              "collateral_weights": {"USDT": 0.5, "BTC": 0.5}},
-               "mode": "portfolio", "engine": {"policy": "partial"},
-               "portfolio": {"warmup_bars": 300},
-               "haircuts": {"BTC": {"caps_usd": [1e6], "ratios": [0.98, 0.95]}}}
+    section = ACCOUNT_SECTION
     spec = _spec(accounts=section,
                  objectives={"minimize": ["portfolio_capital_cost", "account_bad_debt_bps",
                                           "collateral_held_back"]},

@@ -112,9 +112,10 @@ def oct10_market(root: Path) -> Market:
     return Market.from_series([with_depth(bars, load_book_depth(OCT10_DEPTH, root=root))])
 
 
-def _oct10_rows(root: Path) -> list[dict[str, Any]]:
+def oct10_book(root: Path) -> tuple[Market, Any, list[Account]]:
+    """The 2025-10-10 replay's market, its flat 0.5% MM model and its seeded population (50
+    accounts an hour, 10k–20M USD at 5–40x)."""
     from calibration.accounts._book import PopulationSpec, generate_population
-    from calibration.accounts._venue_presets import preset_fields
     from calibration.models import TieredMargin
 
     market = oct10_market(root)
@@ -124,6 +125,13 @@ def _oct10_rows(root: Path) -> list[dict[str, Any]]:
                        notional_usd=(10_000.0, 20_000_000.0), leverage=(5.0, 40.0)),
         instruments=market.instruments, timestamp_ms=market.timestamp_ms,
         close=market.matrix("close"), first_bar=0)
+    return market, model, accounts
+
+
+def _oct10_rows(root: Path) -> list[dict[str, Any]]:
+    from calibration.accounts._venue_presets import preset_fields
+
+    market, model, accounts = oct10_book(root)
     base = AccountConfig(holding_bars=288, latency_bars=1, impact_coef=0.01,
                          insurance_fund_usd=1_000_000.0)
     scenarios = {
