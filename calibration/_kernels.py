@@ -439,6 +439,20 @@ def fhs_rate(
     return out
 
 
+@nb.njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
+def _mean_m2(returns: FloatArray, lo: int, hi: int) -> tuple[float, float]:  # pragma: no cover
+    """Two-pass mean and sum of squared deviations of ``returns[lo:hi]``."""
+    mean = 0.0
+    for i in range(lo, hi):
+        mean += returns[i]
+    mean /= hi - lo
+    m2 = 0.0
+    for i in range(lo, hi):
+        d = returns[i] - mean
+        m2 += d * d
+    return mean, m2
+
+
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
 def trailing_std(returns: FloatArray, window: int) -> FloatArray:  # pragma: no cover - jit
     """Population standard deviation of ``returns[t - window : t]`` at every ``t`` in
@@ -454,14 +468,7 @@ def trailing_std(returns: FloatArray, window: int) -> FloatArray:  # pragma: no 
     out = np.full(n + 1, np.nan)
     w = window
     for b in range(w, n + 1, w):
-        mean = 0.0
-        for i in range(b - w, b):
-            mean += returns[i]
-        mean /= w
-        m2 = 0.0
-        for i in range(b - w, b):
-            d = returns[i] - mean
-            m2 += d * d
+        mean, m2 = _mean_m2(returns, b - w, b)
         out[b] = math.sqrt(m2 / w)
         # The sliding sum's rounding is of the order of the block's starting m2: a window
         # whose m2 fell far below it (a market going flat) is summed afresh instead.
@@ -474,14 +481,7 @@ def trailing_std(returns: FloatArray, window: int) -> FloatArray:  # pragma: no 
             m2 += step * (x_in - new_mean + x_out - mean)
             mean = new_mean
             if m2 < fresh_below:
-                mean = 0.0
-                for i in range(t - w, t):
-                    mean += returns[i]
-                mean /= w
-                m2 = 0.0
-                for i in range(t - w, t):
-                    d = returns[i] - mean
-                    m2 += d * d
+                mean, m2 = _mean_m2(returns, t - w, t)
             out[t] = math.sqrt(m2 / w)
     return out
 
