@@ -208,7 +208,7 @@ def test_two_workers_share_a_study_exactly(url: str, data_root: Path, spec: Cali
                                            procs: list[subprocess.Popen[str]]) -> None:
     """Two worker processes fill one study to exactly n_trials, each running some of them."""
     name = _new_study(spec, prepared, url)
-    workers = [_start_worker(procs, data_root, url, name, i) for i in (1, 2)]
+    workers = _start_both_in_a_trial(procs, (data_root, data_root), url, name)
     results = [_finish(w) for w in workers]
     assert [code for code, _ in results] == [0, 0], results
     ran = [_ran(err) for _, err in results]
@@ -216,6 +216,44 @@ def test_two_workers_share_a_study_exactly(url: str, data_root: Path, spec: Cali
     trials = _trials(url, name)
     _assert_study_exact(trials, N_TRIALS)
     assert sum(ran) == len(trials)  # every trial was run by one of the two workers
+
+
+def _start_both_in_a_trial(procs: list[subprocess.Popen[str]], roots: tuple[Path, Path],
+                           url: str, name: str) -> list[subprocess.Popen[str]]:
+    """Start two workers (on these data roots) such that each runs a trial.
+
+    A trial here can be quicker than a worker's start-up, so the first worker could finish
+    the study before the second has loaded its data. The first is frozen (SIGSTOP) inside
+    its first trial until the second has started one of its own (3-4 s here), for at most
+    a few seconds less than STALE_AFTER_S, so nobody reaps the frozen worker's trial.
+    """
+    first = _start_worker(procs, roots[0], url, name, 1)
+    deadline = time.monotonic() + WORKER_TIMEOUT_S
+    with Coordination(url) as coordination:
+        study = optuna.load_study(study_name=name, storage=coordination.storage)
+
+        def running() -> set[int]:
+            return {t.number for t in study.get_trials(states=(TrialState.RUNNING,))}
+
+        while True:
+            assert time.monotonic() < deadline, "the first worker never started a trial"
+            assert first.poll() is None, first.communicate()
+            if not running():
+                time.sleep(0.005)
+                continue
+            _signal([first], signal.SIGSTOP)
+            if held := running():  # still inside that trial (or the next) once frozen
+                break
+            _signal([first], signal.SIGCONT)
+        frozen_at = time.monotonic()
+        second = _start_worker(procs, roots[1], url, name, 2)
+        # Thawed by the time its trial could be reaped, whether or not the second has
+        # started one: then the end assertions say which worker ran nothing.
+        while (not running() - held and second.poll() is None
+               and time.monotonic() - frozen_at < STALE_AFTER_S - 2 * HEARTBEAT_INTERVAL_S):
+            time.sleep(0.005)
+        _signal([first], signal.SIGCONT)
+    return [first, second]
 
 
 @pytest.mark.slow
@@ -234,8 +272,7 @@ def test_workers_on_separate_machines_share_one_postgresql_study(
         root.mkdir()
         shutil.copy(data_root / "bars.parquet", root / "bars.parquet")
         roots.append(root)
-    workers = [_start_worker(procs, root, postgres_db, name, i)
-               for i, root in enumerate(roots, start=1)]
+    workers = _start_both_in_a_trial(procs, (roots[0], roots[1]), postgres_db, name)
     results = [_finish(w) for w in workers]
     assert [code for code, _ in results] == [0, 0], results
     ran = [_ran(err) for _, err in results]
