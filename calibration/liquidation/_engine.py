@@ -157,16 +157,25 @@ def simulate_liquidations(
     def side_bars(sign: int) -> _lk.SideBars:
         return _lk.SideBars(sign > 0, close, extremes[sign], funding_cum, depths[sign])
 
+    # The x-space index of each side and MM series, from the bars' own extremes (a cascade
+    # moves one side's extremes only after that side's first passage); a series both sides
+    # read is indexed for both in one pass.
+    x_blocks: dict[tuple[int, int], _lk.BlockIndex] = {}
+    both = ({g.series for g in groups[1]} & {g.series for g in groups[-1]})
+    for series in sorted(both):
+        long8, long64, short8, short64 = _lk.block_minima_both_sides(
+            low, high, mm_series[series], funding_cum)
+        x_blocks[(1, series)] = _lk.BlockIndex(long8, long64)
+        x_blocks[(-1, series)] = _lk.BlockIndex(short8, short64)
     for sign, side_groups in groups.items():
-        blocks: dict[int, _lk.BlockIndex] = {}
         for g in side_groups:
-            if g.series not in blocks:
-                blocks[g.series] = _lk.BlockIndex(*_lk.block_minima(
+            if (sign, g.series) not in x_blocks:
+                x_blocks[(sign, g.series)] = _lk.BlockIndex(*_lk.block_minima(
                     extremes[sign], mm_series[g.series], funding_cum, sign > 0, False
                 ))
             g.trig = _lk.first_passage(
-                side_bars(sign), mm_series[g.series], blocks[g.series], g.entries, g.leverage,
-                g.order, holding,
+                side_bars(sign), mm_series[g.series], x_blocks[(sign, g.series)], g.entries,
+                g.leverage, g.order, holding,
             )
         if config.cascade and config.cascade_kappa > 0 and side_groups:
             extremes[sign] = _run_cascade(

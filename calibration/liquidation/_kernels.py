@@ -212,6 +212,46 @@ def block_minima(
     return b8, b64
 
 
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def block_minima_both_sides(
+    low: FloatArray, high: FloatArray, mm: FloatArray, funding_cum: FloatArray
+) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:  # pragma: no cover - jit
+    """``block_minima`` of ``x`` (``raw=False``) for longs (from ``low``) and shorts (from
+    ``high``) of one MM series, in one pass: ``(b8_long, b64_long, b8_short, b64_short)``,
+    the same values as two calls. The pass is memory-bound; one read of ``mm`` and
+    ``funding_cum`` instead of two is most of its cost."""
+    n = low.shape[0]
+    n8 = n // 8
+    long8 = np.empty(n8)
+    short8 = np.empty(n8)
+    for i in range(n8):
+        m_long = np.inf
+        m_short = np.inf
+        for t in range(8 * i, 8 * i + 8):
+            # Selects, not branches: a NaN margin gives NaN here, which no comparison
+            # takes, so the bar counts as +inf (``_x_value``).
+            m = mm[t]
+            d = funding_cum[t]
+            x_long = low[t] * (1.0 - m) - d
+            x_short = d - high[t] * (1.0 + m)
+            m_long = x_long if x_long < m_long else m_long
+            m_short = x_short if x_short < m_short else m_short
+        long8[i] = m_long
+        short8[i] = m_short
+    n64 = n // 64
+    long64 = np.empty(n64)
+    short64 = np.empty(n64)
+    for i in range(n64):
+        m_long = np.inf
+        m_short = np.inf
+        for j in range(8 * i, 8 * i + 8):
+            m_long = min(m_long, long8[j])
+            m_short = min(m_short, short8[j])
+        long64[i] = m_long
+        short64[i] = m_short
+    return long8, long64, short8, short64
+
+
 @nb.njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
 def _scan(
     price: FloatArray, mm: FloatArray, funding_cum: FloatArray, is_long: bool, raw: bool,
