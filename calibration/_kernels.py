@@ -548,10 +548,13 @@ def im_rate_sum(mm: FloatArray, first: int, im_to_mm: float,
     """Sum and count of the defined IM rates of ``mm[first:]`` without storing them: the sum
     ``np.nansum(im_rate[first:])`` gives, bit for bit, and the bars with an MM rate."""
     n = mm.shape[0] - first
-    count = 0.0  # a float count: a select per bar, no branch (exact below 2**53 bars)
-    for i in range(first, mm.shape[0]):
-        m = mm[i]
-        count += 1.0 if m == m else 0.0
+    # An integer count over a slice: LLVM vectorises it (a float count is one serial chain
+    # of additions, 2.5 times slower on 1.8M bars).
+    tail = mm[first:]
+    count = np.int64(0)
+    for i in range(n):
+        m = tail[i]
+        count += np.int64(m == m)
     return _im_pairwise_sum(mm, first, n, im_to_mm, max_rate), int(count)
 
 
