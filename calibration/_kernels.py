@@ -15,6 +15,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 FloatArray = NDArray[np.float64]
+BoolArray = NDArray[np.bool_]
 
 _JIT: dict[str, Any] = {"nogil": True, "cache": True}
 
@@ -556,6 +557,20 @@ def im_rate_sum(mm: FloatArray, first: int, im_to_mm: float,
         m = tail[i]
         count += np.int64(m == m)
     return _im_pairwise_sum(mm, first, n, im_to_mm, max_rate), int(count)
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def cap_rates(raw: FloatArray, cap: float) -> tuple[FloatArray, BoolArray]:  # pragma: no cover
+    """``(np.minimum(raw, cap), raw > cap)`` in one pass (NaN stays NaN and is not capped)."""
+    n = raw.shape[0]
+    mm = np.empty(n)
+    capped = np.empty(n, dtype=np.bool_)
+    for i in range(n):
+        r = raw[i]
+        above = r > cap
+        capped[i] = above
+        mm[i] = cap if above else r
+    return mm, capped
 
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]

@@ -900,4 +900,5 @@ def test_both_sides_index_is_the_two_one_side_indexes() -> None:
              *lk.block_minima(high, mm, funding_cum, False, False))
     for fused, alone in zip(both, apart, strict=True):
         assert fused.tobytes() == alone.tobytes()
-    assert both[1][10] == np.inf and both[3][10] == np.inf
+    assert both[1][10] == np.inf
+    assert both[3][10] == np.inf

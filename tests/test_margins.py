@@ -138,3 +138,22 @@ def test_capital_cost_of_an_ewma_on_real_minutes_is_the_stored_series_mean(
     weights = np.asarray(notionals, dtype=np.float64) / sum(notionals)
     assert capital_cost([MarginSeries(model, bars)], notionals) == float(
         np.mean([float(np.dot(weights, [mean] * 5))]))
+
+
+def test_capping_in_one_pass_is_numpys_minimum_and_mask() -> None:
+    """``cap_rates`` (the capped path of ``margin_rates``) gives ``np.minimum(raw, cap)`` and
+    ``raw > cap`` to the bit: NaN stays NaN and is not capped, a rate at the cap is kept."""
+    from calibration import _kernels
+
+    rng = np.random.default_rng(3)
+    raw = rng.uniform(0.0, 1.5, 1_000)
+    raw[:40] = np.nan
+    raw[500] = 1.0
+    raw[501] = np.inf
+    mm, capped = _kernels.cap_rates(raw, 1.0)
+    with np.errstate(invalid="ignore"):
+        assert capped.tolist() == (raw > 1.0).tolist()
+    assert mm.tobytes() == np.minimum(raw, 1.0).tobytes()
+    assert mm[500] == 1.0
+    assert mm[501] == 1.0
+    assert np.isnan(mm[:40]).all()

@@ -214,9 +214,8 @@ class MarginModel(Hyperparameters, ABC):
         if not _kernels.any_above(np.ascontiguousarray(raw, dtype=np.float64), float(cap)):
             return MarginRates(mm_rate=raw, im_to_mm=model._im_to_mm(notional_usd),
                                first_valid_bar=first, max_rate=cap, capped=None)
-        with np.errstate(invalid="ignore"):
-            capped = raw > cap
-        mm: FloatArray = np.minimum(raw, cap)
+        mm, capped = _kernels.cap_rates(np.ascontiguousarray(raw, dtype=np.float64),
+                                        float(cap))
         return MarginRates(mm_rate=mm, im_to_mm=model._im_to_mm(notional_usd),
                            first_valid_bar=first, max_rate=cap, capped=capped)
 
