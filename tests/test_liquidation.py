@@ -186,6 +186,20 @@ def test_ewma_grid_with_crash_funding_and_depth_matches_reference(
     assert m.premature_liquidations > 0
 
 
+@pytest.mark.parametrize(("latency", "recovery"), [(127, 127), (128, 128), (140, 300)])
+def test_long_closeout_windows_match_reference(latency: int, recovery: int) -> None:
+    """Close-out and recovery windows of 128 bars and more go through the block index
+    (shorter ones are scanned bar by bar): both agree with the brute-force loop."""
+    bars = make_bars(crash_path(700, seed=11), funding=True, depth=True, seed=11)
+    model = EwmaMargin(warmup_bars=20, horizon_bars=5, decay=0.9, floor_rate=0.002)
+    config = LiquidationConfig(**{**GRID, "holding_bars": 300, "latency_bars": latency,  # type: ignore[arg-type]
+                                  "recovery_bars": recovery})
+    result = assert_matches_reference(bars, model, config)
+    m = result.metrics("all", None, None)
+    assert m.liquidations > 0
+    assert m.premature_liquidations > 0
+
+
 def test_tiered_notional_dependent_grid_matches_reference() -> None:
     """Notional brackets give each size its own MM/IM series (and leverage cap)."""
     bars = make_bars(crash_path(250, seed=3), seed=3)

@@ -40,6 +40,10 @@ from numpy.typing import NDArray
 #: numba options of every kernel (as in ``calibration._kernels``): compiled once per machine.
 _JIT: dict[str, Any] = {"nogil": True, "cache": True}
 
+#: Below this many bars a close-out's windows (latency, recovery) are scanned bar by bar:
+#: the block index's phases cost more in mispredicted branches than a short scan.
+_SHORT_RANGE_BARS = 128
+
 #: Equity within this fraction of notional above MM triggers the liquidation (see _threshold).
 TIE_TOLERANCE = 1e-9
 
@@ -591,16 +595,29 @@ def outcomes(
             # for bankruptcy cannot make it premature, so it is skipped (same flag).
             premature = sign * (close[end] - liq) > 0.0
             if premature:
-                premature = _find_first(
-                    price, mm, funding_cum, is_long, True, q8, q64, t, end,
-                    sign * bankrupt + TIE_TOLERANCE * ce,
-                ) < 0
+                reach = sign * bankrupt + TIE_TOLERANCE * ce
+                if end - t < _SHORT_RANGE_BARS:
+                    for u in range(t, end + 1):
+                        if sign * price[u] <= reach:
+                            premature = False
+                            break
+                else:
+                    premature = _find_first(
+                        price, mm, funding_cum, is_long, True, q8, q64, t, end, reach
+                    ) < 0
             # The close-out window is bars t .. t + latency, the trigger bar included: the
             # engine takes the position over during bar t, so the fill can be no better than
             # the worst price from there to the close-out (domain.md §4; latency 0: bar t's
             # adverse extreme, which may lie far beyond the liquidation price on a gap).
             if at_liquidation_price:
                 base = liq
+            elif latency < _SHORT_RANGE_BARS:
+                last_bar = min(t + latency, n - 1)
+                extreme = sign * price[t]  # the signed extreme, as in the index
+                for u in range(t + 1, last_bar + 1):
+                    v = sign * price[u]
+                    extreme = v if v < extreme else extreme
+                base = sign * extreme
             else:
                 base = sign * _range_min(
                     price, mm, funding_cum, is_long, True, q8, q64, t, min(t + latency, n - 1)
