@@ -916,3 +916,28 @@ def test_both_sides_index_is_the_two_one_side_indexes() -> None:
         assert fused.tobytes() == alone.tobytes()
     assert both[1][10] == np.inf
     assert both[3][10] == np.inf
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fund_from_trigger_slots_is_the_per_bar_ledger(
+        seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fund summed from the trigger slots (sparse close-outs) and the per-bar ledger
+    (dense ones) give the same bars, moves and levels to the bit, many close-outs sharing
+    a bar, the last bars clamped together by the latency, with and without a cascade."""
+    from calibration.liquidation import _engine
+
+    bars = make_bars(crash_path(400, seed=seed), funding=True, depth=True, seed=seed)
+    model = EwmaMargin(warmup_bars=20, horizon_bars=5, decay=0.9, floor_rate=0.002)
+    config = LiquidationConfig(**{**GRID, "latency_bars": 3, "population_scale": 7.0,  # type: ignore[arg-type]
+                                  "cascade": seed == 2})
+    runs = []
+    for bars_per_slot in (0, 10**9):  # 0: never sparse; 10**9: always
+        monkeypatch.setattr(_engine, "SPARSE_FUND_BARS_PER_SLOT", bars_per_slot)
+        runs.append(simulate_liquidations(bars, model, config))
+    dense, sparse = runs
+    assert dense.liquidations > 10
+    assert len(np.unique(dense.fund_bars)) == len(dense.fund_bars)
+    assert len(dense.fund_bars) < dense.liquidations  # close-outs share bars
+    for name in ("fund_bars", "fund_usd", "fund_delta_usd"):
+        assert getattr(dense, name).tobytes() == getattr(sparse, name).tobytes(), name
+    assert dense.fund_bars.dtype == sparse.fund_bars.dtype

@@ -708,6 +708,47 @@ def fund_levels(
 
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def fund_from_slots(
+    closeout_bar: IntArray, order: IntArray, fee_usd: FloatArray, bad_debt_usd: FloatArray,
+    population_scale: float, start_usd: float,
+) -> tuple[IntArray, FloatArray, FloatArray]:  # pragma: no cover - jit
+    """``fund_levels`` from the trigger slots instead of a per-bar ledger: ``(bars, levels,
+    deltas)`` with ``deltas`` the net move at each of ``bars``.
+
+    ``order`` is a stable sort of the slots by ``closeout_bar``: within a bar the moves are
+    added in slot order starting from 0, as ``outcomes`` adds them to ``FundLedger``, so the
+    sums are the ledger's to the bit.
+    """
+    s = order.shape[0]
+    count = 0
+    prev = -1
+    for i in range(s):
+        b = closeout_bar[order[i]]
+        if b != prev:
+            count += 1
+            prev = b
+    bars = np.empty(count, dtype=np.int64)
+    deltas = np.empty(count)
+    levels = np.empty(count)
+    j = -1
+    prev = -1
+    for i in range(s):
+        a = order[i]
+        b = closeout_bar[a]
+        if b != prev:
+            j += 1
+            bars[j] = b
+            deltas[j] = 0.0
+            prev = b
+        deltas[j] += (fee_usd[a] - bad_debt_usd[a]) * population_scale
+    level = start_usd
+    for k in range(count):
+        level += deltas[k]
+        levels[k] = level
+    return bars, levels, deltas
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
 def trailing_mean(
     x: FloatArray, window: int, factor: float
 ) -> FloatArray:  # pragma: no cover - jit
