@@ -164,3 +164,109 @@ def test_batched_coverage_gives_the_trials_of_one_at_a_time(
     assert alone["front"]
     for label in ("claim 6", "two workers, claim 3"):
         assert runs[label] == alone, label
+
+
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, RuntimeError])
+def test_an_interrupted_calibration_resumes_to_the_same_result(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        interruption: type[BaseException]) -> None:
+    """A worker stopped in the middle of its claim (an interruption, or an error that is not
+    the parameters' fault) fails the claim's trials and queues their sets again; resumed,
+    the calibration runs the same sets, proposes the same later batches and ends on the same
+    front and recommendation as one never interrupted (only trial numbers move)."""
+    import optuna
+
+    import calibration.calibrate as cal
+    import calibration.calibrate._evaluate as evaluation
+    from calibration.calibrate._study import create_or_load_study
+    from calibration.calibrate._workers import run_worker
+    from calibration.storage import Coordination
+
+    root = tmp_path / "data"
+    root.mkdir()
+    walk_frame(3000, seed=11).to_parquet(root / "bars.parquet", index=False)
+    spec = decode_spec(json.dumps(_spec(batch_size=6)))
+    prepared = cal.prepare(spec, root)
+
+    def finished_sets(study: optuna.Study) -> list[Any]:
+        return sorted([json.dumps(t.params, sort_keys=True), t.values, t.state.name]
+                      for t in study.get_trials()
+                      if t.state.name in ("COMPLETE", "PRUNED"))
+
+    def outcome(url: str, study: optuna.Study) -> dict[str, Any]:
+        result = cal.summarize(study, prepared, url)
+        rec = result.recommendation
+        assert rec is not None
+        return {"sets": finished_sets(study),
+                "front": [[p.params, p.objectives] for p in result.pareto_front],
+                "recommendation": [rec.params, rec.objectives]}
+
+    url = f"journal:{tmp_path / 'whole.log'}"
+    with Coordination(url) as coordination:
+        study = create_or_load_study(spec, prepared, coordination, "r")
+        run_worker(study, prepared, coordination, n_trials=spec.n_trials, claim_trials=6)
+        whole = outcome(url, study)
+
+    calls = 0
+    original = evaluation.evaluate
+
+    def stopping(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 9:  # the third set of the second batch's claim
+            raise interruption("stopped")
+        return original(*args, **kwargs)
+
+    url = f"journal:{tmp_path / 'resumed.log'}"
+    with Coordination(url) as coordination:
+        study = create_or_load_study(spec, prepared, coordination, "r")
+        monkeypatch.setattr(evaluation, "evaluate", stopping)
+        with pytest.raises(interruption):
+            run_worker(study, prepared, coordination, n_trials=spec.n_trials, claim_trials=6)
+        monkeypatch.setattr(evaluation, "evaluate", original)
+        states = [t.state.name for t in study.get_trials()]
+        assert states.count("FAIL") == 4  # the one stopped and the three after it
+        assert states.count("WAITING") == 4  # queued again
+        run_worker(study, prepared, coordination, n_trials=spec.n_trials, claim_trials=6)
+        resumed = outcome(url, study)
+        assert len(study.get_trials()) == spec.n_trials + 4
+    assert len(whole["sets"]) == spec.n_trials
+    assert resumed == whole
+
+
+def test_a_trial_whose_parameters_raise_is_failed_not_retried(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A marginlab error while evaluating a claimed set is that set's fault: it is failed and
+    not queued again; the rest of the claim is."""
+    import calibration.calibrate as cal
+    import calibration.calibrate._evaluate as evaluation
+    from calibration._errors import InsufficientData
+    from calibration.calibrate._study import create_or_load_study
+    from calibration.calibrate._workers import run_worker
+    from calibration.storage import Coordination
+
+    root = tmp_path / "data"
+    root.mkdir()
+    walk_frame(3000, seed=11).to_parquet(root / "bars.parquet", index=False)
+    spec = decode_spec(json.dumps(_spec(batch_size=6)))
+    prepared = cal.prepare(spec, root)
+    calls = 0
+    original = evaluation.evaluate
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise InsufficientData("too short for this set")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate", failing)
+    with Coordination(f"journal:{tmp_path / 'f.log'}") as coordination:
+        study = create_or_load_study(spec, prepared, coordination, "f")
+        with pytest.raises(InsufficientData):
+            run_worker(study, prepared, coordination, n_trials=spec.n_trials, claim_trials=6)
+        trials = study.get_trials()
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    assert [t.number for t in failed] == [1, 2, 3, 4, 5]
+    retried = [t.user_attrs["retry_history"] for t in trials if t.state.name == "WAITING"]
+    assert retried == [[2], [3], [4], [5]]  # not trial 1, whose own set raised

@@ -68,11 +68,15 @@ def propose_batch(study: optuna.Study, spec: CalibrationSpec,
     depends on nothing but the earlier batches' results: the same for any number of
     workers, any machine, any storage. ``auto`` is TPE here.
     """
-    trials = study.get_trials(deepcopy=False)
-    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED,
-                                                 TrialState.FAIL)]
+    # The finished trials in the order their sets were first proposed: a retry (of a
+    # trial whose worker died or was interrupted) takes its original's place, and failed
+    # attempts are left out, so an interrupted and resumed calibration proposes what an
+    # uninterrupted one does (without failures this is every trial, in number order).
+    finished = sorted((t for t in study.get_trials(deepcopy=False)
+                       if t.state in (TrialState.COMPLETE, TrialState.PRUNED)),
+                      key=_proposal_order)
     seeded = msgspec.structs.replace(
-        spec, seed=(spec.seed + BATCH_SEED_STEP * len(trials)) % (2**32),
+        spec, seed=(spec.seed + BATCH_SEED_STEP * len(finished)) % (2**32),
         sampler="tpe" if spec.sampler == "auto" else spec.sampler)
     level = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the scratch study is not news
@@ -88,6 +92,14 @@ def propose_batch(study: optuna.Study, spec: CalibrationSpec,
         _suggest(proposal, space)
         out.append(dict(proposal.params))
     return out
+
+
+def _proposal_order(trial: FrozenTrial) -> int:
+    """The number of the trial whose parameters ``trial`` runs: its own, or for a retry the
+    first attempt's (``retry_history``: ours on journals, Optuna's on RDB storages)."""
+    history = (trial.user_attrs.get("retry_history")
+               or trial.system_attrs.get("retry_history") or [])
+    return int(history[0]) if history else trial.number
 
 
 def _suggest(trial: optuna.Trial, space: Mapping[str, ParamSpec]) -> dict[str, Any]:

@@ -15,12 +15,13 @@ import msgspec
 import optuna
 from optuna.trial import TrialState
 
+from calibration._errors import MarginlabError
 from calibration.calibrate import _evaluate
 from calibration.calibrate._evaluate import METRICS_ATTR, VIOLATION_KEY, violation
 from calibration.calibrate._prepare import Prepared
 from calibration.calibrate._recommend import best_feasible
 from calibration.calibrate._study import _suggest, propose_batch
-from calibration.storage import Coordination
+from calibration.storage import Coordination, retry_stale_trial
 
 log = logging.getLogger("marginlab.calibrate")
 
@@ -133,6 +134,7 @@ def _run_trials(
             wait_s = min(2 * wait_s, poll_s)
             continue
         beats = [ExitStack() for _ in claimed]
+        current: optuna.Trial | None = None
         try:
             for t, beat in zip(claimed, beats, strict=True):
                 beat.enter_context(coordination.heartbeat(t._trial_id))
@@ -142,17 +144,22 @@ def _run_trials(
                          else [None])
             for t, params, coverage, beat in zip(claimed, chosen, coverages, beats,
                                                  strict=True):
+                current = t
                 _run_one(study, t, prepared, params, coverage, worker)
+                current = None
                 beat.close()  # no beat for a finished trial
                 ran += 1
                 if on_trial is not None:
                     on_trial(_finished(study), n_trials,
                              best_feasible(study, prepared.spec.risk_appetite_bps))
-        except BaseException:
+        except BaseException as exc:
             # Whatever stops this worker mid-trial (an error, a job time limit raised
             # into it, a KeyboardInterrupt) leaves no trial of its claim RUNNING behind it.
-            for t in claimed:
-                _fail_if_running(study, t)
+            # Each is failed and its parameters queued again, as for a dead worker's, so a
+            # resumed calibration runs the same sets, except the one whose own parameters
+            # raised a marginlab error (running it again would raise again).
+            own_fault = current if isinstance(exc, MarginlabError) else None
+            _fail_claim(study, coordination, claimed, keep_failed=own_fault)
             raise
         finally:
             for beat in beats:
@@ -178,12 +185,28 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
         study.tell(trial, list(result.objectives))
 
 
-def _fail_if_running(study: optuna.Study, trial: optuna.Trial) -> None:
+def _fail_claim(study: optuna.Study, coordination: Coordination,
+                claimed: list[optuna.Trial], keep_failed: optuna.Trial | None) -> None:
+    """Fail the claimed trials still RUNNING and retry their parameters (``keep_failed``:
+    failed only), under the study's lock so that a reaper never retries one of them too
+    (best effort: the storage may be why the worker stops)."""
+    try:
+        with coordination.slot_lock(study.study_name):
+            for t in claimed:
+                if _fail_if_running(study, t) and t is not keep_failed:
+                    retry_stale_trial(study, study._storage.get_trial(t._trial_id))
+    except Exception as exc:  # the original error is what the caller raises
+        log.warning("could not retry the claimed trials after an interruption: %s", exc)
+
+
+def _fail_if_running(study: optuna.Study, trial: optuna.Trial) -> bool:
     """Mark ``trial`` FAIL unless it already finished (best effort: the storage may be the
     reason the worker stops)."""
     try:
         state = study._storage.get_trial(trial._trial_id).state
         if state == TrialState.RUNNING:
             study.tell(trial, state=TrialState.FAIL)
+            return True
     except Exception as exc:  # the original error is what the caller raises
         log.warning("could not fail trial %s after an interruption: %s", trial.number, exc)
+    return False
