@@ -121,12 +121,6 @@ class RowRunner:
             else:
                 self._put(partial(fn, b))
 
-    def submit(self, n_rows: int, fn: Callable[[int, int], None]) -> None:
-        """Replay rows ``0 .. n_rows`` by ``fn(lo, hi)`` over ``blocks(n_rows)`` (now with one
-        worker, else queued)."""
-        blocks = self.blocks(n_rows)
-        self.each(len(blocks), lambda b: fn(*blocks[b]))
-
     def call(self, fn: Callable[..., T], *args: Any) -> Callable[[], T]:
         """``fn(*args)``, now with one worker, else queued; returns what gives its value
         (waiting for every queued task)."""
