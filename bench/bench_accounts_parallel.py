@@ -2,24 +2,25 @@
 
 Run from the repository root (needs ../shared/data, or MARGINLAB_SHARED_DATA)::
 
-    python -m bench.bench_accounts_parallel [N_ACCOUNTS]
+    python -m bench.bench_accounts_parallel [N_ACCOUNTS [REPEATS]]
 
 The market and population of ``bench.bench_accounts`` (BTC, ETH, SOL, XRP, BNB 30-minute
 bars 2020-09 .. 2025-09; 100,000 accounts, cross mode, held a week, every position's
 isolated twin too). The accounts are turned into arrays once (``AccountBook``), then the
 same call is timed with ``workers=1`` and ``workers=2`` (two threads running the ``nogil``
 kernels over contiguous blocks of rows into one result; ``calibration.accounts._split``),
-alternating, best of ``REPEATS`` each, after checking that both give the same result bit
-for bit. The call from the plain account list (arrays built inside the call, serially) is
-shown too.
+alternating, best of ``REPEATS`` each (and the median of the ``REPEATS`` ratios of a
+two-worker call to the one-worker call just before it), after checking that both give the
+same result bit for bit. The call from the plain account list (arrays built inside the
+call, serially) is shown too.
 
 Load-independent evidence for a shared machine (wall time there measures the wait for a
 core): each call's process CPU and minor page faults, and from the least-disturbed of
-``CPU_REPEATS`` more instrumented calls per setting the main thread's CPU (the serial part:
-set-up, dispatch, the result) and each pool thread's CPU in the kernels (with N workers the
-calling thread builds the twins while N - 1 pool threads replay the accounts, then takes
-blocks too). ``critical path`` = the busiest thread's CPU: what N free cores would take at
-best.
+``CPU_REPEATS`` more instrumented calls per setting the main thread's CPU (outside the tasks:
+the serial part, set-up before the first block, the barrier between the passes, the result)
+and each pool thread's CPU in the tasks (a block's set-up, replay, positions and twins; with
+N workers the calling thread takes blocks beside N - 1 pool threads). ``critical path`` =
+the busiest thread's CPU: what N free cores would take at best.
 """
 
 from __future__ import annotations
@@ -55,28 +56,28 @@ def _same_bits(a: AccountResult, b: AccountResult) -> bool:
 
 
 def _cpu_split(call: Callable[[], object]) -> tuple[float, float, list[float]]:
-    """One call's main-thread CPU (all of it, and the part inside the kernels: with N
-    workers the caller takes blocks too) and each pool thread's CPU in the kernels, s."""
+    """One call's main-thread CPU (all of it, and the part inside the tasks: with N
+    workers the caller takes blocks too) and each pool thread's CPU in the tasks, s."""
     per_thread: dict[int, float] = {}
     lock = threading.Lock()
-    plain_submit = _split.RowRunner.submit
+    plain_each = _split.RowRunner.each
 
-    def submit(self: _split.RowRunner, n_rows: int, fn: Callable[[int, int], None]) -> None:
-        def timed(lo: int, hi: int) -> None:
+    def each(self: _split.RowRunner, count: int, fn: Callable[[int], None]) -> None:
+        def timed(b: int) -> None:
             c0 = time.thread_time()
-            fn(lo, hi)
+            fn(b)
             with lock:
                 tid = threading.get_ident()
                 per_thread[tid] = per_thread.get(tid, 0.0) + time.thread_time() - c0
-        plain_submit(self, n_rows, timed)
+        plain_each(self, count, timed)
 
-    _split.RowRunner.submit = submit  # type: ignore[method-assign]
+    _split.RowRunner.each = each  # type: ignore[method-assign]
     try:
         m0 = time.thread_time()
         call()
         main = time.thread_time() - m0
     finally:
-        _split.RowRunner.submit = plain_submit  # type: ignore[method-assign]
+        _split.RowRunner.each = plain_each  # type: ignore[method-assign]
     main_tid = threading.get_ident()
     return main, per_thread.get(main_tid, 0.0), [v for t, v in per_thread.items()
                                                  if t != main_tid]
@@ -84,6 +85,7 @@ def _cpu_split(call: Callable[[], object]) -> tuple[float, float, list[float]]:
 
 def main() -> None:
     n_accounts = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
+    repeats = int(sys.argv[2]) if len(sys.argv) > 2 else REPEATS
     market, accounts, model, config = setup(n_accounts)  # kernels compiled
     book = AccountBook.from_accounts(accounts, market.instruments)
     one_r = simulate_accounts(market, model, book, config)
@@ -94,7 +96,9 @@ def main() -> None:
     wall = {1: float("inf"), WORKERS: float("inf")}
     cpu = {1: float("inf"), WORKERS: float("inf")}
     faults = {1: 0, WORKERS: 0}
-    for _ in range(REPEATS):
+    pair_ratios = []
+    for _ in range(repeats):
+        last = {}
         for w in (1, WORKERS):
             f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             c0, t0 = time.process_time(), time.perf_counter()
@@ -104,6 +108,8 @@ def main() -> None:
                 wall[w] = elapsed
                 faults[w] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
             cpu[w] = min(cpu[w], used)
+            last[w] = elapsed
+        pair_ratios.append(last[WORKERS] / last[1])
     listed = {}
     for w in (1, WORKERS):
         best = float("inf")
@@ -130,8 +136,13 @@ def main() -> None:
           f"(both threads), {faults[WORKERS]:,} minor page faults")
     print(f"wall ratio: {ratio:.3f} (target <= {TARGET}): "
           f"{'met' if ratio <= TARGET else 'NOT met'}")
+    q = np.quantile(pair_ratios, [0.0, 0.25, 0.5, 0.75, 1.0])
+    print(f"ratio of each pair ({repeats}, a two-worker call over the one-worker call just "
+          f"before it): median {q[2]:.3f}, quartiles {q[1]:.3f} .. {q[3]:.3f}, "
+          f"range {q[0]:.3f} .. {q[4]:.3f}; {sum(r <= TARGET for r in pair_ratios)} of "
+          f"{repeats} <= {TARGET}")
     for w, (m, mk, p) in split.items():
-        print(f"workers={w}: main thread {m:.3f} s CPU ({m - mk:.3f} outside the kernels)"
+        print(f"workers={w}: main thread {m:.3f} s CPU ({m - mk:.3f} outside the tasks)"
               + "".join(f", pool thread {v:.3f} s" for v in p)
               + f"; critical path (busiest thread) {crit[w]:.3f} s")
     # CPU time does not count the wait for a core: on a machine shared with other work this

@@ -108,7 +108,10 @@ class AccountBook(Sequence[Account]):
 
     def modes(self) -> set[str | None]:
         """The accounts' own margin modes (None: the run's)."""
-        return {None if c < 0 else MARGIN_MODES[c] for c in np.unique(self.mode_index).tolist()}
+        idx = self.mode_index
+        codes = ([int(idx[0])] if idx.size and idx.min() == idx.max()  # one mode: no sort
+                 else np.unique(idx).tolist())
+        return {None if c < 0 else MARGIN_MODES[c] for c in codes}
 
     def __len__(self) -> int:
         return len(self.accounts)

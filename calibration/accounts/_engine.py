@@ -115,7 +115,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -803,41 +803,74 @@ def simulate_accounts(
                         dtype=np.int64)
     col_asset = np.array([assets_sorted.index(underlying_of(names[i])) for i in col_inst],
                          dtype=np.int64)
-    # Bulk preparation: one searchsorted for every entry, dense (A, k) units.
-    e_all = np.searchsorted(ts, arrays.entry_ms, side="right") - 1
+    entry_ms = arrays.entry_ms
+    n_acc = len(arrays)
+    # Each entry's bar is searchsorted(ts, entry_ms, "right") - 1, monotone in entry_ms: when
+    # the earliest and the latest entries open, every account does, and each block finds its
+    # own accounts' bars (inside the threads); else the late ones are skipped here, serially.
+    e_first, e_last = ((int(np.searchsorted(ts, entry_ms.min(), side="right")) - 1,
+                        int(np.searchsorted(ts, entry_ms.max(), side="right")) - 1)
+                       if n_acc else (-1, -1))
     skipped: dict[str, str] = {}
-    late = (e_all < 0) | (e_all < first_valid) | (e_all + 1 >= n)
-    keep = ~late
-    for out in (int(v) for v in np.flatnonzero(late)):
-        e = int(e_all[out])
-        skipped[arrays.accounts[out].id] = (
-            "entry before the data" if e < 0 else "no bar after the entry"
-            if e + 1 >= n else "entry inside the margin models' warm-up")
-    opened = (arrays.accounts if not late.any() else
-              tuple(a for a, ok in zip(arrays.accounts, keep, strict=True) if ok))
-    if not opened:
-        raise InsufficientData("no account could open: " + "; ".join(
-            sorted({v for v in skipped.values()})))
-    entry = e_all[keep].astype(np.int64)
-    notional = arrays.notional_usd[keep]
-    usd = arrays.usd[keep]
-    col_units = arrays.col_units[keep]
-    entry_close = close[:, entry].T  # (A, k)
-    units = notional / entry_close
-    book = BookArrays(entry=entry, units=units, usd=usd, col_units=col_units,
-                      col_inst=col_inst, col_asset=col_asset)
+    if n_acc and e_first >= max(first_valid, 0) and e_last + 1 < n:
+        opened = arrays.accounts
+        entry = np.empty(n_acc, dtype=np.int64)
+        notional = arrays.notional_usd
+        usd = np.ascontiguousarray(arrays.usd)
+        col_units = np.ascontiguousarray(arrays.col_units)
+        search = True
+    else:
+        e_all = np.searchsorted(ts, entry_ms, side="right") - 1
+        late = (e_all < 0) | (e_all < first_valid) | (e_all + 1 >= n)
+        keep = ~late
+        for out in (int(v) for v in np.flatnonzero(late)):
+            e = int(e_all[out])
+            skipped[arrays.accounts[out].id] = (
+                "entry before the data" if e < 0 else "no bar after the entry"
+                if e + 1 >= n else "entry inside the margin models' warm-up")
+        opened = (arrays.accounts if not late.any() else
+                  tuple(a for a, ok in zip(arrays.accounts, keep, strict=True) if ok))
+        if not opened:
+            raise InsufficientData("no account could open: " + "; ".join(
+                sorted({v for v in skipped.values()})))
+        entry = e_all[keep].astype(np.int64)
+        notional = arrays.notional_usd[keep]
+        usd = arrays.usd[keep]
+        col_units = arrays.col_units[keep]
+        search = False
+    n_acc = len(opened)
     rules = _collateral_rules(collateral_assets, config)
     mech = (_mechanics(market, config, scenarios) if config.mechanics or mechanics_kernel
             else None)
     n_assets = len(assets_sorted)
     spread, fee_rate = float(config.spread_rate), float(config.liquidation_fee_rate)
-    with RowRunner(workers) as runner:
-        # The accounts' pass is queued first; the positions and twins, which only the twins'
-        # pass needs, are built meanwhile.
-        if mech is None:
-            trig, eq, legs, fee = empty_outputs(len(opened), k)
+    # Dense (A, k) units at the entry closes, filled block by block (``prepare``).
+    units = np.empty((n_acc, k))
+    book = BookArrays(entry=entry, units=units, usd=usd, col_units=col_units,
+                      col_inst=col_inst, col_asset=col_asset)
 
-            def cross_rows(lo: int, hi: int) -> None:
+    def prepare(lo: int, hi: int) -> FloatArray:
+        """Rows lo..hi of ``entry`` (when searched here) and ``units``; their entry closes."""
+        if search:
+            entry[lo:hi] = np.searchsorted(ts, entry_ms[lo:hi], side="right") - 1
+        entry_close: FloatArray = close[:, entry[lo:hi]].T  # (rows, k)
+        np.divide(notional[lo:hi], entry_close, out=units[lo:hi])
+        return entry_close
+
+    with RowRunner(workers) as runner:
+        if mech is None:
+            # Everything per block of accounts, on the threads: their set-up, their replay,
+            # their positions and twins (after a barrier: the twins' rows follow the counts of
+            # positions of the blocks before), the twins' replay and the figures of both.
+            trig, eq, legs, fee = empty_outputs(n_acc, k)
+            bad = np.empty(n_acc)
+            closeout_bar = np.empty(n_acc, dtype=np.int64)
+            blocks = runner.blocks(n_acc)
+            positions: list[_Positions] = []
+
+            def account_block(b: int) -> None:
+                lo, hi = blocks[b]
+                entry_close = prepare(lo, hi)
                 rows = book_rows(book, lo, hi)
                 if scenarios is not None:
                     replay_portfolio(sched.mm, rows, rules, scenarios, n_assets,
@@ -847,61 +880,71 @@ def simulate_accounts(
                     replay(sched.mm, rows, rules, n_assets, config.holding_bars,
                            config.latency_bars, spread, fee_rate, trig[lo:hi], eq[lo:hi],
                            legs[lo:hi], fee[lo:hi])
+                t = trig[lo:hi]
+                bad[lo:hi] = np.where(t >= 0, np.maximum(0.0, -eq[lo:hi]), 0.0)
+                closeout_bar[lo:hi] = np.minimum(t + config.latency_bars, n - 1)
+                positions[b] = _positions(sched, units[lo:hi], entry_close, entry[lo:hi], lo)
 
-            runner.submit(len(opened), cross_rows)
+            positions.extend(_NO_POSITIONS for _ in blocks)
+            runner.each(len(blocks), account_block)
+            runner.wait()
+            starts = np.cumsum([0, *(p.account.shape[0] for p in positions)]).tolist()
+            n_pos = starts[-1]
+            pa = np.empty(n_pos, dtype=np.int64)
+            pi = np.empty(n_pos, dtype=np.int64)
+            p_notional, leg_pnl, t_bad, t_fee = (np.empty(n_pos) for _ in range(4))
+            t_trig = np.empty(n_pos, dtype=np.int64)
+            t_closeout_bar = np.empty(n_pos, dtype=np.int64)
+
+            def twin_block(b: int) -> None:
+                p, lo, hi = positions[b], starts[b], starts[b + 1]
+                pa[lo:hi] = p.account
+                pi[lo:hi] = p.inst
+                p_notional[lo:hi] = p.notional
+                leg_pnl[lo:hi] = legs[pa[lo:hi], p.inst]
+                twins = _twin_book(book, pa[lo:hi], p.inst, p.share)
+                t_eq, t_legs = np.empty(hi - lo), np.empty((hi - lo, k))
+                replay(sched.mm, twins, rules, n_assets, config.holding_bars,
+                       config.latency_bars, spread, fee_rate, t_trig[lo:hi], t_eq, t_legs,
+                       t_fee[lo:hi])
+                t = t_trig[lo:hi]
+                t_bad[lo:hi] = np.where(t >= 0, np.maximum(0.0, -t_eq), 0.0)
+                t_closeout_bar[lo:hi] = np.minimum(t + config.latency_bars, n - 1)
+
+            runner.each(len(blocks), twin_block)
+            runner.wait()
         else:
+            prepare(0, n_acc)
             # The accounts and the twins are separate populations (each its own queue and
             # cascade): two walks, on two threads when there are.
             mech_accounts = runner.call(_run_mech, sched.mm, book, rules, mech, n_assets,
                                         config, fast_start)
-        pa, pi = (v.astype(np.int64) for v in np.nonzero(units))
-        n_pos = pa.shape[0]
-        gross = np.abs(units[pa, pi]) * entry_close[pa, pi]
-        im = _entry_im(sched, pi, gross, entry[pa])
-        p_notional = units[pa, pi] * entry_close[pa, pi]
-        # Isolated twins: one position each, the account's collateral shared pro rata to IM.
-        im_total = np.zeros(len(opened))
-        np.add.at(im_total, pa, im)
-        share = np.where(im_total[pa] > 0, im / np.where(im_total[pa] > 0, im_total[pa], 1.0),
-                         0.0)
-        twin_units = np.zeros((n_pos, k))
-        twin_units[np.arange(n_pos), pi] = book.units[pa, pi]
-        twins = BookArrays(entry=book.entry[pa], units=twin_units, usd=book.usd[pa] * share,
-                           col_units=book.col_units[pa] * share[:, None], col_inst=col_inst,
-                           col_asset=col_asset)
-        if mech is None:
-            t_trig, t_eq, t_legs, t_fee = empty_outputs(n_pos, k)
-
-            def twin_rows(lo: int, hi: int) -> None:
-                replay(sched.mm, book_rows(twins, lo, hi), rules, n_assets,
-                       config.holding_bars, config.latency_bars, spread, fee_rate,
-                       t_trig[lo:hi], t_eq[lo:hi], t_legs[lo:hi], t_fee[lo:hi])
-
-            runner.submit(n_pos, twin_rows)
-            runner.wait()
-        else:
+            p = _positions(sched, units, close[:, entry].T, entry, 0)
+            pa, pi, p_notional = p.account, p.inst, p.notional
+            twins = _twin_book(book, pa, pi, p.share)
             # The twins keep the per-instrument models in every mode.
             mech_twins = runner.call(_run_mech, sched.mm, twins, rules,
                                      mech._replace(portfolio=False), n_assets, config,
                                      fast_start)
             mout, t_out = mech_accounts(), mech_twins()
     extra: dict[str, Any] = {}
-    if mech is not None and config.adl:
-        # ADL feeds back: the headline population is walked again with the ledger's fills
-        # until the fills reproduce themselves (``_adl_fixed_point``).
-        if config.mode == "isolated":
-            t_out, extra["adl"] = _adl_fixed_point(sched.mm, twins, rules,
-                                                   mech._replace(portfolio=False), n_assets,
-                                                   config, fast_start, t_out)
-        else:
-            mout, extra["adl"] = _adl_fixed_point(sched.mm, book, rules, mech, n_assets,
-                                                  config, fast_start, mout)
     if mech is not None:
+        if config.adl:
+            # ADL feeds back: the headline population is walked again with the ledger's
+            # fills until the fills reproduce themselves (``_adl_fixed_point``).
+            if config.mode == "isolated":
+                t_out, extra["adl"] = _adl_fixed_point(sched.mm, twins, rules,
+                                                       mech._replace(portfolio=False),
+                                                       n_assets, config, fast_start, t_out)
+            else:
+                mout, extra["adl"] = _adl_fixed_point(sched.mm, book, rules, mech, n_assets,
+                                                      config, fast_start, mout)
         trig, eq, legs, fee = mout.trigger, mout.closeout_equity, mout.leg_pnl, mout.fee
-        t_trig, t_eq, t_fee = t_out.trigger, t_out.closeout_equity, t_out.fee
+        t_trig, t_fee = t_out.trigger, t_out.fee
         bad = mout.bad_debt
         t_bad = t_out.bad_debt
         closeout_bar, t_closeout_bar = mout.closeout_bar, t_out.closeout_bar
+        leg_pnl = legs[pa, pi]
         extra |= {"leg_liquidated": mout.leg_closed_usd[pa, pi] > 0,
                   "leg_closed_usd": mout.leg_closed_usd[pa, pi],
                   "twin_closed_usd": t_out.leg_closed_usd[np.arange(pa.shape[0]), pi],
@@ -914,12 +957,6 @@ def simulate_accounts(
                   "twin_backstop_taken": t_out.backstop == 1,
                   "twin_backstop_pnl_usd": t_out.backstop_pnl,
                   "keeper_declined": mout.keeper_declined, "keeper_bonus_usd": mout.keeper_bonus}
-    else:
-        bad = np.where(trig >= 0, np.maximum(0.0, -eq), 0.0)
-        t_bad = np.where(t_trig >= 0, np.maximum(0.0, -t_eq), 0.0)
-        closeout_bar = np.minimum(trig + config.latency_bars, n - 1)
-        t_closeout_bar = np.minimum(t_trig + config.latency_bars, n - 1)
-    leg_pnl = legs[pa, pi]
     return AccountResult(
         accounts=tuple(opened), skipped=skipped, entry_bar=book.entry, trigger_bar=trig,
         closeout_equity_usd=eq, bad_debt_usd=bad, fee_usd=fee, position_account=pa,
@@ -930,6 +967,49 @@ def simulate_accounts(
         closeout_bar=closeout_bar, twin_closeout_bar=t_closeout_bar, policy=config.policy,
         **extra,
     )
+
+
+class _Positions(NamedTuple):
+    """The positions of a block of accounts, in (account, instrument) order: ``account``
+    the account's row in the book, ``inst`` the instrument, ``notional`` the signed entry
+    notional (USD) and ``share`` the account's collateral share of its isolated twin (the
+    position's entry IM over the account's)."""
+
+    account: IntArray
+    inst: IntArray
+    notional: FloatArray
+    share: FloatArray
+
+
+_NO_POSITIONS = _Positions(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64),
+                           np.zeros(0), np.zeros(0))
+
+
+def _positions(sched: _Schedules, units: FloatArray, entry_close: FloatArray,
+               entry: IntArray, lo: int) -> _Positions:
+    """The positions of the accounts ``lo ..`` whose rows ``units``, ``entry_close`` and
+    ``entry`` are (a block, or every account with ``lo = 0``); each account's figures are its
+    own, so a block's are those of the whole book, bit for bit."""
+    row, inst = (v.astype(np.int64) for v in np.nonzero(units))
+    q, c = units[row, inst], entry_close[row, inst]
+    gross = np.abs(q) * c
+    im = _entry_im(sched, inst, gross, entry[row])
+    # Isolated twins: one position each, the account's collateral shared pro rata to IM.
+    im_total = np.zeros(units.shape[0])
+    np.add.at(im_total, row, im)
+    total = im_total[row]
+    share = np.where(total > 0, im / np.where(total > 0, total, 1.0), 0.0)
+    return _Positions(row + lo if lo else row, inst, q * c, share)
+
+
+def _twin_book(book: BookArrays, pa: IntArray, pi: IntArray, share: FloatArray) -> BookArrays:
+    """The isolated twins of the positions ``(pa, pi)`` of ``book`` (account, instrument)."""
+    n_pos = pa.shape[0]
+    twin_units = np.zeros((n_pos, book.units.shape[1]))
+    twin_units[np.arange(n_pos), pi] = book.units[pa, pi]
+    return BookArrays(entry=book.entry[pa], units=twin_units, usd=book.usd[pa] * share,
+                      col_units=book.col_units[pa] * share[:, None], col_inst=book.col_inst,
+                      col_asset=book.col_asset)
 
 
 def _entry_im(sched: _Schedules, inst: IntArray, gross: FloatArray,

@@ -8,11 +8,13 @@ and the book, writing into one preallocated result array each (slices are views)
 copy-on-write, no per-worker result to merge.
 
 The rows are cut into contiguous blocks, in the book's order (a generated population is in
-entry order, so a block's accounts read neighbouring bars of the market), many more blocks than
-threads, taken by whichever thread is free first: a block of volatile months whose accounts
-trigger early costs less than a calm one, and a fixed split by count leaves one thread idle
-while the other finishes (a split by estimated work, tried with processes, lost the entry-time
-order and was slower).
+entry order, so a block's accounts read neighbouring bars of the market), taken by whichever
+thread is free first from one queue: a block of volatile months whose accounts trigger early
+costs less than a calm one, and a fixed split by count leaves one thread idle while the other
+finishes (a split by estimated work, tried with processes, lost the entry-time order and was
+slower). The blocks shrink as the rows run out (guided: each is ``1 / (GUIDE * workers)`` of
+the rows left, at least ``MIN_BLOCK_ROWS``): the first ones are large (few calls), the last
+ones small, so the threads finish a pass within a small block of each other.
 """
 
 from __future__ import annotations
@@ -21,16 +23,16 @@ import queue
 import threading
 from collections.abc import Callable
 from functools import partial
-from itertools import pairwise
 from typing import Any, TypeVar
 
 from calibration._errors import InvalidParameters
 from calibration.accounts._kernel import BookArrays
 
-# Blocks per thread and pass: enough that the last block (~1/64 of a pass) keeps the other
-# thread waiting only briefly, few enough that the dispatch (~6 µs of Python per kernel call,
-# with the GIL, measured) stays negligible.
-BLOCKS_PER_WORKER = 32
+# Guided blocks: each 1 / (GUIDE * workers) of the rows left, at least MIN_BLOCK_ROWS (about
+# 40 blocks a pass for 100,000 rows on two threads; the last ones ~1 ms of kernel, so the
+# thread that finishes first waits at most about that long; the dispatch, ~20 µs of Python a
+# block with the GIL, stays negligible).
+GUIDE = 4
 MIN_BLOCK_ROWS = 256
 
 T = TypeVar("T")
@@ -45,12 +47,19 @@ def check_workers(workers: object) -> int:
 
 
 def row_blocks(n_rows: int, workers: int) -> list[tuple[int, int]]:
-    """Contiguous ``[lo, hi)`` row ranges covering ``0 .. n_rows``, in order."""
+    """Contiguous ``[lo, hi)`` row ranges covering ``0 .. n_rows``, in order, shrinking."""
     if workers <= 1 or n_rows <= MIN_BLOCK_ROWS:
         return [(0, n_rows)]
-    count = max(1, min(workers * BLOCKS_PER_WORKER, n_rows // MIN_BLOCK_ROWS))
-    edges = [n_rows * b // count for b in range(count + 1)]
-    return [(lo, hi) for lo, hi in pairwise(edges) if hi > lo]
+    blocks: list[tuple[int, int]] = []
+    lo = 0
+    while lo < n_rows:
+        size = max(MIN_BLOCK_ROWS, -(-(n_rows - lo) // (GUIDE * workers)))
+        hi = min(n_rows, lo + size)
+        if n_rows - hi < MIN_BLOCK_ROWS // 2:  # no sliver at the end
+            hi = n_rows
+        blocks.append((lo, hi))
+        lo = hi
+    return blocks
 
 
 def book_rows(book: BookArrays, lo: int, hi: int) -> BookArrays:
@@ -60,12 +69,11 @@ def book_rows(book: BookArrays, lo: int, hi: int) -> BookArrays:
 
 
 class RowRunner:
-    """Runs ``fn(lo, hi)`` over row blocks: inline with one worker (one call over every row,
-    exactly the one-thread replay), else from one queue by ``workers - 1`` threads of its own
-    and the calling thread, which takes blocks too once it waits (so ``workers`` threads run,
-    no more: the caller builds the twins while the pool replays the accounts, then helps).
-    Use as a context manager; ``wait`` re-raises the first failure (later blocks are then
-    skipped)."""
+    """Runs tasks over row blocks: inline with one worker (one block of every row: exactly
+    the one-thread replay), else from one queue (in order) by ``workers - 1`` threads of its
+    own and the calling thread, which takes tasks too once it waits (so ``workers`` threads
+    run, no more). ``wait`` is a barrier: every task queued so far is done after it. Use as a
+    context manager; ``wait`` re-raises the first failure (later tasks are then skipped)."""
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
@@ -100,13 +108,18 @@ class RowRunner:
             self._pending += 1
         self._tasks.put(task)
 
-    def submit(self, n_rows: int, fn: Callable[[int, int], None]) -> None:
-        """Replay rows ``0 .. n_rows`` by ``fn`` (now with one worker, else queued)."""
-        if self.workers == 1:
-            fn(0, n_rows)
-            return
-        for lo, hi in row_blocks(n_rows, self.workers):
-            self._put(partial(fn, lo, hi))
+    def blocks(self, n_rows: int) -> list[tuple[int, int]]:
+        """``row_blocks(n_rows, workers)``: one block with one worker."""
+        return row_blocks(n_rows, self.workers)
+
+    def each(self, count: int, fn: Callable[[int], None]) -> None:
+        """``fn(b)`` for ``b`` in ``0 .. count`` (now, in order, with one worker, else queued
+        in order)."""
+        for b in range(count):
+            if self.workers == 1:
+                fn(b)
+            else:
+                self._put(partial(fn, b))
 
     def call(self, fn: Callable[..., T], *args: Any) -> Callable[[], T]:
         """``fn(*args)``, now with one worker, else queued; returns what gives its value
