@@ -101,7 +101,10 @@ for capacity again. At the data's last bar the queue is served whole (the data e
 backlog is closed there). ``trigger_bar`` is the bar of the first step (the service);
 ``queued_bar`` the first bar the account asked; ``wait_bars`` the bars it waited before its
 first step. With no limit every asking account is served in its bar: the figures are those
-above bit for bit. The isolated twins queue in their own engine.
+above bit for bit. The isolated twins queue in their own engine. When the capacity is the
+only mechanic on (``close_all``, no impact, funding, cascade, backstop, keepers, oracle or ADL
+feedback) the fast walk runs ``_kernel_queue.replay_queue``, ``_kernel_mech``'s walk
+specialised to that case (the same figures bit for bit, as a test proves).
 
 Contagion (computed in every run, from the account and its twins): *healthy-leg
 liquidations* are positions closed with their account whose twin never triggered or
