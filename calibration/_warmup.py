@@ -52,8 +52,8 @@ def warm_up() -> float:
 
 
 def _warm_up_accounts() -> None:
-    """The account engine's kernels: the default cross walk and the mechanics walk with a
-    capacity limit (its queue), on two synthetic instruments and a few accounts. The
+    """The account engine's kernels: the default cross walk, the queue's walk and the
+    mechanics walk with a capacity limit, on two synthetic instruments and a few accounts. The
     mechanics kernel alone takes tens of seconds to compile."""
     from calibration.accounts import Account, AccountConfig, Market, simulate_accounts
     from calibration.models import make_model
@@ -68,9 +68,13 @@ def _warm_up_accounts() -> None:
                 for k in range(6)]
     model = make_model("ewma", {"warmup_bars": 500})
     simulate_accounts(market, model, accounts, AccountConfig(holding_bars=200))
-    simulate_accounts(market, model, accounts,
-                      AccountConfig(holding_bars=200, max_liquidations_per_bar=1),
-                      mechanics_kernel=True)
+    # Only the capacity on: the queue's own walk (``_kernel_queue``); with partial steps the
+    # general mechanics walk (``_kernel_mech``), which every other switch runs.
+    for policy in ("close_all", "partial"):
+        simulate_accounts(market, model, accounts,
+                          AccountConfig(holding_bars=200, max_liquidations_per_bar=1,
+                                        policy=policy),
+                          mechanics_kernel=True)
 
 
 if __name__ == "__main__":  # pragma: no cover - the image build runs it

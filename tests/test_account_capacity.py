@@ -249,6 +249,54 @@ def test_fast_start_equals_the_full_walk_at_a_binding_capacity(
         assert fast.backlog.max() > 0
 
 
+@pytest.mark.data
+def test_the_queue_only_walk_equals_the_mechanics_walk_bit_for_bit(
+        shared_data: Path, data_file: Callable[[str], str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With only the capacity on (close_all, no impact, funding, cascade, backstop, keepers),
+    the specialised walk (``_kernel_queue.replay_queue``) gives every output of the general
+    mechanics walk exactly: both queue orders, a count and a notional limit (picked one at a
+    time and sorted), latency 0 and 1, collateral with haircuts, twins included."""
+    from calibration.accounts import _engine
+
+    for r in LUNA_30M:
+        data_file(r)
+    market = _luna_market_data(shared_data)
+    books = _books(market, seed=7)
+    model = make_model("tiered", LUNA_TIERS)
+    calls: list[int] = []
+    lean = _engine.replay_queue
+
+    def counted(*args: object) -> None:
+        calls.append(1)
+        lean(*args)
+
+    monkeypatch.setattr(_engine, "replay_queue", counted)
+    waited = 0
+    for latency, order, limit in itertools.product(
+            (0, 1), ("most_undercollateralised", "first_come"),
+            ({"max_liquidations_per_bar": 1}, {"max_liquidations_per_bar": 3},
+             {"max_liquidations_per_bar": 9},
+             {"max_liquidation_notional_per_bar": 200_000.0},
+             {"max_liquidations_per_bar": 2, "max_liquidation_notional_per_bar": 100_000.0})):
+        cfg = AccountConfig(holding_bars=96, latency_bars=latency, spread_rate=0.0005,
+                            liquidation_fee_rate=0.005, queue_order=order,
+                            **limit)  # type: ignore[arg-type]
+        n_calls = len(calls)
+        fast = simulate_accounts(market, model, books, cfg)
+        assert len(calls) == n_calls + 2  # the accounts' walk and the twins'
+        monkeypatch.setattr(_engine, "_LEAN_QUEUE", False)
+        general = simulate_accounts(market, model, books, cfg)
+        monkeypatch.setattr(_engine, "_LEAN_QUEUE", True)
+        assert len(calls) == n_calls + 2
+        for f in dataclasses.fields(fast):
+            a, b = getattr(fast, f.name), getattr(general, f.name)
+            if isinstance(a, np.ndarray):
+                np.testing.assert_array_equal(a, b, f.name)
+        waited += int(fast.backlog.max() > 0)
+    assert waited >= 10
+
+
 # --- the frontier ---------------------------------------------------------------------------
 
 @settings(max_examples=40, deadline=None)

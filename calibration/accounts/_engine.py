@@ -101,7 +101,10 @@ for capacity again. At the data's last bar the queue is served whole (the data e
 backlog is closed there). ``trigger_bar`` is the bar of the first step (the service);
 ``queued_bar`` the first bar the account asked; ``wait_bars`` the bars it waited before its
 first step. With no limit every asking account is served in its bar: the figures are those
-above bit for bit. The isolated twins queue in their own engine.
+above bit for bit. The isolated twins queue in their own engine. When the capacity is the
+only mechanic on (``close_all``, no impact, funding, cascade, backstop, keepers, oracle or ADL
+feedback) the fast walk runs ``_kernel_queue.replay_queue``, ``_kernel_mech``'s walk
+specialised to that case (the same figures bit for bit, as a test proves).
 
 Contagion (computed in every run, from the account and its twins): *healthy-leg
 liquidations* are positions closed with their account whose twin never triggered or
@@ -144,6 +147,7 @@ from calibration.accounts._kernel_mech import (
     replay_mech,
 )
 from calibration.accounts._kernel_portfolio import replay_portfolio
+from calibration.accounts._kernel_queue import replay_queue
 from calibration.accounts._market import Market, underlying_of, volume_depth_usd
 from calibration.accounts._split import RowRunner, book_rows, check_workers
 from calibration.horizon import resolve_horizon
@@ -1114,8 +1118,12 @@ def _run_mech(mm: MarketArrays, book: BookArrays, rules: CollateralRules, mech: 
                      col_units=book.col_units[sel], col_inst=book.col_inst,
                      col_asset=book.col_asset)
     sub_out = empty_mech_outputs(sel.shape[0], k, n)
-    replay_mech(mm, sub, rules, mech, n_assets, config.holding_bars, config.latency_bars,
-                sub_out, trig[sel], red)
+    if _LEAN_QUEUE and _queue_only(mech, red):
+        replay_queue(mm, sub, rules, mech, n_assets, config.holding_bars, config.latency_bars,
+                     sub_out, trig[sel])
+    else:
+        replay_mech(mm, sub, rules, mech, n_assets, config.holding_bars, config.latency_bars,
+                    sub_out, trig[sel], red)
     out = empty_mech_outputs(n_acc, k, n)
     for name, value in sub_out._asdict().items():
         if name in ("backlog", "started", "started_usd"):
@@ -1123,6 +1131,21 @@ def _run_mech(mm: MarketArrays, book: BookArrays, rules: CollateralRules, mech: 
         else:
             getattr(out, name)[sel] = value
     return out
+
+
+#: Whether ``_run_mech`` may walk with ``replay_queue`` where it applies (a test turns it
+#: off to compare it with the general walk).
+_LEAN_QUEUE = True
+
+
+def _queue_only(mech: Mechanics, red: Reductions) -> bool:
+    """Whether the fast walk needs none of the mechanics but the queue (``_kernel_queue``):
+    ``close_all``, no market impact, no funding, backstop, keepers or ADL fills fed back
+    (the fast walk already excludes a cascade, the oracle and the portfolio requirement)."""
+    return bool(mech.policy == POLICIES.index("close_all") and mech.impact_coef <= 0.0
+                and mech.backstop_threshold <= 0.0 and mech.keeper_bonus_rate < 0.0
+                and not mech.cascade and not mech.oracle and not mech.portfolio
+                and red.bar.shape[0] == 0 and not mech.funding_cum.any())
 
 
 def _mechanics(market: Market, config: AccountConfig,
