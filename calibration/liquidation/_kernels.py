@@ -190,20 +190,6 @@ def _value(
     return v
 
 
-@nb.njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
-def _minima_of_eights(b8: FloatArray) -> FloatArray:  # pragma: no cover - jit
-    """The index's second level: minima of the full runs of 8 blocks of ``b8``, shape
-    ``(len(b8) // 8,)`` (blocks of 64 bars)."""
-    n64 = b8.shape[0] // 8
-    b64 = np.empty(n64)
-    for i in range(n64):
-        m = np.inf
-        for j in range(8 * i, 8 * i + 8):
-            m = min(m, b8[j])
-        b64[i] = m
-    return b64
-
-
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
 def block_minima(
     price: FloatArray, mm: FloatArray, funding_cum: FloatArray, is_long: bool, raw: bool
@@ -220,7 +206,14 @@ def block_minima(
             v = _value(price, mm, funding_cum, is_long, raw, t)
             m = min(m, v)
         b8[i] = m
-    return b8, _minima_of_eights(b8)
+    n64 = n // 64
+    b64 = np.empty(n64)
+    for i in range(n64):
+        m = np.inf
+        for j in range(8 * i, 8 * i + 8):
+            m = min(m, b8[j])
+        b64[i] = m
+    return b8, b64
 
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
@@ -249,7 +242,18 @@ def block_minima_both_sides(
             m_short = x_short if x_short < m_short else m_short
         long8[i] = m_long
         short8[i] = m_short
-    return long8, _minima_of_eights(long8), short8, _minima_of_eights(short8)
+    n64 = n // 64
+    long64 = np.empty(n64)
+    short64 = np.empty(n64)
+    for i in range(n64):
+        m_long = np.inf
+        m_short = np.inf
+        for j in range(8 * i, 8 * i + 8):
+            m_long = min(m_long, long8[j])
+            m_short = min(m_short, short8[j])
+        long64[i] = m_long
+        short64[i] = m_short
+    return long8, long64, short8, short64
 
 
 @nb.njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
