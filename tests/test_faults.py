@@ -398,7 +398,8 @@ def test_job_past_rqs_time_limit_fails_naming_the_limit(own_redis: RedisServer,
     """A job that outlives ``MARGINLAB_JOB_TIMEOUT_S`` ends ``failed`` saying so (rq kills
     it; on main the job stayed ``running``), and the worker goes on to the next job."""
     app = Deployment(tmp_path, own_redis.url, f"journal:{tmp_path / 'studies.log'}",
-                     MARGINLAB_JOB_TIMEOUT_S="3", MARGINLAB_WORKERS_PER_JOB="1")
+                     # long enough for a cold worker's first trial on a slow machine
+                     MARGINLAB_JOB_TIMEOUT_S="6", MARGINLAB_WORKERS_PER_JOB="1")
     try:
         app.start_api()
         app.start_worker("worker-1")
@@ -407,7 +408,7 @@ def test_job_past_rqs_time_limit_fails_naming_the_limit(own_redis: RedisServer,
                             json=calibration_spec(ref, n_trials=4000, seed=35)).json()
         failed = wait_final(app, job["id"], 60)
         assert failed["state"] == "failed", failed
-        assert "time limit of 3 s" in failed["error"]
+        assert "time limit of 6 s" in failed["error"]
         assert 0 < failed["progress"]["trials_done"] < 4000
         assert failed["progress"]["running"] == 0
 
