@@ -460,10 +460,9 @@ def validate_spec(spec: CalibrationSpec) -> None:
                    "model")
     if not spec.data:
         raise _bad("data needs at least one instrument", "data")
-    if spec.batch_size is not None and spec.sampler == "nsga2":
-        raise _bad("batch_size needs a sampler that proposes from the finished trials alone "
-                   "(tpe, random or auto); nsga2 keeps its generations in trial attributes "
-                   "the batches do not carry", "batch_size")
+    if spec.batch_size is not None and spec.batch_size < 2 and spec.sampler == "nsga2":
+        raise _bad("nsga2 breeds each batch as a generation of batch_size parents and needs "
+                   "batch_size >= 2", "batch_size")
     if len(spec.data) > MAX_INSTRUMENTS:
         raise _bad(f"at most {MAX_INSTRUMENTS} instruments", "data")
     names = [d.instrument for d in spec.data]

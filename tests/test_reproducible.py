@@ -66,11 +66,14 @@ def _run(root: Path, tmp: Path, workers: int) -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_one_two_and_three_workers_give_the_same_calibration(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sampler", ["auto", "nsga2"])
+def test_one_two_and_three_workers_give_the_same_calibration(tmp_path: Path,
+                                                             sampler: str) -> None:
+    """``auto`` is TPE at this budget; NSGA-II breeds each batch as a generation."""
     root = tmp_path / "data"
     root.mkdir()
     walk_frame(4000, seed=11).to_parquet(root / "bars.parquet", index=False)
-    (root / "spec.json").write_text(json.dumps(_spec(batch_size=6)))
+    (root / "spec.json").write_text(json.dumps({**_spec(batch_size=6), "sampler": sampler}))
     runs = {w: _run(root, tmp_path, w) for w in (1, 2, 3)}
     one = runs[1]
     assert len(one["trials"]) == 18
@@ -86,14 +89,15 @@ def test_one_two_and_three_workers_give_the_same_calibration(tmp_path: Path) -> 
         assert "reproducible batches of 6" in other["why"]
 
 
-def test_batch_size_keeps_old_spec_hashes_and_refuses_nsga2() -> None:
+def test_batch_size_keeps_old_spec_hashes_and_refuses_nsga2_batches_of_one() -> None:
     without = decode_spec(json.dumps(_spec(None)))
     with_none = msgspec.structs.replace(without, batch_size=None)
     assert spec_hash(without) == spec_hash(with_none)
     assert spec_hash(decode_spec(json.dumps(_spec(6)))) != spec_hash(without)
     with pytest.raises(InvalidParameters) as err:
-        decode_spec(json.dumps({**_spec(6), "sampler": "nsga2"}))
+        decode_spec(json.dumps({**_spec(1), "sampler": "nsga2"}))
     assert err.value.field == "batch_size"
+    validate_spec(decode_spec(json.dumps({**_spec(6), "sampler": "nsga2"})))
     validate_spec(decode_spec(json.dumps(_spec(6))))
 
 
@@ -270,3 +274,29 @@ def test_a_trial_whose_parameters_raise_is_failed_not_retried(
     assert [t.number for t in failed] == [1, 2, 3, 4, 5]
     retried = [t.user_attrs["retry_history"] for t in trials if t.state.name == "WAITING"]
     assert retried == [[2], [3], [4], [5]]  # not trial 1, whose own set raised
+
+
+def test_nsga2_batches_are_its_generations(tmp_path: Path) -> None:
+    """With ``batch_size``, NSGA-II breeds each batch as one generation of that many parents:
+    the first batch is its random generation 0, each later one the next generation, its
+    sets recombined from the earlier generations' (a child's values are its parents')."""
+    import optuna
+
+    import calibration.calibrate as cal
+    from calibration.calibrate._study import BATCH_GENERATION_ATTR
+    from calibration.storage import Coordination
+
+    root = tmp_path / "data"
+    root.mkdir()
+    walk_frame(3000, seed=11).to_parquet(root / "bars.parquet", index=False)
+    spec = decode_spec(json.dumps({**_spec(batch_size=6), "sampler": "nsga2"}))
+    url = f"journal:{tmp_path / 'studies.log'}"
+    cal.calibrate(spec, root=root, storage=url, study="gens", workers=1)
+    with Coordination(url) as coordination:
+        trials = optuna.load_study(study_name="gens", storage=coordination.storage).get_trials()
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert [t.user_attrs[BATCH_GENERATION_ATTR] for t in trials] == [0] * 6 + [1] * 6 + [2] * 6
+    # Uniform crossover takes each value from a parent; only a mutation draws a new one.
+    earlier = {name: {t.params[name] for t in trials[:6]} for name in trials[0].params}
+    inherited = sum(t.params[name] in earlier[name] for t in trials[6:12] for name in earlier)
+    assert inherited >= 0.6 * 6 * len(earlier)

@@ -28,8 +28,10 @@ class StudyMismatch(MarginlabError, ValueError):
     """A worker's data or spec differs from the study it was asked to join."""
 
 
-def make_sampler(spec: CalibrationSpec, *, worker: int = 0) -> optuna.samplers.BaseSampler:
-    """The sampler for a spec; ``worker`` offsets the seed so parallel workers differ.
+def make_sampler(spec: CalibrationSpec, *, worker: int = 0,
+                 population_size: int = 24) -> optuna.samplers.BaseSampler:
+    """The sampler for a spec; ``worker`` offsets the seed so parallel workers differ;
+    ``population_size``: NSGA-II's (a batch's size with ``batch_size``).
 
     ``auto`` picks multivariate TPE for budgets up to 150 trials: it needs the fewest
     trials to find a good front, and its own cost (~3–10 ms a trial below 150 trials here)
@@ -49,49 +51,96 @@ def make_sampler(spec: CalibrationSpec, *, worker: int = 0) -> optuna.samplers.B
             return optuna.samplers.TPESampler(seed=seed, multivariate=True,
                                               constant_liar=True, n_startup_trials=10)
         if choice == "nsga2":
-            return optuna.samplers.NSGAIISampler(seed=seed, population_size=24)
+            return optuna.samplers.NSGAIISampler(seed=seed, population_size=population_size)
     return optuna.samplers.RandomSampler(seed=seed)
 
 
 #: Seed step between batches (a prime, so batch seeds never repeat a worker's offset).
 BATCH_SEED_STEP = 104_729
 
+#: User attribute of a trial proposed by a batched NSGA-II: the generation its set was
+#: bred for (NSGA-II's own generation key lives in system attributes, which the study's
+#: sampler sets by its own count when a worker asks for the enqueued trial).
+BATCH_GENERATION_ATTR = "batch_generation"
+
+
+def batch_sampler_name(spec: CalibrationSpec) -> str:
+    """The sampler that proposes a spec's batches: ``auto`` as ``make_sampler`` resolves it
+    (TPE up to 150 trials, NSGA-II above, its generation being one batch), TPE for batches
+    of one (a population of one cannot breed)."""
+    if spec.sampler != "auto":
+        return spec.sampler
+    if (spec.n_trials or 10_000) <= 150 or (spec.batch_size or 2) < 2:
+        return "tpe"
+    return "nsga2"
+
 
 def propose_batch(study: optuna.Study, spec: CalibrationSpec,
                   space: Mapping[str, ParamSpec], size: int) -> list[dict[str, Any]]:
-    """The next ``size`` parameter sets of a reproducible calibration (``batch_size``).
+    """The next ``size`` parameter sets of a reproducible calibration (``batch_size``), as
+    ``enqueue_trial`` keyword arguments (``params``, and ``user_attrs`` for NSGA-II).
 
     Called when no trial of the study is running or waiting, so the finished trials are
     exactly those of the earlier batches. A fresh sampler, seeded from the spec's seed and
     the number of trials so far, proposes the sets one after another on an in-memory copy of
-    those trials (TPE's constant liar keeps the sets of one batch apart), so the proposal
-    depends on nothing but the earlier batches' results: the same for any number of
-    workers, any machine, any storage. ``auto`` is TPE here.
+    those trials, so the proposal depends on nothing but the earlier batches' results: the
+    same for any number of workers, any machine, any storage. TPE's constant liar keeps the
+    sets of one batch apart. NSGA-II (``auto`` above 150 trials) breeds with a population of
+    ``batch_size``: each trial carries the generation it was bred for
+    (``BATCH_GENERATION_ATTR``), the copies get it back as NSGA-II's own generation key, and
+    a batch is the next generation once the last one has ``batch_size`` complete trials
+    (pruned trials do not count, as in NSGA-II's own runs), so its parents are selected by
+    NSGA-II's elitist rule from those generations.
     """
     # The finished trials in the order their sets were first proposed: a retry (of a
     # trial whose worker died or was interrupted) takes its original's place, and failed
     # attempts are left out, so an interrupted and resumed calibration proposes what an
     # uninterrupted one does (without failures this is every trial, in number order).
-    finished = sorted((t for t in study.get_trials(deepcopy=False)
-                       if t.state in (TrialState.COMPLETE, TrialState.PRUNED)),
+    trials = study.get_trials(deepcopy=False)
+    finished = sorted((t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)),
                       key=_proposal_order)
+    name = batch_sampler_name(spec)
     seeded = msgspec.structs.replace(
-        spec, seed=(spec.seed + BATCH_SEED_STEP * len(finished)) % (2**32),
-        sampler="tpe" if spec.sampler == "auto" else spec.sampler)
+        spec, seed=(spec.seed + BATCH_SEED_STEP * len(finished)) % (2**32), sampler=name)
+    sampler = make_sampler(seeded, population_size=max(spec.batch_size or size, 2))
+    generation_key = None
+    if isinstance(sampler, optuna.samplers.NSGAIISampler):
+        generation_key = sampler._get_generation_key()
     level = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the scratch study is not news
     try:
-        scratch = optuna.create_study(directions=study.directions,
-                                      sampler=make_sampler(seeded))
+        scratch = optuna.create_study(directions=study.directions, sampler=sampler)
     finally:
         optuna.logging.set_verbosity(level)
-    scratch.add_trials(finished)
+    scratch.add_trials([_scratch_copy(t, trials, generation_key) for t in finished])
     out = []
     for _ in range(size):
         proposal = scratch.ask()
         _suggest(proposal, space)
-        out.append(dict(proposal.params))
+        item: dict[str, Any] = {"params": dict(proposal.params)}
+        if generation_key is not None:
+            bred = scratch._storage.get_trial_system_attrs(proposal._trial_id)
+            item["user_attrs"] = {BATCH_GENERATION_ATTR: int(bred.get(generation_key, 0))}
+        out.append(item)
     return out
+
+
+def _scratch_copy(trial: FrozenTrial, trials: list[FrozenTrial],
+                  generation_key: str | None) -> FrozenTrial:
+    """A finished trial as the batch sampler reads it: parameters, values, state and
+    constraints, without the 30-40 KB metrics a copy would carry for nothing; for NSGA-II
+    the generation its set was bred for, as NSGA-II's key (a retry's is its original's)."""
+    system = {k: v for k, v in trial.system_attrs.items()
+              if generation_key is None or not k.startswith(generation_key.split(":")[0])}
+    if generation_key is not None:
+        original = trials[_proposal_order(trial)]
+        bred = original.user_attrs.get(BATCH_GENERATION_ATTR)
+        if bred is not None:
+            system[generation_key] = int(bred)
+    return optuna.trial.create_trial(
+        state=trial.state, params=trial.params, distributions=trial.distributions,
+        values=trial.values if trial.state == TrialState.COMPLETE else None,
+        system_attrs=system)
 
 
 def _proposal_order(trial: FrozenTrial) -> int:

@@ -109,8 +109,8 @@ def _run_trials(
                     room = False
                 else:
                     size = batch if n_trials is None else min(batch, n_trials - active)
-                    for params in propose_batch(study, prepared.spec, space, size):
-                        study.enqueue_trial(params)
+                    for proposal in propose_batch(study, prepared.spec, space, size):
+                        study.enqueue_trial(**proposal)
                     waiting = True
                     queued = size
             if waiting or (room and not expired):
