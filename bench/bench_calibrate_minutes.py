@@ -21,10 +21,11 @@ The spec: ``ewma`` over the default search space (decay, confidence, floor, APC 
 default one-hour horizon (60 bars), liquidation simulation with the calibration's defaults (the
 120-point grid, a cohort a day held a week), the default stress windows and walk-forward
 split (trials see the first 70%), ``risk_appetite_bps`` 5, seed 1, the ``auto`` sampler
-(NSGA-II above 150 trials; with ``--batch-size`` each batch is one NSGA-II generation), on a journal file in a temporary
-directory. The data is prepared once and each run starts warm (kernels loaded, the
-parameter-free features of the in-sample bars cached) — ``calibrate(prepared=...)``; with two
-workers the helper is forked after that, as ``marginlab calibrate --workers 2`` forks its.
+(NSGA-II above 150 trials; with ``--batch-size`` each batch is one NSGA-II generation),
+on a journal file in a temporary directory. The data is prepared once and each run starts
+warm (kernels loaded, the parameter-free features of the in-sample bars cached) —
+``calibrate(prepared=...)``; with two workers the helper is forked after that, as
+``marginlab calibrate --workers 2`` forks its.
 
 Printed: wall and CPU time per worker count and their ratio; per trial (one-worker run; for
 two workers this process's trials) the exclusive time in the margin series, the coverage

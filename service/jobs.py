@@ -189,15 +189,27 @@ def unexpected_error(job_id: str, exc: BaseException) -> str:
 
 def execute_calibration(job_id: str, settings: Settings,
                         accessor: JobAccess | None = None, *,
-                        retry_transient: bool = False) -> str:
+                        retry_transient: bool = False,
+                        time_limit_s: float | None = None) -> str:
     """Run (or join) one calibration job to the end; returns the job's final state.
 
     Reads the spec stored with the job, adds trials to its study until the count is
     reached, then stores the result under the job's cache key. Stops between trials when
     the job is cancelled. Any error ends the job ``failed`` with a reason, except a lost
     connection with ``retry_transient`` (rq), which is raised for the queue to retry.
+    ``time_limit_s`` (rq's job timeout) is also checked between trials: rq raises its time
+    limit once, from a signal, inside whatever runs then, and where that is a library's
+    own ``except BaseException`` (asyncio's socket writes log it as a "fatal write error"
+    and go on) the job would otherwise run on past its limit.
     """
     from rq.timeouts import JobTimeoutException
+
+    limit_at = None if time_limit_s is None else time.monotonic() + time_limit_s
+
+    def should_stop() -> bool:
+        if limit_at is not None and time.monotonic() >= limit_at:
+            raise JobTimeoutException(f"past the job time limit of {time_limit_s} s")
+        return access.cancelled(job_id)
 
     access = accessor or JobAccess(settings)
     job = access.get(job_id)
@@ -222,7 +234,7 @@ def execute_calibration(job_id: str, settings: Settings,
 
         result = run_calibration(spec, root=settings.data_root, storage=storage_url,
                                  study=job.study, prepared=prepared, watch=watch,
-                                 should_stop=lambda: access.cancelled(job_id))
+                                 should_stop=should_stop)
         progress = final()
         if result is None:
             return "cancelled"
@@ -360,7 +372,9 @@ class JobAccess:
 
 def rq_execute(job_id: str) -> str:
     """The rq task: settings from the worker's environment."""
-    return execute_calibration(job_id, Settings.from_env(), retry_transient=True)
+    settings = Settings.from_env()
+    return execute_calibration(job_id, settings, retry_transient=True,
+                               time_limit_s=settings.job_timeout_s)
 
 
 class LocalRunner:

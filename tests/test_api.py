@@ -731,3 +731,49 @@ def test_queue_jobs_leave_lost_connections_to_rq_and_fail_on_anything_else(
     assert asyncio.run(state.active_ids()) == []
     assert asyncio.run(state.get("dedup", "key-broken", str)) is None
     assert asyncio.run(state.get("dedup", "key-lost", str)) is None
+
+
+def test_a_queue_job_stops_at_its_time_limit_between_trials_without_rqs_signal(
+        tmp_path: Path) -> None:
+    """rq raises its time limit once, from a signal, wherever the job is; a library that
+    swallows it (asyncio logs a "fatal write error" for an exception inside a socket write)
+    would let the job run on. ``execute_calibration`` checks the limit between trials too:
+    here no signal comes at all, and the job still ends failed at the limit, naming it, with
+    its finished trials kept."""
+    import asyncio
+    import time
+
+    import msgspec
+
+    from service.jobs import JobAccess, execute_calibration
+    from service.schemas import CalibrationJob
+    from service.state import make_root_store
+
+    (tmp_path / "bars.csv").write_bytes(bars_csv(N_BARS))
+    settings = Settings(state_dir=str(tmp_path / "state"), data_root=str(tmp_path),
+                        job_timeout_s=1)
+    state = State(make_root_store(settings))
+    spec = calibration_spec("bars.csv", n_trials=100_000)
+
+    async def seed(job_id: str) -> None:
+        job = CalibrationJob(id=job_id, state="queued", cache_key=f"key-{job_id}",
+                             spec_hash="h", study=f"study-{job_id}", model="ewma",
+                             instruments=["SYN"], n_trials=100_000,
+                             created_at="2026-01-01T00:00:00Z")
+        await state.stores["jobs"].set(f"{job_id}:spec", msgspec.json.encode(spec))
+        await state.put("jobs", job_id, job)
+        await state.put("dedup", job.cache_key, job_id)
+        await state.add_active(job_id)
+
+    access = JobAccess(settings)
+    asyncio.run(seed("long"))
+    started = time.monotonic()
+    assert execute_calibration("long", settings, access, retry_transient=True,
+                               time_limit_s=settings.job_timeout_s) == "failed"
+    assert time.monotonic() - started < 30
+    job = access.get("long")
+    assert job is not None
+    assert job.state == "failed"
+    assert "time limit of 1 s" in (job.error or "")
+    assert job.progress is not None
+    assert 0 < job.progress.trials_done < 100_000
