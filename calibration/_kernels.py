@@ -144,6 +144,37 @@ SHARED_OFFSET = 2 * len(SIDE_FIELDS)
 SHARED_FIELDS = ("sum_margin", "min_margin", "max_margin", "sum_im")
 
 
+#: Bars per chunk of ``coverage_stats``' fast path (a multiple of 8, the min/max tree's width).
+_CHUNK = 16
+
+
+@nb.njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
+def _lesser(a: float, b: float) -> float:  # pragma: no cover - jit
+    return b if b < a else a
+
+
+@nb.njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
+def _greater(a: float, b: float) -> float:  # pragma: no cover - jit
+    return b if b > a else a
+
+
+@nb.njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
+def _min8(x: FloatArray, t: int) -> float:  # pragma: no cover - jit
+    """Smallest of ``x[t : t + 8]`` (no NaN), as a tree: independent compares, not a chain."""
+    res: float = _lesser(_lesser(_lesser(x[t], x[t + 4]), _lesser(x[t + 2], x[t + 6])),
+                         _lesser(_lesser(x[t + 1], x[t + 5]), _lesser(x[t + 3], x[t + 7])))
+    return res
+
+
+@nb.njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
+def _max8(x: FloatArray, t: int) -> float:  # pragma: no cover - jit
+    """Largest of ``x[t : t + 8]`` (no NaN), as a tree."""
+    res: float = _greater(_greater(_greater(x[t], x[t + 4]), _greater(x[t + 2], x[t + 6])),
+                          _greater(_greater(x[t + 1], x[t + 5]),
+                                   _greater(x[t + 3], x[t + 7])))
+    return res
+
+
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
 def coverage_stats(
     margin: FloatArray,
@@ -163,8 +194,20 @@ def coverage_stats(
     with its 100% cap. Scalars, not ``out[...]``, are updated in the loop (array stores would
     chain through memory), and min/max are plain comparisons (numba's ``min``/``max`` carry
     NaN handling that costs more than the rest of the loop).
+
+    With ``step == 1`` the bars go by chunks of ``_CHUNK``. A chunk without NaN, breach,
+    capped margin or margin <= 0, after an observation without breach, only adds to the
+    count and the margin sum (and to min/max when it holds a new extreme): that is checked
+    and summed in vector lanes, and any other chunk runs the bar-by-bar loop. The margin sum
+    stays the one bar by bar in observation order, to the bit, without its chain of
+    dependent additions: while the running sum s stays in one binade [2^e, 2^(e+1)), whose
+    spacing is g = 2^(e-52), each rounded addition s + m lands on s + r with r the multiple
+    of g nearest to m (``(s + m) - s``, exact), unless m is halfway between two multiples
+    (then rounding to even depends on s: such chunks, and those that would leave the
+    binade, take the loop). The r are multiples of g, so their total (an integer count of
+    g) is exact in any order, and the chunk's sum is s plus that total.
     """
-    nobs = 0.0
+    nobs = 0
     sum_m = 0.0
     min_m = np.inf
     max_m = -np.inf
@@ -175,56 +218,113 @@ def coverage_stats(
     first_bl = first_bs = 0
     cap_from = 1.0 / im_to_mm  # margins above this have their IM capped
     im_excess = 0.0
-    for t in range(start, stop, step):
-        m = margin[t]
-        xl = long_loss[t]
-        xs = short_loss[t]
-        if math.isnan(m + xl + xs):  # one test for three NaN checks (values are finite)
-            continue
-        nobs += 1.0
-        sum_m += m
-        if m < min_m:
-            min_m = m
-        if m > max_m:
-            max_m = m
-        if m > cap_from:
-            im_excess += m * im_to_mm - max(m, 1.0)
-        bl = 1 if xl > m else 0
-        bs = 1 if xs > m else 0
-        # Breaches are rare: branches predict well and skip the arithmetic.
-        if bl:
-            ul = xl - m
-            l_x += 1.0
-            l_su += ul
-            l_sl += xl
-            if ul > l_mu:
-                l_mu = ul
-        if bs:
-            us = xs - m
-            s_x += 1.0
-            s_su += us
-            s_sl += xs
-            if us > s_mu:
-                s_mu = us
-        if bl | bs | prev_long | prev_short:
-            l_11 += prev_long & bl
-            l_01 += (1 - prev_long) & bl
-            l_10 += prev_long & (1 - bl)
-            s_11 += prev_short & bs
-            s_01 += (1 - prev_short) & bs
-            s_10 += prev_short & (1 - bs)
-            if nobs == 1.0:  # the first observation has no predecessor
-                first_bl = bl
-                first_bs = bs
-        prev_long = bl
-        prev_short = bs
+    # The running sum's binade [lower, upper), its spacing and half of it; upper = 0 until
+    # the sum is positive (then no chunk passes: |d| < 0 never holds).
+    lower = np.inf
+    upper = 0.0
+    spacing = inv_spacing = half = 0.0
+    chunked = step == 1
+    t = start
+    while t < stop:
+        # A negative start indexes from the end, as the loop does: left to the loop.
+        if chunked and t >= 0 and t + _CHUNK <= stop and (prev_long | prev_short) == 0:
+            s = sum_m
+            if not lower <= s < upper:
+                if 1e-290 < s < 1e290:  # spacing and its inverse stay normal and finite
+                    _, e = math.frexp(s)  # s = f * 2^e with 0.5 <= f < 1
+                    upper = math.ldexp(1.0, e)
+                    lower = 0.5 * upper
+                    spacing = math.ldexp(1.0, e - 53)
+                    inv_spacing = math.ldexp(1.0, 53 - e)
+                    half = 0.5 * spacing
+                else:
+                    lower = np.inf
+                    upper = spacing = inv_spacing = half = 0.0
+            quiet = True
+            inside = True
+            units = np.int64(0)
+            for i in range(_CHUNK):
+                m = margin[t + i]
+                xl = long_loss[t + i]
+                xs = short_loss[t + i]
+                r = (s + m) - s
+                d = m - r  # exact: |d| <= spacing / 2
+                # No test of m + xl + xs for NaN: with xl, xs <= m < upper it is not.
+                quiet &= (xl <= m) & (xs <= m) & (m <= cap_from) & (m > 0.0) & (abs(d) < half)
+                inside &= (m >= min_m) & (m <= max_m)
+                # Clipped to [0, upper] so that the conversion is defined whatever the bar.
+                r = r if r > 0.0 else 0.0
+                r = r if r < upper else upper
+                units += np.int64(r * inv_spacing)
+            if quiet:
+                # Exact when below upper (units < 2^53); at or above it, the loop.
+                total = s + float(units) * spacing
+                if total < upper:
+                    sum_m = total
+                    nobs += _CHUNK
+                    if not inside:  # margins are > 0 here: no -0.0 to tell from 0.0
+                        lo = _min8(margin, t)
+                        hi = _max8(margin, t)
+                        for j in range(t + 8, t + _CHUNK, 8):
+                            lo = _lesser(lo, _min8(margin, j))
+                            hi = _greater(hi, _max8(margin, j))
+                        min_m = _lesser(min_m, lo)
+                        max_m = _greater(max_m, hi)
+                    t += _CHUNK
+                    continue
+        end = min(t + _CHUNK, stop) if chunked else stop
+        for u in range(t, end, step):
+            m = margin[u]
+            xl = long_loss[u]
+            xs = short_loss[u]
+            if math.isnan(m + xl + xs):  # one test for three NaN checks (values are finite)
+                continue
+            nobs += 1
+            sum_m += m
+            if m < min_m:
+                min_m = m
+            if m > max_m:
+                max_m = m
+            if m > cap_from:
+                im_excess += m * im_to_mm - max(m, 1.0)
+            bl = 1 if xl > m else 0
+            bs = 1 if xs > m else 0
+            # Breaches are rare: branches predict well and skip the arithmetic.
+            if bl:
+                ul = xl - m
+                l_x += 1.0
+                l_su += ul
+                l_sl += xl
+                if ul > l_mu:
+                    l_mu = ul
+            if bs:
+                us = xs - m
+                s_x += 1.0
+                s_su += us
+                s_sl += xs
+                if us > s_mu:
+                    s_mu = us
+            if bl | bs | prev_long | prev_short:
+                l_11 += prev_long & bl
+                l_01 += (1 - prev_long) & bl
+                l_10 += prev_long & (1 - bl)
+                s_11 += prev_short & bs
+                s_01 += (1 - prev_short) & bs
+                s_10 += prev_short & (1 - bs)
+                if nobs == 1:  # the first observation has no predecessor
+                    first_bl = bl
+                    first_bs = bs
+            prev_long = bl
+            prev_short = bs
+        t = end
     l_01 -= first_bl
     s_01 -= first_bs
-    pairs = max(nobs - 1.0, 0.0)
+    n = float(nobs)
+    pairs = max(n - 1.0, 0.0)
     out = np.zeros(SHARED_OFFSET + 4)
-    side_l = (nobs, l_x, l_su, l_mu, l_sl, pairs - l_01 - l_10 - l_11,
+    side_l = (n, l_x, l_su, l_mu, l_sl, pairs - l_01 - l_10 - l_11,
               float(l_01), float(l_10), float(l_11))
-    side_s = (nobs, s_x, s_su, s_mu, s_sl, pairs - s_01 - s_10 - s_11,
+    side_s = (n, s_x, s_su, s_mu, s_sl, pairs - s_01 - s_10 - s_11,
               float(s_01), float(s_10), float(s_11))
     for k in range(9):
         out[k] = side_l[k]

@@ -7,6 +7,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass
 class SideResult:
@@ -70,3 +72,78 @@ def window_span(timestamp_ms: Sequence[int], bar_ms: int, horizon: int, start_ms
         if any(ts[s] < end_ms and ts[s] + bar_ms > start_ms for s in range(t + 1, last + 1)):
             members.append(t)
     return (members[0], members[-1] + 1) if members else (0, 0)
+
+
+def coverage_stats_loop(margin, long_loss, short_loss, start, stop, step, im_to_mm):  # type: ignore[no-untyped-def]
+    """``_kernels.coverage_stats`` as it was before its chunked fast path (a copy of its
+    loop, one bar at a time): the reference its output must equal to the bit. Plain Python
+    that numba can compile (``nb.njit(coverage_stats_loop)``), for long series."""
+    nobs = 0.0
+    sum_m = 0.0
+    min_m = math.inf
+    max_m = -math.inf
+    l_x = l_su = l_mu = l_sl = 0.0
+    s_x = s_su = s_mu = s_sl = 0.0
+    l_01 = l_10 = l_11 = s_01 = s_10 = s_11 = 0
+    prev_long = prev_short = 0
+    first_bl = first_bs = 0
+    cap_from = 1.0 / im_to_mm
+    im_excess = 0.0
+    for t in range(start, stop, step):
+        m = margin[t]
+        xl = long_loss[t]
+        xs = short_loss[t]
+        if math.isnan(m + xl + xs):
+            continue
+        nobs += 1.0
+        sum_m += m
+        if m < min_m:
+            min_m = m
+        if m > max_m:
+            max_m = m
+        if m > cap_from:
+            im_excess += m * im_to_mm - max(m, 1.0)
+        bl = 1 if xl > m else 0
+        bs = 1 if xs > m else 0
+        if bl:
+            ul = xl - m
+            l_x += 1.0
+            l_su += ul
+            l_sl += xl
+            if ul > l_mu:
+                l_mu = ul
+        if bs:
+            us = xs - m
+            s_x += 1.0
+            s_su += us
+            s_sl += xs
+            if us > s_mu:
+                s_mu = us
+        if bl | bs | prev_long | prev_short:
+            l_11 += prev_long & bl
+            l_01 += (1 - prev_long) & bl
+            l_10 += prev_long & (1 - bl)
+            s_11 += prev_short & bs
+            s_01 += (1 - prev_short) & bs
+            s_10 += prev_short & (1 - bs)
+            if nobs == 1.0:
+                first_bl = bl
+                first_bs = bs
+        prev_long = bl
+        prev_short = bs
+    l_01 -= first_bl
+    s_01 -= first_bs
+    pairs = max(nobs - 1.0, 0.0)
+    side_l = (nobs, l_x, l_su, l_mu, l_sl, pairs - l_01 - l_10 - l_11,
+              float(l_01), float(l_10), float(l_11))
+    side_s = (nobs, s_x, s_su, s_mu, s_sl, pairs - s_01 - s_10 - s_11,
+              float(s_01), float(s_10), float(s_11))
+    out = np.zeros(22)
+    for k in range(9):
+        out[k] = side_l[k]
+        out[9 + k] = side_s[k]
+    out[18] = sum_m
+    out[19] = min_m
+    out[20] = max_m
+    out[21] = sum_m * im_to_mm - im_excess
+    return out
