@@ -471,7 +471,8 @@ def ewma_increase_batch(
     of ``ewma_coverage_batch``: blocks are evaluated exactly (the rates regenerated from the
     saved variance) in decreasing order of their bound until no bound can beat the best.
     With a trail of at least two blocks only the blocks at a window's two ends are
-    regenerated (``_exact_increase_from_blocks``), not the whole trail."""
+    regenerated (``_exact_increase_from_blocks``), not the whole trail; in block 0, where
+    windows start at bar 0, the block itself (regenerated as the head block) is scanned."""
     n = returns.shape[0]
     k_sets = params.shape[0]
     r_spans = spans.shape[1]

@@ -292,12 +292,16 @@ def _exact_increase_from_blocks(
     ``block_min[q - block_base]``, NaN ignored as +inf) and block j up to t. ``margin`` need
     hold the head blocks (those of ``lo - trail + 1`` and ``hi - trail``) and block j only.
     The minimum is the same value whichever way it is grouped (but for the sign of a zero),
-    so the ratios are those of ``_exact_increase`` to the bit."""
+    so the ratios are those of ``_exact_increase`` to the bit. In block 0 the windows start
+    at bar 0, inside block j itself: there is no head block, and ``_exact_increase`` (over
+    bars ``[0, hi)``) serves."""
     j = lo // block
     j0 = j * block
     first = max(lo - trail + 1, 0)
     q0 = first // block
     q1 = max(hi - trail, 0) // block
+    if q1 >= j:
+        return float(_exact_increase(margin, loss, lo, hi, start, step, trail))
     h0 = q0 * block
     # Suffix minima of each head block (NaN compares false: +inf), restarting at block ends.
     suffix = np.empty((q1 + 1) * block - h0)
@@ -520,10 +524,9 @@ def max_increase_ratio(
             break
         lo = max((first_block + j) * block, start)
         hi = min((first_block + j + 1) * block, stop)
-        if trail >= 2 * block and first_block + j > 0:
+        if trail >= 2 * block:
             # Margins are positive: every window minimum is one nonzero value, however
-            # grouped, so the blocks strictly inside a window enter by their minima. (In
-            # block 0 the windows start at bar 0, inside the block: no head block.)
+            # grouped, so the blocks strictly inside a window enter by their minima.
             ratio = _exact_increase_from_blocks(margin, loss, bmin, first_block, lo, hi,
                                                 start, step, trail, block)
         else:

@@ -157,6 +157,26 @@ def test_exact_increase_from_blocks_matches_previous(seed: int, blocks: int, blo
         assert _bits(got) == _bits(want), (j, got, want)
 
 
+def test_exact_increase_from_blocks_in_block_0() -> None:
+    """In block 0 a window starts at bar 0, inside the block: a smaller margin later in the
+    block is outside the windows of the bars before it. (The batch kernel's former exact
+    phase took the whole block's minimum there: 2.0 instead of 1.0 here.)"""
+    block, trail = 8, 20
+    margin = np.full(40, 2.0)
+    margin[7] = 1.0
+    loss = np.zeros(40)
+    block_min = np.array([margin[q * block: q * block + block].min() for q in range(5)])
+    assert ref.exact_increase_from_blocks(margin, loss, block_min, 0, 8, 0, 1, trail,
+                                          block) == 2.0
+    for step in (1, 3):
+        for start in (0, 2):
+            want = ref.exact_increase(margin, loss, start, 8, start, step, trail)
+            assert want == 1.0
+            got = _kernels._exact_increase_from_blocks(margin, loss, block_min, 0, start, 8,
+                                                       start, step, trail, block)
+            assert _bits(got) == _bits(want)
+
+
 def _first_min(x: np.ndarray) -> float:
     """The first of the smallest values (NaN ignored), as a sequential strict-< scan."""
     low = np.inf
