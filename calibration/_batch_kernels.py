@@ -20,7 +20,12 @@ import numba as nb
 import numpy as np
 from numpy.typing import NDArray
 
-from calibration._kernels import SHARED_OFFSET, _exact_increase, _seed_variance
+from calibration._kernels import (
+    SHARED_OFFSET,
+    _exact_increase,
+    _exact_increase_from_blocks,
+    _seed_variance,
+)
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
@@ -449,73 +454,6 @@ def _regenerate(
 
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
-def _exact_increase_from_blocks(
-    margin: FloatArray, loss: FloatArray, block_min: FloatArray, lo: int, hi: int,
-    start: int, step: int, trail: int, block: int,
-) -> float:  # pragma: no cover - jit
-    """``_kernels._exact_increase`` over observations in ``[lo, hi)``, one block of
-    ``block`` bars, for ``trail >= 2 * block``: the window ``[t - trail + 1, t]`` of a bar
-    in block j is the tail of a head block q < j, the whole blocks q+1 .. j-1 (their
-    minima ``block_min``, NaN ignored as +inf) and block j up to t. ``margin`` need hold
-    the head blocks (those of ``lo - trail + 1`` and ``hi - trail``) and block j only. The
-    minimum is the same value whichever way it is grouped, so the ratios are those of
-    ``_exact_increase`` to the bit."""
-    j = lo // block
-    j0 = j * block
-    first = max(lo - trail + 1, 0)
-    q0 = first // block
-    q1 = max(hi - trail, 0) // block
-    h0 = q0 * block
-    size = (q1 + 1) * block - h0
-    # Suffix minima of each head block (NaN as +inf), restarting at block boundaries.
-    suffix = np.empty(size)
-    for i in range(size - 1, -1, -1):
-        v = margin[h0 + i]
-        v = np.inf if math.isnan(v) else v
-        if (i + 1) % block == 0 or v < suffix[i + 1]:
-            suffix[i] = v
-        else:
-            suffix[i] = suffix[i + 1]
-    # Minima of the whole blocks between each head block and block j.
-    mid0 = np.inf
-    for q in range(q0 + 1, j):
-        if block_min[q] < mid0:
-            mid0 = block_min[q]
-    mid1 = np.inf
-    for q in range(q1 + 1, j):
-        if block_min[q] < mid1:
-            mid1 = block_min[q]
-    t0 = lo
-    if t0 < start:
-        t0 = start
-    rem = (t0 - start) % step
-    if rem:
-        t0 += step - rem
-    best = 0.0
-    run = np.inf
-    for t in range(j0, hi):
-        v = margin[t]
-        v = np.inf if math.isnan(v) else v
-        if v < run:
-            run = v
-        if t < t0 or (t - t0) % step:
-            continue
-        if math.isnan(loss[t]) or math.isnan(margin[t]):
-            continue
-        w = max(t - trail + 1, 0)
-        low = suffix[w - h0]
-        mid = mid0 if w // block == q0 else mid1
-        if mid < low:
-            low = mid
-        if run < low:
-            low = run
-        ratio = margin[t] / low
-        if ratio > best:
-            best = ratio
-    return best
-
-
-@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
 def ewma_increase_batch(
     returns: FloatArray,
     squared_returns: FloatArray,
@@ -533,7 +471,8 @@ def ewma_increase_batch(
     of ``ewma_coverage_batch``: blocks are evaluated exactly (the rates regenerated from the
     saved variance) in decreasing order of their bound until no bound can beat the best.
     With a trail of at least two blocks only the blocks at a window's two ends are
-    regenerated (``_exact_increase_from_blocks``), not the whole trail."""
+    regenerated (``_exact_increase_from_blocks``), not the whole trail; in block 0, where
+    windows start at bar 0, the block itself (regenerated as the head block) is scanned."""
     n = returns.shape[0]
     k_sets = params.shape[0]
     r_spans = spans.shape[1]
@@ -572,7 +511,7 @@ def ewma_increase_batch(
                                 block, h0, h1, buf)
                     _regenerate(returns, squared_returns, params[k], tested, block_var[k],
                                 block, j * block, b_hi, buf)
-                    ratio = _exact_increase_from_blocks(buf, long_loss, block_min[k], b_lo,
+                    ratio = _exact_increase_from_blocks(buf, long_loss, block_min[k], 0, b_lo,
                                                         b_hi, lo, step, trail, block)
                 else:
                     _regenerate(returns, squared_returns, params[k], tested, block_var[k],

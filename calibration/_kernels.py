@@ -382,27 +382,135 @@ def _exact_increase(
 
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
-def max_increase_ratio(
-    margin: FloatArray,
-    loss: FloatArray,
-    start: int,
-    stop: int,
-    step: int,
-    trail: int,
+def _exact_increase_from_blocks(
+    margin: FloatArray, loss: FloatArray, block_min: FloatArray, block_base: int, lo: int,
+    hi: int, start: int, step: int, trail: int, block: int,
+) -> float:  # pragma: no cover - jit
+    """``_exact_increase`` over observations in ``[lo, hi)``, one block of ``block`` bars,
+    for ``trail >= 2 * block``: the window ``[t - trail + 1, t]`` of a bar in block j is the
+    tail of a head block q < j, the whole blocks q+1 .. j-1 (their minima
+    ``block_min[q - block_base]``, NaN ignored as +inf) and block j up to t. ``margin`` need
+    hold the head blocks (those of ``lo - trail + 1`` and ``hi - trail``) and block j only.
+    The minimum is the same value whichever way it is grouped (but for the sign of a zero),
+    so the ratios are those of ``_exact_increase`` to the bit. In block 0 the windows start
+    at bar 0, inside block j itself: there is no head block, and ``_exact_increase`` (over
+    bars ``[0, hi)``) serves."""
+    j = lo // block
+    j0 = j * block
+    first = max(lo - trail + 1, 0)
+    q0 = first // block
+    q1 = max(hi - trail, 0) // block
+    if q1 >= j:
+        return float(_exact_increase(margin, loss, lo, hi, start, step, trail))
+    h0 = q0 * block
+    # Suffix minima of each head block (NaN compares false: +inf), restarting at block ends.
+    suffix = np.empty((q1 + 1) * block - h0)
+    for q in range(q1 - q0 + 1):
+        low = np.inf
+        for i in range((q + 1) * block - 1, q * block - 1, -1):
+            v = margin[h0 + i]
+            if v < low:
+                low = v
+            suffix[i] = low
+    # Minima of the whole blocks between each head block and block j.
+    mid0 = np.inf
+    for q in range(q0 + 1, j):
+        if block_min[q - block_base] < mid0:
+            mid0 = block_min[q - block_base]
+    mid1 = np.inf
+    for q in range(q1 + 1, j):
+        if block_min[q - block_base] < mid1:
+            mid1 = block_min[q - block_base]
+    head_end = h0 + block
+    t0 = lo
+    if t0 < start:
+        t0 = start
+    rem = (t0 - start) % step
+    if rem:
+        t0 += step - rem
+    best = 0.0
+    run = np.inf  # minimum of block j up to t
+    for u in range(j0, min(t0, hi)):
+        v = margin[u]
+        if v < run:
+            run = v
+    if step == 1:
+        # Every bar observed: the same compares as below, as selects (no branches).
+        for t in range(t0, hi):
+            v = margin[t]
+            run = v if v < run else run
+            w = max(t - trail + 1, 0)
+            low = suffix[w - h0]
+            mid = mid0 if w < head_end else mid1
+            low = mid if mid < low else low
+            low = run if run < low else low
+            # Divides where the loop below does (a zero minimum raises ZeroDivisionError).
+            ratio = v / low if loss[t] == loss[t] and v == v else 0.0
+            best = ratio if ratio > best else best
+        return best
+    u = t0
+    for t in range(t0, hi, step):
+        while u <= t:
+            v = margin[u]
+            if v < run:
+                run = v
+            u += 1
+        if math.isnan(loss[t]) or math.isnan(margin[t]):
+            continue
+        w = max(t - trail + 1, 0)
+        low = suffix[w - h0]
+        mid = mid0 if w < head_end else mid1
+        if mid < low:
+            low = mid
+        if run < low:
+            low = run
+        ratio = margin[t] / low
+        if ratio > best:
+            best = ratio
+    return best
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def _block_extrema(x: FloatArray, a: int, b: int) -> tuple[float, float]:  # pragma: no cover
+    """Smallest and largest of ``x[a:b]``, NaN ignored (``(inf, -inf)`` when none)."""
+    y = x[a:b]  # indices from 0: no negative-index wrap-around in the loop
+    n = y.size
+    n4 = n - n % 4
+    # Four independent chains per extremum: one chain is bound by the compare's latency.
+    l0 = l1 = l2 = l3 = np.inf
+    h0 = h1 = h2 = h3 = -np.inf
+    for i in range(0, n4, 4):
+        v = y[i]
+        l0 = v if v < l0 else l0  # NaN compares false: never enters
+        h0 = v if v > h0 else h0
+        v = y[i + 1]
+        l1 = v if v < l1 else l1
+        h1 = v if v > h1 else h1
+        v = y[i + 2]
+        l2 = v if v < l2 else l2
+        h2 = v if v > h2 else h2
+        v = y[i + 3]
+        l3 = v if v < l3 else l3
+        h3 = v if v > h3 else h3
+    for i in range(n4, n):
+        v = y[i]
+        l0 = v if v < l0 else l0
+        h0 = v if v > h0 else h0
+    l0 = l1 if l1 < l0 else l0
+    l2 = l3 if l3 < l2 else l2
+    h0 = h1 if h1 > h0 else h0
+    h2 = h3 if h3 > h2 else h2
+    return (l2 if l2 < l0 else l0), (h2 if h2 > h0 else h0)
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def _max_increase_ratio_any_sign(
+    margin: FloatArray, loss: FloatArray, start: int, stop: int, step: int, trail: int,
     block: int,
 ) -> float:  # pragma: no cover - jit
-    """Largest ``margin[t] / min(margin[t-trail+1 .. t])`` over observations (procyclicality).
-
-    Observations are ``t = start, start+step, ... < stop`` where neither ``margin[t]`` nor
-    ``loss[t]`` is NaN; NaN margins (warm-up) count as +inf in the minimum. Exact, but most
-    of the series is never looked at bar by bar: per block of ``block`` bars the ratio is
-    bounded above by the block's largest margin over the smallest margin of every block a
-    window can reach; blocks are then evaluated exactly (van Herk / Gil-Werman) in
-    decreasing order of that bound until the bound cannot beat the best ratio found.
-    Returns 0 without observations.
-    """
-    if stop <= start:
-        return 0.0
+    """``max_increase_ratio`` as first written, for series with a margin <= 0: there the
+    block bounds are not upper bounds, the result depends on the order the blocks are
+    evaluated in, and only this very formulation gives the same one."""
     lo_bar = max(start - trail + 1, 0)
     first_block = lo_bar // block
     last_block = (stop - 1) // block
@@ -430,7 +538,6 @@ def max_increase_ratio(
     if count:
         bmin[j] = mn
         bmax[j] = mx
-    # Smallest margin any window ending in block j can see: blocks j-reach .. j.
     reach = (trail - 1 + block - 1) // block
     bound = np.zeros(nblocks)
     for j in range(nblocks):
@@ -449,6 +556,81 @@ def max_increase_ratio(
         lo = (first_block + j) * block
         hi = min(lo + block, stop)
         ratio = _exact_increase(margin, loss, max(lo, start), hi, start, step, trail)
+        if ratio > best:
+            best = ratio
+    return best
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def max_increase_ratio(
+    margin: FloatArray,
+    loss: FloatArray,
+    start: int,
+    stop: int,
+    step: int,
+    trail: int,
+    block: int,
+) -> float:  # pragma: no cover - jit
+    """Largest ``margin[t] / min(margin[t-trail+1 .. t])`` over observations (procyclicality).
+
+    Observations are ``t = start, start+step, ... < stop`` where neither ``margin[t]`` nor
+    ``loss[t]`` is NaN; NaN margins (warm-up) count as +inf in the minimum. Exact, but most
+    of the series is never looked at bar by bar: per block of ``block`` bars the ratio is
+    bounded above by the block's largest margin over the smallest margin of every block a
+    window can reach; blocks are then evaluated exactly (van Herk / Gil-Werman) in
+    decreasing order of that bound until the bound cannot beat the best ratio found.
+    Returns 0 without observations.
+    """
+    if stop <= start:
+        return 0.0
+    lo_bar = max(start - trail + 1, 0)
+    first_block = lo_bar // block
+    last_block = (stop - 1) // block
+    nblocks = last_block - first_block + 1
+    bmin = np.empty(nblocks)
+    bmax = np.empty(nblocks)
+    # The bound need only be an upper bound: with positive margins the result is the
+    # largest exact ratio of any block, whichever blocks the pruning evaluates. So the
+    # block maximum takes every bar from `start` on, NaN losses too, and the pass reads
+    # the margins only (it is bound by memory bandwidth).
+    for j in range(nblocks):
+        b0 = (first_block + j) * block
+        b1 = min(b0 + block, stop)
+        a = min(max(b0, start), b1)
+        mn, mx = _block_extrema(margin, a, b1)
+        if a > b0:
+            before = _block_extrema(margin, b0, a)[0]
+            mn = before if before < mn else mn
+        bmin[j] = mn
+        bmax[j] = mx
+    for j in range(nblocks):
+        if not bmin[j] > 0.0:  # NaN never enters a minimum; +inf (no margin) is > 0
+            return float(_max_increase_ratio_any_sign(margin, loss, start, stop, step, trail,
+                                                      block))
+    reach = (trail - 1 + block - 1) // block
+    bound = np.zeros(nblocks)
+    for j in range(nblocks):
+        low = np.inf
+        for k in range(max(0, j - reach), j + 1):
+            if bmin[k] < low:
+                low = bmin[k]
+        if bmax[j] > 0.0 and low < np.inf:
+            bound[j] = bmax[j] / low
+    order = np.argsort(-bound)
+    best = 0.0
+    for r in range(nblocks):
+        j = order[r]
+        if bound[j] <= best:
+            break
+        lo = max((first_block + j) * block, start)
+        hi = min((first_block + j + 1) * block, stop)
+        if trail >= 2 * block:
+            # Margins are positive: every window minimum is one nonzero value, however
+            # grouped, so the blocks strictly inside a window enter by their minima.
+            ratio = _exact_increase_from_blocks(margin, loss, bmin, first_block, lo, hi,
+                                                start, step, trail, block)
+        else:
+            ratio = _exact_increase(margin, loss, lo, hi, start, step, trail)
         if ratio > best:
             best = ratio
     return best

@@ -109,6 +109,25 @@ def test_batch_against_brute_force_loops(crash_bars: BarSeries) -> None:
         assert metrics[0].max_increase_ratio == pytest.approx(best, rel=1e-9)
 
 
+def test_batch_increase_in_block_0_with_a_long_trail() -> None:
+    """A 30-day trail (two blocks and more: the block-minimum exact phase) on a series whose
+    largest margins come early in the first block and the smallest later in it: a window
+    starts at bar 0 and must not see the block's later bars (the batch once took the whole
+    block's minimum there, 44.6 instead of 1.61)."""
+    rng = np.random.default_rng(3)
+    n = 20_000
+    vol = np.where(np.arange(n) < 2500, 0.01, 0.0003)
+    bars = make_bars(100 * np.exp(np.cumsum(rng.normal(0.0, 1.0, n) * vol)))
+    config = CoverageConfig(horizon_bars=60)
+    sets = [{"decay": 0.97}, {"decay": 0.99}]
+    batch = evaluate_coverage_batch(bars, "ewma", sets, config=config)
+    for params, metrics in zip(sets, batch, strict=True):
+        one = coverage_backtest(bars, make_model("ewma", params), config)
+        assert metrics[0].max_increase_ratio == one[0].max_increase_ratio
+        assert one[0].max_increase_ratio is not None
+        assert one[0].max_increase_ratio < 2.0
+
+
 def test_other_families_and_horizons_keep_their_order() -> None:
     """Tiered sets (one at a time) and EWMA sets of two horizons (two batches) come back in
     the order given, each equal to its own coverage backtest."""
