@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -98,15 +100,34 @@ def walk_frame(n: int, *, seed: int) -> pd.DataFrame:
     return frame[["timestamp_ms", "open", "high", "low", "close", "volume"]]
 
 
+#: A run of at least this many tests compiles the numba kernels in the background first.
+_WARM_UP_FROM_ITEMS = 200
+_WARM_UP: list[subprocess.Popen[bytes]] = []
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Start the linters in the background when their tests will run (``tests/test_lint``)."""
+    """Start the linters in the background when their tests will run (``tests/test_lint``),
+    and on a large run the kernels' compilation (``calibration._warmup``, as the Docker
+    image build runs it): on a fresh clone every kernel is compiled where a test first
+    needs it, often inside a worker or server subprocess on a test's clock (~85 s of
+    compilation in all here); the background process fills numba's on-disk cache on the
+    other core, and later tests and their subprocesses load from it. A test that needs a
+    kernel first still compiles it itself: the results are the same either way."""
     if any(item.path.name == "test_lint.py" for item in session.items):
         from tests.test_lint import start_linters
 
         start_linters()
+    if len(session.items) >= _WARM_UP_FROM_ITEMS and not os.environ.get("MARGINLAB_TEST_NO_WARMUP"):
+        _WARM_UP.append(subprocess.Popen(
+            [sys.executable, "-m", "calibration._warmup"], cwd=Path(__file__).resolve().parents[1],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     from tests.test_lint import stop_linters
 
     stop_linters()
+    for proc in _WARM_UP:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()

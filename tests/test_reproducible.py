@@ -273,7 +273,8 @@ def test_a_trial_whose_parameters_raise_is_failed_not_retried(
     assert retried == [[2], [3], [4], [5]]  # not trial 1, whose own set raised
 
 
-def test_nsga2_batches_are_its_generations(tmp_path: Path) -> None:
+def test_nsga2_batches_are_its_generations(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """With ``batch_size``, NSGA-II breeds each batch as one generation of that many parents:
     the first batch is its random generation 0, each later one the next generation, its
     sets recombined from the earlier generations' (a child's values are its parents'); two
@@ -293,6 +294,19 @@ def test_nsga2_batches_are_its_generations(tmp_path: Path) -> None:
     with Coordination(url) as coordination:
         trials = optuna.load_study(study_name="gens", storage=coordination.storage).get_trials()
     url_two = f"journal:{tmp_path / 'studies-2.log'}"
+    # A trial here is quicker than the forked helper's start: slowed (in both processes,
+    # the helper being forked) so that the helper claims its share of the batches.
+    import time
+
+    import calibration.calibrate._evaluate as evaluation
+
+    evaluate = evaluation.evaluate
+
+    def slowed(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.25)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate", slowed)
     two = cal.calibrate(spec, root=root, storage=url_two, study="gens", workers=2)
     assert two.workers == 2
     assert (_calibration_record(url_two, "gens", two)
