@@ -317,3 +317,44 @@ def test_nsga2_batches_are_its_generations(tmp_path: Path,
     earlier = {name: {t.params[name] for t in trials[:6]} for name in trials[0].params}
     inherited = sum(t.params[name] in earlier[name] for t in trials[6:12] for name in earlier)
     assert inherited >= 0.6 * 6 * len(earlier)
+
+
+def test_stopped_while_claiming_leaves_no_trial_running(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interruption between two asks of one claim (a job's time limit arrives anywhere)
+    fails the trials already asked for and queues their sets again: none stays RUNNING."""
+    import optuna
+
+    import calibration.calibrate as cal
+    from calibration.calibrate._study import create_or_load_study
+    from calibration.calibrate._workers import run_worker
+    from calibration.storage import Coordination
+
+    root = tmp_path / "data"
+    root.mkdir()
+    walk_frame(3000, seed=11).to_parquet(root / "bars.parquet", index=False)
+    spec = decode_spec(json.dumps(_spec(batch_size=6)))
+    prepared = cal.prepare(spec, root)
+    asks = 0
+    original = optuna.Study.ask
+
+    def interrupted(self: optuna.Study, *args: Any, **kwargs: Any) -> Any:
+        nonlocal asks
+        if self.study_name == "c":  # not the batch proposer's scratch study
+            asks += 1
+            if asks == 3:
+                raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(optuna.Study, "ask", interrupted)
+    with Coordination(f"journal:{tmp_path / 'c.log'}") as coordination:
+        study = create_or_load_study(spec, prepared, coordination, "c")
+        with pytest.raises(KeyboardInterrupt):
+            run_worker(study, prepared, coordination, n_trials=spec.n_trials, claim_trials=6)
+        trials = study.get_trials()
+    states = [t.state.name for t in trials]
+    assert "RUNNING" not in states
+    assert states[:2] == ["FAIL", "FAIL"]
+    retried = [t.user_attrs.get("retry_history") for t in trials if t.state.name == "WAITING"]
+    assert [0] in retried
+    assert [1] in retried

@@ -90,42 +90,50 @@ def _run_trials(
     while True:
         if should_stop is not None and should_stop():
             return ran
-        with coordination.slot_lock(study.study_name):
-            coordination.reap_stale_trials(study)
-            trials = study.get_trials(deepcopy=False)
-            waiting = any(t.state == TrialState.WAITING for t in trials)
-            active = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING,
-                                     TrialState.WAITING) for t in trials)
-            expired = deadline is not None and time.time() >= deadline
-            room = n_trials is None or active < n_trials
-            trial = None
-            claimed: list[optuna.Trial] = []
-            queued = sum(t.state == TrialState.WAITING for t in trials)
-            batch = prepared.spec.batch_size
-            if batch is not None and not waiting and room and not expired:
-                # Reproducible batches: the next batch is proposed only once every trial
-                # of the earlier ones has finished; until then this worker waits.
-                if any(t.state == TrialState.RUNNING for t in trials):
-                    room = False
-                else:
-                    size = batch if n_trials is None else min(batch, n_trials - active)
-                    for proposal in propose_batch(study, prepared.spec, space, size):
-                        study.enqueue_trial(**proposal)
-                    waiting = True
-                    queued = size
-            if waiting or (room and not expired):
-                with warnings.catch_warnings():
-                    # RDB storages: Optuna warns that its heartbeat is meant for optimize();
-                    # here the trial beats through ``coordination.heartbeat`` instead.
-                    warnings.filterwarnings("ignore", "Heartbeat of storage is supposed",
-                                            UserWarning)
-                    trial = study.ask()
-                    claimed.append(trial)
-                    if batch is not None and waiting:
-                        # More of the batch's queued trials, in their order. Every ask
-                        # happens under this lock, so the count read above still holds.
-                        for _ in range(min(claim_trials, queued) - 1):
-                            claimed.append(study.ask())
+        claimed: list[optuna.Trial] = []
+        trial = None
+        try:
+            with coordination.slot_lock(study.study_name):
+                coordination.reap_stale_trials(study)
+                trials = study.get_trials(deepcopy=False)
+                waiting = any(t.state == TrialState.WAITING for t in trials)
+                active = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING,
+                                         TrialState.WAITING) for t in trials)
+                expired = deadline is not None and time.time() >= deadline
+                room = n_trials is None or active < n_trials
+                queued = sum(t.state == TrialState.WAITING for t in trials)
+                batch = prepared.spec.batch_size
+                if batch is not None and not waiting and room and not expired:
+                    # Reproducible batches: the next batch is proposed only once every trial
+                    # of the earlier ones has finished; until then this worker waits.
+                    if any(t.state == TrialState.RUNNING for t in trials):
+                        room = False
+                    else:
+                        size = batch if n_trials is None else min(batch, n_trials - active)
+                        for proposal in propose_batch(study, prepared.spec, space, size):
+                            study.enqueue_trial(**proposal)
+                        waiting = True
+                        queued = size
+                if waiting or (room and not expired):
+                    with warnings.catch_warnings():
+                        # RDB storages: Optuna warns that its heartbeat is meant for optimize();
+                        # here the trial beats through ``coordination.heartbeat`` instead.
+                        warnings.filterwarnings("ignore", "Heartbeat of storage is supposed",
+                                                UserWarning)
+                        trial = study.ask()
+                        claimed.append(trial)
+                        if batch is not None and waiting:
+                            # More of the batch's queued trials, in their order. Every ask
+                            # happens under this lock, so the count read above still holds.
+                            for _ in range(min(claim_trials, queued) - 1):
+                                claimed.append(study.ask())
+        except BaseException:
+            # Stopped between asking for trials and the claim's own guard below (a job's
+            # time limit arrives as an exception anywhere): the trials asked for so far
+            # would stay RUNNING until reaped; fail and queue them again now.
+            if claimed:
+                _fail_claim(study, coordination, claimed, keep_failed=None)
+            raise
         if trial is None:
             running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             if expired or not running:
