@@ -337,6 +337,25 @@ def coverage_stats(
 
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def _block_bounds(bmin: FloatArray, bmax: FloatArray, trail: int,
+                  block: int) -> FloatArray:  # pragma: no cover - jit
+    """Per block, an upper bound of its windows' increase ratio: its largest margin over the
+    smallest margin of every block a window ending in it can reach (0 where it has none)."""
+    nblocks = bmin.shape[0]
+    # Smallest margin any window ending in block j can see: blocks j-reach .. j.
+    reach = (trail - 1 + block - 1) // block
+    bound = np.zeros(nblocks)
+    for j in range(nblocks):
+        low = np.inf
+        for k in range(max(0, j - reach), j + 1):
+            if bmin[k] < low:
+                low = bmin[k]
+        if bmax[j] > 0.0 and low < np.inf:
+            bound[j] = bmax[j] / low
+    return bound
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
 def _exact_increase(
     margin: FloatArray, loss: FloatArray, lo: int, hi: int, start: int, step: int, trail: int
 ) -> float:  # pragma: no cover - jit
@@ -538,15 +557,7 @@ def _max_increase_ratio_any_sign(
     if count:
         bmin[j] = mn
         bmax[j] = mx
-    reach = (trail - 1 + block - 1) // block
-    bound = np.zeros(nblocks)
-    for j in range(nblocks):
-        low = np.inf
-        for k in range(max(0, j - reach), j + 1):
-            if bmin[k] < low:
-                low = bmin[k]
-        if bmax[j] > 0.0 and low < np.inf:
-            bound[j] = bmax[j] / low
+    bound = _block_bounds(bmin, bmax, trail, block)
     order = np.argsort(-bound)
     best = 0.0
     for r in range(nblocks):
@@ -607,15 +618,7 @@ def max_increase_ratio(
         if not bmin[j] > 0.0:  # NaN never enters a minimum; +inf (no margin) is > 0
             return float(_max_increase_ratio_any_sign(margin, loss, start, stop, step, trail,
                                                       block))
-    reach = (trail - 1 + block - 1) // block
-    bound = np.zeros(nblocks)
-    for j in range(nblocks):
-        low = np.inf
-        for k in range(max(0, j - reach), j + 1):
-            if bmin[k] < low:
-                low = bmin[k]
-        if bmax[j] > 0.0 and low < np.inf:
-            bound[j] = bmax[j] / low
+    bound = _block_bounds(bmin, bmax, trail, block)
     order = np.argsort(-bound)
     best = 0.0
     for r in range(nblocks):
