@@ -147,7 +147,7 @@ def test_batched_coverage_gives_the_trials_of_one_at_a_time(
 
     monkeypatch.setattr(evaluation, "coverage_of_models", counted)
     runs = {}
-    for label, claim in (("alone", 1), ("claim 6", 6)):
+    for label, claim in (("alone", 1), ("claim 6", 6), ("claim 4", 4)):
         url = f"journal:{tmp_path / f'{claim}.log'}"
         with Coordination(url) as coordination:
             study = create_or_load_study(spec, prepared, coordination, "b")
@@ -155,7 +155,10 @@ def test_batched_coverage_gives_the_trials_of_one_at_a_time(
         runs[label] = _calibration_record(url, "b", cal.summarize(study, prepared, url))
         if label == "alone":
             assert batched_sets == []  # one trial at a time: no batch
-    assert batched_sets == [6, 6]  # two batches of six, each in one pass
+        if label == "claim 6":
+            assert batched_sets == [6, 6]  # two batches of six, each in one pass
+    # A share below the batch (a worker of two): guided claims of two, each in one pass.
+    assert batched_sets[2:] == [2] * 6
     url = f"journal:{tmp_path / 'two.log'}"
     two = cal.calibrate(spec, root=root, storage=url, study="b", prepared=prepared, workers=2)
     runs["two workers, claim 3"] = _calibration_record(url, "b", two)
@@ -163,7 +166,7 @@ def test_batched_coverage_gives_the_trials_of_one_at_a_time(
     assert len(alone["trials"]) == 12
     assert {t[3] for t in alone["trials"]} <= {"COMPLETE", "PRUNED"}
     assert alone["front"]
-    for label in ("claim 6", "two workers, claim 3"):
+    for label in ("claim 6", "claim 4", "two workers, claim 3"):
         assert runs[label] == alone, label
 
 
@@ -358,3 +361,23 @@ def test_stopped_while_claiming_leaves_no_trial_running(
     retried = [t.user_attrs.get("retry_history") for t in trials if t.state.name == "WAITING"]
     assert [0] in retried
     assert [1] in retried
+
+
+@pytest.mark.parametrize(("claim", "batch", "sizes"), [
+    (24, 24, [24]),                          # alone: the whole batch at once
+    (12, 24, [6, 5, 4, 3, 2, 2, 2]),         # one of two workers: shrinking claims
+    (25, 50, [13, 10, 7, 5, 4, 3, 2, 2, 2, 2]),
+    (3, 6, [2, 2, 2]),                       # never fewer than two while two are queued
+    (2, 5, [2, 2, 1]),
+])
+def test_a_shared_batch_is_claimed_in_shrinking_shares(claim: int, batch: int,
+                                                       sizes: list[int]) -> None:
+    """Guided claims: a worker's share of half of what is queued, at most its claim, at
+    least two; the claims of a batch taken one after another add up to the batch."""
+    from calibration.calibrate._workers import _claim_size
+
+    queued, taken = batch, []
+    while queued:
+        taken.append(_claim_size(claim, queued, batch))
+        queued -= taken[-1]
+    assert taken == sizes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
@@ -57,7 +58,8 @@ def run_worker(
     for such retries until every trial is finished.
 
     ``claim_trials``: with ``batch_size``, how many of the batch's queued trials this worker
-    claims at once (under the same lock, so no two workers claim one trial). Their coverage
+    claims at most at once (fewer towards the batch's end when it is below ``batch_size``:
+    ``_claim_size``) (under the same lock, so no two workers claim one trial). Their coverage
     is computed together in one pass over each series (``batch_coverage``, the EWMA batch
     kernel), then each trial is evaluated, told and reported on its own as when claimed
     alone: the same values and attributes bit for bit. ``run_calibration`` claims
@@ -125,7 +127,7 @@ def _run_trials(
                         if batch is not None and waiting:
                             # More of the batch's queued trials, in their order. Every ask
                             # happens under this lock, so the count read above still holds.
-                            for _ in range(min(claim_trials, queued) - 1):
+                            for _ in range(_claim_size(claim_trials, queued, batch) - 1):
                                 claimed.append(study.ask())
         except BaseException:
             # Stopped between asking for trials and the claim's own guard below (a job's
@@ -172,6 +174,24 @@ def _run_trials(
         finally:
             for beat in beats:
                 beat.close()
+
+
+def _claim_size(claim_trials: int, queued: int, batch_size: int) -> int:
+    """How many of ``queued`` trials of a batch to claim now, at most ``claim_trials``.
+
+    Shared by several workers (``claim_trials`` below ``batch_size``), the batch is handed
+    out in shrinking claims (guided scheduling): each takes its share of half of what is
+    queued, so the claims at the batch's end are small and the workers reach the batch's
+    barrier together instead of one waiting on the other's last several trials (a pruned
+    trial takes a fraction of a full one). Never fewer than two while two are queued: the
+    coverage of a claim is computed in one pass, which pays from two sets. Alone, a worker
+    claims the whole batch. Which worker runs which trial does not change any value.
+    """
+    if claim_trials >= batch_size:
+        return min(claim_trials, queued)
+    workers = math.ceil(batch_size / claim_trials)
+    guided = math.ceil(queued / (2 * workers))
+    return max(1, min(claim_trials, queued, max(2, guided)))
 
 
 def _run_one(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
