@@ -208,7 +208,7 @@ def test_two_workers_share_a_study_exactly(url: str, data_root: Path, spec: Cali
                                            procs: list[subprocess.Popen[str]]) -> None:
     """Two worker processes fill one study to exactly n_trials, each running some of them."""
     name = _new_study(spec, prepared, url)
-    workers = _start_both_in_a_trial(procs, (data_root, data_root), url, name)
+    workers, _ = _start_both_in_a_trial(procs, (data_root, data_root), url, name)
     results = [_finish(w) for w in workers]
     assert [code for code, _ in results] == [0, 0], results
     ran = [_ran(err) for _, err in results]
@@ -219,16 +219,22 @@ def test_two_workers_share_a_study_exactly(url: str, data_root: Path, spec: Cali
 
 
 def _start_both_in_a_trial(procs: list[subprocess.Popen[str]], roots: tuple[Path, Path],
-                           url: str, name: str) -> list[subprocess.Popen[str]]:
-    """Start two workers (on these data roots) such that each runs a trial.
+                           url: str, name: str) -> tuple[list[subprocess.Popen[str]], set[int]]:
+    """Start two workers (on these data roots) such that each runs a trial; the workers
+    and the trials the first was frozen in.
 
-    A trial here can be quicker than a worker's start-up, so the first worker could finish
-    the study before the second has loaded its data. The first is frozen (SIGSTOP) inside
-    its first trial until the second has started one of its own (3-4 s here), for at most
-    a few seconds less than STALE_AFTER_S, so nobody reaps the frozen worker's trial.
+    A trial here can be quicker than a worker's start-up (3-4 s idle, far more on a loaded
+    machine with cold caches), so the first worker could finish the study before the
+    second has loaded its data. The first is frozen (SIGSTOP) inside a trial until the
+    second has started one of its own, each time for at most a few seconds less than
+    STALE_AFTER_S, so nobody reaps the frozen worker's trial; if the second is still not
+    in a trial, the first is thawed until it is inside its next trial (which beats afresh)
+    and frozen again.
     """
     first = _start_worker(procs, roots[0], url, name, 1)
+    second: subprocess.Popen[str] | None = None
     deadline = time.monotonic() + WORKER_TIMEOUT_S
+    held: set[int] = set()
     with Coordination(url) as coordination:
         study = optuna.load_study(study_name=name, storage=coordination.storage)
 
@@ -236,24 +242,32 @@ def _start_both_in_a_trial(procs: list[subprocess.Popen[str]], roots: tuple[Path
             return {t.number for t in study.get_trials(states=(TrialState.RUNNING,))}
 
         while True:
-            assert time.monotonic() < deadline, "the first worker never started a trial"
-            assert first.poll() is None, first.communicate()
-            if not running():
+            # Freeze the first inside a trial it has not been frozen in before.
+            while True:
+                assert time.monotonic() < deadline, "the first worker never started a trial"
+                assert first.poll() is None, first.communicate()
+                if not running() - held:
+                    time.sleep(0.005)
+                    continue
+                _signal([first], signal.SIGSTOP)
+                if fresh := running() - held:  # still inside that trial once frozen
+                    break
+                _signal([first], signal.SIGCONT)
+            held |= fresh
+            frozen_at = time.monotonic()
+            if second is None:
+                second = _start_worker(procs, roots[1], url, name, 2)
+            # Thawed by the time its trial could be reaped, whether or not the second has
+            # started one.
+            while (not running() - held and second.poll() is None
+                   and time.monotonic() - frozen_at < STALE_AFTER_S - 2 * HEARTBEAT_INTERVAL_S):
                 time.sleep(0.005)
-                continue
-            _signal([first], signal.SIGSTOP)
-            if held := running():  # still inside that trial (or the next) once frozen
-                break
+            # While the first is frozen, a trial outside ``held`` is the second's.
+            started = bool(running() - held) or second.poll() is not None
             _signal([first], signal.SIGCONT)
-        frozen_at = time.monotonic()
-        second = _start_worker(procs, roots[1], url, name, 2)
-        # Thawed by the time its trial could be reaped, whether or not the second has
-        # started one: then the end assertions say which worker ran nothing.
-        while (not running() - held and second.poll() is None
-               and time.monotonic() - frozen_at < STALE_AFTER_S - 2 * HEARTBEAT_INTERVAL_S):
-            time.sleep(0.005)
-        _signal([first], signal.SIGCONT)
-    return [first, second]
+            if started:
+                # In a trial, or ended: the end assertions say which worker ran nothing.
+                return [first, second], held
 
 
 @pytest.mark.slow
@@ -272,7 +286,7 @@ def test_workers_on_separate_machines_share_one_postgresql_study(
         root.mkdir()
         shutil.copy(data_root / "bars.parquet", root / "bars.parquet")
         roots.append(root)
-    workers = _start_both_in_a_trial(procs, (roots[0], roots[1]), postgres_db, name)
+    workers, _ = _start_both_in_a_trial(procs, (roots[0], roots[1]), postgres_db, name)
     results = [_finish(w) for w in workers]
     assert [code for code, _ in results] == [0, 0], results
     ran = [_ran(err) for _, err in results]
@@ -343,9 +357,11 @@ def _have_beaten(coordination: Coordination, trials: list[FrozenTrial]) -> bool:
 
 
 def _kill_mid_trial(victim: subprocess.Popen[str], other: subprocess.Popen[str], url: str,
-                    name: str, n_params: int) -> tuple[FrozenTrial, float]:
-    """SIGKILL ``victim`` while it runs a trial; return that trial and when (monotonic) the
-    victim was frozen (its last beat was at most one heartbeat interval before).
+                    name: str, n_params: int,
+                    excluded: set[int]) -> tuple[FrozenTrial, float]:
+    """SIGKILL ``victim`` while it runs a trial not in ``excluded`` (trials frozen before,
+    whose last beat may be older); return that trial and when (monotonic) the victim was
+    frozen (its last beat was at most one heartbeat interval before).
 
     Both workers are frozen (SIGSTOP) at a moment both run a trial whose parameters are all
     chosen (so it is inside the backtest), holding no lock that outlives its holder;
@@ -370,6 +386,7 @@ def _kill_mid_trial(victim: subprocess.Popen[str], other: subprocess.Popen[str],
             frozen = running()
             # Both past choosing their parameters (so the victim is inside the backtest).
             if (len(frozen) == 2 and all(len(t.params) == n_params for t in frozen)
+                    and not {t.number for t in frozen} & excluded
                     and _locks_free(url, name) and _have_beaten(coordination, frozen)):
                 _signal([other], signal.SIGCONT)
                 numbers = {t.number for t in frozen}
@@ -393,10 +410,10 @@ def test_sigkilled_worker_trial_is_failed_and_retried(
         procs: list[subprocess.Popen[str]]) -> None:
     """A worker SIGKILLed mid-trial: its trial FAILs, is retried, and n_trials still finish."""
     name = _new_study(spec, prepared, url)
-    victim = _start_worker(procs, data_root, url, name, 1)
-    survivor = _start_worker(procs, data_root, url, name, 2)
+    # Both in a trial first: otherwise one can run the whole study before the other starts.
+    (victim, survivor), held = _start_both_in_a_trial(procs, (data_root, data_root), url, name)
     searched = [k for k, p in search_space(spec).items() if p.value is None]
-    killed, stopped_at = _kill_mid_trial(victim, survivor, url, name, len(searched))
+    killed, stopped_at = _kill_mid_trial(victim, survivor, url, name, len(searched), held)
     replacement = _start_worker(procs, data_root, url, name, 3)
     results = [_finish(survivor), _finish(replacement)]
     assert victim.returncode == -signal.SIGKILL
