@@ -36,9 +36,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import faulthandler
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -656,6 +658,9 @@ def run_queue_worker(settings: Settings, *, burst: bool = False) -> None:
                              "API process)")
     url = settings.redis_url
     connection = redis.Redis.from_url(url)
+    # A stuck worker or work horse (which inherits this) says where it is: SIGUSR1 writes
+    # every thread's stack to stderr, the worker's log; rq itself does not use SIGUSR1.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     class QueueWorker(Worker):
         """rq's worker with a short heartbeat TTL, remembering a requested stop."""
@@ -669,7 +674,16 @@ def run_queue_worker(settings: Settings, *, burst: bool = False) -> None:
             self.stop_requested = True
             super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
 
+        def fork_work_horse(self, job: Any, queue: Any) -> None:
+            # Never fork while the sweeper is inside a sweep: a fork copies whatever lock
+            # another thread holds at that instant (in a client library, the allocator, a
+            # resolver) held forever in the work horse. The sweep right after a dead
+            # worker's job was handed back is exactly when rq forks its retry.
+            with sweep_lock:
+                super().fork_work_horse(job, queue)
+
     stop = threading.Event()
+    sweep_lock = threading.Lock()
 
     def cleanup() -> None:
         # rq only sweeps abandoned jobs every maintenance interval (10 min); sweep often so
@@ -679,12 +693,13 @@ def run_queue_worker(settings: Settings, *, burst: bool = False) -> None:
         sweeper_connection = redis.Redis.from_url(url)
         registry = StartedJobRegistry(QUEUE_NAME, connection=sweeper_connection)
         while not stop.wait(settings.job_heartbeat_s):
-            with contextlib.suppress(Exception):
-                registry.cleanup()
-            try:
-                reconcile_jobs(settings, sweeper_connection)
-            except Exception as exc:  # Redis away: the next sweep tries again
-                log.warning("reconciling jobs failed (%s)", type(exc).__name__)
+            with sweep_lock:
+                with contextlib.suppress(Exception):
+                    registry.cleanup()
+                try:
+                    reconcile_jobs(settings, sweeper_connection)
+                except Exception as exc:  # Redis away: the next sweep tries again
+                    log.warning("reconciling jobs failed (%s)", type(exc).__name__)
 
     sweeper = threading.Thread(target=cleanup, name="rq-cleanup", daemon=True)
     sweeper.start()

@@ -179,7 +179,7 @@ class Deployment:
         try:
             return wait_for(probe, timeout_s=timeout_s, every_s=0.3, what=what)
         except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{self.tail()}") from None
+            raise AssertionError(f"{exc}\n{self.tail(stacks=True)}") from None
 
     def rq_worker_name(self, pid: int) -> str | None:
         """The rq name of the live worker with this process id."""
@@ -199,8 +199,18 @@ class Deployment:
             name = Job.fetch(rq_job_id, connection=connection).worker_name
             return None if name is None else str(name)
 
-    def tail(self, lines: int = 15) -> str:
-        """The last lines of every process log (for failure messages)."""
+    def tail(self, lines: int = 15, *, stacks: bool = False) -> str:
+        """The last lines of every process log (for failure messages); ``stacks``: first
+        ask each live queue worker and its work horse for every thread's stack (SIGUSR1),
+        which lands in its log."""
+        if stacks:
+            workers = [p.pid for (path, _), p in zip(self.logs, self.procs, strict=True)
+                       if not path.name.startswith("api") and p.poll() is None]
+            for pid in workers + [c for w in workers for c in children(w)]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGUSR1)
+            time.sleep(1.0)
+            lines = 120
         out = []
         for path, log in self.logs:
             log.flush()
@@ -241,14 +251,20 @@ class Deployment:
                  states: tuple[str, ...] = FINAL) -> dict[str, Any]:
         """Poll until the job is in ``states`` (or has ``done_at_least`` trials done)."""
 
+        last: list[dict[str, Any]] = []
+
         def probe() -> dict[str, Any] | None:
             status = self.status(job_id)
+            last[:] = [status]
             if done_at_least is not None:
                 done = (status["progress"] or {}).get("trials_done", 0)
                 return status if status["state"] == "running" and done >= done_at_least else None
             return status if status["state"] in states else None
 
-        return self.wait(probe, timeout_s=timeout_s, what=f"job {job_id}")
+        try:
+            return self.wait(probe, timeout_s=timeout_s, what=f"job {job_id}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- last status\n{last}") from None
 
 
 def _port_free(port: int) -> bool:
@@ -345,6 +361,22 @@ def test_worker_process_runs_the_job_and_identical_request_is_cached(
     assert again.json()["id"] == job["id"]
     assert elapsed < 2.0
     assert app.http.get(again.json()["result_url"]).json() == result.json()
+
+
+def test_sigusr1_makes_a_queue_worker_write_its_threads_stacks(deploy: Any,
+                                                                shared_redis_url: str) -> None:
+    """An operator (or a failing test) asks a stuck worker where it is: SIGUSR1 writes every
+    thread's stack to its log, and the worker goes on consuming."""
+    app: Deployment = deploy(shared_redis_url)
+    worker = app.start_worker("worker-1")
+    os.kill(worker.pid, signal.SIGUSR1)
+    log = app.root / "worker-1.log"
+    app.wait(lambda: "Current thread" in log.read_text(errors="replace"), timeout_s=10,
+             what="the stack dump")
+    text = log.read_text(errors="replace")
+    assert text.count("hread 0x") >= 2  # every thread: the main one and rq's and ours
+    assert worker.poll() is None
+    assert app.rq_worker_name(worker.pid) is not None
 
 
 def test_killed_workers_job_completes_on_another_worker(deploy: Any,
