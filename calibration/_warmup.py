@@ -42,12 +42,14 @@ def synthetic_bars(n: int = WARMUP_BARS, seed: int = 0) -> BarSeries:
 def warm_up() -> float:
     """Run every kernel once; returns the seconds it took (compiling, or loading the cache)."""
     t0 = time.perf_counter()
+    # The account kernels first: the test suite runs this beside its first tests, which
+    # compile the single-instrument kernels themselves (tests/conftest.py).
+    _warm_up_accounts()
     bars = synthetic_bars()
     for family, params in (("ewma", {"warmup_bars": 500}), ("fhs", {}), ("tiered", {})):
         run_backtest([bars], family, params)
     evaluate_coverage_batch(bars, "ewma", [{"decay": 0.97}, {"decay": 0.99}],
                             config=CoverageConfig(horizon_bars=60))
-    _warm_up_accounts()
     return time.perf_counter() - t0
 
 
@@ -68,6 +70,14 @@ def _warm_up_accounts() -> None:
                 for k in range(6)]
     model = make_model("ewma", {"warmup_bars": 500})
     simulate_accounts(market, model, accounts, AccountConfig(holding_bars=200))
+    # Portfolio mode (the grid's kernels) with partial close-outs (the mechanics walk in
+    # portfolio mode), as account calibrations with a portfolio section run it.
+    from calibration.models import GridPortfolioMargin
+
+    grid = GridPortfolioMargin(warmup_bars=300, extended_moves=(0.3,), extended_weights=(0.5,))
+    simulate_accounts(market, model, accounts,
+                      AccountConfig(mode="portfolio", holding_bars=200, policy="partial"),
+                      portfolio=grid)
     # Only the capacity on: the queue's own walk (``_kernel_queue``); with partial steps the
     # general mechanics walk (``_kernel_mech``), which every other switch runs.
     for policy in ("close_all", "partial"):

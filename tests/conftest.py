@@ -105,6 +105,20 @@ _WARM_UP_FROM_ITEMS = 200
 _WARM_UP: list[subprocess.Popen[bytes]] = []
 
 
+def _warms_up(n_items: int) -> bool:
+    return n_items >= _WARM_UP_FROM_ITEMS and not os.environ.get("MARGINLAB_TEST_NO_WARMUP")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On a run that compiles in the background, the account engine's tests go last: the
+    background process compiles the account kernels first (the slowest to compile, tens of
+    seconds), while the tests before them compile the single-instrument kernels they need
+    themselves; neither compiles what the other is compiling. Otherwise the order (files
+    alphabetical) put the account tests first, compiling the same kernels twice at once."""
+    if _warms_up(len(items)):
+        items.sort(key=lambda item: item.path.name.startswith("test_account"))
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Start the linters in the background when their tests will run (``tests/test_lint``),
     and on a large run the kernels' compilation (``calibration._warmup``, as the Docker
@@ -117,7 +131,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         from tests.test_lint import start_linters
 
         start_linters()
-    if len(session.items) >= _WARM_UP_FROM_ITEMS and not os.environ.get("MARGINLAB_TEST_NO_WARMUP"):
+    if _warms_up(len(session.items)):
         _WARM_UP.append(subprocess.Popen(
             [sys.executable, "-m", "calibration._warmup"], cwd=Path(__file__).resolve().parents[1],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
