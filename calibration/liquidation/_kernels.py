@@ -256,6 +256,131 @@ def block_minima_both_sides(
     return long8, long64, short8, short64
 
 
+class PriceBlocks(NamedTuple):
+    """Per block of 8 bars, the parts of the x-space test that do not depend on the margins
+    (``price_blocks``), each of shape ``(n//8,)``; NaN marks a block ``x_block_bounds`` must
+    compute exactly (a price that is negative or not finite, a funding sum not finite)."""
+
+    low_min: FloatArray  # least low (price)
+    high_max: FloatArray  # greatest high (price)
+    funding_min: FloatArray  # least cumulative funding (price units)
+    funding_max: FloatArray  # greatest cumulative funding (price units)
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def price_blocks(
+    low: FloatArray, high: FloatArray, funding_cum: FloatArray
+) -> PriceBlocks:  # pragma: no cover - jit
+    """``PriceBlocks`` of one series, shapes ``(n//8,)``: computed once per series, shared by
+    every margin model replayed on it."""
+    n8 = low.shape[0] // 8
+    low_min = np.empty(n8)
+    high_max = np.empty(n8)
+    funding_min = np.empty(n8)
+    funding_max = np.empty(n8)
+    for i in range(n8):
+        lo = np.inf
+        hi = -np.inf
+        dlo = np.inf
+        dhi = -np.inf
+        prices_ok = True
+        funding_ok = True
+        for t in range(8 * i, 8 * i + 8):
+            a = low[t]
+            b = high[t]
+            d = funding_cum[t]
+            prices_ok = prices_ok and math.isfinite(a) and math.isfinite(b) and a >= 0.0 \
+                and b >= 0.0
+            funding_ok = funding_ok and math.isfinite(d)
+            lo = min(lo, a)
+            hi = max(hi, b)
+            dlo = min(dlo, d)
+            dhi = max(dhi, d)
+        low_min[i] = lo if prices_ok else np.nan
+        high_max[i] = hi if prices_ok else np.nan
+        funding_min[i] = dlo if funding_ok else np.nan
+        funding_max[i] = dhi if funding_ok else np.nan
+    return PriceBlocks(low_min, high_max, funding_min, funding_max)
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def x_block_bounds(
+    low: FloatArray, high: FloatArray, mm: FloatArray, funding_cum: FloatArray,
+    blocks: PriceBlocks,
+) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:  # pragma: no cover - jit
+    """Lower bounds of ``x`` (``raw=False``) over the blocks of 8 and 64 bars for longs (from
+    ``low``) and shorts (from ``high``) of one MM series: ``(b8_long, b64_long, b8_short,
+    b64_short)``, shapes ``(n//8,)`` and ``(n//64,)``, for ``_find_first_bounded``.
+
+    A block's bound takes the margin's extremes over the block with the prices' and
+    funding's (``blocks``): ``low_min * (1 - mm_max) - funding_max`` for longs,
+    ``funding_min - high_max * (1 + mm_max)`` for shorts. Every operation is monotone in its
+    operands (products of non-negative factors; IEEE rounding is monotone), so the bound
+    is at most every bar's ``x``; where a factor could be negative (``mm_max > 1`` for longs,
+    ``mm_min < -1`` for shorts) or ``blocks`` flags the block, its exact minimum is taken.
+    Only ``mm`` is read per bar: a third of ``block_minima_both_sides``'s memory traffic.
+    NaN margins are skipped, as ``_x_value`` makes them +inf; a block of NaN margins only
+    bounds at +inf.
+    """
+    n = mm.shape[0]
+    n8 = n // 8
+    long8 = np.empty(n8)
+    short8 = np.empty(n8)
+    low_min = blocks.low_min
+    high_max = blocks.high_max
+    funding_min = blocks.funding_min
+    funding_max = blocks.funding_max
+    for i in range(n8):
+        m_max = -np.inf
+        m_min = np.inf
+        for t in range(8 * i, 8 * i + 8):
+            m = mm[t]
+            m_max = m if m > m_max else m_max  # NaN never compares: skipped
+            m_min = m if m < m_min else m_min
+        if m_max < m_min:  # no margin in the block: no bar of it can trigger
+            long8[i] = np.inf
+            short8[i] = np.inf
+            continue
+        f = 1.0 - m_max
+        lo = low_min[i]
+        d_max = funding_max[i]
+        if lo >= 0.0 and f >= 0.0 and d_max == d_max:  # NaN flags fail the test
+            long8[i] = lo * f - d_max
+        else:
+            long8[i] = _exact_block(low, mm, funding_cum, True, i)
+        hi = high_max[i]
+        d_min = funding_min[i]
+        if hi >= 0.0 and m_min >= -1.0 and d_min == d_min:
+            short8[i] = d_min - hi * (1.0 + m_max)
+        else:
+            short8[i] = _exact_block(high, mm, funding_cum, False, i)
+    n64 = n // 64
+    long64 = np.empty(n64)
+    short64 = np.empty(n64)
+    for i in range(n64):
+        m_long = np.inf
+        m_short = np.inf
+        for j in range(8 * i, 8 * i + 8):
+            v = long8[j]
+            w = short8[j]
+            m_long = v if v < m_long else m_long
+            m_short = w if w < m_short else m_short
+        long64[i] = m_long
+        short64[i] = m_short
+    return long8, long64, short8, short64
+
+
+@nb.njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
+def _exact_block(
+    price: FloatArray, mm: FloatArray, funding_cum: FloatArray, is_long: bool, i: int
+) -> float:  # pragma: no cover - jit
+    """Minimum of ``x`` (``_x_value``) over block ``i`` of 8 bars."""
+    m = np.inf
+    for t in range(8 * i, 8 * i + 8):
+        m = min(m, _x_value(price[t], mm[t], funding_cum[t], is_long))
+    return m
+
+
 @nb.njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
 def _scan(
     price: FloatArray, mm: FloatArray, funding_cum: FloatArray, is_long: bool, raw: bool,
@@ -301,6 +426,44 @@ def _find_first(
             return int(_scan(price, mm, funding_cum, is_long, raw, t, t + 7, bound))
         t += 8
     return int(_scan(price, mm, funding_cum, is_long, raw, t, b, bound))
+
+
+@nb.njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
+def _find_first_bounded(
+    price: FloatArray, mm: FloatArray, funding_cum: FloatArray, is_long: bool,
+    b8: FloatArray, b64: FloatArray, a: int, b: int, bound: float,
+) -> int:  # pragma: no cover - jit
+    """``_find_first`` of ``x`` (``raw`` False) over an index of lower bounds
+    (``x_block_bounds``) rather than minima: a block whose bound is ``<= bound`` may hold no
+    hit, and then the search goes on past it. Same answer: blocks skipped hold none."""
+    if a > b:
+        return -1
+    head = min(b, ((a + 7) & ~7) - 1)
+    hit: int = _scan(price, mm, funding_cum, is_long, False, a, head, bound)
+    if hit >= 0:
+        return hit
+    t = head + 1
+    while (t & 63) != 0 and t + 7 <= b:
+        if b8[t >> 3] <= bound:
+            hit = _scan(price, mm, funding_cum, is_long, False, t, t + 7, bound)
+            if hit >= 0:
+                return hit
+        t += 8
+    while t + 63 <= b:
+        if b64[t >> 6] <= bound:
+            for u in range(t, t + 64, 8):
+                if b8[u >> 3] <= bound:
+                    hit = _scan(price, mm, funding_cum, is_long, False, u, u + 7, bound)
+                    if hit >= 0:
+                        return hit
+        t += 64
+    while t + 7 <= b:
+        if b8[t >> 3] <= bound:
+            hit = _scan(price, mm, funding_cum, is_long, False, t, t + 7, bound)
+            if hit >= 0:
+                return hit
+        t += 8
+    return int(_scan(price, mm, funding_cum, is_long, False, t, b, bound))
 
 
 @nb.njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
@@ -380,13 +543,20 @@ def first_passage(
         for i in range(k):
             c = order[i]
             bound = _threshold(ce, leverage[r, c], de, is_long)
+            same = bound == prev and i > 0
             if bound > prev:
                 pos = e + 1
                 found = True
             prev = bound
             if not found:
                 continue
-            t = _find_first(price, mm, funding_cum, is_long, False, b8, b64, pos, last, bound)
+            if same:
+                # a leverage capped at 1 / IM like the column before: its search would stop
+                # at once where that one did
+                trig[r, c] = pos
+                continue
+            t = _find_first_bounded(price, mm, funding_cum, is_long, b8, b64, pos, last,
+                                    bound)
             if t < 0:
                 found = False
             else:
@@ -495,6 +665,34 @@ def cascade(
     return adj
 
 
+@nb.njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
+def _copy_previous(
+    agg: TriggerSlots, a: int, out: PositionSlots, i: int, jn: int, position: int,
+    notional_stride: int, details: bool,
+) -> None:  # pragma: no cover - jit
+    """Write trigger slot ``a`` (and, with ``details``, position slots ``i .. i + jn - 1``) as
+    copies of the slots just before them; the positions' indices start at ``position``."""
+    agg.trigger_bar[a] = agg.trigger_bar[a - 1]
+    agg.premature[a] = agg.premature[a - 1]
+    agg.positions[a] = agg.positions[a - 1]
+    agg.notional_usd[a] = agg.notional_usd[a - 1]
+    agg.bad_debt_usd[a] = agg.bad_debt_usd[a - 1]
+    agg.fee_usd[a] = agg.fee_usd[a - 1]
+    agg.bad_count[a] = agg.bad_count[a - 1]
+    agg.worst_usd[a] = agg.worst_usd[a - 1]
+    if details:
+        for j in range(jn):
+            src = i - jn + j
+            dst = i + j
+            out.position[dst] = position + j * notional_stride
+            out.trigger_bar[dst] = out.trigger_bar[src]
+            out.notional_usd[dst] = out.notional_usd[src]
+            out.liquidation_price[dst] = out.liquidation_price[src]
+            out.closeout_price[dst] = out.closeout_price[src]
+            out.closeout_equity_usd[dst] = out.closeout_equity_usd[src]
+            out.premature[dst] = out.premature[src]
+
+
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
 def outcomes(
     bars: SideBars,
@@ -577,6 +775,21 @@ def outcomes(
             if t < 0:
                 continue
             lev = leverage[r, c]
+            if c > 0 and trig[r, c - 1] == t and leverage[r, c - 1] == lev:
+                # Leverages capped at 1 / IM coincide (9 of the default 12 columns at IM
+                # above 10%): the previous column, just written to slot a - 1, had the same
+                # inputs, so its outcome is copied; the fund still gets one move per query,
+                # in the same order, so its sums keep their bits.
+                _copy_previous(agg, a, out, i, jn, pos_base[r] + c * col_stride,
+                               notional_stride, details)
+                if with_fund:
+                    closeout_bar = min(t + latency, n - 1)
+                    fund_delta[closeout_bar] += (agg.fee_usd[a] - agg.bad_debt_usd[a]) * scale
+                    fund_seen[closeout_bar] = True
+                a += 1
+                if details:
+                    i += jn
+                continue
             off = ce / lev
             dd = funding_cum[t] - fe
             m = mm[t]
