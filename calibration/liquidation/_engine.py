@@ -72,6 +72,18 @@ def _extreme_blocks(bars: BarSeries, sign: int) -> tuple[FloatArray, FloatArray]
     return bars._cache[keys[0]], bars._cache[keys[1]]
 
 
+def _recovery_min(bars: BarSeries, sign: int, recovery: int) -> FloatArray:
+    """``window_min`` of the lows (``sign`` 1) or of minus the highs (-1) over the premature
+    test's window, cached on the series; empty (``outcomes`` then searches) when an extreme
+    is NaN or infinite."""
+    key = ("liquidation_recovery_min", sign, recovery)
+    if key not in bars._cache:
+        price = np.ascontiguousarray(bars.low if sign > 0 else bars.high, dtype=np.float64)
+        bars._cache[key] = (_lk.window_min(price, sign > 0, recovery)
+                            if bool(np.isfinite(price).all()) else np.zeros(0))
+    return bars._cache[key]
+
+
 def _funding_cum(bars: BarSeries, close: FloatArray) -> FloatArray:
     """Cumulative funding per bar (price units, shape ``(n,)``; zeros without funding data),
     cached on the series."""
@@ -223,15 +235,18 @@ def simulate_liquidations(
             continue
         if extremes[sign] is (low if sign > 0 else high):
             index = _lk.BlockIndex(*_extreme_blocks(bars, sign))
+            recovery_min = _recovery_min(bars, sign, settings.recovery_bars)
         else:  # moved by the cascade
             index = _lk.BlockIndex(*_lk.block_minima(extremes[sign], low, low, sign > 0, True))
-        side = _SideData(sign, side_bars(sign), index, side_groups)
+            recovery_min = np.zeros(0)
+        side = _SideData(sign, side_bars(sign), index, recovery_min, side_groups)
         side_data.append(side)
         for g in side_groups:
             start = slot
             slot, _ = _lk.outcomes(
-                side.bars, mm_series[g.series], side.extreme_index, g.query_rows(),
-                g.position_rows(), settings, fund, agg.slots(), slot, no_details, 0, False,
+                side.bars, mm_series[g.series], side.extreme_index, side.recovery_min,
+                g.query_rows(), g.position_rows(), settings, fund, agg.slots(), slot,
+                no_details, 0, False,
             )
             agg.side[start:slot] = sign
     replay = _Replay(mm_series, side_data, config, n)

@@ -13,12 +13,14 @@ and for a short, "equity at the high <= MM at the high" is
     D_t - high_t * (1 + mm_t)  <=  D_e - C_e - off.
 
 The left side ``x_t`` does not depend on the position, the right side (the threshold) does not
-depend on t. So per side and MM-rate series one pass builds the minima of ``x`` over blocks of 8
-and 64 bars (``block_minima``), and every position's first passage is a walk over at most
-``holding / 64`` block minima plus a few single bars (``first_passage``); the positions of one
-entry bar are visited by falling threshold so their searches share one walk. Nothing scans
-bar by bar per position. The same index over the raw extremes answers the close-out's worst
-price and the premature test (bankruptcy reached in bars ``t .. t + recovery``, trigger bar
+depend on t. So per MM-rate series one pass over the margins builds lower bounds of ``x`` over
+blocks of 8 and 64 bars for both sides (``x_block_bounds``, from the series' cached
+``price_blocks``), and every position's first passage is a walk over at most ``holding / 64``
+block bounds plus a few single bars (``first_passage``); the positions of one entry bar are
+visited by falling threshold so their searches share one walk. Nothing scans bar by bar per
+position. The exact minima of the raw extremes (``block_minima``, cached per series) answer
+the close-out's worst price over long windows, and their window minima (``window_min``,
+cached too) the premature test (bankruptcy reached in bars ``t .. t + recovery``, trigger bar
 included).
 
 Inputs are typed records rather than positional splats: ``SideBars`` (one side's bars),
@@ -216,46 +218,6 @@ def block_minima(
     return b8, b64
 
 
-@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
-def block_minima_both_sides(
-    low: FloatArray, high: FloatArray, mm: FloatArray, funding_cum: FloatArray
-) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:  # pragma: no cover - jit
-    """``block_minima`` of ``x`` (``raw=False``) for longs (from ``low``) and shorts (from
-    ``high``) of one MM series, in one pass: ``(b8_long, b64_long, b8_short, b64_short)``,
-    the same values as two calls. The pass is memory-bound; one read of ``mm`` and
-    ``funding_cum`` instead of two is most of its cost."""
-    n = low.shape[0]
-    n8 = n // 8
-    long8 = np.empty(n8)
-    short8 = np.empty(n8)
-    for i in range(n8):
-        m_long = np.inf
-        m_short = np.inf
-        for t in range(8 * i, 8 * i + 8):
-            # Selects, not branches: a NaN margin gives NaN here, which no comparison
-            # takes, so the bar counts as +inf (``_x_value``).
-            m = mm[t]
-            d = funding_cum[t]
-            x_long = low[t] * (1.0 - m) - d
-            x_short = d - high[t] * (1.0 + m)
-            m_long = x_long if x_long < m_long else m_long
-            m_short = x_short if x_short < m_short else m_short
-        long8[i] = m_long
-        short8[i] = m_short
-    n64 = n // 64
-    long64 = np.empty(n64)
-    short64 = np.empty(n64)
-    for i in range(n64):
-        m_long = np.inf
-        m_short = np.inf
-        for j in range(8 * i, 8 * i + 8):
-            m_long = min(m_long, long8[j])
-            m_short = min(m_short, short8[j])
-        long64[i] = m_long
-        short64[i] = m_short
-    return long8, long64, short8, short64
-
-
 class PriceBlocks(NamedTuple):
     """Per block of 8 bars, the parts of the x-space test that do not depend on the margins
     (``price_blocks``), each of shape ``(n//8,)``; NaN marks a block ``x_block_bounds`` must
@@ -318,7 +280,8 @@ def x_block_bounds(
     operands (products of non-negative factors; IEEE rounding is monotone), so the bound
     is at most every bar's ``x``; where a factor could be negative (``mm_max > 1`` for longs,
     ``mm_min < -1`` for shorts) or ``blocks`` flags the block, its exact minimum is taken.
-    Only ``mm`` is read per bar: a third of ``block_minima_both_sides``'s memory traffic.
+    Only ``mm`` is read per bar, a quarter of the traffic of the exact minima of both sides
+    (lows, highs, margins and funding).
     NaN margins are skipped, as ``_x_value`` makes them +inf; a block of NaN margins only
     bounds at +inf.
     """
@@ -509,14 +472,16 @@ def first_passage(
     Args:
         bars: the side's bars (``extreme`` without cascade; ``depth_usd`` unused).
         mm: MM rate per bar, shape ``(n,)``.
-        x_index: ``block_minima`` of ``x`` (``raw=False``).
+        x_index: ``x_block_bounds`` of the side (or the exact ``block_minima`` of ``x``,
+            ``raw=False``: any lower bounds give the same answer, tighter ones faster).
         entries: entry bar of each query row, shape ``(R,)``.
         leverage: effective leverage of each query, shape ``(R, K)``; with the entry close and
             funding it gives the query's threshold (``_threshold``).
         order: the order in which a row's columns are visited. Along falling thresholds
             (leverage descending) the trigger bars rise, so each search resumes where the
             previous one stopped and a row costs one walk through its holding window whatever
-            K; where a threshold rises the search starts over (correct in any order).
+            K; where a threshold rises the search starts over (correct in any order); an
+            equal one (leverages capped at the same ``1 / IM``) takes the previous answer.
         holding: bars a position stays open at most.
 
     Returns:
@@ -698,6 +663,7 @@ def outcomes(
     bars: SideBars,
     mm: FloatArray,
     extreme_index: BlockIndex,
+    recovery_min: FloatArray,
     rows: QueryRows,
     positions: PositionRows,
     settings: CloseoutSettings,
@@ -715,7 +681,11 @@ def outcomes(
         mm: MM rate per bar of the rows' series, shape ``(n,)``.
         extreme_index: ``block_minima`` of the signed extreme (``raw=True``) of
             ``bars.extreme``.
-        rows: the triggered (and untriggered, ``trig < 0``) queries.
+        recovery_min: ``window_min(bars.extreme, is_long, recovery_bars)``, shape ``(n,)``,
+            which answers the premature test's search in one read; empty: searched.
+        rows: the triggered (and untriggered, ``trig < 0``) queries. A query with the trigger
+            bar and leverage of the column before it (both capped at ``1 / IM``) copies that
+            column's slots instead of computing them again.
         positions: the positions behind each query; they differ in slippage only (the impact
             is ``impact_coef * notional_pow / depth ** impact_exponent``: one power per
             trigger).
@@ -764,6 +734,7 @@ def outcomes(
     jn = notional.shape[1]
     sign = 1.0 if is_long else -1.0
     with_fund = fund_delta.shape[0] > 0
+    with_window = recovery_min.shape[0] > 0
     a = agg_start
     i = out_start
     for r in range(n_rows):
@@ -809,7 +780,10 @@ def outcomes(
             premature = sign * (close[end] - liq) > 0.0
             if premature:
                 reach = sign * bankrupt + TIE_TOLERANCE * ce
-                if end - t < _SHORT_RANGE_BARS:
+                if with_window:
+                    # no bar of t..end at or past reach: their least signed extreme beyond it
+                    premature = recovery_min[t] > reach
+                elif end - t < _SHORT_RANGE_BARS:
                     for u in range(t, end + 1):
                         if sign * price[u] <= reach:
                             premature = False
@@ -891,6 +865,46 @@ def outcomes(
                 fund_delta[closeout_bar] += (fee_sum - bad_sum) * scale
                 fund_seen[closeout_bar] = True
     return a, i
+
+
+@nb.njit(**_JIT)  # type: ignore[untyped-decorator]
+def window_min(
+    price: FloatArray, is_long: bool, window: int
+) -> FloatArray:  # pragma: no cover - jit
+    """Per bar ``t``, the least signed extreme (``low`` for longs, ``-high`` for shorts) over
+    bars ``t .. min(t + window, n - 1)``, shape ``(n,)``: the premature test's search
+    (``outcomes``) as one read. Blocks of ``window + 1`` bars, a running minimum from each
+    block's end back to ``t`` and one from its start on to ``t + window`` (van Herk /
+    Gil-Werman): O(n) whatever the window. Minima are exact, so any order of the comparisons
+    gives the same value; prices must not be NaN (a NaN would be taken or skipped depending
+    on where it falls)."""
+    n = price.shape[0]
+    sign = 1.0 if is_long else -1.0
+    span = window + 1
+    suffix = np.empty(n)
+    prefix = np.empty(n)
+    for start in range(0, n, span):
+        stop = min(start + span, n)
+        m = np.inf
+        for t in range(start, stop):
+            v = sign * price[t]
+            m = v if v < m else m
+            prefix[t] = m
+        m = np.inf
+        for t in range(stop - 1, start - 1, -1):
+            v = sign * price[t]
+            m = v if v < m else m
+            suffix[t] = m
+    out = np.empty(n)
+    for t in range(n):
+        end = min(t + window, n - 1)
+        if end // span == t // span:  # the block from t holds the window (its start or the end)
+            out[t] = suffix[t]
+        else:
+            a = suffix[t]
+            b = prefix[end]
+            out[t] = a if a < b else b
+    return out
 
 
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
