@@ -896,14 +896,16 @@ def window_min(
             m = v if v < m else m
             suffix[t] = m
     out = np.empty(n)
-    for t in range(n):
-        end = min(t + window, n - 1)
-        if end // span == t // span:  # the block from t holds the window (its start or the end)
-            out[t] = suffix[t]
-        else:
-            a = suffix[t]
-            b = prefix[end]
-            out[t] = a if a < b else b
+    for start in range(0, n, span):
+        stop = min(start + span, n)
+        for t in range(start, stop):
+            end = min(t + window, n - 1)
+            if end < stop:  # t's block holds the window: t is its start, or it is the last
+                out[t] = suffix[t]
+            else:
+                a = suffix[t]
+                b = prefix[end]
+                out[t] = a if a < b else b
     return out
 
 
