@@ -112,19 +112,76 @@ def test_first_passage_over_block_bounds_is_brute_force(seed: int, holding: int)
     assert hits > 0
 
 
-@pytest.mark.parametrize("window", [0, 1, 7, 63, 64, 127, 128, 1440])
+@pytest.mark.parametrize("window", [0, 7, 8, 9, 15, 64, 127, 128, 1440])
 @pytest.mark.parametrize("n", [1, 9, 130, 1000])
 def test_window_min_is_brute_force(window: int, n: int) -> None:
-    """``window_min`` is the least signed extreme of bars ``t .. min(t + window, n - 1)``,
-    windows shorter and longer than the series."""
+    """``window_min`` per block ``i`` is the least signed extreme of bars ``8i + 8 ..
+    min(8i + window, n - 1)``, +inf where that is empty, windows shorter and longer than the
+    series."""
     rng = np.random.default_rng(n + window)
     price = 100 * np.exp(np.cumsum(rng.normal(0, 0.01, n)))
     price[rng.choice(n, max(1, n // 20))] *= 0.5  # ties and isolated dips
     for is_long, sign in ((True, 1.0), (False, -1.0)):
         got = lk.window_min(price, is_long, window)
-        want = np.array([min(sign * price[u] for u in range(t, min(t + window, n - 1) + 1))
-                         for t in range(n)])
+        want = np.array([
+            min((sign * price[u] for u in range(8 * i + 8, min(8 * i + window, n - 1) + 1)),
+                default=math.inf) if window >= 8 else math.inf
+            for i in range(n // 8)])
         assert got.tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("recovery", [8, 9, 15, 16, 33, 130])
+def test_premature_flags_from_window_minima_are_the_search_at_every_offset(
+        recovery: int) -> None:
+    """``outcomes`` with the window minima and without (the search): the same slots to the
+    bit, for triggers at every offset in their block of 8, on a path whose rare deep wicks
+    reach bankruptcy in the rest of the trigger's block, in the span and in the tail."""
+    rng = np.random.default_rng(recovery)
+    n = 900
+    close = 100 * np.exp(np.cumsum(rng.normal(0, 0.002, n)))
+    low = close * (1 - rng.uniform(0, 0.002, n))
+    low[rng.random(n) < 0.03] *= 0.7
+    high = close * (1 + rng.uniform(0, 0.002, n))
+    high[rng.random(n) < 0.03] *= 1.4
+    mm = np.full(n, 0.01)
+    funding_cum = np.zeros(n)
+    depth = np.full(n, 1e6)
+    rows = 400
+    entries = np.sort(rng.integers(0, n - 200, rows)).astype(np.int64)
+    leverage = np.ascontiguousarray(np.tile([20.0, 10.0, 5.0], (rows, 1)))
+    trig = np.ascontiguousarray(
+        np.minimum(entries[:, None] + rng.integers(1, 200, (rows, 3)), n - 1))
+    notional = np.ascontiguousarray(np.tile([1e3, 1e6], (rows, 1)))
+    positions = lk.PositionRows(notional, np.sqrt(notional), np.arange(rows, dtype=np.int64) * 6,
+                                1, 3)
+    settings = lk.CloseoutSettings(1, False, recovery, 0.0005, 0.01, 0.5, 0.005)
+    seen = 0
+    for is_long, extreme in ((True, low), (False, high)):
+        bars = lk.SideBars(is_long, close, extreme, funding_cum, depth)
+        index = lk.BlockIndex(*lk.block_minima(extreme, low, low, is_long, True))
+        slots = []
+        for recovery_min in (lk.window_min(extreme, is_long, recovery), np.zeros(0)):
+            size = rows * 3
+            agg = lk.TriggerSlots(
+                np.empty(size, dtype=np.int64), np.empty(size, dtype=bool),
+                np.empty(size, dtype=np.int64), np.empty(size), np.empty(size), np.empty(size),
+                np.empty(size, dtype=np.int64), np.empty(size))
+            fund = lk.FundLedger(np.zeros(n), np.zeros(n, dtype=bool), 1.0)
+            i64 = np.zeros(0, dtype=np.int64)
+            none = lk.PositionSlots(i64, i64, np.zeros(0), np.zeros(0), np.zeros(0),
+                                    np.zeros(0), np.zeros(0, dtype=bool))
+            end, _ = lk.outcomes(bars, mm, index, recovery_min,
+                                 lk.QueryRows(entries, leverage, trig), positions, settings,
+                                 fund, agg, 0, none, 0, False)
+            assert end == size
+            slots.append((agg, fund))
+        (agg_w, fund_w), (agg_s, fund_s) = slots
+        for a, b in zip((*agg_w, *fund_w[:2]), (*agg_s, *fund_s[:2]), strict=True):
+            assert a.tobytes() == b.tobytes()
+        premature = agg_w.premature
+        assert 0 < np.count_nonzero(premature) < premature.shape[0]
+        seen += len({int(t) & 7 for t in agg_w.trigger_bar[~premature]})
+    assert seen == 16  # non-premature triggers at every offset of a block, on both sides
 
 
 def _same_results(a: object, b: object) -> None:
@@ -136,17 +193,19 @@ def _same_results(a: object, b: object) -> None:
         assert getattr(table_a, name).tobytes() == getattr(table_b, name).tobytes(), name
 
 
-@pytest.mark.parametrize("recovery", [1, 5, 127, 128, 300])
+@pytest.mark.parametrize("recovery", [1, 5, 8, 9, 64, 127, 128, 300])
 def test_premature_from_window_minima_is_the_search(
         recovery: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The premature flags read from the cached window minima equal the search's (the bar
-    scan below 128 bars, the block index from 128), to the bit with everything else."""
+    """The premature flags read from the cached window minima (windows of 8 bars and more
+    that end inside the series) equal the search's (the bar scan below 128 bars, the block
+    index from 128), to the bit with everything else."""
     bars = make_bars(crash_path(700, seed=recovery), funding=True, depth=True, seed=recovery)
     model = EwmaMargin(warmup_bars=20, horizon_bars=5, decay=0.9, floor_rate=0.002)
     config = LiquidationConfig(**{**GRID, "holding_bars": 300,  # type: ignore[arg-type]
                                   "recovery_bars": recovery})
     with_window = simulate_liquidations(bars, model, config)
-    assert _engine._recovery_min(bars, 1, recovery).shape == (len(bars),)
+    assert _engine._recovery_min(bars, 1, recovery).shape == ((len(bars) // 8,) if recovery >= 8
+                                                              else (0,))
     monkeypatch.setattr(_engine, "_recovery_min", lambda *_: np.zeros(0))
     searched = simulate_liquidations(bars, model, config)
     _same_results(with_window, searched)
@@ -159,7 +218,7 @@ def test_window_minima_are_not_used_over_nan_extremes() -> None:
     bars = make_bars(crash_path(300, seed=1), seed=1)
     bars.low[150] = np.nan
     assert _engine._recovery_min(bars, 1, 60).shape == (0,)
-    assert _engine._recovery_min(bars, -1, 60).shape == (300,)
+    assert _engine._recovery_min(bars, -1, 60).shape == (300 // 8,)
 
 
 @pytest.mark.parametrize("dense_fund", [False, True])

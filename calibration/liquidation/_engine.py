@@ -74,13 +74,14 @@ def _extreme_blocks(bars: BarSeries, sign: int) -> tuple[FloatArray, FloatArray]
 
 def _recovery_min(bars: BarSeries, sign: int, recovery: int) -> FloatArray:
     """``window_min`` of the lows (``sign`` 1) or of minus the highs (-1) over the premature
-    test's window, cached on the series; empty (``outcomes`` then searches) when an extreme
-    is NaN or infinite."""
+    test's window, cached on the series; empty (``outcomes`` then searches) for windows of
+    fewer than 8 bars or when an extreme is NaN or infinite."""
     key = ("liquidation_recovery_min", sign, recovery)
     if key not in bars._cache:
         price = np.ascontiguousarray(bars.low if sign > 0 else bars.high, dtype=np.float64)
-        bars._cache[key] = (_lk.window_min(price, sign > 0, recovery)
-                            if bool(np.isfinite(price).all()) else np.zeros(0))
+        usable = recovery >= 8 and bool(np.isfinite(price).all())
+        bars._cache[key] = (_lk.window_min(price, sign > 0, recovery) if usable
+                            else np.zeros(0))
     return bars._cache[key]
 
 

@@ -19,9 +19,9 @@ blocks of 8 and 64 bars for both sides (``x_block_bounds``, from the series' cac
 block bounds plus a few single bars (``first_passage``); the positions of one entry bar are
 visited by falling threshold so their searches share one walk. Nothing scans bar by bar per
 position. The exact minima of the raw extremes (``block_minima``, cached per series) answer
-the close-out's worst price over long windows, and their window minima (``window_min``,
-cached too) the premature test (bankruptcy reached in bars ``t .. t + recovery``, trigger bar
-included).
+the close-out's worst price over long windows, and their window minima per block
+(``window_min``, cached too) the premature test (bankruptcy reached in bars
+``t .. t + recovery``, trigger bar included).
 
 Inputs are typed records rather than positional splats: ``SideBars`` (one side's bars),
 ``BlockIndex`` (a ``block_minima`` index), ``QueryRows`` and ``PositionRows`` (the queries and
@@ -681,8 +681,10 @@ def outcomes(
         mm: MM rate per bar of the rows' series, shape ``(n,)``.
         extreme_index: ``block_minima`` of the signed extreme (``raw=True``) of
             ``bars.extreme``.
-        recovery_min: ``window_min(bars.extreme, is_long, recovery_bars)``, shape ``(n,)``,
-            which answers the premature test's search in one read; empty: searched.
+        recovery_min: ``window_min(bars.extreme, is_long, recovery_bars)``, shape
+            ``(n//8,)``: the premature test reads it and at most 15 bars instead of searching
+            (where ``recovery_bars >= 8`` and the window ends inside the series); empty:
+            always searched.
         rows: the triggered (and untriggered, ``trig < 0``) queries. A query with the trigger
             bar and leverage of the column before it (both capped at ``1 / IM``) copies that
             column's slots instead of computing them again.
@@ -780,9 +782,18 @@ def outcomes(
             premature = sign * (close[end] - liq) > 0.0
             if premature:
                 reach = sign * bankrupt + TIE_TOLERANCE * ce
-                if with_window:
-                    # no bar of t..end at or past reach: their least signed extreme beyond it
-                    premature = recovery_min[t] > reach
+                if with_window and recovery >= 8 and t + recovery <= n - 1:
+                    # t..end is the rest of t's block, the span of recovery_min and a tail
+                    block = t >> 3
+                    premature = recovery_min[block] > reach
+                    u = t
+                    while premature and u <= 8 * block + 7:
+                        premature = sign * price[u] > reach
+                        u += 1
+                    u = 8 * block + recovery + 1
+                    while premature and u <= end:
+                        premature = sign * price[u] > reach
+                        u += 1
                 elif end - t < _SHORT_RANGE_BARS:
                     for u in range(t, end + 1):
                         if sign * price[u] <= reach:
@@ -871,41 +882,45 @@ def outcomes(
 def window_min(
     price: FloatArray, is_long: bool, window: int
 ) -> FloatArray:  # pragma: no cover - jit
-    """Per bar ``t``, the least signed extreme (``low`` for longs, ``-high`` for shorts) over
-    bars ``t .. min(t + window, n - 1)``, shape ``(n,)``: the premature test's search
-    (``outcomes``) as one read. Blocks of ``window + 1`` bars, a running minimum from each
-    block's end back to ``t`` and one from its start on to ``t + window`` (van Herk /
-    Gil-Werman): O(n) whatever the window. Minima are exact, so any order of the comparisons
-    gives the same value; prices must not be NaN (a NaN would be taken or skipped depending
-    on where it falls)."""
+    """Per block ``i`` of 8 bars, the least signed extreme (``low`` for longs, ``-high`` for
+    shorts) over bars ``8i + 8 .. min(8i + window, n - 1)``, shape ``(n//8,)`` (+inf where
+    that is empty, and everywhere for ``window < 8``).
+
+    A window ``t .. t + window`` from a bar of block ``i`` is that span, the rest of block
+    ``i`` from ``t`` and the ``t & 7`` bars after ``8i + window``: the premature test
+    (``outcomes``) reads one value and at most 15 bars instead of searching. One value per
+    block, not per bar: an eighth of the memory. A sliding minimum over a ring of bar indices
+    (values rising from its front): O(n) whatever the window. Minima are exact; prices must
+    not be NaN (a NaN would be taken or skipped depending on where it falls)."""
     n = price.shape[0]
+    n8 = n // 8
+    out = np.full(n8, np.inf)
+    if window < 8:
+        return out
     sign = 1.0 if is_long else -1.0
-    span = window + 1
-    suffix = np.empty(n)
-    prefix = np.empty(n)
-    for start in range(0, n, span):
-        stop = min(start + span, n)
-        m = np.inf
-        for t in range(start, stop):
-            v = sign * price[t]
-            m = v if v < m else m
-            prefix[t] = m
-        m = np.inf
-        for t in range(stop - 1, start - 1, -1):
-            v = sign * price[t]
-            m = v if v < m else m
-            suffix[t] = m
-    out = np.empty(n)
-    for start in range(0, n, span):
-        stop = min(start + span, n)
-        for t in range(start, stop):
-            end = min(t + window, n - 1)
-            if end < stop:  # t's block holds the window: t is its start, or it is the last
-                out[t] = suffix[t]
-            else:
-                a = suffix[t]
-                b = prefix[end]
-                out[t] = a if a < b else b
+    size = 1
+    while size < min(window, n) + 16:
+        size *= 2
+    mask = size - 1
+    ring = np.empty(size, dtype=np.int64)
+    front = 0
+    back = 0  # ring[front .. back - 1] (mod size): candidate bars, their values rising
+    right = 0  # next bar to enter
+    for i in range(n8):
+        start = 8 * i + 8
+        end = min(8 * i + window, n - 1)
+        if start > end:
+            break
+        while right <= end:
+            v = sign * price[right]
+            while back > front and sign * price[ring[(back - 1) & mask]] >= v:
+                back -= 1
+            ring[back & mask] = right
+            back += 1
+            right += 1
+        while ring[front & mask] < start:
+            front += 1
+        out[i] = sign * price[ring[front & mask]]
     return out
 
 

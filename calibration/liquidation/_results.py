@@ -165,7 +165,7 @@ class _Aggregates:
 class _SideData:
     """What the close-out kernel needs for one side: its bars (extremes after the cascade),
     the block index of the extremes, their ``window_min`` over the premature test's window
-    (empty after a cascade: searched), and its query groups."""
+    (per block of 8 bars; empty after a cascade: searched), and its query groups."""
 
     sign: int
     bars: _lk.SideBars
