@@ -67,6 +67,14 @@ def test_x_block_bounds_are_at_most_every_bar_and_exact_where_they_must_be() -> 
     assert np.all(long8[640 // 8: 704 // 8] == np.inf)
     # the bounds are loose elsewhere: the search over them must step past false hits
     assert np.count_nonzero(long8 < exact[0]) > n // 16
+    # a series without funding keeps no funding blocks: the same bounds as from zero sums
+    zeros = np.zeros(n)
+    bare = lk.price_blocks(low, high, np.zeros(0))
+    assert bare.funding_min.shape == (0,)
+    for a, b in zip(lk.x_block_bounds(low, high, mm, zeros, bare),
+                    lk.x_block_bounds(low, high, mm, zeros, lk.price_blocks(low, high, zeros)),
+                    strict=True):
+        assert a.tobytes() == b.tobytes()
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])

@@ -102,7 +102,8 @@ def _price_blocks(bars: BarSeries, low: FloatArray, high: FloatArray,
     """``price_blocks`` of the bars' own extremes and funding, cached on the series."""
     keys = tuple(("liquidation_price_blocks", name) for name in _lk.PriceBlocks._fields)
     if any(key not in bars._cache for key in keys):
-        for key, array in zip(keys, _lk.price_blocks(low, high, funding_cum), strict=True):
+        funding = funding_cum if bars.funding_rate is not None else np.zeros(0)
+        for key, array in zip(keys, _lk.price_blocks(low, high, funding), strict=True):
             bars._cache[key] = array
     return _lk.PriceBlocks(*(bars._cache[key] for key in keys))
 

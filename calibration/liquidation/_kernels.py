@@ -221,7 +221,8 @@ def block_minima(
 class PriceBlocks(NamedTuple):
     """Per block of 8 bars, the parts of the x-space test that do not depend on the margins
     (``price_blocks``), each of shape ``(n//8,)``; NaN marks a block ``x_block_bounds`` must
-    compute exactly (a price that is negative or not finite, a funding sum not finite)."""
+    compute exactly (a price that is negative or not finite, a funding sum not finite). The
+    funding arrays are empty for a series without funding: its sums are all 0."""
 
     low_min: FloatArray  # least low (price)
     high_max: FloatArray  # greatest high (price)
@@ -234,12 +235,14 @@ def price_blocks(
     low: FloatArray, high: FloatArray, funding_cum: FloatArray
 ) -> PriceBlocks:  # pragma: no cover - jit
     """``PriceBlocks`` of one series, shapes ``(n//8,)``: computed once per series, shared by
-    every margin model replayed on it."""
+    every margin model replayed on it. ``funding_cum`` empty: no funding (empty funding
+    arrays)."""
     n8 = low.shape[0] // 8
+    with_funding = funding_cum.shape[0] > 0
     low_min = np.empty(n8)
     high_max = np.empty(n8)
-    funding_min = np.empty(n8)
-    funding_max = np.empty(n8)
+    funding_min = np.empty(n8 if with_funding else 0)
+    funding_max = np.empty(n8 if with_funding else 0)
     for i in range(n8):
         lo = np.inf
         hi = -np.inf
@@ -250,7 +253,7 @@ def price_blocks(
         for t in range(8 * i, 8 * i + 8):
             a = low[t]
             b = high[t]
-            d = funding_cum[t]
+            d = funding_cum[t] if with_funding else 0.0
             prices_ok = prices_ok and math.isfinite(a) and math.isfinite(b) and a >= 0.0 \
                 and b >= 0.0
             funding_ok = funding_ok and math.isfinite(d)
@@ -260,8 +263,9 @@ def price_blocks(
             dhi = max(dhi, d)
         low_min[i] = lo if prices_ok else np.nan
         high_max[i] = hi if prices_ok else np.nan
-        funding_min[i] = dlo if funding_ok else np.nan
-        funding_max[i] = dhi if funding_ok else np.nan
+        if with_funding:
+            funding_min[i] = dlo if funding_ok else np.nan
+            funding_max[i] = dhi if funding_ok else np.nan
     return PriceBlocks(low_min, high_max, funding_min, funding_max)
 
 
@@ -293,6 +297,7 @@ def x_block_bounds(
     high_max = blocks.high_max
     funding_min = blocks.funding_min
     funding_max = blocks.funding_max
+    with_funding = funding_min.shape[0] > 0
     for i in range(n8):
         m_max = -np.inf
         m_min = np.inf
@@ -306,13 +311,13 @@ def x_block_bounds(
             continue
         f = 1.0 - m_max
         lo = low_min[i]
-        d_max = funding_max[i]
+        d_max = funding_max[i] if with_funding else 0.0
         if lo >= 0.0 and f >= 0.0 and d_max == d_max:  # NaN flags fail the test
             long8[i] = lo * f - d_max
         else:
             long8[i] = _exact_block(low, mm, funding_cum, True, i)
         hi = high_max[i]
-        d_min = funding_min[i]
+        d_min = funding_min[i] if with_funding else 0.0
         if hi >= 0.0 and m_min >= -1.0 and d_min == d_min:
             short8[i] = d_min - hi * (1.0 + m_max)
         else:
