@@ -17,7 +17,7 @@ equal to the bit for three EWMA sets first; then the best and the median of ``re
 replays of each, old and new alternating (which goes first swapped every round).
 
 Which package's kernels are loaded first in the process matters: the same code measured
-~25% faster when its package was loaded first (two copies of one commit, 6.6 against 8.6 ms
+17–90% faster when its package was loaded first (two copies of one commit, 6.6 against 8.6 ms
 and 7.1 against 9.1 with the order swapped; it follows the order the kernels were loaded in,
 not which replay filled the series' caches; where the machine code lands is the likely
 cause, not established). So without ``old|new`` the comparison runs in two processes, once
