@@ -269,8 +269,8 @@ def liquidation_split(prepared: cal.Prepared, repeats: int = 10) -> None:
     margins.rates()
     simulate_liquidations(bars, model, prepared.liquidation, margins=margins)
     spent: collections.Counter[str] = collections.Counter()
-    names = ("block_minima_both_sides", "block_minima", "first_passage", "outcomes",
-             "fund_levels")
+    names = ("x_block_bounds", "block_minima", "first_passage", "outcomes", "fund_levels",
+             "fund_from_slots")
 
     def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def call(*args: Any) -> Any:

@@ -893,31 +893,6 @@ def test_backtest_of_one_instrument_reports_its_fund_as_before() -> None:
         reference.metrics(ref, None, None)["insurance_fund_min_usd"], abs=1e-3)
 
 
-def test_both_sides_index_is_the_two_one_side_indexes() -> None:
-    """The one-pass index of both sides (what the engine builds when longs and shorts read
-    one MM series) holds the same minima, to the bit, as one ``block_minima`` per side,
-    with NaN margins (warm-up and gaps) counted as +inf and a length not a multiple of 64."""
-    from calibration.liquidation import _kernels as lk
-
-    rng = np.random.default_rng(5)
-    n = 64 * 40 + 13
-    close = 100 * np.exp(np.cumsum(rng.normal(0, 0.01, n)))
-    low = close * (1 - rng.uniform(0, 0.02, n))
-    high = close * (1 + rng.uniform(0, 0.02, n))
-    mm = rng.uniform(0.005, 0.2, n)
-    mm[:100] = np.nan
-    mm[rng.choice(n, 50, replace=False)] = np.nan
-    mm[640:704] = np.nan  # a whole 64-bar block without a margin: +inf there
-    funding_cum = np.cumsum(rng.normal(0, 1e-4, n) * close)
-    both = lk.block_minima_both_sides(low, high, mm, funding_cum)
-    apart = (*lk.block_minima(low, mm, funding_cum, True, False),
-             *lk.block_minima(high, mm, funding_cum, False, False))
-    for fused, alone in zip(both, apart, strict=True):
-        assert fused.tobytes() == alone.tobytes()
-    assert both[1][10] == np.inf
-    assert both[3][10] == np.inf
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_fund_from_trigger_slots_is_the_per_bar_ledger(
         seed: int, monkeypatch: pytest.MonkeyPatch) -> None:

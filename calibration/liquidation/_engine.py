@@ -72,6 +72,41 @@ def _extreme_blocks(bars: BarSeries, sign: int) -> tuple[FloatArray, FloatArray]
     return bars._cache[keys[0]], bars._cache[keys[1]]
 
 
+def _recovery_min(bars: BarSeries, sign: int, recovery: int) -> FloatArray:
+    """``window_min`` of the lows (``sign`` 1) or of minus the highs (-1) over the premature
+    test's window, cached on the series; empty (``outcomes`` then searches) for windows of
+    fewer than 8 bars or when an extreme is NaN or infinite."""
+    key = ("liquidation_recovery_min", sign, recovery)
+    if key not in bars._cache:
+        price = np.ascontiguousarray(bars.low if sign > 0 else bars.high, dtype=np.float64)
+        usable = recovery >= 8 and bool(np.isfinite(price).all())
+        bars._cache[key] = (_lk.window_min(price, sign > 0, recovery) if usable
+                            else np.zeros(0))
+    return bars._cache[key]
+
+
+def _funding_cum(bars: BarSeries, close: FloatArray) -> FloatArray:
+    """Cumulative funding per bar (price units, shape ``(n,)``; zeros without funding data),
+    cached on the series."""
+    key = ("liquidation_funding_cum",)
+    if key not in bars._cache:
+        if bars.funding_rate is not None:
+            bars._cache[key] = np.cumsum(np.asarray(bars.funding_rate, dtype=np.float64) * close)
+        else:
+            bars._cache[key] = np.zeros(len(bars))
+    return bars._cache[key]
+
+
+def _price_blocks(bars: BarSeries, low: FloatArray, high: FloatArray,
+                  funding_cum: FloatArray) -> _lk.PriceBlocks:
+    """``price_blocks`` of the bars' own extremes and funding, cached on the series."""
+    keys = tuple(("liquidation_price_blocks", name) for name in _lk.PriceBlocks._fields)
+    if any(key not in bars._cache for key in keys):
+        funding = funding_cum if bars.funding_rate is not None else np.zeros(0)
+        for key, array in zip(keys, _lk.price_blocks(low, high, funding), strict=True):
+            bars._cache[key] = array
+    return _lk.PriceBlocks(*(bars._cache[key] for key in keys))
+
 
 def simulate_liquidations(
     bars: BarSeries,
@@ -127,10 +162,7 @@ def simulate_liquidations(
     mm_series = [np.ascontiguousarray(r.mm_rate, dtype=np.float64) for r in rates]
     im_series = [_ImAt(r) for r in rates]  # read at entry bars only
 
-    if bars.funding_rate is not None:
-        funding_cum = np.cumsum(np.asarray(bars.funding_rate, dtype=np.float64) * close)
-    else:
-        funding_cum = np.zeros(n)
+    funding_cum = _funding_cum(bars, close)
     depth_long, depth_short = _depths(bars, config)
     depth_long = np.ascontiguousarray(depth_long, dtype=np.float64)
     depth_short = np.ascontiguousarray(depth_short, dtype=np.float64)
@@ -162,21 +194,19 @@ def simulate_liquidations(
         return _lk.SideBars(sign > 0, close, extremes[sign], funding_cum, depths[sign])
 
     # The x-space index of each side and MM series, from the bars' own extremes (a cascade
-    # moves one side's extremes only after that side's first passage); a series both sides
-    # read is indexed for both in one pass.
+    # moves one side's extremes only after that side's first passage): block bounds from one
+    # pass over the margins and the series' cached price blocks, both sides at once.
     x_blocks: dict[tuple[int, int], _lk.BlockIndex] = {}
-    both = ({g.series for g in groups[1]} & {g.series for g in groups[-1]})
-    for series in sorted(both):
-        long8, long64, short8, short64 = _lk.block_minima_both_sides(
-            low, high, mm_series[series], funding_cum)
+    used = {g.series for side_groups in groups.values() for g in side_groups}
+    if used:
+        blocks = _price_blocks(bars, low, high, funding_cum)
+    for series in sorted(used):
+        long8, long64, short8, short64 = _lk.x_block_bounds(
+            low, high, mm_series[series], funding_cum, blocks)
         x_blocks[(1, series)] = _lk.BlockIndex(long8, long64)
         x_blocks[(-1, series)] = _lk.BlockIndex(short8, short64)
     for sign, side_groups in groups.items():
         for g in side_groups:
-            if (sign, g.series) not in x_blocks:
-                x_blocks[(sign, g.series)] = _lk.BlockIndex(*_lk.block_minima(
-                    extremes[sign], mm_series[g.series], funding_cum, sign > 0, False
-                ))
             g.trig = _lk.first_passage(
                 side_bars(sign), mm_series[g.series], x_blocks[(sign, g.series)], g.entries,
                 g.leverage, g.order, holding,
@@ -207,15 +237,18 @@ def simulate_liquidations(
             continue
         if extremes[sign] is (low if sign > 0 else high):
             index = _lk.BlockIndex(*_extreme_blocks(bars, sign))
+            recovery_min = _recovery_min(bars, sign, settings.recovery_bars)
         else:  # moved by the cascade
             index = _lk.BlockIndex(*_lk.block_minima(extremes[sign], low, low, sign > 0, True))
-        side = _SideData(sign, side_bars(sign), index, side_groups)
+            recovery_min = np.zeros(0)
+        side = _SideData(sign, side_bars(sign), index, recovery_min, side_groups)
         side_data.append(side)
         for g in side_groups:
             start = slot
             slot, _ = _lk.outcomes(
-                side.bars, mm_series[g.series], side.extreme_index, g.query_rows(),
-                g.position_rows(), settings, fund, agg.slots(), slot, no_details, 0, False,
+                side.bars, mm_series[g.series], side.extreme_index, side.recovery_min,
+                g.query_rows(), g.position_rows(), settings, fund, agg.slots(), slot,
+                no_details, 0, False,
             )
             agg.side[start:slot] = sign
     replay = _Replay(mm_series, side_data, config, n)

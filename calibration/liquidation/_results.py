@@ -163,12 +163,14 @@ class _Aggregates:
 
 @dataclass(eq=False)
 class _SideData:
-    """What the close-out kernel needs for one side: its bars (extremes after the cascade) and
-    the block index of the extremes, and its query groups."""
+    """What the close-out kernel needs for one side: its bars (extremes after the cascade),
+    the block index of the extremes, their ``window_min`` over the premature test's window
+    (per block of 8 bars; empty after a cascade: searched), and its query groups."""
 
     sign: int
     bars: _lk.SideBars
     extreme_index: _lk.BlockIndex
+    recovery_min: FloatArray
     groups: list[_Group]
 
 
@@ -197,8 +199,9 @@ class _Replay:
                 agg = _Aggregates.empty(int(np.count_nonzero(g.query_rows().trig >= 0)))
                 start = slot
                 _, slot = _lk.outcomes(
-                    sd.bars, self.mm_series[g.series], sd.extreme_index, g.query_rows(),
-                    g.position_rows(), settings, no_fund, agg.slots(), 0, out, slot, True,
+                    sd.bars, self.mm_series[g.series], sd.extreme_index, sd.recovery_min,
+                    g.query_rows(), g.position_rows(), settings, no_fund, agg.slots(), 0, out,
+                    slot, True,
                 )
                 side[start:slot] = sd.sign
         position, trigger, notional = out.position, out.trigger_bar, out.notional_usd
