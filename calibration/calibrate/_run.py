@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable
@@ -79,9 +78,12 @@ def run_calibration(
         opt_study = create_or_load_study(spec, prepared, coordination, study)
         on_trial = watch(opt_study) if watch is not None else None
         deadline = time.time() + spec.timeout_seconds if spec.timeout_seconds else None
-        # Each worker claims its share of a batch at once, whose coverage is computed in one
-        # pass (``run_worker``'s ``claim_trials``); results are the same for any share.
-        claim = math.ceil(spec.batch_size / workers) if spec.batch_size else 1
+        # One trial of a batch at a time (the results are the same for any claim). Claims of
+        # a worker's share, their coverage in one pass of the batch kernel, were slower on
+        # the issue's benchmark since the one-set coverage kernel runs in vector lanes:
+        # 1000 trials of batches of 24 took 175.2 s / 119.9 s with one / two workers against
+        # 165.8 s / 76.1 s claiming one at a time (bench/RESULTS.md, 2026-12-03).
+        claim = 1
         helpers = start_helpers(workers - 1, storage_url=storage,
                                 study_name=opt_study.study_name, prepared=prepared,
                                 root=root, deadline=deadline, claim_trials=claim)

@@ -62,8 +62,8 @@ def run_worker(
     ``_claim_size``) (under the same lock, so no two workers claim one trial). Their coverage
     is computed together in one pass over each series (``batch_coverage``, the EWMA batch
     kernel), then each trial is evaluated, told and reported on its own as when claimed
-    alone: the same values and attributes bit for bit. ``run_calibration`` claims
-    ``ceil(batch_size / workers)``; 1 (the default) is one trial at a time.
+    alone: the same values and attributes bit for bit. 1 (the default, and what
+    ``run_calibration`` uses: measured faster) is one trial at a time.
     """
     return _run_trials(study, prepared, coordination, n_trials=n_trials, deadline=deadline,
                        on_trial=on_trial, should_stop=should_stop, poll_s=poll_s,
