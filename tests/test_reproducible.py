@@ -162,6 +162,7 @@ def test_batched_coverage_gives_the_trials_of_one_at_a_time(
     url = f"journal:{tmp_path / 'two.log'}"
     two = cal.calibrate(spec, root=root, storage=url, study="b", prepared=prepared, workers=2)
     runs["two workers"] = _calibration_record(url, "b", two)
+    assert len(batched_sets) == 8  # calibrate claims one trial at a time: no batch pass here
     alone = runs["alone"]
     assert len(alone["trials"]) == 12
     assert {t[3] for t in alone["trials"]} <= {"COMPLETE", "PRUNED"}
