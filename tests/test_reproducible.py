@@ -382,3 +382,34 @@ def test_a_shared_batch_is_claimed_in_shrinking_shares(claim: int, batch: int,
         taken.append(_claim_size(claim, queued, batch))
         queued -= taken[-1]
     assert taken == sizes
+
+
+def test_trials_under_other_numeric_libraries_are_not_called_reproducible() -> None:
+    """Every trial records the numeric libraries' versions it ran under; a study whose trials
+    ran under two sets (a machine with another numpy, an upgrade mid-study) is not reported
+    reproducible, and one set is named in the reason."""
+    import msgspec
+    import optuna
+
+    from calibration._version import numeric_libraries
+    from calibration.calibrate._evaluate import METRICS_ATTR
+    from calibration.calibrate._recommend import _reproducibility
+
+    spec = decode_spec(json.dumps({**_spec(batch_size=2), "n_trials": 2}))
+
+    def trial(worker: str, numerics: str) -> optuna.trial.FrozenTrial:
+        attrs = {METRICS_ATTR: msgspec.json.encode({"worker": worker,
+                                                    "numerics": numerics}).decode()}
+        return optuna.trial.create_trial(values=[1.0, 2.0], user_attrs=attrs)
+
+    here = numeric_libraries()
+    assert here.startswith("numpy ")
+    assert "numba " in here
+    workers, reproducible, why = _reproducibility([trial("a", here), trial("b", here)], spec)
+    assert (workers, reproducible) == (2, True)
+    assert here in why
+    other = here.replace("numpy ", "numpy 0.0.0-")
+    workers, reproducible, why = _reproducibility([trial("a", here), trial("b", other)], spec)
+    assert (workers, reproducible) == (2, False)
+    assert "2 different numeric library versions" in why
+    assert other in why

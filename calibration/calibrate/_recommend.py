@@ -270,16 +270,26 @@ def _reproducibility(trials: Sequence[FrozenTrial], spec: CalibrationSpec
                      ) -> tuple[int, bool, str]:
     """``(workers, reproducible, why)`` of a study from its trials' recorded workers."""
     seen = set()
+    numerics = set()
     for t in trials:
         metrics = trial_metrics(t)
         if metrics is not None and "worker" in metrics:
             seen.add(metrics["worker"])
+        if metrics is not None and "numerics" in metrics:
+            numerics.add(metrics["numerics"])
     workers = len(seen)
     failed = sum(t.state == TrialState.FAIL for t in trials)
+    if len(numerics) > 1:
+        # Machines (or upgrades) with other numeric libraries: the same set can score
+        # differently in its last bits, and so steer the sampler elsewhere.
+        return workers, False, (f"trials ran under {len(numerics)} different numeric library "
+                                "versions (" + "; ".join(sorted(numerics)) + "): the same "
+                                "parameters need not give the same numbers on each")
+    under = f" (under {next(iter(numerics))})" if numerics else ""
     if spec.batch_size is not None and spec.timeout_seconds is None and not failed:
         return workers, True, (f"reproducible batches of {spec.batch_size}: each proposed from "
                                "the earlier batches only, so any number of workers gives the "
-                               "same trials, front and recommendation")
+                               f"same trials, front and recommendation{under}")
     if workers > 1:
         return workers, False, (f"{workers} workers ran the trials: their order, and so what "
                                 "the sampler proposed, depends on timing")
@@ -288,7 +298,8 @@ def _reproducibility(trials: Sequence[FrozenTrial], spec: CalibrationSpec
                                 "on the machine")
     if failed:
         return workers, False, f"{failed} trial(s) failed and were retried"
-    return workers, True, "one worker, a fixed trial count and a seed: a re-run gives the same"
+    return workers, True, ("one worker, a fixed trial count and a seed: a re-run gives the "
+                           f"same{under}")
 
 
 def _recommend(trial: FrozenTrial, prepared: Prepared, explanation: str) -> Recommendation:

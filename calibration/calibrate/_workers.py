@@ -17,6 +17,7 @@ import optuna
 from optuna.trial import TrialState
 
 from calibration._errors import MarginlabError
+from calibration._version import numeric_libraries
 from calibration.calibrate import _evaluate
 from calibration.calibrate._evaluate import METRICS_ATTR, VIOLATION_KEY, violation
 from calibration.calibrate._prepare import Prepared
@@ -25,6 +26,8 @@ from calibration.calibrate._study import _suggest, propose_batch
 from calibration.storage import Coordination, retry_stale_trial
 
 log = logging.getLogger("marginlab.calibrate")
+#: The numeric libraries' versions, recorded on every trial (``numeric_libraries``).
+_NUMERICS = numeric_libraries()
 
 
 def _finished(study: optuna.Study) -> int:
@@ -206,6 +209,7 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
     # trials, which changes what a seed reproduces (§5).
     summary = result.summary()
     summary["worker"] = worker
+    summary["numerics"] = _NUMERICS
     trial.set_user_attr(METRICS_ATTR, msgspec.json.encode(summary).decode())
     if result.pruned:
         study.tell(trial, state=TrialState.PRUNED)
