@@ -276,7 +276,7 @@ def x_block_bounds(
 ) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:  # pragma: no cover - jit
     """Lower bounds of ``x`` (``raw=False``) over the blocks of 8 and 64 bars for longs (from
     ``low``) and shorts (from ``high``) of one MM series: ``(b8_long, b64_long, b8_short,
-    b64_short)``, shapes ``(n//8,)`` and ``(n//64,)``, for ``_find_first_bounded``.
+    b64_short)``, shapes ``(n//8,)`` and ``(n//64,)``, for ``_find_first``.
 
     A block's bound takes the margin's extremes over the block with the prices' and
     funding's (``blocks``): ``low_min * (1 - mm_max) - funding_max`` for longs,
@@ -369,8 +369,10 @@ def _find_first(
     """First ``t`` in ``[a, b]`` with ``_value(t) <= bound``, or -1.
 
     Single bars up to a multiple of 8, blocks of 8 up to a multiple of 64, blocks of 64,
-    then blocks of 8 and single bars to the end; a block whose minimum is ``<= bound`` is
-    searched inside (it holds the answer).
+    then blocks of 8 and single bars to the end; a block whose entry in ``b8`` / ``b64`` is
+    ``<= bound`` is searched inside. The entries may be exact minima (such a block holds the
+    answer) or lower bounds (``x_block_bounds``: it may hold none, and the search goes on
+    past it); blocks skipped hold no hit either way.
     """
     if a > b:
         return -1
@@ -381,39 +383,7 @@ def _find_first(
     t = head + 1
     while (t & 63) != 0 and t + 7 <= b:
         if b8[t >> 3] <= bound:
-            return int(_scan(price, mm, funding_cum, is_long, raw, t, t + 7, bound))
-        t += 8
-    while t + 63 <= b:
-        if b64[t >> 6] <= bound:
-            for u in range(t, t + 64, 8):
-                if b8[u >> 3] <= bound:
-                    return int(_scan(price, mm, funding_cum, is_long, raw, u, u + 7, bound))
-        t += 64
-    while t + 7 <= b:
-        if b8[t >> 3] <= bound:
-            return int(_scan(price, mm, funding_cum, is_long, raw, t, t + 7, bound))
-        t += 8
-    return int(_scan(price, mm, funding_cum, is_long, raw, t, b, bound))
-
-
-@nb.njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
-def _find_first_bounded(
-    price: FloatArray, mm: FloatArray, funding_cum: FloatArray, is_long: bool,
-    b8: FloatArray, b64: FloatArray, a: int, b: int, bound: float,
-) -> int:  # pragma: no cover - jit
-    """``_find_first`` of ``x`` (``raw`` False) over an index of lower bounds
-    (``x_block_bounds``) rather than minima: a block whose bound is ``<= bound`` may hold no
-    hit, and then the search goes on past it. Same answer: blocks skipped hold none."""
-    if a > b:
-        return -1
-    head = min(b, ((a + 7) & ~7) - 1)
-    hit: int = _scan(price, mm, funding_cum, is_long, False, a, head, bound)
-    if hit >= 0:
-        return hit
-    t = head + 1
-    while (t & 63) != 0 and t + 7 <= b:
-        if b8[t >> 3] <= bound:
-            hit = _scan(price, mm, funding_cum, is_long, False, t, t + 7, bound)
+            hit = _scan(price, mm, funding_cum, is_long, raw, t, t + 7, bound)
             if hit >= 0:
                 return hit
         t += 8
@@ -421,17 +391,17 @@ def _find_first_bounded(
         if b64[t >> 6] <= bound:
             for u in range(t, t + 64, 8):
                 if b8[u >> 3] <= bound:
-                    hit = _scan(price, mm, funding_cum, is_long, False, u, u + 7, bound)
+                    hit = _scan(price, mm, funding_cum, is_long, raw, u, u + 7, bound)
                     if hit >= 0:
                         return hit
         t += 64
     while t + 7 <= b:
         if b8[t >> 3] <= bound:
-            hit = _scan(price, mm, funding_cum, is_long, False, t, t + 7, bound)
+            hit = _scan(price, mm, funding_cum, is_long, raw, t, t + 7, bound)
             if hit >= 0:
                 return hit
         t += 8
-    return int(_scan(price, mm, funding_cum, is_long, False, t, b, bound))
+    return int(_scan(price, mm, funding_cum, is_long, raw, t, b, bound))
 
 
 @nb.njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
@@ -525,7 +495,7 @@ def first_passage(
                 # at once where that one did
                 trig[r, c] = pos
                 continue
-            t = _find_first_bounded(price, mm, funding_cum, is_long, b8, b64, pos, last,
+            t = _find_first(price, mm, funding_cum, is_long, False, b8, b64, pos, last,
                                     bound)
             if t < 0:
                 found = False
