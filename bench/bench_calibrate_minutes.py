@@ -30,8 +30,10 @@ warm (kernels loaded, the parameter-free features of the in-sample bars cached) 
 Printed: wall and CPU time per worker count and their ratio; per trial (one-worker run; for
 two workers this process's trials) the exclusive time in the margin series, the coverage
 statistics, the liquidation simulation, the capital cost, the rest of ``evaluate`` and the
-sampler + storage + orchestration; peak RSS of this process and of the helper; with
-``--batch-size``, the time workers sat idle at batch ends.
+sampler + storage + orchestration; minor page faults; peak RSS of this process and of the
+helper; with ``--batch-size``, the time workers sat idle at batch ends. Like ``marginlab
+calibrate``, it keeps freed memory for reuse (``calibration._allocator``); ``--malloc-defaults``
+leaves glibc's malloc alone.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ import calibration.calibrate._evaluate as evaluation
 import calibration.calibrate._objectives as objectives
 import calibration.margins as margins_mod
 from bench._data import CALIBRATION_FILES, tiled_instruments
+from calibration._allocator import retain_freed_memory
 from calibration.calibrate._evaluate import trial_metrics
 from calibration.liquidation._results import LiquidationResult
 from calibration.spec import decode_spec
@@ -312,7 +315,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="only compare K trials' evaluations alone and claimed together")
     parser.add_argument("--liquidation-split", action="store_true",
                         help="only time the liquidation replay's kernels on one series")
+    parser.add_argument("--malloc-defaults", action="store_true",
+                        help="leave glibc's malloc at its defaults (marginlab calibrate "
+                             "keeps freed memory unless MARGINLAB_RETAIN_FREED_MEMORY=0)")
     args = parser.parse_args(argv)
+    # As ``marginlab calibrate`` does before it prepares the data (forked helpers inherit it).
+    retained = False if args.malloc_defaults else retain_freed_memory()
     root = Path(os.environ.get("MARGINLAB_SHARED_DATA", "../shared/data")).resolve()
     if not root.is_dir():
         print(f"no data at {root}; set MARGINLAB_SHARED_DATA", file=sys.stderr)
@@ -372,7 +380,10 @@ def main(argv: list[str] | None = None) -> int:
                         if (trial_metrics(t) or {}).get("worker", "").endswith(f":{os.getpid()}")]
                 states = collections.Counter(t.state.name.lower()
                                              for t in study.get_trials(deepcopy=False))
+            faults = ((self_1.ru_minflt - self_0.ru_minflt)
+                      + (kids_1.ru_minflt - kids_0.ru_minflt))
             run: dict[str, Any] = {"wall": wall, "cpu": cpu, "profile": dict(profile.total),
+                                   "faults": faults,
                                    "full": profile.full,
                                    "mine": len(mine), "states": dict(states),
                                    "pruned_mine": sum(t.state == TrialState.PRUNED
@@ -396,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPUs: {os.cpu_count()}; load average before {load_before[0]:.2f} "
           f"{load_before[1]:.2f} {load_before[2]:.2f}, after {load_after[0]:.2f} "
           f"{load_after[1]:.2f} {load_after[2]:.2f}")
+    print("malloc: " + ("freed memory kept for reuse (calibration._allocator, as marginlab "
+                        "calibrate)" if retained else "glibc's defaults"))
     print("\n| measure | value |\n|---|---|")
     print(f"| tile + prepare, s | {prepare_s:.2f} |")
     print(f"| first evaluate() (features cached, kernels loaded), s | {warm_s:.3f} "
@@ -405,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {args.trials} trials, {workers} worker(s): wall s / CPU s | "
               f"{run['wall']:.1f} / {run['cpu']:.1f} |")
         print(f"|   trial states | {run['states']} |")
+        print(f"|   minor page faults (this process and its helpers) | {run['faults']:,} |")
         mine = max(run["mine"], 1)
         parts = dict(run["profile"])
         evaluate_total = sum(parts.values())

@@ -370,6 +370,15 @@ def _print_policies(args: argparse.Namespace, market: Any, params: dict[str, Any
     return 0
 
 
+def _retain_freed_memory() -> None:
+    """Trials reuse the memory their predecessors freed (``calibration._allocator``),
+    unless ``MARGINLAB_RETAIN_FREED_MEMORY=0``; forked helpers inherit the setting."""
+    if os.environ.get("MARGINLAB_RETAIN_FREED_MEMORY", "1") != "0":
+        from calibration._allocator import retain_freed_memory
+
+        retain_freed_memory()
+
+
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -385,6 +394,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
                                 field="spec") from None
     spec = decode_spec(raw)
     check_workers(args.workers, args.storage)
+    _retain_freed_memory()
     err = Console(stderr=True)
     prepared = prepare(spec, root)  # kept for the HTML report's evidence
     _quiet_optuna()
@@ -432,6 +442,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     _quiet_optuna()
     if args.claim_trials < 1:
         raise InvalidParameters("--claim-trials must be at least 1", field="claim_trials")
+    _retain_freed_memory()
     ran = join_calibration(args.study, storage=args.storage, root=root,
                            worker=args.worker_index, claim_trials=args.claim_trials)
     if not args.quiet:

@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     fields = json.loads(sys.stdin.readline())
     known = {f.name for f in dataclasses.fields(Settings)}
     settings = Settings(**{k: v for k, v in fields.items() if k in known})
+    if settings.retain_freed_memory:
+        from calibration._allocator import retain_freed_memory
+
+        retain_freed_memory()
     access = JobAccess(settings)
     with os.fdopen(reply_fd, "w", buffering=1) as reply:
         for line in sys.stdin:

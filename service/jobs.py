@@ -661,6 +661,10 @@ def run_queue_worker(settings: Settings, *, burst: bool = False) -> None:
     # A stuck worker or work horse (which inherits this) says where it is: SIGUSR1 writes
     # every thread's stack to stderr, the worker's log; rq itself does not use SIGUSR1.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    if settings.retain_freed_memory:
+        from calibration._allocator import retain_freed_memory
+
+        retain_freed_memory()  # work horses inherit it
 
     class QueueWorker(Worker):
         """rq's worker with a short heartbeat TTL, remembering a requested stop."""

@@ -20,6 +20,7 @@
 | ``MARGINLAB_JOB_HEARTBEAT_S`` | Redis mode's liveness period, seconds: below | 5 |
 | ``MARGINLAB_AUDIT_DB`` | SQLAlchemy URL of the publish audit trail | SQLite in the state dir |
 | ``MARGINLAB_GUARDRAILS`` | JSON ``max_change``, ``min_interval_s``, ``min_reason_chars`` | below |
+| ``MARGINLAB_RETAIN_FREED_MEMORY`` | ``0``: workers leave glibc's malloc at its defaults | ``1`` |
 
 ``MARGINLAB_JOB_HEARTBEAT_S`` (``h``) sets how fast Redis mode notices a dead process: a queue
 worker renews the heartbeat of the job it runs every ``h`` and the job counts as abandoned
@@ -69,6 +70,9 @@ class Settings:
     job_heartbeat_s: int = 5
     audit_db: str | None = None
     guardrails_json: str | None = None
+    #: Calibration workers keep freed memory for their next trial's arrays instead of
+    #: page-faulting them in afresh (``calibration._allocator``).
+    retain_freed_memory: bool = True
     #: Embedded mode: ``process`` runs calibrations in a child process of the API
     #: (``service.embedded_worker``), so reads never compete with a running study for the
     #: API's GIL; ``thread`` runs them in a thread of the API process (debugging, tests that
@@ -113,6 +117,7 @@ class Settings:
             audit_db=env.get("MARGINLAB_AUDIT_DB") or None,
             guardrails_json=env.get("MARGINLAB_GUARDRAILS") or None,
             embedded_runner=env.get("MARGINLAB_EMBEDDED_RUNNER") or "process",
+            retain_freed_memory=env.get("MARGINLAB_RETAIN_FREED_MEMORY", "1") != "0",
         )
 
     @property
