@@ -11,9 +11,11 @@ The data are ``bench._data.tiled_instruments`` (loaded from this file's director
 other checkout needs none of it); the spec is ``bench_calibrate_minutes``'s (ewma, default
 space, liquidation on, trials see the first 70%). It is prepared through ``prepare`` with the
 data loader replaced by the tiled series (an API every checkout has). 24 random parameter
-sets (seed 7) are evaluated as trials (``evaluate``, pruning on) twice after a warm-up;
-printed: the median CPU time (``time.process_time``) of pruned and of complete trials, and
-a digest of the 24 evaluations' summaries (equal digests: identical results to the bit).
+sets (seed 7) are evaluated as trials (``evaluate``, pruning on) twice after a warm-up,
+with freed memory kept for reuse as ``marginlab calibrate`` keeps it (this checkout's
+``calibration._allocator``, for either checkout). Printed: the median CPU time
+(``time.process_time``) of pruned and of complete trials, and a digest of the 24
+evaluations' summaries (equal digests: identical results to the bit).
 """
 
 from __future__ import annotations
@@ -40,7 +42,21 @@ def _tiles() -> Any:
     return module
 
 
+def _retain_freed_memory() -> bool:
+    """This checkout's ``calibration._allocator`` setting, as ``marginlab calibrate`` makes
+    it — loaded from this file's repository so that an older checkout under test runs
+    with the same allocator."""
+    path = Path(__file__).resolve().parents[1] / "calibration" / "_allocator.py"
+    spec = importlib.util.spec_from_file_location("bench_allocator", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return bool(module.retain_freed_memory())
+
+
 def main() -> int:
+    retained = _retain_freed_memory()
     import calibration
     import calibration.calibrate as cal
     import calibration.calibrate._prepare as prep
@@ -48,7 +64,8 @@ def main() -> int:
 
     root = Path(os.environ.get("MARGINLAB_SHARED_DATA", "../shared/data")).resolve()
     years = float(sys.argv[1]) if len(sys.argv) > 1 else 5.0
-    print(f"calibration from {calibration.__file__}; load average {os.getloadavg()[0]:.2f}")
+    print(f"calibration from {calibration.__file__}; load average {os.getloadavg()[0]:.2f}; "
+          f"freed memory retained: {retained}")
     series = _tiles().tiled_instruments(root, round(years * 525_600), 5)
     bars = {b.instrument: b for b in series}
     spec = decode_spec(msgspec.json.encode({

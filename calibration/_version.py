@@ -1,3 +1,7 @@
+from __future__ import annotations
+
+import functools
+
 #: Version of the engine's numbers: part of every result cache key and study record, so a
 #: change in what a figure means (0.2.0: one close-out horizon, rates capped at max_rate,
 #: windows by loss interval, premature counting the trigger bar, latency-0 fills at the
@@ -6,6 +10,7 @@
 ENGINE_VERSION = "0.2.0"
 
 
+@functools.cache
 def numeric_libraries() -> str:
     """The libraries whose versions can change a trial's numbers, with their versions
     (``numpy 2.4.6, numba 0.68.1, ...``): their kernels, reductions and special functions

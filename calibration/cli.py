@@ -413,7 +413,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             return on_trial if show else None
 
         result = run_calibration(spec, root=root, storage=args.storage, study=args.study,
-                                 prepared=prepared, workers=args.workers, watch=watch)
+                                 prepared=prepared, workers=args.workers, watch=watch,
+                                 allow_other_numerics=args.allow_other_numerics)
     assert result is not None  # no stop signal: the run ends with a result
     if args.report:
         from calibration.html_report import render_calibration_report
@@ -444,7 +445,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         raise InvalidParameters("--claim-trials must be at least 1", field="claim_trials")
     _retain_freed_memory()
     ran = join_calibration(args.study, storage=args.storage, root=root,
-                           worker=args.worker_index, claim_trials=args.claim_trials)
+                           worker=args.worker_index, claim_trials=args.claim_trials,
+                           allow_other_numerics=args.allow_other_numerics)
     if not args.quiet:
         print(f"worker finished: ran {ran} trials of study {args.study}", file=sys.stderr)
     return 0
@@ -799,6 +801,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--report", metavar="OUT.html",
                      help="also write a self-contained HTML report (charts and tables)")
     cal.add_argument("--quiet", action="store_true", help="no progress bar")
+    cal.add_argument("--allow-other-numerics", action="store_true",
+                     help="resume a study created under other versions of numpy, numba, llvmlite, "
+                          "scipy or pandas (refused by default: its result would no longer be "
+                          "reproducible, and then says so)")
     cal.set_defaults(func=_cmd_calibrate)
 
     cmp_ = sub.add_parser(
@@ -836,6 +842,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "the batch's end; the results are the same for any N; 1, the "
                          "default, measured fastest)")
     wk.add_argument("--quiet", action="store_true", help="no closing line")
+    wk.add_argument("--allow-other-numerics", action="store_true",
+                    help="join a study created under other versions of numpy, numba, "
+                         "llvmlite, scipy or pandas (refused by default: its result would no "
+                         "longer be reproducible, and then says so)")
     wk.set_defaults(func=_cmd_worker)
 
     from calibration._defaults import BINANCE_BASE_URL, INTERVALS

@@ -63,11 +63,12 @@ def _commands(parser: argparse.ArgumentParser) -> dict[str, list[str]]:
             for name, p in sub.choices.items()}
 
 
-#: The service commands' flags as they were when calibration/cli.py held them.
+#: The service commands' flags as they were when calibration/cli.py held them (and
+#: ``--allow-other-numerics``, added since).
 SERVICE_FLAGS = {
     "serve": ["--host", "--port", "--workers"],
-    "worker": ["--burst", "--claim-trials", "--quiet", "--storage", "--study",
-               "--worker-index"],
+    "worker": ["--allow-other-numerics", "--burst", "--claim-trials", "--quiet", "--storage",
+               "--study", "--worker-index"],
     "recalibrate": ["--api", "--clamp", "--every", "--instrument", "--once", "--spec"],
     "apikey": ["--name", "--role"],
 }

@@ -413,3 +413,60 @@ def test_trials_under_other_numeric_libraries_are_not_called_reproducible() -> N
     assert (workers, reproducible) == (2, False)
     assert "2 different numeric library versions" in why
     assert other in why
+
+
+def test_a_worker_under_other_numeric_libraries_is_refused_unless_allowed(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A study records the numeric libraries' versions it was created under; a worker (or
+    a resumed ``calibrate``) under other versions is refused before any trial, naming both,
+    unless ``--allow-other-numerics``, and then the result says it is not reproducible."""
+    import optuna
+
+    import calibration.calibrate as cal
+    from calibration._version import numeric_libraries
+    from calibration.calibrate._study import StudyMismatch, create_or_load_study
+    from calibration.cli import main
+    from calibration.storage import Coordination
+
+    root = tmp_path / "data"
+    root.mkdir()
+    walk_frame(3000, seed=11).to_parquet(root / "bars.parquet", index=False)
+    spec_dict = {**_spec(batch_size=None), "n_trials": 4}
+    spec = decode_spec(json.dumps(spec_dict))
+    prepared = cal.prepare(spec, root)
+    url = f"journal:{tmp_path / 'n.log'}"
+    here = numeric_libraries()
+    other = here.replace("numpy ", "numpy 0.0.0-")
+    with Coordination(url) as coordination:
+        study = create_or_load_study(spec, prepared, coordination, "n")
+        assert study.user_attrs["numerics"] == here
+        # As if another machine, with another numpy, had created it.
+        study.set_user_attr("numerics", other)
+        with pytest.raises(StudyMismatch, match=r"was created under numpy 0\.0\.0-") as refused:
+            create_or_load_study(spec, prepared, coordination, "n")
+        assert here in str(refused.value)
+    with pytest.raises(StudyMismatch, match="--allow-other-numerics"):
+        cal.join_calibration("n", storage=url, root=root, prepared=prepared)
+    with pytest.raises(StudyMismatch):
+        cal.calibrate(spec, root=root, storage=url, study="n", prepared=prepared)
+    with Coordination(url) as coordination:
+        untouched = optuna.load_study(study_name="n", storage=coordination.storage)
+        assert untouched.get_trials() == []  # refused before any trial
+    # The command line: exit 2 with one error line, then joined when allowed.
+    monkeypatch.setenv("MARGINLAB_DATA_ROOT", str(root))
+    monkeypatch.setenv("MARGINLAB_RETAIN_FREED_MEMORY", "0")
+    assert main(["worker", "--study", "n", "--storage", url, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: study 'n' was created under numpy 0.0.0-")
+    assert err.count("\n") == 1
+    assert main(["worker", "--study", "n", "--storage", url, "--quiet",
+                 "--allow-other-numerics"]) == 0
+    with Coordination(url) as coordination:
+        joined = optuna.load_study(study_name="n", storage=coordination.storage)
+        assert len(joined.get_trials()) == spec.n_trials
+    result = cal.calibrate(spec, root=root, storage=url, study="n", prepared=prepared,
+                           allow_other_numerics=True)
+    # Every trial ran here, under this machine's versions: reproducible among themselves.
+    assert result.reproducible
+    assert here in result.reproducibility

@@ -65,6 +65,7 @@ from calibration.calibrate._run import (
 )
 from calibration.calibrate._study import (
     StudyMismatch,
+    check_numerics,
     create_or_load_study,
     load_study,
     make_sampler,
@@ -95,6 +96,7 @@ __all__ = [
     "appetite_objective",
     "best_feasible",
     "calibrate",
+    "check_numerics",
     "check_workers",
     "compare_results",
     "create_or_load_study",

@@ -12,7 +12,12 @@ import optuna
 from calibration._errors import InvalidParameters
 from calibration.calibrate._prepare import Prepared, prepare
 from calibration.calibrate._recommend import CalibrationResult, summarize
-from calibration.calibrate._study import StudyMismatch, create_or_load_study, load_study
+from calibration.calibrate._study import (
+    StudyMismatch,
+    check_numerics,
+    create_or_load_study,
+    load_study,
+)
 from calibration.calibrate._workers import TrialCallback, run_worker
 from calibration.spec import CalibrationSpec
 from calibration.storage import Coordination
@@ -45,6 +50,7 @@ def run_calibration(
     workers: int = 1,
     watch: StudyWatcher | None = None,
     should_stop: Callable[[], bool] | None = None,
+    allow_other_numerics: bool = False,
 ) -> CalibrationResult | None:
     """The one run sequence of a calibration (library, ``marginlab calibrate``, service jobs):
     prepare the data, create or load the study, run this process and ``workers - 1`` helper
@@ -63,6 +69,8 @@ def run_calibration(
             saves the per-trial scan of the study a callback needs.
         should_stop: polled between trials; once it says so this process starts no more
             trials, and the run returns ``None`` instead of a result.
+        allow_other_numerics: resume a study created under other numeric libraries' versions
+            (``check_numerics``; its result then says ``reproducible: false``).
 
     Returns:
         The result, or ``None`` when ``should_stop`` stopped the run.
@@ -75,7 +83,8 @@ def run_calibration(
     check_workers(workers, storage)
     prepared = prepared or prepare(spec, root)
     with Coordination(storage) as coordination:
-        opt_study = create_or_load_study(spec, prepared, coordination, study)
+        opt_study = create_or_load_study(spec, prepared, coordination, study,
+                                         allow_other_numerics=allow_other_numerics)
         on_trial = watch(opt_study) if watch is not None else None
         deadline = time.time() + spec.timeout_seconds if spec.timeout_seconds else None
         # One trial of a batch at a time (the results are the same for any claim). Claims of
@@ -107,6 +116,7 @@ def calibrate(
     on_trial: TrialCallback | None = None,
     prepared: Prepared | None = None,
     workers: int = 1,
+    allow_other_numerics: bool = False,
 ) -> CalibrationResult:
     """Run a whole calibration (``run_calibration`` without a stop signal).
 
@@ -118,12 +128,13 @@ def calibrate(
         on_trial: called after each of this process's trials.
         prepared: the spec's data, if already prepared (``prepare``).
         workers: worker processes, this one included.
+        allow_other_numerics: as ``run_calibration``'s.
 
     Raises:
         MarginlabError subclasses for bad input, before any trial runs.
     """
     result = run_calibration(spec, root=root, storage=storage, study=study, prepared=prepared,
-                             workers=workers,
+                             workers=workers, allow_other_numerics=allow_other_numerics,
                              watch=None if on_trial is None else (lambda _study: on_trial))
     assert result is not None  # only a stop signal ends a run without a result
     return result
@@ -138,6 +149,7 @@ def join_calibration(
     prepared: Prepared | None = None,
     deadline: float | Literal["spec"] | None = "spec",
     claim_trials: int = 1,
+    allow_other_numerics: bool = False,
 ) -> int:
     """Join an existing study as worker ``worker`` and add trials until it has its count
     (``marginlab worker --study``, and the helpers of ``run_calibration``); returns how many
@@ -154,13 +166,16 @@ def join_calibration(
             budget on this worker's clock (as for the service's jobs).
         claim_trials: with ``batch_size``, queued trials claimed and evaluated together
             (``run_worker``).
+        allow_other_numerics: join although this process's numeric libraries differ from
+            those the study was created under (``check_numerics``).
 
     Raises:
         StudyMismatch: the data under ``root`` differ from the data the study was created
-            with.
+            with, or the numeric libraries do (without ``allow_other_numerics``).
     """
     with Coordination(storage) as coordination:
         opt_study, spec = load_study(name, coordination, worker=worker)
+        check_numerics(opt_study, allow_other_numerics=allow_other_numerics)
         if prepared is None:
             prepared = prepare(spec, root)
             if opt_study.user_attrs.get("fingerprints") != prepared.fingerprints:

@@ -12,7 +12,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from calibration._errors import InvalidParameters, MarginlabError
-from calibration._version import ENGINE_VERSION
+from calibration._version import ENGINE_VERSION, numeric_libraries
 from calibration.calibrate._objectives import METRICS, objective_names
 from calibration.calibrate._prepare import Prepared
 from calibration.spec import (
@@ -179,15 +179,41 @@ def study_name(spec: CalibrationSpec) -> str:
     return f"marginlab-{spec.model}-{spec_hash(spec)[:16]}"
 
 
-def create_or_load_study(
-    spec: CalibrationSpec, prepared: Prepared, coordination: Coordination,
-    name: str | None = None,
-) -> optuna.Study:
-    """Create the study (metric names, spec and fingerprints as attributes, the published
-    parameters enqueued as the first trial), or load it if it exists for the same inputs.
+def check_numerics(study: optuna.Study, *, allow_other_numerics: bool = False) -> None:
+    """Refuse to add trials to ``study`` under other numeric libraries than it was created
+    with (``numeric_libraries``), unless ``allow_other_numerics``.
+
+    Two sets of versions may round a trial differently in its last bits, so a study run
+    under both is no longer the same for 1, 2 or N workers; its result would say
+    ``reproducible: false``. Refusing makes the mismatch an error at the start instead of a
+    flag at the end. Studies created before the versions were recorded are not checked.
 
     Raises:
-        StudyMismatch: a study of that name exists for another spec or other data.
+        StudyMismatch: the versions differ and ``allow_other_numerics`` is false.
+    """
+    recorded = study.user_attrs.get("numerics")
+    here = numeric_libraries()
+    if recorded is None or recorded == here or allow_other_numerics:
+        return
+    raise StudyMismatch(
+        f"study {study.study_name!r} was created under {recorded}; this process has {here}. "
+        "Trials computed here may differ in their last bits and the study would no longer "
+        "be reproducible: run this worker with the same versions, or allow it "
+        "(--allow-other-numerics, allow_other_numerics=True; the result then says "
+        "reproducible: false)")
+
+
+def create_or_load_study(
+    spec: CalibrationSpec, prepared: Prepared, coordination: Coordination,
+    name: str | None = None, *, allow_other_numerics: bool = False,
+) -> optuna.Study:
+    """Create the study (metric names, spec, fingerprints and the numeric libraries'
+    versions as attributes, the published parameters enqueued as the first trial), or load
+    it if it exists for the same inputs.
+
+    Raises:
+        StudyMismatch: a study of that name exists for another spec or other data, or was
+            created under other numeric libraries (``check_numerics``).
     """
     name = name or study_name(spec)
     digest = spec_hash(spec)
@@ -203,6 +229,7 @@ def create_or_load_study(
                 raise StudyMismatch(f"study {name!r} exists for another spec")
             if attrs["fingerprints"] != prepared.fingerprints:
                 raise StudyMismatch(f"study {name!r} exists for other data")
+            check_numerics(study, allow_other_numerics=allow_other_numerics)
             return study
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -211,6 +238,7 @@ def create_or_load_study(
         study.set_user_attr("spec_hash", digest)
         study.set_user_attr("fingerprints", prepared.fingerprints)
         study.set_user_attr("engine_version", ENGINE_VERSION)
+        study.set_user_attr("numerics", numeric_libraries())
         if spec.published is not None:
             space = search_space(spec)
             warm = {k: v for k, v in spec.published.params.items()
