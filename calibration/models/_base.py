@@ -66,7 +66,7 @@ class MarginRates:
     @property
     def capped_bars(self) -> int:
         """How many bars had their rate capped at ``max_rate``."""
-        return 0 if self.capped is None else int(self.capped.sum())
+        return 0 if self.capped is None else int(np.count_nonzero(self.capped))
 
 
 @dataclass(frozen=True)
