@@ -6,8 +6,8 @@ hands such blocks back to the kernel — ``mmap``'d ones on ``free``, heap tops 
 threshold on ``free`` too — so the next trial's arrays are new pages, each first touched
 through a page fault. Measured on issue 15's 1,000-trial calibration (one worker): 11.1
 million minor faults and a margin-series step of 53.4 ms a trial with glibc's defaults,
-0.45 million and 34.2 ms with freed memory kept (``bench/RESULTS.md``). The cost: the
-process keeps the memory of its largest trial (its peak RSS was the same either way).
+0.18 million and 32.2 ms with this setting (``bench/RESULTS.md``). The cost: the process
+keeps the memory of its largest trial (its peak RSS was the same either way).
 
 Called by the entry points that run trials (``marginlab calibrate`` / ``worker``, the
 service's queue and embedded workers), never on import: it changes the whole process.

@@ -370,6 +370,11 @@ def _print_policies(args: argparse.Namespace, market: Any, params: dict[str, Any
     return 0
 
 
+_OTHER_NUMERICS_HELP = ("a study created under other versions of numpy, numba, llvmlite, "
+                        "scipy or pandas (refused by default: its result would no longer be "
+                        "reproducible, and then says so)")
+
+
 def _retain_freed_memory() -> None:
     """Trials reuse the memory their predecessors freed (``calibration._allocator``),
     unless ``MARGINLAB_RETAIN_FREED_MEMORY=0``; forked helpers inherit the setting."""
@@ -802,9 +807,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also write a self-contained HTML report (charts and tables)")
     cal.add_argument("--quiet", action="store_true", help="no progress bar")
     cal.add_argument("--allow-other-numerics", action="store_true",
-                     help="resume a study created under other versions of numpy, numba, llvmlite, "
-                          "scipy or pandas (refused by default: its result would no longer be "
-                          "reproducible, and then says so)")
+                     help="resume " + _OTHER_NUMERICS_HELP)
     cal.set_defaults(func=_cmd_calibrate)
 
     cmp_ = sub.add_parser(
@@ -843,9 +846,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "default, measured fastest)")
     wk.add_argument("--quiet", action="store_true", help="no closing line")
     wk.add_argument("--allow-other-numerics", action="store_true",
-                    help="join a study created under other versions of numpy, numba, "
-                         "llvmlite, scipy or pandas (refused by default: its result would no "
-                         "longer be reproducible, and then says so)")
+                    help="join " + _OTHER_NUMERICS_HELP)
     wk.set_defaults(func=_cmd_worker)
 
     from calibration._defaults import BINANCE_BASE_URL, INTERVALS

@@ -14,10 +14,10 @@ from service.settings import Settings
 # One "trial": five series of 1.84M float64 (five years of minute bars, 70% in sample),
 # written and freed together, as a trial's margin series are.
 _ROUNDS = textwrap.dedent("""
-    import resource, sys
+    import resource
     import numpy as np
     from calibration._allocator import retain_freed_memory
-    applied = retain_freed_memory() if sys.argv[1] == "retain" else None
+    applied = retain_freed_memory()
     def trial():
         series = [np.ones(1_840_000) for _ in range(5)]
         return sum(float(s[-1]) for s in series)
@@ -30,15 +30,15 @@ _ROUNDS = textwrap.dedent("""
 """)
 
 
-def _faults_per_trial(mode: str) -> tuple[str, float]:
-    out = subprocess.run([sys.executable, "-c", _ROUNDS, mode], capture_output=True,
+def _faults_per_trial() -> tuple[str, float]:
+    out = subprocess.run([sys.executable, "-c", _ROUNDS], capture_output=True,
                          text=True, check=True).stdout.split()
     return out[0], float(out[1])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
 def test_retained_memory_serves_the_next_trial_without_page_faults() -> None:
-    applied, faults = _faults_per_trial("retain")
+    applied, faults = _faults_per_trial()
     assert applied == "True"
     # 5 x 14.7 MB is ~18,000 pages; reused memory faults none of them in again (glibc's
     # defaults, measured on the 2-core machine: ~2,100 a round).

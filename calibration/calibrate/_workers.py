@@ -26,8 +26,6 @@ from calibration.calibrate._study import _suggest, propose_batch
 from calibration.storage import Coordination, retry_stale_trial
 
 log = logging.getLogger("marginlab.calibrate")
-#: The numeric libraries' versions, recorded on every trial (``numeric_libraries``).
-_NUMERICS = numeric_libraries()
 
 
 def _finished(study: optuna.Study) -> int:
@@ -209,7 +207,7 @@ def _run_one(study: optuna.Study, trial: optuna.Trial, prepared: Prepared,
     # trials, which changes what a seed reproduces (§5).
     summary = result.summary()
     summary["worker"] = worker
-    summary["numerics"] = _NUMERICS
+    summary["numerics"] = numeric_libraries()  # cached: read once per process
     trial.set_user_attr(METRICS_ATTR, msgspec.json.encode(summary).decode())
     if result.pruned:
         study.tell(trial, state=TrialState.PRUNED)
