@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import optuna
 import pytest
 import sqlalchemy
@@ -409,6 +410,10 @@ def test_sigkilled_worker_trial_is_failed_and_retried(
         url: str, data_root: Path, spec: CalibrationSpec, prepared: Prepared,
         procs: list[subprocess.Popen[str]]) -> None:
     """A worker SIGKILLed mid-trial: its trial FAILs, is retried, and n_trials still finish."""
+    # Twice the trials: catching both workers inside a trial can take several attempts, each
+    # spending trials, and the victim must not finish the study first (it did, once, with
+    # N_TRIALS and workers that no longer page-fault their arrays in).
+    spec = msgspec.structs.replace(spec, n_trials=2 * N_TRIALS)
     name = _new_study(spec, prepared, url)
     # Both in a trial first: otherwise one can run the whole study before the other starts.
     (victim, survivor), held = _start_both_in_a_trial(procs, (data_root, data_root), url, name)
@@ -421,7 +426,7 @@ def test_sigkilled_worker_trial_is_failed_and_retried(
     # The dead trial was reaped (and the study finished) only once its heartbeat was stale.
     assert time.monotonic() - stopped_at >= STALE_AFTER_S - HEARTBEAT_INTERVAL_S
     trials = _trials(url, name)
-    _assert_study_exact(trials, N_TRIALS)
+    _assert_study_exact(trials, spec.n_trials)
     assert trials[killed.number].state == TrialState.FAIL
     assert set(killed.params) == set(searched)
     assert trials[killed.number].params == killed.params
