@@ -118,6 +118,9 @@ def mean_im_rate(rates: MarginRates) -> float:
     sum, over the count of bars with a margin), in one pass over the MM rates without
     storing the IM series; NaN when no bar has a margin.
     """
+    if rates.im_total is not None:  # summed with the rates (``EwmaMargin``), the same bits
+        total, count = rates.im_total
+        return float(total) / count if count else math.nan
     total, count = _kernels.im_rate_sum(np.ascontiguousarray(rates.mm_rate, dtype=np.float64),
                                         int(rates.first_valid_bar), float(rates.im_to_mm),
                                         float(rates.max_rate))

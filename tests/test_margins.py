@@ -13,6 +13,7 @@ from calibration import (
     CoverageConfig,
     InvalidParameters,
     LiquidationConfig,
+    _kernels,
     coverage_backtest,
     run_backtest,
     simulate_liquidations,
@@ -120,6 +121,62 @@ def test_mean_im_rate_is_numpys_nanmean_of_the_stored_im_series_to_the_bit(n_bar
                             max_rate=max_rate)
         expected = float(np.nanmean(rates.im_rate[first:]))
         assert mean_im_rate(rates) == expected
+
+
+@pytest.mark.parametrize("n_bars", [2, 8, 9, 128, 129, 136, 137, 257, 4_097, 250_003])
+@pytest.mark.parametrize("cap", [1.0, 0.02, "floor"])
+def test_ewma_margin_in_one_pass_is_the_rates_their_cap_and_the_im_sum_to_the_bit(
+        n_bars: int, cap: float | str) -> None:
+    """``_kernels.ewma_margin`` (the EWMA's rates, cap and IM sum in one pass) against the
+    passes it replaces, on every length around numpy's pairwise leaves (8, 128, halves
+    split at multiples of 8) after the warm-up: the same MM bits, the same cap mask and
+    capped count, and the IM sum and count of ``im_rate_sum`` and of numpy's own
+    ``np.nansum`` of the stored IM series. A cap equal to the floor (rates at the cap
+    exactly are not capped), a cap most bars exceed, and a NaN return (the variance is NaN
+    from there and the rate is the floor's, as in ``ewma_rate``)."""
+    rng = np.random.default_rng(n_bars)
+    warmup = 50
+    n = warmup + n_bars
+    returns = rng.standard_t(3, n) * 0.004
+    if n_bars > 200:
+        returns[n - n_bars // 3] = np.nan
+    squared = returns * returns
+    scale, floor, mult = 2.326 * np.sqrt(60.0), 0.005, 1.25
+    cap_rate = floor * mult if cap == "floor" else float(cap)
+    raw = _kernels.ewma_rate(returns, squared, 0.97, warmup, scale, floor, mult)
+    mm, capped, n_capped, im_sum, im_count = _kernels.ewma_margin(
+        returns, squared, 0.97, warmup, scale, floor, mult, cap_rate, 2.0)
+    want_mm, want_capped = _kernels.cap_rates(raw, cap_rate)
+    assert np.array_equal(mm, want_mm, equal_nan=True)
+    assert np.array_equal(capped, want_capped)
+    assert n_capped == int(np.count_nonzero(raw > cap_rate))
+    assert (im_sum, im_count) == _kernels.im_rate_sum(want_mm, warmup, 2.0, cap_rate)
+    rates = MarginRates(mm_rate=want_mm, im_to_mm=2.0, first_valid_bar=warmup, max_rate=cap_rate)
+    assert im_sum == float(np.nansum(rates.im_rate[warmup:]))
+    assert im_count == int(np.count_nonzero(~np.isnan(want_mm[warmup:])))
+    if cap == 0.02 and n_bars > 200:
+        assert 0 < n_capped < n_bars
+
+
+@pytest.mark.parametrize("max_rate", [1.0, 0.03])
+def test_ewma_rates_are_those_of_the_generic_passes(max_rate: float) -> None:
+    """``EwmaMargin.margin_rates`` (one fused kernel) returns what the interface's generic
+    passes return for it (``MarginModel._capped_rates``): the MM bits, no mask when no bar
+    is capped, the same mask otherwise, and a mean IM rate equal to ``np.nanmean`` of the
+    stored IM series."""
+    bars = make_bars(random_walk(20_000, seed=3, crash_at=12_000, crash=-0.05))
+    model = EwmaMargin(decay=0.95, warmup_bars=300, horizon_bars=30, max_rate=max_rate)
+    fused = model.margin_rates(bars)
+    generic = MarginModel._capped_rates(model, bars, 10_000.0)
+    assert np.array_equal(fused.mm_rate, generic.mm_rate, equal_nan=True)
+    assert (fused.capped is None) == (generic.capped is None) == (max_rate == 1.0)
+    if generic.capped is not None:
+        assert fused.capped is not None
+        assert np.array_equal(fused.capped, generic.capped)
+    assert fused.im_total is not None
+    assert generic.im_total is None
+    assert mean_im_rate(fused) == mean_im_rate(generic) == float(
+        np.nanmean(generic.im_rate[300:]))
 
 
 def test_capital_cost_of_an_ewma_on_real_minutes_is_the_stored_series_mean(

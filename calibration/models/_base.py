@@ -38,6 +38,10 @@ class MarginRates:
         max_rate: the cap on both rates, fraction of notional (1.0: 100%, 1x leverage).
         capped: per bar, whether the model's MM rate was above ``max_rate`` and capped,
             shape ``(n,)`` (``None``: no bar was).
+        im_total: the sum of the IM rates from ``first_valid_bar`` on (NaN bars count 0,
+            numpy's pairwise order: ``np.nansum(im_rate[first_valid_bar:])`` to the bit) and
+            the number of bars with a rate, when the family computed them with the rates
+            (``None``: ``calibration.margins.mean_im_rate`` sums them itself).
     """
 
     mm_rate: FloatArray
@@ -45,6 +49,7 @@ class MarginRates:
     first_valid_bar: int
     max_rate: float = 1.0
     capped: NDArray[np.bool_] | None = None
+    im_total: tuple[float, int] | None = None
 
     @cached_property
     def im_rate(self) -> FloatArray:
@@ -202,22 +207,31 @@ class MarginModel(Hyperparameters, ABC):
                 f"notional_usd must be positive, got {notional_usd!r}", field="notional_usd"
             )
         model = self._bound(bars.bar_seconds)
-        raw = model._mm_rate(bars, notional_usd)
         first = model.first_valid_bar()
         if first >= len(bars):
+            model._mm_rate(bars, notional_usd)  # a family's own refusal comes first
             raise InsufficientData(
                 f"{self.family} needs more than {first} bars before its first margin; "
                 f"the series {bars.instrument!r} has {len(bars)}"
             )
-        cap = model.max_rate_cap()
+        return model._capped_rates(bars, notional_usd)
+
+    def _capped_rates(self, bars: BarSeries, notional_usd: float) -> MarginRates:
+        """``_mm_rate`` capped at ``max_rate_cap()``, as ``MarginRates`` (on a bound model
+        and a series longer than the warm-up). A family may fuse these passes in one kernel
+        (``EwmaMargin``); the rates, the mask and their bits must stay these."""
+        raw = self._mm_rate(bars, notional_usd)
+        first = self.first_valid_bar()
+        cap = self.max_rate_cap()
+        im_to_mm = self._im_to_mm(notional_usd)
         # One pass without a mask array for the usual case, no bar above the cap.
         if not _kernels.any_above(np.ascontiguousarray(raw, dtype=np.float64), float(cap)):
-            return MarginRates(mm_rate=raw, im_to_mm=model._im_to_mm(notional_usd),
-                               first_valid_bar=first, max_rate=cap, capped=None)
+            return MarginRates(mm_rate=raw, im_to_mm=im_to_mm, first_valid_bar=first,
+                               max_rate=cap, capped=None)
         mm, capped = _kernels.cap_rates(np.ascontiguousarray(raw, dtype=np.float64),
                                         float(cap))
-        return MarginRates(mm_rate=mm, im_to_mm=model._im_to_mm(notional_usd),
-                           first_valid_bar=first, max_rate=cap, capped=capped)
+        return MarginRates(mm_rate=mm, im_to_mm=im_to_mm, first_valid_bar=first,
+                           max_rate=cap, capped=capped)
 
     def max_rate_cap(self) -> float:
         """The cap on the rates, fraction of notional (``max_rate``; 1.0 without one)."""

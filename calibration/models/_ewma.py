@@ -9,7 +9,7 @@ from scipy.special import ndtri  # the standard normal quantile, without scipy.s
 
 from calibration import _kernels
 from calibration._bars import BarSeries
-from calibration.models._base import FloatArray, MarginModel, Rule
+from calibration.models._base import FloatArray, MarginModel, MarginRates, Rule
 
 
 class EwmaMargin(MarginModel):
@@ -77,9 +77,26 @@ class EwmaMargin(MarginModel):
         return result
 
     def _mm_rate(self, bars: BarSeries, notional_usd: float) -> FloatArray:
-        scale = float(ndtri(self.confidence)) * math.sqrt(self.horizon_set())
         result: FloatArray = _kernels.ewma_rate(
             bars.log_returns(), bars.squared_returns(), float(self.decay),
-            int(self.warmup_bars), scale, float(self.floor_rate), 1.0 + float(self.apc_buffer),
+            int(self.warmup_bars), self._scale(), float(self.floor_rate),
+            1.0 + float(self.apc_buffer),
         )
         return result
+
+    def _scale(self) -> float:
+        return float(ndtri(self.confidence)) * math.sqrt(self.horizon_set())
+
+    def _capped_rates(self, bars: BarSeries, notional_usd: float) -> MarginRates:
+        # One kernel for the rates, their cap and the IM sum of the capital cost
+        # (``_kernels.ewma_margin``): the same bits as the generic passes, read once.
+        cap = self.max_rate_cap()
+        im_to_mm = self._im_to_mm(notional_usd)
+        mm, capped, n_capped, im_sum, im_count = _kernels.ewma_margin(
+            bars.log_returns(), bars.squared_returns(), float(self.decay),
+            int(self.warmup_bars), self._scale(), float(self.floor_rate),
+            1.0 + float(self.apc_buffer), float(cap), float(im_to_mm),
+        )
+        return MarginRates(mm_rate=mm, im_to_mm=im_to_mm, first_valid_bar=self.first_valid_bar(),
+                           max_rate=cap, capped=capped if n_capped else None,
+                           im_total=(float(im_sum), int(im_count)))
