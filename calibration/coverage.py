@@ -8,6 +8,7 @@ available) the long loss ``1 - min(low[t+1..t+h]) / close[t]`` and the short los
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,8 +39,10 @@ from calibration.windows import StressWindow, windows_overlapping
 _BLOCK_BARS = 4096
 
 
+@functools.lru_cache(maxsize=4096)
 def iso_utc(ms: int) -> str:
     """Epoch milliseconds → ``YYYY-MM-DDTHH:MM:SSZ``."""
+    # Cached: every trial formats the same window bounds again.
     return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -172,8 +175,8 @@ def assemble_metrics(
     shared = dict(zip(_kernels.SHARED_FIELDS, out[_kernels.SHARED_OFFSET :], strict=True))
     sum_margin = float(shared["sum_margin"])
     n = int(out[0])
-    long_counts = np.r_[out[:width], sum_margin]
-    short_counts = np.r_[out[width : 2 * width], sum_margin]
+    long_counts = np.append(out[:width], sum_margin)
+    short_counts = np.append(out[width : 2 * width], sum_margin)
     mean_im = float(shared["sum_im"] / n) if n else None
     trough = shared["min_margin"]
     return CoverageMetrics(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import numbers
@@ -110,6 +111,14 @@ class Rule:
             raise InvalidParameters(f"{name} must be {op} {self.high}, got {value!r}", field=name)
 
 
+@functools.cache
+def _keyword_only_names(init: Any) -> tuple[str, ...]:
+    # Cached: ``inspect.signature`` costs ~50 us, and a trial asks a model for its names
+    # some 40 times (``get_params``, ``with_horizon``, ``_bound``).
+    sig = inspect.signature(init)
+    return tuple(p.name for p in sig.parameters.values() if p.kind is p.KEYWORD_ONLY)
+
+
 class Hyperparameters:
     """scikit-learn's estimator rules, shared by every model interface: keyword-only
     hyperparameters that ``__init__`` only stores, read back by ``get_params`` and checked
@@ -121,8 +130,7 @@ class Hyperparameters:
     @classmethod
     def param_names(cls) -> list[str]:
         """The hyperparameter names, in ``__init__`` order."""
-        sig = inspect.signature(cls.__init__)
-        return [p.name for p in sig.parameters.values() if p.kind is p.KEYWORD_ONLY]
+        return list(_keyword_only_names(cls.__init__))
 
     def get_params(self) -> dict[str, Any]:
         """The hyperparameters as passed (scikit-learn style)."""
