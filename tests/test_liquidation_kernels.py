@@ -120,12 +120,13 @@ def test_first_passage_over_block_bounds_is_brute_force(seed: int, holding: int)
     assert hits > 0
 
 
-@pytest.mark.parametrize("window", [0, 7, 8, 9, 15, 64, 127, 128, 1440])
-@pytest.mark.parametrize("n", [1, 9, 130, 1000])
+@pytest.mark.parametrize("window", [0, 7, 8, 9, 15, 16, 23, 64, 127, 128, 303, 1440, 1447])
+@pytest.mark.parametrize("n", [1, 9, 130, 1000, 5003])
 def test_window_min_is_brute_force(window: int, n: int) -> None:
     """``window_min`` per block ``i`` is the least signed extreme of bars ``8i + 8 ..
     min(8i + window, n - 1)``, +inf where that is empty, windows shorter and longer than the
-    series."""
+    series: every head length ``window % 8`` (the part of the last block a span reads),
+    spans of one block and of many runs of blocks, series not a multiple of 8."""
     rng = np.random.default_rng(n + window)
     price = 100 * np.exp(np.cumsum(rng.normal(0, 0.01, n)))
     price[rng.choice(n, max(1, n // 20))] *= 0.5  # ties and isolated dips
