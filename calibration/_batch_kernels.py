@@ -304,7 +304,9 @@ def ewma_coverage_batch(
     # rows padded by one so that walking one set's column (``_chunk_stats``) does not land
     # on a few L1 sets.
     rates = np.empty((chunk, k_sets + 1))
-    capped_now = np.zeros((chunk, k_sets + 1), dtype=np.int64)
+    # One byte a (bar, set): with int64 flags the chunk's flags were as large as its rates
+    # (133 KB each at 64 sets) and both spilled out of L1.
+    capped_now = np.zeros((chunk, k_sets + 1), dtype=np.uint8)
     flags = np.zeros((chunk, k_sets), dtype=np.uint8)
     scratch = np.empty((2, k_sets))
     counts = np.zeros((4, k_sets), dtype=np.int64)
