@@ -470,3 +470,62 @@ def test_a_worker_under_other_numeric_libraries_is_refused_unless_allowed(
     # Every trial ran here, under this machine's versions: reproducible among themselves.
     assert result.reproducible
     assert here in result.reproducibility
+
+
+def test_a_worker_at_a_batch_barrier_stays_when_the_others_finish_meanwhile(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another worker's last trials of a batch ending just after this worker saw them
+    running (between its read under the lock and its next step) must not end this worker:
+    it proposes the next batch and runs the study to its count. It once left there, and the
+    other worker ran the rest of a 1,000-trial calibration alone (52 of 1,000 trials here).
+    The other worker's trials are finished exactly in that window, from the worker's own
+    next call after its read (a sleep, or a read of the running trials)."""
+    import calibration.calibrate as cal
+    from calibration.calibrate import _workers
+    from calibration.calibrate._study import create_or_load_study, propose_batch
+    from calibration.storage import Coordination
+
+    root = tmp_path / "data"
+    root.mkdir()
+    walk_frame(3000, seed=11).to_parquet(root / "bars.parquet", index=False)
+    spec = decode_spec(json.dumps({**_spec(batch_size=4), "n_trials": 8}))
+    prepared = cal.prepare(spec, root)
+    with Coordination(f"journal:{tmp_path / 'b.log'}") as coordination:
+        study = create_or_load_study(spec, prepared, coordination, "b")
+        for proposal in propose_batch(study, spec, prepared.space, 4):
+            study.enqueue_trial(**proposal)
+        others = [study.ask() for _ in range(4)]  # the first batch, held by "another worker"
+        for t in others:
+            _workers._suggest(t, prepared.space)
+
+        seen_running = False
+
+        def finish_others() -> None:
+            while seen_running and others:
+                study.tell(others.pop(), [0.1, 0.0])
+
+        real_get_trials = study.get_trials
+
+        def get_trials(*args: Any, **kwargs: Any) -> Any:
+            nonlocal seen_running
+            if kwargs.get("states") is not None:
+                finish_others()
+            trials = real_get_trials(*args, **kwargs)
+            if kwargs.get("states") is None:  # the worker's read of the whole study
+                seen_running |= any(t.state.name == "RUNNING" for t in trials)
+            return trials
+
+        class Clock:
+            time = staticmethod(_workers.time.time)
+
+            @staticmethod
+            def sleep(seconds: float) -> None:
+                finish_others()
+
+        monkeypatch.setattr(study, "get_trials", get_trials)
+        monkeypatch.setattr(_workers, "time", Clock)
+        ran = _workers.run_worker(study, prepared, coordination, n_trials=spec.n_trials)
+        states = [t.state.name for t in real_get_trials()]
+    assert ran == 4
+    assert len(states) == 8
+    assert set(states) <= {"COMPLETE", "PRUNED"}
