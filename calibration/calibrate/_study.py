@@ -137,10 +137,23 @@ def _scratch_copy(trial: FrozenTrial, trials: list[FrozenTrial],
         bred = original.user_attrs.get(BATCH_GENERATION_ATTR)
         if bred is not None:
             system[generation_key] = int(bred)
-    return optuna.trial.create_trial(
-        state=trial.state, params=trial.params, distributions=trial.distributions,
+    return _ScratchTrial(
+        number=-1, trial_id=-1, state=trial.state, value=None,
         values=trial.values if trial.state == TrialState.COMPLETE else None,
-        system_attrs=system)
+        datetime_start=trial.datetime_start, datetime_complete=trial.datetime_complete,
+        params=dict(trial.params), distributions=dict(trial.distributions), user_attrs={},
+        system_attrs=system, intermediate_values={})
+
+
+class _ScratchTrial(FrozenTrial):
+    """A finished trial copied for a batch proposal's scratch study, made for it alone, so
+    the in-memory storage may keep it rather than deep-copy it (``add_trials``): that copy
+    and ``create_trial``'s checks were three quarters of a proposal (75 of 98 ms at 960
+    trials), which every worker waits on at a batch's barrier. Its dicts are its own; the
+    distributions and values in them are not changed by a sampler."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _ScratchTrial:
+        return self
 
 
 def _proposal_order(trial: FrozenTrial) -> int:
