@@ -18,8 +18,10 @@ first ``marginlab calibrate`` would); then that many ``marginlab worker --study 
 URL`` processes started together, each under its own ``MARGINLAB_DATA_ROOT`` (its fingerprints
 are checked against the study's). The time measured is from their start to the last one's
 exit: each loads and prepares its own data, then they share the trials. Printed: wall seconds,
-the trials each worker ran, the recommendation (from ``summarize``, outside the timed span)
-and the ratio of two machines to one. On one 2-core machine the "machines" share its cores
+when the first trial started and the last one ended (seconds after the launch: the start-up
+is each worker's import, data load and preparation), the trials each worker ran, the
+recommendation (from ``summarize``, outside the timed span) and the ratio of two machines to
+one. On one 2-core machine the "machines" share its cores
 and memory bandwidth, so this measures the storage and coordination cost of spreading out,
 not a second machine's hardware.
 """
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import datetime
 import os
 import shutil
 import subprocess
@@ -97,6 +100,7 @@ def run_machines(spec_json: bytes, roots: list[Path], machines: int) -> dict[str
         with Coordination(url) as coordination:
             name = create_or_load_study(spec, prepared, coordination, None).study_name
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        launched = datetime.datetime.now()  # Optuna's trial times are naive local times
         t0 = time.perf_counter()
         procs = [subprocess.Popen(
             [sys.executable, "-m", "calibration.cli", "worker", "--study", name,
@@ -116,9 +120,13 @@ def run_machines(spec_json: bytes, roots: list[Path], machines: int) -> dict[str
                 (trial_metrics(t) or {}).get("worker", "?") for t in trials
                 if t.state.is_finished())
             states = collections.Counter(t.state.name.lower() for t in trials)
+            starts = [t.datetime_start for t in trials if t.datetime_start is not None]
+            ends = [t.datetime_complete for t in trials if t.datetime_complete is not None]
             result = cal.summarize(study, prepared, url)
     return {"wall": wall, "per_worker": sorted(per_worker.values(), reverse=True),
-            "states": dict(states), "rec": result.recommendation}
+            "states": dict(states), "rec": result.recommendation,
+            "first_start": (min(starts) - launched).total_seconds(),
+            "last_end": (max(ends) - launched).total_seconds()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,15 +159,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data: {args.instruments} instruments x {n_bars:,} one-minute bars, one Parquet copy "
           f"per machine; {args.trials} trials, batch_size {args.batch_size}; PostgreSQL study "
           f"storage; load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
-    print("\n| machines | wall s (start to last exit) | trials per worker | states | "
-          "recommendation |\n|---|---|---|---|---|")
+    print("\n| machines | wall s (start to last exit) | first trial started, s | last trial "
+          "ended, s | trials per worker | states | recommendation |\n"
+          "|---|---|---|---|---|---|---|")
     for machines, run in runs.items():
         rec = run["rec"]
         shown = ("none" if rec is None else
                  f"trial {rec.trial}, IM {100 * rec.objectives['capital_cost']:.2f}%, "
                  f"{rec.objectives['insolvency_bps']:.3f} bps")
-        print(f"| {machines} | {run['wall']:.1f} | {run['per_worker']} | {run['states']} | "
-              f"{shown} |")
+        print(f"| {machines} | {run['wall']:.1f} | {run['first_start']:.1f} | "
+              f"{run['last_end']:.1f} | {run['per_worker']} | {run['states']} | {shown} |")
     if 1 in runs and 2 in runs:
         print(f"\ntwo machines / one, wall: {runs[2]['wall'] / runs[1]['wall']:.2f}")
         same = runs[1]["rec"] == runs[2]["rec"]
