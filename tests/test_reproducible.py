@@ -517,6 +517,7 @@ def test_a_worker_at_a_batch_barrier_stays_when_the_others_finish_meanwhile(
 
         class Clock:
             time = staticmethod(_workers.time.time)
+            monotonic = staticmethod(_workers.time.monotonic)
 
             @staticmethod
             def sleep(seconds: float) -> None:

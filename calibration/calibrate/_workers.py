@@ -90,6 +90,7 @@ def _run_trials(
     # trial's time, and this worker's exit, then the summary, wait on it) and back off to
     # ``poll_s`` (each poll counts the study's trials in the storage).
     wait_s = min(0.01, poll_s)
+    last_reap = -math.inf
     while True:
         if should_stop is not None and should_stop():
             return ran
@@ -98,7 +99,9 @@ def _run_trials(
         at_barrier = False
         try:
             with coordination.slot_lock(study.study_name):
-                coordination.reap_stale_trials(study)
+                if time.monotonic() - last_reap >= _REAP_EVERY_S:
+                    coordination.reap_stale_trials(study)
+                    last_reap = time.monotonic()
                 trials = study.get_trials(deepcopy=False)
                 waiting = any(t.state == TrialState.WAITING for t in trials)
                 active = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING,
@@ -191,6 +194,11 @@ def _run_trials(
                 beat.close()
 
 
+#: Seconds between a worker's reaps of stale trials. A trial is stale only after
+#: ``STALE_AFTER_S`` (10 s) without a beat, so a reap at every claim found nothing nearly
+#: every time; on PostgreSQL a reap (two reads of the running trials and Optuna's
+#: ``fail_stale_trials``) took 24 ms, a fifth of a worker's time there.
+_REAP_EVERY_S = 1.0
 #: Seconds between polls of a worker waiting at a batch's barrier.
 _BARRIER_POLL_S = 0.02
 
