@@ -705,13 +705,9 @@ def ewma_margin(
     n_capped = 0
     count = 0
     # The pairwise tree over mm[warmup_bars:]: a node is (first bar, length, left done?),
-    # its left child's sum kept while the right one is built. A right half can exceed half
-    # of its parent by up to 8 bars, so one level more than halving gives, and a spare.
-    depth = 4
-    m = n - warmup_bars
-    while m > _PAIRWISE_LEAF:
-        m //= 2
-        depth += 1
+    # its left child's sum kept while the right one is built. Halving from any int64 length
+    # reaches a leaf within 64 levels.
+    depth = 64
     node_lo = np.empty(depth, np.int64)
     node_n = np.empty(depth, np.int64)
     node_right = np.zeros(depth, np.bool_)
@@ -724,11 +720,9 @@ def ewma_margin(
         lo = node_lo[top]
         size = node_n[top]
         if size > _PAIRWISE_LEAF:  # descend into the left half
-            half = size // 2
-            half -= half % 8
             top += 1
             node_lo[top] = lo
-            node_n[top] = half
+            node_n[top] = _pairwise_half(size)
             node_right[top] = False
             continue
         for t in range(lo, lo + size):
@@ -749,8 +743,7 @@ def ewma_margin(
             if not node_right[top]:
                 node_left_sum[top] = s
                 node_right[top] = True
-                half = node_n[top] // 2
-                half -= half % 8
+                half = _pairwise_half(node_n[top])
                 node_lo[top + 1] = node_lo[top] + half
                 node_n[top + 1] = node_n[top] - half
                 node_right[top + 1] = False
@@ -920,6 +913,13 @@ def _im_leaf_sum(mm: FloatArray, lo: int, n: int, im_to_mm: float,
 _PAIRWISE_LEAF = 128
 
 
+@nb.njit(inline="always", **_JIT)  # type: ignore[untyped-decorator]
+def _pairwise_half(n: int) -> int:  # pragma: no cover - jit
+    """Where numpy's pairwise summation splits ``n`` values: half, down to a multiple of 8."""
+    half: int = n // 2
+    return half - half % 8
+
+
 @nb.njit(**_JIT)  # type: ignore[untyped-decorator]
 def _im_pairwise_sum(mm: FloatArray, lo: int, n: int, im_to_mm: float,
                      max_rate: float) -> float:  # pragma: no cover - jit
@@ -929,8 +929,7 @@ def _im_pairwise_sum(mm: FloatArray, lo: int, n: int, im_to_mm: float,
     if n <= _PAIRWISE_LEAF:
         leaf: float = _im_leaf_sum(mm, lo, n, im_to_mm, max_rate)
         return leaf
-    half = n // 2
-    half -= half % 8
+    half = _pairwise_half(n)
     total: float = (_im_pairwise_sum(mm, lo, half, im_to_mm, max_rate)
                     + _im_pairwise_sum(mm, lo + half, n - half, im_to_mm, max_rate))
     return total

@@ -886,25 +886,20 @@ def window_min(
     blocks = (n + 7) // 8
     block_min = np.full(blocks, np.inf)
     head_min = np.full(blocks, np.inf)
-    for j in range(n // 8):
+    for j in range(blocks):
         base = 8 * j
+        if base + r > n:  # a last, partial block without a head (its minimum is not read)
+            break
         m = sign * price[base]
         for k in range(1, r):
             v = sign * price[base + k]
             m = v if v < m else m
         head_min[j] = m
-        for k in range(r, 8):
-            v = sign * price[base + k]
-            m = v if v < m else m
-        block_min[j] = m
-    if n % 8:  # the last, partial block: its head if it has r bars (its minimum is not read)
-        base = 8 * (n // 8)
-        if base + r <= n:
-            m = sign * price[base]
-            for k in range(1, r):
+        if base + 8 <= n:
+            for k in range(r, 8):
                 v = sign * price[base + k]
                 m = v if v < m else m
-            head_min[n // 8] = m
+            block_min[j] = m
     # Blocks i whose span ends inside the series: 8i + window <= n - 1.
     full = min(n8, (n - 1 - window) // 8 + 1) if n - 1 >= window else 0
     span = q - 1  # whole blocks in a span
@@ -939,19 +934,16 @@ def window_min(
             h = head_min[i + q]
             out[i] = h if h < m else m
     # The rest: spans cut at the series' end, the least of bars 8i + 8 .. n - 1.
-    if full < n8:
-        first = 8 * full + 8
-        if first <= n - 1:
-            m = np.inf
-            t = n - 1
-            for i in range(n8 - 1, full - 1, -1):
-                start = 8 * i + 8
-                while t >= start:
-                    v = sign * price[t]
-                    m = v if v < m else m
-                    t -= 1
-                if start <= n - 1:
-                    out[i] = m
+    m = np.inf
+    t = n - 1
+    for i in range(n8 - 1, full - 1, -1):
+        start = 8 * i + 8
+        while t >= start:
+            v = sign * price[t]
+            m = v if v < m else m
+            t -= 1
+        if start <= n - 1:  # else the span is empty: +inf
+            out[i] = m
     return out
 
 
